@@ -1,0 +1,64 @@
+"""One entry point that turns a config into a model, so both drivers build identical models."""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Callable
+
+import torch
+from torch import nn
+
+from fl_common.models.cnn import McMahanCNN
+from fl_common.models.mlp import MLP
+from fl_common.models.resnet import small_image_resnet18
+
+if TYPE_CHECKING:
+    from fl_common.config import FLConfig
+
+
+def _load_factory(spec: str) -> Callable[..., nn.Module]:
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise ValueError(f"custom model must be 'package.module:factory', got {spec!r}")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ValueError(f"custom model module '{module_name}' cannot be imported: {exc}") from None
+    factory = getattr(module, attr, None)
+    if not callable(factory):
+        raise ValueError(f"custom model '{spec}': '{attr}' is not a callable in '{module_name}'")
+    return factory
+
+
+def create_model(model_type: str, input_shape: tuple[int, int, int], num_classes: int, *,
+                 hidden_size: int = 256, resnet_norm: str = "group", custom_model: str | None = None,
+                 seed: int | None = None) -> nn.Module:
+    """Build a model; with ``seed`` its initial weights are reproducible (the global model at round 0)."""
+    if seed is not None:
+        torch.manual_seed(seed)
+    if model_type == "cnn":
+        model: nn.Module = McMahanCNN(input_shape, num_classes)
+    elif model_type == "mlp":
+        model = MLP(input_shape, num_classes, hidden_size)
+    elif model_type == "resnet":
+        model = small_image_resnet18(input_shape, num_classes, resnet_norm)
+    elif model_type == "custom":
+        if not custom_model:
+            raise ValueError("model_type 'custom' needs custom_model='package.module:factory'")
+        model = _load_factory(custom_model)(input_shape=input_shape, num_classes=num_classes)
+        if not isinstance(model, nn.Module):
+            raise ValueError(f"custom model factory '{custom_model}' returned {type(model).__name__}, not a torch.nn.Module")
+    else:
+        raise ValueError(f"unknown model_type {model_type!r}: allowed cnn, mlp, resnet, custom")
+    return model
+
+
+def model_from_config(cfg: "FLConfig", input_shape: tuple[int, int, int], num_classes: int) -> nn.Module:
+    if num_classes != cfg.num_classes:
+        raise ValueError(f"config num_classes={cfg.num_classes} but dataset '{cfg.dataset}' has {num_classes} classes")
+    return create_model(cfg.model_type, input_shape, num_classes, hidden_size=cfg.hidden_size,
+                        resnet_norm=cfg.resnet_norm, custom_model=cfg.custom_model, seed=cfg.seed)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

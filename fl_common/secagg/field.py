@@ -1,0 +1,169 @@
+"""Fixed-point encoding of float vectors into Z_{2^b}, and decoding of their sum.
+
+SecAgg adds integers mod 2^b, so each client maps its (clipped) float vector to integers:
+``q = stochastic_round(x * 2^scale_bits)`` and stores ``q mod 2^b`` in uint64. The server's
+unmasked sum is ``sum(q) mod 2^b``; if ``b`` is large enough that the true sum lies in
+[-2^(b-1), 2^(b-1)), centring (two's-complement style) recovers it exactly, and dividing by the
+scale gives the float sum. ``required_modulus_bits`` picks that ``b``.
+
+Why stochastic rounding: E[q] = x * scale exactly, so quantisation adds zero-mean noise and
+the aggregate stays unbiased however many clients are summed; round-to-nearest would add a
+systematic bias. Its randomness is not security relevant (it is not the mask), so a seeded
+``numpy.random.Generator`` is passed explicitly, making encodings reproducible in tests.
+
+Why the scale is a power of two: ``x * 2^s`` is exact in float64, so the only error is the
+rounding step itself (< 1 unit = 2^-s per coordinate).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = [
+    "MAX_MODULUS_BITS",
+    "FieldOverflowError",
+    "FixedPointSpec",
+    "max_level",
+    "required_modulus_bits",
+    "encode",
+    "decode_sum",
+    "add_mod",
+    "sub_mod",
+    "neg_mod",
+]
+
+MAX_MODULUS_BITS = 62
+_MAX_EXACT = 2**52  # |x * scale| must stay where float64 floor() is exact
+
+
+class FieldOverflowError(ValueError):
+    """A value does not fit the field: input beyond the clip range, or a decoded sum beyond
+    what ``num_clients`` honest inputs can produce (a strong hint that a mask was not removed)."""
+
+
+def _mask(modulus_bits: int) -> np.uint64:
+    if not 1 <= modulus_bits <= MAX_MODULUS_BITS:
+        raise ValueError(f"modulus_bits must be in [1, {MAX_MODULUS_BITS}]")
+    return np.uint64((1 << modulus_bits) - 1)
+
+
+def max_level(clip: float, scale_bits: int) -> int:
+    """Largest |q| one client can produce: ``ceil(clip * 2^scale_bits)`` (stochastic rounding may round up)."""
+    if not (math.isfinite(clip) and clip > 0):
+        raise ValueError("clip must be a positive finite number")
+    if not 0 <= scale_bits <= 52:
+        raise ValueError("scale_bits must be in [0, 52]")
+    levels = math.ceil(clip * 2.0**scale_bits)
+    if levels > _MAX_EXACT:
+        raise FieldOverflowError("clip * 2^scale_bits is too large for exact float64 rounding")
+    return levels
+
+
+def required_modulus_bits(clip: float, scale_bits: int, num_clients: int) -> int:
+    """Smallest ``b`` such that the sum of ``num_clients`` encodings never wraps.
+
+    The sum lies in [-n*L, n*L] with L = ``max_level``; centring recovers it iff
+    n*L < 2^(b-1), i.e. b = bit_length(n*L) + 1. Raises if that exceeds 62 bits.
+    """
+    if num_clients < 1:
+        raise ValueError("num_clients must be >= 1")
+    bits = (num_clients * max_level(clip, scale_bits)).bit_length() + 1
+    if bits > MAX_MODULUS_BITS:
+        raise FieldOverflowError(f"sum needs {bits} bits (> {MAX_MODULUS_BITS}); lower scale_bits or clip")
+    return bits
+
+
+def encode(
+    vec: np.ndarray,
+    clip: float,
+    scale_bits: int,
+    modulus_bits: int,
+    rng: np.random.Generator,
+) -> np.ndarray:
+    """Float vector (numpy or CPU torch tensor) -> uint64 elements of Z_{2^modulus_bits}.
+
+    Values must already be clipped to [-clip, clip] (e.g. by DP clipping); anything outside, or
+    non-finite, raises ``FieldOverflowError`` instead of silently breaking the no-wrap bound.
+    """
+    mask = _mask(modulus_bits)
+    level = max_level(clip, scale_bits)
+    if 2 * level >= (1 << modulus_bits):
+        raise FieldOverflowError("modulus too small for even one client's values")
+    x = np.asarray(vec, dtype=np.float64).ravel()
+    if not np.all(np.isfinite(x)):
+        raise FieldOverflowError("input contains NaN or infinity")
+    if x.size and float(np.max(np.abs(x))) > clip:
+        raise FieldOverflowError("input exceeds the clip range")
+    y = x * float(2**scale_bits)
+    lo = np.floor(y)
+    q = lo + (rng.random(x.size) < (y - lo))
+    # int64 -> uint64 view is two's complement mod 2^64; masking reduces it mod 2^b.
+    return q.astype(np.int64).view(np.uint64) & mask
+
+
+def decode_sum(
+    sum_vec: np.ndarray,
+    num_clients: int,
+    clip: float,
+    scale_bits: int,
+    modulus_bits: int,
+) -> np.ndarray:
+    """Unmasked sum of ``num_clients`` encodings -> float64 sum of their inputs (not the mean).
+
+    Raises ``FieldOverflowError`` if the field cannot hold ``num_clients`` inputs, or if any
+    centred value exceeds what that many clipped inputs can add up to. The latter usually means
+    a mask was left in; it is a sanity check, not an integrity guarantee.
+    """
+    mask = _mask(modulus_bits)
+    if required_modulus_bits(clip, scale_bits, num_clients) > modulus_bits:
+        raise FieldOverflowError("modulus too small for this many clients: the sum may have wrapped")
+    v = np.asarray(sum_vec, dtype=np.uint64) & mask
+    signed = v.astype(np.int64)
+    half = np.uint64(1 << (modulus_bits - 1))
+    signed[v >= half] -= np.int64(1 << modulus_bits)
+    bound = num_clients * max_level(clip, scale_bits)
+    if signed.size and int(np.max(np.abs(signed))) > bound:
+        raise FieldOverflowError("decoded sum outside the possible range; were all masks removed?")
+    return signed.astype(np.float64) / float(2**scale_bits)
+
+
+def add_mod(a: np.ndarray, b: np.ndarray, modulus_bits: int) -> np.ndarray:
+    """(a + b) mod 2^b; uint64 wraps mod 2^64, which 2^b divides, so no overflow handling is needed."""
+    return (np.asarray(a, dtype=np.uint64) + np.asarray(b, dtype=np.uint64)) & _mask(modulus_bits)
+
+
+def sub_mod(a: np.ndarray, b: np.ndarray, modulus_bits: int) -> np.ndarray:
+    """(a - b) mod 2^b."""
+    return (np.asarray(a, dtype=np.uint64) - np.asarray(b, dtype=np.uint64)) & _mask(modulus_bits)
+
+
+def neg_mod(a: np.ndarray, modulus_bits: int) -> np.ndarray:
+    """(-a) mod 2^b."""
+    return (np.uint64(0) - np.asarray(a, dtype=np.uint64)) & _mask(modulus_bits)
+
+
+@dataclass(frozen=True)
+class FixedPointSpec:
+    """The public encoding parameters of one SecAgg round, in one object the protocol can ship."""
+
+    clip: float
+    scale_bits: int
+    modulus_bits: int
+
+    @classmethod
+    def for_clients(cls, clip: float, scale_bits: int, num_clients: int) -> "FixedPointSpec":
+        """The smallest field that fits ``num_clients`` (pass the number *selected*, not survivors)."""
+        return cls(clip, scale_bits, required_modulus_bits(clip, scale_bits, num_clients))
+
+    def __post_init__(self) -> None:
+        _mask(self.modulus_bits)
+        max_level(self.clip, self.scale_bits)
+
+    def encode(self, vec: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        return encode(vec, self.clip, self.scale_bits, self.modulus_bits, rng)
+
+    def decode_sum(self, sum_vec: np.ndarray, num_clients: int) -> np.ndarray:
+        return decode_sum(sum_vec, num_clients, self.clip, self.scale_bits, self.modulus_bits)

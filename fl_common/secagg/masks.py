@@ -1,0 +1,124 @@
+"""Pairwise and self masks (Bonawitz et al. 2017, section 4) over Z_{2^b}.
+
+Client u sends  y_u = x_u + PRG(b_u) + sum_{v in N(u)} s(u,v) * PRG(s_uv)   (mod 2^b)
+with s(u,v) = +1 if u < v else -1. For every pair both ends derive the same seed s_uv from
+their X25519 shared secret, with opposite signs, so over a set where every pair is present the
+pairwise terms cancel and the server is left with sum x_u + sum PRG(b_u).
+
+Dropouts: if v drops after u masked, u's term for v stays in the sum. The server reconstructs
+v's mask *private key* from Shamir shares held by survivors, recomputes s_uv with each
+surviving neighbour u's public key, and subtracts u's term (``pairwise_mask(s_uv, u, v)``).
+For survivors it reconstructs b_u instead and subtracts PRG(b_u). An honest client must never
+reveal both kinds of share for the same peer, or the server could unmask that peer's input.
+
+Ids are small positive integers (the round's logical indices, also the Shamir x-coordinates),
+which gives the total order the sign convention needs.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Mapping
+
+import numpy as np
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from fl_common.secagg.field import neg_mod
+from fl_common.secagg.prg import SEED_LEN, expand_seed
+
+__all__ = [
+    "pairwise_seed",
+    "pairwise_mask",
+    "self_mask",
+    "mask_input",
+    "unmask_sum",
+]
+
+_PAIR_INFO = b"fl-hub/v1/secagg/pairwise-seed|"
+_PAIR_LABEL = b"pairwise|"
+_SELF_LABEL = b"self|"
+
+
+def _check_ids(u: int, v: int) -> None:
+    if not (isinstance(u, int) and isinstance(v, int)) or u < 1 or v < 1:
+        raise ValueError("secagg ids must be positive integers")
+    if u == v:
+        raise ValueError("a client has no pairwise mask with itself")
+
+
+def pairwise_seed(shared_secret: bytes, u: int, v: int, *, context: bytes = b"") -> bytes:
+    """PRG seed for the pair {u, v}: HKDF over the raw X25519 secret, bound to the unordered
+    pair and the round ``context``. Symmetric: ``pairwise_seed(s, u, v) == pairwise_seed(s, v, u)``."""
+    _check_ids(u, v)
+    if len(shared_secret) != 32:
+        raise ValueError("shared secret must be 32 bytes")
+    lo, hi = min(u, v), max(u, v)
+    info = _PAIR_INFO + lo.to_bytes(8, "big") + hi.to_bytes(8, "big") + len(context).to_bytes(4, "big") + context
+    return HKDF(algorithm=hashes.SHA256(), length=SEED_LEN, salt=None, info=info).derive(shared_secret)
+
+
+def pairwise_mask(
+    shared_secret: bytes, own_id: int, peer_id: int, n: int, modulus_bits: int, *, context: bytes = b""
+) -> np.ndarray:
+    """The term client ``own_id`` adds for ``peer_id``: +PRG(s_uv) if own_id < peer_id, else -PRG(s_uv)."""
+    stream = expand_seed(pairwise_seed(shared_secret, own_id, peer_id, context=context), n, modulus_bits,
+                         label=_PAIR_LABEL + context)
+    return stream if own_id < peer_id else neg_mod(stream, modulus_bits)
+
+
+def self_mask(self_seed: bytes, n: int, modulus_bits: int, *, context: bytes = b"") -> np.ndarray:
+    """PRG(b_u). Without it, the server could learn x_u of a client it wrongly believed dropped
+    (its pairwise masks would be removed); with it, each x_u stays hidden until b_u is revealed."""
+    return expand_seed(self_seed, n, modulus_bits, label=_SELF_LABEL + context)
+
+
+def mask_input(
+    x_encoded: np.ndarray,
+    own_id: int,
+    self_seed: bytes,
+    pairwise_secrets: Mapping[int, bytes],
+    modulus_bits: int,
+    *,
+    context: bytes = b"",
+) -> np.ndarray:
+    """y_u = x_u + PRG(b_u) + sum_v s(u,v) PRG(s_uv) mod 2^b, over the neighbours in ``pairwise_secrets``.
+
+    ``pairwise_secrets`` maps neighbour id -> raw X25519 shared secret (from the round's
+    *mask* key pair). ``context`` should carry the round id unless keys are fresh per round.
+    """
+    y = np.array(x_encoded, dtype=np.uint64)  # a copy: the caller's array is never modified
+    n = y.size
+    # Accumulate in place: uint64 wraps mod 2^64 and 2^b divides 2^64, so one final mask suffices.
+    y += self_mask(self_seed, n, modulus_bits, context=context)
+    for peer_id, secret in sorted(pairwise_secrets.items()):
+        y += pairwise_mask(secret, own_id, peer_id, n, modulus_bits, context=context)
+    y &= _modmask(modulus_bits)
+    return y
+
+
+def unmask_sum(
+    masked_sum: np.ndarray,
+    modulus_bits: int,
+    *,
+    survivor_self_seeds: Mapping[int, bytes],
+    dangling_pairs: Iterable[tuple[int, int, bytes]] = (),
+    context: bytes = b"",
+) -> np.ndarray:
+    """Server side: remove survivors' self masks and the masks survivors added for dropped peers.
+
+    ``masked_sum`` is the mod-2^b sum of the survivors' ``y_u``. ``dangling_pairs`` holds
+    ``(survivor_id, dropped_id, shared_secret)`` for every survivor-dropped neighbour pair, the
+    secret recomputed from the dropped client's reconstructed mask private key.
+    """
+    s = np.array(masked_sum, dtype=np.uint64)
+    n = s.size
+    for seed in survivor_self_seeds.values():
+        s -= self_mask(seed, n, modulus_bits, context=context)
+    for survivor_id, dropped_id, secret in dangling_pairs:
+        s -= pairwise_mask(secret, survivor_id, dropped_id, n, modulus_bits, context=context)
+    s &= _modmask(modulus_bits)
+    return s
+
+
+def _modmask(modulus_bits: int) -> np.uint64:
+    return np.uint64((1 << modulus_bits) - 1)

@@ -1,0 +1,146 @@
+"""The client's local training step, shared verbatim by the simulation and the client daemon.
+
+One :class:`LocalTrainer` owns one model instance and reuses it for every client and round it
+trains (loading the global weights in place), because building a model per client costs more
+than a small client's whole epoch. Batches are cut from in-memory tensors by index, so the
+training path never touches PIL or a DataLoader.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from fl_common.protocol import ClientUpdate, TrainInstructions
+from fl_common.tensors import ParamSpec, flatten, spec_of
+
+
+@dataclass
+class EvalResult:
+    loss: float
+    accuracy: float
+    num_samples: int
+
+
+def make_optimizer(params: list[nn.Parameter], instr: TrainInstructions) -> torch.optim.Optimizer:
+    if instr.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=instr.learning_rate, momentum=instr.momentum, weight_decay=instr.weight_decay)
+    if instr.optimizer == "adam":
+        return torch.optim.Adam(params, lr=instr.learning_rate, weight_decay=instr.weight_decay)
+    if instr.optimizer == "adagrad":
+        return torch.optim.Adagrad(params, lr=instr.learning_rate, weight_decay=instr.weight_decay)
+    raise ValueError(f"unknown optimizer {instr.optimizer!r}: allowed sgd, adam, adagrad")
+
+
+class LocalTrainer:
+    """Trains one model on one client's data at a time and returns the update."""
+
+    def __init__(self, model: nn.Module, device: str | torch.device = "cpu") -> None:
+        self.device = torch.device(device)
+        self.model = model.to(self.device)
+        self._state = self.model.state_dict()  # tensors share storage with the model
+        self.spec: ParamSpec = spec_of(self._state)
+
+    # ------------------------------------------------------------------ weights
+    def load_vector(self, vector: torch.Tensor) -> None:
+        """Copy a flat global vector into the model in place (no reallocation)."""
+        if vector.numel() != self.spec.numel:
+            raise ValueError(f"model expects {self.spec.numel} values, got {vector.numel()}")
+        offset = 0
+        with torch.no_grad():
+            for entry, tensor in zip(self.spec.entries, self._state.values()):
+                chunk = vector[offset : offset + entry.numel].view(entry.shape)
+                tensor.copy_(chunk.round() if not tensor.is_floating_point() else chunk)
+                offset += entry.numel
+
+    def vector(self) -> torch.Tensor:
+        return flatten(self._state).cpu()
+
+    # ------------------------------------------------------------------ training
+    def train(self, global_vector: torch.Tensor, x: torch.Tensor, y: torch.Tensor, instr: TrainInstructions,
+              client_id: int | str = 0) -> ClientUpdate:
+        """Local epochs of minibatch training from the global model; returns local - global.
+
+        Shuffling uses a generator seeded by ``instr.seed`` (derived from run seed, round and
+        client), so the same client in the same round trains identically in any process.
+        FedProx's proximal term mu/2 ||w - w_global||^2 is applied through its gradient
+        mu (w - w_global), added after backward: the same maths without growing the graph.
+        """
+        start = time.perf_counter()
+        n = int(y.shape[0])
+        if n == 0:
+            raise ValueError(f"client {client_id} has no training samples")
+        global_vector = global_vector.to(self.device, torch.float32)
+        self.load_vector(global_vector)
+        model = self.model
+        model.train()
+        params = [p for p in model.parameters() if p.requires_grad]
+        anchors = [p.detach().clone() for p in params] if instr.proximal_mu > 0 else None
+        optimizer = make_optimizer(params, instr)
+        gen = torch.Generator().manual_seed(instr.seed)
+        x = x.to(self.device)
+        y = y.to(self.device)
+        total_loss = 0.0
+        total_correct = 0
+        seen = 0
+        steps = 0
+        bs = instr.batch_size
+        for _ in range(instr.epochs):
+            order = torch.randperm(n, generator=gen).to(self.device)
+            for begin in range(0, n, bs):
+                idx = order[begin : begin + bs]
+                xb, yb = x.index_select(0, idx), y.index_select(0, idx)
+                optimizer.zero_grad(set_to_none=True)
+                logits = model(xb)
+                loss = F.cross_entropy(logits, yb)
+                loss.backward()
+                if anchors is not None:
+                    with torch.no_grad():
+                        for p, a in zip(params, anchors):
+                            if p.grad is not None:
+                                p.grad.add_(p - a, alpha=instr.proximal_mu)
+                optimizer.step()
+                steps += 1
+                with torch.no_grad():
+                    total_loss += float(loss) * idx.numel()
+                    total_correct += int((logits.argmax(1) == yb).sum())
+                    seen += idx.numel()
+        if not math.isfinite(total_loss):
+            raise FloatingPointError(f"client {client_id}: training diverged (loss is not finite); lower the learning rate")
+        delta = self.vector() - global_vector.cpu()
+        return ClientUpdate(
+            client_id=client_id,
+            round=instr.round,
+            delta=delta,
+            num_samples=n,
+            metrics={
+                "train_loss": total_loss / max(seen, 1),
+                "train_accuracy": total_correct / max(seen, 1),
+                "steps": float(steps),
+                "seconds": time.perf_counter() - start,
+            },
+        )
+
+    # ------------------------------------------------------------------ evaluation
+    @torch.inference_mode()
+    def evaluate(self, vector: torch.Tensor | None, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1000) -> EvalResult:
+        """Loss and accuracy in large no-grad batches (evaluation is memory-bound, not compute-bound)."""
+        if vector is not None:
+            self.load_vector(vector.to(self.device, torch.float32))
+        model = self.model
+        model.eval()
+        n = int(y.shape[0])
+        loss_sum = 0.0
+        correct = 0
+        for begin in range(0, n, batch_size):
+            xb = x[begin : begin + batch_size].to(self.device)
+            yb = y[begin : begin + batch_size].to(self.device)
+            logits = model(xb)
+            loss_sum += float(F.cross_entropy(logits, yb, reduction="sum"))
+            correct += int((logits.argmax(1) == yb).sum())
+        return EvalResult(loss=loss_sum / max(n, 1), accuracy=correct / max(n, 1), num_samples=n)

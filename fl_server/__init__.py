@@ -1,0 +1,1 @@
+"""The federation server: strategies, selection, the round coordinator and its two drivers."""

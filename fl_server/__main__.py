@@ -1,0 +1,93 @@
+"""Command line: ``python -m fl_server simulate --config FILE [--output DIR] [--set k=v ...]``.
+
+Every user error (bad config key or value, missing dataset, occupied output folder) ends with
+one line on stderr and exit status 2, before any training starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+from fl_common.config import ConfigError, load_config
+from fl_common.data import DatasetUnavailable
+
+EXIT_USAGE = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2, like every other user error
+        print(f"{self.prog}: error: {message}", file=sys.stderr)
+        raise SystemExit(EXIT_USAGE)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="python -m fl_server", description="Federated Learning Hub server and simulator")
+    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    sim = sub.add_parser("simulate", help="run a whole federation in this process (workers for parallel clients)")
+    sim.add_argument("--config", type=Path, help="YAML config file (defaults are the seed's)")
+    sim.add_argument("--output", type=Path, help="run folder for history.csv, summary.json, checkpoints (default: runs/<time>)")
+    sim.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                     help="override one config key (repeatable), e.g. --set num_rounds=5")
+    sim.add_argument("--data-dir", type=Path, help="folder with the dataset files (same as --set data_dir=DIR)")
+    sim.add_argument("--centralized", action="store_true", help="train the same model on the pooled data instead (baseline)")
+    sim.add_argument("--resume", action="store_true", help="continue the run in --output from its last checkpoint")
+    sim.add_argument("--no-progress", action="store_true", help="no progress bar (it is also off when stderr is not a terminal)")
+    return parser
+
+
+def _simulate(args: argparse.Namespace) -> int:
+    from fl_server.simulation import CentralizedBaseline, Simulation
+
+    log = logging.getLogger("fl_server")
+    if args.resume and args.output is None:
+        raise ConfigError("--resume needs --output DIR, the run folder to continue")
+    if args.resume and args.config is None and (args.output / "config.yaml").is_file():
+        args.config = args.output / "config.yaml"
+    overrides = list(args.overrides) + ([f"data_dir={args.data_dir}"] if args.data_dir else [])
+    cfg = load_config(args.config, overrides)
+    output = args.output or Path("runs") / time.strftime(f"{'centralized' if args.centralized else 'sim'}-%Y%m%d-%H%M%S")
+    progress = False if args.no_progress else None
+    log.info("config: %s clients, %s rounds, %s per round, %s, %s on %s (%s)", cfg.num_clients, cfg.num_rounds,
+             cfg.clients_per_round, cfg.aggregation_method, cfg.model_type, cfg.dataset, cfg.data_distribution)
+    if args.centralized:
+        base = CentralizedBaseline(cfg, output, progress=progress)
+        base.train()
+        summary = base.save_results()
+    else:
+        with Simulation(cfg, output, resume=args.resume, progress=progress) as sim:
+            log.info("start-up %.1f s; %d clients hold %s-%s samples; results in %s", sim.startup_seconds, cfg.num_clients,
+                     min(map(len, sim.partitions)), max(map(len, sim.partitions)), output)
+            sim.train()
+            summary = sim.save_results()
+    final = summary["final_accuracy"]
+    print(json.dumps({"output": str(output), "final_accuracy": final, "best_accuracy": summary["best_accuracy"],
+                      "wall_seconds": round(summary["wall_seconds"], 2)}))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=getattr(logging, args.log_level), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
+    try:
+        if args.command == "simulate":
+            return _simulate(args)
+    except (ConfigError, DatasetUnavailable) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("interrupted: the last completed round is checkpointed; continue with --resume", file=sys.stderr)
+        return 130
+    return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,178 @@
+"""The round state machine, shared by the simulation and the REST server.
+
+It knows nothing of HTTP, processes or clocks: a driver asks it to plan a round among the
+clients it can reach, hands it the updates that arrive, and asks it to close the round. The
+coordinator checks each update (selected? this round? not a duplicate? right shape, finite?),
+folds it into the strategy's streaming aggregator, and on close applies the aggregate,
+evaluates when due, records the round and checkpoints. Because every random choice is derived
+from (seed, round, ...), a coordinator restored from a checkpoint continues exactly as the
+uninterrupted one would have.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+
+from fl_common.config import FLConfig
+from fl_common.protocol import ClientUpdate, TrainInstructions, derive_seed
+from fl_common.tensors import ParamSpec
+from fl_common.training import EvalResult, learning_rate_at
+from fl_server.selection import make_selector
+from fl_server.store import RoundRecord
+from fl_server.strategies import Aggregator, Strategy, UpdateRejected, make_strategy
+
+log = logging.getLogger("fl_server.coordinator")
+
+Evaluator = Callable[[torch.Tensor], EvalResult]
+
+
+@dataclass
+class RoundPlan:
+    round: int
+    selected: list[int | str]
+    instructions: dict[int | str, TrainInstructions]
+
+
+@dataclass
+class _OpenRound:
+    plan: RoundPlan
+    aggregator: Aggregator
+    started: float
+    arrived: set[int | str] = field(default_factory=set)
+    bytes: int = 0
+
+
+class Coordinator:
+    def __init__(self, cfg: FLConfig, global_vector: torch.Tensor, spec: ParamSpec,
+                 evaluator: Evaluator | None = None, strategy: Strategy | None = None) -> None:
+        if global_vector.numel() != spec.numel:
+            raise ValueError("global vector does not match the model spec")
+        self.cfg = cfg
+        self.spec = spec
+        self.global_vector = global_vector.detach().to(torch.float32).clone()
+        self.strategy = strategy or make_strategy(cfg)
+        self.selector = make_selector(cfg.selection, cfg.seed)
+        self.evaluator = evaluator
+        self.completed_rounds = 0
+        self.history: list[RoundRecord] = []
+        self._open: _OpenRound | None = None
+
+    # ------------------------------------------------------------------ planning
+    @property
+    def finished(self) -> bool:
+        return self.completed_rounds >= self.cfg.num_rounds
+
+    @property
+    def current_round(self) -> int | None:
+        return self._open.plan.round if self._open else None
+
+    def base_instructions(self, round_number: int) -> TrainInstructions:
+        cfg = self.cfg
+        lr = learning_rate_at(round_number, cfg.learning_rate, cfg.lr_schedule, decay=cfg.lr_decay,
+                              step_size=cfg.lr_step_size, total_rounds=cfg.num_rounds)
+        return TrainInstructions(round=round_number, epochs=cfg.local_epochs, batch_size=cfg.batch_size,
+                                 learning_rate=lr, optimizer=cfg.optimizer, momentum=cfg.momentum,
+                                 weight_decay=cfg.weight_decay, proximal_mu=0.0)
+
+    def plan_round(self, available: Sequence[int | str]) -> RoundPlan:
+        if self._open is not None:
+            raise RuntimeError(f"round {self._open.plan.round} is still open")
+        if self.finished:
+            raise RuntimeError("the run has finished all its rounds")
+        if not available:
+            raise ValueError("no clients available to select")
+        round_number = self.completed_rounds + 1
+        k = min(self.cfg.clients_per_round, len(available))
+        selected = self.selector.select(round_number, available, k)
+        base = self.base_instructions(round_number)
+        instructions = {
+            cid: self.strategy.configure_client(
+                TrainInstructions(**{**base.to_json(), "seed": derive_seed(self.cfg.seed, round_number, cid, "train")}), cid)
+            for cid in selected
+        }
+        plan = RoundPlan(round_number, selected, instructions)
+        self._open = _OpenRound(plan, self.strategy.new_aggregator(round_number, self.global_vector), time.perf_counter())
+        log.debug("round %d: selected %d clients", round_number, len(selected))
+        return plan
+
+    # ------------------------------------------------------------------ updates
+    def submit(self, update: ClientUpdate) -> None:
+        """Accept one update into the open round, or raise :class:`UpdateRejected` with a reason."""
+        op = self._open
+        if op is None or update.round != op.plan.round:
+            raise UpdateRejected("wrong_round", f"update for round {update.round} but the open round is "
+                                 f"{op.plan.round if op else 'none'}")
+        if update.client_id not in op.plan.instructions:
+            raise UpdateRejected("not_selected", f"client {update.client_id} was not selected for round {op.plan.round}")
+        if update.client_id in op.arrived:
+            raise UpdateRejected("duplicate", f"client {update.client_id} already sent its update for round {op.plan.round}")
+        op.aggregator.add(update)
+        op.arrived.add(update.client_id)
+        op.bytes += int(update.wire_bytes)
+
+    def add_bytes(self, n: int) -> None:
+        """Count traffic that is not an update (model downloads) towards the round's bytes."""
+        if self._open is not None:
+            self._open.bytes += int(n)
+
+    # ------------------------------------------------------------------ closing
+    def evaluation_due(self, round_number: int) -> bool:
+        return round_number % self.cfg.evaluation_frequency == 0 or round_number >= self.cfg.num_rounds
+
+    def close_round(self) -> RoundRecord:
+        op = self._open
+        if op is None:
+            raise RuntimeError("no round is open")
+        if op.aggregator.num_updates < self.cfg.min_clients:
+            raise RuntimeError(f"round {op.plan.round} has {op.aggregator.num_updates} updates, "
+                               f"fewer than min_clients={self.cfg.min_clients}")
+        aggregate = op.aggregator.result()
+        self.global_vector = self.strategy.apply(self.global_vector, aggregate).to(torch.float32)
+        if not bool(torch.isfinite(self.global_vector).all()):
+            raise FloatingPointError(f"round {op.plan.round}: the global model is no longer finite; lower the learning rate")
+        test: EvalResult | None = None
+        if self.evaluator is not None and self.evaluation_due(op.plan.round):
+            test = self.evaluator(self.global_vector)
+        record = RoundRecord(
+            round=op.plan.round,
+            test_accuracy=None if test is None else test.accuracy,
+            test_loss=None if test is None else test.loss,
+            train_loss=aggregate.train_loss,
+            clients=aggregate.num_updates,
+            seconds=time.perf_counter() - op.started,
+            bytes=op.bytes,
+        )
+        self.history.append(record)
+        self.completed_rounds = op.plan.round
+        self._open = None
+        return record
+
+    def abort_round(self) -> None:
+        self._open = None
+
+    # ------------------------------------------------------------------ persistence
+    def state_dict(self) -> dict[str, Any]:
+        if self._open is not None:
+            raise RuntimeError("checkpoint between rounds only")
+        return {
+            "completed_rounds": self.completed_rounds,
+            "global_vector": self.global_vector.clone(),
+            "spec": self.spec.to_json(),
+            "strategy": self.strategy.state_dict(),
+            "history": [r.to_row() for r in self.history],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        spec = ParamSpec.from_json(state["spec"])
+        if spec != self.spec:
+            raise ValueError("checkpoint was written for a different model")
+        self.completed_rounds = int(state["completed_rounds"])
+        self.global_vector = state["global_vector"].to(torch.float32).clone()
+        self.strategy.load_state_dict(state["strategy"])
+        self.history = [RoundRecord.from_row(r) for r in state["history"]]
+        self._open = None

@@ -1,0 +1,181 @@
+"""Running the selected clients' local training, in-process or on a pool of worker processes.
+
+Why processes: a client's step on a small CNN with batch 32 keeps one core busy but scales badly
+across two intra-op threads, so two single-threaded workers training two clients at once finish
+a round sooner than one process using both cores for one client at a time. Workers are spawned
+(not forked: a forked child of a process that has used OpenMP can deadlock), receive the
+training tensors once through shared memory, and read each round's global model from a shared
+buffer, so per-task messages carry only a client id and its instructions.
+
+Results are handed back in the plan's order whatever order workers finish in, so the aggregate
+and therefore the whole run are identical for any number of workers.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import traceback
+from typing import Any, Iterator, Protocol, Sequence
+
+import numpy as np
+import torch
+import torch.multiprocessing as mp
+
+from fl_common.config import FLConfig
+from fl_common.models import model_from_config
+from fl_common.protocol import ClientUpdate, TrainInstructions
+from fl_common.training import LocalTrainer
+
+log = logging.getLogger("fl_server.simulation")
+
+
+class ClientExecutor(Protocol):
+    def run_round(self, global_vector: torch.Tensor, instructions: dict[int, TrainInstructions]) -> Iterator[ClientUpdate]: ...
+
+    def close(self) -> None: ...
+
+
+class WorkerFailed(RuntimeError):
+    pass
+
+
+def _client_tensors(x: torch.Tensor, y: torch.Tensor, indices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    idx = torch.from_numpy(np.asarray(indices, dtype=np.int64))
+    return x.index_select(0, idx), y.index_select(0, idx)
+
+
+class InProcessExecutor:
+    """Trains clients one after another in this process (workers=0; also the reference behaviour)."""
+
+    def __init__(self, cfg: FLConfig, input_shape: tuple[int, int, int], num_classes: int,
+                 x: torch.Tensor, y: torch.Tensor, partitions: Sequence[np.ndarray]) -> None:
+        self.trainer = LocalTrainer(model_from_config(cfg, input_shape, num_classes), device=_device(cfg))
+        self.x, self.y, self.partitions = x, y, partitions
+
+    def run_round(self, global_vector: torch.Tensor, instructions: dict[int, TrainInstructions]) -> Iterator[ClientUpdate]:
+        for cid, instr in instructions.items():
+            cx, cy = _client_tensors(self.x, self.y, self.partitions[cid])
+            yield self.trainer.train(global_vector, cx, cy, instr, client_id=cid)
+
+    def close(self) -> None:
+        return None
+
+
+def _device(cfg: FLConfig) -> str:
+    if cfg.device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return cfg.device
+
+
+def _worker_main(worker_id: int, cfg_dict: dict[str, Any], input_shape: tuple[int, int, int], num_classes: int,
+                 x: torch.Tensor, y: torch.Tensor, partitions: list[np.ndarray], global_buf: torch.Tensor,
+                 tasks: Any, results: Any, threads: int) -> None:
+    torch.set_num_threads(threads)
+    try:
+        from fl_common.config import config_from_dict
+
+        cfg = config_from_dict(cfg_dict, check=False)
+        trainer = LocalTrainer(model_from_config(cfg, input_shape, num_classes), device=_device(cfg))
+        results.put(("ready", worker_id, None))
+    except BaseException:  # noqa: BLE001 - report any start-up failure to the parent
+        results.put(("error", worker_id, traceback.format_exc()))
+        return
+    while True:
+        task = tasks.get()
+        if task is None:
+            return
+        cid, instr_json = task
+        try:
+            instr = TrainInstructions.from_json(instr_json)
+            cx, cy = _client_tensors(x, y, partitions[cid])
+            update = trainer.train(global_buf, cx, cy, instr, client_id=cid)
+            results.put(("ok", cid, (update.delta, update.num_samples, update.metrics)))
+        except BaseException:  # noqa: BLE001
+            results.put(("error", cid, traceback.format_exc()))
+
+
+class ProcessPoolExecutor:
+    """A fixed pool of spawned workers, each training one client at a time."""
+
+    def __init__(self, cfg: FLConfig, input_shape: tuple[int, int, int], num_classes: int,
+                 x: torch.Tensor, y: torch.Tensor, partitions: Sequence[np.ndarray], numel: int,
+                 workers: int, threads_per_worker: int = 1, start_timeout: float = 120.0) -> None:
+        ctx = mp.get_context("spawn")
+        x.share_memory_()
+        y.share_memory_()
+        self.global_buf = torch.zeros(numel, dtype=torch.float32).share_memory_()
+        self.partitions = partitions
+        self.tasks = ctx.Queue()
+        self.results = ctx.Queue()
+        self.procs = [
+            ctx.Process(target=_worker_main, name=f"fl-client-worker-{i}", daemon=True,
+                        args=(i, cfg.to_dict(), input_shape, num_classes, x, y, list(partitions),
+                              self.global_buf, self.tasks, self.results, threads_per_worker))
+            for i in range(workers)
+        ]
+        for p in self.procs:
+            p.start()
+        ready = 0
+        while ready < workers:
+            kind, who, payload = self._get(start_timeout)
+            if kind == "error":
+                self.close()
+                raise WorkerFailed(f"client worker {who} failed to start:\n{payload}")
+            ready += 1
+        log.info("started %d client workers (%d thread(s) each)", workers, threads_per_worker)
+
+    def _get(self, timeout: float) -> tuple[str, Any, Any]:
+        waited = 0.0
+        while True:
+            try:
+                return self.results.get(timeout=1.0)
+            except queue.Empty:
+                waited += 1.0
+                dead = [p.name for p in self.procs if not p.is_alive()]
+                if dead:
+                    self.close()
+                    raise WorkerFailed(f"client worker(s) {', '.join(dead)} died (killed by the OS, e.g. out of memory?)")
+                if waited >= timeout:
+                    self.close()
+                    raise WorkerFailed(f"no client finished within {timeout:.0f} s")
+
+    def run_round(self, global_vector: torch.Tensor, instructions: dict[int, TrainInstructions]) -> Iterator[ClientUpdate]:
+        self.global_buf.copy_(global_vector)
+        # Longest clients first (LPT scheduling) shortens the round when client sizes differ.
+        order = sorted(instructions, key=lambda c: -len(self.partitions[c]))
+        for cid in order:
+            self.tasks.put((cid, instructions[cid].to_json()))
+        pending: dict[int, ClientUpdate] = {}
+        for cid in instructions:  # yield in plan order, buffering early finishers
+            while cid not in pending:
+                kind, who, payload = self._get(timeout=3600.0)
+                if kind == "error":
+                    self.close()
+                    raise WorkerFailed(f"training client {who} failed:\n{payload}")
+                delta, n, metrics = payload
+                pending[who] = ClientUpdate(client_id=who, round=instructions[who].round, delta=delta.clone(),
+                                            num_samples=n, metrics=metrics)
+            yield pending.pop(cid)
+
+    def close(self) -> None:
+        for _ in self.procs:
+            try:
+                self.tasks.put(None)
+            except (ValueError, OSError):
+                pass
+        for p in self.procs:
+            p.join(timeout=5)
+            if p.is_alive():
+                p.terminate()
+        self.procs = []
+
+
+def default_workers(cfg: FLConfig) -> int:
+    """workers=-1 means one single-threaded worker per core (capped by clients per round)."""
+    if cfg.workers >= 0:
+        return min(cfg.workers, cfg.clients_per_round)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    n = max(1, cores // cfg.threads_per_worker)
+    return min(n, cfg.clients_per_round)

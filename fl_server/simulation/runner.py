@@ -1,0 +1,238 @@
+"""The in-process driver: the real coordinator and the real client trainer, wired in one process
+(with a pool of worker processes for parallel clients).
+
+The Python API mirrors the seed's ``FederatedTrainer`` example under our names::
+
+    from fl_server.simulation import Simulation
+    sim = Simulation({"num_clients": 20, "num_rounds": 5, "differential_privacy": False,
+                      "secure_aggregation": False}, output_dir="runs/demo")
+    history = sim.train()                 # all remaining rounds (resumable)
+    result = sim.evaluate()               # the global model on the test set
+    per_client = sim.evaluate_clients()   # the global model on each client's own data
+    sim.save_results()                    # history.csv, summary.json, model.pt, ...
+    sim.close()
+"""
+
+from __future__ import annotations
+
+import logging
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from fl_common.config import ConfigError, FLConfig, config_from_dict, dump_config, load_config
+from fl_common.data import ArrayDataset, label_histograms, load_dataset
+from fl_common.data.partition import partition
+from fl_common.models import count_parameters, model_from_config
+from fl_common.protocol import derive_seed
+from fl_common.tensors import flatten, spec_of, unflatten
+from fl_common.training import EvalResult, LocalTrainer
+from fl_server.coordinator import Coordinator
+from fl_server.simulation.executor import ClientExecutor, InProcessExecutor, ProcessPoolExecutor, default_workers
+from fl_server.store import RoundRecord, RunDirectory
+
+log = logging.getLogger("fl_server.simulation")
+
+#: Keys that may differ between a run and its resumption (they change how, not what, is computed).
+RESUMABLE_CHANGES = {"num_rounds", "workers", "threads_per_worker", "device", "eval_batch_size", "evaluation_frequency"}
+
+
+def load_training_data(cfg: FLConfig) -> tuple[ArrayDataset, ArrayDataset]:
+    """Train and test sets as configured, including the seeded train subset and test prefix."""
+    train = load_dataset(cfg.dataset, "train", data_dir=cfg.data_dir, download=cfg.download, seed=cfg.seed)
+    test = load_dataset(cfg.dataset, "test", data_dir=cfg.data_dir, download=cfg.download, seed=cfg.seed)
+    if train.num_classes != cfg.num_classes:
+        raise ConfigError(f"config key 'num_classes' has value {cfg.num_classes}: dataset '{cfg.dataset}' has {train.num_classes} classes")
+    if cfg.max_train_samples is not None and cfg.max_train_samples < len(train):
+        rng = np.random.default_rng(derive_seed(cfg.seed, "train-subset"))
+        train = train.subset(np.sort(rng.choice(len(train), size=cfg.max_train_samples, replace=False)))
+    if cfg.max_test_samples is not None and cfg.max_test_samples < len(test):
+        test = test.subset(np.arange(cfg.max_test_samples))
+    return train, test
+
+
+def client_partitions(cfg: FLConfig, train: ArrayDataset) -> list[np.ndarray]:
+    if cfg.num_clients > len(train):
+        raise ConfigError(f"config key 'num_clients' has value {cfg.num_clients}: more clients than the {len(train)} training samples")
+    return partition(train.y.numpy(), cfg.num_clients, cfg.partition_method, seed=cfg.seed, alpha=cfg.non_iid_alpha,
+                     samples_per_client=cfg.samples_per_client, shards_per_client=cfg.shards_per_client)
+
+
+class Simulation:
+    def __init__(self, config: FLConfig | Mapping[str, Any] | str | Path, output_dir: str | Path | None = None, *,
+                 resume: bool = False, progress: bool | None = None) -> None:
+        t0 = time.perf_counter()
+        if isinstance(config, FLConfig):
+            cfg = config
+        elif isinstance(config, (str, Path)):
+            cfg = load_config(config)
+        else:
+            cfg = config_from_dict(config)
+        self.run_dir = RunDirectory(output_dir) if output_dir is not None else None
+        if self.run_dir is not None and self.run_dir.has_checkpoint() and not resume:
+            raise ConfigError(f"output folder '{self.run_dir.path}' already holds a run: pass --resume to continue it, "
+                              f"or choose another --output")
+        self.cfg = cfg
+        self.progress = progress
+        self.train_set, self.test_set = load_training_data(cfg)
+        self.partitions = client_partitions(cfg, self.train_set)
+        self.histograms = label_histograms(self.train_set.y.numpy(), self.partitions, self.train_set.num_classes)
+        model = model_from_config(cfg, self.train_set.input_shape, self.train_set.num_classes)
+        self.num_parameters = count_parameters(model)
+        self.evaluator_trainer = LocalTrainer(model, device="cpu" if cfg.device == "cpu" else _resolve_device(cfg))
+        self.spec = self.evaluator_trainer.spec
+        self.coordinator = Coordinator(cfg, self.evaluator_trainer.vector(), self.spec, evaluator=self._evaluate_vector)
+        self.wall_seconds_before = 0.0
+        if resume and self.run_dir is not None and self.run_dir.has_checkpoint():
+            self._restore()
+        self._executor: ClientExecutor | None = None
+        self.startup_seconds = time.perf_counter() - t0
+        if self.run_dir is not None:
+            self.run_dir.create()
+            dump_config(self.cfg, self.run_dir.path / "config.yaml")
+            self.run_dir.write_label_histograms(self.histograms)
+
+    # ------------------------------------------------------------------ internals
+    def _restore(self) -> None:
+        assert self.run_dir is not None
+        state = self.run_dir.load_checkpoint()
+        stored = state["config"]
+        current = self.cfg.to_dict()
+        changed = sorted(k for k in current if k not in RESUMABLE_CHANGES and stored.get(k) != current[k])
+        if changed:
+            raise ConfigError(f"cannot resume '{self.run_dir.path}': these keys differ from the stored run: {', '.join(changed)}")
+        self.coordinator.load_state_dict(state["coordinator"])
+        self.wall_seconds_before = float(state.get("wall_seconds", 0.0))
+        log.info("resumed %s after round %d", self.run_dir.path, self.coordinator.completed_rounds)
+
+    def _evaluate_vector(self, vector: torch.Tensor) -> EvalResult:
+        return self.evaluator_trainer.evaluate(vector, self.test_set.x, self.test_set.y, self.cfg.eval_batch_size)
+
+    def _executor_for_run(self) -> ClientExecutor:
+        if self._executor is None:
+            n = default_workers(self.cfg)
+            if n <= 1:
+                self._executor = InProcessExecutor(self.cfg, self.train_set.input_shape, self.train_set.num_classes,
+                                                   self.train_set.x, self.train_set.y, self.partitions)
+            else:
+                self._executor = ProcessPoolExecutor(self.cfg, self.train_set.input_shape, self.train_set.num_classes,
+                                                     self.train_set.x, self.train_set.y, self.partitions, self.spec.numel,
+                                                     workers=n, threads_per_worker=self.cfg.threads_per_worker)
+        return self._executor
+
+    def _checkpoint(self, wall_seconds: float) -> None:
+        if self.run_dir is None:
+            return
+        self.run_dir.save_checkpoint({"config": self.cfg.to_dict(), "coordinator": self.coordinator.state_dict(),
+                                      "wall_seconds": wall_seconds})
+        self.run_dir.write_history(self.coordinator.history)
+
+    # ------------------------------------------------------------------ public API
+    @property
+    def history(self) -> list[RoundRecord]:
+        return self.coordinator.history
+
+    def run_round(self) -> RoundRecord:
+        coord = self.coordinator
+        plan = coord.plan_round(list(range(self.cfg.num_clients)))
+        model_bytes = 4 * self.spec.numel
+        executor = self._executor_for_run()
+        for update in executor.run_round(coord.global_vector, plan.instructions):
+            update.wire_bytes = 4 * update.delta.numel()
+            coord.submit(update)
+            coord.add_bytes(model_bytes)
+        return coord.close_round()
+
+    def train(self, rounds: int | None = None) -> list[RoundRecord]:
+        """Run the remaining rounds (or ``rounds`` more), checkpointing after each."""
+        coord = self.coordinator
+        target = self.cfg.num_rounds if rounds is None else min(self.cfg.num_rounds, coord.completed_rounds + rounds)
+        start = time.perf_counter()
+        bar = tqdm(total=self.cfg.num_rounds, initial=coord.completed_rounds, desc="rounds", unit="round",
+                   disable=(None if self.progress is None else not self.progress), file=sys.stderr, dynamic_ncols=True)
+        try:
+            while coord.completed_rounds < target:
+                record = self.run_round()
+                self._checkpoint(self.wall_seconds_before + time.perf_counter() - start)
+                if record.test_accuracy is not None:
+                    bar.set_postfix(acc=f"{record.test_accuracy:.4f}", loss=f"{record.test_loss:.3f}")
+                    log.info("round %d: test accuracy %.4f, test loss %.4f, train loss %.4f, %.1f s",
+                             record.round, record.test_accuracy, record.test_loss, record.train_loss or float("nan"), record.seconds)
+                bar.update(1)
+        finally:
+            bar.close()
+        self.wall_seconds_before += time.perf_counter() - start
+        return coord.history
+
+    def evaluate(self) -> EvalResult:
+        return self._evaluate_vector(self.coordinator.global_vector)
+
+    def evaluate_clients(self) -> list[dict[str, float]]:
+        """The global model's loss and accuracy on each client's own data."""
+        out = []
+        vec = self.coordinator.global_vector
+        self.evaluator_trainer.load_vector(vec)
+        for cid, idx in enumerate(self.partitions):
+            ix = torch.from_numpy(np.asarray(idx, dtype=np.int64))
+            r = self.evaluator_trainer.evaluate(None, self.train_set.x.index_select(0, ix), self.train_set.y.index_select(0, ix),
+                                                self.cfg.eval_batch_size)
+            out.append({"client": cid, "num_samples": r.num_samples, "accuracy": r.accuracy, "loss": r.loss})
+        return out
+
+    def summary(self) -> dict[str, Any]:
+        hist = self.coordinator.history
+        evaluated = [r for r in hist if r.test_accuracy is not None]
+        best = max(evaluated, key=lambda r: r.test_accuracy) if evaluated else None
+        return {
+            "mode": "federated",
+            "rounds_completed": self.coordinator.completed_rounds,
+            "final_accuracy": evaluated[-1].test_accuracy if evaluated else None,
+            "final_loss": evaluated[-1].test_loss if evaluated else None,
+            "best_accuracy": best.test_accuracy if best else None,
+            "best_round": best.round if best else None,
+            "wall_seconds": self.wall_seconds_before,
+            "startup_seconds": self.startup_seconds,
+            "total_bytes": sum(r.bytes for r in hist),
+            "model_parameters": self.num_parameters,
+            "train_samples": len(self.train_set),
+            "test_samples": len(self.test_set),
+            "client_samples": {"min": int(min(map(len, self.partitions))), "max": int(max(map(len, self.partitions))),
+                               "mean": float(np.mean([len(p) for p in self.partitions]))},
+            "encryption": "not applicable in simulation (no transport)",
+            "environment": {"python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform()},
+            "config": self.cfg.to_dict(),
+        }
+
+    def save_results(self) -> dict[str, Any]:
+        summary = self.summary()
+        if self.run_dir is not None:
+            self.run_dir.write_history(self.coordinator.history)
+            self.run_dir.write_json("summary.json", summary)
+            self.run_dir.save_model(unflatten(self.coordinator.global_vector, self.spec))
+        return summary
+
+    def close(self) -> None:
+        if self._executor is not None:
+            self._executor.close()
+            self._executor = None
+
+    def __enter__(self) -> "Simulation":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def _resolve_device(cfg: FLConfig) -> str:
+    if cfg.device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return cfg.device
+
+
+__all__ = ["Simulation", "load_training_data", "client_partitions", "flatten", "spec_of"]

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Installs everything the project, its main job and its tests need, on a fresh Debian/Ubuntu
+# machine with Python 3.10+: the Fashion-MNIST files (Debian package), PyTorch, and this package.
+# Safe to run again: every step is skipped or a no-op when already done.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY="${PYTHON:-python3}"
+
+as_root() { if [ "$(id -u)" = 0 ]; then "$@"; elif command -v sudo >/dev/null; then sudo "$@"; else "$@"; fi; }
+
+if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then
+  if command -v apt-get >/dev/null; then
+    echo "setup: installing Debian package dataset-fashion-mnist" >&2
+    as_root apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq dataset-fashion-mnist >/dev/null
+  else
+    echo "setup: no apt-get here; put Fashion-MNIST's idx files in a folder and pass --data-dir" >&2
+  fi
+fi
+
+if ! "$PY" -c "import torch, torchvision" 2>/dev/null; then
+  echo "setup: installing torch and torchvision" >&2
+  "$PY" -m pip install -q "torch==2.14.1" "torchvision==0.29.1"
+fi
+
+echo "setup: installing federated-learning-hub (editable, with test extras)" >&2
+"$PY" -m pip install -q -e ".[test]"

@@ -1,0 +1,102 @@
+"""Configuration: seed names and defaults, and every kind of bad input refused with one clear line."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fl_common.config import ConfigError, FLConfig, config_from_dict, load_config, parse_overrides
+from fl_common.config.schema import AGGREGATION_METHODS
+
+OFF = {"differential_privacy": False, "secure_aggregation": False}
+
+
+def test_seed_defaults_are_the_defaults() -> None:
+    cfg = FLConfig()
+    assert (cfg.num_clients, cfg.num_rounds, cfg.local_epochs, cfg.batch_size) == (100, 100, 5, 32)
+    assert (cfg.learning_rate, cfg.client_selection_ratio, cfg.dp_epsilon, cfg.dp_delta) == (0.01, 0.1, 1.0, 1e-5)
+    assert cfg.differential_privacy and cfg.secure_aggregation and cfg.compression and cfg.encryption
+    assert (cfg.clip_grad_norm, cfg.non_iid_alpha, cfg.hidden_size, cfg.max_retries, cfg.timeout) == (1.0, 0.5, 256, 3, 30.0)
+    assert cfg.samples_per_client is None and cfg.num_classes == 10 and cfg.model_type == "cnn"
+    assert cfg.clients_per_round == 10
+
+
+def test_yaml_dict_and_overrides_agree(tmp_path: Path) -> None:
+    (tmp_path / "c.yaml").write_text("num_clients: 20\nlearning_rate: 0.1\ndifferential_privacy: false\nsecure_aggregation: false\n")
+    from_file = load_config(tmp_path / "c.yaml", ["learning_rate=0.2", "data_distribution=non-iid"])
+    from_dict = config_from_dict({"num_clients": 20, "learning_rate": 0.2, "data_distribution": "non-iid", **OFF})
+    assert from_file == from_dict
+    assert from_file.partition_method == "dirichlet"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "fragment"),
+    [
+        (["num_clent=5"], "unknown config key 'num_clent' (did you mean 'num_clients'?)"),
+        (["num_clients=abc"], "'num_clients' has value 'abc': allowed an integer in [1, 10000]"),
+        (["num_clients=0"], "'num_clients' has value 0"),
+        (["batch_size=4"], "'batch_size' has value 4: allowed an integer in [8, 512]"),
+        (["learning_rate=2"], "'learning_rate' has value 2"),
+        (["learning_rate=.nan"], "'learning_rate' has value nan"),
+        (["dp_epsilon=0"], "'dp_epsilon' has value 0"),
+        (["dp_delta=0.5"], "'dp_delta' has value 0.5"),
+        (["client_selection_ratio=1.5"], "'client_selection_ratio'"),
+        (["aggregation_method=fedmagic"], "one of " + ", ".join(repr(m) for m in AGGREGATION_METHODS)),
+        (["data_distribution=weird"], "'data_distribution' has value 'weird'"),
+        (["differential_privacy=yes please"], "'differential_privacy' has value 'yes please': allowed true or false"),
+        (["local_epochs=1.5"], "'local_epochs' has value 1.5"),
+        (["num_rounds=true"], "'num_rounds' has value True"),
+        (["model_type=custom"], "'custom_model' must be 'package.module:factory'"),
+        (["min_clients=50"], "'min_clients' has value 50"),
+        (["novalue"], "--set expects key=value"),
+    ],
+)
+def test_bad_values_are_refused_with_the_key_value_and_rule(overrides: list[str], fragment: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["differential_privacy=false", "secure_aggregation=false", *overrides])
+    assert fragment in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_features_not_built_are_refused_not_skipped() -> None:
+    with pytest.raises(ConfigError, match="differential privacy is not built"):
+        config_from_dict({"secure_aggregation": False})
+    with pytest.raises(ConfigError, match="secure aggregation is not built"):
+        config_from_dict({"differential_privacy": False})
+
+
+def test_bad_yaml_files(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
+    (tmp_path / "bad.yaml").write_text("num_clients: [1,\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(tmp_path / "bad.yaml")
+    (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(tmp_path / "list.yaml")
+
+
+def test_overrides_are_typed() -> None:
+    assert parse_overrides(["a=1", "b=0.5", "c=true", "d=text", "e="]) == {"a": 1, "b": 0.5, "c": True, "d": "text", "e": None}
+
+
+def test_ready_made_configs_are_valid() -> None:
+    files = sorted(Path(__file__).resolve().parents[2].joinpath("configs").glob("*.yaml"))
+    assert files, "configs/ must hold the seed's experiments"
+    for f in files:
+        if "privacy" in f.name:
+            continue  # refused until differential privacy is built (see test above)
+        load_config(f)
+
+
+@pytest.mark.parametrize("args", [["--set", "num_rounds=abc"], ["--set", "bogus=1"], ["--config", "/nonexistent.yaml"]])
+def test_cli_refuses_with_one_line_and_exit_2(args: list[str], tmp_path: Path) -> None:
+    proc = subprocess.run([sys.executable, "-m", "fl_server", "simulate", "--output", str(tmp_path / "o"), *args],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    lines = [l for l in proc.stderr.splitlines() if l.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    assert not (tmp_path / "o").exists()

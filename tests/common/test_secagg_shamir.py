@@ -1,0 +1,102 @@
+"""Shamir t-of-n: threshold behaviour, validation, serialisation, and (lack of) integrity."""
+
+from __future__ import annotations
+
+import hashlib
+from itertools import combinations
+
+import pytest
+
+from fl_common.crypto import KeyPair
+from fl_common.secagg import PRIME, Share, ShareError, reconstruct, split_secret
+
+SECRET = hashlib.sha256(b"seed").digest()
+IDS = [1, 2, 3, 4, 5, 6]
+
+
+def test_prime_is_prime() -> None:
+    """Miller-Rabin with 24 fixed bases; error probability < 4^-24 for a composite."""
+    p, d, r = PRIME, PRIME - 1, 0
+    while d % 2 == 0:
+        d, r = d // 2, r + 1
+    for a in [2, 3, 5, 7, 11, 13, 17, 19, 23, 29, 31, 37, 41, 43, 47, 53, 59, 61, 67, 71, 73, 79, 83, 89]:
+        x = pow(a, d, p)
+        if x in (1, p - 1):
+            continue
+        for _ in range(r - 1):
+            x = pow(x, 2, p)
+            if x == p - 1:
+                break
+        else:
+            pytest.fail("PRIME is composite")
+    assert p > 2**512
+
+
+def test_any_t_shares_reconstruct() -> None:
+    shares = split_secret(SECRET, 4, IDS)
+    for subset in combinations(IDS, 4):
+        assert reconstruct([shares[i] for i in subset], 4) == SECRET
+    assert reconstruct(shares.values(), 4) == SECRET  # more than t: extras checked, still fine
+
+
+def test_fewer_than_t_shares_raise() -> None:
+    shares = split_secret(SECRET, 4, IDS)
+    for subset in combinations(IDS, 3):
+        with pytest.raises(ShareError):
+            reconstruct([shares[i] for i in subset], 4)
+
+
+def test_duplicate_and_malformed_shares_raise() -> None:
+    shares = split_secret(SECRET, 3, IDS)
+    with pytest.raises(ShareError):
+        reconstruct([shares[1], shares[1], shares[2]], 3)
+    with pytest.raises(ShareError):
+        reconstruct([shares[1], Share(1, 5), shares[2]], 3)  # same x, different y
+    with pytest.raises(ShareError):
+        reconstruct([shares[1], shares[2], (3, 4)], 3)  # type: ignore[list-item]
+    with pytest.raises(ShareError):
+        Share(0, 1)
+    with pytest.raises(ShareError):
+        Share(1, PRIME)
+    with pytest.raises(ShareError):
+        Share.from_bytes(shares[1].to_bytes()[:-1])
+    with pytest.raises(ValueError):
+        split_secret(SECRET, 1, IDS)
+    with pytest.raises(ValueError):
+        split_secret(SECRET, 7, IDS)
+    with pytest.raises(ValueError):
+        split_secret(SECRET, 3, [1, 2, 2, 3])
+
+
+def test_serialisation_round_trip_and_redaction() -> None:
+    shares = split_secret(SECRET, 3, IDS)
+    decoded = [Share.from_bytes(shares[i].to_bytes()) for i in (2, 4, 6)]
+    assert reconstruct(decoded, 3) == SECRET
+    assert str(shares[2].y) not in repr(shares[2]) and "redacted" in repr(shares[2])
+
+
+def test_x25519_private_key_and_leading_zero_secrets() -> None:
+    kp = KeyPair.generate()
+    shares = split_secret(kp.private_bytes(), 4, IDS)
+    assert KeyPair.from_private_bytes(reconstruct([shares[i] for i in (6, 1, 3, 5)], 4)).public_bytes == kp.public_bytes
+    small = b"\x00" * 31 + b"\x07"
+    assert reconstruct(list(split_secret(small, 2, [10, 20]).values()), 2) == small
+
+
+def test_tampered_share_gives_wrong_secret_silently() -> None:
+    """Shamir has no integrity: exactly t shares with one modified reconstruct a *different*
+    secret without error. Integrity must come from authenticating shares (AEAD between clients)."""
+    shares = split_secret(SECRET, 4, IDS)
+    subset = [shares[i] for i in (1, 2, 3, 4)]
+    # Lagrange weight of x=1 at 0 for xs {1,2,3,4} is 4, so y1 + 1 shifts the secret by 4.
+    tampered = [Share(subset[0].x, (subset[0].y + 1) % PRIME)] + subset[1:]
+    wrong = reconstruct(tampered, 4)
+    assert wrong != SECRET
+    assert int.from_bytes(wrong, "big") == int.from_bytes(SECRET, "big") + 4
+    # a targeted attacker can shift the secret by any chosen delta: y_i += delta / lambda_i
+    delta, lam_inv = 12345, pow(4, -1, PRIME)
+    forged = [Share(subset[0].x, (subset[0].y + delta * lam_inv) % PRIME)] + subset[1:]
+    assert int.from_bytes(reconstruct(forged, 4), "big") == int.from_bytes(SECRET, "big") + delta
+    # with a spare share the inconsistency is detected
+    with pytest.raises(ShareError):
+        reconstruct(tampered + [shares[5]], 4)

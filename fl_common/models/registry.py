@@ -10,7 +10,6 @@ from torch import nn
 
 from fl_common.models.cnn import McMahanCNN
 from fl_common.models.mlp import MLP
-from fl_common.models.resnet import small_image_resnet18
 
 if TYPE_CHECKING:
     from fl_common.config import FLConfig
@@ -41,6 +40,8 @@ def create_model(model_type: str, input_shape: tuple[int, int, int], num_classes
     elif model_type == "mlp":
         model = MLP(input_shape, num_classes, hidden_size)
     elif model_type == "resnet":
+        from fl_common.models.resnet import small_image_resnet18  # torchvision is only needed here
+
         model = small_image_resnet18(input_shape, num_classes, resnet_norm)
     elif model_type == "custom":
         if not custom_model:

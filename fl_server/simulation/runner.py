@@ -154,6 +154,8 @@ class Simulation:
         coord = self.coordinator
         target = self.cfg.num_rounds if rounds is None else min(self.cfg.num_rounds, coord.completed_rounds + rounds)
         start = time.perf_counter()
+        if coord.completed_rounds < target:
+            self._executor_for_run()  # start workers now, so round times measure rounds only
         bar = tqdm(total=self.cfg.num_rounds, initial=coord.completed_rounds, desc="rounds", unit="round",
                    disable=(None if self.progress is None else not self.progress), file=sys.stderr, dynamic_ncols=True)
         try:

@@ -1,0 +1,149 @@
+"""Run a grid of simulations, resumably, and write their results down as they finish.
+
+A grid file lists experiments (a config file plus overrides). Each runs in
+``benchmarks/work/<grid>/<name>/`` (git-ignored: checkpoints are large); a finished one is not
+run again, an interrupted one continues from its last checkpoint. After every experiment the
+small results (history.csv, summary.json) are copied to ``benchmarks/results/<grid>/<name>/``
+and the grid's table (``results.md``) and curves (``curves.png``) are rewritten, so whatever
+finished before a session ended is already on disk to commit.
+
+    python benchmarks/run_grid.py benchmarks/grids/accuracy.yaml [--only NAME ...] [--list]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_grid(path: Path) -> tuple[str, dict, list[dict]]:
+    data = yaml.safe_load(path.read_text())
+    name = data.get("name") or path.stem
+    common = data.get("common", {})
+    experiments = data["experiments"]
+    for e in experiments:
+        if "name" not in e:
+            raise SystemExit(f"{path}: every experiment needs a name")
+    return name, common, experiments
+
+
+def is_finished(run: Path) -> bool:
+    summary = run / "summary.json"
+    if not summary.is_file():
+        return False
+    s = json.loads(summary.read_text())
+    return s.get("rounds_completed") == s.get("config", {}).get("num_rounds") or s.get("mode") == "centralized"
+
+
+def run_experiment(exp: dict, common: dict, run: Path) -> None:
+    settings = {**common.get("set", {}), **exp.get("set", {})}
+    config = exp.get("config", common.get("config"))
+    cmd = [sys.executable, "-m", "fl_server", "simulate", "--no-progress", "--output", str(run)]
+    if config:
+        cmd += ["--config", str(ROOT / config)]
+    cmd += [f"--set={k}={v}" for k, v in settings.items()]
+    if exp.get("centralized"):
+        cmd.append("--centralized")
+    elif (run / "checkpoint.pt").is_file():
+        cmd.append("--resume")
+    print(f"[{time.strftime('%H:%M:%S')}] {exp['name']}: {' '.join(cmd[3:])}", flush=True)
+    subprocess.run(cmd, cwd=ROOT, check=True)
+
+
+def collect(grid: str, experiments: list[dict], work: Path, results: Path) -> None:
+    rows = []
+    curves = {}
+    for exp in experiments:
+        run = work / exp["name"]
+        if not (run / "history.csv").is_file():
+            continue
+        dest = results / exp["name"]
+        dest.mkdir(parents=True, exist_ok=True)
+        for f in ("history.csv", "summary.json", "config.yaml"):
+            if (run / f).is_file():
+                shutil.copy2(run / f, dest / f)
+        with open(run / "history.csv") as f:
+            hist = [r for r in csv.DictReader(f)]
+        evaluated = [(int(r["round"]), float(r["test_accuracy"])) for r in hist if r["test_accuracy"]]
+        curves[exp["name"]] = evaluated
+        done = is_finished(run)
+        seconds = sum(float(r["seconds"]) for r in hist)
+        rows.append({
+            "name": exp["name"], "status": "done" if done else "partial", "rounds": len(hist),
+            "final": evaluated[-1][1] if evaluated else None, "best": max(a for _, a in evaluated) if evaluated else None,
+            "median_round_s": sorted(float(r["seconds"]) for r in hist)[len(hist) // 2] if hist else None,
+            "hours": seconds / 3600, "note": exp.get("note", ""),
+        })
+    lines = [f"# {grid}", "", "| experiment | status | rounds | final acc | best acc | median s/round | note |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        fmt = lambda v: "" if v is None else f"{100 * v:.2f} %"  # noqa: E731
+        lines.append(f"| {r['name']} | {r['status']} | {r['rounds']} | {fmt(r['final'])} | {fmt(r['best'])} | "
+                     f"{r['median_round_s']:.2f} | {r['note']} |")
+    lines.append("")
+    lines.append(f"_Written by benchmarks/run_grid.py at {time.strftime('%Y-%m-%d %H:%M:%S')}._")
+    results.mkdir(parents=True, exist_ok=True)
+    (results / "results.md").write_text("\n".join(lines) + "\n")
+    (results / "results.json").write_text(json.dumps(rows, indent=1))
+    plot(curves, results / "curves.png", grid)
+
+
+def plot(curves: dict[str, list[tuple[int, float]]], path: Path, title: str) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for name, pts in curves.items():
+        if pts:
+            ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], label=name, marker=".")
+    ax.set_xlabel("round")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("grid", type=Path)
+    ap.add_argument("--only", nargs="*", help="run only these experiments")
+    ap.add_argument("--list", action="store_true", help="show the status of each experiment and exit")
+    args = ap.parse_args()
+    name, common, experiments = load_grid(args.grid)
+    work = ROOT / "benchmarks" / "work" / name
+    results = ROOT / "benchmarks" / "results" / name
+    for exp in experiments:
+        if args.only and exp["name"] not in args.only:
+            continue
+        run = work / exp["name"]
+        if args.list:
+            print(f"{exp['name']}: {'done' if is_finished(run) else 'partial' if (run / 'checkpoint.pt').exists() else 'todo'}")
+            continue
+        if is_finished(run):
+            print(f"{exp['name']}: already done", flush=True)
+        else:
+            run_experiment(exp, common, run)
+        collect(name, experiments, work, results)
+    if not args.list:
+        collect(name, experiments, work, results)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,136 @@
+"""Speed and memory: our simulation against a plain PyTorch loop doing the same work.
+
+Both run as child processes, one after the other in the same invocation (so they see the same
+machine), each watched by a sampler that records the peak memory of its whole process tree:
+PSS (proportional set size: shared pages such as torch's libraries and the shared-memory
+dataset counted once across processes) and, for reference, the sum of RSS (which counts them
+once per process). Wall time is the child's whole life; start-up is wall time minus the rounds.
+
+    python benchmarks/speed.py --rounds 20 --repeats 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import psutil
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+def _tree_memory(proc: psutil.Process) -> tuple[int, int]:
+    pss = rss = 0
+    for p in [proc, *proc.children(recursive=True)]:
+        try:
+            info = p.memory_full_info()
+            pss += info.pss
+            rss += info.rss
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
+    return pss, rss
+
+
+def run_watched(cmd: list[str]) -> dict:
+    start = time.perf_counter()
+    child = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    peak = {"pss": 0, "rss": 0}
+    proc = psutil.Process(child.pid)
+
+    def sample() -> None:
+        while child.poll() is None:
+            try:
+                pss, rss = _tree_memory(proc)
+                peak["pss"], peak["rss"] = max(peak["pss"], pss), max(peak["rss"], rss)
+            except psutil.NoSuchProcess:
+                return
+            time.sleep(1.0)
+
+    t = threading.Thread(target=sample, daemon=True)
+    t.start()
+    _, err = child.communicate()
+    wall = time.perf_counter() - start
+    t.join()
+    if child.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{err[-3000:]}")
+    return {"wall_seconds": wall, "peak_pss_mb": peak["pss"] / 2**20, "peak_rss_sum_mb": peak["rss"] / 2**20}
+
+
+def run_plain(config: Path, rounds: int, work: Path, tag: str) -> dict:
+    out = work / f"plain-{tag}.json"
+    res = run_watched([sys.executable, "benchmarks/plain_loop.py", "--config", str(config), "--rounds", str(rounds), "--out", str(out)])
+    data = json.loads(out.read_text())
+    secs = [r["seconds"] for r in data["rounds"]]
+    res.update(round_seconds=secs, accuracy=[(r["round"], r["test_accuracy"]) for r in data["rounds"] if r["test_accuracy"] is not None],
+               threads=data["threads"])
+    return res
+
+
+def run_ours(config: Path, rounds: int, work: Path, tag: str) -> dict:
+    out = work / f"ours-{tag}"
+    res = run_watched([sys.executable, "-m", "fl_server", "simulate", "--config", str(config), "--set", f"num_rounds={rounds}",
+                       "--output", str(out), "--no-progress"])
+    with open(out / "history.csv") as f:
+        rows = list(csv.DictReader(f))
+    res.update(round_seconds=[float(r["seconds"]) for r in rows],
+               accuracy=[(int(r["round"]), float(r["test_accuracy"])) for r in rows if r["test_accuracy"]])
+    return res
+
+
+def summarise(runs: list[dict]) -> dict:
+    walls = [r["wall_seconds"] for r in runs]
+    per_round = [statistics.median(r["round_seconds"]) for r in runs]
+    startup = [r["wall_seconds"] - sum(r["round_seconds"]) for r in runs]
+    return {
+        "wall_seconds_median": statistics.median(walls),
+        "round_seconds_median": statistics.median(per_round),
+        "startup_seconds_median": statistics.median(startup),
+        "peak_pss_mb_max": max(r["peak_pss_mb"] for r in runs),
+        "peak_rss_sum_mb_max": max(r["peak_rss_sum_mb"] for r in runs),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--config", type=Path, default=ROOT / "configs" / "reference_speed.yaml")
+    ap.add_argument("--rounds", type=int, default=20)
+    ap.add_argument("--repeats", type=int, default=1, help="ABBA pairs; medians are reported")
+    args = ap.parse_args()
+    plain, ours = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        for i in range(args.repeats):
+            order = [("plain", run_plain), ("ours", run_ours)] if i % 2 == 0 else [("ours", run_ours), ("plain", run_plain)]
+            for name, fn in order:
+                res = fn(args.config, args.rounds, work, str(i))
+                (plain if name == "plain" else ours).append(res)
+                print(f"{name} #{i}: wall {res['wall_seconds']:.1f} s, median round {statistics.median(res['round_seconds']):.2f} s, "
+                      f"peak PSS {res['peak_pss_mb']:.0f} MB", flush=True)
+    sp, so = summarise(plain), summarise(ours)
+    acc_diff = max(abs(a[1] - b[1]) for a, b in zip(plain[0]["accuracy"], ours[0]["accuracy"]))
+    result = {
+        "config": str(args.config.relative_to(ROOT)), "rounds": args.rounds, "repeats": args.repeats,
+        "cpu_count": psutil.cpu_count(), "plain": sp, "ours": so,
+        "wall_ratio_ours_over_plain": so["wall_seconds_median"] / sp["wall_seconds_median"],
+        "round_ratio_ours_over_plain": so["round_seconds_median"] / sp["round_seconds_median"],
+        "max_accuracy_difference": acc_diff,
+        "accuracy_plain": plain[0]["accuracy"], "accuracy_ours": ours[0]["accuracy"],
+        "runs": {"plain": plain, "ours": ours},
+        "measured_at": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "speed_vs_plain.json").write_text(json.dumps(result, indent=1))
+    print(json.dumps({k: v for k, v in result.items() if k not in ("runs",)}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -82,8 +82,14 @@ def _worker_main(worker_id: int, cfg_dict: dict[str, Any], input_shape: tuple[in
     except BaseException:  # noqa: BLE001 - report any start-up failure to the parent
         results.put(("error", worker_id, traceback.format_exc()))
         return
+    parent = os.getppid()
     while True:
-        task = tasks.get()
+        try:
+            task = tasks.get(timeout=1.0)
+        except queue.Empty:
+            if os.getppid() != parent:  # the driver died (e.g. kill -9): do not linger as an orphan
+                return
+            continue
         if task is None:
             return
         cid, instr_json = task

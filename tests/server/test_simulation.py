@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 
@@ -105,8 +106,13 @@ def test_killed_cli_run_resumes_to_the_uninterrupted_history(small_config: dict,
             break
         time.sleep(0.05)
     assert victim.poll() is None, "the run ended before it could be interrupted"
-    os.killpg(victim.pid, signal.SIGKILL)
+    workers = psutil.Process(victim.pid).children(recursive=True)
+    os.kill(victim.pid, signal.SIGKILL)  # only the driver: its worker processes must notice and exit
     victim.wait(timeout=30)
+    gone, alive = psutil.wait_procs(workers, timeout=20)
+    for p in alive:
+        p.kill()
+    assert not alive, "client workers outlived their killed driver"
     done = len(_history_rows(tmp_path / "cut"))
     assert 1 <= done < 4
     subprocess.run([*cmd, "--output", str(tmp_path / "cut"), "--resume"], check=True, capture_output=True, timeout=600)

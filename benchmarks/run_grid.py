@@ -42,7 +42,8 @@ def is_finished(run: Path) -> bool:
     if not summary.is_file():
         return False
     s = json.loads(summary.read_text())
-    return s.get("rounds_completed") == s.get("config", {}).get("num_rounds") or s.get("mode") == "centralized"
+    return (s.get("rounds_completed") == s.get("config", {}).get("num_rounds") or s.get("mode") == "centralized"
+            or bool(s.get("stop_reason")))  # ended early by its privacy budget: done, not to be retried
 
 
 def run_experiment(exp: dict, common: dict, run: Path) -> None:
@@ -78,17 +79,21 @@ def collect(grid: str, experiments: list[dict], work: Path, results: Path) -> No
         curves[exp["name"]] = evaluated
         done = is_finished(run)
         seconds = sum(float(r["seconds"]) for r in hist)
+        summary = json.loads((run / "summary.json").read_text()) if (run / "summary.json").is_file() else {}
+        privacy = summary.get("privacy") or {}
         rows.append({
             "name": exp["name"], "status": "done" if done else "partial", "rounds": len(hist),
             "final": evaluated[-1][1] if evaluated else None, "best": max(a for _, a in evaluated) if evaluated else None,
             "median_round_s": sorted(float(r["seconds"]) for r in hist)[len(hist) // 2] if hist else None,
             "hours": seconds / 3600, "note": exp.get("note", ""),
+            "epsilon": privacy.get("epsilon_spent") if privacy.get("differential_privacy") else None,
         })
-    lines = [f"# {grid}", "", "| experiment | status | rounds | final acc | best acc | median s/round | note |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [f"# {grid}", "", "| experiment | status | rounds | final acc | best acc | epsilon spent | median s/round | note |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         fmt = lambda v: "" if v is None else f"{100 * v:.2f} %"  # noqa: E731
-        lines.append(f"| {r['name']} | {r['status']} | {r['rounds']} | {fmt(r['final'])} | {fmt(r['best'])} | "
+        eps = "" if r["epsilon"] is None else f"{r['epsilon']:.3f}"
+        lines.append(f"| {r['name']} | {r['status']} | {r['rounds']} | {fmt(r['final'])} | {fmt(r['best'])} | {eps} | "
                      f"{r['median_round_s']:.2f} | {r['note']} |")
     lines.append("")
     lines.append(f"_Written by benchmarks/run_grid.py at {time.strftime('%Y-%m-%d %H:%M:%S')}._")

@@ -40,7 +40,67 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--centralized", action="store_true", help="train the same model on the pooled data instead (baseline)")
     sim.add_argument("--resume", action="store_true", help="continue the run in --output from its last checkpoint")
     sim.add_argument("--no-progress", action="store_true", help="no progress bar (it is also off when stderr is not a terminal)")
+
+    srv = sub.add_parser("serve", help="serve the REST API with gunicorn (one coordinator process, gthread workers)")
+    srv.add_argument("--config", type=Path, help="YAML config file")
+    srv.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    srv.add_argument("--state-dir", type=Path, default=Path("fl-server-state"), help="SQLite store, updates, checkpoints")
+    srv.add_argument("--host", default="127.0.0.1", help="bind address (0.0.0.0 to listen on all interfaces)")
+    srv.add_argument("--port", type=int, default=8080)
+    srv.add_argument("--threads", type=int, default=8, help="request threads in the gthread worker")
+    srv.add_argument("--certfile", help="TLS certificate (PEM); with --keyfile the server speaks https")
+    srv.add_argument("--keyfile", help="TLS private key (PEM)")
+
+    demo = sub.add_parser("demo", help="server + N client processes on loopback, trained end to end")
+    demo.add_argument("--clients", type=int, default=10)
+    demo.add_argument("--rounds", type=int, help="rounds to train (default 5)")
+    demo.add_argument("--config", type=Path, help="YAML config file over the demo's embedded defaults")
+    demo.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    demo.add_argument("--output", type=Path, help="demo folder (default: runs/demo-<time>)")
+    demo.add_argument("--no-progress", action="store_true")
     return parser
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from fl_server.serve import serve
+
+    if not 0 < args.port < 65536:
+        raise ConfigError(f"--port must be in 1..65535, got {args.port}")
+    if bool(args.certfile) != bool(args.keyfile):
+        raise ConfigError("--certfile and --keyfile go together")
+    for f in (args.certfile, args.keyfile):
+        if f and not Path(f).is_file():
+            raise ConfigError(f"TLS file '{f}' does not exist")
+    cfg = load_config(args.config, args.overrides)
+    from fl_server.service import check_rest_config
+
+    check_rest_config(cfg)
+    serve(cfg, args.state_dir, host=args.host, port=args.port, threads=args.threads, certfile=args.certfile,
+          keyfile=args.keyfile)
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from fl_common.config import config_from_dict
+    from fl_common.config.loading import parse_overrides, read_yaml
+    from fl_server.demo import DEMO_DEFAULTS, demo_summary, run_demo
+
+    if not 1 <= args.clients <= 200:
+        raise ConfigError(f"--clients must be in 1..200, got {args.clients}")
+    values = {**DEMO_DEFAULTS, "num_clients": args.clients, "samples_per_client": min(600, 60000 // args.clients)}
+    if args.config:
+        values.update(read_yaml(args.config))
+    if args.rounds is not None:
+        values["num_rounds"] = args.rounds
+    values.update(parse_overrides(args.overrides))
+    cfg = config_from_dict(values)
+    from fl_server.service import check_rest_config
+
+    check_rest_config(cfg)
+    output = args.output or Path("runs") / time.strftime("demo-%Y%m%d-%H%M%S")
+    status = run_demo(cfg, output, args.clients, progress=False if args.no_progress else None)
+    print(demo_summary(output, status))
+    return 0
 
 
 def _simulate(args: argparse.Namespace) -> int:
@@ -68,8 +128,12 @@ def _simulate(args: argparse.Namespace) -> int:
             sim.train()
             summary = sim.save_results()
     final = summary["final_accuracy"]
+    privacy = summary.get("privacy") or {}
+    extra = ({"epsilon": privacy["epsilon_spent"], "delta": privacy["delta"]} if privacy.get("differential_privacy") else {})
+    if summary.get("stop_reason"):
+        extra["stopped"] = summary["stop_reason"]
     print(json.dumps({"output": str(output), "final_accuracy": final, "best_accuracy": summary["best_accuracy"],
-                      "wall_seconds": round(summary["wall_seconds"], 2)}))
+                      "wall_seconds": round(summary["wall_seconds"], 2), **extra}))
     return 0
 
 
@@ -80,6 +144,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "simulate":
             return _simulate(args)
+        if args.command == "serve":
+            return _serve(args)
+        if args.command == "demo":
+            return _demo(args)
     except (ConfigError, DatasetUnavailable) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE

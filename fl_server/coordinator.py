@@ -14,14 +14,15 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
-from fl_common.config import FLConfig
+from fl_common.config import ConfigError, FLConfig
 from fl_common.protocol import ClientUpdate, TrainInstructions, derive_seed
 from fl_common.tensors import ParamSpec
 from fl_common.training import EvalResult, learning_rate_at
+from fl_server.privacy_engine import BudgetExhausted, DPRound, PrivacyEngine
 from fl_server.selection import make_selector
 from fl_server.store import RoundRecord
 from fl_server.strategies import Aggregator, Strategy, UpdateRejected, make_strategy
@@ -36,6 +37,9 @@ class RoundPlan:
     round: int
     selected: list[int | str]
     instructions: dict[int | str, TrainInstructions]
+    #: the round's DP parameters (``DPRound.to_json()``) when differential privacy is on; a driver
+    #: that persists open rounds must persist this too, to restore the round after a restart
+    privacy: dict[str, Any] | None = None
 
 
 @dataclass
@@ -45,11 +49,16 @@ class _OpenRound:
     started: float
     arrived: set[int | str] = field(default_factory=set)
     bytes: int = 0
+    dp: DPRound | None = None
 
 
 class Coordinator:
     def __init__(self, cfg: FLConfig, global_vector: torch.Tensor, spec: ParamSpec,
-                 evaluator: Evaluator | None = None, strategy: Strategy | None = None) -> None:
+                 evaluator: Evaluator | None = None, strategy: Strategy | None = None, *,
+                 client_sizes: Mapping[int | str, int] | None = None, privacy_seeded_noise: bool = False) -> None:
+        """``client_sizes`` (client -> number of records) is needed for sample-level DP, which plans
+        and accounts each client's local DP-SGD steps; ``privacy_seeded_noise`` makes the server's DP
+        noise reproducible from the run seed (simulation only; see fl_server/privacy_engine.py)."""
         if global_vector.numel() != spec.numel:
             raise ValueError("global vector does not match the model spec")
         self.cfg = cfg
@@ -61,11 +70,23 @@ class Coordinator:
         self.completed_rounds = 0
         self.history: list[RoundRecord] = []
         self._open: _OpenRound | None = None
+        self.privacy: PrivacyEngine | None = None
+        if cfg.differential_privacy:
+            if cfg.dp_mode == "client" and self.strategy.needs_individual_updates:
+                raise ConfigError(f"aggregation_method '{cfg.aggregation_method}' needs individual updates, which client-level "
+                                  f"DP-FedAvg does not release; use fedavg or fedprox")
+            self.privacy = PrivacyEngine(cfg, client_sizes, seeded_noise=privacy_seeded_noise)
+            log.info("%s", self.privacy.describe())
 
     # ------------------------------------------------------------------ planning
     @property
     def finished(self) -> bool:
-        return self.completed_rounds >= self.cfg.num_rounds
+        return self.completed_rounds >= self.cfg.num_rounds or self.stop_reason is not None
+
+    @property
+    def stop_reason(self) -> str | None:
+        """Why the run ended before num_rounds (the privacy budget), or None."""
+        return self.privacy.stop_reason if self.privacy is not None else None
 
     @property
     def current_round(self) -> int | None:
@@ -79,15 +100,30 @@ class Coordinator:
                                  learning_rate=lr, optimizer=cfg.optimizer, momentum=cfg.momentum,
                                  weight_decay=cfg.weight_decay, proximal_mu=0.0)
 
-    def plan_round(self, available: Sequence[int | str]) -> RoundPlan:
+    def plan_round(self, available: Sequence[int | str], k: int | None = None) -> RoundPlan:
+        """Select ``k`` clients (default: clients_per_round) among ``available`` and open the round.
+
+        The REST driver passes a larger ``k`` to over-select and absorb dropouts."""
         if self._open is not None:
             raise RuntimeError(f"round {self._open.plan.round} is still open")
+        if self.stop_reason is not None:
+            raise BudgetExhausted(self.stop_reason)
         if self.finished:
             raise RuntimeError("the run has finished all its rounds")
         if not available:
             raise ValueError("no clients available to select")
         round_number = self.completed_rounds + 1
-        k = min(self.cfg.clients_per_round, len(available))
+        reachable = len(available)
+        if self.privacy is not None:
+            try:  # the budget is checked before anything is spent
+                available = self.privacy.eligible(round_number, available, k)
+            except BudgetExhausted as exc:
+                log.warning("%s", exc)
+                raise
+            if not available:
+                raise ValueError(f"none of the {reachable} available clients can take part in round {round_number} "
+                                 f"within its privacy budget")
+        k = min(self.cfg.clients_per_round if k is None else k, len(available))
         selected = self.selector.select(round_number, available, k)
         base = self.base_instructions(round_number)
         instructions = {
@@ -95,10 +131,36 @@ class Coordinator:
                 TrainInstructions(**{**base.to_json(), "seed": derive_seed(self.cfg.seed, round_number, cid, "train")}), cid)
             for cid in selected
         }
-        plan = RoundPlan(round_number, selected, instructions)
-        self._open = _OpenRound(plan, self.strategy.new_aggregator(round_number, self.global_vector), time.perf_counter())
+        aggregator = self.strategy.new_aggregator(round_number, self.global_vector)
+        dp: DPRound | None = None
+        if self.privacy is not None:
+            dp = self.privacy.begin_round(round_number, selected, reachable)
+            instructions = {cid: self.privacy.configure(instr, cid, dp) for cid, instr in instructions.items()}
+            aggregator = self.privacy.new_aggregator(dp, self.global_vector.numel(), aggregator)
+        plan = RoundPlan(round_number, selected, instructions, privacy=dp.to_json() if dp is not None else None)
+        self._open = _OpenRound(plan, aggregator, time.perf_counter(), dp=dp)
         log.debug("round %d: selected %d clients", round_number, len(selected))
         return plan
+
+    def restore_round(self, plan: RoundPlan) -> None:
+        """Reopen a round planned before a restart (its durable updates are then re-submitted)."""
+        if self._open is not None:
+            raise RuntimeError(f"round {self._open.plan.round} is still open")
+        if plan.round != self.completed_rounds + 1:
+            raise ValueError(f"cannot restore round {plan.round} after {self.completed_rounds} completed rounds")
+        aggregator = self.strategy.new_aggregator(plan.round, self.global_vector)
+        dp: DPRound | None = None
+        if self.privacy is not None:
+            if plan.privacy is None:
+                raise ValueError(f"cannot restore round {plan.round} under differential privacy without its privacy "
+                                 f"parameters (persist RoundPlan.privacy with the round)")
+            dp = DPRound.from_json(plan.privacy)
+            aggregator = self.privacy.new_aggregator(dp, self.global_vector.numel(), aggregator)
+        self._open = _OpenRound(plan, aggregator, time.perf_counter(), dp=dp)
+
+    @property
+    def arrived(self) -> set[int | str]:
+        return set(self._open.arrived) if self._open else set()
 
     # ------------------------------------------------------------------ updates
     def submit(self, update: ClientUpdate) -> None:
@@ -111,6 +173,9 @@ class Coordinator:
             raise UpdateRejected("not_selected", f"client {update.client_id} was not selected for round {op.plan.round}")
         if update.client_id in op.arrived:
             raise UpdateRejected("duplicate", f"client {update.client_id} already sent its update for round {op.plan.round}")
+        if op.dp is not None:
+            assert self.privacy is not None
+            self.privacy.receive(update, op.dp)  # sample level: charges the client, checks its q and steps
         op.aggregator.add(update)
         op.arrived.add(update.client_id)
         op.bytes += int(update.wire_bytes)
@@ -135,6 +200,7 @@ class Coordinator:
         self.global_vector = self.strategy.apply(self.global_vector, aggregate).to(torch.float32)
         if not bool(torch.isfinite(self.global_vector).all()):
             raise FloatingPointError(f"round {op.plan.round}: the global model is no longer finite; lower the learning rate")
+        epsilon = self.privacy.end_round(op.dp) if self.privacy is not None and op.dp is not None else None
         test: EvalResult | None = None
         if self.evaluator is not None and self.evaluation_due(op.plan.round):
             test = self.evaluator(self.global_vector)
@@ -146,6 +212,7 @@ class Coordinator:
             clients=aggregate.num_updates,
             seconds=time.perf_counter() - op.started,
             bytes=op.bytes,
+            epsilon=epsilon,
         )
         self.history.append(record)
         self.completed_rounds = op.plan.round
@@ -165,6 +232,7 @@ class Coordinator:
             "spec": self.spec.to_json(),
             "strategy": self.strategy.state_dict(),
             "history": [r.to_row() for r in self.history],
+            "privacy": self.privacy.state_dict() if self.privacy is not None else None,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -175,4 +243,18 @@ class Coordinator:
         self.global_vector = state["global_vector"].to(torch.float32).clone()
         self.strategy.load_state_dict(state["strategy"])
         self.history = [RoundRecord.from_row(r) for r in state["history"]]
+        stored = state.get("privacy")
+        if self.privacy is not None:
+            if stored is None:
+                raise ValueError("the checkpoint has no privacy ledger but differential_privacy is on: its rounds were "
+                                 "not accounted, so it cannot be continued privately")
+            self.privacy.load_state_dict(stored)
+        elif stored is not None:
+            raise ValueError("the checkpoint holds a privacy ledger but differential_privacy is off")
         self._open = None
+
+    def privacy_status(self) -> dict[str, Any]:
+        """The privacy block of summary.json and of the REST server's /status."""
+        if self.privacy is None:
+            return {"differential_privacy": False}
+        return self.privacy.summary()

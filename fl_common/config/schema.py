@@ -36,6 +36,8 @@ MODEL_TYPES = ("cnn", "mlp", "resnet", "custom")
 OPTIMIZERS = ("sgd", "adam", "adagrad")
 LR_SCHEDULES = ("constant", "step", "exponential", "cosine")
 SELECTION_POLICIES = ("uniform",)
+DP_MODES = ("sample", "client")
+DP_ACCOUNTANTS = ("prv", "rdp")
 
 
 @dataclass(frozen=True)
@@ -58,6 +60,17 @@ class FLConfig:
     dp_delta: float = _opt(1e-5, lo=1e-6, hi=1e-4, help="privacy budget delta for the whole run")
     secure_aggregation: bool = _opt(True, help="secure aggregation (the server sees only the sum)")
     clip_grad_norm: float = _opt(1.0, lo=0.1, hi=5.0, help="L2 clipping norm for DP sensitivity")
+    # Differential privacy (see fl_server/privacy_engine.py). Sample-level DP-SGD is the default: it
+    # protects each training record, the guarantee the seed's "epsilon = 1 costs 3.1 points" refers to;
+    # client-level DP-FedAvg protects a client's whole dataset but needs far more clients than 100 per
+    # run to leave a usable model (the noise on the sum does not shrink with the cohort's data).
+    dp_mode: str = _opt("sample", choices=DP_MODES, help="'sample': DP-SGD on each client (record-level); 'client': DP-FedAvg (client-level)")
+    dp_accountant: str = _opt("prv", choices=DP_ACCOUNTANTS, help="privacy accountant: 'prv' (tight, Opacus' default) or 'rdp'")
+    dp_noise_multiplier: Optional[float] = _opt(None, lo=0.0, hi=1000.0, lo_open=True, help="noise multiplier override (default: calibrated from dp_epsilon, dp_delta, num_rounds)")
+    dp_client_rounds: Optional[int] = _opt(None, lo=1, hi=1000, help="sample level: rounds per client the noise is calibrated for (default: expected, ceil(num_rounds x selection ratio))")
+    dp_noise: str = _opt("central", choices=("central", "distributed"), help="client level: the server adds the noise, or each client adds its share")
+    dp_adaptive_clipping: bool = _opt(False, help="client level: clip norm follows a quantile of update norms (Andrew et al. 2021)")
+    dp_target_quantile: float = _opt(0.5, lo=0.0, hi=1.0, help="client level: target fraction of unclipped updates for adaptive clipping")
 
     # --- data (seed names) ---
     dataset: str = _opt("fashion_mnist", choices=DATASET_NAMES, help="dataset")
@@ -96,6 +109,17 @@ class FLConfig:
     encryption: bool = _opt(True, help="encrypt payloads on the wire (REST transport)")
     max_retries: int = _opt(3, lo=1, hi=10, help="communication retry attempts")
     timeout: float = _opt(30.0, lo=10.0, hi=300.0, help="communication timeout in seconds")
+    codec: str = _opt("int8", help="update codec used when compression is on: none, float16, int8, topk:R, topk:R+int8 ...")
+    wire_compression: str = _opt("zstd", choices=("none", "zlib", "zstd"), help="byte-level compression of payloads")
+
+    # --- REST deployment ---
+    round_timeout: float = _opt(600.0, lo=1.0, hi=86400.0, help="seconds a round waits for updates before closing with those that arrived")
+    over_selection: float = _opt(0.3, lo=0.0, hi=4.0, help="select (1 + this) x clients_per_round to absorb dropouts")
+    poll_interval: float = _opt(2.0, lo=0.05, hi=600.0, help="seconds between client polls suggested by the server")
+    round_start_wait: float = _opt(10.0, lo=0.0, hi=86400.0, help="seconds to wait for clients_per_round live clients before starting a round with at least min_clients")
+    client_liveness: float = _opt(60.0, lo=1.0, hi=86400.0, help="a client not heard from for this many seconds is not selected")
+    session_ttl: float = _opt(3600.0, lo=10.0, hi=30 * 86400.0, help="lifetime of a session token in seconds")
+    max_update_bytes: int = _opt(256 * 2**20, lo=1024, hi=2**34, help="largest request body the server reads (413 above)")
 
     # --- execution ---
     seed: int = _opt(0, lo=0, hi=2**31 - 1, help="seed for partitions, selection, initialisation and local shuffles")
@@ -218,13 +242,51 @@ def check_consistency(cfg: FLConfig) -> None:
             f"config key 'samples_per_client' has value {cfg.samples_per_client}: {cfg.num_clients} clients x "
             f"{cfg.samples_per_client} exceeds max_train_samples={cfg.max_train_samples}"
         )
-    if cfg.differential_privacy:
-        raise ConfigError(
-            "config key 'differential_privacy' is true, but differential privacy is not built yet in this version: "
-            "set differential_privacy: false (nothing will be claimed private)"
-        )
+    if cfg.compression or cfg.codec != "int8":
+        from fl_common.tensors.codecs import make_codec
+
+        try:
+            make_codec(cfg.codec)
+        except ValueError as exc:
+            raise ConfigError(f"config key 'codec' has value {cfg.codec!r}: {exc}") from None
+    _check_privacy(cfg)
     if cfg.secure_aggregation:
         raise ConfigError(
             "config key 'secure_aggregation' is true, but secure aggregation is not built yet in this version: "
             "set secure_aggregation: false"
         )
+
+
+def _check_privacy(cfg: FLConfig) -> None:
+    """DP settings that cannot work together are refused, and so is DP configured but switched off.
+
+    Rules that need the data (delta below 1/records for sample-level DP, a custom model without
+    BatchNorm) are checked where the records and the model are known, before any training
+    (fl_server/privacy_engine.py, fl_server/simulation/runner.py).
+    """
+    if not cfg.differential_privacy:
+        stray = [(k, v) for k, v in (("dp_noise_multiplier", cfg.dp_noise_multiplier), ("dp_client_rounds", cfg.dp_client_rounds),
+                                     ("dp_adaptive_clipping", cfg.dp_adaptive_clipping or None),
+                                     ("dp_noise", "distributed" if cfg.dp_noise == "distributed" else None)) if v is not None]
+        if stray:
+            key, value = stray[0]
+            raise ConfigError(f"config key '{key}' has value {value!r} but differential_privacy is false: no noise would be "
+                              f"added; set differential_privacy: true, or remove '{key}'")
+        return
+    if cfg.dp_mode == "sample":
+        for key, bad in (("dp_adaptive_clipping", cfg.dp_adaptive_clipping), ("dp_noise", cfg.dp_noise == "distributed")):
+            if bad:
+                raise ConfigError(f"config key '{key}' has value {getattr(cfg, key)!r}: it applies to dp_mode 'client' only "
+                                  f"(sample-level DP-SGD clips and noises every step on the client)")
+        if cfg.model_type == "resnet" and cfg.resnet_norm == "batch":
+            raise ConfigError("config key 'resnet_norm' has value 'batch': BatchNorm mixes the examples of a batch, so "
+                              "sample-level DP-SGD cannot bound one record's influence; set resnet_norm: group")
+        if cfg.dp_client_rounds is not None and cfg.dp_client_rounds > cfg.num_rounds:
+            raise ConfigError(f"config key 'dp_client_rounds' has value {cfg.dp_client_rounds}: a client takes part in at most "
+                              f"num_rounds={cfg.num_rounds} rounds")
+    else:
+        if cfg.dp_client_rounds is not None:
+            raise ConfigError(f"config key 'dp_client_rounds' has value {cfg.dp_client_rounds}: it applies to dp_mode 'sample' only")
+        if cfg.dp_delta >= 1.0 / cfg.num_clients:
+            raise ConfigError(f"config key 'dp_delta' has value {cfg.dp_delta:g}: client-level DP protects clients, so it must be "
+                              f"below 1/num_clients = {1.0 / cfg.num_clients:.3g}")

@@ -47,6 +47,19 @@ class TrainInstructions:
     weight_decay: float = 0.0
     proximal_mu: float = 0.0
     seed: int = 0
+    # Sample-level DP-SGD (all off by default): Poisson rate q and step count are planned by the
+    # server from the client's record count (fl_common.privacy.client_dp.sample_level_schedule),
+    # so the steps taken and the steps accounted are the same number.
+    dp_sample_level: bool = False
+    dp_noise_multiplier: float = 0.0
+    dp_clip: float = 0.0
+    dp_sample_rate: float = 0.0
+    dp_steps: int = 0
+    # Client-level DP-FedAvg: clip the whole update to L2 <= update_clip (0: no clipping), add
+    # N(0, update_noise_std^2) per coordinate (distributed noise), report the clipped-or-not bit.
+    update_clip: float = 0.0
+    update_noise_std: float = 0.0
+    report_clip_bit: bool = False
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

@@ -16,7 +16,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from fl_common.protocol import ClientUpdate, TrainInstructions
+from fl_common.privacy import gaussian_noise, secure_generator
+from fl_common.privacy.client_dp import clip_update, dp_sgd_train, sample_level_schedule
+from fl_common.protocol import ClientUpdate, TrainInstructions, derive_seed
 from fl_common.tensors import ParamSpec, flatten, spec_of
 
 
@@ -40,8 +42,15 @@ def make_optimizer(params: list[nn.Parameter], instr: TrainInstructions) -> torc
 class LocalTrainer:
     """Trains one model on one client's data at a time and returns the update."""
 
-    def __init__(self, model: nn.Module, device: str | torch.device = "cpu") -> None:
+    def __init__(self, model: nn.Module, device: str | torch.device = "cpu", *, seeded_noise: bool = False) -> None:
+        """``seeded_noise``: draw DP randomness (Poisson batches, Gaussian noise) from ``instr.seed``.
+
+        Only the simulation sets it, for reproducible runs. A deployed client keeps the default
+        and draws from the OS CSPRNG: the server chose ``instr.seed``, and noise it could
+        regenerate it could also subtract.
+        """
         self.device = torch.device(device)
+        self.seeded_noise = seeded_noise
         self.model = model.to(self.device)
         self._state = self.model.state_dict()  # tensors share storage with the model
         self.spec: ParamSpec = spec_of(self._state)
@@ -70,6 +79,13 @@ class LocalTrainer:
         client), so the same client in the same round trains identically in any process.
         FedProx's proximal term mu/2 ||w - w_global||^2 is applied through its gradient
         mu (w - w_global), added after backward: the same maths without growing the graph.
+
+        Differential privacy, when the instructions ask for it (see ``fl_common.privacy.client_dp``):
+        ``dp_sample_level`` replaces the epochs of shuffled batches by ``dp_steps`` DP-SGD steps on
+        Poisson batches of rate ``dp_sample_rate``; ``update_clip`` clips the whole delta (client-level
+        DP-FedAvg) and ``update_noise_std`` adds this client's share of the noise. Under DP the
+        update's metrics carry only what the accounting needs (steps, q, the clipping bit when
+        asked): training loss and accuracy are statistics of the private data and are not sent.
         """
         start = time.perf_counter()
         n = int(y.shape[0])
@@ -90,7 +106,25 @@ class LocalTrainer:
         seen = 0
         steps = 0
         bs = instr.batch_size
-        for _ in range(instr.epochs):
+        private = instr.dp_sample_level or instr.update_clip > 0 or instr.update_noise_std > 0
+        dp_q, dp_steps = 0.0, 0
+        if instr.dp_sample_level:
+            dp_q, dp_steps = sample_level_schedule(n, bs, instr.epochs)
+            if instr.dp_sample_rate > 0:
+                dp_q, dp_steps = float(instr.dp_sample_rate), int(instr.dp_steps)
+
+            def proximal() -> None:  # data-independent given w: post-processing of the noised gradient
+                if anchors is not None:
+                    with torch.no_grad():
+                        for p, a in zip(params, anchors):
+                            if p.grad is not None:
+                                p.grad.add_(p - a, alpha=instr.proximal_mu)
+
+            dp_sgd_train(model, optimizer, x, y, sample_rate=dp_q, steps=dp_steps, max_grad_norm=instr.dp_clip,
+                         noise_multiplier=instr.dp_noise_multiplier, generator=self._dp_generator(instr, "dp-sgd"),
+                         after_gradients=proximal)
+            steps = dp_steps
+        for _ in range(0 if instr.dp_sample_level else instr.epochs):
             order = torch.randperm(n, generator=gen).to(self.device)
             for begin in range(0, n, bs):
                 idx = order[begin : begin + bs]
@@ -113,18 +147,27 @@ class LocalTrainer:
         if not math.isfinite(total_loss):
             raise FloatingPointError(f"client {client_id}: training diverged (loss is not finite); lower the learning rate")
         delta = self.vector() - global_vector.cpu()
-        return ClientUpdate(
-            client_id=client_id,
-            round=instr.round,
-            delta=delta,
-            num_samples=n,
-            metrics={
-                "train_loss": total_loss / max(seen, 1),
-                "train_accuracy": total_correct / max(seen, 1),
-                "steps": float(steps),
-                "seconds": time.perf_counter() - start,
-            },
-        )
+        if private and not bool(torch.isfinite(delta).all()):  # clipping needs a finite vector
+            raise FloatingPointError(f"client {client_id}: training diverged (the model is not finite); lower the learning rate")
+        metrics = {"steps": float(steps)}
+        if not private:
+            metrics.update(train_loss=total_loss / max(seen, 1), train_accuracy=total_correct / max(seen, 1))
+        if instr.dp_sample_level:
+            metrics.update(dp_sample_rate=dp_q, dp_steps=float(dp_steps))
+        if instr.update_clip > 0:
+            delta, norm = clip_update(delta, instr.update_clip)
+            if instr.report_clip_bit:
+                metrics["dp_unclipped"] = float(norm <= instr.update_clip)
+        if instr.update_noise_std > 0:
+            delta = delta + gaussian_noise(delta.shape, instr.update_noise_std, self._dp_generator(instr, "dp-update-noise", cpu=True))
+        metrics["seconds"] = time.perf_counter() - start
+        return ClientUpdate(client_id=client_id, round=instr.round, delta=delta, num_samples=n, metrics=metrics)
+
+    def _dp_generator(self, instr: TrainInstructions, purpose: str, cpu: bool = False) -> torch.Generator:
+        device = torch.device("cpu") if cpu else self.device
+        if self.seeded_noise:
+            return torch.Generator(device=device).manual_seed(derive_seed(instr.seed, purpose))
+        return secure_generator(device)
 
     # ------------------------------------------------------------------ evaluation
     @torch.inference_mode()

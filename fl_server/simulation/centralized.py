@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from fl_common.config import FLConfig, dump_config
+from fl_common.config import ConfigError, FLConfig, dump_config
 from fl_common.models import count_parameters, model_from_config
 from fl_common.protocol import derive_seed
 from fl_common.tensors import unflatten
@@ -34,6 +34,9 @@ log = logging.getLogger("fl_server.simulation")
 class CentralizedBaseline:
     def __init__(self, cfg: FLConfig, output_dir: str | Path | None = None, *, progress: bool | None = None) -> None:
         t0 = time.perf_counter()
+        if cfg.differential_privacy:
+            raise ConfigError("the centralized baseline trains without differential privacy: set differential_privacy: false "
+                              "for --centralized (it is the non-private reference)")
         self.cfg = cfg
         self.progress = progress
         self.train_set, self.test_set = load_training_data(cfg)

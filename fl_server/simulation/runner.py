@@ -30,10 +30,12 @@ from fl_common.config import ConfigError, FLConfig, config_from_dict, dump_confi
 from fl_common.data import ArrayDataset, label_histograms, load_dataset
 from fl_common.data.partition import partition
 from fl_common.models import count_parameters, model_from_config
+from fl_common.privacy import DPIncompatibleModelError, check_dp_compatible
 from fl_common.protocol import derive_seed
 from fl_common.tensors import flatten, spec_of, unflatten
 from fl_common.training import EvalResult, LocalTrainer
 from fl_server.coordinator import Coordinator
+from fl_server.privacy_engine import BudgetExhausted
 from fl_server.simulation.executor import ClientExecutor, InProcessExecutor, ProcessPoolExecutor, default_workers
 from fl_server.store import RoundRecord, RunDirectory
 
@@ -84,10 +86,17 @@ class Simulation:
         self.partitions = client_partitions(cfg, self.train_set)
         self.histograms = label_histograms(self.train_set.y.numpy(), self.partitions, self.train_set.num_classes)
         model = model_from_config(cfg, self.train_set.input_shape, self.train_set.num_classes)
+        if cfg.differential_privacy and cfg.dp_mode == "sample":
+            try:
+                check_dp_compatible(model)
+            except DPIncompatibleModelError as exc:
+                raise ConfigError(str(exc).replace("\n", " ")) from None
         self.num_parameters = count_parameters(model)
         self.evaluator_trainer = LocalTrainer(model, device="cpu" if cfg.device == "cpu" else _resolve_device(cfg))
         self.spec = self.evaluator_trainer.spec
-        self.coordinator = Coordinator(cfg, self.evaluator_trainer.vector(), self.spec, evaluator=self._evaluate_vector)
+        self.coordinator = Coordinator(cfg, self.evaluator_trainer.vector(), self.spec, evaluator=self._evaluate_vector,
+                                       client_sizes={cid: len(p) for cid, p in enumerate(self.partitions)},
+                                       privacy_seeded_noise=True)
         self.wall_seconds_before = 0.0
         if resume and self.run_dir is not None and self.run_dir.has_checkpoint():
             self._restore()
@@ -159,13 +168,18 @@ class Simulation:
         bar = tqdm(total=self.cfg.num_rounds, initial=coord.completed_rounds, desc="rounds", unit="round",
                    disable=(None if self.progress is None else not self.progress), file=sys.stderr, dynamic_ncols=True)
         try:
-            while coord.completed_rounds < target:
-                record = self.run_round()
+            while coord.completed_rounds < target and not coord.finished:
+                try:
+                    record = self.run_round()
+                except BudgetExhausted as exc:  # the coordinator has logged it; the run ends here
+                    bar.write(f"stopped: {exc}")
+                    break
                 self._checkpoint(self.wall_seconds_before + time.perf_counter() - start)
                 if record.test_accuracy is not None:
                     bar.set_postfix(acc=f"{record.test_accuracy:.4f}", loss=f"{record.test_loss:.3f}")
-                    log.info("round %d: test accuracy %.4f, test loss %.4f, train loss %.4f, %.1f s",
-                             record.round, record.test_accuracy, record.test_loss, record.train_loss or float("nan"), record.seconds)
+                    log.info("round %d: test accuracy %.4f, test loss %.4f, train loss %.4f, %.1f s%s",
+                             record.round, record.test_accuracy, record.test_loss, record.train_loss or float("nan"), record.seconds,
+                             "" if record.epsilon is None else f", epsilon {record.epsilon:.4f}")
                 bar.update(1)
         finally:
             bar.close()
@@ -207,12 +221,23 @@ class Simulation:
             "client_samples": {"min": int(min(map(len, self.partitions))), "max": int(max(map(len, self.partitions))),
                                "mean": float(np.mean([len(p) for p in self.partitions]))},
             "encryption": "not applicable in simulation (no transport)",
+            "stop_reason": self.coordinator.stop_reason,
+            "privacy": self.coordinator.privacy_status(),
             "environment": {"python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform()},
             "config": self.cfg.to_dict(),
         }
 
     def save_results(self) -> dict[str, Any]:
         summary = self.summary()
+        privacy = summary["privacy"]
+        if privacy.get("differential_privacy"):
+            extra = ""
+            if privacy["mode"] == "sample":
+                dist = privacy["per_client_epsilon"]
+                extra = f"; per client: max {dist['max']:.4f}, median {dist['median']:.4f} over {dist['clients']} clients"
+            log.info("privacy: epsilon %.4f of %g spent at delta %g (%s, %s-level, noise multiplier %.4f)%s",
+                     privacy["epsilon_spent"], privacy["epsilon_budget"], privacy["delta"], privacy["accountant"],
+                     privacy["mode"], privacy["noise_multiplier"], extra)
         if self.run_dir is not None:
             self.run_dir.write_history(self.coordinator.history)
             self.run_dir.write_json("summary.json", summary)

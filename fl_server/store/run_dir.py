@@ -27,7 +27,9 @@ from typing import Any
 import numpy as np
 import torch
 
-HISTORY_COLUMNS = ("round", "test_accuracy", "test_loss", "train_loss", "clients", "seconds", "bytes")
+#: ``epsilon`` is the privacy spent after the round (the run's, i.e. the maximum over clients for
+#: sample-level DP), from the coordinator's privacy ledger; empty when differential privacy is off.
+HISTORY_COLUMNS = ("round", "test_accuracy", "test_loss", "train_loss", "clients", "seconds", "bytes", "epsilon")
 CHECKPOINT_FORMAT = 1
 
 
@@ -40,6 +42,7 @@ class RoundRecord:
     clients: int
     seconds: float
     bytes: int
+    epsilon: float | None = None
 
     def to_row(self) -> dict[str, Any]:
         row = asdict(self)
@@ -51,7 +54,7 @@ class RoundRecord:
             return None if v in ("", None) else float(v)
 
         return cls(int(row["round"]), opt(row["test_accuracy"]), opt(row["test_loss"]), opt(row["train_loss"]),
-                   int(row["clients"]), float(row["seconds"]), int(row["bytes"]))
+                   int(row["clients"]), float(row["seconds"]), int(row["bytes"]), opt(row.get("epsilon")))
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

@@ -62,10 +62,36 @@ def test_bad_values_are_refused_with_the_key_value_and_rule(overrides: list[str]
 
 
 def test_features_not_built_are_refused_not_skipped() -> None:
-    with pytest.raises(ConfigError, match="differential privacy is not built"):
-        config_from_dict({"secure_aggregation": False})
     with pytest.raises(ConfigError, match="secure aggregation is not built"):
         config_from_dict({"differential_privacy": False})
+    cfg = config_from_dict({"secure_aggregation": False})  # the seed's default: differential privacy on
+    assert cfg.differential_privacy and (cfg.dp_mode, cfg.dp_accountant, cfg.dp_noise) == ("sample", "prv", "central")
+
+
+@pytest.mark.parametrize(
+    ("overrides", "fragment"),
+    [
+        # DP settings that would silently do nothing with differential privacy off
+        ({"differential_privacy": False, "dp_noise_multiplier": 1.0}, "'dp_noise_multiplier' has value 1.0 but differential_privacy is false"),
+        ({"differential_privacy": False, "dp_adaptive_clipping": True}, "'dp_adaptive_clipping' has value True but differential_privacy"),
+        ({"differential_privacy": False, "dp_noise": "distributed"}, "'dp_noise' has value 'distributed' but differential_privacy"),
+        ({"dp_noise_multiplier": 0}, "'dp_noise_multiplier' has value 0"),
+        ({"dp_epsilon": -1}, "'dp_epsilon' has value -1"),
+        ({"dp_mode": "record"}, "'dp_mode' has value 'record': allowed one of 'sample', 'client'"),
+        ({"dp_accountant": "moments"}, "'dp_accountant' has value 'moments'"),
+        ({"dp_adaptive_clipping": True}, "'dp_adaptive_clipping' has value True: it applies to dp_mode 'client' only"),
+        ({"dp_noise": "distributed"}, "'dp_noise' has value 'distributed': it applies to dp_mode 'client' only"),
+        ({"model_type": "resnet", "resnet_norm": "batch"}, "set resnet_norm: group"),
+        ({"dp_mode": "client", "num_clients": 10000, "dp_delta": 1e-4}, "below 1/num_clients"),
+        ({"dp_mode": "client", "dp_client_rounds": 3}, "'dp_client_rounds' has value 3: it applies to dp_mode 'sample' only"),
+        ({"num_rounds": 5, "dp_client_rounds": 6}, "at most num_rounds=5"),
+    ],
+)
+def test_impossible_privacy_settings_are_refused(overrides: dict, fragment: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        config_from_dict({"secure_aggregation": False, **overrides})
+    assert fragment in str(err.value)
+    assert "\n" not in str(err.value)
 
 
 def test_bad_yaml_files(tmp_path: Path) -> None:
@@ -87,8 +113,6 @@ def test_ready_made_configs_are_valid() -> None:
     files = sorted(Path(__file__).resolve().parents[2].joinpath("configs").glob("*.yaml"))
     assert files, "configs/ must hold the seed's experiments"
     for f in files:
-        if "privacy" in f.name:
-            continue  # refused until differential privacy is built (see test above)
         load_config(f)
 
 

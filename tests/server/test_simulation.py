@@ -45,7 +45,7 @@ def test_three_rounds_learn_well_above_chance(small_config: dict, tmp_path: Path
     assert stored["config"]["num_clients"] == 10
     rows = _history_rows(tmp_path / "run")
     assert [float(r["test_accuracy"]) for r in rows] == pytest.approx(accs)
-    assert list(rows[0]) == ["round", "test_accuracy", "test_loss", "train_loss", "clients", "seconds", "bytes"]
+    assert list(rows[0]) == ["round", "test_accuracy", "test_loss", "train_loss", "clients", "seconds", "bytes", "epsilon"]
     # per-client label histograms: one row per client, covering the whole training subset
     with open(tmp_path / "run" / "label_histograms.csv") as f:
         hist = list(csv.DictReader(f))
@@ -127,4 +127,4 @@ def test_centralized_baseline_writes_the_same_files(small_config: dict, tmp_path
     assert summary["samples_per_round"] == 5 * 1 * 200  # clients per round x epochs x mean client size
     assert history[-1].test_accuracy > 0.5
     assert _history_rows(tmp_path / "c")[0].keys() == _history_rows.__annotations__.keys() or True
-    assert list(_history_rows(tmp_path / "c")[0]) == ["round", "test_accuracy", "test_loss", "train_loss", "clients", "seconds", "bytes"]
+    assert list(_history_rows(tmp_path / "c")[0]) == ["round", "test_accuracy", "test_loss", "train_loss", "clients", "seconds", "bytes", "epsilon"]

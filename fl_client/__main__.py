@@ -1,0 +1,109 @@
+"""``python -m fl_client --server-url URL [--client-id NAME] [--data-dir DIR | --partition auto|K] [--state-dir DIR]``
+
+Exit status: 0 when the federation finished, the round limit was reached or a signal stopped
+the daemon; 1 when the server refused this client; 2 for bad command-line input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Sequence
+from urllib.parse import urlparse
+
+from fl_common.protocol.rest import ENV_ENROLLMENT_TOKEN
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:
+        print(f"{self.prog}: error: {message}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def _partition(text: str) -> int | None:
+    if text == "auto":
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be 'auto' or a partition index, not {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError("a partition index is 0 or more")
+    return value
+
+
+def _url(text: str) -> str:
+    parsed = urlparse(text)
+    if parsed.scheme not in ("http", "https") or not parsed.netloc:
+        raise argparse.ArgumentTypeError(f"must be an http:// or https:// URL, not {text!r}")
+    return text
+
+
+def _capability(text: str) -> tuple[str, float]:
+    name, _, value = text.partition("=")
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected NAME=NUMBER, got {text!r}") from None
+    if not name or number < 0:
+        raise argparse.ArgumentTypeError(f"expected NAME=NUMBER (>= 0), got {text!r}")
+    return name, number
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="python -m fl_client", description="Federated Learning Hub client daemon")
+    p.add_argument("--server-url", type=_url, required=True, help="e.g. http://127.0.0.1:8080")
+    p.add_argument("--client-id", dest="client_name", help="a stable name; re-registering with it keeps the partition")
+    p.add_argument("--partition", type=_partition, default=None, metavar="auto|K",
+                   help="which shard of the configured dataset to train on (default auto: the server assigns one)")
+    p.add_argument("--data-dir", help="folder holding the dataset files (default: Debian's /usr/share/datasets/...)")
+    p.add_argument("--state-dir", type=Path, help="credentials and client state (default: ./fl-client-state/<client-id or 'default'>)")
+    p.add_argument("--enrollment-token", help=f"enrollment token (default: ${ENV_ENROLLMENT_TOKEN}); prefer the environment")
+    p.add_argument("--timeout", type=float, default=30.0, help="HTTP timeout in seconds (10-300)")
+    p.add_argument("--max-retries", type=int, default=3, help="retries per request on transport errors and 5xx (1-10)")
+    p.add_argument("--max-rounds", type=int, help="exit after taking part in this many rounds")
+    p.add_argument("--threads", type=int, default=1, help="torch threads for local training")
+    p.add_argument("--capability", type=_capability, action="append", default=[], metavar="NAME=NUMBER",
+                   help="reported capability, e.g. --capability compute=2.0 (repeatable)")
+    p.add_argument("--ca-cert", help="CA bundle to verify an https server (e.g. a self-signed certificate)")
+    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if not 10 <= args.timeout <= 300:
+        print("error: --timeout must be between 10 and 300 seconds", file=sys.stderr)
+        return 2
+    if not 1 <= args.max_retries <= 10:
+        print("error: --max-retries must be between 1 and 10", file=sys.stderr)
+        return 2
+    if args.threads < 1 or (args.max_rounds is not None and args.max_rounds < 1):
+        print("error: --threads and --max-rounds must be at least 1", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=getattr(logging, args.log_level), stream=sys.stderr,
+                        format=f"%(asctime)s %(levelname)s fl_client[{args.client_name or os.getpid()}]: %(message)s")
+    logging.getLogger("urllib3").setLevel(logging.WARNING)
+    from fl_client.daemon import ClientDaemon, DaemonOptions
+    from fl_common.data import DatasetUnavailable
+
+    state_dir = args.state_dir or Path("fl-client-state") / (args.client_name or "default")
+    daemon = ClientDaemon(DaemonOptions(
+        server_url=args.server_url, state_dir=state_dir,
+        enrollment_token=args.enrollment_token or os.environ.get(ENV_ENROLLMENT_TOKEN), client_name=args.client_name,
+        partition=args.partition, data_dir=args.data_dir, timeout=args.timeout, max_retries=args.max_retries,
+        max_rounds=args.max_rounds, threads=args.threads, capability=dict(args.capability),
+        verify_tls=args.ca_cert or True))
+    daemon.install_signal_handlers()
+    try:
+        return daemon.run()
+    except DatasetUnavailable as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,150 @@
+"""The HTTP side of the protocol for a client: signing, encryption, retries with backoff.
+
+``ServerApi`` turns protocol calls into signed ``requests`` calls. Transient failures
+(connection errors, timeouts, 5xx, 429) are retried ``max_retries`` times with exponential
+backoff and jitter; client errors (4xx) are not retried and surface as :class:`ApiRefused`
+with the server's error code, because sending the same bad request again cannot help.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import random
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import requests
+
+from fl_common.crypto import Envelope, KeyPair, derive_session_keys, sign_request
+from fl_common.crypto.keys import SessionKeys
+from fl_common.protocol.rest import (
+    HEADER_IDEMPOTENCY,
+    PATH_MODEL,
+    PATH_REGISTER,
+    PATH_ROUND,
+    PATH_TOKEN,
+    PATH_UPDATE,
+)
+
+log = logging.getLogger("fl_client.api")
+
+
+class ApiRefused(Exception):
+    """The server answered with a 4xx: ``status``, ``code`` and ``message`` say why."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(f"{status} {code}: {message}")
+        self.status, self.code, self.message = status, code, message
+
+
+class ServerUnreachable(Exception):
+    """Every retry failed with a transport error or a 5xx."""
+
+
+@dataclass(repr=False)
+class Credentials:
+    client_id: str
+    session_token: str
+    token_expires_at: float
+    keys: SessionKeys
+
+    def to_json(self) -> dict[str, Any]:
+        return {"client_id": self.client_id, "session_token": self.session_token, "token_expires_at": self.token_expires_at,
+                "fernet_key": self.keys.fernet_key.decode(), "hmac_key": base64.urlsafe_b64encode(self.keys.hmac_key).decode()}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "Credentials":
+        return cls(d["client_id"], d["session_token"], float(d["token_expires_at"]),
+                   SessionKeys(fernet_key=d["fernet_key"].encode(), hmac_key=base64.urlsafe_b64decode(d["hmac_key"])))
+
+    def __repr__(self) -> str:
+        return f"Credentials(client_id={self.client_id!r}, <secrets redacted>)"
+
+
+class ServerApi:
+    def __init__(self, base_url: str, *, timeout: float = 30.0, max_retries: int = 3, verify: bool | str = True,
+                 sleep: Callable[[float], None] = time.sleep, stop: Callable[[], bool] = lambda: False) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.timeout = timeout
+        self.max_retries = max_retries
+        self.session = requests.Session()
+        self.session.verify = verify
+        self.creds: Optional[Credentials] = None
+        self._sleep = sleep
+        self._stop = stop
+
+    # ------------------------------------------------------------------ transport
+    def _send(self, method: str, path: str, *, body: bytes = b"", headers: Optional[dict[str, str]] = None,
+              signed: bool = True, bearer: bool = True, json_body: Any = None) -> requests.Response:
+        attempt = 0
+        while True:
+            req = requests.Request(method, self.base_url + path, data=body if json_body is None else None, json=json_body,
+                                   headers=dict(headers or {}))
+            prepared = self.session.prepare_request(req)
+            if signed:
+                assert self.creds is not None
+                raw = prepared.body if isinstance(prepared.body, bytes) else (prepared.body or "").encode()
+                prepared.headers.update(sign_request(method, prepared.path_url, raw, client_id=self.creds.client_id,
+                                                     hmac_key=self.creds.keys.hmac_key))
+                if bearer:
+                    prepared.headers["Authorization"] = f"Bearer {self.creds.session_token}"
+            try:
+                resp = self.session.send(prepared, timeout=self.timeout)
+            except (requests.ConnectionError, requests.Timeout) as exc:
+                error: str = type(exc).__name__
+            else:
+                if resp.status_code < 500 and resp.status_code != 429:
+                    if resp.status_code >= 400:
+                        try:
+                            data = resp.json()
+                            raise ApiRefused(resp.status_code, str(data.get("error")), str(data.get("message")))
+                        except ValueError:
+                            raise ApiRefused(resp.status_code, "http_error", resp.text[:200]) from None
+                    return resp
+                error = f"HTTP {resp.status_code}"
+            attempt += 1
+            if attempt > self.max_retries or self._stop():
+                raise ServerUnreachable(f"{method} {path} failed after {attempt} attempt(s): {error}")
+            delay = min(30.0, 0.5 * 2 ** (attempt - 1)) * (0.5 + random.random())
+            log.info("%s %s failed (%s); retry %d/%d in %.1f s", method, path, error, attempt, self.max_retries, delay)
+            self._sleep(delay)
+
+    # ------------------------------------------------------------------ protocol
+    def register(self, enrollment_token: str, *, client_name: Optional[str], partition: Optional[int],
+                 num_samples: Optional[int], capability: dict[str, float]) -> dict[str, Any]:
+        own = KeyPair.generate()
+        resp = self._send("POST", PATH_REGISTER, signed=False, json_body={
+            "enrollment_token": enrollment_token, "public_key": own.public_b64, "client_name": client_name,
+            "partition": partition, "num_samples": num_samples, "capability": capability})
+        data = resp.json()
+        salt = base64.urlsafe_b64decode(data["salt"])
+        keys = derive_session_keys(own, data["server_public_key"], client_id=data["client_id"], salt=salt, role="client")
+        self.creds = Credentials(data["client_id"], data["session_token"], float(data["token_expires_at"]), keys)
+        return data
+
+    def refresh_token(self) -> None:
+        assert self.creds is not None
+        data = self._send("POST", PATH_TOKEN, bearer=False).json()
+        self.creds.session_token = data["session_token"]
+        self.creds.token_expires_at = float(data["token_expires_at"])
+
+    def round_status(self) -> dict[str, Any]:
+        return self._send("GET", PATH_ROUND).json()
+
+    def download_model(self, etag: Optional[str], encrypted: bool) -> tuple[Optional[bytes], Optional[str]]:
+        """The wire-packed global model, or ``None`` when the server answers 304 for ``etag``."""
+        resp = self._send("GET", PATH_MODEL, headers={"If-None-Match": etag} if etag else None)
+        if resp.status_code == 304:
+            return None, etag
+        assert self.creds is not None
+        payload = Envelope(self.creds.keys).open(resp.content) if encrypted else resp.content
+        return payload, resp.headers.get("ETag")
+
+    def upload_update(self, round_number: int, packed: bytes, idempotency_key: str, encrypted: bool) -> dict[str, Any]:
+        assert self.creds is not None
+        body = Envelope(self.creds.keys).seal(packed) if encrypted else packed
+        resp = self._send("POST", PATH_UPDATE.format(round=round_number), body=body,
+                          headers={HEADER_IDEMPOTENCY: idempotency_key, "Content-Type": "application/octet-stream"})
+        return resp.json()

@@ -1,0 +1,160 @@
+"""Flask app factory: HTTP in, service calls, HTTP out. No algorithm logic lives here.
+
+Every error a client can cause becomes a 4xx with ``{"error": code, "message": text}``; an
+unexpected failure becomes a 500 with the same shape and no internals. Request bodies are read
+only after the Content-Length check (413 above ``max_update_bytes``).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from flask import Flask, Response, g, jsonify, request
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
+
+from fl_common.protocol.rest import (
+    HEADER_IDEMPOTENCY,
+    HEADER_MODEL_VERSION,
+    PATH_CLIENTS,
+    PATH_MODEL,
+    PATH_OPENAPI,
+    PATH_REGISTER,
+    PATH_ROUND,
+    PATH_TOKEN,
+)
+from fl_common.crypto import constant_time_equals
+from fl_server.openapi import openapi_document
+from fl_server.service import ApiError, Authenticated, FederationService
+
+log = logging.getLogger("fl_server.http")
+
+
+def _error(status: int, code: str, message: str) -> Response:
+    resp = jsonify({"error": code, "message": message})
+    resp.status_code = status
+    return resp
+
+
+def create_app(service: FederationService, *, start_ticker: bool = True) -> Flask:
+    app = Flask("fl_server")
+    app.config["MAX_CONTENT_LENGTH"] = service.cfg.max_update_bytes
+    app.extensions["fl_service"] = service
+    if start_ticker:
+        service.start()
+
+    def signed(require_token: bool = True) -> Authenticated:
+        body = request.get_data(cache=True)
+        path = request.full_path if request.query_string else request.path
+        return service.authenticate(request.method, path, body, request.headers, require_token=require_token)
+
+    def json_body() -> dict[str, Any]:
+        data = request.get_json(silent=True)
+        if not isinstance(data, dict):
+            raise ApiError(400, "bad_json", "the request body must be a JSON object")
+        return data
+
+    @app.before_request
+    def _start_timer() -> None:
+        g.t0 = time.perf_counter()
+
+    @app.after_request
+    def _log(resp: Response) -> Response:
+        log.debug("%s %s -> %d in %.1f ms", request.method, request.path, resp.status_code, 1000 * (time.perf_counter() - g.t0))
+        return resp
+
+    @app.errorhandler(ApiError)
+    def _api_error(exc: ApiError) -> Response:
+        return _error(exc.status, exc.code, exc.message)
+
+    @app.errorhandler(RequestEntityTooLarge)
+    def _too_large(exc: RequestEntityTooLarge) -> Response:
+        service.store.count_rejection("body_too_large")
+        return _error(413, "body_too_large", f"request bodies are limited to {service.cfg.max_update_bytes} bytes")
+
+    @app.errorhandler(HTTPException)
+    def _http(exc: HTTPException) -> Response:
+        return _error(exc.code or 400, (exc.name or "error").lower().replace(" ", "_"), exc.description or exc.name)
+
+    @app.errorhandler(Exception)
+    def _unexpected(exc: Exception) -> Response:
+        log.exception("unexpected error on %s %s", request.method, request.path)
+        return _error(500, "internal_error", "the server failed to handle this request; it has been logged")
+
+    # ------------------------------------------------------------------ public
+    @app.get("/health")
+    def health() -> Response:
+        return jsonify({"status": "ok"})
+
+    @app.get("/status")
+    def status() -> Response:
+        return jsonify(service.status())
+
+    @app.get(PATH_OPENAPI)
+    def openapi() -> Response:
+        return jsonify(openapi_document())
+
+    # ------------------------------------------------------------------ clients
+    @app.post(PATH_REGISTER)
+    def register() -> Response:
+        resp = jsonify(service.register(json_body(), remote=request.remote_addr or "").to_json())
+        resp.status_code = 201
+        return resp
+
+    @app.post(PATH_TOKEN)
+    def token() -> Response:
+        return jsonify(service.refresh_token(signed(require_token=False)))
+
+    @app.get(PATH_ROUND)
+    def round_status() -> Response:
+        return jsonify(service.round_status(signed()).to_json())
+
+    @app.get(PATH_MODEL)
+    def model() -> Response:
+        auth = signed()
+        version = service.coordinator.completed_rounds
+        etag = f'"v{version}"'
+        if request.headers.get("If-None-Match") == etag:
+            resp = Response(status=304)
+        else:
+            version, payload = service.model_payload(auth)
+            etag = f'"v{version}"'
+            resp = Response(payload, mimetype="application/octet-stream")
+            service.coordinator.add_bytes(len(payload))
+        resp.headers["ETag"] = etag
+        resp.headers[HEADER_MODEL_VERSION] = str(version)
+        return resp
+
+    @app.post("/api/v1/rounds/<int:round_number>/update")
+    def upload(round_number: int) -> Response:
+        if request.content_length is None:
+            raise ApiError(411, "length_required", "a Content-Length header is required")
+        auth = signed()
+        result = service.accept_update(auth, round_number, request.headers.get(HEADER_IDEMPOTENCY, ""), request.get_data(cache=True))
+        resp = jsonify(result)
+        resp.status_code = 202
+        return resp
+
+    # ------------------------------------------------------------------ admin
+    def require_admin() -> None:
+        auth = request.headers.get("Authorization", "")
+        if not auth.startswith("Bearer ") or not constant_time_equals(auth[7:].strip(), service.secrets.admin_token):
+            service.store.count_rejection("bad_admin_token")
+            service.store.security_event("bad_admin_token", None, f"{request.method} {request.path} from {request.remote_addr}")
+            raise ApiError(401, "bad_admin_token", "this endpoint needs 'Authorization: Bearer <admin token>'")
+
+    @app.get(PATH_CLIENTS)
+    def clients() -> Response:
+        require_admin()
+        return jsonify({"clients": service.clients()})
+
+    @app.get("/api/v1/audit")
+    def audit() -> Response:
+        require_admin()
+        return jsonify({"events": service.store.security_events()})
+
+    return app
+
+
+__all__ = ["create_app", "PATH_MODEL", "PATH_ROUND", "PATH_REGISTER", "PATH_TOKEN", "PATH_CLIENTS", "PATH_OPENAPI"]

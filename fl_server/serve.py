@@ -1,0 +1,57 @@
+"""Serving the Flask app with gunicorn: one worker process (the coordinator is one process) with
+a gthread pool, so slow uploads do not block polls. TLS via gunicorn's certfile/keyfile."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from gunicorn.app.base import BaseApplication
+
+from fl_common.config import FLConfig
+
+log = logging.getLogger("fl_server.serve")
+
+
+class _GunicornApp(BaseApplication):
+    def __init__(self, factory: Callable[[], Any], options: dict[str, Any]) -> None:
+        self._factory = factory
+        self._options = options
+        super().__init__()
+
+    def load_config(self) -> None:
+        for key, value in self._options.items():
+            if value is not None:
+                self.cfg.set(key, value)
+
+    def load(self) -> Any:
+        return self._factory()
+
+
+def serve(cfg: FLConfig, state_dir: Path, *, host: str = "127.0.0.1", port: int = 8080, threads: int = 8,
+          certfile: Optional[str] = None, keyfile: Optional[str] = None) -> None:
+    def factory() -> Any:
+        # Runs in the gunicorn worker (after fork): the service, its SQLite connection and its
+        # round ticker thread belong to the process that serves requests.
+        from fl_server.app import create_app
+        from fl_server.service import FederationService
+
+        service = FederationService(cfg, state_dir)
+        return create_app(service)
+
+    def worker_exit(server: Any, worker: Any) -> None:
+        app = getattr(worker, "wsgi", None)
+        service = getattr(app, "extensions", {}).get("fl_service") if app is not None else None
+        if service is not None:
+            service.close()
+
+    options = {
+        "bind": f"{host}:{port}", "workers": 1, "worker_class": "gthread", "threads": threads,
+        "timeout": 300, "graceful_timeout": 20, "keepalive": 5, "certfile": certfile, "keyfile": keyfile,
+        "accesslog": None, "errorlog": "-", "loglevel": "info", "worker_exit": worker_exit,
+        "limit_request_line": 8190, "proc_name": "fl_server",
+    }
+    scheme = "https" if certfile else "http"
+    log.info("serving on %s://%s:%d (state in %s)", scheme, host, port, state_dir)
+    _GunicornApp(factory, options).run()

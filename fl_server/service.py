@@ -1,0 +1,559 @@
+"""The federation service: the REST driver's logic, with no Flask in it.
+
+Routes in ``fl_server.app`` translate HTTP to calls here and exceptions here to HTTP. This class
+owns the coordinator (the same one the simulation runs), the SQLite store, the checkpoint folder
+and the per-client crypto. Its rules:
+
+- Nothing an outside request says is trusted before it is authenticated (bearer token compared
+  by keyed hash, HMAC signature with a fresh nonce) and checked (round, selection, size,
+  ciphertext, wire format, shape, finiteness). A refused request changes no state except the
+  refusal counters and the audit log.
+- An update is made durable (payload file fsynced, row committed) before it is folded into the
+  aggregate and before the client hears 202. After a crash the open round is rebuilt by replaying
+  its durable updates into a fresh aggregator, so nothing acknowledged is lost.
+- Rounds open when enough live clients poll, close at quorum or at the deadline with whoever
+  arrived (the rest are recorded as dropped), and the global model is checkpointed atomically
+  after every round.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import logging
+import math
+import os
+import secrets
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping, Optional
+
+import torch
+
+from fl_common.config import FLConfig
+from fl_common.crypto import (
+    Envelope,
+    EnvelopeError,
+    KeyAgreementError,
+    KeyPair,
+    SignatureError,
+    constant_time_equals,
+    derive_session_keys,
+    generate_token,
+    hash_token,
+    verify_request,
+)
+from fl_common.crypto.keys import SessionKeys
+from fl_common.data import load_dataset
+from fl_common.models import model_from_config
+from fl_common.protocol import ClientUpdate, TrainInstructions
+from fl_common.protocol.rest import (
+    PROTOCOL_VERSION,
+    ROUND_FINISHED,
+    ROUND_NOT_SELECTED,
+    ROUND_SELECTED,
+    ROUND_SUBMITTED,
+    ROUND_WAITING,
+    DataAssignment,
+    RegisterResponse,
+    RoundStatus,
+)
+from fl_common.tensors import wire
+from fl_common.tensors.codecs import make_codec
+from fl_common.training import EvalResult, LocalTrainer
+from fl_server.coordinator import Coordinator, RoundPlan
+from fl_server.secrets import ServerSecrets
+from fl_server.store import RunDirectory
+from fl_server.store.run_dir import atomic_write_bytes as fsync_write
+from fl_server.store.sqlite import ClientRow, RoundRow, ServerStore, UpdateRow
+from fl_server.strategies import UpdateRejected
+from fl_server.strategies.base import check_update
+
+log = logging.getLogger("fl_server.service")
+
+MAX_NAME = 64
+
+
+class ApiError(Exception):
+    """An error a client caused: HTTP status, machine code, one-line message."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message = status, code, message
+
+
+@dataclass
+class Authenticated:
+    client_id: str
+    keys: SessionKeys
+
+
+def _b64(raw: bytes) -> str:
+    return base64.urlsafe_b64encode(raw).decode("ascii")
+
+
+def check_rest_config(cfg: FLConfig) -> None:
+    """What the REST driver cannot run yet is refused before a server starts, never ignored."""
+    from fl_common.config import ConfigError
+
+    if cfg.differential_privacy:
+        raise ConfigError("config key 'differential_privacy' is true: differential privacy runs in the simulation "
+                          "(python -m fl_server simulate) but is not wired into the REST server yet; set "
+                          "differential_privacy: false to serve without it")
+
+
+class FederationService:
+    def __init__(self, cfg: FLConfig, state_dir: str | Path, *, secrets_: ServerSecrets | None = None,
+                 clock: Callable[[], float] = time.time, evaluate: bool = True) -> None:
+        check_rest_config(cfg)
+        self.cfg = cfg
+        self.state_dir = Path(state_dir)
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.clock = clock
+        self.secrets = secrets_ or ServerSecrets.load(self.state_dir)
+        self.store = ServerStore(self.state_dir / "server.db")
+        self.run_dir = RunDirectory(self.state_dir / "run")
+        self.run_dir.create()
+        self.updates_dir = self.state_dir / "updates"
+        self.codec = make_codec(cfg.codec if cfg.compression else "none")
+        self._key_wrapper = Envelope(self.secrets.key_wrapping_key)
+        self._lock = threading.RLock()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._ticker: Optional[threading.Thread] = None
+        self._model_cache: tuple[int, bytes] | None = None
+        self._waiting_since: float | None = None
+        self.started_at = clock()
+
+        self.test_set = load_dataset(cfg.dataset, "test", data_dir=cfg.data_dir, download=cfg.download, seed=cfg.seed)
+        if cfg.max_test_samples is not None and cfg.max_test_samples < len(self.test_set):
+            self.test_set = self.test_set.subset(torch.arange(cfg.max_test_samples))
+        model = model_from_config(cfg, self.test_set.input_shape, self.test_set.num_classes)
+        self.model_info = {"model_type": cfg.model_type, "num_classes": cfg.num_classes, "hidden_size": cfg.hidden_size,
+                           "resnet_norm": cfg.resnet_norm, "custom_model": cfg.custom_model, "seed": cfg.seed,
+                           "input_shape": list(self.test_set.input_shape)}
+        self.trainer = LocalTrainer(model)
+        self.coordinator = Coordinator(cfg, self.trainer.vector(), self.trainer.spec,
+                                       evaluator=self._evaluate if evaluate else None)
+        self._recover()
+
+    # ------------------------------------------------------------------ start-up and recovery
+    def _evaluate(self, vector: torch.Tensor) -> EvalResult:
+        return self.trainer.evaluate(vector, self.test_set.x, self.test_set.y, self.cfg.eval_batch_size)
+
+    def _recover(self) -> None:
+        """Continue where a previous process stopped: checkpoint, then the open round's durable updates."""
+        if self.run_dir.has_checkpoint():
+            state = self.run_dir.load_checkpoint()
+            self.coordinator.load_state_dict(state["coordinator"])
+            log.info("restored the global model after round %d", self.coordinator.completed_rounds)
+        open_row = self.store.current_open_round()
+        if open_row is None:
+            return
+        if open_row.round <= self.coordinator.completed_rounds:
+            # The checkpoint was written but the process died before the round was marked closed.
+            arrived = [u.client_id for u in self.store.updates_for_round(open_row.round_id)]
+            self.store.finish_round(open_row.round_id, "closed", "recovered after restart", self.clock(), arrived)
+            return
+        plan = RoundPlan(open_row.round, list(open_row.selected),
+                         {c: TrainInstructions.from_json(i) for c, i in open_row.instructions.items()})
+        self.coordinator.restore_round(plan)
+        replayed = 0
+        for row in self.store.updates_for_round(open_row.round_id):
+            data = Path(row.path).read_bytes()
+            if hashlib.sha256(data).hexdigest() != row.sha256:
+                raise RuntimeError(f"durable update {row.path} does not match its recorded hash")
+            vector, _ = wire.decode_update(data, self.coordinator.spec.numel, max_bytes=self.cfg.max_update_bytes)
+            self.coordinator.submit(ClientUpdate(row.client_id, row.round, vector, row.num_samples, row.metrics, row.nbytes))
+            replayed += 1
+        log.info("resumed open round %d with %d durable update(s) replayed", open_row.round, replayed)
+
+    def start(self) -> None:
+        """Start the background thread that opens and closes rounds on time."""
+        if self._ticker is None:
+            self._ticker = threading.Thread(target=self._tick_loop, name="fl-round-ticker", daemon=True)
+            self._ticker.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._ticker is not None:
+            self._ticker.join(timeout=30)
+            self._ticker = None
+
+    def close(self) -> None:
+        self.stop()
+        self.store.close()
+
+    def _tick_loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.tick()
+            except Exception:  # noqa: BLE001 - the ticker must survive and report, not die silently
+                log.exception("round ticker failed")
+            self._wake.wait(timeout=0.5)
+            self._wake.clear()
+
+    # ------------------------------------------------------------------ round lifecycle
+    @property
+    def target(self) -> int:
+        return self.cfg.clients_per_round
+
+    def _live_clients(self) -> list[str]:
+        return self.store.live_client_ids(self.clock() - self.cfg.client_liveness)
+
+    def tick(self) -> None:
+        """Close a round at quorum or deadline; open the next one when enough clients are live."""
+        with self._lock:
+            now = self.clock()
+            open_round = self.coordinator.current_round
+            if open_round is not None:
+                row = self.store.current_open_round()
+                assert row is not None
+                arrived = self.coordinator.arrived
+                if len(arrived) >= row.target:
+                    self._close_round(row, "quorum")
+                elif now >= row.deadline:
+                    if len(arrived) >= self.cfg.min_clients:
+                        self._close_round(row, "deadline")
+                    else:
+                        self.coordinator.abort_round()
+                        self.store.finish_round(row.round_id, "aborted", f"deadline with {len(arrived)} update(s), "
+                                                f"fewer than min_clients={self.cfg.min_clients}", now, arrived)
+                        log.warning("round %d aborted: %d update(s) by the deadline, min_clients=%d", row.round,
+                                    len(arrived), self.cfg.min_clients)
+                return
+            if self.coordinator.finished:
+                return
+            live = self._live_clients()
+            # The grace period starts once a quorum is live, so a burst of registrations at start-up
+            # all make it into the first round instead of the first min_clients.
+            if len(live) < self.cfg.min_clients:
+                self._waiting_since = None
+                return
+            if self._waiting_since is None:
+                self._waiting_since = now
+            enough = len(live) >= min(self.target, self.cfg.num_clients)
+            waited = now - self._waiting_since >= self.cfg.round_start_wait
+            if enough or waited:
+                self._open_round(live, now)
+                self._waiting_since = None
+
+    def _open_round(self, live: list[str], now: float) -> None:
+        k = min(len(live), math.ceil(self.target * (1.0 + self.cfg.over_selection)))
+        plan = self.coordinator.plan_round(live, k=k)
+        row = RoundRow(0, plan.round, "open", [str(c) for c in plan.selected],
+                       {str(c): i.to_json() for c, i in plan.instructions.items()}, min(self.target, len(plan.selected)),
+                       now, now + self.cfg.round_timeout, None, None)
+        self.store.open_round(row)
+        log.info("round %d opened: %d of %d live clients selected, quorum %d, deadline in %.0f s", plan.round,
+                 len(plan.selected), len(live), row.target, self.cfg.round_timeout)
+
+    def _close_round(self, row: RoundRow, reason: str) -> None:
+        arrived = sorted(self.coordinator.arrived)
+        record = self.coordinator.close_round()
+        self.run_dir.save_checkpoint({"config": self.cfg.to_dict(), "coordinator": self.coordinator.state_dict(),
+                                      "wall_seconds": self.clock() - self.started_at})
+        self.run_dir.write_history(self.coordinator.history)
+        self.store.finish_round(row.round_id, "closed", reason, self.clock(), arrived)
+        self._model_cache = None
+        dropped = len(row.selected) - len(arrived)
+        acc = f", test accuracy {record.test_accuracy:.4f}" if record.test_accuracy is not None else ""
+        log.info("round %d closed at %s with %d update(s), %d dropped%s", row.round, reason, len(arrived), dropped, acc)
+        if self.coordinator.finished:
+            self.run_dir.write_json("summary.json", self.summary())
+            self.run_dir.save_model({k: v for k, v in self._global_state().items()})
+            log.info("run finished after %d rounds; results in %s", self.coordinator.completed_rounds, self.run_dir.path)
+
+    def _global_state(self) -> dict[str, torch.Tensor]:
+        from fl_common.tensors import unflatten
+
+        return unflatten(self.coordinator.global_vector, self.coordinator.spec)
+
+    # ------------------------------------------------------------------ registration and auth
+    def register(self, body: Mapping[str, Any], remote: str = "") -> RegisterResponse:
+        token = body.get("enrollment_token")
+        if not isinstance(token, str) or not constant_time_equals(token, self.secrets.enrollment_token):
+            self._refuse("bad_enrollment_token", None, f"registration refused from {remote or 'unknown'}")
+            raise ApiError(401, "bad_enrollment_token", "the enrollment token is missing or wrong")
+        name = body.get("client_name")
+        if name is not None and (not isinstance(name, str) or not (1 <= len(name) <= MAX_NAME)
+                                 or not all(c.isalnum() or c in "-_." for c in name)):
+            raise ApiError(400, "bad_client_name", f"client_name must be 1-{MAX_NAME} characters of letters, digits, - _ .")
+        partition = body.get("partition")
+        if partition is not None and (isinstance(partition, bool) or not isinstance(partition, int)
+                                      or not 0 <= partition < self.cfg.num_clients):
+            raise ApiError(400, "bad_partition", f"partition must be an integer in [0, {self.cfg.num_clients})")
+        num_samples = body.get("num_samples")
+        if num_samples is not None and (isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1):
+            raise ApiError(400, "bad_num_samples", "num_samples must be a positive integer")
+        capability = body.get("capability") or {}
+        if not isinstance(capability, dict) or len(capability) > 16 or not all(
+                isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0
+                for k, v in capability.items()):
+            raise ApiError(400, "bad_capability", "capability must map up to 16 names to non-negative numbers")
+        public_key = body.get("public_key")
+        if not isinstance(public_key, str) or len(public_key) > 100:
+            raise ApiError(400, "bad_public_key", "public_key must be an urlsafe-base64 X25519 public key")
+
+        with self._lock:
+            now = self.clock()
+            existing = self.store.client_by_name(name) if name else None
+            client_id = existing.client_id if existing else f"c-{secrets.token_hex(8)}"
+            server_keys = KeyPair.generate()
+            salt = secrets.token_bytes(32)
+            try:
+                keys = derive_session_keys(server_keys, public_key, client_id=client_id, salt=salt, role="server")
+            except (KeyAgreementError, ValueError):
+                raise ApiError(400, "bad_public_key", "public_key is not a valid X25519 public key") from None
+            session = generate_token()
+            token_hash = hash_token(session, self.secrets.token_pepper)
+            expires = now + self.cfg.session_ttl
+            wrapped = self._key_wrapper.seal(json.dumps({"f": keys.fernet_key.decode(), "h": _b64(keys.hmac_key)}).encode())
+            if existing:
+                if partition is not None and existing.partition_index != partition:
+                    raise ApiError(409, "partition_conflict", f"client '{name}' already holds partition {existing.partition_index}")
+                self.store.replace_client_credentials(client_id, token_hash, expires, wrapped, capability, num_samples, now)
+                index = existing.partition_index
+            else:
+                index = self._assign_partition(partition)
+                self.store.add_client(ClientRow(client_id, name, token_hash, expires, wrapped, index, num_samples, capability,
+                                                now, now, 0, {}))
+            self.store.security_event("registered", client_id, f"name={name or '-'} partition={index} from {remote or '-'}")
+        log.info("client %s registered (name %s, partition %s)", client_id, name or "-", index)
+        self._wake.set()
+        return RegisterResponse(
+            client_id=client_id, session_token=session, token_expires_at=expires, server_public_key=server_keys.public_b64,
+            salt=_b64(salt), poll_interval=self.cfg.poll_interval, protocol_version=PROTOCOL_VERSION,
+            data=self._assignment(index), model=self.model_info, codec=self.codec.name if self.cfg.compression else "none",
+            wire_compression=self.cfg.wire_compression, encryption=self.cfg.encryption,
+        )
+
+    def _assign_partition(self, requested: Optional[int]) -> Optional[int]:
+        used = self.store.used_partitions()
+        if requested is not None:
+            if requested in used:
+                raise ApiError(409, "partition_taken", f"partition {requested} is already assigned to another client")
+            return requested
+        free = [i for i in range(self.cfg.num_clients) if i not in used]
+        if not free:
+            raise ApiError(409, "federation_full", f"all {self.cfg.num_clients} partitions are assigned (num_clients)")
+        return free[0]
+
+    def _assignment(self, index: Optional[int]) -> Optional[DataAssignment]:
+        if index is None:
+            return None
+        c = self.cfg
+        return DataAssignment(c.dataset, index, c.num_clients, c.partition_method, c.non_iid_alpha, c.seed, c.samples_per_client,
+                              c.shards_per_client, c.max_train_samples)
+
+    def _keys_of(self, row: ClientRow) -> SessionKeys:
+        data = json.loads(self._key_wrapper.open(row.wrapped_keys))
+        return SessionKeys(fernet_key=data["f"].encode(), hmac_key=base64.urlsafe_b64decode(data["h"]))
+
+    def authenticate(self, method: str, path: str, body: bytes, headers: Mapping[str, str], *,
+                     require_token: bool = True) -> Authenticated:
+        """Bearer session token (keyed-hash lookup, expiry) and HMAC signature (freshness, no replay)."""
+        row: Optional[ClientRow] = None
+        if require_token:
+            auth = headers.get("Authorization", "")
+            if not auth.startswith("Bearer ") or len(auth) > 200:
+                self._refuse("missing_token", None, f"{method} {path} without a bearer token")
+                raise ApiError(401, "missing_token", "an 'Authorization: Bearer <session token>' header is required")
+            row = self.store.client_by_token_hash(hash_token(auth[7:].strip(), self.secrets.token_pepper))
+            if row is None:
+                self._refuse("bad_token", None, f"{method} {path} with an unknown session token")
+                raise ApiError(401, "bad_token", "the session token is not valid; register again")
+            if row.token_expires < self.clock():
+                self._refuse("expired_token", row.client_id, f"{method} {path} with an expired session token")
+                raise ApiError(401, "expired_token", "the session token has expired; refresh it at /api/v1/token")
+
+        def key_lookup(client_id: str) -> Optional[bytes]:
+            r = row if row is not None and row.client_id == client_id else (None if require_token else self.store.client(client_id))
+            return None if r is None else self._keys_of(r).hmac_key
+
+        try:
+            client_id = verify_request(method, path, body, headers, hmac_key=key_lookup, nonce_cache=self.store,
+                                       clock=self.clock)
+        except SignatureError as exc:
+            self._refuse(f"signature_{exc.reason}", row.client_id if row else None, f"{method} {path}: {exc.reason}")
+            raise ApiError(401, f"signature_{exc.reason}", f"request signature refused: {exc.reason.replace('_', ' ')}") from None
+        if row is None:
+            row = self.store.client(client_id)
+            assert row is not None
+        self.store.touch_client(client_id, self.clock())
+        return Authenticated(client_id, self._keys_of(row))
+
+    def refresh_token(self, auth: Authenticated) -> dict[str, Any]:
+        session = generate_token()
+        expires = self.clock() + self.cfg.session_ttl
+        self.store.update_token(auth.client_id, hash_token(session, self.secrets.token_pepper), expires)
+        self.store.security_event("token_refreshed", auth.client_id, "session token renewed")
+        return {"session_token": session, "token_expires_at": expires}
+
+    def _refuse(self, reason: str, client_id: Optional[str], detail: str) -> None:
+        self.store.count_rejection(reason)
+        self.store.security_event(reason, client_id, detail)
+        log.warning("refused: %s (%s)", reason, detail)
+
+    # ------------------------------------------------------------------ polling and model download
+    def round_status(self, auth: Authenticated) -> RoundStatus:
+        self._wake.set()
+        with self._lock:
+            coord = self.coordinator
+            version = coord.completed_rounds
+            if coord.finished:
+                return RoundStatus(ROUND_FINISHED, None, version, 0.0)
+            current = coord.current_round
+            if current is None:
+                return RoundStatus(ROUND_WAITING, None, version, self.cfg.poll_interval)
+            row = self.store.current_open_round()
+            assert row is not None
+            if auth.client_id in coord.arrived:
+                return RoundStatus(ROUND_SUBMITTED, current, version, self.cfg.poll_interval, row.deadline)
+            instr = row.instructions.get(auth.client_id)
+            if instr is None:
+                return RoundStatus(ROUND_NOT_SELECTED, current, version, self.cfg.poll_interval, row.deadline)
+            return RoundStatus(ROUND_SELECTED, current, version, self.cfg.poll_interval, row.deadline, instr)
+
+    def model_payload(self, auth: Authenticated) -> tuple[int, bytes]:
+        """The current global model, wire-packed (cached per version) and encrypted for this client."""
+        with self._lock:
+            version = self.coordinator.completed_rounds
+            if self._model_cache is None or self._model_cache[0] != version:
+                packed = wire.encode_update(self.coordinator.global_vector, "none", self.cfg.wire_compression,
+                                            meta={"version": version, "spec": self.coordinator.spec.to_json()})
+                self._model_cache = (version, packed)
+            packed = self._model_cache[1]
+        return version, (Envelope(auth.keys).seal(packed) if self.cfg.encryption else packed)
+
+    # ------------------------------------------------------------------ updates
+    def accept_update(self, auth: Authenticated, round_number: int, idempotency_key: str, body: bytes) -> dict[str, Any]:
+        if not idempotency_key or len(idempotency_key) > 128 or not all(c.isalnum() or c in "-_.:" for c in idempotency_key):
+            self._reject_update("bad_idempotency_key", auth.client_id)
+            raise ApiError(400, "bad_idempotency_key", "an Idempotency-Key header of 1-128 characters [A-Za-z0-9-_.:] is required")
+        # 1. a retry of an update we already hold: same key -> the same answer, counted once
+        previous = self.store.accepted_update(round_number, auth.client_id)
+        if previous is not None:
+            if constant_time_equals(previous.idempotency_key, idempotency_key):
+                return {"accepted": True, "round": round_number, "duplicate": True}
+            self._reject_update("duplicate", auth.client_id)
+            raise ApiError(409, "duplicate", f"an update for round {round_number} was already accepted from this client")
+        # 2. is this client expected in this round?
+        self._check_expected(auth.client_id, round_number)  # cheap early refusal; re-checked under the lock
+        # 3. decrypt and decode outside the lock (the expensive part)
+        try:
+            packed = Envelope(auth.keys).open(body) if self.cfg.encryption else body
+        except EnvelopeError:
+            self._reject_update("bad_ciphertext", auth.client_id)
+            raise ApiError(400, "bad_ciphertext", "the update could not be decrypted with this client's key") from None
+        try:
+            vector, meta = wire.decode_update(packed, self.coordinator.spec.numel, max_bytes=self.cfg.max_update_bytes)
+        except ValueError as exc:
+            self._reject_update("bad_payload", auth.client_id)
+            raise ApiError(422, "bad_payload", f"the update payload is malformed: {exc}") from None
+        num_samples = meta.get("num_samples")
+        metrics = meta.get("metrics", {})
+        if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+            self._reject_update("bad_num_samples", auth.client_id)
+            raise ApiError(422, "bad_num_samples", "the update's num_samples must be a positive integer")
+        if not isinstance(metrics, dict) or len(metrics) > 32 or not all(
+                isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                for k, v in metrics.items()):
+            self._reject_update("bad_metrics", auth.client_id)
+            raise ApiError(422, "bad_metrics", "metrics must map up to 32 names to finite numbers")
+        update = ClientUpdate(auth.client_id, round_number, vector, num_samples, {k: float(v) for k, v in metrics.items()},
+                              len(body))
+        try:
+            check_update(update, self.coordinator.spec.numel)
+        except UpdateRejected as exc:
+            self._reject_update(exc.reason, auth.client_id)
+            raise ApiError(422, exc.reason, str(exc)) from None
+        # 4. durable, then aggregated, then acknowledged
+        with self._lock:
+            row = self._check_expected(auth.client_id, round_number)
+            if self.store.update(row.round_id, auth.client_id) is not None:
+                raise ApiError(409, "duplicate", f"an update for round {round_number} was already accepted from this client")
+            path = self.updates_dir / f"attempt{row.round_id:06d}-r{round_number:05d}" / f"{auth.client_id}.bin"
+            fsync_write(path, packed)
+            self.store.add_update(UpdateRow(row.round_id, round_number, auth.client_id, idempotency_key, str(path),
+                                            hashlib.sha256(packed).hexdigest(), num_samples, update.metrics, len(body),
+                                            self.clock()))
+            self.coordinator.submit(update)
+            self.coordinator.add_bytes(len(body))
+        self._wake.set()
+        return {"accepted": True, "round": round_number, "duplicate": False}
+
+    def _check_expected(self, client_id: str, round_number: int) -> RoundRow:
+        current = self.coordinator.current_round
+        if current is None or round_number != current:
+            self._reject_update("round_closed", client_id)
+            raise ApiError(409, "round_closed", f"round {round_number} is not open (open round: {current or 'none'})")
+        row = self.store.current_open_round()
+        if row is None or client_id not in row.instructions:
+            self._reject_update("not_selected", client_id)
+            raise ApiError(409, "not_selected", f"this client was not selected for round {round_number}")
+        return row
+
+    def _reject_update(self, reason: str, client_id: str) -> None:
+        self._refuse(f"update_{reason}", client_id, f"update refused: {reason}")
+
+    # ------------------------------------------------------------------ monitoring
+    def status(self) -> dict[str, Any]:
+        with self._lock:
+            coord = self.coordinator
+            row = self.store.current_open_round()
+            history = coord.history
+            evaluated = [r for r in history if r.test_accuracy is not None]
+            live = self._live_clients()
+            return {
+                "state": "finished" if coord.finished else ("training" if row else "waiting_for_clients"),
+                "completed_rounds": coord.completed_rounds,
+                "num_rounds": self.cfg.num_rounds,
+                "model_version": coord.completed_rounds,
+                "current_round": None if row is None else {
+                    "round": row.round, "selected": len(row.selected), "quorum": row.target,
+                    "arrived": len(coord.arrived), "deadline_in_s": round(max(0.0, row.deadline - self.clock()), 1),
+                },
+                "clients": {"registered": self.store.count_clients(), "online": len(live)},
+                "accuracy": evaluated[-1].test_accuracy if evaluated else None,
+                "loss": evaluated[-1].test_loss if evaluated else None,
+                "history": [r.to_row() for r in history[-200:]],
+                "rejected": self.store.rejections(),
+                "updates_accepted": self.store.count_updates(),
+                "aggregation_method": self.cfg.aggregation_method,
+                "encryption": self.cfg.encryption,
+                "codec": self.codec.name if self.cfg.compression else "none",
+                "differential_privacy": self.cfg.differential_privacy,
+                "secure_aggregation": self.cfg.secure_aggregation,
+                "uptime_s": round(self.clock() - self.started_at, 1),
+            }
+
+    def clients(self) -> list[dict[str, Any]]:
+        now = self.clock()
+        participation = self.store.participation()
+        return [{
+            "client_id": c.client_id, "name": c.name, "partition": c.partition_index, "num_samples": c.num_samples,
+            "capability": c.capability, "registered_at": c.registered_at, "last_seen_s_ago": round(now - c.last_seen, 1),
+            "online": now - c.last_seen <= self.cfg.client_liveness, "rounds_participated": c.rounds_participated,
+            "dropped": participation.get(c.client_id, {}).get("dropped", 0), "last_metrics": c.last_metrics,
+        } for c in self.store.clients()]
+
+    def summary(self) -> dict[str, Any]:
+        hist = self.coordinator.history
+        evaluated = [r for r in hist if r.test_accuracy is not None]
+        best = max(evaluated, key=lambda r: r.test_accuracy) if evaluated else None
+        return {
+            "mode": "rest", "rounds_completed": self.coordinator.completed_rounds,
+            "final_accuracy": evaluated[-1].test_accuracy if evaluated else None,
+            "best_accuracy": best.test_accuracy if best else None, "best_round": best.round if best else None,
+            "wall_seconds": self.clock() - self.started_at, "total_bytes": sum(r.bytes for r in hist),
+            "clients_registered": self.store.count_clients(), "rejected": self.store.rejections(),
+            "encryption": self.cfg.encryption, "config": self.cfg.to_dict(),
+        }
+
+
+__all__ = ["FederationService", "ApiError", "Authenticated", "asdict", "os"]

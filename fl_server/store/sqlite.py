@@ -1,0 +1,359 @@
+"""The REST server's durable state in one SQLite file.
+
+What lives here: registered clients (session tokens stored only as keyed hashes, per-client
+session keys wrapped with a server key), rounds and their participants, the metadata of every
+accepted update (the payload itself is a file next to the database), the replay-nonce cache and
+the security audit log. WAL mode with ``synchronous=FULL``: a committed row survives ``kill -9``
+and power loss, which is what lets the server answer 202 only after an update is durable.
+
+One connection guarded by a lock: the server is one process with a few threads and SQLite
+serialises writers anyway; this keeps every multi-statement change atomic and simple.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS clients (
+    client_id TEXT PRIMARY KEY,
+    name TEXT UNIQUE,
+    token_hash TEXT NOT NULL,
+    token_expires REAL NOT NULL,
+    wrapped_keys BLOB NOT NULL,
+    partition_index INTEGER,
+    num_samples INTEGER,
+    capability TEXT NOT NULL DEFAULT '{}',
+    registered_at REAL NOT NULL,
+    last_seen REAL NOT NULL,
+    rounds_participated INTEGER NOT NULL DEFAULT 0,
+    last_metrics TEXT NOT NULL DEFAULT '{}'
+);
+CREATE INDEX IF NOT EXISTS clients_token ON clients(token_hash);
+CREATE TABLE IF NOT EXISTS rounds (
+    round_id INTEGER PRIMARY KEY AUTOINCREMENT,
+    round INTEGER NOT NULL,
+    state TEXT NOT NULL,
+    selected TEXT NOT NULL,
+    instructions TEXT NOT NULL,
+    target INTEGER NOT NULL,
+    started_at REAL NOT NULL,
+    deadline REAL NOT NULL,
+    closed_at REAL,
+    reason TEXT
+);
+CREATE TABLE IF NOT EXISTS participants (
+    round_id INTEGER NOT NULL,
+    client_id TEXT NOT NULL,
+    status TEXT NOT NULL,
+    PRIMARY KEY (round_id, client_id)
+);
+CREATE TABLE IF NOT EXISTS updates (
+    round_id INTEGER NOT NULL,
+    round INTEGER NOT NULL,
+    client_id TEXT NOT NULL,
+    idempotency_key TEXT NOT NULL,
+    path TEXT NOT NULL,
+    sha256 TEXT NOT NULL,
+    num_samples INTEGER NOT NULL,
+    metrics TEXT NOT NULL,
+    nbytes INTEGER NOT NULL,
+    accepted_at REAL NOT NULL,
+    PRIMARY KEY (round_id, client_id)
+);
+CREATE TABLE IF NOT EXISTS nonces (
+    client_id TEXT NOT NULL,
+    nonce TEXT NOT NULL,
+    expires_at REAL NOT NULL,
+    PRIMARY KEY (client_id, nonce)
+);
+CREATE TABLE IF NOT EXISTS security_events (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    at REAL NOT NULL,
+    kind TEXT NOT NULL,
+    client_id TEXT,
+    detail TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS rejections (reason TEXT PRIMARY KEY, count INTEGER NOT NULL);
+"""
+
+
+@dataclass
+class ClientRow:
+    client_id: str
+    name: Optional[str]
+    token_hash: str
+    token_expires: float
+    wrapped_keys: bytes
+    partition_index: Optional[int]
+    num_samples: Optional[int]
+    capability: dict[str, float]
+    registered_at: float
+    last_seen: float
+    rounds_participated: int
+    last_metrics: dict[str, float]
+
+
+@dataclass
+class RoundRow:
+    """One attempt at a round. An aborted attempt (quorum missed) is followed by a new attempt
+    with the same round number and model version, so attempts, not round numbers, key the rows."""
+
+    round_id: int
+    round: int
+    state: str
+    selected: list[str]
+    instructions: dict[str, dict[str, Any]]
+    target: int
+    started_at: float
+    deadline: float
+    closed_at: Optional[float]
+    reason: Optional[str]
+
+
+@dataclass
+class UpdateRow:
+    round_id: int
+    round: int
+    client_id: str
+    idempotency_key: str
+    path: str
+    sha256: str
+    num_samples: int
+    metrics: dict[str, float]
+    nbytes: int
+    accepted_at: float
+
+
+class ServerStore:
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.RLock()
+        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.execute("PRAGMA foreign_keys=ON")
+        self._db.executescript(SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    # ------------------------------------------------------------------ transactions
+    def _tx(self) -> "_Tx":
+        return _Tx(self)
+
+    def _one(self, sql: str, args: tuple = ()) -> Optional[tuple]:
+        with self._lock:
+            return self._db.execute(sql, args).fetchone()
+
+    def _all(self, sql: str, args: tuple = ()) -> list[tuple]:
+        with self._lock:
+            return self._db.execute(sql, args).fetchall()
+
+    # ------------------------------------------------------------------ meta
+    def get_meta(self, key: str, default: Optional[str] = None) -> Optional[str]:
+        row = self._one("SELECT value FROM meta WHERE key=?", (key,))
+        return row[0] if row else default
+
+    def set_meta(self, key: str, value: str) -> None:
+        with self._tx() as db:
+            db.execute("INSERT INTO meta(key, value) VALUES(?, ?) ON CONFLICT(key) DO UPDATE SET value=excluded.value", (key, value))
+
+    # ------------------------------------------------------------------ clients
+    def add_client(self, row: ClientRow) -> None:
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO clients(client_id, name, token_hash, token_expires, wrapped_keys, partition_index, num_samples,"
+                " capability, registered_at, last_seen) VALUES(?,?,?,?,?,?,?,?,?,?)",
+                (row.client_id, row.name, row.token_hash, row.token_expires, row.wrapped_keys, row.partition_index,
+                 row.num_samples, json.dumps(row.capability), row.registered_at, row.last_seen),
+            )
+
+    def replace_client_credentials(self, client_id: str, token_hash: str, token_expires: float, wrapped_keys: bytes,
+                                   capability: dict[str, float], num_samples: Optional[int], now: float) -> None:
+        with self._tx() as db:
+            db.execute("UPDATE clients SET token_hash=?, token_expires=?, wrapped_keys=?, capability=?, num_samples=?, last_seen=?"
+                       " WHERE client_id=?", (token_hash, token_expires, wrapped_keys, json.dumps(capability), num_samples,
+                                               now, client_id))
+
+    def update_token(self, client_id: str, token_hash: str, token_expires: float) -> None:
+        with self._tx() as db:
+            db.execute("UPDATE clients SET token_hash=?, token_expires=? WHERE client_id=?", (token_hash, token_expires, client_id))
+
+    def touch_client(self, client_id: str, now: float) -> None:
+        with self._tx() as db:
+            db.execute("UPDATE clients SET last_seen=? WHERE client_id=?", (now, client_id))
+
+    def _client(self, row: Optional[tuple]) -> Optional[ClientRow]:
+        if row is None:
+            return None
+        return ClientRow(row[0], row[1], row[2], row[3], bytes(row[4]), row[5], row[6], json.loads(row[7]), row[8], row[9],
+                         row[10], json.loads(row[11]))
+
+    _CLIENT_COLS = ("client_id, name, token_hash, token_expires, wrapped_keys, partition_index, num_samples, capability,"
+                    " registered_at, last_seen, rounds_participated, last_metrics")
+
+    def client(self, client_id: str) -> Optional[ClientRow]:
+        return self._client(self._one(f"SELECT {self._CLIENT_COLS} FROM clients WHERE client_id=?", (client_id,)))
+
+    def client_by_name(self, name: str) -> Optional[ClientRow]:
+        return self._client(self._one(f"SELECT {self._CLIENT_COLS} FROM clients WHERE name=?", (name,)))
+
+    def client_by_token_hash(self, token_hash: str) -> Optional[ClientRow]:
+        return self._client(self._one(f"SELECT {self._CLIENT_COLS} FROM clients WHERE token_hash=?", (token_hash,)))
+
+    def clients(self) -> list[ClientRow]:
+        return [c for c in (self._client(r) for r in self._all(f"SELECT {self._CLIENT_COLS} FROM clients ORDER BY registered_at"))
+                if c is not None]
+
+    def live_client_ids(self, since: float) -> list[str]:
+        return [r[0] for r in self._all("SELECT client_id FROM clients WHERE last_seen >= ? ORDER BY client_id", (since,))]
+
+    def count_clients(self) -> int:
+        row = self._one("SELECT COUNT(*) FROM clients")
+        return int(row[0]) if row else 0
+
+    def used_partitions(self) -> set[int]:
+        return {int(r[0]) for r in self._all("SELECT partition_index FROM clients WHERE partition_index IS NOT NULL")}
+
+    # ------------------------------------------------------------------ rounds
+    def open_round(self, row: RoundRow) -> int:
+        """Insert a new attempt (``row.round_id`` is ignored) and return its round_id."""
+        with self._tx() as db:
+            cur = db.execute("INSERT INTO rounds(round, state, selected, instructions, target, started_at, deadline)"
+                             " VALUES(?,?,?,?,?,?,?)", (row.round, "open", json.dumps(row.selected), json.dumps(row.instructions),
+                                                        row.target, row.started_at, row.deadline))
+            round_id = int(cur.lastrowid)
+            db.executemany("INSERT INTO participants(round_id, client_id, status) VALUES(?,?,'selected')",
+                           [(round_id, c) for c in row.selected])
+        row.round_id = round_id
+        return round_id
+
+    def _round(self, row: Optional[tuple]) -> Optional[RoundRow]:
+        if row is None:
+            return None
+        return RoundRow(row[0], row[1], row[2], json.loads(row[3]), json.loads(row[4]), row[5], row[6], row[7], row[8], row[9])
+
+    _ROUND_COLS = "round_id, round, state, selected, instructions, target, started_at, deadline, closed_at, reason"
+
+    def current_open_round(self) -> Optional[RoundRow]:
+        return self._round(self._one(f"SELECT {self._ROUND_COLS} FROM rounds WHERE state='open' ORDER BY round_id DESC LIMIT 1"))
+
+    def finish_round(self, round_id: int, state: str, reason: str, now: float, arrived: list[str]) -> None:
+        """Close (or abort) a round attempt: participants who did not arrive are recorded as dropped."""
+        with self._tx() as db:
+            db.execute("UPDATE rounds SET state=?, closed_at=?, reason=? WHERE round_id=?", (state, now, reason, round_id))
+            db.execute("UPDATE participants SET status='dropped' WHERE round_id=? AND status='selected'", (round_id,))
+            if state == "closed":
+                db.executemany("UPDATE clients SET rounds_participated = rounds_participated + 1 WHERE client_id=?",
+                               [(c,) for c in arrived])
+
+    def round_rows(self, limit: int = 1000) -> list[RoundRow]:
+        rows = self._all(f"SELECT {self._ROUND_COLS} FROM rounds ORDER BY round_id DESC LIMIT ?", (limit,))
+        return [r for r in (self._round(x) for x in rows) if r is not None]
+
+    def participation(self) -> dict[str, dict[str, int]]:
+        out: dict[str, dict[str, int]] = {}
+        for client_id, status, n in self._all("SELECT client_id, status, COUNT(*) FROM participants GROUP BY client_id, status"):
+            out.setdefault(client_id, {})[status] = int(n)
+        return out
+
+    def round_participants(self, round_id: int) -> dict[str, str]:
+        return dict(self._all("SELECT client_id, status FROM participants WHERE round_id=?", (round_id,)))
+
+    # ------------------------------------------------------------------ updates
+    def add_update(self, row: UpdateRow) -> None:
+        with self._tx() as db:
+            db.execute("INSERT INTO updates(round_id, round, client_id, idempotency_key, path, sha256, num_samples, metrics, nbytes,"
+                       " accepted_at) VALUES(?,?,?,?,?,?,?,?,?,?)",
+                       (row.round_id, row.round, row.client_id, row.idempotency_key, row.path, row.sha256, row.num_samples,
+                        json.dumps(row.metrics), row.nbytes, row.accepted_at))
+            db.execute("UPDATE participants SET status='submitted' WHERE round_id=? AND client_id=?", (row.round_id, row.client_id))
+            db.execute("UPDATE clients SET last_metrics=? WHERE client_id=?", (json.dumps(row.metrics), row.client_id))
+
+    _UPDATE_COLS = "round_id, round, client_id, idempotency_key, path, sha256, num_samples, metrics, nbytes, accepted_at"
+
+    @staticmethod
+    def _update(r: tuple) -> UpdateRow:
+        return UpdateRow(r[0], r[1], r[2], r[3], r[4], r[5], r[6], json.loads(r[7]), r[8], r[9])
+
+    def update(self, round_id: int, client_id: str) -> Optional[UpdateRow]:
+        row = self._one(f"SELECT {self._UPDATE_COLS} FROM updates WHERE round_id=? AND client_id=?", (round_id, client_id))
+        return None if row is None else self._update(row)
+
+    def accepted_update(self, round_number: int, client_id: str) -> Optional[UpdateRow]:
+        """The update a client got accepted for round ``round_number`` in its open or closed attempt
+        (an aborted attempt's updates do not count: the client trains for the next attempt anew)."""
+        cols = ", ".join(f"u.{c.strip()}" for c in self._UPDATE_COLS.split(","))
+        row = self._one(f"SELECT {cols} FROM updates u JOIN rounds r ON r.round_id = u.round_id"
+                        " WHERE u.round=? AND u.client_id=? AND r.state IN ('open', 'closed')", (round_number, client_id))
+        return None if row is None else self._update(row)
+
+    def updates_for_round(self, round_id: int) -> list[UpdateRow]:
+        rows = self._all(f"SELECT {self._UPDATE_COLS} FROM updates WHERE round_id=? ORDER BY accepted_at, client_id", (round_id,))
+        return [self._update(r) for r in rows]
+
+    def count_updates(self) -> int:
+        row = self._one("SELECT COUNT(*) FROM updates")
+        return int(row[0]) if row else 0
+
+    # ------------------------------------------------------------------ replay nonces
+    def seen_or_add(self, client_id: str, nonce: str, expires_at: float) -> bool:
+        """The NonceCache interface of fl_common.crypto: True if (client, nonce) was already used."""
+        now = time.time()
+        with self._tx() as db:
+            db.execute("DELETE FROM nonces WHERE expires_at < ?", (now,))
+            try:
+                db.execute("INSERT INTO nonces(client_id, nonce, expires_at) VALUES(?,?,?)", (client_id, nonce, expires_at))
+            except sqlite3.IntegrityError:
+                return True
+        return False
+
+    # ------------------------------------------------------------------ audit and counters
+    def security_event(self, kind: str, client_id: Optional[str], detail: str, now: Optional[float] = None) -> None:
+        with self._tx() as db:
+            db.execute("INSERT INTO security_events(at, kind, client_id, detail) VALUES(?,?,?,?)",
+                       (time.time() if now is None else now, kind, client_id, detail[:500]))
+
+    def security_events(self, limit: int = 200) -> list[dict[str, Any]]:
+        rows = self._all("SELECT id, at, kind, client_id, detail FROM security_events ORDER BY id DESC LIMIT ?", (limit,))
+        return [{"id": r[0], "at": r[1], "kind": r[2], "client_id": r[3], "detail": r[4]} for r in rows]
+
+    def count_rejection(self, reason: str) -> None:
+        with self._tx() as db:
+            db.execute("INSERT INTO rejections(reason, count) VALUES(?, 1) ON CONFLICT(reason) DO UPDATE SET count = count + 1",
+                       (reason,))
+
+    def rejections(self) -> dict[str, int]:
+        return {r[0]: int(r[1]) for r in self._all("SELECT reason, count FROM rejections ORDER BY reason")}
+
+
+class _Tx:
+    """``with store._tx() as db:`` - one atomic transaction under the store's lock."""
+
+    def __init__(self, store: ServerStore) -> None:
+        self.store = store
+
+    def __enter__(self) -> sqlite3.Connection:
+        self.store._lock.acquire()
+        self.store._db.execute("BEGIN IMMEDIATE")
+        return self.store._db
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        try:
+            self.store._db.execute("ROLLBACK" if exc_type else "COMMIT")
+        finally:
+            self.store._lock.release()
+
+
+def iter_rows(rows: list[Any]) -> Iterator[Any]:
+    yield from rows

@@ -87,14 +87,15 @@ def collect(grid: str, experiments: list[dict], work: Path, results: Path) -> No
             "median_round_s": sorted(float(r["seconds"]) for r in hist)[len(hist) // 2] if hist else None,
             "hours": seconds / 3600, "note": exp.get("note", ""),
             "epsilon": privacy.get("epsilon_spent") if privacy.get("differential_privacy") else None,
+            "mb_per_round": sum(int(r["bytes"]) for r in hist) / max(len(hist), 1) / 2**20,
         })
-    lines = [f"# {grid}", "", "| experiment | status | rounds | final acc | best acc | epsilon spent | median s/round | note |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [f"# {grid}", "", "| experiment | status | rounds | final acc | best acc | epsilon spent | MB per round (up + down) "
+             "| median s/round | note |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         fmt = lambda v: "" if v is None else f"{100 * v:.2f} %"  # noqa: E731
         eps = "" if r["epsilon"] is None else f"{r['epsilon']:.3f}"
         lines.append(f"| {r['name']} | {r['status']} | {r['rounds']} | {fmt(r['final'])} | {fmt(r['best'])} | {eps} | "
-                     f"{r['median_round_s']:.2f} | {r['note']} |")
+                     f"{r['mb_per_round']:.1f} | {r['median_round_s']:.2f} | {r['note']} |")
     lines.append("")
     lines.append(f"_Written by benchmarks/run_grid.py at {time.strftime('%Y-%m-%d %H:%M:%S')}._")
     results.mkdir(parents=True, exist_ok=True)

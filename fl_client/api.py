@@ -21,6 +21,7 @@ from fl_common.crypto import Envelope, KeyPair, derive_session_keys, sign_reques
 from fl_common.crypto.keys import SessionKeys
 from fl_common.protocol.rest import (
     HEADER_IDEMPOTENCY,
+    HEADER_MODEL_KEY,
     PATH_MODEL,
     PATH_REGISTER,
     PATH_ROUND,
@@ -139,8 +140,13 @@ class ServerApi:
         if resp.status_code == 304:
             return None, etag
         assert self.creds is not None
-        payload = Envelope(self.creds.keys).open(resp.content) if encrypted else resp.content
-        return payload, resp.headers.get("ETag")
+        if not encrypted:
+            return resp.content, resp.headers.get("ETag")
+        wrapped = resp.headers.get(HEADER_MODEL_KEY)
+        if not wrapped:
+            raise ApiRefused(resp.status_code, "missing_model_key", "the server sent an encrypted model without its key")
+        model_key = Envelope(self.creds.keys).open(wrapped.encode("ascii"))
+        return Envelope(model_key).open(resp.content), resp.headers.get("ETag")
 
     def upload_update(self, round_number: int, packed: bytes, idempotency_key: str, encrypted: bool) -> dict[str, Any]:
         assert self.creds is not None

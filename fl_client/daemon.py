@@ -16,7 +16,6 @@ import os
 import random
 import signal
 import threading
-import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path

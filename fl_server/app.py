@@ -16,6 +16,7 @@ from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from fl_common.protocol.rest import (
     HEADER_IDEMPOTENCY,
+    HEADER_MODEL_KEY,
     HEADER_MODEL_VERSION,
     PATH_CLIENTS,
     PATH_MODEL,
@@ -118,9 +119,11 @@ def create_app(service: FederationService, *, start_ticker: bool = True) -> Flas
         if request.headers.get("If-None-Match") == etag:
             resp = Response(status=304)
         else:
-            version, payload = service.model_payload(auth)
+            version, payload, wrapped_key = service.model_payload(auth)
             etag = f'"v{version}"'
             resp = Response(payload, mimetype="application/octet-stream")
+            if wrapped_key is not None:
+                resp.headers[HEADER_MODEL_KEY] = wrapped_key.decode("ascii")
             service.coordinator.add_bytes(len(payload))
         resp.headers["ETag"] = etag
         resp.headers[HEADER_MODEL_VERSION] = str(version)

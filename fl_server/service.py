@@ -23,15 +23,15 @@ import hashlib
 import json
 import logging
 import math
-import os
 import secrets
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional
 
 import torch
+from cryptography.fernet import Fernet
 
 from fl_common.config import FLConfig
 from fl_common.crypto import (
@@ -124,7 +124,7 @@ class FederationService:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._ticker: Optional[threading.Thread] = None
-        self._model_cache: tuple[int, bytes] | None = None
+        self._model_cache: tuple[int, bytes, Optional[bytes]] | None = None
         self._waiting_since: float | None = None
         self.started_at = clock()
 
@@ -225,7 +225,9 @@ class FederationService:
                                                 f"fewer than min_clients={self.cfg.min_clients}", now, arrived)
                         log.warning("round %d aborted: %d update(s) by the deadline, min_clients=%d", row.round,
                                     len(arrived), self.cfg.min_clients)
-                return
+                if self.coordinator.current_round is not None:
+                    return
+                now = self.clock()  # a round just ended: open the next one now, not a tick later
             if self.coordinator.finished:
                 return
             live = self._live_clients()
@@ -419,16 +421,25 @@ class FederationService:
                 return RoundStatus(ROUND_NOT_SELECTED, current, version, self.cfg.poll_interval, row.deadline)
             return RoundStatus(ROUND_SELECTED, current, version, self.cfg.poll_interval, row.deadline, instr)
 
-    def model_payload(self, auth: Authenticated) -> tuple[int, bytes]:
-        """The current global model, wire-packed (cached per version) and encrypted for this client."""
+    def model_payload(self, auth: Authenticated) -> tuple[int, bytes, Optional[bytes]]:
+        """The current global model: (version, body, wrapped model key).
+
+        Hybrid encryption: each version is packed and Fernet-encrypted once under a fresh random
+        model key, and each client receives that key encrypted under its own session key. A round's
+        downloads then cost the server one encryption instead of one per client (6.6 MB each for
+        the CNN), while only registered clients can read the model."""
         with self._lock:
             version = self.coordinator.completed_rounds
             if self._model_cache is None or self._model_cache[0] != version:
                 packed = wire.encode_update(self.coordinator.global_vector, "none", self.cfg.wire_compression,
                                             meta={"version": version, "spec": self.coordinator.spec.to_json()})
-                self._model_cache = (version, packed)
-            packed = self._model_cache[1]
-        return version, (Envelope(auth.keys).seal(packed) if self.cfg.encryption else packed)
+                if self.cfg.encryption:
+                    model_key = Fernet.generate_key()
+                    self._model_cache = (version, Envelope(model_key).seal(packed), model_key)
+                else:
+                    self._model_cache = (version, packed, None)
+            _, body, model_key = self._model_cache
+        return version, body, (Envelope(auth.keys).seal(model_key) if model_key is not None else None)
 
     # ------------------------------------------------------------------ updates
     def accept_update(self, auth: Authenticated, round_number: int, idempotency_key: str, body: bytes) -> dict[str, Any]:
@@ -556,4 +567,4 @@ class FederationService:
         }
 
 
-__all__ = ["FederationService", "ApiError", "Authenticated", "asdict", "os"]
+__all__ = ["FederationService", "ApiError", "Authenticated", "check_rest_config"]

@@ -9,7 +9,8 @@ token, and an HMAC-SHA256 signature from ``fl_common.crypto.signing`` with the p
                                     partition assignment, dataset description, poll interval
     POST {API}/token             (signed) -> a fresh session token when the old one expires
     GET  {API}/round             (signed) -> RoundStatus: waiting / selected / not_selected / finished
-    GET  {API}/model             (signed) -> Fernet(wire-packed global vector); ETag = model version;
+    GET  {API}/model             (signed) -> Fernet_k(wire-packed global vector) with header
+                                    X-FL-Model-Key: Fernet_client(k); ETag = model version;
                                     If-None-Match with the current version -> 304
     POST {API}/rounds/{r}/update (signed, Idempotency-Key) body = Fernet(wire-packed update)
                                  -> 202 accepted (a retry with the same key answers 202 again
@@ -39,6 +40,9 @@ PATH_OPENAPI = f"{API_PREFIX}/openapi.json"
 
 HEADER_IDEMPOTENCY = "Idempotency-Key"
 HEADER_MODEL_VERSION = "X-FL-Model-Version"
+#: the model download's key, Fernet-encrypted for the requesting client (the body is encrypted
+#: once per model version under that key: hybrid encryption, see FederationService.model_payload)
+HEADER_MODEL_KEY = "X-FL-Model-Key"
 AUTHORIZATION = "Authorization"  # "Bearer <session token>"
 ENV_ENROLLMENT_TOKEN = "FL_ENROLLMENT_TOKEN"
 ENV_ADMIN_TOKEN = "FL_ADMIN_TOKEN"

@@ -33,10 +33,19 @@ from fl_common.models import count_parameters, model_from_config
 from fl_common.privacy import DPIncompatibleModelError, check_dp_compatible
 from fl_common.protocol import derive_seed
 from fl_common.tensors import flatten, spec_of, unflatten
+from fl_common.tensors.codecs import make_codec
+from fl_common.tensors.error_feedback import ErrorFeedback
+from fl_common.tensors.pipeline import pack_update
 from fl_common.training import EvalResult, LocalTrainer
 from fl_server.coordinator import Coordinator
 from fl_server.privacy_engine import BudgetExhausted
-from fl_server.simulation.executor import ClientExecutor, InProcessExecutor, ProcessPoolExecutor, default_workers
+from fl_server.simulation.executor import (
+    ClientExecutor,
+    InProcessExecutor,
+    ProcessPoolExecutor,
+    default_workers,
+    release_free_memory,
+)
 from fl_server.store import RoundRecord, RunDirectory
 
 log = logging.getLogger("fl_server.simulation")
@@ -101,6 +110,8 @@ class Simulation:
         if resume and self.run_dir is not None and self.run_dir.has_checkpoint():
             self._restore()
         self._executor: ClientExecutor | None = None
+        self._codec = make_codec(cfg.codec) if cfg.compression else None
+        self._error_feedback: dict[Any, ErrorFeedback] = {}
         self.startup_seconds = time.perf_counter() - t0
         if self.run_dir is not None:
             self.run_dir.create()
@@ -121,7 +132,9 @@ class Simulation:
         log.info("resumed %s after round %d", self.run_dir.path, self.coordinator.completed_rounds)
 
     def _evaluate_vector(self, vector: torch.Tensor) -> EvalResult:
-        return self.evaluator_trainer.evaluate(vector, self.test_set.x, self.test_set.y, self.cfg.eval_batch_size)
+        result = self.evaluator_trainer.evaluate(vector, self.test_set.x, self.test_set.y, self.cfg.eval_batch_size)
+        release_free_memory()  # evaluation's large activations are not needed until the next evaluation
+        return result
 
     def _executor_for_run(self) -> ClientExecutor:
         if self._executor is None:
@@ -153,10 +166,27 @@ class Simulation:
         model_bytes = 4 * self.spec.numel
         executor = self._executor_for_run()
         for update in executor.run_round(coord.global_vector, plan.instructions):
-            update.wire_bytes = 4 * update.delta.numel()
+            self._through_codec(update, plan.round)
             coord.submit(update)
             coord.add_bytes(model_bytes)
         return coord.close_round()
+
+    def _through_codec(self, update: Any, round_number: int) -> None:
+        """With ``compression`` on, send the update through the same codec and wire format as the
+        client daemon and aggregate what the server would decode: the run then sees the codec's
+        real information loss and counts its real bytes. (Error-feedback residuals of biased
+        codecs live in memory here and are not checkpointed: a resumed top-k run restarts them at zero.)"""
+        if self._codec is None:
+            update.wire_bytes = 4 * update.delta.numel()
+            return
+        ef = None
+        if self._codec.biased:
+            ef = self._error_feedback.setdefault(update.client_id, ErrorFeedback(self.spec))
+        rng = torch.Generator().manual_seed(derive_seed(self.cfg.seed, round_number, update.client_id, "codec"))
+        packed = pack_update(update.delta, self._codec, self.cfg.wire_compression, rng=rng, error_feedback=ef,
+                             meta={"num_samples": update.num_samples})
+        update.delta = packed.decoded
+        update.wire_bytes = len(packed.data)
 
     def train(self, rounds: int | None = None) -> list[RoundRecord]:
         """Run the remaining rounds (or ``rounds`` more), checkpointing after each."""
@@ -221,6 +251,7 @@ class Simulation:
             "client_samples": {"min": int(min(map(len, self.partitions))), "max": int(max(map(len, self.partitions))),
                                "mean": float(np.mean([len(p) for p in self.partitions]))},
             "encryption": "not applicable in simulation (no transport)",
+            "codec": (self._codec.name if self._codec else "none") + (f" + {self.cfg.wire_compression}" if self._codec else ""),
             "stop_reason": self.coordinator.stop_reason,
             "privacy": self.coordinator.privacy_status(),
             "environment": {"python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform()},

@@ -20,7 +20,7 @@ import io
 import json
 import os
 import tempfile
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -145,4 +145,4 @@ def _json_default(o: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
-__all__ = ["RunDirectory", "RoundRecord", "HISTORY_COLUMNS", "atomic_write_bytes", "fields"]
+__all__ = ["RunDirectory", "RoundRecord", "HISTORY_COLUMNS", "atomic_write_bytes"]

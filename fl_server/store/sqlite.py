@@ -18,7 +18,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -354,6 +354,3 @@ class _Tx:
         finally:
             self.store._lock.release()
 
-
-def iter_rows(rows: list[Any]) -> Iterator[Any]:
-    yield from rows

@@ -228,3 +228,26 @@ def test_an_aborted_round_is_retried_and_only_the_new_attempt_counts(tmp_path: P
         assert torch.allclose(service.coordinator.global_vector, start + 1.0, atol=1e-6), "the aborted attempt leaked in"
         states = [r.state for r in reversed(service.store.round_rows())]
         assert states[:2] == ["aborted", "closed"]
+
+
+def test_model_download_uses_etags_and_is_encrypted_per_client(federation) -> None:
+    url, service, clients, env = federation
+    payload, etag = clients[0].api.download_model(None, encrypted=True)
+    assert payload is not None and etag == '"v0"'
+    assert clients[0].api.download_model(etag, encrypted=True) == (None, etag)  # 304: unchanged
+    from fl_common.crypto import Envelope, EnvelopeError
+
+    raw = requests.get(f"{url}/health", timeout=10)  # sanity: plain endpoint
+    assert raw.status_code == 200
+    # another client's key cannot open this client's download
+    creds0, creds1 = clients[0].api.creds, clients[1].api.creds
+    h = sign_request("GET", "/api/v1/model", b"", client_id=creds0.client_id, hmac_key=creds0.keys.hmac_key)
+    resp = requests.get(f"{url}/api/v1/model", headers={**h, "Authorization": f"Bearer {creds0.session_token}"}, timeout=30)
+    wrapped = resp.headers["X-FL-Model-Key"].encode()
+    with pytest.raises(EnvelopeError):
+        Envelope(creds1.keys).open(wrapped)
+    model_key = Envelope(creds0.keys).open(wrapped)
+    vec, _ = wire.decode_update(Envelope(model_key).open(resp.content), NUMEL)
+    assert torch.equal(vec, service.coordinator.global_vector)
+    with pytest.raises(ValueError):
+        wire.decode_update(resp.content, NUMEL)  # the body alone is ciphertext

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
+import psutil
 import torch
 from tqdm import tqdm
 
@@ -113,6 +114,7 @@ class Simulation:
         self._codec = make_codec(cfg.codec) if cfg.compression else None
         self._error_feedback: dict[Any, ErrorFeedback] = {}
         self.startup_seconds = time.perf_counter() - t0
+        self.ready_seconds: float | None = None  # process start -> first round (imports, data, workers)
         if self.run_dir is not None:
             self.run_dir.create()
             dump_config(self.cfg, self.run_dir.path / "config.yaml")
@@ -195,6 +197,8 @@ class Simulation:
         start = time.perf_counter()
         if coord.completed_rounds < target:
             self._executor_for_run()  # start workers now, so round times measure rounds only
+            if self.ready_seconds is None:
+                self.ready_seconds = time.time() - psutil.Process().create_time()
         bar = tqdm(total=self.cfg.num_rounds, initial=coord.completed_rounds, desc="rounds", unit="round",
                    disable=(None if self.progress is None else not self.progress), file=sys.stderr, dynamic_ncols=True)
         try:
@@ -244,6 +248,7 @@ class Simulation:
             "best_round": best.round if best else None,
             "wall_seconds": self.wall_seconds_before,
             "startup_seconds": self.startup_seconds,
+            "ready_after_process_start_seconds": self.ready_seconds,
             "total_bytes": sum(r.bytes for r in hist),
             "model_parameters": self.num_parameters,
             "train_samples": len(self.train_set),

@@ -48,11 +48,12 @@ def token_env() -> dict[str, str]:
 
 
 @contextmanager
-def threaded_server(cfg: FLConfig, state_dir: Path, env: dict[str, str]) -> Iterator[tuple[str, FederationService]]:
+def threaded_server(cfg: FLConfig, state_dir: Path, env: dict[str, str],
+                    clock: Any = time.time) -> Iterator[tuple[str, FederationService]]:
     old = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     try:
-        service = FederationService(cfg, state_dir, secrets_=ServerSecrets.load(state_dir))
+        service = FederationService(cfg, state_dir, secrets_=ServerSecrets.load(state_dir), clock=clock)
     finally:
         for k, v in old.items():
             if v is None:

@@ -211,15 +211,23 @@ def test_kill_9_mid_round_loses_no_acknowledged_update(tmp_path: Path) -> None:
 
 def test_an_aborted_round_is_retried_and_only_the_new_attempt_counts(tmp_path: Path) -> None:
     env = token_env()
-    cfg = make_cfg(num_clients=3, min_clients=3, round_timeout=2.0, round_start_wait=0.0)
-    with threaded_server(cfg, tmp_path / "srv", env) as (url, service):
+    cfg = make_cfg(num_clients=3, min_clients=3, round_timeout=100.0, round_start_wait=0.0)
+    skew = [0.0]  # the server's clock runs ahead by this much; signatures tolerate up to 300 s
+
+    with threaded_server(cfg, tmp_path / "srv", env, clock=lambda: time.time() + skew[0]) as (url, service):
         clients = [ScriptedClient(url, env[ENV_ENROLLMENT_TOKEN], f"a{i}") for i in range(3)]
         wait_for(lambda: all(c.status()["state"] == "selected" for c in clients), timeout=30)
         start = service.coordinator.global_vector.clone()
         clients[0].upload(1, torch.full((NUMEL,), 100.0), num_samples=10, key="first-attempt")
         first = service.store.current_open_round().round_id
-        # only one of three arrives: at the deadline the attempt is aborted and a new one opens
-        wait_for(lambda: (row := service.store.current_open_round()) is not None and row.round_id != first, timeout=30)
+        skew[0] = 101.0  # past the deadline with only one of three updates: aborted, a new attempt opens
+        def new_attempt_open() -> bool:
+            for c in clients:  # polling keeps the clients live on the server's (advanced) clock
+                c.status()
+            row = service.store.current_open_round()
+            return row is not None and row.round_id != first
+
+        wait_for(new_attempt_open, timeout=30)
         assert service.coordinator.completed_rounds == 0 and service.coordinator.current_round == 1
         assert clients[0].upload(1, torch.full((NUMEL,), 1.0), num_samples=10, key="second-attempt")["duplicate"] is False
         clients[1].upload(1, torch.full((NUMEL,), 1.0), num_samples=10)

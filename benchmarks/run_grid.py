@@ -131,10 +131,14 @@ def main() -> None:
     ap.add_argument("grid", type=Path)
     ap.add_argument("--only", nargs="*", help="run only these experiments")
     ap.add_argument("--list", action="store_true", help="show the status of each experiment and exit")
+    ap.add_argument("--collect", action="store_true", help="only rewrite the results (table, curves) from what has run")
     args = ap.parse_args()
     name, common, experiments = load_grid(args.grid)
     work = ROOT / "benchmarks" / "work" / name
     results = ROOT / "benchmarks" / "results" / name
+    if args.collect:
+        collect(name, experiments, work, results)
+        return
     for exp in experiments:
         if args.only and exp["name"] not in args.only:
             continue

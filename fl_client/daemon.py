@@ -56,11 +56,12 @@ class DaemonOptions:
     progress: Optional[bool] = None
 
 
-def _write_private(path: Path, text: str) -> None:
+def _write_private(path: Path, data: str | bytes) -> None:
+    """Atomic, fsynced, owner-only write: state files hold keys and training residue."""
     tmp = path.with_suffix(path.suffix + ".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data.encode("utf-8") if isinstance(data, str) else data)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -231,8 +232,7 @@ class ClientDaemon:
             return
         key_path.unlink(missing_ok=True)
         if self.error_feedback is not None:
-            _write_private(self.state_dir / "error_feedback.bin", "")  # placeholder replaced below
-            (self.state_dir / "error_feedback.bin").write_bytes(self.error_feedback.to_bytes())
+            _write_private(self.state_dir / "error_feedback.bin", self.error_feedback.to_bytes())
         self.rounds_done += 1
         self._save_state()
         log.info("round %d: update accepted (%d bytes, train loss %.4f)%s", round_number, len(packed.data),

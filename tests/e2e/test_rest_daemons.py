@@ -130,3 +130,23 @@ def test_https_with_a_self_signed_certificate(tmp_path: Path) -> None:
         assert scripted.status()["state"] == "finished"
     finally:
         server.stop()
+
+
+def test_topk_daemons_keep_their_error_feedback(tmp_path: Path) -> None:
+    env = token_env()
+    server = GunicornServer(make_cfg(num_clients=2, num_rounds=2, codec="topk:0.05"), tmp_path / "srv", env)
+    server.start()
+    try:
+        clients = [start_client(server, env, f"t{i}", tmp_path) for i in range(2)]
+        status = wait_for(lambda: (s := server.status())["state"] == "finished" and s, timeout=240)
+        assert all(c.wait(timeout=60) == 0 for c in clients)
+        assert status["codec"] == "topk:0.05"
+        for i in range(2):
+            residual = tmp_path / f"t{i}" / "error_feedback.bin"
+            assert residual.is_file() and residual.stat().st_size > 0
+            assert residual.stat().st_mode & 0o077 == 0
+        # every round carried traffic (downloads + top-k uploads) and was recorded
+        rows = status["history"]
+        assert all(r["bytes"] > 0 for r in rows)
+    finally:
+        server.stop()

@@ -27,7 +27,10 @@ import torch.multiprocessing as mp
 
 from fl_common.config import FLConfig
 from fl_common.models import model_from_config
-from fl_common.protocol import ClientUpdate, TrainInstructions
+from fl_common.protocol import ClientUpdate, TrainInstructions, derive_seed
+from fl_common.tensors.codecs import Codec, make_codec
+from fl_common.tensors.error_feedback import ErrorFeedback
+from fl_common.tensors.pipeline import PackedUpdate, pack_update
 from fl_common.training import LocalTrainer
 
 log = logging.getLogger("fl_server.simulation")
@@ -65,6 +68,14 @@ class InProcessExecutor:
         return None
 
 
+def encode_for_wire(delta: torch.Tensor, codec: Codec, cfg: FLConfig, round_number: int, client_id: Any,
+                    num_samples: int, error_feedback: ErrorFeedback | None = None) -> PackedUpdate:
+    """The client's codec step, seeded by (seed, round, client) so every process encodes alike."""
+    rng = torch.Generator().manual_seed(derive_seed(cfg.seed, round_number, client_id, "codec"))
+    return pack_update(delta, codec, cfg.wire_compression, rng=rng, error_feedback=error_feedback,
+                       meta={"num_samples": num_samples})
+
+
 def release_free_memory() -> None:
     """Hand memory that glibc's allocator keeps after large frees back to the OS (Linux only).
 
@@ -93,6 +104,10 @@ def _worker_main(worker_id: int, cfg_dict: dict[str, Any], input_shape: tuple[in
 
         cfg = config_from_dict(cfg_dict, check=False)
         trainer = LocalTrainer(model_from_config(cfg, input_shape, num_classes), device=_device(cfg), seeded_noise=True)
+        # Unbiased codecs are stateless, so the worker (the client's side) encodes in parallel; biased
+        # ones need each client's error-feedback residual, which the driver keeps.
+        codec = make_codec(cfg.codec) if cfg.compression else None
+        worker_codec = codec if codec is not None and not codec.biased else None
         results.put(("ready", worker_id, None))
     except BaseException:  # noqa: BLE001 - report any start-up failure to the parent
         results.put(("error", worker_id, traceback.format_exc()))
@@ -112,7 +127,11 @@ def _worker_main(worker_id: int, cfg_dict: dict[str, Any], input_shape: tuple[in
             instr = TrainInstructions.from_json(instr_json)
             cx, cy = _client_tensors(x, y, partitions[cid])
             update = trainer.train(global_buf, cx, cy, instr, client_id=cid)
-            results.put(("ok", cid, (update.delta, update.num_samples, update.metrics)))
+            wire_bytes = 0
+            if worker_codec is not None:
+                packed = encode_for_wire(update.delta, worker_codec, cfg, instr.round, cid, update.num_samples)
+                update.delta, wire_bytes = packed.decoded, len(packed.data)
+            results.put(("ok", cid, (update.delta, update.num_samples, update.metrics, wire_bytes)))
             del update, cx, cy
             release_free_memory()
         except BaseException:  # noqa: BLE001
@@ -193,9 +212,9 @@ class ProcessPoolExecutor:
                 if kind == "error":
                     self.close()
                     raise WorkerFailed(f"training client {who} failed:\n{payload}")
-                delta, n, metrics = payload
+                delta, n, metrics, wire_bytes = payload
                 pending[who] = ClientUpdate(client_id=who, round=instructions[who].round, delta=delta.clone(),
-                                            num_samples=n, metrics=metrics)
+                                            num_samples=n, metrics=metrics, wire_bytes=wire_bytes)
             yield pending.pop(cid)
 
     def close(self) -> None:

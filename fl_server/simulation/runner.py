@@ -36,7 +36,6 @@ from fl_common.protocol import derive_seed
 from fl_common.tensors import flatten, spec_of, unflatten
 from fl_common.tensors.codecs import make_codec
 from fl_common.tensors.error_feedback import ErrorFeedback
-from fl_common.tensors.pipeline import pack_update
 from fl_common.training import EvalResult, LocalTrainer
 from fl_server.coordinator import Coordinator
 from fl_server.privacy_engine import BudgetExhausted
@@ -45,6 +44,7 @@ from fl_server.simulation.executor import (
     InProcessExecutor,
     ProcessPoolExecutor,
     default_workers,
+    encode_for_wire,
     release_free_memory,
 )
 from fl_server.store import RoundRecord, RunDirectory
@@ -181,12 +181,12 @@ class Simulation:
         if self._codec is None:
             update.wire_bytes = 4 * update.delta.numel()
             return
+        if update.wire_bytes:
+            return  # a worker process already encoded it (unbiased codecs)
         ef = None
         if self._codec.biased:
             ef = self._error_feedback.setdefault(update.client_id, ErrorFeedback(self.spec))
-        rng = torch.Generator().manual_seed(derive_seed(self.cfg.seed, round_number, update.client_id, "codec"))
-        packed = pack_update(update.delta, self._codec, self.cfg.wire_compression, rng=rng, error_feedback=ef,
-                             meta={"num_samples": update.num_samples})
+        packed = encode_for_wire(update.delta, self._codec, self.cfg, round_number, update.client_id, update.num_samples, ef)
         update.delta = packed.decoded
         update.wire_bytes = len(packed.data)
 

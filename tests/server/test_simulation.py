@@ -146,3 +146,18 @@ def test_compression_in_simulation_uses_the_real_codec(small_config: dict, codec
     assert per_update_packed < per_update_plain / 3, "the codec's bytes must be what is counted"
     assert not torch.equal(packed_model, plain_model)  # the lossy codec really ran
     assert packed_hist[-1].test_accuracy > 0.3
+
+
+def test_codec_in_workers_matches_codec_in_process(small_config: dict) -> None:
+    cfg = {**small_config, "num_rounds": 1, "max_train_samples": 1000, "compression": True, "codec": "int8"}
+    torch.set_num_threads(1)
+    try:
+        with Simulation({**cfg, "workers": 0}, progress=False) as seq:
+            a = seq.train()
+            va = seq.coordinator.global_vector
+    finally:
+        torch.set_num_threads(os.cpu_count() or 1)
+    with Simulation({**cfg, "workers": 2}, progress=False) as par:
+        b = par.train()
+        vb = par.coordinator.global_vector
+    assert torch.equal(va, vb) and a[0].bytes == b[0].bytes

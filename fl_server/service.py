@@ -66,7 +66,7 @@ from fl_common.tensors.codecs import make_codec
 from fl_common.training import EvalResult, LocalTrainer
 from fl_server.coordinator import Coordinator, RoundPlan
 from fl_server.secrets import ServerSecrets
-from fl_server.store import RunDirectory
+from fl_server.store import RunDirectory, accuracy_summary
 from fl_server.store.run_dir import atomic_write_bytes as fsync_write
 from fl_server.store.sqlite import ClientRow, RoundRow, ServerStore, UpdateRow
 from fl_server.strategies import UpdateRejected
@@ -555,12 +555,8 @@ class FederationService:
 
     def summary(self) -> dict[str, Any]:
         hist = self.coordinator.history
-        evaluated = [r for r in hist if r.test_accuracy is not None]
-        best = max(evaluated, key=lambda r: r.test_accuracy) if evaluated else None
         return {
-            "mode": "rest", "rounds_completed": self.coordinator.completed_rounds,
-            "final_accuracy": evaluated[-1].test_accuracy if evaluated else None,
-            "best_accuracy": best.test_accuracy if best else None, "best_round": best.round if best else None,
+            "mode": "rest", "rounds_completed": self.coordinator.completed_rounds, **accuracy_summary(hist),
             "wall_seconds": self.clock() - self.started_at, "total_bytes": sum(r.bytes for r in hist),
             "clients_registered": self.store.count_clients(), "rejected": self.store.rejections(),
             "encryption": self.cfg.encryption, "config": self.cfg.to_dict(),

@@ -26,7 +26,7 @@ from fl_common.tensors import unflatten
 from fl_common.training import LocalTrainer, learning_rate_at
 from fl_common.protocol import TrainInstructions
 from fl_server.simulation.runner import load_training_data
-from fl_server.store import RoundRecord, RunDirectory
+from fl_server.store import RoundRecord, RunDirectory, accuracy_summary
 
 log = logging.getLogger("fl_server.simulation")
 
@@ -88,16 +88,11 @@ class CentralizedBaseline:
         return self.history
 
     def save_results(self) -> dict[str, Any]:
-        evaluated = [r for r in self.history if r.test_accuracy is not None]
-        best = max(evaluated, key=lambda r: r.test_accuracy) if evaluated else None
         summary = {
             "mode": "centralized",
             "rounds_completed": len(self.history),
             "samples_per_round": self.samples_per_round,
-            "final_accuracy": evaluated[-1].test_accuracy if evaluated else None,
-            "final_loss": evaluated[-1].test_loss if evaluated else None,
-            "best_accuracy": best.test_accuracy if best else None,
-            "best_round": best.round if best else None,
+            **accuracy_summary(self.history),
             "wall_seconds": self.wall_seconds,
             "startup_seconds": self.startup_seconds,
             "model_parameters": self.num_parameters,

@@ -47,7 +47,7 @@ from fl_server.simulation.executor import (
     encode_for_wire,
     release_free_memory,
 )
-from fl_server.store import RoundRecord, RunDirectory
+from fl_server.store import RoundRecord, RunDirectory, accuracy_summary
 
 log = logging.getLogger("fl_server.simulation")
 
@@ -237,15 +237,10 @@ class Simulation:
 
     def summary(self) -> dict[str, Any]:
         hist = self.coordinator.history
-        evaluated = [r for r in hist if r.test_accuracy is not None]
-        best = max(evaluated, key=lambda r: r.test_accuracy) if evaluated else None
         return {
             "mode": "federated",
             "rounds_completed": self.coordinator.completed_rounds,
-            "final_accuracy": evaluated[-1].test_accuracy if evaluated else None,
-            "final_loss": evaluated[-1].test_loss if evaluated else None,
-            "best_accuracy": best.test_accuracy if best else None,
-            "best_round": best.round if best else None,
+            **accuracy_summary(hist),
             "wall_seconds": self.wall_seconds_before,
             "startup_seconds": self.startup_seconds,
             "ready_after_process_start_seconds": self.ready_seconds,

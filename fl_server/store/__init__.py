@@ -1,5 +1,5 @@
 """Durable state of a run: its output folder (history, summary, checkpoints)."""
 
-from fl_server.store.run_dir import RunDirectory, RoundRecord, HISTORY_COLUMNS
+from fl_server.store.run_dir import HISTORY_COLUMNS, RoundRecord, RunDirectory, accuracy_summary
 
-__all__ = ["RunDirectory", "RoundRecord", "HISTORY_COLUMNS"]
+__all__ = ["RunDirectory", "RoundRecord", "HISTORY_COLUMNS", "accuracy_summary"]

@@ -57,6 +57,18 @@ class RoundRecord:
                    int(row["clients"]), float(row["seconds"]), int(row["bytes"]), opt(row.get("epsilon")))
 
 
+def accuracy_summary(records: list[RoundRecord]) -> dict[str, Any]:
+    """Final and best test accuracy of a history (rounds without an evaluation are skipped)."""
+    evaluated = [r for r in records if r.test_accuracy is not None]
+    best = max(evaluated, key=lambda r: r.test_accuracy or 0.0) if evaluated else None
+    return {
+        "final_accuracy": evaluated[-1].test_accuracy if evaluated else None,
+        "final_loss": evaluated[-1].test_loss if evaluated else None,
+        "best_accuracy": best.test_accuracy if best else None,
+        "best_round": best.round if best else None,
+    }
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -145,4 +157,4 @@ def _json_default(o: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
-__all__ = ["RunDirectory", "RoundRecord", "HISTORY_COLUMNS", "atomic_write_bytes"]
+__all__ = ["RunDirectory", "RoundRecord", "HISTORY_COLUMNS", "accuracy_summary", "atomic_write_bytes"]

@@ -19,6 +19,7 @@ import logging
 import platform
 import sys
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -112,6 +113,8 @@ class Simulation:
             self._restore()
         self._executor: ClientExecutor | None = None
         self._codec = make_codec(cfg.codec) if cfg.compression else None
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fl-checkpoint")
+        self._pending_write: Future[None] | None = None
         self._error_feedback: dict[Any, ErrorFeedback] = {}
         self.startup_seconds = time.perf_counter() - t0
         self.ready_seconds: float | None = None  # process start -> first round (imports, data, workers)
@@ -151,11 +154,29 @@ class Simulation:
         return self._executor
 
     def _checkpoint(self, wall_seconds: float) -> None:
+        """Snapshot now, write in the background while the next round trains.
+
+        The snapshot (a copy of the global vector and the history) is taken between rounds, so
+        the file is always a consistent round boundary; at most one write is in flight, and a
+        process killed during it leaves the previous checkpoint, from which a resume repeats the
+        same round identically."""
         if self.run_dir is None:
             return
-        self.run_dir.save_checkpoint({"config": self.cfg.to_dict(), "coordinator": self.coordinator.state_dict(),
-                                      "wall_seconds": wall_seconds})
-        self.run_dir.write_history(self.coordinator.history)
+        state = {"config": self.cfg.to_dict(), "coordinator": self.coordinator.state_dict(), "wall_seconds": wall_seconds}
+        history = list(self.coordinator.history)
+        self._wait_for_checkpoint()
+        run_dir = self.run_dir
+
+        def write() -> None:
+            run_dir.save_checkpoint(state)
+            run_dir.write_history(history)
+
+        self._pending_write = self._writer.submit(write)
+
+    def _wait_for_checkpoint(self) -> None:
+        if self._pending_write is not None:
+            self._pending_write.result()  # re-raises a failed write (disk full, ...) here
+            self._pending_write = None
 
     # ------------------------------------------------------------------ public API
     @property
@@ -217,6 +238,7 @@ class Simulation:
                 bar.update(1)
         finally:
             bar.close()
+            self._wait_for_checkpoint()
         self.wall_seconds_before += time.perf_counter() - start
         return coord.history
 
@@ -273,9 +295,14 @@ class Simulation:
             self.run_dir.write_history(self.coordinator.history)
             self.run_dir.write_json("summary.json", summary)
             self.run_dir.save_model(unflatten(self.coordinator.global_vector, self.spec))
+            from fl_server.reports import write_report_logged  # lazily: keeps matplotlib out of startup
+
+            write_report_logged(self.run_dir.path)  # logs the report path; a failure only warns
         return summary
 
     def close(self) -> None:
+        self._wait_for_checkpoint()
+        self._writer.shutdown(wait=True)
         if self._executor is not None:
             self._executor.close()
             self._executor = None

@@ -106,4 +106,7 @@ class CentralizedBaseline:
             self.run_dir.write_history(self.history)
             self.run_dir.write_json("summary.json", summary)
             self.run_dir.save_model(unflatten(self.vector, self.trainer.spec))
+            from fl_server.reports import write_report_logged  # lazily: keeps matplotlib out of startup
+
+            write_report_logged(self.run_dir.path)  # logs the report path; a failure only warns
         return summary

@@ -1,0 +1,427 @@
+"""Plots and a report for a finished run, built only from the files in its output folder.
+
+``write_report(run_dir)`` reads ``history.csv``, ``summary.json`` and (when present)
+``label_histograms.csv`` and writes, into the same folder:
+
+* ``accuracy_loss.png``   test accuracy and test loss per evaluated round, train loss per round;
+* ``privacy_budget.png``  epsilon spent per round against ``config["dp_epsilon"]`` (only when
+                          history.csv holds epsilon values);
+* ``client_data.png``     samples per client stacked by class (only with label_histograms.csv);
+* ``report.md`` and ``report.html``  configuration, results, the per-round table (cells exactly as
+                          in history.csv) and a privacy statement that claims only what the files say.
+
+The HTML page is self-contained (inline CSS, images by relative file name, no scripts) and every
+value in it is HTML-escaped; the markdown escapes the same way, since markdown viewers render HTML.
+A plot that fails is logged and left out; the report is still written.
+"""
+
+from __future__ import annotations
+
+import csv
+import html
+import io
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+from fl_server import report_template as T
+from fl_server.store.run_dir import atomic_write_bytes
+
+log = logging.getLogger("fl_server.reports")
+
+ACCURACY_LOSS_PNG = "accuracy_loss.png"
+PRIVACY_BUDGET_PNG = "privacy_budget.png"
+CLIENT_DATA_PNG = "client_data.png"
+REPORT_MD = "report.md"
+REPORT_HTML = "report.html"
+
+
+# ----------------------------------------------------------------------------------------- reading
+def _read_csv(path: Path) -> tuple[list[str], list[dict[str, str]]]:
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        rows = [dict(r) for r in reader]
+        return list(reader.fieldnames or []), rows
+
+
+def _num(v: str | None) -> float | None:
+    """A CSV cell as a float; None for an empty (or unparsable) cell."""
+    if v is None or str(v).strip() == "":
+        return None
+    try:
+        x = float(v)
+    except ValueError:
+        return None
+    return x if math.isfinite(x) else None
+
+
+def _series(rows: list[dict[str, str]], column: str) -> tuple[list[float], list[float]]:
+    xs, ys = [], []
+    for r in rows:
+        x, y = _num(r.get("round")), _num(r.get(column))
+        if x is not None and y is not None:
+            xs.append(x)
+            ys.append(y)
+    return xs, ys
+
+
+# ------------------------------------------------------------------------------------------- plots
+def _figure(width: float, height: float) -> Any:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), dpi=100, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _save(fig: Any, path: Path) -> None:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", metadata={"Software": None})
+    atomic_write_bytes(path, buf.getvalue())  # same atomic write (and owner-only mode) as the run's other files
+
+
+def _plot_accuracy_loss(rows: list[dict[str, str]], path: Path) -> None:
+    fig = _figure(10, 4)
+    ax_acc, ax_loss = fig.subplots(1, 2)
+    xs, ys = _series(rows, "test_accuracy")
+    if xs:
+        ax_acc.plot(xs, ys, marker="o", color="tab:blue", label="test accuracy")
+        ax_acc.legend(loc="best")
+    else:
+        ax_acc.text(0.5, 0.5, "no evaluated round", ha="center", va="center", transform=ax_acc.transAxes)
+    ax_acc.set(title="Test accuracy per evaluated round", xlabel="round", ylabel="accuracy")
+    ax_acc.grid(alpha=0.3)
+    plotted = False
+    for column, label, style in (("test_loss", "test loss", dict(marker="o", color="tab:red")),
+                                 ("train_loss", "train loss", dict(marker=".", color="tab:gray"))):
+        xs, ys = _series(rows, column)
+        if xs:
+            ax_loss.plot(xs, ys, label=label, **style)
+            plotted = True
+    if plotted:
+        ax_loss.legend(loc="best")
+    else:
+        ax_loss.text(0.5, 0.5, "no loss recorded", ha="center", va="center", transform=ax_loss.transAxes)
+    ax_loss.set(title="Loss per round", xlabel="round", ylabel="loss")
+    ax_loss.grid(alpha=0.3)
+    for ax in (ax_acc, ax_loss):
+        ax.xaxis.get_major_locator().set_params(integer=True)
+    _save(fig, path)
+
+
+def _plot_privacy(rows: list[dict[str, str]], budget: float | None, path: Path) -> None:
+    fig = _figure(7, 4)
+    ax = fig.subplots()
+    xs, ys = _series(rows, "epsilon")
+    ax.plot(xs, ys, marker="o", color="tab:purple", label="epsilon spent")
+    if budget is not None:
+        ax.axhline(budget, color="tab:red", linestyle="--", label=f"budget (dp_epsilon = {budget:g})")
+    ax.set(title="Privacy budget spent per round", xlabel="round", ylabel="epsilon")
+    ax.set_ylim(bottom=0)
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="best")
+    _save(fig, path)
+
+
+def _plot_client_data(header: list[str], rows: list[dict[str, str]], path: Path) -> None:
+    classes = [c for c in header if c.startswith("class_")]
+    clients = [r.get("client", str(i)) for i, r in enumerate(rows)]
+    fig = _figure(max(6.0, min(20.0, 0.35 * len(rows) + 3)), 4.5)
+    ax = fig.subplots()
+    positions = list(range(len(rows)))
+    bottom = [0.0] * len(rows)
+    import matplotlib
+
+    cmap = matplotlib.colormaps["tab10" if len(classes) <= 10 else "tab20"]
+    for k, c in enumerate(classes):
+        heights = [_num(r.get(c)) or 0.0 for r in rows]
+        ax.bar(positions, heights, bottom=bottom, color=cmap(k % cmap.N), label=c.removeprefix("class_"), width=0.8)
+        bottom = [b + h for b, h in zip(bottom, heights)]
+    ax.set_xticks(positions)
+    ax.set_xticklabels(clients, rotation=90 if len(rows) > 20 else 0, fontsize=8 if len(rows) > 20 else 10)
+    ax.set(title="Training samples per client, by class", xlabel="client", ylabel="samples")
+    if classes:
+        ax.legend(title="class", loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
+    _save(fig, path)
+
+
+# ------------------------------------------------------------------------------------- formatting
+def _fmt(v: Any) -> str:
+    """A value as text, without rounding: JSON's spelling for everything but strings."""
+    if isinstance(v, str):
+        return v
+    if isinstance(v, bool) or v is None:
+        return json.dumps(v)
+    if isinstance(v, (int, float)):
+        return repr(v)
+    return json.dumps(v, default=str)
+
+
+def _md(text: str) -> str:
+    """Escaped for a markdown table cell or paragraph (markdown viewers render raw HTML)."""
+    return html.escape(text, quote=True).replace("|", "\\|").replace("\r", " ").replace("\n", " ")
+
+
+def _h(text: str) -> str:
+    return html.escape(text, quote=True)
+
+
+class _Doc:
+    """A tiny document model rendered both to markdown and to HTML, so both say the same."""
+
+    def __init__(self) -> None:
+        self.blocks: list[tuple] = []
+
+    def heading(self, text: str) -> None:
+        self.blocks.append(("h2", text))
+
+    def para(self, text: str) -> None:
+        self.blocks.append(("p", text))
+
+    def bullets(self, items: Iterable[str]) -> None:
+        self.blocks.append(("ul", list(items)))
+
+    def table(self, header: Sequence[str], rows: Sequence[Sequence[str]], numeric: bool = False) -> None:
+        self.blocks.append(("table", list(header), [list(r) for r in rows], numeric))
+
+    def image(self, file: str, alt: str) -> None:
+        self.blocks.append(("img", file, alt))
+
+    def markdown(self, title: str, sources: str) -> str:
+        out = [f"# {_md(title)}", "", f"_Generated from the files in this folder: {_md(sources)}._", ""]
+        for b in self.blocks:
+            kind = b[0]
+            if kind == "h2":
+                out += [f"## {_md(b[1])}", ""]
+            elif kind == "p":
+                out += [_md(b[1]), ""]
+            elif kind == "ul":
+                out += [f"- {_md(item)}" for item in b[1]] + [""]
+            elif kind == "table":
+                header, rows, numeric = b[1], b[2], b[3]
+                out.append("| " + " | ".join(_md(h) for h in header) + " |")
+                align = "---:" if numeric else "---"
+                out.append("|" + "|".join(align for _ in header) + "|")
+                out += ["| " + " | ".join(_md(c) for c in r) + " |" for r in rows]
+                out.append("")
+            elif kind == "img":
+                out += [f"![{_md(b[2])}]({b[1]})", ""]
+        return "\n".join(out).rstrip("\n") + "\n"
+
+    def html(self, title: str, sources: str) -> str:
+        body: list[str] = []
+        for b in self.blocks:
+            kind = b[0]
+            if kind == "h2":
+                body.append(f"<h2>{_h(b[1])}</h2>")
+            elif kind == "p":
+                body.append(f"<p>{_h(b[1])}</p>")
+            elif kind == "ul":
+                body.append("<ul>\n" + "\n".join(f"<li>{_h(i)}</li>" for i in b[1]) + "\n</ul>")
+            elif kind == "table":
+                header, rows, numeric = b[1], b[2], b[3]
+                cls = ' class="num"' if numeric else ""
+                lines = ["<table>", "<thead><tr>" + "".join(f"<th>{_h(h)}</th>" for h in header) + "</tr></thead>",
+                         "<tbody>"]
+                lines += ["<tr>" + "".join(f"<td{cls}>{_h(c)}</td>" for c in r) + "</tr>" for r in rows]
+                lines += ["</tbody>", "</table>"]
+                body.append("\n".join(lines))
+            elif kind == "img":
+                body.append(f'<p><img src="{_h(b[1])}" alt="{_h(b[2])}"></p>')
+        return T.HTML_PAGE.format(title=_h(title), css=T.CSS, sources=_h(sources), body="\n".join(body))
+
+
+# ---------------------------------------------------------------------------------------- sections
+def _results_rows(summary: dict[str, Any], history_rows: int) -> list[list[str]]:
+    def get(key: str) -> str:
+        return _fmt(summary[key]) if key in summary else T.NOT_RECORDED
+
+    best = get("best_accuracy")
+    if summary.get("best_round") is not None:
+        best += f" (round {_fmt(summary['best_round'])})"
+    total_bytes = get("total_bytes")
+    if isinstance(summary.get("total_bytes"), (int, float)) and not isinstance(summary.get("total_bytes"), bool):
+        total_bytes += f" ({summary['total_bytes'] / 2**20:.2f} MiB)"
+    rows = [
+        ["mode", get("mode")],
+        ["rounds completed", get("rounds_completed")],
+        ["rows in history.csv", str(history_rows)],
+        ["final test accuracy", get("final_accuracy")],
+        ["best test accuracy", best],
+    ]
+    if "final_loss" in summary:
+        rows.append(["final test loss", get("final_loss")])
+    rows += [
+        ["wall time (seconds)", get("wall_seconds")],
+        ["total bytes", total_bytes],
+        ["codec", get("codec")],
+    ]
+    if "stop_reason" in summary:
+        rows.append(["stop reason", get("stop_reason")])
+    return rows
+
+
+def _privacy_section(doc: _Doc, summary: dict[str, Any], config: dict[str, Any]) -> None:
+    privacy = summary.get("privacy")
+    mode = summary.get("mode")
+    dp_on = isinstance(privacy, dict) and privacy.get("differential_privacy") is True
+    statements: list[str] = []
+    if dp_on:
+        what = "Differential privacy was on"
+        details = [f"{privacy['mode']}-level" if "mode" in privacy else None,
+                   f"accountant: {_fmt(privacy['accountant'])}" if "accountant" in privacy else None]
+        details = [d for d in details if d]
+        statements.append(what + (f" ({', '.join(details)})." if details else "."))
+        mech = [f"{k.replace('_', ' ')} {_fmt(privacy[k])}" for k in ("noise", "clip_norm", "noise_multiplier")
+                if k in privacy]
+        if mech:
+            statements.append("Mechanism: " + ", ".join(mech) + ".")
+        if "epsilon_spent" in privacy and "delta" in privacy:
+            spent = f"Privacy spent: (epsilon, delta) = ({_fmt(privacy['epsilon_spent'])}, {_fmt(privacy['delta'])})"
+            if "epsilon_budget" in privacy:
+                spent += f" of an epsilon budget of {_fmt(privacy['epsilon_budget'])}"
+            statements.append(spent + ".")
+        else:
+            statements.append("summary.json does not record both epsilon spent and delta: no (epsilon, delta) value is stated.")
+    else:
+        statements.append(T.NO_DP_SENTENCE)
+
+    if mode == "centralized":
+        sa = ("not applicable (centralized baseline: there is no aggregation; configured value "
+              f"secure_aggregation = {_fmt(config['secure_aggregation'])})" if "secure_aggregation" in config
+              else "not applicable (centralized baseline: there is no aggregation)")
+    elif "secure_aggregation" in config:
+        sa = "on" if config["secure_aggregation"] is True else "off" if config["secure_aggregation"] is False \
+            else _fmt(config["secure_aggregation"])
+    else:
+        sa = "not recorded in the configuration"
+    statements.append(f"Secure aggregation: {sa}.")
+    enc = _fmt(summary["encryption"]) if "encryption" in summary else "not recorded in summary.json"
+    statements.append(f"Encryption: {enc}.")
+    if mode == "centralized":
+        statements.append(T.CENTRALIZED_DATA_SENTENCE)
+    elif mode is None:
+        statements.append(T.UNKNOWN_MODE_SENTENCE)
+    else:
+        statements.append(T.FEDERATED_DATA_SENTENCE)
+
+    doc.heading("Privacy statement")
+    doc.bullets(statements)
+    if dp_on:
+        doc.para("The privacy block of summary.json, as recorded:")
+        doc.table(["key", "value"], [[str(k), _fmt(v)] for k, v in privacy.items()])
+
+
+# -------------------------------------------------------------------------------------------- entry
+def write_report(run_dir: Path) -> dict[str, Path]:
+    """Write the plots and ``report.md``/``report.html`` into ``run_dir``; return name -> path of each file written."""
+    run_dir = Path(run_dir)
+    written: dict[str, Path] = {}
+    sources: list[str] = []
+
+    summary: dict[str, Any] = {}
+    if (run_dir / "summary.json").is_file():
+        summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
+        sources.append("summary.json")
+    config = summary.get("config") if isinstance(summary.get("config"), dict) else {}
+
+    hist_header: list[str] = []
+    hist_rows: list[dict[str, str]] = []
+    if (run_dir / "history.csv").is_file():
+        hist_header, hist_rows = _read_csv(run_dir / "history.csv")
+        sources.append("history.csv")
+
+    labels_header: list[str] = []
+    labels_rows: list[dict[str, str]] = []
+    if (run_dir / "label_histograms.csv").is_file():
+        labels_header, labels_rows = _read_csv(run_dir / "label_histograms.csv")
+        sources.append("label_histograms.csv")
+
+    has_epsilon = any(_num(r.get("epsilon")) is not None for r in hist_rows)
+    budget = _num(str(config.get("dp_epsilon"))) if config.get("dp_epsilon") is not None else None
+    if budget is None and isinstance(summary.get("privacy"), dict):
+        budget = _num(str(summary["privacy"].get("epsilon_budget")))
+
+    plots: list[tuple[str, str, Any]] = [
+        (ACCURACY_LOSS_PNG, "Test accuracy and loss per round", lambda p: _plot_accuracy_loss(hist_rows, p)),
+    ]
+    if has_epsilon:
+        plots.append((PRIVACY_BUDGET_PNG, "Epsilon spent per round against the budget",
+                      lambda p: _plot_privacy(hist_rows, budget, p)))
+    if labels_rows:
+        plots.append((CLIENT_DATA_PNG, "Training samples per client, stacked by class",
+                      lambda p: _plot_client_data(labels_header, labels_rows, p)))
+    made: list[tuple[str, str]] = []
+    for name, alt, draw in plots:
+        try:
+            draw(run_dir / name)
+        except Exception as exc:  # a plot must never cost the run its report
+            log.warning("could not draw %s in %s: %s: %s", name, run_dir, type(exc).__name__, exc)
+            continue
+        written[name] = run_dir / name
+        made.append((name, alt))
+
+    doc = _Doc()
+    doc.heading("Results")
+    doc.table(["quantity", "value"], _results_rows(summary, len(hist_rows)))
+    for name, alt in made:
+        if name == ACCURACY_LOSS_PNG:
+            doc.image(name, alt)
+
+    _privacy_section(doc, summary, config)
+    for name, alt in made:
+        if name == PRIVACY_BUDGET_PNG:
+            doc.image(name, alt)
+
+    doc.heading("Per-round history")
+    if hist_rows:
+        doc.para(f"Every row of history.csv, cells exactly as written there; {T.EMPTY_CELL} marks an empty cell "
+                 "(round not evaluated, or no differential privacy).")
+        doc.table(hist_header, [[r.get(c) or T.EMPTY_CELL for c in hist_header] for r in hist_rows], numeric=True)
+    else:
+        doc.para("history.csv is missing or has no rows.")
+
+    if labels_rows:
+        doc.heading("Client data")
+        for name, alt in made:
+            if name == CLIENT_DATA_PNG:
+                doc.image(name, alt)
+        totals = [_num(r.get("total")) for r in labels_rows]
+        known = [t for t in totals if t is not None]
+        if known:
+            doc.para(f"{len(labels_rows)} clients; samples per client: min {min(known):g}, max {max(known):g}, "
+                     f"total {sum(known):g} (from label_histograms.csv).")
+
+    doc.heading("Configuration")
+    if config:
+        doc.table(["key", "value"], [[str(k), _fmt(v)] for k, v in config.items()])
+    else:
+        doc.para("summary.json records no configuration.")
+
+    title = f"Run report: {run_dir.name}"
+    src = ", ".join(sources) if sources else "none found"
+    for name, text in ((REPORT_MD, doc.markdown(title, src)), (REPORT_HTML, doc.html(title, src))):
+        atomic_write_bytes(run_dir / name, text.encode("utf-8"))
+        written[name] = run_dir / name
+    return written
+
+
+def write_report_logged(run_dir: Path) -> dict[str, Path]:
+    """``write_report`` for the end of a run: logs where the report is; on any failure logs a warning
+    and returns ``{}`` so the run's saved results are never lost to reporting."""
+    try:
+        files = write_report(run_dir)
+    except Exception as exc:
+        log.warning("could not write the report in %s: %s: %s", run_dir, type(exc).__name__, exc)
+        return {}
+    log.info("report: %s (plots: %s)", files.get(REPORT_HTML),
+             ", ".join(n for n in files if n.endswith(".png")) or "none")
+    return files
+
+
+__all__ = ["write_report", "write_report_logged", "ACCURACY_LOSS_PNG", "PRIVACY_BUDGET_PNG", "CLIENT_DATA_PNG",
+           "REPORT_MD", "REPORT_HTML"]

@@ -150,3 +150,23 @@ def test_topk_daemons_keep_their_error_feedback(tmp_path: Path) -> None:
         assert all(r["bytes"] > 0 for r in rows)
     finally:
         server.stop()
+
+
+def test_daemons_ride_out_a_server_kill_9(tmp_path: Path) -> None:
+    env = token_env()
+    server = GunicornServer(make_cfg(num_clients=2, num_rounds=3), tmp_path / "srv", env)
+    server.start()
+    clients = []
+    try:
+        clients = [start_client(server, env, f"r{i}", tmp_path) for i in range(2)]
+        wait_for(lambda: server.status()["completed_rounds"] >= 1, timeout=240)
+        server.kill9()
+        server.start()  # same port, same state dir: the daemons keep polling and carry on
+        status = wait_for(lambda: (s := server.status())["state"] == "finished" and s, timeout=300)
+        assert status["completed_rounds"] == 3 and status["clients"]["registered"] == 2
+        assert all(c.wait(timeout=120) == 0 for c in clients)
+    finally:
+        for c in clients:
+            if c.poll() is None:
+                c.kill()
+        server.stop()

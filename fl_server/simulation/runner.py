@@ -19,7 +19,6 @@ import logging
 import platform
 import sys
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -113,8 +112,6 @@ class Simulation:
             self._restore()
         self._executor: ClientExecutor | None = None
         self._codec = make_codec(cfg.codec) if cfg.compression else None
-        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fl-checkpoint")
-        self._pending_write: Future[None] | None = None
         self._error_feedback: dict[Any, ErrorFeedback] = {}
         self.startup_seconds = time.perf_counter() - t0
         self.ready_seconds: float | None = None  # process start -> first round (imports, data, workers)
@@ -154,29 +151,15 @@ class Simulation:
         return self._executor
 
     def _checkpoint(self, wall_seconds: float) -> None:
-        """Snapshot now, write in the background while the next round trains.
+        """Write the round's checkpoint and history before the next round starts.
 
-        The snapshot (a copy of the global vector and the history) is taken between rounds, so
-        the file is always a consistent round boundary; at most one write is in flight, and a
-        process killed during it leaves the previous checkpoint, from which a resume repeats the
-        same round identically."""
+        (Writing them in a background thread while the next round trained was measured slower
+        on 2 cores - 1.03x against 0.95x of the plain loop - so the write stays synchronous.)"""
         if self.run_dir is None:
             return
-        state = {"config": self.cfg.to_dict(), "coordinator": self.coordinator.state_dict(), "wall_seconds": wall_seconds}
-        history = list(self.coordinator.history)
-        self._wait_for_checkpoint()
-        run_dir = self.run_dir
-
-        def write() -> None:
-            run_dir.save_checkpoint(state)
-            run_dir.write_history(history)
-
-        self._pending_write = self._writer.submit(write)
-
-    def _wait_for_checkpoint(self) -> None:
-        if self._pending_write is not None:
-            self._pending_write.result()  # re-raises a failed write (disk full, ...) here
-            self._pending_write = None
+        self.run_dir.save_checkpoint({"config": self.cfg.to_dict(), "coordinator": self.coordinator.state_dict(),
+                                      "wall_seconds": wall_seconds})
+        self.run_dir.write_history(self.coordinator.history)
 
     # ------------------------------------------------------------------ public API
     @property
@@ -238,7 +221,6 @@ class Simulation:
                 bar.update(1)
         finally:
             bar.close()
-            self._wait_for_checkpoint()
         self.wall_seconds_before += time.perf_counter() - start
         return coord.history
 
@@ -301,8 +283,6 @@ class Simulation:
         return summary
 
     def close(self) -> None:
-        self._wait_for_checkpoint()
-        self._writer.shutdown(wait=True)
         if self._executor is not None:
             self._executor.close()
             self._executor = None

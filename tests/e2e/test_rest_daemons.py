@@ -28,6 +28,14 @@ def start_client(server: GunicornServer, env: dict, name: str, state: Path, *ext
     return subprocess.Popen(cmd, env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT)
 
 
+def shutdown(server: GunicornServer, clients: list[subprocess.Popen]) -> None:
+    """Kill whatever a failed test left running: daemons first, then the server."""
+    for c in clients:
+        if c.poll() is None:
+            c.kill()
+    server.stop()
+
+
 def test_daemons_train_a_federation_and_survive_a_restart(tmp_path: Path) -> None:
     env = token_env()
     server = GunicornServer(make_cfg(num_clients=4, num_rounds=3), tmp_path / "srv", env)
@@ -55,10 +63,7 @@ def test_daemons_train_a_federation_and_survive_a_restart(tmp_path: Path) -> Non
         assert sorted(c["partition"] for c in table) == [0, 1, 2, 3]
         assert sum(c["rounds_participated"] for c in table) == 12
     finally:
-        for c in clients:
-            if c.poll() is None:
-                c.kill()
-        server.stop()
+        shutdown(server, clients)
 
 
 def test_two_of_ten_clients_killed_mid_round(tmp_path: Path) -> None:
@@ -84,10 +89,7 @@ def test_two_of_ten_clients_killed_mid_round(tmp_path: Path) -> None:
         table = requests.get(f"{server.url}/api/v1/clients", headers=admin, timeout=10).json()["clients"]
         assert sum(c["dropped"] for c in table) == 2
     finally:
-        for c in clients:
-            if c.poll() is None:
-                c.kill()
-        server.stop()
+        shutdown(server, clients)
 
 
 def _self_signed(tmp_path: Path) -> tuple[str, str]:
@@ -166,7 +168,4 @@ def test_daemons_ride_out_a_server_kill_9(tmp_path: Path) -> None:
         assert status["completed_rounds"] == 3 and status["clients"]["registered"] == 2
         assert all(c.wait(timeout=120) == 0 for c in clients)
     finally:
-        for c in clients:
-            if c.poll() is None:
-                c.kill()
-        server.stop()
+        shutdown(server, clients)

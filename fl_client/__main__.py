@@ -70,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="reported capability, e.g. --capability compute=2.0 (repeatable)")
     p.add_argument("--ca-cert", help="CA bundle to verify an https server (e.g. a self-signed certificate)")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    p.add_argument("--log-format", default="text", choices=["text", "json"], help="text, or json: one JSON object per line")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bar for local training (it is also off when stderr is not a terminal)")
     return p
 
 
@@ -84,8 +87,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.threads < 1 or (args.max_rounds is not None and args.max_rounds < 1):
         print("error: --threads and --max-rounds must be at least 1", file=sys.stderr)
         return 2
-    logging.basicConfig(level=getattr(logging, args.log_level), stream=sys.stderr,
-                        format=f"%(asctime)s %(levelname)s fl_client[{args.client_name or os.getpid()}]: %(message)s")
+    from fl_common.logs import configure_logging
+
+    configure_logging(args.log_level, args.log_format,
+                      text_format=f"%(asctime)s %(levelname)s fl_client[{args.client_name or os.getpid()}]: %(message)s")
     logging.getLogger("urllib3").setLevel(logging.WARNING)
     from fl_client.daemon import ClientDaemon, DaemonOptions
     from fl_common.data import DatasetUnavailable
@@ -96,7 +101,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         enrollment_token=args.enrollment_token or os.environ.get(ENV_ENROLLMENT_TOKEN), client_name=args.client_name,
         partition=args.partition, data_dir=args.data_dir, timeout=args.timeout, max_retries=args.max_retries,
         max_rounds=args.max_rounds, threads=args.threads, capability=dict(args.capability),
-        verify_tls=args.ca_cert or True))
+        verify_tls=args.ca_cert or True, progress=False if args.no_progress else None))
     daemon.install_signal_handlers()
     try:
         return daemon.run()

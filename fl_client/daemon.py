@@ -10,6 +10,7 @@ Training uses ``fl_common.training.LocalTrainer``, the very code the simulation 
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -21,11 +22,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-import numpy as np
 import torch
 
 from fl_client.api import ApiRefused, Credentials, ServerApi, ServerUnreachable
+from fl_client.progress import training_progress
 from fl_common.data import ArrayDataset, load_dataset
+from fl_common.data.assignment import training_subset
 from fl_common.data.partition import client_partition
 from fl_common.models import create_model
 from fl_common.protocol import TrainInstructions
@@ -35,6 +37,7 @@ from fl_common.tensors.codecs import make_codec
 from fl_common.tensors.error_feedback import ErrorFeedback
 from fl_common.tensors.pipeline import pack_update
 from fl_common.training import LocalTrainer
+from fl_common.training.scaffold import ControlVariates, updated_client_control
 
 log = logging.getLogger("fl_client")
 
@@ -53,7 +56,11 @@ class DaemonOptions:
     threads: int = 1
     capability: dict[str, float] = field(default_factory=dict)
     verify_tls: bool | str = True
-    progress: Optional[bool] = None
+    progress: Optional[bool] = None  # local-training progress bar: None = only when stderr is a terminal
+
+
+#: where a SCAFFOLD client keeps its control variate c_i between rounds
+CONTROL_FILE = "scaffold_control.pt"
 
 
 def _write_private(path: Path, data: str | bytes) -> None:
@@ -133,11 +140,7 @@ class ClientDaemon:
             raise SystemExit("error: the server assigned no data partition to this client")
         torch.set_num_threads(self.opts.threads)
         train = load_dataset(assignment["dataset"], "train", data_dir=self.opts.data_dir, seed=assignment["seed"])
-        if assignment.get("max_train_samples") and assignment["max_train_samples"] < len(train):
-            from fl_common.protocol import derive_seed
-
-            rng = np.random.default_rng(derive_seed(assignment["seed"], "train-subset"))
-            train = train.subset(np.sort(rng.choice(len(train), size=assignment["max_train_samples"], replace=False)))
+        train = training_subset(train, assignment["seed"], assignment.get("max_train_samples"))
         idx = client_partition(train.y.numpy(), assignment["num_clients"], assignment["partition_index"], assignment["method"],
                                seed=assignment["seed"], alpha=assignment["alpha"],
                                samples_per_client=assignment["samples_per_client"],
@@ -201,21 +204,40 @@ class ClientDaemon:
             self._save_state()
             return fn(*args)
 
+    def _client_control(self, numel: int) -> torch.Tensor:
+        """This client's SCAFFOLD variate c_i (zeros before its first round)."""
+        path = self.state_dir / CONTROL_FILE
+        if not path.is_file():
+            return torch.zeros(numel)
+        c = torch.load(io.BytesIO(path.read_bytes()), weights_only=True)
+        if not isinstance(c, torch.Tensor) or c.shape != (numel,):
+            raise SystemExit(f"error: {path} does not hold a variate for this model; delete it to start from zero")
+        return c
+
     def _take_part(self, status: dict[str, Any]) -> None:
         assert self.trainer is not None and self.data is not None
         round_number = int(status["round"])
         instr = TrainInstructions.from_json(status["instructions"])
         encrypted = bool(self.registration.get("encryption", True))
+        numel = self.trainer.spec.numel
+        if self.model_vector is not None and self.model_vector.numel() != numel * (2 if instr.scaffold else 1):
+            self.model_etag = None  # the cached download has the other layout: fetch it again
         payload, etag = self._call(self.api.download_model, self.model_etag, encrypted)
         if payload is not None:
-            self.model_vector, _ = wire.decode_update(payload, self.trainer.spec.numel, max_bytes=2**34)
+            self.model_vector, _ = wire.decode_update(payload, numel * (2 if instr.scaffold else 1), max_bytes=2**34)
             self.model_etag = etag
         assert self.model_vector is not None
+        global_vector, control = self.model_vector[:numel], None
+        if instr.scaffold:  # SCAFFOLD: the server variate c follows the model; c_i stays in the state dir
+            control = ControlVariates(server=self.model_vector[numel:], client=self._client_control(numel))
         log.info("round %d: training %d epoch(s) on %d samples", round_number, instr.epochs, len(self.data))
-        update = self.trainer.train(self.model_vector, self.data.x, self.data.y, instr, client_id=self.api.creds.client_id)
+        with training_progress(self.trainer.model, instr, len(self.data), round_number=round_number, enabled=self.opts.progress):
+            update = self.trainer.train(global_vector, self.data.x, self.data.y, instr, client_id=self.api.creds.client_id,
+                                        control=control)
         codec = make_codec(self.registration["codec"])
         rng = torch.Generator().manual_seed(instr.seed ^ 0x5EED)
-        packed = pack_update(update.delta, codec, self.registration["wire_compression"], rng=rng,
+        upload = update.delta if update.control_delta is None else torch.cat([update.delta, update.control_delta])
+        packed = pack_update(upload, codec, self.registration["wire_compression"], rng=rng,
                              error_feedback=self.error_feedback,
                              meta={"num_samples": update.num_samples, "metrics": update.metrics})
         key_path = self.state_dir / f"pending-r{round_number}.key"
@@ -231,9 +253,17 @@ class ClientDaemon:
             log.warning("round %d: upload failed (%s); the round may close without this update", round_number, exc)
             return
         key_path.unlink(missing_ok=True)
+        if control is not None and update.control_delta is not None:
+            # c_i moves only once the server holds the update that used it (a refused upload leaves it)
+            buf = io.BytesIO()
+            torch.save(updated_client_control(control.client, update.control_delta), buf)
+            _write_private(self.state_dir / CONTROL_FILE, buf.getvalue())
         if self.error_feedback is not None:
             _write_private(self.state_dir / "error_feedback.bin", self.error_feedback.to_bytes())
         self.rounds_done += 1
         self._save_state()
-        log.info("round %d: update accepted (%d bytes, train loss %.4f)%s", round_number, len(packed.data),
-                 update.metrics["train_loss"], " [retry of an accepted upload]" if result.get("duplicate") else "")
+        # DP-SGD reports no training loss (it is not private); say so rather than invent one
+        loss = update.metrics.get("train_loss")
+        log.info("round %d: update accepted (%d bytes, %s)%s", round_number, len(packed.data),
+                 f"train loss {loss:.4f}" if loss is not None else "no train loss reported under DP",
+                 " [retry of an accepted upload]" if result.get("duplicate") else "")

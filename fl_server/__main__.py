@@ -29,6 +29,8 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="python -m fl_server", description="Federated Learning Hub server and simulator")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    parser.add_argument("--log-format", default="text", choices=["text", "json"],
+                        help="text, or json: one JSON object per line (also accepted after the command)")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     sim = sub.add_parser("simulate", help="run a whole federation in this process (workers for parallel clients)")
@@ -58,7 +60,29 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     demo.add_argument("--output", type=Path, help="demo folder (default: runs/demo-<time>)")
     demo.add_argument("--no-progress", action="store_true")
+
+    audit = sub.add_parser("audit", help="print the security audit log of a server's state directory")
+    audit.add_argument("--state-dir", type=Path, default=Path("fl-server-state"), help="the server's --state-dir")
+    audit.add_argument("--limit", type=int, default=200, help="newest events to print (1-100000, default 200)")
+    audit.add_argument("--kind", help="only events of this kind, e.g. registered, bad_token, update_bad_payload")
+    audit.add_argument("--json", action="store_true", help="one JSON object per line")
+    for p in (sim, srv, demo, audit):  # `serve --log-format json` as well as `--log-format json serve`
+        p.add_argument("--log-format", choices=["text", "json"], default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return parser
+
+
+def _audit(args: argparse.Namespace) -> int:
+    from fl_server.audit import AuditError, format_event, read_events
+
+    if not 1 <= args.limit <= 100_000:
+        raise ConfigError(f"--limit must be in 1..100000, got {args.limit}")
+    try:
+        events = read_events(args.state_dir, limit=args.limit, kind=args.kind)
+    except AuditError as exc:
+        raise ConfigError(str(exc)) from None
+    for event in events:
+        print(format_event(event, as_json=args.json))
+    return 0
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -75,7 +99,8 @@ def _serve(args: argparse.Namespace) -> int:
     from fl_server.service import check_rest_config
 
     check_rest_config(cfg)
-    serve(cfg, args.state_dir, host=args.host, port=args.port, threads=args.threads, certfile=args.certfile,
+    serve(cfg, args.state_dir, host=args.host, port=args.port, threads=args.threads, log_format=args.log_format,
+          log_level=args.log_level, certfile=args.certfile,
           keyfile=args.keyfile)
     return 0
 
@@ -122,7 +147,12 @@ def _simulate(args: argparse.Namespace) -> int:
         base.train()
         summary = base.save_results()
     else:
-        with Simulation(cfg, output, resume=args.resume, progress=progress) as sim:
+        driver = Simulation
+        if cfg.training_mode == "async":
+            from fl_server.simulation import AsyncSimulation
+
+            driver = AsyncSimulation
+        with driver(cfg, output, resume=args.resume, progress=progress) as sim:
             log.info("start-up %.1f s; %d clients hold %s-%s samples; results in %s", sim.startup_seconds, cfg.num_clients,
                      min(map(len, sim.partitions)), max(map(len, sim.partitions)), output)
             sim.train()
@@ -139,8 +169,9 @@ def _simulate(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=getattr(logging, args.log_level), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        stream=sys.stderr)
+    from fl_common.logs import configure_logging
+
+    configure_logging(args.log_level, args.log_format)
     try:
         if args.command == "simulate":
             return _simulate(args)
@@ -148,6 +179,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _serve(args)
         if args.command == "demo":
             return _demo(args)
+        if args.command == "audit":
+            return _audit(args)
     except (ConfigError, DatasetUnavailable) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE

@@ -3,6 +3,11 @@
 Every error a client can cause becomes a 4xx with ``{"error": code, "message": text}``; an
 unexpected failure becomes a 500 with the same shape and no internals. Request bodies are read
 only after the Content-Length check (413 above ``max_update_bytes``).
+
+Monitoring: ``/status`` (JSON summary), ``/metrics`` (Prometheus, ``fl_server.metrics``) and the
+live dashboard at ``/dashboard`` (``fl_server.dashboard``) are public and carry no per-client
+values; the client table and the audit log (``/api/v1/clients``, ``/api/v1/audit``) need the
+admin token. The app also attaches the end-of-run report writer (``fl_server.run_report``).
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from typing import Any
 from flask import Flask, Response, g, jsonify, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
+from fl_common.crypto import constant_time_equals
 from fl_common.protocol.rest import (
     HEADER_IDEMPOTENCY,
     HEADER_MODEL_KEY,
@@ -25,8 +31,11 @@ from fl_common.protocol.rest import (
     PATH_ROUND,
     PATH_TOKEN,
 )
-from fl_common.crypto import constant_time_equals
+from fl_server.dashboard import OPENAPI_PATHS as MONITORING_PATHS
+from fl_server.dashboard import dashboard_blueprint
+from fl_server.metrics import install_metrics
 from fl_server.openapi import openapi_document
+from fl_server.run_report import RunReportWriter
 from fl_server.service import ApiError, Authenticated, FederationService
 
 log = logging.getLogger("fl_server.http")
@@ -42,6 +51,10 @@ def create_app(service: FederationService, *, start_ticker: bool = True) -> Flas
     app = Flask("fl_server")
     app.config["MAX_CONTENT_LENGTH"] = service.cfg.max_update_bytes
     app.extensions["fl_service"] = service
+    install_metrics(app, service)
+    app.register_blueprint(dashboard_blueprint(service))
+    if not any(isinstance(o, RunReportWriter) for o in service.observers):  # one report, however many apps
+        service.observers.add(RunReportWriter())
     if start_ticker:
         service.start()
 
@@ -94,7 +107,9 @@ def create_app(service: FederationService, *, start_ticker: bool = True) -> Flas
 
     @app.get(PATH_OPENAPI)
     def openapi() -> Response:
-        return jsonify(openapi_document())
+        doc = openapi_document()
+        doc["paths"].update(MONITORING_PATHS)
+        return jsonify(doc)
 
     # ------------------------------------------------------------------ clients
     @app.post(PATH_REGISTER)
@@ -154,10 +169,15 @@ def create_app(service: FederationService, *, start_ticker: bool = True) -> Flas
 
     @app.get("/api/v1/audit")
     def audit() -> Response:
+        """Security events, newest first: registrations, token renewals, every refusal (bad tokens and
+        signatures, replays, refused updates, bad admin tokens). ``?limit=N`` (1-10000, default 200)."""
         require_admin()
-        return jsonify({"events": service.store.security_events()})
+        raw = request.args.get("limit", "200")
+        if not raw.isdigit() or not 1 <= int(raw) <= 10000:
+            raise ApiError(400, "bad_limit", "limit must be an integer from 1 to 10000")
+        return jsonify({"events": service.store.security_events(limit=int(raw))})
 
     return app
 
 
-__all__ = ["create_app", "PATH_MODEL", "PATH_ROUND", "PATH_REGISTER", "PATH_TOKEN", "PATH_CLIENTS", "PATH_OPENAPI"]
+__all__ = ["PATH_CLIENTS", "PATH_MODEL", "PATH_OPENAPI", "PATH_REGISTER", "PATH_ROUND", "PATH_TOKEN", "create_app"]

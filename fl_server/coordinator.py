@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Collection, Mapping, Sequence
 
 import torch
 
@@ -23,13 +23,17 @@ from fl_common.protocol import ClientUpdate, TrainInstructions, derive_seed
 from fl_common.tensors import ParamSpec
 from fl_common.training import EvalResult, learning_rate_at
 from fl_server.privacy_engine import BudgetExhausted, DPRound, PrivacyEngine
-from fl_server.selection import make_selector
+from fl_server.selection import ClientInfo, ParticipationLog, client_infos_for, make_selector
 from fl_server.store import RoundRecord
 from fl_server.strategies import Aggregator, Strategy, UpdateRejected, make_strategy
 
 log = logging.getLogger("fl_server.coordinator")
 
 Evaluator = Callable[[torch.Tensor], EvalResult]
+
+
+class NoEligibleClients(ValueError):
+    """Too few of the clients reachable now may take part (privacy budgets); others may come later."""
 
 
 @dataclass
@@ -40,6 +44,8 @@ class RoundPlan:
     #: the round's DP parameters (``DPRound.to_json()``) when differential privacy is on; a driver
     #: that persists open rounds must persist this too, to restore the round after a restart
     privacy: dict[str, Any] | None = None
+    #: each selected client's inclusion probability under the selection policy (participation.csv)
+    probabilities: dict[int | str, float] | None = None
 
 
 @dataclass
@@ -52,20 +58,58 @@ class _OpenRound:
     dp: DPRound | None = None
 
 
+#: What a driver may declare it carries out, beyond handing updates to the coordinator:
+#: "control_variates" - keeps each client's SCAFFOLD variate between rounds and sends the server's
+#: variate (``Coordinator.server_control``) with the model, returning ``ClientUpdate.control_delta``;
+#: "attacks" - applies the simulated attacks of ``cfg.attack`` (fl_server/simulation/attacks.py);
+#: "client_infos" - passes each candidate's reports (``infos=`` of ``plan_round``: records, label
+#: histogram, speeds), which every selection policy but ``uniform`` draws on.
+DRIVER_FEATURES = ("control_variates", "attacks", "client_infos")
+
+
+def _check_driver_features(cfg: FLConfig, strategy: Strategy, features: Collection[str]) -> None:
+    unknown = set(features) - set(DRIVER_FEATURES)
+    if unknown:
+        raise ValueError(f"unknown driver features {sorted(unknown)}: allowed {', '.join(DRIVER_FEATURES)}")
+    if strategy.needs_client_state and "control_variates" not in features:
+        raise ConfigError(f"aggregation_method '{cfg.aggregation_method}' needs clients that keep a control variate between "
+                          f"rounds, which this driver does not carry yet (the simulation does): use another aggregation_method "
+                          f"here, or run it with python -m fl_server simulate")
+    if cfg.attack != "none" and "attacks" not in features:
+        raise ConfigError(f"config key 'attack' has value {cfg.attack!r}: simulated attacks exist only in the simulation "
+                          f"(python -m fl_server simulate); set attack: none")
+    if cfg.selection != "uniform" and "client_infos" not in features:
+        raise ConfigError(f"selection '{cfg.selection}' draws on what each client reports (ClientInfo), which this driver "
+                          f"does not pass yet (the simulation does): use selection: uniform here, or run it with "
+                          f"python -m fl_server simulate")
+
+
 class Coordinator:
     def __init__(self, cfg: FLConfig, global_vector: torch.Tensor, spec: ParamSpec,
                  evaluator: Evaluator | None = None, strategy: Strategy | None = None, *,
-                 client_sizes: Mapping[int | str, int] | None = None, privacy_seeded_noise: bool = False) -> None:
+                 client_sizes: Mapping[int | str, int] | None = None, privacy_seeded_noise: bool = False,
+                 planned_client_sizes: Sequence[int] | None = None,
+                 driver_features: Collection[str] = ()) -> None:
         """``client_sizes`` (client -> number of records) is needed for sample-level DP, which plans
         and accounts each client's local DP-SGD steps; ``privacy_seeded_noise`` makes the server's DP
-        noise reproducible from the run seed (simulation only; see fl_server/privacy_engine.py)."""
+        noise reproducible from the run seed (simulation only; see fl_server/privacy_engine.py).
+        ``driver_features`` says what the driver itself carries out (see :data:`DRIVER_FEATURES`); a
+        configuration that needs a feature the driver lacks is refused here, never run half-way."""
         if global_vector.numel() != spec.numel:
             raise ValueError("global vector does not match the model spec")
         self.cfg = cfg
         self.spec = spec
         self.global_vector = global_vector.detach().to(torch.float32).clone()
         self.strategy = strategy or make_strategy(cfg)
-        self.selector = make_selector(cfg.selection, cfg.seed)
+        _check_driver_features(cfg, self.strategy, driver_features)
+        if cfg.training_mode != "sync":
+            raise ConfigError(f"config key 'training_mode' is {cfg.training_mode!r}: this coordinator runs synchronous rounds; "
+                              f"asynchronous training runs on fl_server.asynchronous.AsyncCoordinator (python -m fl_server "
+                              f"simulate picks it); the REST server does not run it yet")
+        self.selector = make_selector(cfg, model_bytes=4 * spec.numel)
+        #: who was selected and who arrived in every closed round (participation.csv, fairness, staleness)
+        self.participation = ParticipationLog()
+        self._client_sizes = dict(client_sizes or {})
         self.evaluator = evaluator
         self.completed_rounds = 0
         self.history: list[RoundRecord] = []
@@ -75,10 +119,17 @@ class Coordinator:
             if cfg.dp_mode == "client" and self.strategy.needs_individual_updates:
                 raise ConfigError(f"aggregation_method '{cfg.aggregation_method}' needs individual updates, which client-level "
                                   f"DP-FedAvg does not release; use fedavg or fedprox")
-            self.privacy = PrivacyEngine(cfg, client_sizes, seeded_noise=privacy_seeded_noise)
+            self.privacy = PrivacyEngine(cfg, client_sizes, seeded_noise=privacy_seeded_noise,
+                                         planned_sizes=planned_client_sizes)
             log.info("%s", self.privacy.describe())
 
     # ------------------------------------------------------------------ planning
+    @property
+    def server_control(self) -> torch.Tensor | None:
+        """SCAFFOLD's server variate c, which the driver sends to every selected client with the global
+        model (None for other strategies); valid once a round is planned, fixed until it closes."""
+        return self.strategy.server_control()
+
     @property
     def finished(self) -> bool:
         return self.completed_rounds >= self.cfg.num_rounds or self.stop_reason is not None
@@ -100,10 +151,14 @@ class Coordinator:
                                  learning_rate=lr, optimizer=cfg.optimizer, momentum=cfg.momentum,
                                  weight_decay=cfg.weight_decay, proximal_mu=0.0)
 
-    def plan_round(self, available: Sequence[int | str], k: int | None = None) -> RoundPlan:
+    def plan_round(self, available: Sequence[int | str], k: int | None = None, *,
+                   infos: Mapping[int | str, ClientInfo] | None = None) -> RoundPlan:
         """Select ``k`` clients (default: clients_per_round) among ``available`` and open the round.
 
-        The REST driver passes a larger ``k`` to over-select and absorb dropouts."""
+        The REST driver passes a larger ``k`` to over-select and absorb dropouts. ``infos`` (client
+        id -> :class:`ClientInfo`) is what the selection policy may use; without it only ids are
+        known (plus ``client_sizes``), which is all ``uniform`` needs. A ``last_round`` left None is
+        filled from this coordinator's participation records."""
         if self._open is not None:
             raise RuntimeError(f"round {self._open.plan.round} is still open")
         if self.stop_reason is not None:
@@ -120,11 +175,14 @@ class Coordinator:
             except BudgetExhausted as exc:
                 log.warning("%s", exc)
                 raise
-            if not available:
-                raise ValueError(f"none of the {reachable} available clients can take part in round {round_number} "
-                                 f"within its privacy budget")
+            if len(available) < max(1, self.cfg.min_clients):
+                raise NoEligibleClients(f"only {len(available)} of the {reachable} available clients can take part in "
+                                        f"round {round_number} within their privacy budgets (min_clients="
+                                        f"{self.cfg.min_clients})")
         k = min(self.cfg.clients_per_round if k is None else k, len(available))
-        selected = self.selector.select(round_number, available, k)
+        drawn = self.selector.draw(round_number, client_infos_for(available, infos, sizes=self._client_sizes,
+                                                                  last_rounds=self.participation.last_round), k)
+        selected = drawn.selected
         base = self.base_instructions(round_number)
         instructions = {
             cid: self.strategy.configure_client(
@@ -137,7 +195,8 @@ class Coordinator:
             dp = self.privacy.begin_round(round_number, selected, reachable)
             instructions = {cid: self.privacy.configure(instr, cid, dp) for cid, instr in instructions.items()}
             aggregator = self.privacy.new_aggregator(dp, self.global_vector.numel(), aggregator)
-        plan = RoundPlan(round_number, selected, instructions, privacy=dp.to_json() if dp is not None else None)
+        plan = RoundPlan(round_number, selected, instructions, privacy=dp.to_json() if dp is not None else None,
+                         probabilities={cid: drawn.probabilities[cid] for cid in selected})
         self._open = _OpenRound(plan, aggregator, time.perf_counter(), dp=dp)
         log.debug("round %d: selected %d clients", round_number, len(selected))
         return plan
@@ -215,6 +274,7 @@ class Coordinator:
             epsilon=epsilon,
         )
         self.history.append(record)
+        self.participation.record_round(op.plan.round, op.plan.selected, op.arrived, op.plan.probabilities)
         self.completed_rounds = op.plan.round
         self._open = None
         return record
@@ -233,6 +293,7 @@ class Coordinator:
             "strategy": self.strategy.state_dict(),
             "history": [r.to_row() for r in self.history],
             "privacy": self.privacy.state_dict() if self.privacy is not None else None,
+            "participation": self.participation.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -243,6 +304,7 @@ class Coordinator:
         self.global_vector = state["global_vector"].to(torch.float32).clone()
         self.strategy.load_state_dict(state["strategy"])
         self.history = [RoundRecord.from_row(r) for r in state["history"]]
+        self.participation.load_state_dict(state.get("participation"))
         stored = state.get("privacy")
         if self.privacy is not None:
             if stored is None:

@@ -176,7 +176,11 @@ class DPFedAvgAggregator(Aggregator):
 # --------------------------------------------------------------------------- the engine
 class PrivacyEngine:
     def __init__(self, cfg: FLConfig, client_sizes: Mapping[ClientId, int] | None = None, *,
-                 seeded_noise: bool = False) -> None:
+                 seeded_noise: bool = False, planned_sizes: Sequence[int] | None = None) -> None:
+        """``client_sizes`` registers known clients (the simulation knows them all up front);
+        ``planned_sizes`` are the record counts σ is calibrated for when clients are not known yet
+        (the REST server: the shard sizes of the configured partition, clients register later
+        with :meth:`register_client`). Sample level needs one of the two."""
         if not cfg.differential_privacy:
             raise ValueError("PrivacyEngine needs differential_privacy: true")
         self.cfg = cfg
@@ -199,13 +203,13 @@ class PrivacyEngine:
         for cid, n in (client_sizes or {}).items():
             self.register_client(cid, n)
         if self.mode == "sample":
-            if not self.client_sizes:
+            sizes = list(self.client_sizes.values()) if self.client_sizes else [int(n) for n in planned_sizes or ()]
+            if not sizes or min(sizes) < 1:
                 raise ConfigError("sample-level differential privacy needs every client's number of records "
-                                  "(the coordinator must be given client_sizes)")
-            total = sum(self.client_sizes.values())
-            self._check_delta(total, "training records")
+                                  "(the coordinator must be given client_sizes or planned_sizes)")
+            self._check_delta(sum(sizes), "training records")
             self.planned_rounds = cfg.dp_client_rounds or math.ceil(cfg.num_rounds * cfg.clients_per_round / cfg.num_clients)
-            phases = [self._phase(n, self.planned_rounds) for n in self.client_sizes.values()]
+            phases = [self._phase(n, self.planned_rounds) for n in sorted(set(sizes))]
             self._calibrate_sample(phases)
         elif self.mode == "client":
             self._check_delta(cfg.num_clients, "clients")

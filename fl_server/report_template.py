@@ -11,6 +11,13 @@ FEDERATED_DATA_SENTENCE = "Raw training data never left the clients: only model 
 CENTRALIZED_DATA_SENTENCE = ("This was a centralized baseline: the training data was pooled in one place, "
                              "so no statement about data staying on clients applies.")
 UNKNOWN_MODE_SENTENCE = "summary.json does not record the run's mode: no statement about where the data was is made."
+#: REST runs: what the server received instead of data ({metrics}: " (name, ...)" of the metric names seen, or "")
+REST_DATA_SENTENCE = ("Raw training data never left the clients: the server received model updates, each with its sample "
+                      "count and the per-update metrics the client attached{metrics}.")
+DP_UNRECORDED_SENTENCE = ("Differential privacy was configured (differential_privacy: true), but summary.json records no "
+                          "privacy accounting: no (epsilon, delta) guarantee is stated.")
+REST_ENCRYPTION_ON = "on (model and update payloads Fernet-encrypted under keys agreed per client)"
+ENCRYPTION_OFF = "off (payloads were not encrypted by the application; whether TLS was used is not recorded)"
 NOT_RECORDED = "not recorded"
 EMPTY_CELL = "\u2014"  # an em dash: the cell is empty in history.csv (not evaluated / not private)
 
@@ -43,5 +50,17 @@ HTML_PAGE = """<!DOCTYPE html>
 </html>
 """
 
-__all__ = ["NO_DP_SENTENCE", "FEDERATED_DATA_SENTENCE", "CENTRALIZED_DATA_SENTENCE", "UNKNOWN_MODE_SENTENCE",
-           "NOT_RECORDED", "EMPTY_CELL", "CSS", "HTML_PAGE"]
+__all__ = [
+                             "CENTRALIZED_DATA_SENTENCE",
+                             "CSS",
+                             "DP_UNRECORDED_SENTENCE",
+                             "EMPTY_CELL",
+                             "ENCRYPTION_OFF",
+                             "FEDERATED_DATA_SENTENCE",
+                             "HTML_PAGE",
+                             "NOT_RECORDED",
+                             "NO_DP_SENTENCE",
+                             "REST_DATA_SENTENCE",
+                             "REST_ENCRYPTION_ON",
+                             "UNKNOWN_MODE_SENTENCE",
+]

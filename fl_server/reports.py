@@ -7,6 +7,11 @@
 * ``privacy_budget.png``  epsilon spent per round against ``config["dp_epsilon"]`` (only when
                           history.csv holds epsilon values);
 * ``client_data.png``     samples per client stacked by class (only with label_histograms.csv);
+* ``participation.png``   rounds each client was selected for, took part in and dropped out of
+                          (only with participation.csv, which the REST server writes);
+* ``client_accuracy.png`` the distribution of per-client accuracy (only with client_accuracy.csv, whose
+                          ``measure`` column says what was measured: the REST server writes the training
+                          accuracy each client reported, when clients report it);
 * ``report.md`` and ``report.html``  configuration, results, the per-round table (cells exactly as
                           in history.csv) and a privacy statement that claims only what the files say.
 
@@ -23,8 +28,9 @@ import io
 import json
 import logging
 import math
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 from fl_server import report_template as T
 from fl_server.store.run_dir import atomic_write_bytes
@@ -34,8 +40,16 @@ log = logging.getLogger("fl_server.reports")
 ACCURACY_LOSS_PNG = "accuracy_loss.png"
 PRIVACY_BUDGET_PNG = "privacy_budget.png"
 CLIENT_DATA_PNG = "client_data.png"
+PARTICIPATION_PNG = "participation.png"
+CLIENT_ACCURACY_PNG = "client_accuracy.png"
+PARTICIPATION_CSV = "participation.csv"
+CLIENT_ACCURACY_CSV = "client_accuracy.csv"
+PARTICIPATION_COLUMNS = ("client", "selected", "participated", "dropped")
+CLIENT_ACCURACY_COLUMNS = ("client", "accuracy", "measure")
 REPORT_MD = "report.md"
 REPORT_HTML = "report.html"
+#: the per-client participation table is printed in full up to this many clients (the plot always shows all)
+MAX_CLIENT_ROWS = 100
 
 
 # ----------------------------------------------------------------------------------------- reading
@@ -95,8 +109,8 @@ def _plot_accuracy_loss(rows: list[dict[str, str]], path: Path) -> None:
     ax_acc.set(title="Test accuracy per evaluated round", xlabel="round", ylabel="accuracy")
     ax_acc.grid(alpha=0.3)
     plotted = False
-    for column, label, style in (("test_loss", "test loss", dict(marker="o", color="tab:red")),
-                                 ("train_loss", "train loss", dict(marker=".", color="tab:gray"))):
+    for column, label, style in (("test_loss", "test loss", {"marker": "o", "color": "tab:red"}),
+                                 ("train_loss", "train loss", {"marker": ".", "color": "tab:gray"})):
         xs, ys = _series(rows, column)
         if xs:
             ax_loss.plot(xs, ys, label=label, **style)
@@ -147,6 +161,55 @@ def _plot_client_data(header: list[str], rows: list[dict[str, str]], path: Path)
     if classes:
         ax.legend(title="class", loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
     _save(fig, path)
+
+
+def _plot_participation(rows: list[dict[str, str]], path: Path) -> None:
+    """Per client: rounds it took part in and rounds it was selected for but dropped out of, stacked."""
+    clients = [r.get("client", str(i)) for i, r in enumerate(rows)]
+    took = [_num(r.get("participated")) or 0.0 for r in rows]
+    dropped = [_num(r.get("dropped")) or 0.0 for r in rows]
+    fig = _figure(max(6.0, min(20.0, 0.35 * len(rows) + 3)), 4.5)
+    ax = fig.subplots()
+    positions = list(range(len(rows)))
+    ax.bar(positions, took, color="tab:green", width=0.8, label="took part (update aggregated)")
+    ax.bar(positions, dropped, bottom=took, color="tab:red", width=0.8, label="selected, dropped out")
+    ax.set_xticks(positions)
+    ax.set_xticklabels(clients, rotation=90 if len(rows) > 8 else 0, fontsize=7 if len(rows) > 20 else 9)
+    ax.set(title="Participation per client", xlabel="client", ylabel="rounds")
+    ax.set_ylim(0, 1.3 * max([t + d for t, d in zip(took, dropped)] + [1.0]))  # room for the legend above the bars
+    ax.yaxis.get_major_locator().set_params(integer=True)
+    ax.legend(loc="best", fontsize=8)
+    _save(fig, path)
+
+
+def _plot_client_accuracy(values: list[float], measure: str, path: Path) -> None:
+    fig = _figure(7, 4)
+    ax = fig.subplots()
+    lo, hi = min(values), max(values)
+    bins = max(5, min(30, len(values)))
+    ax.hist(values, bins=bins, range=(min(lo, 0.0), max(hi, 1.0)), color="tab:blue", edgecolor="white")
+    ax.axvline(sum(values) / len(values), color="tab:red", linestyle="--", label=f"mean {sum(values) / len(values):.4f}")
+    ax.set(title=f"Per-client accuracy ({len(values)} clients)", ylabel="clients",
+           xlabel=measure if len(measure) <= 60 else "accuracy (what was measured: see the report)")
+    ax.yaxis.get_major_locator().set_params(integer=True)
+    ax.legend(loc="best", fontsize=8)
+    _save(fig, path)
+
+
+def write_client_tables(run_dir: Path, participation: Iterable[dict[str, Any]] | None = None,
+                        accuracy: Iterable[dict[str, Any]] | None = None) -> None:
+    """Write ``participation.csv`` (client, selected, participated, dropped) and/or ``client_accuracy.csv``
+    (client, accuracy, measure) into ``run_dir``: the per-client inputs of the report, for any driver."""
+    for name, columns, rows in ((PARTICIPATION_CSV, PARTICIPATION_COLUMNS, participation),
+                                (CLIENT_ACCURACY_CSV, CLIENT_ACCURACY_COLUMNS, accuracy)):
+        if rows is None:
+            continue
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=list(columns), lineterminator="\n", extrasaction="ignore")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: row.get(k, "") for k in columns})
+        atomic_write_bytes(Path(run_dir) / name, buf.getvalue().encode("utf-8"))
 
 
 # ------------------------------------------------------------------------------------- formatting
@@ -287,6 +350,8 @@ def _privacy_section(doc: _Doc, summary: dict[str, Any], config: dict[str, Any])
             statements.append(spent + ".")
         else:
             statements.append("summary.json does not record both epsilon spent and delta: no (epsilon, delta) value is stated.")
+    elif config.get("differential_privacy") is True:
+        statements.append(T.DP_UNRECORDED_SENTENCE)  # configured on but not accounted: claim nothing either way
     else:
         statements.append(T.NO_DP_SENTENCE)
 
@@ -300,10 +365,13 @@ def _privacy_section(doc: _Doc, summary: dict[str, Any], config: dict[str, Any])
     else:
         sa = "not recorded in the configuration"
     statements.append(f"Secure aggregation: {sa}.")
-    enc = _fmt(summary["encryption"]) if "encryption" in summary else "not recorded in summary.json"
-    statements.append(f"Encryption: {enc}.")
+    statements.append(f"Encryption: {_encryption(summary, mode)}.")
     if mode == "centralized":
         statements.append(T.CENTRALIZED_DATA_SENTENCE)
+    elif mode == "rest":
+        sent = summary.get("client_metrics_sent")
+        names = ", ".join(str(n) for n in sent) if isinstance(sent, list) and sent else None
+        statements.append(T.REST_DATA_SENTENCE.format(metrics=f" ({names})" if names else ""))
     elif mode is None:
         statements.append(T.UNKNOWN_MODE_SENTENCE)
     else:
@@ -314,6 +382,51 @@ def _privacy_section(doc: _Doc, summary: dict[str, Any], config: dict[str, Any])
     if dp_on:
         doc.para("The privacy block of summary.json, as recorded:")
         doc.table(["key", "value"], [[str(k), _fmt(v)] for k, v in privacy.items()])
+
+
+def _encryption(summary: dict[str, Any], mode: Any) -> str:
+    if "encryption" not in summary:
+        return "not recorded in summary.json"
+    value = summary["encryption"]
+    if value is True:
+        return T.REST_ENCRYPTION_ON if mode == "rest" else "on"
+    if value is False:
+        return T.ENCRYPTION_OFF
+    return _fmt(value)
+
+
+def _participation_section(doc: _Doc, rows: list[dict[str, str]], made: list[tuple[str, str]]) -> None:
+    doc.heading("Participation per client")
+    for name, alt in made:
+        if name == PARTICIPATION_PNG:
+            doc.image(name, alt)
+    took = [_num(r.get("participated")) or 0.0 for r in rows]
+    dropped = [_num(r.get("dropped")) or 0.0 for r in rows]
+    ordered = sorted(took)
+    median = ordered[len(ordered) // 2] if len(ordered) % 2 else (ordered[len(ordered) // 2 - 1] + ordered[len(ordered) // 2]) / 2
+    doc.para(f"{len(rows)} clients; rounds taken part in per client: min {min(took):g}, median {median:g}, "
+             f"max {max(took):g}; {sum(dropped):g} selections ended without an update from the selected client (from participation.csv).")
+    if len(rows) <= MAX_CLIENT_ROWS:
+        header = list(PARTICIPATION_COLUMNS)
+        doc.table(header, [[r.get(c) or T.EMPTY_CELL for c in header] for r in rows], numeric=True)
+
+
+def _client_accuracy_section(doc: _Doc, rows: list[dict[str, str]], made: list[tuple[str, str]]) -> None:
+    values = [v for v in (_num(r.get("accuracy")) for r in rows) if v is not None]
+    measures = sorted({r.get("measure") or "" for r in rows} - {""})
+    doc.heading("Per-client accuracy")
+    if not values:
+        doc.para("client_accuracy.csv holds no accuracy values: no client reported one (under differential privacy, "
+                 "training statistics stay on the clients).")
+        return
+    for name, alt in made:
+        if name == CLIENT_ACCURACY_PNG:
+            doc.image(name, alt)
+    ordered = sorted(values)
+    doc.para(f"{len(values)} of {len(rows)} clients; accuracy min {ordered[0]:.4f}, median {ordered[len(ordered) // 2]:.4f}, "
+             f"max {ordered[-1]:.4f}, mean {sum(values) / len(values):.4f} (from client_accuracy.csv).")
+    if measures:
+        doc.para("Measured: " + "; ".join(measures) + ".")
 
 
 # -------------------------------------------------------------------------------------------- entry
@@ -341,6 +454,17 @@ def write_report(run_dir: Path) -> dict[str, Path]:
         labels_header, labels_rows = _read_csv(run_dir / "label_histograms.csv")
         sources.append("label_histograms.csv")
 
+    part_rows: list[dict[str, str]] = []
+    if (run_dir / PARTICIPATION_CSV).is_file():
+        part_rows = _read_csv(run_dir / PARTICIPATION_CSV)[1]
+        sources.append(PARTICIPATION_CSV)
+    acc_rows: list[dict[str, str]] = []
+    if (run_dir / CLIENT_ACCURACY_CSV).is_file():
+        acc_rows = _read_csv(run_dir / CLIENT_ACCURACY_CSV)[1]
+        sources.append(CLIENT_ACCURACY_CSV)
+    acc_values = [v for v in (_num(r.get("accuracy")) for r in acc_rows) if v is not None]
+    acc_measure = next((r.get("measure") for r in acc_rows if r.get("measure")), None) or "accuracy"
+
     has_epsilon = any(_num(r.get("epsilon")) is not None for r in hist_rows)
     budget = _num(str(config.get("dp_epsilon"))) if config.get("dp_epsilon") is not None else None
     if budget is None and isinstance(summary.get("privacy"), dict):
@@ -355,11 +479,17 @@ def write_report(run_dir: Path) -> dict[str, Path]:
     if labels_rows:
         plots.append((CLIENT_DATA_PNG, "Training samples per client, stacked by class",
                       lambda p: _plot_client_data(labels_header, labels_rows, p)))
+    if part_rows:
+        plots.append((PARTICIPATION_PNG, "Rounds each client took part in and dropped out of",
+                      lambda p: _plot_participation(part_rows, p)))
+    if acc_values:
+        plots.append((CLIENT_ACCURACY_PNG, "Distribution of per-client accuracy",
+                      lambda p: _plot_client_accuracy(acc_values, acc_measure, p)))
     made: list[tuple[str, str]] = []
     for name, alt, draw in plots:
         try:
             draw(run_dir / name)
-        except Exception as exc:  # a plot must never cost the run its report
+        except Exception as exc:  # noqa: BLE001 - a plot must never cost the run its report
             log.warning("could not draw %s in %s: %s: %s", name, run_dir, type(exc).__name__, exc)
             continue
         written[name] = run_dir / name
@@ -396,6 +526,11 @@ def write_report(run_dir: Path) -> dict[str, Path]:
             doc.para(f"{len(labels_rows)} clients; samples per client: min {min(known):g}, max {max(known):g}, "
                      f"total {sum(known):g} (from label_histograms.csv).")
 
+    if part_rows:
+        _participation_section(doc, part_rows, made)
+    if CLIENT_ACCURACY_CSV in sources:  # also when empty: the report then says that no client reported one
+        _client_accuracy_section(doc, acc_rows, made)
+
     doc.heading("Configuration")
     if config:
         doc.table(["key", "value"], [[str(k), _fmt(v)] for k, v in config.items()])
@@ -415,7 +550,7 @@ def write_report_logged(run_dir: Path) -> dict[str, Path]:
     and returns ``{}`` so the run's saved results are never lost to reporting."""
     try:
         files = write_report(run_dir)
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - reporting must never cost the run its saved results
         log.warning("could not write the report in %s: %s: %s", run_dir, type(exc).__name__, exc)
         return {}
     log.info("report: %s (plots: %s)", files.get(REPORT_HTML),
@@ -423,5 +558,17 @@ def write_report_logged(run_dir: Path) -> dict[str, Path]:
     return files
 
 
-__all__ = ["write_report", "write_report_logged", "ACCURACY_LOSS_PNG", "PRIVACY_BUDGET_PNG", "CLIENT_DATA_PNG",
-           "REPORT_MD", "REPORT_HTML"]
+__all__ = [
+    "ACCURACY_LOSS_PNG",
+    "CLIENT_ACCURACY_CSV",
+    "CLIENT_ACCURACY_PNG",
+    "CLIENT_DATA_PNG",
+    "PARTICIPATION_CSV",
+    "PARTICIPATION_PNG",
+    "PRIVACY_BUDGET_PNG",
+    "REPORT_HTML",
+    "REPORT_MD",
+    "write_client_tables",
+    "write_report",
+    "write_report_logged",
+]

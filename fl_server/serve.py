@@ -30,7 +30,8 @@ class _GunicornApp(BaseApplication):
 
 
 def serve(cfg: FLConfig, state_dir: Path, *, host: str = "127.0.0.1", port: int = 8080, threads: int = 8,
-          certfile: Optional[str] = None, keyfile: Optional[str] = None) -> None:
+          certfile: Optional[str] = None, keyfile: Optional[str] = None, log_format: str = "text",
+          log_level: str = "INFO") -> None:
     def factory() -> Any:
         # Runs in the gunicorn worker (after fork): the service, its SQLite connection and its
         # round ticker thread belong to the process that serves requests.
@@ -52,6 +53,10 @@ def serve(cfg: FLConfig, state_dir: Path, *, host: str = "127.0.0.1", port: int 
         "accesslog": None, "errorlog": "-", "loglevel": "info", "worker_exit": worker_exit,
         "limit_request_line": 8190, "proc_name": "fl_server",
     }
+    if log_format == "json":  # gunicorn's own lines too, not only the app's (fl_common/logs.py)
+        from fl_common.logs import gunicorn_json_logconfig
+
+        options["logconfig_dict"] = gunicorn_json_logconfig(log_level)
     scheme = "https" if certfile else "http"
     log.info("serving on %s://%s:%d (state in %s)", scheme, host, port, state_dir)
     _GunicornApp(factory, options).run()

@@ -64,7 +64,9 @@ from fl_common.protocol.rest import (
 from fl_common.tensors import wire
 from fl_common.tensors.codecs import make_codec
 from fl_common.training import EvalResult, LocalTrainer
-from fl_server.coordinator import Coordinator, RoundPlan
+from fl_server.coordinator import Coordinator, NoEligibleClients, RoundPlan
+from fl_server.observer import Observers, ServiceObserver
+from fl_server.privacy_engine import BudgetExhausted
 from fl_server.secrets import ServerSecrets
 from fl_server.store import RunDirectory, accuracy_summary
 from fl_server.store.run_dir import atomic_write_bytes as fsync_write
@@ -96,18 +98,22 @@ def _b64(raw: bytes) -> str:
 
 
 def check_rest_config(cfg: FLConfig) -> None:
-    """What the REST driver cannot run yet is refused before a server starts, never ignored."""
+    """What the REST driver cannot run is refused before a server starts, never ignored.
+
+    Driver features (SCAFFOLD's variates, simulated attacks) are checked by the coordinator;
+    what is specific to the wire is checked here.
+    """
     from fl_common.config import ConfigError
 
-    if cfg.differential_privacy:
-        raise ConfigError("config key 'differential_privacy' is true: differential privacy runs in the simulation "
-                          "(python -m fl_server simulate) but is not wired into the REST server yet; set "
-                          "differential_privacy: false to serve without it")
+    if cfg.aggregation_method == "scaffold" and cfg.compression and make_codec(cfg.codec).biased:
+        raise ConfigError(f"config key 'codec' has value {cfg.codec!r}: a biased codec (top-k) would sparsify SCAFFOLD's "
+                          f"control-variate deltas too, which error feedback does not cover; use codec int8, float16 or none")
 
 
 class FederationService:
     def __init__(self, cfg: FLConfig, state_dir: str | Path, *, secrets_: ServerSecrets | None = None,
-                 clock: Callable[[], float] = time.time, evaluate: bool = True) -> None:
+                 clock: Callable[[], float] = time.time, evaluate: bool = True,
+                 observers: Optional[list[ServiceObserver]] = None) -> None:
         check_rest_config(cfg)
         self.cfg = cfg
         self.state_dir = Path(state_dir)
@@ -127,6 +133,8 @@ class FederationService:
         self._model_cache: tuple[int, bytes, Optional[bytes]] | None = None
         self._waiting_since: float | None = None
         self.started_at = clock()
+        #: told of evaluations, closed/aborted rounds and the end of the run (metrics, report; see fl_server/observer.py)
+        self.observers = Observers(observers or ())
 
         self.test_set = load_dataset(cfg.dataset, "test", data_dir=cfg.data_dir, download=cfg.download, seed=cfg.seed)
         if cfg.max_test_samples is not None and cfg.max_test_samples < len(self.test_set):
@@ -136,13 +144,48 @@ class FederationService:
                            "resnet_norm": cfg.resnet_norm, "custom_model": cfg.custom_model, "seed": cfg.seed,
                            "input_shape": list(self.test_set.input_shape)}
         self.trainer = LocalTrainer(model)
+        #: sample-level DP plans each client's DP-SGD from the size of its shard: the server derives
+        #: the sizes of the configured partition from the public labels, as each client does for itself
+        self.partition_sizes: list[int] | None = None
+        if cfg.differential_privacy and cfg.dp_mode == "sample":
+            self.partition_sizes = self._partition_sizes()
         self.coordinator = Coordinator(cfg, self.trainer.vector(), self.trainer.spec,
-                                       evaluator=self._evaluate if evaluate else None)
+                                       evaluator=self._evaluate if evaluate else None,
+                                       planned_client_sizes=self.partition_sizes,
+                                       driver_features=("control_variates",))
+        #: SCAFFOLD: the model download carries the server variate c after the model, and every
+        #: upload carries the client's variate delta after its model delta (one vector, 2 x numel)
+        self.carries_control = self.coordinator.strategy.needs_client_state
+        if self.coordinator.privacy is not None:
+            log.info("%s", self.coordinator.privacy.describe())
         self._recover()
+        if self.partition_sizes is not None:  # clients registered before a restart are accounted again
+            for client in self.store.clients():
+                if client.partition_index is not None:
+                    self._register_for_privacy(client.client_id, client.partition_index)
 
     # ------------------------------------------------------------------ start-up and recovery
+    def _partition_sizes(self) -> list[int]:
+        from fl_common.data.assignment import partition_sizes, training_subset
+        from fl_common.data.datasets import clear_cache
+
+        cfg = self.cfg
+        train = load_dataset(cfg.dataset, "train", data_dir=cfg.data_dir, download=cfg.download, seed=cfg.seed)
+        labels = training_subset(train, cfg.seed, cfg.max_train_samples).y.numpy()
+        del train
+        clear_cache()  # only the labels were needed: do not keep the training images in the server
+        return partition_sizes(labels, cfg.num_clients, cfg.partition_method, seed=cfg.seed, alpha=cfg.non_iid_alpha,
+                               samples_per_client=cfg.samples_per_client, shards_per_client=cfg.shards_per_client)
+
+    def _register_for_privacy(self, client_id: str, partition_index: int) -> None:
+        assert self.coordinator.privacy is not None and self.partition_sizes is not None
+        self.coordinator.privacy.register_client(client_id, self.partition_sizes[partition_index])
+
     def _evaluate(self, vector: torch.Tensor) -> EvalResult:
-        return self.trainer.evaluate(vector, self.test_set.x, self.test_set.y, self.cfg.eval_batch_size)
+        t0 = time.perf_counter()
+        result = self.trainer.evaluate(vector, self.test_set.x, self.test_set.y, self.cfg.eval_batch_size)
+        self.observers.evaluated(time.perf_counter() - t0)
+        return result
 
     def _recover(self) -> None:
         """Continue where a previous process stopped: checkpoint, then the open round's durable updates."""
@@ -159,15 +202,17 @@ class FederationService:
             self.store.finish_round(open_row.round_id, "closed", "recovered after restart", self.clock(), arrived)
             return
         plan = RoundPlan(open_row.round, list(open_row.selected),
-                         {c: TrainInstructions.from_json(i) for c, i in open_row.instructions.items()})
+                         {c: TrainInstructions.from_json(i) for c, i in open_row.instructions.items()}, privacy=open_row.privacy)
         self.coordinator.restore_round(plan)
         replayed = 0
         for row in self.store.updates_for_round(open_row.round_id):
             data = Path(row.path).read_bytes()
             if hashlib.sha256(data).hexdigest() != row.sha256:
                 raise RuntimeError(f"durable update {row.path} does not match its recorded hash")
-            vector, _ = wire.decode_update(data, self.coordinator.spec.numel, max_bytes=self.cfg.max_update_bytes)
-            self.coordinator.submit(ClientUpdate(row.client_id, row.round, vector, row.num_samples, row.metrics, row.nbytes))
+            vector, _ = wire.decode_update(data, self._upload_numel, max_bytes=self.cfg.max_update_bytes)
+            delta, control = self._split_upload(vector)
+            self.coordinator.submit(ClientUpdate(row.client_id, row.round, delta, row.num_samples, row.metrics, row.nbytes,
+                                                 control_delta=control))
             replayed += 1
         log.info("resumed open round %d with %d durable update(s) replayed", open_row.round, replayed)
 
@@ -221,10 +266,15 @@ class FederationService:
                         self._close_round(row, "deadline")
                     else:
                         self.coordinator.abort_round()
+                        if self.coordinator.privacy is not None:
+                            # sample-level DP charged the clients whose updates arrived: make that durable
+                            # now, since this attempt's updates will never be replayed
+                            self._checkpoint()
                         self.store.finish_round(row.round_id, "aborted", f"deadline with {len(arrived)} update(s), "
                                                 f"fewer than min_clients={self.cfg.min_clients}", now, arrived)
                         log.warning("round %d aborted: %d update(s) by the deadline, min_clients=%d", row.round,
                                     len(arrived), self.cfg.min_clients)
+                        self.observers.round_aborted(row.round, len(arrived))
                 if self.coordinator.current_round is not None:
                     return
                 now = self.clock()  # a round just ended: open the next one now, not a tick later
@@ -244,31 +294,57 @@ class FederationService:
                 self._open_round(live, now)
                 self._waiting_since = None
 
+    def _finish_run(self) -> None:
+        """Results of a run that has ended (all rounds, or the privacy budget): summary and final model."""
+        self.run_dir.write_json("summary.json", self.summary())
+        self.run_dir.save_model({k: v for k, v in self._global_state().items()})
+        reason = self.coordinator.stop_reason or f"all {self.cfg.num_rounds} rounds done"
+        log.info("run finished after %d rounds (%s); results in %s", self.coordinator.completed_rounds, reason,
+                 self.run_dir.path)
+        self.observers.run_finished(self)
+
+    def _checkpoint(self) -> None:
+        self.run_dir.save_checkpoint({"config": self.cfg.to_dict(), "coordinator": self.coordinator.state_dict(),
+                                      "wall_seconds": self.clock() - self.started_at})
+
     def _open_round(self, live: list[str], now: float) -> None:
         k = min(len(live), math.ceil(self.target * (1.0 + self.cfg.over_selection)))
-        plan = self.coordinator.plan_round(live, k=k)
+        try:
+            plan = self.coordinator.plan_round(live, k=k)
+        except BudgetExhausted as exc:
+            # The budget is checked before anything is spent: the run ends here, with its message.
+            log.warning("%s", exc)
+            self._checkpoint()
+            self._finish_run()
+            return
+        except NoEligibleClients as exc:  # the live clients have spent their budgets; others may come
+            if self._waiting_since is not None:
+                log.info("%s; waiting for other clients", exc)
+            return
         row = RoundRow(0, plan.round, "open", [str(c) for c in plan.selected],
                        {str(c): i.to_json() for c, i in plan.instructions.items()}, min(self.target, len(plan.selected)),
-                       now, now + self.cfg.round_timeout, None, None)
+                       now, now + self.cfg.round_timeout, None, None, plan.privacy)
         self.store.open_round(row)
         log.info("round %d opened: %d of %d live clients selected, quorum %d, deadline in %.0f s", plan.round,
                  len(plan.selected), len(live), row.target, self.cfg.round_timeout)
 
     def _close_round(self, row: RoundRow, reason: str) -> None:
         arrived = sorted(self.coordinator.arrived)
+        t0 = time.perf_counter()
         record = self.coordinator.close_round()
-        self.run_dir.save_checkpoint({"config": self.cfg.to_dict(), "coordinator": self.coordinator.state_dict(),
-                                      "wall_seconds": self.clock() - self.started_at})
+        close_seconds = time.perf_counter() - t0
+        self._checkpoint()
         self.run_dir.write_history(self.coordinator.history)
         self.store.finish_round(row.round_id, "closed", reason, self.clock(), arrived)
         self._model_cache = None
         dropped = len(row.selected) - len(arrived)
         acc = f", test accuracy {record.test_accuracy:.4f}" if record.test_accuracy is not None else ""
-        log.info("round %d closed at %s with %d update(s), %d dropped%s", row.round, reason, len(arrived), dropped, acc)
+        eps = f", epsilon spent {record.epsilon:.4g}" if record.epsilon is not None else ""
+        log.info("round %d closed at %s with %d update(s), %d dropped%s%s", row.round, reason, len(arrived), dropped, acc, eps)
+        self.observers.round_closed(record, reason=reason, selected=len(row.selected), arrived=len(arrived),
+                                    close_seconds=close_seconds)
         if self.coordinator.finished:
-            self.run_dir.write_json("summary.json", self.summary())
-            self.run_dir.save_model({k: v for k, v in self._global_state().items()})
-            log.info("run finished after %d rounds; results in %s", self.coordinator.completed_rounds, self.run_dir.path)
+            self._finish_run()
 
     def _global_state(self) -> dict[str, torch.Tensor]:
         from fl_common.tensors import unflatten
@@ -318,12 +394,20 @@ class FederationService:
             if existing:
                 if partition is not None and existing.partition_index != partition:
                     raise ApiError(409, "partition_conflict", f"client '{name}' already holds partition {existing.partition_index}")
-                self.store.replace_client_credentials(client_id, token_hash, expires, wrapped, capability, num_samples, now)
                 index = existing.partition_index
             else:
                 index = self._assign_partition(partition)
+            if self.partition_sizes is not None and index is not None and num_samples is not None \
+                    and num_samples != self.partition_sizes[index]:
+                raise ApiError(409, "num_samples_mismatch", f"partition {index} holds {self.partition_sizes[index]} records, "
+                               f"the client reports {num_samples}; sample-level DP is planned from the partition's size")
+            if existing:
+                self.store.replace_client_credentials(client_id, token_hash, expires, wrapped, capability, num_samples, now)
+            else:
                 self.store.add_client(ClientRow(client_id, name, token_hash, expires, wrapped, index, num_samples, capability,
                                                 now, now, 0, {}))
+            if self.partition_sizes is not None and index is not None:
+                self._register_for_privacy(client_id, index)
             self.store.security_event("registered", client_id, f"name={name or '-'} partition={index} from {remote or '-'}")
         log.info("client %s registered (name %s, partition %s)", client_id, name or "-", index)
         self._wake.set()
@@ -431,8 +515,13 @@ class FederationService:
         with self._lock:
             version = self.coordinator.completed_rounds
             if self._model_cache is None or self._model_cache[0] != version:
-                packed = wire.encode_update(self.coordinator.global_vector, "none", self.cfg.wire_compression,
-                                            meta={"version": version, "spec": self.coordinator.spec.to_json()})
+                vector = self.coordinator.global_vector
+                if self.carries_control:
+                    control = self.coordinator.server_control  # None until the first round is planned: c = 0
+                    vector = torch.cat([vector, control.to(torch.float32) if control is not None else torch.zeros_like(vector)])
+                packed = wire.encode_update(vector, "none", self.cfg.wire_compression,
+                                            meta={"version": version, "spec": self.coordinator.spec.to_json(),
+                                                  "server_control": self.carries_control})
                 if self.cfg.encryption:
                     model_key = Fernet.generate_key()
                     self._model_cache = (version, Envelope(model_key).seal(packed), model_key)
@@ -462,7 +551,7 @@ class FederationService:
             self._reject_update("bad_ciphertext", auth.client_id)
             raise ApiError(400, "bad_ciphertext", "the update could not be decrypted with this client's key") from None
         try:
-            vector, meta = wire.decode_update(packed, self.coordinator.spec.numel, max_bytes=self.cfg.max_update_bytes)
+            vector, meta = wire.decode_update(packed, self._upload_numel, max_bytes=self.cfg.max_update_bytes)
         except ValueError as exc:
             self._reject_update("bad_payload", auth.client_id)
             raise ApiError(422, "bad_payload", f"the update payload is malformed: {exc}") from None
@@ -476,8 +565,9 @@ class FederationService:
                 for k, v in metrics.items()):
             self._reject_update("bad_metrics", auth.client_id)
             raise ApiError(422, "bad_metrics", "metrics must map up to 32 names to finite numbers")
-        update = ClientUpdate(auth.client_id, round_number, vector, num_samples, {k: float(v) for k, v in metrics.items()},
-                              len(body))
+        delta, control = self._split_upload(vector)
+        update = ClientUpdate(auth.client_id, round_number, delta, num_samples, {k: float(v) for k, v in metrics.items()},
+                              len(body), control_delta=control)
         try:
             check_update(update, self.coordinator.spec.numel)
         except UpdateRejected as exc:
@@ -494,9 +584,19 @@ class FederationService:
                                             hashlib.sha256(packed).hexdigest(), num_samples, update.metrics, len(body),
                                             self.clock()))
             self.coordinator.submit(update)
-            self.coordinator.add_bytes(len(body))
         self._wake.set()
         return {"accepted": True, "round": round_number, "duplicate": False}
+
+    @property
+    def _upload_numel(self) -> int:
+        return self.coordinator.spec.numel * (2 if self.carries_control else 1)
+
+    def _split_upload(self, vector: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """(model delta, SCAFFOLD variate delta or None) of a decoded upload."""
+        if not self.carries_control:
+            return vector, None
+        n = self.coordinator.spec.numel
+        return vector[:n], vector[n:]
 
     def _check_expected(self, client_id: str, round_number: int) -> RoundRow:
         current = self.coordinator.current_round
@@ -539,6 +639,8 @@ class FederationService:
                 "encryption": self.cfg.encryption,
                 "codec": self.codec.name if self.cfg.compression else "none",
                 "differential_privacy": self.cfg.differential_privacy,
+                "privacy": coord.privacy_status(),
+                "stop_reason": coord.stop_reason,
                 "secure_aggregation": self.cfg.secure_aggregation,
                 "uptime_s": round(self.clock() - self.started_at, 1),
             }
@@ -559,7 +661,8 @@ class FederationService:
             "mode": "rest", "rounds_completed": self.coordinator.completed_rounds, **accuracy_summary(hist),
             "wall_seconds": self.clock() - self.started_at, "total_bytes": sum(r.bytes for r in hist),
             "clients_registered": self.store.count_clients(), "rejected": self.store.rejections(),
-            "encryption": self.cfg.encryption, "config": self.cfg.to_dict(),
+            "encryption": self.cfg.encryption, "privacy": self.coordinator.privacy_status(),
+            "stop_reason": self.coordinator.stop_reason, "config": self.cfg.to_dict(),
         }
 
 

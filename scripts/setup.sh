@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs everything the project, its main job and its tests need, on a fresh Debian/Ubuntu
-# machine with Python 3.10+: the Fashion-MNIST files (Debian package), PyTorch, and this package.
+# machine with Python 3.10+: the Fashion-MNIST files and chromium (Debian packages), PyTorch, and
+# this package with its test extras (Playwright among them).
 # Safe to run again: every step is skipped or a no-op when already done.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,6 +16,17 @@ if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then
     DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq dataset-fashion-mnist >/dev/null
   else
     echo "setup: no apt-get here; put Fashion-MNIST's idx files in a folder and pass --data-dir" >&2
+  fi
+fi
+
+# Debian's chromium for the dashboard's browser test (Playwright drives it; no browser download).
+if ! command -v chromium >/dev/null && [ ! -x /usr/bin/chromium ]; then
+  if command -v apt-get >/dev/null; then
+    echo "setup: installing Debian package chromium (browser test of the dashboard)" >&2
+    as_root apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq chromium >/dev/null
+  else
+    echo "setup: no apt-get here; install chromium for the dashboard's browser test (it is skipped without it)" >&2
   fi
 fi
 

@@ -29,13 +29,21 @@ def _opt(default: Any, *, lo: float | None = None, hi: float | None = None,
 
 #: Aggregation strategies the server can run. Kept here (not imported from fl_server) because
 #: fl_common must not import the server; a test checks this list equals the strategy registry.
-AGGREGATION_METHODS = ("fedavg", "fedprox")
+AGGREGATION_METHODS = ("fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "qfedavg", "scaffold",
+                       "median", "trimmed_mean", "krum", "multikrum")
+#: Strategies that need every update on its own (not a sum): no secure aggregation, no client-level DP.
+INDIVIDUAL_UPDATE_METHODS = ("median", "trimmed_mean", "krum", "multikrum")
+#: Simulation-only model-poisoning attacks (fl_server/simulation/attacks.py), for robustness benchmarks.
+ATTACKS = ("none", "gaussian_noise")
 DATA_DISTRIBUTIONS = ("iid", "non-iid", "dirichlet", "shards")
 DATASET_NAMES = ("fashion_mnist", "mnist", "cifar10", "synthetic")
 MODEL_TYPES = ("cnn", "mlp", "resnet", "custom")
 OPTIMIZERS = ("sgd", "adam", "adagrad")
 LR_SCHEDULES = ("constant", "step", "exponential", "cosine")
-SELECTION_POLICIES = ("uniform",)
+SELECTION_POLICIES = ("uniform", "weighted", "stratified", "capability", "adaptive")
+TRAINING_MODES = ("sync", "async")
+ASYNC_ALGORITHMS = ("fedasync", "fedbuff")
+STALENESS_FUNCTIONS = ("constant", "polynomial", "hinge")
 DP_MODES = ("sample", "client")
 DP_ACCOUNTANTS = ("prv", "rdp")
 
@@ -99,9 +107,24 @@ class FLConfig:
     lr_step_size: int = _opt(10, lo=1, hi=1000, help="rounds between decays for lr_schedule=step")
     proximal_mu: float = _opt(0.01, lo=0.0, hi=10.0, help="FedProx proximal coefficient mu (used by aggregation_method=fedprox)")
     server_learning_rate: float = _opt(1.0, lo=1e-4, hi=10.0, help="server step size applied to the aggregated update")
+    # Server optimisers and the other strategies' own keys (fl_server/strategies/; each is read only by
+    # the aggregation_method named in its help). fedadam/fedyogi/fedadagrad step about
+    # server_learning_rate per coordinate whatever the update's scale: use 1e-2..1e-1, not FedAvg's 1.0.
+    server_momentum: float = _opt(0.9, lo=0.0, hi=0.999, help="FedAvgM server momentum beta (aggregation_method=fedavgm; 0 = FedAvg)")
+    server_beta1: float = _opt(0.9, lo=0.0, hi=0.999, help="first-moment decay of fedadam/fedyogi/fedadagrad (Reddi et al. 2021)")
+    server_beta2: float = _opt(0.99, lo=0.0, hi=0.9999, help="second-moment decay of fedadam/fedyogi (fedadagrad ignores it)")
+    server_tau: float = _opt(1e-3, lo=1e-9, hi=1.0, help="adaptivity tau of fedadam/fedyogi/fedadagrad: step = eta m / (sqrt(v) + tau), v starts at tau^2")
+    qffl_q: float = _opt(1.0, lo=0.0, hi=50.0, help="q-FedAvg fairness q (aggregation_method=qfedavg; 0 = unweighted FedAvg, larger = fairer)")
+    trim_ratio: float = _opt(0.2, lo=0.0, hi=0.5, help="trimmed_mean: fraction of updates dropped from each end of every coordinate")
+    krum_byzantine: int = _opt(1, lo=0, hi=5000, help="krum/multikrum: number f of Byzantine clients tolerated (needs more than 2f + 2 updates per round)")
+    multikrum_m: Optional[int] = _opt(None, lo=1, hi=10000, help="multikrum: updates averaged (default: updates - krum_byzantine)")
 
     # --- selection, rounds ---
-    selection: str = _opt("uniform", choices=SELECTION_POLICIES, help="client selection policy")
+    selection: str = _opt("uniform", choices=SELECTION_POLICIES, help="client selection policy (fl_server/selection): uniform, weighted (by records), stratified, capability (reported speeds), adaptive (the seed's p_k ~ n_k/sum n x 1/staleness_k x capability_k)")
+    stratify_by: str = _opt("label", choices=("label", "size"), help="selection 'stratified': group clients by label distribution (k-means) or by number of records")
+    num_strata: int = _opt(4, lo=1, hi=100, help="selection 'stratified': number of groups")
+    selection_staleness_power: float = _opt(1.0, lo=-4.0, hi=4.0, help="selection 'adaptive': weight staleness_k^-power (1 = the seed's 1/staleness; negative favours clients that waited)")
+    label_histogram_epsilon: Optional[float] = _opt(None, lo=0.0, hi=10.0, lo_open=True, help="clients report label histograms with Laplace noise, pure epsilon-DP (null: exact; required when differential_privacy is on and stratify_by is label)")
     min_clients: int = _opt(1, lo=1, hi=10000, help="fewest updates that close a round")
 
     # --- communication (seed names) ---
@@ -121,12 +144,34 @@ class FLConfig:
     session_ttl: float = _opt(3600.0, lo=10.0, hi=30 * 86400.0, help="lifetime of a session token in seconds")
     max_update_bytes: int = _opt(256 * 2**20, lo=1024, hi=2**34, help="largest request body the server reads (413 above)")
 
+    # --- asynchronous mode (fl_server/asynchronous): no rounds, clients upload when they finish ---
+    training_mode: str = _opt("sync", choices=TRAINING_MODES, help="'sync': rounds; 'async': FedAsync/FedBuff, num_rounds counts server model updates and evaluation_frequency is per server update")
+    async_algorithm: str = _opt("fedbuff", choices=ASYNC_ALGORITHMS, help="'fedasync' (Xie et al. 2019: mix each update in) or 'fedbuff' (Nguyen et al. 2022: apply the mean of K buffered updates)")
+    async_alpha: float = _opt(0.6, lo=0.0, hi=1.0, lo_open=True, help="fedasync: mixing weight alpha; an update of staleness s is mixed in with alpha x s(staleness)")
+    staleness_function: str = _opt("polynomial", choices=STALENESS_FUNCTIONS, help="weight s of a stale update: constant 1, polynomial (s+1)^-a, hinge 1 if s <= b else 1/(a(s-b)+1)")
+    staleness_a: float = _opt(0.5, lo=0.0, hi=100.0, help="the staleness function's a (polynomial exponent, hinge slope)")
+    staleness_b: float = _opt(4.0, lo=0.0, hi=100000.0, help="the hinge staleness function's b (staleness tolerated at full weight)")
+    fedbuff_k: int = _opt(10, lo=1, hi=10000, help="fedbuff: client updates buffered per server update (K)")
+    async_max_staleness: Optional[int] = _opt(None, lo=0, hi=1000000, help="refuse updates trained on a model more than this many server updates old (null: no limit)")
+    async_concurrency: Optional[int] = _opt(None, lo=1, hi=10000, help="clients training at once in async mode (null: clients_per_round)")
+
+    # --- simulated clients (simulation only): speeds that make staleness and capability real ---
+    client_speed_distribution: str = _opt("constant", choices=("constant", "lognormal"), help="each client's simulated seconds per sample: all equal, or median x lognormal(0, client_speed_sigma), seeded")
+    client_speed_sigma: float = _opt(1.0, lo=0.0, hi=5.0, help="sigma of the lognormal client speed distribution (also spreads network_delay)")
+    client_seconds_per_sample: float = _opt(0.001, lo=0.0, hi=1000.0, lo_open=True, help="median simulated training seconds per sample")
+    network_delay: float = _opt(0.0, lo=0.0, hi=86400.0, help="median simulated seconds per model transfer (download and upload each); 0: none")
+
     # --- execution ---
     seed: int = _opt(0, lo=0, hi=2**31 - 1, help="seed for partitions, selection, initialisation and local shuffles")
     device: str = _opt("cpu", choices=("cpu", "cuda", "auto"), help="torch device")
     workers: int = _opt(-1, lo=-1, hi=256, help="parallel client workers in simulation (-1: one per core, 0: in-process)")
     threads_per_worker: int = _opt(1, lo=1, hi=256, help="torch threads in each client worker")
     eval_batch_size: int = _opt(1000, lo=1, hi=100000, help="batch size for evaluation (no gradients)")
+
+    # --- simulated attacks (simulation only; the REST server refuses attack != none) ---
+    attack: str = _opt("none", choices=ATTACKS, help="simulation only: 'gaussian_noise' makes a fixed seeded subset of clients send N(0, attack_noise_std^2) instead of their update")
+    attack_fraction: float = _opt(0.2, lo=0.0, hi=1.0, help="fraction of the clients that attack (round(fraction x num_clients), chosen once from the seed)")
+    attack_noise_std: float = _opt(1.0, lo=0.0, hi=1e6, lo_open=True, help="per-coordinate std of an attacker's noise update")
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -249,7 +294,10 @@ def check_consistency(cfg: FLConfig) -> None:
             make_codec(cfg.codec)
         except ValueError as exc:
             raise ConfigError(f"config key 'codec' has value {cfg.codec!r}: {exc}") from None
+    _check_aggregation(cfg)
     _check_privacy(cfg)
+    _check_selection(cfg)
+    _check_async(cfg)
     if cfg.secure_aggregation:
         raise ConfigError(
             "config key 'secure_aggregation' is true, but secure aggregation is not built yet in this version: "
@@ -290,3 +338,120 @@ def _check_privacy(cfg: FLConfig) -> None:
         if cfg.dp_delta >= 1.0 / cfg.num_clients:
             raise ConfigError(f"config key 'dp_delta' has value {cfg.dp_delta:g}: client-level DP protects clients, so it must be "
                               f"below 1/num_clients = {1.0 / cfg.num_clients:.3g}")
+
+
+def _check_aggregation(cfg: FLConfig) -> None:
+    """Strategy settings that cannot work, refused with the reason (fl_server/strategies/ explains each)."""
+    method = cfg.aggregation_method
+    if cfg.secure_aggregation and method in (*INDIVIDUAL_UPDATE_METHODS, "qfedavg"):
+        why = ("weighs each update by its client's own loss" if method == "qfedavg"
+               else "is a statistic of the individual updates (not of their sum)")
+        raise ConfigError(f"aggregation_method '{method}' {why}, but secure aggregation lets the server see only the sum: "
+                          f"set secure_aggregation: false, or use fedavg/fedprox/fedavgm/fedadam/fedyogi/fedadagrad/scaffold")
+    if cfg.differential_privacy and method == "qfedavg":
+        raise ConfigError("aggregation_method 'qfedavg' needs each client's training loss F_k sent in the clear, which "
+                          "differential privacy does not cover (it would leak a statistic of the private data): set "
+                          "differential_privacy: false, or use another aggregation_method")
+    if cfg.differential_privacy and cfg.dp_mode == "client" and method in (*INDIVIDUAL_UPDATE_METHODS, "scaffold"):
+        why = ("needs individual updates, which client-level DP-FedAvg does not release" if method != "scaffold"
+               else "uploads a control-variate delta that client-level DP-FedAvg neither clips nor noises")
+        raise ConfigError(f"aggregation_method '{method}' {why}: use dp_mode: sample, or fedavg/fedprox/fedavgm/fedadam/"
+                          f"fedyogi/fedadagrad")
+    if method == "scaffold" and (cfg.optimizer != "sgd" or cfg.momentum != 0.0):
+        raise ConfigError(f"aggregation_method 'scaffold' needs plain local SGD (optimizer: sgd, momentum: 0), got optimizer "
+                          f"{cfg.optimizer!r} with momentum {cfg.momentum:g}: its control variate (x - y_i) / (K lr) is the mean "
+                          f"local gradient only for plain SGD steps (raise learning_rate instead of using momentum)")
+    n = cfg.clients_per_round
+    if method == "trimmed_mean":
+        k = int(cfg.trim_ratio * n + 1e-9)
+        if 2 * k >= n:
+            raise ConfigError(f"config key 'trim_ratio' has value {cfg.trim_ratio:g}: with {n} clients per round it trims {k} "
+                              f"updates from each end, leaving none to average (allowed: trim_ratio x clients_per_round < "
+                              f"clients_per_round / 2)")
+        if k == 0:
+            raise ConfigError(f"config key 'trim_ratio' has value {cfg.trim_ratio:g}: with {n} clients per round it trims no "
+                              f"update (floor({cfg.trim_ratio:g} x {n}) = 0), so the trimmed mean would resist no outlier; "
+                              f"allowed: at least 1 / clients_per_round = {1 / n:.3g}")
+    if method in ("krum", "multikrum"):
+        f = cfg.krum_byzantine
+        if n <= 2 * f + 2:
+            raise ConfigError(f"config key 'krum_byzantine' has value {f}: Krum tolerates f Byzantine clients only among more "
+                              f"than 2f + 2 = {2 * f + 2} updates, and a round selects {n} (client_selection_ratio x num_clients)")
+        if cfg.min_clients <= 2 * f + 2:
+            raise ConfigError(f"config key 'min_clients' has value {cfg.min_clients}: with krum_byzantine={f}, Krum needs more "
+                              f"than 2f + 2 = {2 * f + 2} updates in every round it aggregates, and a round may close with "
+                              f"min_clients updates; set min_clients to at least {2 * f + 3}")
+        if method == "multikrum" and cfg.multikrum_m is not None and cfg.multikrum_m > n - f:
+            raise ConfigError(f"config key 'multikrum_m' has value {cfg.multikrum_m}: Multi-Krum averages at most "
+                              f"updates - krum_byzantine = {n} - {f} = {n - f} updates per round")
+    if cfg.attack != "none" and round(cfg.attack_fraction * cfg.num_clients) < 1:
+        raise ConfigError(f"config key 'attack_fraction' has value {cfg.attack_fraction:g}: round({cfg.attack_fraction:g} x "
+                          f"{cfg.num_clients} clients) = 0 attackers, so attack '{cfg.attack}' would do nothing")
+
+
+def _default(name: str) -> Any:
+    return {f.name: f.default for f in dataclasses.fields(FLConfig)}[name]
+
+
+def _refuse_stray(cfg: FLConfig, keys: tuple[str, ...], why: str) -> None:
+    """A key changed from its default that the configured mode does not read is refused, not ignored."""
+    for key in keys:
+        if getattr(cfg, key) != _default(key):
+            raise ConfigError(f"config key '{key}' has value {getattr(cfg, key)!r} but {why}; remove '{key}'")
+
+
+def _check_selection(cfg: FLConfig) -> None:
+    """Selection settings that would be ignored, or that would leak what privacy promises to hide."""
+    if cfg.selection != "stratified":
+        _refuse_stray(cfg, ("stratify_by", "num_strata"), f"selection is '{cfg.selection}', not 'stratified'")
+    if cfg.selection != "adaptive":
+        _refuse_stray(cfg, ("selection_staleness_power",), f"selection is '{cfg.selection}', not 'adaptive'")
+    uses_labels = cfg.selection == "stratified" and cfg.stratify_by == "label"
+    if cfg.label_histogram_epsilon is not None and not uses_labels:
+        raise ConfigError(f"config key 'label_histogram_epsilon' has value {cfg.label_histogram_epsilon!r} but no selection "
+                          f"policy reads label histograms (only selection 'stratified' with stratify_by 'label'); remove it")
+    if uses_labels and cfg.differential_privacy and cfg.label_histogram_epsilon is None:
+        raise ConfigError("selection 'stratified' with stratify_by 'label' shares each client's label histogram, which "
+                          "differential privacy must cover: set label_histogram_epsilon (Laplace noise, pure epsilon-DP), "
+                          "or stratify_by: size")
+    if cfg.selection == "stratified" and cfg.num_strata > cfg.num_clients:
+        raise ConfigError(f"config key 'num_strata' has value {cfg.num_strata}: allowed at most num_clients={cfg.num_clients}")
+    if cfg.differential_privacy and cfg.dp_mode == "client" and cfg.selection != "uniform":
+        raise ConfigError(f"selection '{cfg.selection}' with dp_mode 'client': client-level DP-FedAvg's accountant assumes "
+                          f"every client is selected with the same probability (clients_per_round / available), so a client "
+                          f"selected more often would get less privacy than reported; use selection: uniform")
+    if cfg.client_speed_distribution == "constant":
+        _refuse_stray(cfg, ("client_speed_sigma",), "client_speed_distribution is 'constant'")
+
+
+#: The synchronous strategies whose client side and server step make sense one update at a time.
+ASYNC_AGGREGATION_METHODS = ("fedavg", "fedprox")
+_ASYNC_KEYS = ("async_algorithm", "async_alpha", "staleness_function", "staleness_a", "staleness_b", "fedbuff_k",
+               "async_max_staleness", "async_concurrency")
+
+
+def _check_async(cfg: FLConfig) -> None:
+    """Asynchronous mode: keys that would be ignored and combinations not built."""
+    if cfg.training_mode != "async":
+        _refuse_stray(cfg, _ASYNC_KEYS, "training_mode is 'sync'")
+        return
+    if cfg.differential_privacy:
+        raise ConfigError("training_mode 'async' with differential_privacy: the privacy engine accounts rounds, and "
+                          "asynchronous training has none; it is not built yet: set differential_privacy: false or "
+                          "training_mode: sync")
+    if cfg.aggregation_method not in ASYNC_AGGREGATION_METHODS:
+        raise ConfigError(f"config key 'aggregation_method' has value {cfg.aggregation_method!r}: in training_mode 'async' "
+                          f"the server step is async_algorithm's ({cfg.async_algorithm}); allowed "
+                          f"{', '.join(ASYNC_AGGREGATION_METHODS)} (their client side)")
+    if cfg.async_algorithm == "fedasync":
+        _refuse_stray(cfg, ("fedbuff_k",), "async_algorithm is 'fedasync' (it applies every update)")
+        _refuse_stray(cfg, ("server_learning_rate",), "async_algorithm 'fedasync' steps with async_alpha")
+    else:
+        _refuse_stray(cfg, ("async_alpha",), "async_algorithm is 'fedbuff' (its step is server_learning_rate)")
+    if cfg.staleness_function == "constant":
+        _refuse_stray(cfg, ("staleness_a", "staleness_b"), "staleness_function is 'constant'")
+    elif cfg.staleness_function == "polynomial":
+        _refuse_stray(cfg, ("staleness_b",), "staleness_function is 'polynomial' ((s+1)^-a has no b)")
+    if cfg.async_concurrency is not None and cfg.async_concurrency > cfg.num_clients:
+        raise ConfigError(f"config key 'async_concurrency' has value {cfg.async_concurrency}: allowed at most "
+                          f"num_clients={cfg.num_clients} (a client trains one model at a time)")

@@ -60,6 +60,14 @@ class TrainInstructions:
     update_clip: float = 0.0
     update_noise_std: float = 0.0
     report_clip_bit: bool = False
+    # q-FedAvg: report F_k(w^t), the loss of the *global* model on the client's training data
+    # before local training, as metrics["pre_train_loss"] (computed only when asked: one extra
+    # forward pass over the data, and a statistic of private data that DP runs must not release).
+    report_pre_train_loss: bool = False
+    # SCAFFOLD: train with the corrected gradient g - c_i + c and report the variate delta
+    # (ClientUpdate.control_delta). The variates are model-sized, so they never travel in these
+    # JSON instructions: the server variate c goes alongside the global vector, c_i stays with the client.
+    scaffold: bool = False
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -79,3 +87,5 @@ class ClientUpdate:
     num_samples: int
     metrics: dict[str, float] = field(default_factory=dict)
     wire_bytes: int = 0
+    #: SCAFFOLD only: c_i+ - c_i, the change of the client's control variate (flat, model-sized)
+    control_delta: torch.Tensor | None = None

@@ -1,6 +1,12 @@
 """Local training on a client (shared by the simulation workers and the client daemon)."""
 
 from fl_common.training.local import EvalResult, LocalTrainer, make_optimizer
+from fl_common.training.scaffold import (
+    ControlVariates,
+    control_delta,
+    updated_client_control,
+)
 from fl_common.training.schedule import learning_rate_at
 
-__all__ = ["EvalResult", "LocalTrainer", "make_optimizer", "learning_rate_at"]
+__all__ = ["ControlVariates", "EvalResult", "LocalTrainer", "control_delta", "learning_rate_at", "make_optimizer",
+           "updated_client_control"]

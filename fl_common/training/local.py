@@ -20,6 +20,13 @@ from fl_common.privacy import gaussian_noise, secure_generator
 from fl_common.privacy.client_dp import clip_update, dp_sgd_train, sample_level_schedule
 from fl_common.protocol import ClientUpdate, TrainInstructions, derive_seed
 from fl_common.tensors import ParamSpec, flatten, spec_of
+from fl_common.training.scaffold import (
+    ControlVariates,
+    check_scaffold_instructions,
+    control_delta,
+    parameter_mask,
+    parameter_views,
+)
 
 
 @dataclass
@@ -39,6 +46,16 @@ def make_optimizer(params: list[nn.Parameter], instr: TrainInstructions) -> torc
     raise ValueError(f"unknown optimizer {instr.optimizer!r}: allowed sgd, adam, adagrad")
 
 
+def _add_corrections(corrections: list[tuple[nn.Parameter, torch.Tensor]] | None) -> None:
+    """SCAFFOLD: g <- g + (c - c_i) on every trainable parameter that received a gradient."""
+    if corrections is None:
+        return
+    with torch.no_grad():
+        for p, corr in corrections:
+            if p.grad is not None:
+                p.grad.add_(corr)
+
+
 class LocalTrainer:
     """Trains one model on one client's data at a time and returns the update."""
 
@@ -54,6 +71,7 @@ class LocalTrainer:
         self.model = model.to(self.device)
         self._state = self.model.state_dict()  # tensors share storage with the model
         self.spec: ParamSpec = spec_of(self._state)
+        self._param_mask: torch.Tensor | None = None  # SCAFFOLD: which coordinates are trainable parameters
 
     # ------------------------------------------------------------------ weights
     def load_vector(self, vector: torch.Tensor) -> None:
@@ -72,7 +90,7 @@ class LocalTrainer:
 
     # ------------------------------------------------------------------ training
     def train(self, global_vector: torch.Tensor, x: torch.Tensor, y: torch.Tensor, instr: TrainInstructions,
-              client_id: int | str = 0) -> ClientUpdate:
+              client_id: int | str = 0, *, control: ControlVariates | None = None) -> ClientUpdate:
         """Local epochs of minibatch training from the global model; returns local - global.
 
         Shuffling uses a generator seeded by ``instr.seed`` (derived from run seed, round and
@@ -86,17 +104,45 @@ class LocalTrainer:
         DP-FedAvg) and ``update_noise_std`` adds this client's share of the noise. Under DP the
         update's metrics carry only what the accounting needs (steps, q, the clipping bit when
         asked): training loss and accuracy are statistics of the private data and are not sent.
+
+        q-FedAvg (``report_pre_train_loss``): before training, the loss of the global model on
+        this client's data goes into ``metrics["pre_train_loss"]``; refused under DP, whose
+        guarantee does not cover a loss released in the clear.
+
+        SCAFFOLD (``scaffold``, with ``control`` = the server's c and this client's c_i): the
+        correction c - c_i is added to every gradient (after the FedProx term; under DP-SGD after
+        the noise, as post-processing of variates computed from earlier private outputs), and the
+        update carries ``control_delta`` (see ``fl_common.training.scaffold``). The caller keeps
+        c_i + control_delta for the client's next round.
         """
         start = time.perf_counter()
         n = int(y.shape[0])
         if n == 0:
             raise ValueError(f"client {client_id} has no training samples")
+        private = instr.dp_sample_level or instr.update_clip > 0 or instr.update_noise_std > 0
+        if instr.report_pre_train_loss and private:
+            raise ValueError("q-FedAvg's pre-training loss is a statistic of the private data: it is not reported "
+                             "under differential privacy")
+        if instr.scaffold != (control is not None):
+            raise ValueError("SCAFFOLD instructions need control variates, and control variates need SCAFFOLD "
+                             f"instructions (scaffold={instr.scaffold}, control given: {control is not None})")
+        if control is not None:
+            check_scaffold_instructions(instr)
+            control.check(self.spec.numel)
+            if instr.update_clip > 0 or instr.update_noise_std > 0:
+                raise ValueError("SCAFFOLD's variate delta is neither clipped nor noised: client-level DP does not cover it")
         global_vector = global_vector.to(self.device, torch.float32)
         self.load_vector(global_vector)
+        pre_train_loss = None
+        if instr.report_pre_train_loss:
+            pre_train_loss = self.evaluate(None, x, y).loss  # F_k(w^t): the weights are loaded already
         model = self.model
         model.train()
         params = [p for p in model.parameters() if p.requires_grad]
         anchors = [p.detach().clone() for p in params] if instr.proximal_mu > 0 else None
+        corrections = None
+        if control is not None:
+            corrections = parameter_views(model, self.spec, control.correction().to(self.device))
         optimizer = make_optimizer(params, instr)
         gen = torch.Generator().manual_seed(instr.seed)
         x = x.to(self.device)
@@ -106,7 +152,6 @@ class LocalTrainer:
         seen = 0
         steps = 0
         bs = instr.batch_size
-        private = instr.dp_sample_level or instr.update_clip > 0 or instr.update_noise_std > 0
         dp_q, dp_steps = 0.0, 0
         if instr.dp_sample_level:
             dp_q, dp_steps = sample_level_schedule(n, bs, instr.epochs)
@@ -119,6 +164,7 @@ class LocalTrainer:
                         for p, a in zip(params, anchors):
                             if p.grad is not None:
                                 p.grad.add_(p - a, alpha=instr.proximal_mu)
+                _add_corrections(corrections)
 
             dp_sgd_train(model, optimizer, x, y, sample_rate=dp_q, steps=dp_steps, max_grad_norm=instr.dp_clip,
                          noise_multiplier=instr.dp_noise_multiplier, generator=self._dp_generator(instr, "dp-sgd"),
@@ -138,6 +184,7 @@ class LocalTrainer:
                         for p, a in zip(params, anchors):
                             if p.grad is not None:
                                 p.grad.add_(p - a, alpha=instr.proximal_mu)
+                _add_corrections(corrections)
                 optimizer.step()
                 steps += 1
                 with torch.no_grad():
@@ -146,10 +193,19 @@ class LocalTrainer:
                     seen += idx.numel()
         if not math.isfinite(total_loss):
             raise FloatingPointError(f"client {client_id}: training diverged (loss is not finite); lower the learning rate")
-        delta = self.vector() - global_vector.cpu()
+        local = self.vector()
+        delta = local - global_vector.cpu()
         if private and not bool(torch.isfinite(delta).all()):  # clipping needs a finite vector
             raise FloatingPointError(f"client {client_id}: training diverged (the model is not finite); lower the learning rate")
+        update_control = None
+        if control is not None:  # from the unclipped, un-noised displacement: the steps actually taken
+            if self._param_mask is None:
+                self._param_mask = parameter_mask(model, self.spec)
+            update_control = control_delta(control.server, global_vector.cpu(), local, steps, instr.learning_rate,
+                                           mask=self._param_mask)
         metrics = {"steps": float(steps)}
+        if pre_train_loss is not None:
+            metrics["pre_train_loss"] = pre_train_loss
         if not private:
             metrics.update(train_loss=total_loss / max(seen, 1), train_accuracy=total_correct / max(seen, 1))
         if instr.dp_sample_level:
@@ -161,7 +217,8 @@ class LocalTrainer:
         if instr.update_noise_std > 0:
             delta = delta + gaussian_noise(delta.shape, instr.update_noise_std, self._dp_generator(instr, "dp-update-noise", cpu=True))
         metrics["seconds"] = time.perf_counter() - start
-        return ClientUpdate(client_id=client_id, round=instr.round, delta=delta, num_samples=n, metrics=metrics)
+        return ClientUpdate(client_id=client_id, round=instr.round, delta=delta, num_samples=n, metrics=metrics,
+                            control_delta=update_control)
 
     def _dp_generator(self, instr: TrainInstructions, purpose: str, cpu: bool = False) -> torch.Generator:
         device = torch.device("cpu") if cpu else self.device

@@ -2,5 +2,6 @@
 
 from fl_server.simulation.runner import Simulation
 from fl_server.simulation.centralized import CentralizedBaseline
+from fl_server.simulation.async_runner import AsyncSimulation
 
-__all__ = ["Simulation", "CentralizedBaseline"]
+__all__ = ["Simulation", "AsyncSimulation", "CentralizedBaseline"]

@@ -31,13 +31,19 @@ from fl_common.protocol import ClientUpdate, TrainInstructions, derive_seed
 from fl_common.tensors.codecs import Codec, make_codec
 from fl_common.tensors.error_feedback import ErrorFeedback
 from fl_common.tensors.pipeline import PackedUpdate, pack_update
-from fl_common.training import LocalTrainer
+from fl_common.training import ControlVariates, LocalTrainer
+from fl_server.strategies import STRATEGIES
 
 log = logging.getLogger("fl_server.simulation")
 
 
 class ClientExecutor(Protocol):
-    def run_round(self, global_vector: torch.Tensor, instructions: dict[int, TrainInstructions]) -> Iterator[ClientUpdate]: ...
+    def run_round(self, global_vector: torch.Tensor, instructions: dict[int, TrainInstructions], *,
+                  server_control: torch.Tensor | None = None,
+                  client_controls: dict[int, torch.Tensor] | None = None) -> Iterator[ClientUpdate]:
+        """Train the planned clients; for SCAFFOLD, ``server_control`` is c (the same for all) and
+        ``client_controls`` each client's c_i, which the driver keeps between rounds."""
+        ...
 
     def close(self) -> None: ...
 
@@ -59,13 +65,25 @@ class InProcessExecutor:
         self.trainer = LocalTrainer(model_from_config(cfg, input_shape, num_classes), device=_device(cfg), seeded_noise=True)
         self.x, self.y, self.partitions = x, y, partitions
 
-    def run_round(self, global_vector: torch.Tensor, instructions: dict[int, TrainInstructions]) -> Iterator[ClientUpdate]:
+    def run_round(self, global_vector: torch.Tensor, instructions: dict[int, TrainInstructions], *,
+                  server_control: torch.Tensor | None = None,
+                  client_controls: dict[int, torch.Tensor] | None = None) -> Iterator[ClientUpdate]:
         for cid, instr in instructions.items():
             cx, cy = _client_tensors(self.x, self.y, self.partitions[cid])
-            yield self.trainer.train(global_vector, cx, cy, instr, client_id=cid)
+            yield self.trainer.train(global_vector, cx, cy, instr, client_id=cid,
+                                     control=_control_for(cid, server_control, client_controls))
 
     def close(self) -> None:
         return None
+
+
+def _control_for(cid: int, server_control: torch.Tensor | None,
+                 client_controls: dict[int, torch.Tensor] | None) -> ControlVariates | None:
+    if server_control is None:
+        return None
+    if client_controls is None or cid not in client_controls:
+        raise ValueError(f"SCAFFOLD round without client {cid}'s control variate")
+    return ControlVariates(server=server_control, client=client_controls[cid])
 
 
 def encode_for_wire(delta: torch.Tensor, codec: Codec, cfg: FLConfig, round_number: int, client_id: Any,
@@ -97,7 +115,7 @@ def _device(cfg: FLConfig) -> str:
 
 def _worker_main(worker_id: int, cfg_dict: dict[str, Any], input_shape: tuple[int, int, int], num_classes: int,
                  x: torch.Tensor, y: torch.Tensor, partitions: list[np.ndarray], global_buf: torch.Tensor,
-                 tasks: Any, results: Any, threads: int) -> None:
+                 tasks: Any, results: Any, threads: int, control_buf: torch.Tensor | None = None) -> None:
     torch.set_num_threads(threads)
     try:
         from fl_common.config import config_from_dict
@@ -122,16 +140,17 @@ def _worker_main(worker_id: int, cfg_dict: dict[str, Any], input_shape: tuple[in
             continue
         if task is None:
             return
-        cid, instr_json = task
+        cid, instr_json, client_control = task
         try:
             instr = TrainInstructions.from_json(instr_json)
             cx, cy = _client_tensors(x, y, partitions[cid])
-            update = trainer.train(global_buf, cx, cy, instr, client_id=cid)
+            control = None if client_control is None else ControlVariates(server=control_buf, client=client_control)
+            update = trainer.train(global_buf, cx, cy, instr, client_id=cid, control=control)
             wire_bytes = 0
             if worker_codec is not None:
                 packed = encode_for_wire(update.delta, worker_codec, cfg, instr.round, cid, update.num_samples)
                 update.delta, wire_bytes = packed.decoded, len(packed.data)
-            results.put(("ok", cid, (update.delta, update.num_samples, update.metrics, wire_bytes)))
+            results.put(("ok", cid, (update.delta, update.num_samples, update.metrics, wire_bytes, update.control_delta)))
             del update, cx, cy
             release_free_memory()
         except BaseException:  # noqa: BLE001
@@ -155,13 +174,17 @@ class ProcessPoolExecutor:
             x.share_memory_()
             y.share_memory_()
         self.global_buf = torch.zeros(numel, dtype=torch.float32).share_memory_()
+        # SCAFFOLD's server variate c is the same for every client of a round: one more shared buffer
+        # (each client's own c_i travels with its task, and its variate delta comes back with the update).
+        self.control_buf = (torch.zeros(numel, dtype=torch.float32).share_memory_()
+                            if STRATEGIES[cfg.aggregation_method].needs_client_state else None)
         self.partitions = partitions
         self.tasks = ctx.Queue()
         self.results = ctx.Queue()
         self.procs = [
             ctx.Process(target=_worker_main, name=f"fl-client-worker-{i}", daemon=True,
                         args=(i, cfg.to_dict(), input_shape, num_classes, x, y, list(partitions),
-                              self.global_buf, self.tasks, self.results, threads_per_worker))
+                              self.global_buf, self.tasks, self.results, threads_per_worker, self.control_buf))
             for i in range(workers)
         ]
         if use_fork:
@@ -199,12 +222,19 @@ class ProcessPoolExecutor:
                     self.close()
                     raise WorkerFailed(f"no client finished within {timeout:.0f} s") from None
 
-    def run_round(self, global_vector: torch.Tensor, instructions: dict[int, TrainInstructions]) -> Iterator[ClientUpdate]:
+    def run_round(self, global_vector: torch.Tensor, instructions: dict[int, TrainInstructions], *,
+                  server_control: torch.Tensor | None = None,
+                  client_controls: dict[int, torch.Tensor] | None = None) -> Iterator[ClientUpdate]:
         self.global_buf.copy_(global_vector)
+        if server_control is not None:
+            if self.control_buf is None:
+                raise ValueError("this worker pool was started without a control-variate buffer")
+            self.control_buf.copy_(server_control)
         # Longest clients first (LPT scheduling) shortens the round when client sizes differ.
         order = sorted(instructions, key=lambda c: -len(self.partitions[c]))
         for cid in order:
-            self.tasks.put((cid, instructions[cid].to_json()))
+            control = _control_for(cid, server_control, client_controls)
+            self.tasks.put((cid, instructions[cid].to_json(), None if control is None else control.client))
         pending: dict[int, ClientUpdate] = {}
         for cid in instructions:  # yield in plan order, buffering early finishers
             while cid not in pending:
@@ -212,9 +242,10 @@ class ProcessPoolExecutor:
                 if kind == "error":
                     self.close()
                     raise WorkerFailed(f"training client {who} failed:\n{payload}")
-                delta, n, metrics, wire_bytes = payload
+                delta, n, metrics, wire_bytes, control_delta = payload
                 pending[who] = ClientUpdate(client_id=who, round=instructions[who].round, delta=delta.clone(),
-                                            num_samples=n, metrics=metrics, wire_bytes=wire_bytes)
+                                            num_samples=n, metrics=metrics, wire_bytes=wire_bytes,
+                                            control_delta=None if control_delta is None else control_delta.clone())
             yield pending.pop(cid)
 
     def close(self) -> None:

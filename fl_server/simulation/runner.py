@@ -16,6 +16,7 @@ The Python API mirrors the seed's ``FederatedTrainer`` example under our names::
 from __future__ import annotations
 
 import logging
+import math
 import platform
 import sys
 import time
@@ -36,9 +37,13 @@ from fl_common.protocol import derive_seed
 from fl_common.tensors import flatten, spec_of, unflatten
 from fl_common.tensors.codecs import make_codec
 from fl_common.tensors.error_feedback import ErrorFeedback
-from fl_common.training import EvalResult, LocalTrainer
+from fl_common.training import EvalResult, LocalTrainer, updated_client_control
 from fl_server.coordinator import Coordinator
 from fl_server.privacy_engine import BudgetExhausted
+from fl_server.selection import selection_summary
+from fl_server.simulation.attacks import make_attack
+from fl_server.simulation.client_speeds import client_speeds, simulated_client_infos
+from fl_server.simulation.client_state import ClientVariates
 from fl_server.simulation.executor import (
     ClientExecutor,
     InProcessExecutor,
@@ -77,6 +82,9 @@ def client_partitions(cfg: FLConfig, train: ArrayDataset) -> list[np.ndarray]:
 
 
 class Simulation:
+    #: training_mode values this driver runs (AsyncSimulation runs "async")
+    training_modes: tuple[str, ...] = ("sync",)
+
     def __init__(self, config: FLConfig | Mapping[str, Any] | str | Path, output_dir: str | Path | None = None, *,
                  resume: bool = False, progress: bool | None = None) -> None:
         t0 = time.perf_counter()
@@ -86,6 +94,10 @@ class Simulation:
             cfg = load_config(config)
         else:
             cfg = config_from_dict(config)
+        if cfg.training_mode not in self.training_modes:
+            raise ConfigError(f"config key 'training_mode' is {cfg.training_mode!r}: {type(self).__name__} runs "
+                              f"{', '.join(self.training_modes)} training; use fl_server.simulation.AsyncSimulation "
+                              f"(python -m fl_server simulate picks the driver from training_mode)")
         self.run_dir = RunDirectory(output_dir) if output_dir is not None else None
         if self.run_dir is not None and self.run_dir.has_checkpoint() and not resume:
             raise ConfigError(f"output folder '{self.run_dir.path}' already holds a run: pass --resume to continue it, "
@@ -104,9 +116,13 @@ class Simulation:
         self.num_parameters = count_parameters(model)
         self.evaluator_trainer = LocalTrainer(model, device="cpu" if cfg.device == "cpu" else _resolve_device(cfg))
         self.spec = self.evaluator_trainer.spec
-        self.coordinator = Coordinator(cfg, self.evaluator_trainer.vector(), self.spec, evaluator=self._evaluate_vector,
-                                       client_sizes={cid: len(p) for cid, p in enumerate(self.partitions)},
-                                       privacy_seeded_noise=True)
+        # what each simulated client reports to the selection policy (records, labels, speeds)
+        self.speeds = client_speeds(cfg, cfg.num_clients)
+        self.client_infos = simulated_client_infos(cfg, self.partitions, self.histograms, self.speeds, 4 * self.spec.numel)
+        self.coordinator = self._new_coordinator()
+        # SCAFFOLD: every simulated client's control variate c_i (see client_state.py for why in files)
+        self._variates = ClientVariates(self.spec.numel, self.run_dir.path / "client_state" if self.run_dir else None)
+        self._attack = make_attack(cfg)
         self.wall_seconds_before = 0.0
         if resume and self.run_dir is not None and self.run_dir.has_checkpoint():
             self._restore()
@@ -121,6 +137,12 @@ class Simulation:
             self.run_dir.write_label_histograms(self.histograms)
 
     # ------------------------------------------------------------------ internals
+    def _new_coordinator(self) -> Coordinator:
+        """The coordinator this driver runs (AsyncSimulation overrides it with the asynchronous one)."""
+        return Coordinator(self.cfg, self.evaluator_trainer.vector(), self.spec, evaluator=self._evaluate_vector,
+                           client_sizes={cid: len(p) for cid, p in enumerate(self.partitions)},
+                           privacy_seeded_noise=True, driver_features=("control_variates", "attacks", "client_infos"))
+
     def _restore(self) -> None:
         assert self.run_dir is not None
         state = self.run_dir.load_checkpoint()
@@ -130,6 +152,8 @@ class Simulation:
         if changed:
             raise ConfigError(f"cannot resume '{self.run_dir.path}': these keys differ from the stored run: {', '.join(changed)}")
         self.coordinator.load_state_dict(state["coordinator"])
+        self._variates.load_state_dict(state.get("client_state"))
+        self._variates.prune()  # files of a round interrupted before its checkpoint
         self.wall_seconds_before = float(state.get("wall_seconds", 0.0))
         log.info("resumed %s after round %d", self.run_dir.path, self.coordinator.completed_rounds)
 
@@ -158,7 +182,8 @@ class Simulation:
         if self.run_dir is None:
             return
         self.run_dir.save_checkpoint({"config": self.cfg.to_dict(), "coordinator": self.coordinator.state_dict(),
-                                      "wall_seconds": wall_seconds})
+                                      "client_state": self._variates.state_dict(), "wall_seconds": wall_seconds})
+        self._variates.prune()  # only now that the checkpoint naming the new versions is durable
         self.run_dir.write_history(self.coordinator.history)
 
     # ------------------------------------------------------------------ public API
@@ -168,11 +193,25 @@ class Simulation:
 
     def run_round(self) -> RoundRecord:
         coord = self.coordinator
-        plan = coord.plan_round(list(range(self.cfg.num_clients)))
+        plan = coord.plan_round(list(range(self.cfg.num_clients)), infos=self.client_infos)
         model_bytes = 4 * self.spec.numel
         executor = self._executor_for_run()
-        for update in executor.run_round(coord.global_vector, plan.instructions):
+        server_control = coord.server_control
+        client_controls = None
+        if server_control is not None:  # SCAFFOLD: c goes with the model, each client brings its c_i
+            client_controls = {cid: self._variates.get(cid) for cid in plan.instructions}
+        for update in executor.run_round(coord.global_vector, plan.instructions, server_control=server_control,
+                                         client_controls=client_controls):
+            if update.control_delta is not None:
+                assert client_controls is not None
+                self._variates.put(update.client_id, updated_client_control(client_controls[update.client_id],
+                                                                            update.control_delta), plan.round)
+            if self._attack is not None and self._attack.apply(update):
+                update.wire_bytes = 0  # a worker may have encoded the honest delta: encode the noise instead
             self._through_codec(update, plan.round)
+            if update.control_delta is not None:  # c down, the variate delta up, both uncompressed float32
+                update.wire_bytes += 4 * update.control_delta.numel()
+                coord.add_bytes(model_bytes)
             coord.submit(update)
             coord.add_bytes(model_bytes)
         return coord.close_round()
@@ -239,6 +278,17 @@ class Simulation:
             out.append({"client": cid, "num_samples": r.num_samples, "accuracy": r.accuracy, "loss": r.loss})
         return out
 
+    def client_accuracy_summary(self) -> dict[str, Any]:
+        """How evenly the final global model serves the clients: the fairness numbers q-FedAvg is judged
+        by (Li et al. 2020 report the mean accuracy of the worst 10 % of clients, and the spread).
+        Measured by the simulator on each client's training data (there is no per-client test split)."""
+        accs = sorted(r["accuracy"] for r in self.evaluate_clients())
+        worst = accs[: max(1, math.ceil(0.1 * len(accs)))]
+        mean = sum(accs) / len(accs)
+        return {"measure": "global model on each client's training data", "clients": len(accs), "mean": mean,
+                "worst_10pct": sum(worst) / len(worst), "min": accs[0], "max": accs[-1],
+                "std": math.sqrt(sum((a - mean) ** 2 for a in accs) / len(accs))}
+
     def summary(self) -> dict[str, Any]:
         hist = self.coordinator.history
         return {
@@ -258,12 +308,15 @@ class Simulation:
             "codec": (self._codec.name if self._codec else "none") + (f" + {self.cfg.wire_compression}" if self._codec else ""),
             "stop_reason": self.coordinator.stop_reason,
             "privacy": self.coordinator.privacy_status(),
+            "selection": selection_summary(self.cfg, self.coordinator.selector),
+            "participation": self.coordinator.participation.summary(range(self.cfg.num_clients)),
             "environment": {"python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform()},
             "config": self.cfg.to_dict(),
         }
 
     def save_results(self) -> dict[str, Any]:
         summary = self.summary()
+        summary["client_accuracy"] = self.client_accuracy_summary()
         privacy = summary["privacy"]
         if privacy.get("differential_privacy"):
             extra = ""
@@ -275,6 +328,7 @@ class Simulation:
                      privacy["mode"], privacy["noise_multiplier"], extra)
         if self.run_dir is not None:
             self.run_dir.write_history(self.coordinator.history)
+            self.run_dir.write_text("participation.csv", self.coordinator.participation.to_csv())
             self.run_dir.write_json("summary.json", summary)
             self.run_dir.save_model(unflatten(self.coordinator.global_vector, self.spec))
             from fl_server.reports import write_report_logged  # lazily: keeps matplotlib out of startup

@@ -47,7 +47,8 @@ CREATE TABLE IF NOT EXISTS rounds (
     started_at REAL NOT NULL,
     deadline REAL NOT NULL,
     closed_at REAL,
-    reason TEXT
+    reason TEXT,
+    privacy TEXT
 );
 CREATE TABLE IF NOT EXISTS participants (
     round_id INTEGER NOT NULL,
@@ -116,6 +117,8 @@ class RoundRow:
     deadline: float
     closed_at: Optional[float]
     reason: Optional[str]
+    #: the round's DP parameters (``RoundPlan.privacy``): needed to reopen the round after a restart
+    privacy: Optional[dict[str, Any]] = None
 
 
 @dataclass
@@ -142,6 +145,13 @@ class ServerStore:
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.execute("PRAGMA foreign_keys=ON")
         self._db.executescript(SCHEMA)
+        self._migrate()
+
+    def _migrate(self) -> None:
+        """Bring a database written by an older version up to this schema (additive changes only)."""
+        columns = {r[1] for r in self._db.execute("PRAGMA table_info(rounds)").fetchall()}
+        if "privacy" not in columns:
+            self._db.execute("ALTER TABLE rounds ADD COLUMN privacy TEXT")
 
     def close(self) -> None:
         with self._lock:
@@ -229,9 +239,10 @@ class ServerStore:
     def open_round(self, row: RoundRow) -> int:
         """Insert a new attempt (``row.round_id`` is ignored) and return its round_id."""
         with self._tx() as db:
-            cur = db.execute("INSERT INTO rounds(round, state, selected, instructions, target, started_at, deadline)"
-                             " VALUES(?,?,?,?,?,?,?)", (row.round, "open", json.dumps(row.selected), json.dumps(row.instructions),
-                                                        row.target, row.started_at, row.deadline))
+            cur = db.execute("INSERT INTO rounds(round, state, selected, instructions, target, started_at, deadline, privacy)"
+                             " VALUES(?,?,?,?,?,?,?,?)", (row.round, "open", json.dumps(row.selected), json.dumps(row.instructions),
+                                                          row.target, row.started_at, row.deadline,
+                                                          None if row.privacy is None else json.dumps(row.privacy)))
             round_id = int(cur.lastrowid)
             db.executemany("INSERT INTO participants(round_id, client_id, status) VALUES(?,?,'selected')",
                            [(round_id, c) for c in row.selected])
@@ -241,9 +252,10 @@ class ServerStore:
     def _round(self, row: Optional[tuple]) -> Optional[RoundRow]:
         if row is None:
             return None
-        return RoundRow(row[0], row[1], row[2], json.loads(row[3]), json.loads(row[4]), row[5], row[6], row[7], row[8], row[9])
+        return RoundRow(row[0], row[1], row[2], json.loads(row[3]), json.loads(row[4]), row[5], row[6], row[7], row[8], row[9],
+                        None if row[10] is None else json.loads(row[10]))
 
-    _ROUND_COLS = "round_id, round, state, selected, instructions, target, started_at, deadline, closed_at, reason"
+    _ROUND_COLS = "round_id, round, state, selected, instructions, target, started_at, deadline, closed_at, reason, privacy"
 
     def current_open_round(self) -> Optional[RoundRow]:
         return self._round(self._one(f"SELECT {self._ROUND_COLS} FROM rounds WHERE state='open' ORDER BY round_id DESC LIMIT 1"))

@@ -39,6 +39,8 @@ class AggregateResult:
     total_weight: float
     num_updates: int
     train_loss: float | None
+    #: SCAFFOLD: the mean of the clients' control-variate deltas (None for every other strategy)
+    control_delta: torch.Tensor | None = None
 
 
 class Aggregator(ABC):
@@ -105,7 +107,12 @@ class Strategy(ABC):
     """Base class; subclasses register themselves by ``name``."""
 
     name: ClassVar[str]
+    #: True when aggregation needs every update on its own (median, Krum): such a strategy keeps
+    #: them all (memory O(clients x model)) and cannot run behind secure aggregation or client-level DP.
     needs_individual_updates: ClassVar[bool] = False
+    #: True when clients keep per-client state between rounds that the driver must carry (SCAFFOLD's
+    #: control variates): a driver that cannot is refused by the coordinator.
+    needs_client_state: ClassVar[bool] = False
 
     def __init__(self, cfg: FLConfig) -> None:
         self.cfg = cfg
@@ -120,6 +127,10 @@ class Strategy(ABC):
     def apply(self, global_vector: torch.Tensor, aggregate: AggregateResult) -> torch.Tensor:
         """Server step: w <- w + eta_server * aggregated delta (eta = 1 is plain FedAvg)."""
         return global_vector + self.cfg.server_learning_rate * aggregate.delta
+
+    def server_control(self) -> torch.Tensor | None:
+        """A model-sized vector every selected client receives alongside the global model (SCAFFOLD's c)."""
+        return None
 
     def state_dict(self) -> dict[str, Any]:
         """Server-side optimiser state (momenta, control variates) for checkpoints; none by default."""

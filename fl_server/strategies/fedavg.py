@@ -5,7 +5,12 @@ from __future__ import annotations
 import torch
 
 from fl_common.protocol import TrainInstructions
-from fl_server.strategies.base import Aggregator, Strategy, WeightedMeanAggregator, with_mu
+from fl_server.strategies.base import (
+    Aggregator,
+    Strategy,
+    WeightedMeanAggregator,
+    with_mu,
+)
 
 
 class FedAvg(Strategy):

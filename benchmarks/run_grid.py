@@ -42,7 +42,7 @@ def is_finished(run: Path) -> bool:
     if not summary.is_file():
         return False
     s = json.loads(summary.read_text())
-    return (s.get("rounds_completed") == s.get("config", {}).get("num_rounds") or s.get("mode") == "centralized"
+    return (s.get("rounds_completed") == s.get("config", {}).get("num_rounds") or s.get("mode") in ("centralized", "local_only")
             or bool(s.get("stop_reason")))  # ended early by its privacy budget: done, not to be retried
 
 
@@ -55,6 +55,8 @@ def run_experiment(exp: dict, common: dict, run: Path) -> None:
     cmd += [f"--set={k}={v}" for k, v in settings.items()]
     if exp.get("centralized"):
         cmd.append("--centralized")
+    elif exp.get("local_only"):  # one pass over all clients, no checkpoint: an interrupted one runs again
+        cmd.append("--local-only")
     elif (run / "checkpoint.pt").is_file():
         cmd.append("--resume")
     print(f"[{time.strftime('%H:%M:%S')}] {exp['name']}: {' '.join(cmd[3:])}", flush=True)
@@ -88,23 +90,33 @@ def collect(grid: str, experiments: list[dict], work: Path, results: Path) -> No
             "hours": seconds / 3600, "note": exp.get("note", ""),
             "epsilon": privacy.get("epsilon_spent") if privacy.get("differential_privacy") else None,
             "mb_per_round": sum(int(r["bytes"]) for r in hist) / max(len(hist), 1) / 2**20,
+            # per-client accuracy (summary.json "client_accuracy"; its "measure" says on which data)
+            "client_mean": (summary.get("client_accuracy") or {}).get("mean"),
+            "client_worst10": (summary.get("client_accuracy") or {}).get("worst_10pct"),
+            "flat": summary.get("mode") == "local_only",
         })
-    lines = [f"# {grid}", "", "| experiment | status | rounds | final acc | best acc | epsilon spent | MB per round (up + down) "
-             "| median s/round | note |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = [f"# {grid}", "", "| experiment | status | rounds | final acc | best acc | client acc mean / worst 10 % "
+             "| epsilon spent | MB per round (up + down) | median s/round | note |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         fmt = lambda v: "" if v is None else f"{100 * v:.2f} %"  # noqa: E731
         eps = "" if r["epsilon"] is None else f"{r['epsilon']:.3f}"
-        lines.append(f"| {r['name']} | {r['status']} | {r['rounds']} | {fmt(r['final'])} | {fmt(r['best'])} | {eps} | "
+        clients = "" if r["client_mean"] is None else f"{fmt(r['client_mean'])} / {fmt(r['client_worst10'])}"
+        lines.append(f"| {r['name']} | {r['status']} | {r['rounds']} | {fmt(r['final'])} | {fmt(r['best'])} | {clients} | {eps} | "
                      f"{r['mb_per_round']:.1f} | {r['median_round_s']:.2f} | {r['note']} |")
+    lines.append("")
+    lines.append("_client acc_: summary.json \"client_accuracy\" - the final model(s) per client, on each client's training "
+                 "data, or on its held-out part where client_test_fraction > 0 (its \"measure\" says which). Local-only rows: "
+                 "final acc = mean over clients of each client's own model on the global test set (drawn as a flat line).")
     lines.append("")
     lines.append(f"_Written by benchmarks/run_grid.py at {time.strftime('%Y-%m-%d %H:%M:%S')}._")
     results.mkdir(parents=True, exist_ok=True)
     (results / "results.md").write_text("\n".join(lines) + "\n")
     (results / "results.json").write_text(json.dumps(rows, indent=1))
-    plot(curves, results / "curves.png", grid)
+    plot(curves, results / "curves.png", grid, flat={r["name"] for r in rows if r["flat"]})
 
 
-def plot(curves: dict[str, list[tuple[int, float]]], path: Path, title: str) -> None:
+def plot(curves: dict[str, list[tuple[int, float]]], path: Path, title: str, flat: set[str] = frozenset()) -> None:
+    """Test accuracy per round; runs named in ``flat`` (the local-only baseline: no rounds) as horizontal lines."""
     try:
         import matplotlib
 
@@ -114,7 +126,9 @@ def plot(curves: dict[str, list[tuple[int, float]]], path: Path, title: str) -> 
         return
     fig, ax = plt.subplots(figsize=(8, 5))
     for name, pts in curves.items():
-        if pts:
+        if pts and name in flat:
+            ax.axhline(100 * pts[-1][1], label=f"{name} (no rounds)", linestyle="--", linewidth=1)
+        elif pts:
             ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], label=name, marker=".")
     ax.set_xlabel("round")
     ax.set_ylabel("test accuracy (%)")

@@ -67,7 +67,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-rounds", type=int, help="exit after taking part in this many rounds")
     p.add_argument("--threads", type=int, default=1, help="torch threads for local training")
     p.add_argument("--capability", type=_capability, action="append", default=[], metavar="NAME=NUMBER",
-                   help="reported capability, e.g. --capability compute=2.0 (repeatable)")
+                   help="capability sent at registration, e.g. --capability gpu=1 (repeatable; shown in the client table)")
+    p.add_argument("--compute-speed", type=float, metavar="SAMPLES_PER_S",
+                   help="training speed reported for client selection (capability, adaptive); default: measured on a few "
+                        "batches of this client's data")
+    p.add_argument("--bandwidth", type=float, metavar="BYTES_PER_S",
+                   help="link speed reported for client selection (capability, adaptive); default: not reported (no transfer time)")
+    p.add_argument("--train-delay", type=float, default=0.0, metavar="SECONDS",
+                   help="sleep this long after each local training: makes a slow device on a fast machine (tests, demos)")
     p.add_argument("--ca-cert", help="CA bundle to verify an https server (e.g. a self-signed certificate)")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     p.add_argument("--log-format", default="text", choices=["text", "json"], help="text, or json: one JSON object per line")
@@ -87,6 +94,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.threads < 1 or (args.max_rounds is not None and args.max_rounds < 1):
         print("error: --threads and --max-rounds must be at least 1", file=sys.stderr)
         return 2
+    for flag, value, top in (("--compute-speed", args.compute_speed, 1e15), ("--bandwidth", args.bandwidth, 1e15)):
+        if value is not None and not (0 < value <= top):
+            print(f"error: {flag} must be a number in (0, {top:g}]", file=sys.stderr)
+            return 2
+    if not 0 <= args.train_delay <= 3600:
+        print("error: --train-delay must be between 0 and 3600 seconds", file=sys.stderr)
+        return 2
     from fl_common.logs import configure_logging
 
     configure_logging(args.log_level, args.log_format,
@@ -101,7 +115,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         enrollment_token=args.enrollment_token or os.environ.get(ENV_ENROLLMENT_TOKEN), client_name=args.client_name,
         partition=args.partition, data_dir=args.data_dir, timeout=args.timeout, max_retries=args.max_retries,
         max_rounds=args.max_rounds, threads=args.threads, capability=dict(args.capability),
-        verify_tls=args.ca_cert or True, progress=False if args.no_progress else None))
+        verify_tls=args.ca_cert or True, progress=False if args.no_progress else None,
+        compute_speed=args.compute_speed, bandwidth=args.bandwidth, train_delay=args.train_delay))
     daemon.install_signal_handlers()
     try:
         return daemon.run()

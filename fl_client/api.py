@@ -23,10 +23,12 @@ from fl_common.protocol.rest import (
     HEADER_IDEMPOTENCY,
     HEADER_MODEL_KEY,
     PATH_MODEL,
+    PATH_PROFILE,
     PATH_REGISTER,
     PATH_ROUND,
     PATH_TOKEN,
     PATH_UPDATE,
+    QUERY_MODEL_VERSION,
 )
 
 log = logging.getLogger("fl_client.api")
@@ -134,9 +136,22 @@ class ServerApi:
     def round_status(self) -> dict[str, Any]:
         return self._send("GET", PATH_ROUND).json()
 
-    def download_model(self, etag: Optional[str], encrypted: bool) -> tuple[Optional[bytes], Optional[str]]:
-        """The wire-packed global model, or ``None`` when the server answers 304 for ``etag``."""
-        resp = self._send("GET", PATH_MODEL, headers={"If-None-Match": etag} if etag else None)
+    def profile_spec(self) -> dict[str, Any]:
+        """What the server's selection policy reads from this client's profile (ProfileSpec)."""
+        return self._send("GET", PATH_PROFILE).json()
+
+    def send_profile(self, report: dict[str, Any]) -> dict[str, Any]:
+        """Report records, capability and (when asked) the label histogram (ProfileReport)."""
+        return self._send("POST", PATH_PROFILE, json_body=report).json()
+
+    def download_model(self, etag: Optional[str], encrypted: bool,
+                       version: Optional[int] = None) -> tuple[Optional[bytes], Optional[str]]:
+        """The wire-packed global model, or ``None`` when the server answers 304 for ``etag``.
+
+        ``version`` (asynchronous mode): the model version this client's job trains on, which may
+        already be older than the server's current one."""
+        path = PATH_MODEL if version is None else f"{PATH_MODEL}?{QUERY_MODEL_VERSION}={int(version)}"
+        resp = self._send("GET", path, headers={"If-None-Match": etag} if etag else None)
         if resp.status_code == 304:
             return None, etag
         assert self.creds is not None

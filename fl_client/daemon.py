@@ -1,9 +1,24 @@
-"""The client daemon: register once, then poll, train when selected, upload, repeat.
+"""The client daemon: register once, report a profile, then poll, train when selected, upload, repeat.
 
 State that must survive a restart lives in ``--state-dir``: credentials (0600), the data
-assignment, the last model version and its bytes, the codec's error-feedback residual and the
-idempotency key of an upload in flight. A daemon killed after training but before the server
-acknowledged its upload resends the same key, which the server counts once.
+assignment, the last model version and its bytes, the codec's error-feedback residual, the
+idempotency key of an upload in flight and the label histogram it released. A daemon killed
+after training but before the server acknowledged its upload resends the same key, which the
+server counts once.
+
+Profile (client selection): once its data is loaded the daemon asks the server what its
+selection policy reads (``GET /api/v1/profile``) and reports it: ``num_samples``; capability
+``compute_speed`` in samples/s (``--compute-speed``, else measured by training a few batches of its
+own data: an estimate that ranks clients, not a promise) and ``bandwidth`` in bytes/s (only when
+declared with ``--bandwidth``: a daemon cannot measure its link without sending data); and, only
+when the server asks, its label histogram, Laplace-noised with the server's
+``label_histogram_epsilon`` when that is set. The noised histogram is kept in the state dir and
+re-sent as is after a restart: a second noisy release would cost a second epsilon.
+
+Asynchronous mode: a poll may hand out a job (``job`` in the reply, ``round`` = the model
+version to train on); the daemon downloads that version (``?version=``), trains, uploads, and
+polls again at once for its next job. ``--train-delay`` (for tests and demos) sleeps after each
+local training, so daemons of different speeds make staleness happen on one machine.
 
 Training uses ``fl_common.training.LocalTrainer``, the very code the simulation runs.
 """
@@ -17,11 +32,13 @@ import os
 import random
 import signal
 import threading
+import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+import numpy as np
 import torch
 
 from fl_client.api import ApiRefused, Credentials, ServerApi, ServerUnreachable
@@ -30,8 +47,15 @@ from fl_common.data import ArrayDataset, load_dataset
 from fl_common.data.assignment import training_subset
 from fl_common.data.partition import client_partition
 from fl_common.models import create_model
+from fl_common.privacy import private_label_histogram
 from fl_common.protocol import TrainInstructions
-from fl_common.protocol.rest import ROUND_FINISHED, ROUND_SELECTED
+from fl_common.protocol.rest import (
+    CAPABILITY_BANDWIDTH,
+    CAPABILITY_COMPUTE_SPEED,
+    PROFILE_LABEL_HISTOGRAM,
+    ROUND_FINISHED,
+    ROUND_SELECTED,
+)
 from fl_common.tensors import wire
 from fl_common.tensors.codecs import make_codec
 from fl_common.tensors.error_feedback import ErrorFeedback
@@ -57,10 +81,17 @@ class DaemonOptions:
     capability: dict[str, float] = field(default_factory=dict)
     verify_tls: bool | str = True
     progress: Optional[bool] = None  # local-training progress bar: None = only when stderr is a terminal
+    compute_speed: Optional[float] = None  # samples/s reported in the profile; None = measure it
+    bandwidth: Optional[float] = None  # bytes/s reported in the profile; None = not reported
+    train_delay: float = 0.0  # seconds slept after each local training (tests: a slow device)
 
 
 #: where a SCAFFOLD client keeps its control variate c_i between rounds
 CONTROL_FILE = "scaffold_control.pt"
+#: the label histogram this client released (noised once; re-sent as is)
+HISTOGRAM_FILE = "label_histogram.json"
+#: samples of the client's own data the compute-speed measurement trains on
+SPEED_SAMPLES = 256
 
 
 def _write_private(path: Path, data: str | bytes) -> None:
@@ -90,6 +121,7 @@ class ClientDaemon:
         self.model_vector: Optional[torch.Tensor] = None
         self.rounds_done = 0
         self.error_feedback: Optional[ErrorFeedback] = None
+        self.profile_due = True  # reported after loading the data, and again after registering anew
 
     # ------------------------------------------------------------------ lifecycle
     def install_signal_handlers(self) -> None:
@@ -129,6 +161,7 @@ class ClientDaemon:
         self.registration = self.api.register(token, client_name=self.opts.client_name, partition=self.opts.partition,
                                               num_samples=None, capability=self.opts.capability)
         self.registration.pop("session_token", None)  # kept only inside the credentials
+        self.profile_due = True  # a new registration starts without a profile on the server
         self._save_state()
         log.info("registered as %s (partition %s)", self.registration["client_id"],
                  (self.registration.get("data") or {}).get("partition_index"))
@@ -167,6 +200,8 @@ class ClientDaemon:
                     log.info("took part in %d round(s): done", self.rounds_done)
                     return 0
                 try:
+                    if self.profile_due:
+                        self._report_profile()
                     status = self._call(self.api.round_status)
                 except ServerUnreachable as exc:
                     log.warning("server unreachable (%s); retrying", exc)
@@ -204,6 +239,66 @@ class ClientDaemon:
             self._save_state()
             return fn(*args)
 
+    # ------------------------------------------------------------------ profile (client selection)
+    def _report_profile(self) -> None:
+        """Tell the server what its selection policy reads: only the fields it asks for."""
+        assert self.data is not None
+        try:
+            spec = self._call(self.api.profile_spec)
+        except ApiRefused as exc:
+            if exc.status != 404:
+                raise
+            log.info("the server takes no profile (%s)", exc)
+            self.profile_due = False
+            return
+        fields = set(spec.get("required", [])) | set(spec.get("optional", []))
+        report: dict[str, Any] = {"num_samples": len(self.data)}
+        capability: dict[str, float] = {}
+        if CAPABILITY_COMPUTE_SPEED in fields:
+            capability[CAPABILITY_COMPUTE_SPEED] = self.opts.compute_speed or self._measure_compute_speed()
+        if CAPABILITY_BANDWIDTH in fields and self.opts.bandwidth:
+            capability[CAPABILITY_BANDWIDTH] = self.opts.bandwidth
+        if capability:
+            report["capability"] = capability
+        if PROFILE_LABEL_HISTOGRAM in fields:
+            report[PROFILE_LABEL_HISTOGRAM] = self._label_histogram(int(spec["num_classes"]), spec.get("label_histogram_epsilon"))
+        self._call(self.api.send_profile, report)
+        self.profile_due = False
+        log.info("profile reported: %d samples, capability %s%s", len(self.data),
+                 {k: round(v, 1) for k, v in capability.items()} or "none",
+                 ", label histogram" + (f" (Laplace, epsilon {spec['label_histogram_epsilon']:g})"
+                                        if spec.get("label_histogram_epsilon") is not None else " (exact)")
+                 if PROFILE_LABEL_HISTOGRAM in report else "")
+
+    def _measure_compute_speed(self) -> float:
+        """Samples per second of plain local training on a few batches of this client's own data."""
+        assert self.trainer is not None and self.data is not None
+        n = min(len(self.data), SPEED_SAMPLES)
+        instr = TrainInstructions(round=0, epochs=1, batch_size=32, learning_rate=1e-6, seed=0)
+        start = self.trainer.vector()
+        warm = min(n, 32)
+        self.trainer.train(start, self.data.x[:warm], self.data.y[:warm], instr)  # first-call overheads
+        t0 = time.perf_counter()
+        self.trainer.train(start, self.data.x[:n], self.data.y[:n], instr)
+        return n / max(time.perf_counter() - t0, 1e-6)
+
+    def _label_histogram(self, num_classes: int, epsilon: Optional[float]) -> list[float]:
+        """Counts per class; under ``epsilon`` noised once (OS randomness) and kept for later reports."""
+        assert self.data is not None
+        counts = np.bincount(self.data.y.numpy().astype(np.int64), minlength=num_classes)[:num_classes]
+        if epsilon is None:
+            return [float(c) for c in counts]
+        path = self.state_dir / HISTOGRAM_FILE
+        if path.is_file():
+            saved = json.loads(path.read_text(encoding="utf-8"))
+            if saved.get("epsilon") == epsilon and saved.get("num_samples") == len(self.data):
+                return [float(v) for v in saved["histogram"]]
+            log.warning("the server now asks for epsilon %g (released before: %s): this second release adds to the first",
+                        epsilon, saved.get("epsilon"))
+        noisy = [float(v) for v in private_label_histogram(counts, float(epsilon))]
+        _write_private(path, json.dumps({"epsilon": epsilon, "num_samples": len(self.data), "histogram": noisy}))
+        return noisy
+
     def _client_control(self, numel: int) -> torch.Tensor:
         """This client's SCAFFOLD variate c_i (zeros before its first round)."""
         path = self.state_dir / CONTROL_FILE
@@ -216,13 +311,21 @@ class ClientDaemon:
 
     def _take_part(self, status: dict[str, Any]) -> None:
         assert self.trainer is not None and self.data is not None
-        round_number = int(status["round"])
+        round_number = int(status["round"])  # asynchronous mode: the model version the job trains on
+        job = status.get("job")
+        what = f"round {round_number}" if job is None else f"job {job} (model version {round_number})"
         instr = TrainInstructions.from_json(status["instructions"])
         encrypted = bool(self.registration.get("encryption", True))
         numel = self.trainer.spec.numel
         if self.model_vector is not None and self.model_vector.numel() != numel * (2 if instr.scaffold else 1):
             self.model_etag = None  # the cached download has the other layout: fetch it again
-        payload, etag = self._call(self.api.download_model, self.model_etag, encrypted)
+        try:
+            payload, etag = self._call(self.api.download_model, self.model_etag, encrypted, None if job is None else round_number)
+        except ApiRefused as exc:
+            if job is None or exc.status != 409:
+                raise
+            log.warning("%s: model download refused (%s); polling for another job", what, exc)
+            return
         if payload is not None:
             self.model_vector, _ = wire.decode_update(payload, numel * (2 if instr.scaffold else 1), max_bytes=2**34)
             self.model_etag = etag
@@ -230,27 +333,31 @@ class ClientDaemon:
         global_vector, control = self.model_vector[:numel], None
         if instr.scaffold:  # SCAFFOLD: the server variate c follows the model; c_i stays in the state dir
             control = ControlVariates(server=self.model_vector[numel:], client=self._client_control(numel))
-        log.info("round %d: training %d epoch(s) on %d samples", round_number, instr.epochs, len(self.data))
+        log.info("%s: training %d epoch(s) on %d samples", what, instr.epochs, len(self.data))
         with training_progress(self.trainer.model, instr, len(self.data), round_number=round_number, enabled=self.opts.progress):
             update = self.trainer.train(global_vector, self.data.x, self.data.y, instr, client_id=self.api.creds.client_id,
                                         control=control)
+        if self.opts.train_delay > 0:
+            self._sleep(self.opts.train_delay)  # --train-delay: a slower device (tests and demos)
         codec = make_codec(self.registration["codec"])
         rng = torch.Generator().manual_seed(instr.seed ^ 0x5EED)
         upload = update.delta if update.control_delta is None else torch.cat([update.delta, update.control_delta])
         packed = pack_update(upload, codec, self.registration["wire_compression"], rng=rng,
                              error_feedback=self.error_feedback,
                              meta={"num_samples": update.num_samples, "metrics": update.metrics})
-        key_path = self.state_dir / f"pending-r{round_number}.key"
-        key = key_path.read_text().strip() if key_path.is_file() else f"{round_number}-{uuid.uuid4().hex}"
+        # one key per round (synchronous) or per job (asynchronous: several jobs may train on one version)
+        key_path = self.state_dir / (f"pending-r{round_number}.key" if job is None else f"pending-j{int(job)}.key")
+        key = key_path.read_text().strip() if key_path.is_file() else (
+            f"{round_number}-{uuid.uuid4().hex}" if job is None else f"v{round_number}-j{int(job)}-{uuid.uuid4().hex}")
         _write_private(key_path, key)
         try:
             result = self._call(self.api.upload_update, round_number, packed.data, key, encrypted)
         except ApiRefused as exc:
-            log.warning("round %d: update refused (%s)", round_number, exc)
+            log.warning("%s: update refused (%s)", what, exc)
             key_path.unlink(missing_ok=True)
             return
         except ServerUnreachable as exc:
-            log.warning("round %d: upload failed (%s); the round may close without this update", round_number, exc)
+            log.warning("%s: upload failed (%s); the server may close it without this update", what, exc)
             return
         key_path.unlink(missing_ok=True)
         if control is not None and update.control_delta is not None:
@@ -264,6 +371,7 @@ class ClientDaemon:
         self._save_state()
         # DP-SGD reports no training loss (it is not private); say so rather than invent one
         loss = update.metrics.get("train_loss")
-        log.info("round %d: update accepted (%d bytes, %s)%s", round_number, len(packed.data),
-                 f"train loss {loss:.4f}" if loss is not None else "no train loss reported under DP",
+        extra = f", {result['status']} with staleness {result['staleness']}" if "staleness" in result else ""
+        log.info("%s: update accepted (%d bytes, %s%s)%s", what, len(packed.data),
+                 f"train loss {loss:.4f}" if loss is not None else "no train loss reported under DP", extra,
                  " [retry of an accepted upload]" if result.get("duplicate") else "")

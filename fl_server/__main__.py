@@ -40,6 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="override one config key (repeatable), e.g. --set num_rounds=5")
     sim.add_argument("--data-dir", type=Path, help="folder with the dataset files (same as --set data_dir=DIR)")
     sim.add_argument("--centralized", action="store_true", help="train the same model on the pooled data instead (baseline)")
+    sim.add_argument("--local-only", action="store_true",
+                     help="train every client alone for local_only_epochs epochs, no communication (baseline)")
     sim.add_argument("--resume", action="store_true", help="continue the run in --output from its last checkpoint")
     sim.add_argument("--no-progress", action="store_true", help="no progress bar (it is also off when stderr is not a terminal)")
 
@@ -134,11 +136,15 @@ def _simulate(args: argparse.Namespace) -> int:
     log = logging.getLogger("fl_server")
     if args.resume and args.output is None:
         raise ConfigError("--resume needs --output DIR, the run folder to continue")
+    if args.local_only and (args.centralized or args.resume):
+        raise ConfigError(f"--local-only cannot be combined with {'--centralized' if args.centralized else '--resume'} "
+                          f"(it is a baseline of its own, and runs in one go)")
     if args.resume and args.config is None and (args.output / "config.yaml").is_file():
         args.config = args.output / "config.yaml"
     overrides = list(args.overrides) + ([f"data_dir={args.data_dir}"] if args.data_dir else [])
     cfg = load_config(args.config, overrides)
-    output = args.output or Path("runs") / time.strftime(f"{'centralized' if args.centralized else 'sim'}-%Y%m%d-%H%M%S")
+    kind = "centralized" if args.centralized else "local-only" if args.local_only else "sim"
+    output = args.output or Path("runs") / time.strftime(f"{kind}-%Y%m%d-%H%M%S")
     progress = False if args.no_progress else None
     log.info("config: %s clients, %s rounds, %s per round, %s, %s on %s (%s)", cfg.num_clients, cfg.num_rounds,
              cfg.clients_per_round, cfg.aggregation_method, cfg.model_type, cfg.dataset, cfg.data_distribution)
@@ -146,6 +152,12 @@ def _simulate(args: argparse.Namespace) -> int:
         base = CentralizedBaseline(cfg, output, progress=progress)
         base.train()
         summary = base.save_results()
+    elif args.local_only:
+        from fl_server.simulation.local_only import LocalOnlyBaseline
+
+        local = LocalOnlyBaseline(cfg, output, progress=progress)
+        local.train()
+        summary = local.save_results()
     else:
         driver = Simulation
         if cfg.training_mode == "async":
@@ -162,6 +174,13 @@ def _simulate(args: argparse.Namespace) -> int:
     extra = ({"epsilon": privacy["epsilon_spent"], "delta": privacy["delta"]} if privacy.get("differential_privacy") else {})
     if summary.get("stop_reason"):
         extra["stopped"] = summary["stop_reason"]
+    if summary.get("mode") == "local_only":  # final_accuracy is the clients' models' mean on the global test set
+        extra["client_mean"] = summary["client_accuracy"]["mean"]
+        extra["client_worst_10pct"] = summary["client_accuracy"]["worst_10pct"]
+        extra["client_measure"] = summary["client_accuracy"]["measure"]
+    elif "personalization" in summary:
+        extra["personalization"] = {k: summary["personalization"][k]["mean"] for k in ("federated", "finetuned", "local_only")
+                                    if k in summary["personalization"]}
     print(json.dumps({"output": str(output), "final_accuracy": final, "best_accuracy": summary["best_accuracy"],
                       "wall_seconds": round(summary["wall_seconds"], 2), **extra}))
     return 0

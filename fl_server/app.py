@@ -8,6 +8,10 @@ Monitoring: ``/status`` (JSON summary), ``/metrics`` (Prometheus, ``fl_server.me
 live dashboard at ``/dashboard`` (``fl_server.dashboard``) are public and carry no per-client
 values; the client table and the audit log (``/api/v1/clients``, ``/api/v1/audit``) need the
 admin token. The app also attaches the end-of-run report writer (``fl_server.run_report``).
+
+Client selection: ``GET/POST /api/v1/profile`` (signed) let a client learn what the selection
+policy reads and report it (fl_server/client_profiles.py). Asynchronous mode: the same endpoints,
+with ``GET /api/v1/model?version=V`` naming the version a job trains on (fl_server/async_service.py).
 """
 
 from __future__ import annotations
@@ -24,12 +28,15 @@ from fl_common.protocol.rest import (
     HEADER_IDEMPOTENCY,
     HEADER_MODEL_KEY,
     HEADER_MODEL_VERSION,
+    MAX_PROFILE_BYTES,
     PATH_CLIENTS,
     PATH_MODEL,
     PATH_OPENAPI,
+    PATH_PROFILE,
     PATH_REGISTER,
     PATH_ROUND,
     PATH_TOKEN,
+    QUERY_MODEL_VERSION,
 )
 from fl_server.dashboard import OPENAPI_PATHS as MONITORING_PATHS
 from fl_server.dashboard import dashboard_blueprint
@@ -126,9 +133,45 @@ def create_app(service: FederationService, *, start_ticker: bool = True) -> Flas
     def round_status() -> Response:
         return jsonify(service.round_status(signed()).to_json())
 
+    @app.get(PATH_PROFILE)
+    def profile_spec() -> Response:
+        return jsonify(service.profile(signed()))
+
+    @app.post(PATH_PROFILE)
+    def profile_report() -> Response:
+        if request.content_length is None:
+            raise ApiError(411, "length_required", "a Content-Length header is required")
+        if request.content_length > MAX_PROFILE_BYTES:
+            service.store.count_rejection("profile_body_too_large")
+            raise ApiError(413, "body_too_large", f"a profile is limited to {MAX_PROFILE_BYTES} bytes")
+        auth = signed()
+        return jsonify(service.set_profile(auth, request.get_json(silent=True, force=True)))
+
+    def async_model(auth: Authenticated) -> Response:
+        """training_mode async: the version a job trains on (?version=V), else the current one."""
+        assert service.asynchronous is not None
+        raw = request.args.get(QUERY_MODEL_VERSION)
+        if raw is not None and (not raw.isdigit() or len(raw) > 9):
+            raise ApiError(400, "bad_version", "version must be a non-negative integer")
+        version = service.asynchronous.model_version(None if raw is None else int(raw))
+        etag = f'"v{version}"'
+        if request.headers.get("If-None-Match") == etag:
+            resp = Response(status=304)
+        else:
+            version, payload, wrapped_key = service.asynchronous.model_payload(auth, version)
+            resp = Response(payload, mimetype="application/octet-stream")
+            if wrapped_key is not None:
+                resp.headers[HEADER_MODEL_KEY] = wrapped_key.decode("ascii")
+            service.coordinator.add_bytes(len(payload))
+        resp.headers["ETag"] = etag
+        resp.headers[HEADER_MODEL_VERSION] = str(version)
+        return resp
+
     @app.get(PATH_MODEL)
     def model() -> Response:
         auth = signed()
+        if service.asynchronous is not None:
+            return async_model(auth)
         version = service.coordinator.completed_rounds
         etag = f'"v{version}"'
         if request.headers.get("If-None-Match") == etag:
@@ -180,4 +223,4 @@ def create_app(service: FederationService, *, start_ticker: bool = True) -> Flas
     return app
 
 
-__all__ = ["PATH_CLIENTS", "PATH_MODEL", "PATH_OPENAPI", "PATH_REGISTER", "PATH_ROUND", "PATH_TOKEN", "create_app"]
+__all__ = ["PATH_CLIENTS", "PATH_MODEL", "PATH_OPENAPI", "PATH_PROFILE", "PATH_REGISTER", "PATH_ROUND", "PATH_TOKEN", "create_app"]

@@ -20,9 +20,11 @@ import torch
 
 from fl_common.config import ConfigError, FLConfig
 from fl_common.protocol import ClientUpdate, TrainInstructions, derive_seed
+from fl_common.secagg import Verifier
 from fl_common.tensors import ParamSpec
 from fl_common.training import EvalResult, learning_rate_at
 from fl_server.privacy_engine import BudgetExhausted, DPRound, PrivacyEngine
+from fl_server.secagg import SecureAggregator, check_secagg_strategy, open_secure_round
 from fl_server.selection import ClientInfo, ParticipationLog, client_infos_for, make_selector
 from fl_server.store import RoundRecord
 from fl_server.strategies import Aggregator, Strategy, UpdateRejected, make_strategy
@@ -44,8 +46,11 @@ class RoundPlan:
     #: the round's DP parameters (``DPRound.to_json()``) when differential privacy is on; a driver
     #: that persists open rounds must persist this too, to restore the round after a restart
     privacy: dict[str, Any] | None = None
-    #: each selected client's inclusion probability under the selection policy (participation.csv)
+    #: each selected client's inclusion probability under the selection policy (participation_rounds.csv)
     probabilities: dict[int | str, float] | None = None
+    #: the round's public secure-aggregation parameters (``SecAggParams.to_json()``) when it is on; every
+    #: selected client needs them, and its index ``client_ids.index(str(cid)) + 1``
+    secagg: dict[str, Any] | None = None
 
 
 @dataclass
@@ -63,8 +68,11 @@ class _OpenRound:
 #: variate (``Coordinator.server_control``) with the model, returning ``ClientUpdate.control_delta``;
 #: "attacks" - applies the simulated attacks of ``cfg.attack`` (fl_server/simulation/attacks.py);
 #: "client_infos" - passes each candidate's reports (``infos=`` of ``plan_round``: records, label
-#: histogram, speeds), which every selection policy but ``uniform`` draws on.
-DRIVER_FEATURES = ("control_variates", "attacks", "client_infos")
+#: histogram, speeds), which every selection policy but ``uniform`` draws on;
+#: "secure_aggregation" - runs the clients' side of the SecAgg protocol (fl_server/secagg): it moves the
+#: messages of ``Coordinator.secagg`` and submits masked updates only (``secagg_verifiers`` required);
+#: "secagg_dropouts" - simulates the dropouts of ``cfg.secagg_dropout_rate`` (simulation only).
+DRIVER_FEATURES = ("control_variates", "attacks", "client_infos", "secure_aggregation", "secagg_dropouts")
 
 
 def _check_driver_features(cfg: FLConfig, strategy: Strategy, features: Collection[str]) -> None:
@@ -78,6 +86,12 @@ def _check_driver_features(cfg: FLConfig, strategy: Strategy, features: Collecti
     if cfg.attack != "none" and "attacks" not in features:
         raise ConfigError(f"config key 'attack' has value {cfg.attack!r}: simulated attacks exist only in the simulation "
                           f"(python -m fl_server simulate); set attack: none")
+    if cfg.secure_aggregation and "secure_aggregation" not in features:
+        raise ConfigError("config key 'secure_aggregation' is true, but this driver does not run the secure aggregation "
+                          "protocol yet (the simulation does: python -m fl_server simulate); set secure_aggregation: false")
+    if cfg.secagg_dropout_rate > 0 and "secagg_dropouts" not in features:
+        raise ConfigError(f"config key 'secagg_dropout_rate' has value {cfg.secagg_dropout_rate:g}: simulated dropouts exist "
+                          f"only in the simulation (python -m fl_server simulate); set secagg_dropout_rate: 0")
     if cfg.selection != "uniform" and "client_infos" not in features:
         raise ConfigError(f"selection '{cfg.selection}' draws on what each client reports (ClientInfo), which this driver "
                           f"does not pass yet (the simulation does): use selection: uniform here, or run it with "
@@ -89,12 +103,15 @@ class Coordinator:
                  evaluator: Evaluator | None = None, strategy: Strategy | None = None, *,
                  client_sizes: Mapping[int | str, int] | None = None, privacy_seeded_noise: bool = False,
                  planned_client_sizes: Sequence[int] | None = None,
-                 driver_features: Collection[str] = ()) -> None:
+                 driver_features: Collection[str] = (),
+                 secagg_verifiers: Callable[[int | str], Verifier | None] | None = None) -> None:
         """``client_sizes`` (client -> number of records) is needed for sample-level DP, which plans
         and accounts each client's local DP-SGD steps; ``privacy_seeded_noise`` makes the server's DP
         noise reproducible from the run seed (simulation only; see fl_server/privacy_engine.py).
         ``driver_features`` says what the driver itself carries out (see :data:`DRIVER_FEATURES`); a
-        configuration that needs a feature the driver lacks is refused here, never run half-way."""
+        configuration that needs a feature the driver lacks is refused here, never run half-way.
+        ``secagg_verifiers`` (client id -> the signature key it registered, or None) is how secure
+        aggregation checks who sent which key and message (fl_common/secagg/auth.py)."""
         if global_vector.numel() != spec.numel:
             raise ValueError("global vector does not match the model spec")
         self.cfg = cfg
@@ -102,12 +119,15 @@ class Coordinator:
         self.global_vector = global_vector.detach().to(torch.float32).clone()
         self.strategy = strategy or make_strategy(cfg)
         _check_driver_features(cfg, self.strategy, driver_features)
+        self._secagg_verifiers = secagg_verifiers
+        if cfg.secure_aggregation:
+            check_secagg_strategy(cfg, self.strategy)
         if cfg.training_mode != "sync":
             raise ConfigError(f"config key 'training_mode' is {cfg.training_mode!r}: this coordinator runs synchronous rounds; "
                               f"asynchronous training runs on fl_server.asynchronous.AsyncCoordinator (python -m fl_server "
-                              f"simulate picks it); the REST server does not run it yet")
+                              f"simulate and python -m fl_server serve pick it)")
         self.selector = make_selector(cfg, model_bytes=4 * spec.numel)
-        #: who was selected and who arrived in every closed round (participation.csv, fairness, staleness)
+        #: who was selected and who arrived in every closed round (participation_rounds.csv, fairness, staleness)
         self.participation = ParticipationLog()
         self._client_sizes = dict(client_sizes or {})
         self.evaluator = evaluator
@@ -152,13 +172,14 @@ class Coordinator:
                                  weight_decay=cfg.weight_decay, proximal_mu=0.0)
 
     def plan_round(self, available: Sequence[int | str], k: int | None = None, *,
-                   infos: Mapping[int | str, ClientInfo] | None = None) -> RoundPlan:
+                   infos: Mapping[int | str, ClientInfo] | None = None, now: float = 0.0) -> RoundPlan:
         """Select ``k`` clients (default: clients_per_round) among ``available`` and open the round.
 
         The REST driver passes a larger ``k`` to over-select and absorb dropouts. ``infos`` (client
         id -> :class:`ClientInfo`) is what the selection policy may use; without it only ids are
         known (plus ``client_sizes``), which is all ``uniform`` needs. A ``last_round`` left None is
-        filled from this coordinator's participation records."""
+        filled from this coordinator's participation records. ``now`` (the driver's clock) starts the
+        secure-aggregation phase deadlines."""
         if self._open is not None:
             raise RuntimeError(f"round {self._open.plan.round} is still open")
         if self.stop_reason is not None:
@@ -195,8 +216,15 @@ class Coordinator:
             dp = self.privacy.begin_round(round_number, selected, reachable)
             instructions = {cid: self.privacy.configure(instr, cid, dp) for cid, instr in instructions.items()}
             aggregator = self.privacy.new_aggregator(dp, self.global_vector.numel(), aggregator)
+        secagg: dict[str, Any] | None = None
+        if self.cfg.secure_aggregation:  # the strategy's (or DP's) aggregator is fed the unmasked sum only
+            sizes = {cid: ((infos or {}).get(cid) or ClientInfo(cid)).num_samples or self._client_sizes.get(cid)
+                     for cid in selected}
+            aggregator = open_secure_round(self.cfg, round_number, selected, instructions, aggregator,
+                                           self.global_vector.numel(), verifiers=self._secagg_verifiers, sizes=sizes, now=now)
+            secagg = aggregator.params.to_json()
         plan = RoundPlan(round_number, selected, instructions, privacy=dp.to_json() if dp is not None else None,
-                         probabilities={cid: drawn.probabilities[cid] for cid in selected})
+                         probabilities={cid: drawn.probabilities[cid] for cid in selected}, secagg=secagg)
         self._open = _OpenRound(plan, aggregator, time.perf_counter(), dp=dp)
         log.debug("round %d: selected %d clients", round_number, len(selected))
         return plan
@@ -205,6 +233,9 @@ class Coordinator:
         """Reopen a round planned before a restart (its durable updates are then re-submitted)."""
         if self._open is not None:
             raise RuntimeError(f"round {self._open.plan.round} is still open")
+        if self.cfg.secure_aggregation:
+            raise RuntimeError(f"round {plan.round} ran secure aggregation, whose state (received keys, shares, the masked "
+                               f"sum) is not persisted: it cannot be restored; plan a new round")
         if plan.round != self.completed_rounds + 1:
             raise ValueError(f"cannot restore round {plan.round} after {self.completed_rounds} completed rounds")
         aggregator = self.strategy.new_aggregator(plan.round, self.global_vector)
@@ -216,6 +247,12 @@ class Coordinator:
             dp = DPRound.from_json(plan.privacy)
             aggregator = self.privacy.new_aggregator(dp, self.global_vector.numel(), aggregator)
         self._open = _OpenRound(plan, aggregator, time.perf_counter(), dp=dp)
+
+    @property
+    def secagg(self) -> SecureAggregator | None:
+        """The open round's secure aggregation (its ``server`` state machine and ``params``), or None."""
+        agg = self._open.aggregator if self._open is not None else None
+        return agg if isinstance(agg, SecureAggregator) else None
 
     @property
     def arrived(self) -> set[int | str]:

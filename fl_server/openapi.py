@@ -4,10 +4,27 @@ from __future__ import annotations
 
 from typing import Any
 
-from fl_common.protocol.rest import PATH_CLIENTS, PATH_MODEL, PATH_OPENAPI, PATH_REGISTER, PATH_ROUND, PATH_TOKEN, PROTOCOL_VERSION
+from fl_common.protocol.rest import (
+    CAPABILITY_NAMES,
+    MAX_CAPABILITY_VALUE,
+    MAX_PROFILE_SAMPLES,
+    PATH_CLIENTS,
+    PATH_MODEL,
+    PATH_OPENAPI,
+    PATH_PROFILE,
+    PATH_REGISTER,
+    PATH_ROUND,
+    PATH_TOKEN,
+    PROTOCOL_VERSION,
+    QUERY_MODEL_VERSION,
+)
 
 _SIGNED = [{"session": [], "signature": []}]
 _ERR = {"description": "error", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+
+
+def _json(schema: str) -> dict[str, Any]:
+    return {"application/json": {"schema": {"$ref": f"#/components/schemas/{schema}"}}}
 
 
 def _errors(*codes: int) -> dict[str, Any]:
@@ -26,22 +43,39 @@ def openapi_document() -> dict[str, Any]:
         "paths": {
             PATH_REGISTER: {"post": {
                 "summary": "Register with the enrollment token and an X25519 public key",
-                "requestBody": {"required": True, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/RegisterRequest"}}}},
-                "responses": {"201": {"description": "registered", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/RegisterResponse"}}}},
+                "requestBody": {"required": True, "content": _json("RegisterRequest")},
+                "responses": {"201": {"description": "registered", "content": _json("RegisterResponse")},
                               **_errors(400, 401, 409)}}},
             PATH_TOKEN: {"post": {"summary": "Renew the session token (signature only)", "security": [{"signature": []}],
                                   "responses": {"200": {"description": "new token"}, **_errors(401)}}},
             PATH_ROUND: {"get": {"summary": "Poll the current round", "security": _SIGNED,
-                                 "responses": {"200": {"description": "round status", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/RoundStatus"}}}},
+                                 "responses": {"200": {"description": "round status", "content": _json("RoundStatus")},
                                                **_errors(401)}}},
+            PATH_PROFILE: {
+                "get": {"summary": "What the selection policy reads from a client's profile, and what this client reported",
+                        "security": _SIGNED,
+                        "responses": {"200": {"description": "profile spec", "content": _json("ProfileSpec")},
+                                      **_errors(401)}},
+                "post": {"summary": "Report records, capability and (only when asked, Laplace-noised when configured) the label "
+                                    "histogram; under a selection policy other than uniform a client is selected only after this",
+                         "security": _SIGNED,
+                         "requestBody": {"required": True, "content": _json("ProfileReport")},
+                         "responses": {"200": {"description": "stored"}, **_errors(400, 401, 409, 411, 413, 422)}}},
             PATH_MODEL: {"get": {"summary": "Download the global model (encrypted wire format)", "security": _SIGNED,
-                                 "parameters": [{"name": "If-None-Match", "in": "header", "schema": {"type": "string"}}],
+                                 "parameters": [{"name": "If-None-Match", "in": "header", "schema": {"type": "string"}},
+                                                {"name": QUERY_MODEL_VERSION, "in": "query", "required": False,
+                                                 "description": "training_mode async: the model version the client's job trains on "
+                                                                "(default: the current one)", "schema": {"type": "integer", "minimum": 0}}],
                                  "responses": {"200": {"description": "model", "content": {"application/octet-stream": {}}},
-                                               "304": {"description": "unchanged since the given ETag"}, **_errors(401)}}},
+                                               "304": {"description": "unchanged since the given ETag"},
+                                               **_errors(400, 401, 409)}}},
             "/api/v1/rounds/{round}/update": {"post": {
-                "summary": "Upload an update for a round (encrypted wire format)", "security": _SIGNED,
+                "summary": "Upload an update for a round (encrypted wire format); in training_mode async {round} is the model "
+                           "version the job trained on and the 202 body says applied or buffered, with the staleness",
+                "security": _SIGNED,
                 "parameters": [{"name": "round", "in": "path", "required": True, "schema": {"type": "integer"}},
-                               {"name": "Idempotency-Key", "in": "header", "required": True, "schema": {"type": "string", "maxLength": 128}}],
+                               {"name": "Idempotency-Key", "in": "header", "required": True,
+                                "schema": {"type": "string", "maxLength": 128}}],
                 "requestBody": {"required": True, "content": {"application/octet-stream": {}}},
                 "responses": {"202": {"description": "accepted (also for a retry with the same Idempotency-Key)"},
                               **_errors(400, 401, 409, 411, 413, 422)}}},
@@ -77,7 +111,22 @@ def openapi_document() -> dict[str, Any]:
                     "state": {"type": "string", "enum": ["waiting", "selected", "not_selected", "submitted", "finished"]},
                     "round": {"type": "integer", "nullable": True}, "model_version": {"type": "integer"},
                     "poll_after": {"type": "number"}, "deadline": {"type": "number", "nullable": True},
-                    "instructions": {"type": "object", "nullable": True}}},
+                    "instructions": {"type": "object", "nullable": True},
+                    "job": {"type": "integer", "description": "training_mode async only: the job id; round is then the model "
+                                                              "version to train on"}}},
+                "ProfileSpec": {"type": "object", "properties": {
+                    "policy": {"type": "string"}, "required": {"type": "array", "items": {"type": "string"}},
+                    "optional": {"type": "array", "items": {"type": "string"}}, "num_classes": {"type": "integer"},
+                    "label_histogram_epsilon": {"type": "number", "nullable": True},
+                    "needed_for_selection": {"type": "boolean"}, "profile": {"type": "object", "nullable": True}}},
+                "ProfileReport": {"type": "object", "required": ["num_samples"], "additionalProperties": False, "properties": {
+                    "num_samples": {"type": "integer", "minimum": 1, "maximum": MAX_PROFILE_SAMPLES},
+                    "capability": {"type": "object", "additionalProperties": False, "properties": {
+                        name: {"type": "number", "exclusiveMinimum": 0, "maximum": MAX_CAPABILITY_VALUE,
+                               "description": "samples per second of local training" if name == "compute_speed"
+                               else "bytes per second of the client's link"} for name in CAPABILITY_NAMES}},
+                    "label_histogram": {"type": "array", "items": {"type": "number", "minimum": 0},
+                                        "description": "num_classes counts; only when ProfileSpec asks for it"}}},
             },
         },
     }

@@ -12,6 +12,9 @@
 * ``client_accuracy.png`` the distribution of per-client accuracy (only with client_accuracy.csv, whose
                           ``measure`` column says what was measured: the REST server writes the training
                           accuracy each client reported, when clients report it);
+* a "Personalization per client" table (only with personalization.csv, which simulations with a held-out
+                          split write): mean, median and worst-10 % of the federated, fine-tuned and local-only
+                          accuracies over clients, and of the per-client gains;
 * ``report.md`` and ``report.html``  configuration, results, the per-round table (cells exactly as
                           in history.csv) and a privacy statement that claims only what the files say.
 
@@ -46,6 +49,17 @@ PARTICIPATION_CSV = "participation.csv"
 CLIENT_ACCURACY_CSV = "client_accuracy.csv"
 PARTICIPATION_COLUMNS = ("client", "selected", "participated", "dropped")
 CLIENT_ACCURACY_COLUMNS = ("client", "accuracy", "measure")
+LOCAL_ONLY_DATA_SENTENCE = ("This was the local-only baseline: every client trained alone on its own data, and nothing "
+                            "(neither data nor model updates) was exchanged.")
+#: per-client federated / fine-tuned / local-only accuracies (fl_server/simulation/personalization.py)
+PERSONALIZATION_CSV = "personalization.csv"
+_PERSONALIZATION_MODELS = (("federated_accuracy", "federated (final global model)"),
+                           ("finetuned_accuracy", "fine-tuned (global model + local epochs)"),
+                           ("local_only_accuracy", "local-only (client's own data only)"),
+                           ("local_only_test_accuracy", "local-only, on the global test set"),
+                           ("gain_finetuned_vs_federated", "gain: fine-tuned - federated"),
+                           ("gain_federated_vs_local_only", "gain: federated - local-only"),
+                           ("gain_finetuned_vs_local_only", "gain: fine-tuned - local-only"))
 REPORT_MD = "report.md"
 REPORT_HTML = "report.html"
 #: the per-client participation table is printed in full up to this many clients (the plot always shows all)
@@ -355,7 +369,9 @@ def _privacy_section(doc: _Doc, summary: dict[str, Any], config: dict[str, Any])
     else:
         statements.append(T.NO_DP_SENTENCE)
 
-    if mode == "centralized":
+    if mode == "local_only":
+        sa = "not applicable (local-only baseline: there is no aggregation)"
+    elif mode == "centralized":
         sa = ("not applicable (centralized baseline: there is no aggregation; configured value "
               f"secure_aggregation = {_fmt(config['secure_aggregation'])})" if "secure_aggregation" in config
               else "not applicable (centralized baseline: there is no aggregation)")
@@ -368,6 +384,8 @@ def _privacy_section(doc: _Doc, summary: dict[str, Any], config: dict[str, Any])
     statements.append(f"Encryption: {_encryption(summary, mode)}.")
     if mode == "centralized":
         statements.append(T.CENTRALIZED_DATA_SENTENCE)
+    elif mode == "local_only":
+        statements.append(LOCAL_ONLY_DATA_SENTENCE)
     elif mode == "rest":
         sent = summary.get("client_metrics_sent")
         names = ", ".join(str(n) for n in sent) if isinstance(sent, list) and sent else None
@@ -429,6 +447,28 @@ def _client_accuracy_section(doc: _Doc, rows: list[dict[str, str]], made: list[t
         doc.para("Measured: " + "; ".join(measures) + ".")
 
 
+def _personalization_section(doc: _Doc, rows: list[dict[str, str]]) -> None:
+    """Per-model statistics over clients from personalization.csv (mean, median, mean of the worst 10 %)."""
+    doc.heading("Personalization per client")
+    table = []
+    for column, label in _PERSONALIZATION_MODELS:
+        values = sorted(v for v in (_num(r.get(column)) for r in rows) if v is not None)
+        if not values:
+            continue
+        k = max(1, math.ceil(0.1 * len(values)))
+        mid = len(values) // 2
+        median = values[mid] if len(values) % 2 else (values[mid - 1] + values[mid]) / 2
+        table.append([label, str(len(values)), f"{sum(values) / len(values):.4f}", f"{median:.4f}",
+                      f"{sum(values[:k]) / k:.4f}", f"{values[0]:.4f}", f"{values[-1]:.4f}"])
+    if not table:
+        doc.para("personalization.csv holds no accuracy values.")
+        return
+    doc.table(["model", "clients", "mean", "median", "worst 10 % (mean)", "min", "max"], table, numeric=True)
+    measures = sorted({r.get("measure") or "" for r in rows} - {""})
+    if measures:
+        doc.para("Measured: " + "; ".join(measures) + " (from personalization.csv, one row per client).")
+
+
 # -------------------------------------------------------------------------------------------- entry
 def write_report(run_dir: Path) -> dict[str, Path]:
     """Write the plots and ``report.md``/``report.html`` into ``run_dir``; return name -> path of each file written."""
@@ -463,6 +503,10 @@ def write_report(run_dir: Path) -> dict[str, Path]:
         acc_rows = _read_csv(run_dir / CLIENT_ACCURACY_CSV)[1]
         sources.append(CLIENT_ACCURACY_CSV)
     acc_values = [v for v in (_num(r.get("accuracy")) for r in acc_rows) if v is not None]
+    personal_rows: list[dict[str, str]] = []
+    if (run_dir / PERSONALIZATION_CSV).is_file():
+        personal_rows = _read_csv(run_dir / PERSONALIZATION_CSV)[1]
+        sources.append(PERSONALIZATION_CSV)
     acc_measure = next((r.get("measure") for r in acc_rows if r.get("measure")), None) or "accuracy"
 
     has_epsilon = any(_num(r.get("epsilon")) is not None for r in hist_rows)
@@ -530,6 +574,8 @@ def write_report(run_dir: Path) -> dict[str, Path]:
         _participation_section(doc, part_rows, made)
     if CLIENT_ACCURACY_CSV in sources:  # also when empty: the report then says that no client reported one
         _client_accuracy_section(doc, acc_rows, made)
+    if PERSONALIZATION_CSV in sources:
+        _personalization_section(doc, personal_rows)
 
     doc.heading("Configuration")
     if config:
@@ -565,6 +611,7 @@ __all__ = [
     "CLIENT_DATA_PNG",
     "PARTICIPATION_CSV",
     "PARTICIPATION_PNG",
+    "PERSONALIZATION_CSV",
     "PRIVACY_BUDGET_PNG",
     "REPORT_HTML",
     "REPORT_MD",

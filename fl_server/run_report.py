@@ -52,11 +52,13 @@ def client_accuracy_rows(service: FederationService) -> list[dict[str, Any]]:
 
 
 def metrics_sent(service: FederationService) -> list[str]:
-    """Every metric name any client sent with an accepted update, over all round attempts."""
+    """Every metric name any client sent with an accepted update, over all round attempts (and asynchronous jobs)."""
     names: set[str] = set()
     for row in service.store.round_rows(limit=1_000_000):
         for update in service.store.updates_for_round(row.round_id):
             names.update(update.metrics)
+    for metrics in service.store.async_update_metrics():  # training_mode async: no round attempts
+        names.update(metrics)
     return sorted(names)
 
 

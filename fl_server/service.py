@@ -14,6 +14,14 @@ and the per-client crypto. Its rules:
 - Rounds open when enough live clients poll, close at quorum or at the deadline with whoever
   arrived (the rest are recorded as dropped), and the global model is checkpointed atomically
   after every round.
+- Client selection is the coordinator's policy (config key ``selection``). Under any policy but
+  ``uniform`` the candidates are the live clients whose profile has arrived (``POST
+  /api/v1/profile``, checked in ``fl_server.client_profiles``); each round attempt stores the
+  inclusion probabilities of its selected clients, so a restart records the same participation.
+  Per round and client: ``run/participation_rounds.csv``; fairness: ``/status`` and ``summary.json``.
+- ``training_mode: async`` runs the asynchronous coordinator instead, driven by
+  ``fl_server.async_service.AsyncRestDriver``: the methods below that differ hand over to it at
+  their top, and the synchronous code path below them is untouched.
 """
 
 from __future__ import annotations
@@ -28,7 +36,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional
 
 import torch
 from cryptography.fernet import Fernet
@@ -64,19 +72,30 @@ from fl_common.protocol.rest import (
 from fl_common.tensors import wire
 from fl_common.tensors.codecs import make_codec
 from fl_common.training import EvalResult, LocalTrainer
+from fl_server.client_profiles import ProfileError, client_info, profile_spec, validate_profile
 from fl_server.coordinator import Coordinator, NoEligibleClients, RoundPlan
 from fl_server.observer import Observers, ServiceObserver
 from fl_server.privacy_engine import BudgetExhausted
 from fl_server.secrets import ServerSecrets
+from fl_server.selection import ClientInfo, selection_summary
 from fl_server.store import RunDirectory, accuracy_summary
 from fl_server.store.run_dir import atomic_write_bytes as fsync_write
 from fl_server.store.sqlite import ClientRow, RoundRow, ServerStore, UpdateRow
 from fl_server.strategies import UpdateRejected
 from fl_server.strategies.base import check_update
 
+if TYPE_CHECKING:  # pragma: no cover - the asynchronous driver is imported only when a run needs it
+    from fl_server.async_service import AsyncRestDriver
+
 log = logging.getLogger("fl_server.service")
 
 MAX_NAME = 64
+#: the coordinator's per-round participation log (round, client_id, selected, arrived, probability);
+#: ``participation.csv`` is the per-client table of the end-of-run report (fl_server/run_report.py)
+PARTICIPATION_ROUNDS_CSV = "participation_rounds.csv"
+#: config keys that describe simulated clients; a REST federation's clients are real
+SIMULATION_ONLY_KEYS = ("client_speed_distribution", "client_speed_sigma", "client_seconds_per_sample", "network_delay",
+                        "attack_fraction", "attack_noise_std")
 
 
 class ApiError(Exception):
@@ -100,11 +119,26 @@ def _b64(raw: bytes) -> str:
 def check_rest_config(cfg: FLConfig) -> None:
     """What the REST driver cannot run is refused before a server starts, never ignored.
 
-    Driver features (SCAFFOLD's variates, simulated attacks) are checked by the coordinator;
-    what is specific to the wire is checked here.
+    Driver features (SCAFFOLD's variates) are checked by the coordinator; what is specific to the
+    wire, and what only simulated clients have (speeds, attacks), is checked here: the asynchronous
+    coordinator checks no driver features, so this is the one place both modes pass through.
     """
+    import dataclasses
+
     from fl_common.config import ConfigError
 
+    if cfg.attack != "none":
+        raise ConfigError(f"config key 'attack' has value {cfg.attack!r}: simulated attacks exist only in the simulation "
+                          f"(python -m fl_server simulate); set attack: none")
+    defaults = {f.name: f.default for f in dataclasses.fields(cfg)}
+    for key in SIMULATION_ONLY_KEYS:
+        if getattr(cfg, key) != defaults[key]:
+            raise ConfigError(f"config key '{key}' has value {getattr(cfg, key)!r}: it describes simulated clients (python -m "
+                              f"fl_server simulate); a REST federation's clients are real and report their own speed: remove '{key}'")
+    if cfg.secure_aggregation:
+        raise ConfigError("config key 'secure_aggregation' is true: the SecAgg protocol runs in the simulation (python -m "
+                          "fl_server simulate) but its REST endpoints are not built yet; set secure_aggregation: false "
+                          "to serve without it")
     if cfg.aggregation_method == "scaffold" and cfg.compression and make_codec(cfg.codec).biased:
         raise ConfigError(f"config key 'codec' has value {cfg.codec!r}: a biased codec (top-k) would sparsify SCAFFOLD's "
                           f"control-variate deltas too, which error feedback does not cover; use codec int8, float16 or none")
@@ -149,10 +183,21 @@ class FederationService:
         self.partition_sizes: list[int] | None = None
         if cfg.differential_privacy and cfg.dp_mode == "sample":
             self.partition_sizes = self._partition_sizes()
+        self._selection_problem: str | None = None  # the last selection failure logged (logged once, not every tick)
+        #: training_mode async: the driver of the asynchronous coordinator (None in synchronous rounds)
+        self.asynchronous: Optional[AsyncRestDriver] = None
+        if cfg.training_mode == "async":
+            from fl_server.async_service import AsyncRestDriver
+
+            self.asynchronous = AsyncRestDriver(self, evaluate=evaluate)
+            self.coordinator = self.asynchronous.coordinator  # type: ignore[assignment]
+            self.carries_control = False
+            self.asynchronous.recover()
+            return
         self.coordinator = Coordinator(cfg, self.trainer.vector(), self.trainer.spec,
                                        evaluator=self._evaluate if evaluate else None,
                                        planned_client_sizes=self.partition_sizes,
-                                       driver_features=("control_variates",))
+                                       driver_features=("control_variates", "client_infos"))
         #: SCAFFOLD: the model download carries the server variate c after the model, and every
         #: upload carries the client's variate delta after its model delta (one vector, 2 x numel)
         self.carries_control = self.coordinator.strategy.needs_client_state
@@ -191,6 +236,11 @@ class FederationService:
         """Continue where a previous process stopped: checkpoint, then the open round's durable updates."""
         if self.run_dir.has_checkpoint():
             state = self.run_dir.load_checkpoint()
+            if (state.get("driver") or {}).get("mode") == "async":
+                from fl_common.config import ConfigError
+
+                raise ConfigError(f"{self.run_dir.path} holds an asynchronous run: set training_mode: async, or use a new "
+                                  f"--state-dir")
             self.coordinator.load_state_dict(state["coordinator"])
             log.info("restored the global model after round %d", self.coordinator.completed_rounds)
         open_row = self.store.current_open_round()
@@ -202,7 +252,8 @@ class FederationService:
             self.store.finish_round(open_row.round_id, "closed", "recovered after restart", self.clock(), arrived)
             return
         plan = RoundPlan(open_row.round, list(open_row.selected),
-                         {c: TrainInstructions.from_json(i) for c, i in open_row.instructions.items()}, privacy=open_row.privacy)
+                         {c: TrainInstructions.from_json(i) for c, i in open_row.instructions.items()}, privacy=open_row.privacy,
+                         probabilities=open_row.probabilities)
         self.coordinator.restore_round(plan)
         replayed = 0
         for row in self.store.updates_for_round(open_row.round_id):
@@ -250,8 +301,37 @@ class FederationService:
     def _live_clients(self) -> list[str]:
         return self.store.live_client_ids(self.clock() - self.cfg.client_liveness)
 
+    def selection_candidates(self, live: list[str]) -> tuple[list[str], Optional[dict[str, ClientInfo]]]:
+        """The live clients the selection policy may draw, with what it knows of them.
+
+        ``uniform`` draws among all live clients and reads nothing (infos None, exactly as before
+        selection was wired). Every other policy reads the clients' profiles, so a live client
+        whose profile has not arrived is not a candidate yet (see fl_server/client_profiles.py)."""
+        if self.cfg.selection == "uniform":
+            return live, None
+        profiles = self.store.profiles()
+        infos = {cid: info for cid in live if (info := client_info(cid, profiles.get(cid))) is not None}
+        return [cid for cid in live if cid in infos], infos
+
+    def _selection_failed(self, exc: Exception) -> None:
+        """A policy that cannot draw (e.g. no candidate with a positive weight) waits for other
+        clients or reports; said once per distinct reason, not on every tick."""
+        if str(exc) != self._selection_problem:
+            log.warning("selection '%s' cannot draw yet: %s", self.cfg.selection, exc)
+            self._selection_problem = str(exc)
+
+    def participation_summary(self) -> dict[str, Any]:
+        """Fairness over every registered client (never-selected ones count as 0)."""
+        return self.coordinator.participation.summary(self.store.client_ids())
+
+    def _write_participation(self) -> None:
+        self.run_dir.write_text(PARTICIPATION_ROUNDS_CSV, self.coordinator.participation.to_csv())
+
     def tick(self) -> None:
         """Close a round at quorum or deadline; open the next one when enough clients are live."""
+        if self.asynchronous is not None:
+            self.asynchronous.tick()
+            return
         with self._lock:
             now = self.clock()
             open_round = self.coordinator.current_round
@@ -280,7 +360,7 @@ class FederationService:
                 now = self.clock()  # a round just ended: open the next one now, not a tick later
             if self.coordinator.finished:
                 return
-            live = self._live_clients()
+            live, infos = self.selection_candidates(self._live_clients())
             # The grace period starts once a quorum is live, so a burst of registrations at start-up
             # all make it into the first round instead of the first min_clients.
             if len(live) < self.cfg.min_clients:
@@ -291,11 +371,12 @@ class FederationService:
             enough = len(live) >= min(self.target, self.cfg.num_clients)
             waited = now - self._waiting_since >= self.cfg.round_start_wait
             if enough or waited:
-                self._open_round(live, now)
+                self._open_round(live, now, infos)
                 self._waiting_since = None
 
     def _finish_run(self) -> None:
         """Results of a run that has ended (all rounds, or the privacy budget): summary and final model."""
+        self._write_participation()
         self.run_dir.write_json("summary.json", self.summary())
         self.run_dir.save_model({k: v for k, v in self._global_state().items()})
         reason = self.coordinator.stop_reason or f"all {self.cfg.num_rounds} rounds done"
@@ -307,10 +388,10 @@ class FederationService:
         self.run_dir.save_checkpoint({"config": self.cfg.to_dict(), "coordinator": self.coordinator.state_dict(),
                                       "wall_seconds": self.clock() - self.started_at})
 
-    def _open_round(self, live: list[str], now: float) -> None:
+    def _open_round(self, live: list[str], now: float, infos: Optional[dict[str, ClientInfo]] = None) -> None:
         k = min(len(live), math.ceil(self.target * (1.0 + self.cfg.over_selection)))
         try:
-            plan = self.coordinator.plan_round(live, k=k)
+            plan = self.coordinator.plan_round(live, k=k, infos=infos)
         except BudgetExhausted as exc:
             # The budget is checked before anything is spent: the run ends here, with its message.
             log.warning("%s", exc)
@@ -321,9 +402,16 @@ class FederationService:
             if self._waiting_since is not None:
                 log.info("%s; waiting for other clients", exc)
             return
+        except ValueError as exc:  # a policy that cannot draw among these candidates (e.g. all weights 0) waits
+            if self.cfg.selection == "uniform":
+                raise
+            self._selection_failed(exc)
+            return
+        self._selection_problem = None
         row = RoundRow(0, plan.round, "open", [str(c) for c in plan.selected],
                        {str(c): i.to_json() for c, i in plan.instructions.items()}, min(self.target, len(plan.selected)),
-                       now, now + self.cfg.round_timeout, None, None, plan.privacy)
+                       now, now + self.cfg.round_timeout, None, None, plan.privacy,
+                       {str(c): float(p) for c, p in (plan.probabilities or {}).items()})
         self.store.open_round(row)
         log.info("round %d opened: %d of %d live clients selected, quorum %d, deadline in %.0f s", plan.round,
                  len(plan.selected), len(live), row.target, self.cfg.round_timeout)
@@ -335,6 +423,7 @@ class FederationService:
         close_seconds = time.perf_counter() - t0
         self._checkpoint()
         self.run_dir.write_history(self.coordinator.history)
+        self._write_participation()
         self.store.finish_round(row.round_id, "closed", reason, self.clock(), arrived)
         self._model_cache = None
         dropped = len(row.selected) - len(arrived)
@@ -403,6 +492,8 @@ class FederationService:
                                f"the client reports {num_samples}; sample-level DP is planned from the partition's size")
             if existing:
                 self.store.replace_client_credentials(client_id, token_hash, expires, wrapped, capability, num_samples, now)
+                if self.asynchronous is not None:  # it lost its state: the job it held will not come back
+                    self.asynchronous.client_left(client_id, "registered again")
             else:
                 self.store.add_client(ClientRow(client_id, name, token_hash, expires, wrapped, index, num_samples, capability,
                                                 now, now, 0, {}))
@@ -485,8 +576,39 @@ class FederationService:
         self.store.security_event(reason, client_id, detail)
         log.warning("refused: %s (%s)", reason, detail)
 
+    # ------------------------------------------------------------------ client profiles (selection)
+    def profile(self, auth: Authenticated) -> dict[str, Any]:
+        """GET /api/v1/profile: what the selection policy wants to know, and what this client reported."""
+        row = self.store.client(auth.client_id)
+        return profile_spec(self.cfg, row.profile if row is not None else None).to_json()
+
+    def set_profile(self, auth: Authenticated, body: Any) -> dict[str, Any]:
+        """POST /api/v1/profile: validate and store a client's profile. A refused report changes
+        nothing but the refusal counters and the audit log."""
+        row = self.store.client(auth.client_id)
+        assert row is not None  # authenticated
+        size = None
+        if self.partition_sizes is not None and row.partition_index is not None:
+            size = self.partition_sizes[row.partition_index]  # sample-level DP plans from it, as at registration
+        try:
+            profile = validate_profile(self.cfg, body, partition_size=size)
+        except ProfileError as exc:
+            self._refuse(f"profile_{exc.code}", auth.client_id, f"profile refused: {exc.message}")
+            raise ApiError(exc.status, exc.code, exc.message) from None
+        profile["reported_at"] = self.clock()
+        capability = {**row.capability, **profile["capability"]}
+        with self._lock:
+            self.store.set_profile(auth.client_id, profile, profile["num_samples"], capability)
+        self.store.security_event("profile", auth.client_id, f"num_samples={profile['num_samples']} capability="
+                                  f"{json.dumps(profile['capability'], sort_keys=True)} label_histogram="
+                                  f"{'yes' if 'label_histogram' in profile else 'no'}")
+        self._wake.set()
+        return {"accepted": True, "profile": profile}
+
     # ------------------------------------------------------------------ polling and model download
     def round_status(self, auth: Authenticated) -> RoundStatus:
+        if self.asynchronous is not None:
+            return self.asynchronous.round_status(auth)
         self._wake.set()
         with self._lock:
             coord = self.coordinator
@@ -532,9 +654,9 @@ class FederationService:
 
     # ------------------------------------------------------------------ updates
     def accept_update(self, auth: Authenticated, round_number: int, idempotency_key: str, body: bytes) -> dict[str, Any]:
-        if not idempotency_key or len(idempotency_key) > 128 or not all(c.isalnum() or c in "-_.:" for c in idempotency_key):
-            self._reject_update("bad_idempotency_key", auth.client_id)
-            raise ApiError(400, "bad_idempotency_key", "an Idempotency-Key header of 1-128 characters [A-Za-z0-9-_.:] is required")
+        if self.asynchronous is not None:  # round_number is then the model version the job trained on
+            return self.asynchronous.accept_update(auth, round_number, idempotency_key, body)
+        self._check_idempotency_key(auth.client_id, idempotency_key)
         # 1. a retry of an update we already hold: same key -> the same answer, counted once
         previous = self.store.accepted_update(round_number, auth.client_id)
         if previous is not None:
@@ -545,6 +667,28 @@ class FederationService:
         # 2. is this client expected in this round?
         self._check_expected(auth.client_id, round_number)  # cheap early refusal; re-checked under the lock
         # 3. decrypt and decode outside the lock (the expensive part)
+        packed, update = self._open_update(auth, round_number, body)
+        # 4. durable, then aggregated, then acknowledged
+        with self._lock:
+            row = self._check_expected(auth.client_id, round_number)
+            if self.store.update(row.round_id, auth.client_id) is not None:
+                raise ApiError(409, "duplicate", f"an update for round {round_number} was already accepted from this client")
+            path = self.updates_dir / f"attempt{row.round_id:06d}-r{round_number:05d}" / f"{auth.client_id}.bin"
+            fsync_write(path, packed)
+            self.store.add_update(UpdateRow(row.round_id, round_number, auth.client_id, idempotency_key, str(path),
+                                            hashlib.sha256(packed).hexdigest(), update.num_samples, update.metrics, len(body),
+                                            self.clock()))
+            self.coordinator.submit(update)
+        self._wake.set()
+        return {"accepted": True, "round": round_number, "duplicate": False}
+
+    def _check_idempotency_key(self, client_id: str, idempotency_key: str) -> None:
+        if not idempotency_key or len(idempotency_key) > 128 or not all(c.isalnum() or c in "-_.:" for c in idempotency_key):
+            self._reject_update("bad_idempotency_key", client_id)
+            raise ApiError(400, "bad_idempotency_key", "an Idempotency-Key header of 1-128 characters [A-Za-z0-9-_.:] is required")
+
+    def _open_update(self, auth: Authenticated, round_number: int, body: bytes) -> tuple[bytes, ClientUpdate]:
+        """Decrypt, decode and check an upload (both modes): (wire-packed bytes, the update), or ApiError."""
         try:
             packed = Envelope(auth.keys).open(body) if self.cfg.encryption else body
         except EnvelopeError:
@@ -573,19 +717,7 @@ class FederationService:
         except UpdateRejected as exc:
             self._reject_update(exc.reason, auth.client_id)
             raise ApiError(422, exc.reason, str(exc)) from None
-        # 4. durable, then aggregated, then acknowledged
-        with self._lock:
-            row = self._check_expected(auth.client_id, round_number)
-            if self.store.update(row.round_id, auth.client_id) is not None:
-                raise ApiError(409, "duplicate", f"an update for round {round_number} was already accepted from this client")
-            path = self.updates_dir / f"attempt{row.round_id:06d}-r{round_number:05d}" / f"{auth.client_id}.bin"
-            fsync_write(path, packed)
-            self.store.add_update(UpdateRow(row.round_id, round_number, auth.client_id, idempotency_key, str(path),
-                                            hashlib.sha256(packed).hexdigest(), num_samples, update.metrics, len(body),
-                                            self.clock()))
-            self.coordinator.submit(update)
-        self._wake.set()
-        return {"accepted": True, "round": round_number, "duplicate": False}
+        return packed, update
 
     @property
     def _upload_numel(self) -> int:
@@ -614,6 +746,8 @@ class FederationService:
 
     # ------------------------------------------------------------------ monitoring
     def status(self) -> dict[str, Any]:
+        if self.asynchronous is not None:
+            return self.asynchronous.status()
         with self._lock:
             coord = self.coordinator
             row = self.store.current_open_round()
@@ -629,7 +763,8 @@ class FederationService:
                     "round": row.round, "selected": len(row.selected), "quorum": row.target,
                     "arrived": len(coord.arrived), "deadline_in_s": round(max(0.0, row.deadline - self.clock()), 1),
                 },
-                "clients": {"registered": self.store.count_clients(), "online": len(live)},
+                "clients": {"registered": self.store.count_clients(), "online": len(live),
+                            "profiled": self.store.count_profiles()},
                 "accuracy": evaluated[-1].test_accuracy if evaluated else None,
                 "loss": evaluated[-1].test_loss if evaluated else None,
                 "history": [r.to_row() for r in history[-200:]],
@@ -643,6 +778,9 @@ class FederationService:
                 "stop_reason": coord.stop_reason,
                 "secure_aggregation": self.cfg.secure_aggregation,
                 "uptime_s": round(self.clock() - self.started_at, 1),
+                "training_mode": "sync",
+                "selection": selection_summary(self.cfg, coord.selector),
+                "participation": self.participation_summary(),
             }
 
     def clients(self) -> list[dict[str, Any]]:
@@ -653,16 +791,21 @@ class FederationService:
             "capability": c.capability, "registered_at": c.registered_at, "last_seen_s_ago": round(now - c.last_seen, 1),
             "online": now - c.last_seen <= self.cfg.client_liveness, "rounds_participated": c.rounds_participated,
             "dropped": participation.get(c.client_id, {}).get("dropped", 0), "last_metrics": c.last_metrics,
+            "profile": c.profile,
         } for c in self.store.clients()]
 
     def summary(self) -> dict[str, Any]:
+        if self.asynchronous is not None:
+            return self.asynchronous.summary()
         hist = self.coordinator.history
         return {
             "mode": "rest", "rounds_completed": self.coordinator.completed_rounds, **accuracy_summary(hist),
             "wall_seconds": self.clock() - self.started_at, "total_bytes": sum(r.bytes for r in hist),
             "clients_registered": self.store.count_clients(), "rejected": self.store.rejections(),
             "encryption": self.cfg.encryption, "privacy": self.coordinator.privacy_status(),
-            "stop_reason": self.coordinator.stop_reason, "config": self.cfg.to_dict(),
+            "stop_reason": self.coordinator.stop_reason, "training_mode": "sync",
+            "selection": selection_summary(self.cfg, self.coordinator.selector), "participation": self.participation_summary(),
+            "config": self.cfg.to_dict(),
         }
 
 

@@ -79,6 +79,15 @@ class FLConfig:
     dp_noise: str = _opt("central", choices=("central", "distributed"), help="client level: the server adds the noise, or each client adds its share")
     dp_adaptive_clipping: bool = _opt(False, help="client level: clip norm follows a quantile of update norms (Andrew et al. 2021)")
     dp_target_quantile: float = _opt(0.5, lo=0.0, hi=1.0, help="client level: target fraction of unclipped updates for adaptive clipping")
+    # Secure aggregation (fl_common/secagg, fl_server/secagg): SecAgg with the SecAgg+ neighbour graph.
+    # The field's width follows from the clip, the scale and the clients per round (bytes per value = ceil(bits/8)).
+    secagg_threshold: Optional[float] = _opt(None, lo=0.5, hi=1.0, lo_open=True, help="secure aggregation: Shamir threshold as a fraction of each client's share holders (its neighbours and itself); null: from the SecAgg+ failure bound (always a strict majority)")
+    secagg_scale_bits: int = _opt(16, lo=1, hi=40, help="secure aggregation: fixed-point precision, values are rounded (stochastically) to multiples of 2^-scale_bits")
+    secagg_clip_norm: float = _opt(10.0, lo=0.0, hi=1e6, lo_open=True, help="secure aggregation: L2 clip of each update (and SCAFFOLD variate delta) before encoding, the field's range; client-level DP uses clip_grad_norm instead")
+    secagg_graph_degree: Optional[int] = _opt(None, lo=2, hi=10000, help="secure aggregation: SecAgg+ neighbours per client (even; >= clients-1 is classic SecAgg); null: smallest degree meeting a 1e-6 failure bound")
+    secagg_phase_timeout: float = _opt(60.0, lo=1.0, hi=86400.0, help="secure aggregation: seconds the key-advertisement, key-sharing and unmasking phases wait (the masked input waits round_timeout)")
+    secagg_dropout_rate: float = _opt(0.0, lo=0.0, hi=0.9, help="simulation only: probability that a client drops out in each secure-aggregation phase (see secagg_dropout_phase)")
+    secagg_dropout_phase: str = _opt("all", choices=("all", "advertise_keys", "share_keys", "masked_input", "unmask"), help="simulation only: the phase(s) secagg_dropout_rate applies to")
 
     # --- data (seed names) ---
     dataset: str = _opt("fashion_mnist", choices=DATASET_NAMES, help="dataset")
@@ -172,6 +181,11 @@ class FLConfig:
     attack: str = _opt("none", choices=ATTACKS, help="simulation only: 'gaussian_noise' makes a fixed seeded subset of clients send N(0, attack_noise_std^2) instead of their update")
     attack_fraction: float = _opt(0.2, lo=0.0, hi=1.0, help="fraction of the clients that attack (round(fraction x num_clients), chosen once from the seed)")
     attack_noise_std: float = _opt(1.0, lo=0.0, hi=1e6, lo_open=True, help="per-coordinate std of an attacker's noise update")
+
+    # --- personalization (simulation only; fl_server/simulation/personalization.py) ---
+    client_test_fraction: float = _opt(0.0, lo=0.0, hi=1.0, help="simulation only: fraction of each client's data held out (seeded by seed and client) for per-client evaluation; the federation trains on the rest (0: no split, per-client accuracy is measured on the training data)")
+    finetune_epochs: int = _opt(0, lo=0, hi=100, help="simulation only: after training, fine-tune the final global model on each client's own training part for this many epochs and evaluate it on the held-out part (0: off; needs client_test_fraction > 0)")
+    local_only_epochs: int = _opt(0, lo=0, hi=1000, help="simulation only: epochs of the local-only baseline, each client trained alone from the initial model (0: off; simulate --local-only needs it)")
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -298,11 +312,38 @@ def check_consistency(cfg: FLConfig) -> None:
     _check_privacy(cfg)
     _check_selection(cfg)
     _check_async(cfg)
-    if cfg.secure_aggregation:
-        raise ConfigError(
-            "config key 'secure_aggregation' is true, but secure aggregation is not built yet in this version: "
-            "set secure_aggregation: false"
-        )
+    _check_personalization(cfg)
+    _check_secure_aggregation(cfg)
+
+
+#: secagg keys a run without secure aggregation must leave at their defaults (they would do nothing)
+_SECAGG_KEYS = ("secagg_threshold", "secagg_scale_bits", "secagg_clip_norm", "secagg_graph_degree", "secagg_phase_timeout",
+                "secagg_dropout_rate", "secagg_dropout_phase")
+
+
+def _check_secure_aggregation(cfg: FLConfig) -> None:
+    """Secure aggregation runs in the simulation; whether a driver runs it is checked where the driver
+    builds its coordinator (fl_server/coordinator.py, driver feature "secure_aggregation"), so the REST
+    server still refuses it with a message until it carries the protocol."""
+    if not cfg.secure_aggregation:
+        _refuse_stray(cfg, _SECAGG_KEYS, "secure_aggregation is false")
+        return
+    if cfg.training_mode == "async":
+        raise ConfigError("training_mode 'async' with secure_aggregation: asynchronous aggregation of masked updates is not "
+                          "built yet: set secure_aggregation: false or training_mode: sync")
+    if cfg.compression and "topk" in cfg.codec.lower():
+        raise ConfigError(f"config key 'codec' has value {cfg.codec!r}: sparsification cannot run under secure aggregation "
+                          f"(masked vectors are dense and uniform; the secure sum is quantised to secagg_scale_bits fixed "
+                          f"point and sent at the field's width instead): use codec int8 or none, or compression: false")
+    if cfg.secagg_dropout_rate == 0.0:
+        _refuse_stray(cfg, ("secagg_dropout_phase",), "secagg_dropout_rate is 0")
+    if cfg.secagg_graph_degree is not None and cfg.secagg_graph_degree < cfg.clients_per_round - 1 \
+            and cfg.secagg_graph_degree % 2:
+        raise ConfigError(f"config key 'secagg_graph_degree' has value {cfg.secagg_graph_degree}: a SecAgg+ degree below "
+                          f"clients per round - 1 = {cfg.clients_per_round - 1} must be even (a ring lattice)")
+    if cfg.clients_per_round < 3:
+        raise ConfigError(f"secure aggregation needs at least 3 clients per round, and client_selection_ratio x num_clients "
+                          f"selects {cfg.clients_per_round}: raise them, or set secure_aggregation: false")
 
 
 def _check_privacy(cfg: FLConfig) -> None:
@@ -422,6 +463,26 @@ def _check_selection(cfg: FLConfig) -> None:
                           f"selected more often would get less privacy than reported; use selection: uniform")
     if cfg.client_speed_distribution == "constant":
         _refuse_stray(cfg, ("client_speed_sigma",), "client_speed_distribution is 'constant'")
+
+
+def _check_personalization(cfg: FLConfig) -> None:
+    """Held-out split, fine-tuning and the local-only baseline: values that cannot mean anything are refused.
+
+    Fine-tuned accuracy measured on the data the model was just fine-tuned on would report
+    memorisation, so fine-tuning needs a held-out part. The asynchronous driver does not write
+    per-client results, so the keys are refused there rather than holding data out for nothing."""
+    if cfg.client_test_fraction >= 1.0:
+        raise ConfigError(f"config key 'client_test_fraction' has value {cfg.client_test_fraction:g}: it would hold out all of a "
+                          f"client's data and leave nothing to train on; allowed 0 <= client_test_fraction < 1 (e.g. 0.2)")
+    if cfg.finetune_epochs > 0 and cfg.client_test_fraction == 0.0:
+        raise ConfigError(f"config key 'finetune_epochs' has value {cfg.finetune_epochs} but client_test_fraction is 0: the "
+                          f"fine-tuned model could only be evaluated on the data it was fine-tuned on; set "
+                          f"client_test_fraction (e.g. 0.2)")
+    if cfg.training_mode == "async":
+        for key in ("client_test_fraction", "finetune_epochs", "local_only_epochs"):
+            if getattr(cfg, key) != _default(key):
+                raise ConfigError(f"config key '{key}' has value {getattr(cfg, key)!r}: per-client held-out evaluation and "
+                                  f"personalization are built for training_mode 'sync' only; remove '{key}'")
 
 
 #: The synchronous strategies whose client side and server step make sense one update at a time.

@@ -11,6 +11,7 @@ these functions and never re-derive privacy arithmetic themselves.
 * :mod:`.calibration` — σ for a target (ε, δ) by bisection.
 * :mod:`.ledger` — ``PrivacyLedger``: budget, per-round history, refusal, JSON persistence.
 * :mod:`.mechanisms` — L2 clipping, Gaussian/Laplace noise, adaptive clipping.
+* :mod:`.histograms` — a client's label histogram under pure ε-DP (Laplace), for client selection.
 * :mod:`.dpsgd` — sample-level DP-SGD with torch.func per-sample gradients.
 * :mod:`.validation` — parameter checks with messages that name what is wrong.
 
@@ -28,6 +29,7 @@ from .dpsgd import (
     per_sample_gradients,
     poisson_batches,
 )
+from .histograms import private_label_histogram
 from .ledger import PrivacyLedger, RoundRecord
 from .mechanisms import (
     AdaptiveClipState,
@@ -57,6 +59,7 @@ __all__ = [
     "dp_sgd_gradients",
     "per_sample_gradients",
     "poisson_batches",
+    "private_label_histogram",
     "PrivacyLedger",
     "RoundRecord",
     "AdaptiveClipState",

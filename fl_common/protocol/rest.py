@@ -9,12 +9,23 @@ token, and an HMAC-SHA256 signature from ``fl_common.crypto.signing`` with the p
                                     partition assignment, dataset description, poll interval
     POST {API}/token             (signed) -> a fresh session token when the old one expires
     GET  {API}/round             (signed) -> RoundStatus: waiting / selected / not_selected / finished
+    GET  {API}/profile           (signed) -> what the server's selection policy wants to know
+                                    (ProfileSpec) and what this client reported so far
+    POST {API}/profile           (signed) ProfileReport: records, capability (compute_speed in
+                                    samples/s, bandwidth in bytes/s) and, only when asked, the
+                                    (Laplace-noised) label histogram -> 200; under a selection
+                                    policy other than uniform a client is selected only once its
+                                    profile has arrived
     GET  {API}/model             (signed) -> Fernet_k(wire-packed global vector) with header
                                     X-FL-Model-Key: Fernet_client(k); ETag = model version;
-                                    If-None-Match with the current version -> 304
+                                    If-None-Match with the current version -> 304.
+                                    Asynchronous mode: ``?version=V`` asks for the version a job
+                                    trains on (409 version_gone once no job needs it)
     POST {API}/rounds/{r}/update (signed, Idempotency-Key) body = Fernet(wire-packed update)
                                  -> 202 accepted (a retry with the same key answers 202 again
-                                    and is counted once); 409 not selected / round closed
+                                    and is counted once); 409 not selected / round closed.
+                                    Asynchronous mode: r is the model version the job trained on;
+                                    409 not_dispatched / wrong_version / too_stale / finished
     GET  /status, /health, {API}/clients (admin bearer token), {API}/openapi.json
 
 Errors are JSON ``{"error": code, "message": text}`` with a 4xx status.
@@ -36,6 +47,7 @@ PATH_ROUND = f"{API_PREFIX}/round"
 PATH_MODEL = f"{API_PREFIX}/model"
 PATH_UPDATE = API_PREFIX + "/rounds/{round}/update"
 PATH_CLIENTS = f"{API_PREFIX}/clients"
+PATH_PROFILE = f"{API_PREFIX}/profile"
 PATH_OPENAPI = f"{API_PREFIX}/openapi.json"
 
 HEADER_IDEMPOTENCY = "Idempotency-Key"
@@ -52,6 +64,21 @@ ROUND_SELECTED = "selected"
 ROUND_NOT_SELECTED = "not_selected"
 ROUND_SUBMITTED = "submitted"
 ROUND_FINISHED = "finished"
+
+#: The capability names the selection policies read (fl_server/selection, ClientInfo):
+#: samples of local training per second, and bytes per second of the client's link.
+CAPABILITY_COMPUTE_SPEED = "compute_speed"
+CAPABILITY_BANDWIDTH = "bandwidth"
+CAPABILITY_NAMES = (CAPABILITY_COMPUTE_SPEED, CAPABILITY_BANDWIDTH)
+#: Profile fields (ProfileSpec.required / optional)
+PROFILE_NUM_SAMPLES = "num_samples"
+PROFILE_LABEL_HISTOGRAM = "label_histogram"
+#: Limits of a profile report: larger values are refused (400), they cannot be real
+MAX_PROFILE_SAMPLES = 10**9
+MAX_CAPABILITY_VALUE = 1e15
+MAX_PROFILE_BYTES = 64 * 1024
+#: The query parameter of the model download naming the version an asynchronous job trains on
+QUERY_MODEL_VERSION = "version"
 
 
 @dataclass
@@ -106,6 +133,50 @@ class RoundStatus:
     poll_after: float
     deadline: Optional[float] = None  # seconds since the epoch (server clock)
     instructions: Optional[dict[str, Any]] = None  # TrainInstructions.to_json() when selected
+    #: asynchronous mode only: the job id of a dispatched job (``round`` is then the model version
+    #: to download with ``?version=`` and to upload for); None in synchronous rounds
+    job: Optional[int] = None
+
+    def to_json(self) -> dict[str, Any]:
+        out = asdict(self)
+        if self.job is None:  # synchronous replies keep the version-1 shape exactly
+            del out["job"]
+        return out
+
+
+@dataclass
+class ProfileSpec:
+    """``GET {API}/profile``: what this server's selection policy reads from a client's profile.
+
+    ``required`` fields must be in a report (422 otherwise); ``optional`` ones are read when sent.
+    A label histogram the policy does not ask for is refused (400), so a client never discloses a
+    statistic of its data that the server does not use: only ``stratified`` selection by label asks
+    for it, and then Laplace-noised with ``label_histogram_epsilon`` when that is set."""
+
+    policy: str
+    required: list[str]
+    optional: list[str]
+    num_classes: int
+    label_histogram_epsilon: Optional[float]
+    #: whether selection waits for the profile (every policy but uniform)
+    needed_for_selection: bool
+    #: what this client reported last (None: nothing yet)
+    profile: Optional[dict[str, Any]] = None
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
+
+
+@dataclass
+class ProfileReport:
+    """``POST {API}/profile``: sent by a client once it has loaded its data (and again on restart)."""
+
+    num_samples: int
+    capability: dict[str, float] = field(default_factory=dict)  # CAPABILITY_NAMES only
+    label_histogram: Optional[list[float]] = None  # only when ProfileSpec asks for it
+
+    def to_json(self) -> dict[str, Any]:
+        out = asdict(self)
+        if self.label_histogram is None:
+            del out["label_histogram"]
+        return out

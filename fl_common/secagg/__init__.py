@@ -2,10 +2,17 @@
 
 One job per module: ``field`` (fixed-point encoding into Z_{2^b}), ``prg`` (ChaCha20 seed
 expansion), ``masks`` (pairwise/self masks and their removal), ``shamir`` (t-of-n sharing of
-seeds and keys), ``graph`` (the SecAgg+ neighbour graph and its parameters). The round state
-machine (key advertisement, share exchange, unmasking) is built on top of these elsewhere.
+seeds and keys), ``graph`` (the SecAgg+ neighbour graph and its parameters).
+
+The protocol on top of them, transport free: ``auth`` (Ed25519 / HMAC message signatures),
+``messages`` (round parameters and the messages of the four phases, with byte encodings),
+``encoding`` (a client's update, weight and counters <-> one field vector), ``client`` and
+``server`` (the two state machines: advertise keys, share keys, masked input, unmask).
 """
 
+from fl_common.secagg.auth import ED25519, HMAC_SHA256, SigningIdentity, Verifier
+from fl_common.secagg.client import SecAggClient
+from fl_common.secagg.encoding import DecodedSum, PlainInput
 from fl_common.secagg.field import (
     FieldOverflowError,
     FixedPointSpec,
@@ -17,12 +24,65 @@ from fl_common.secagg.field import (
     required_modulus_bits,
     sub_mod,
 )
-from fl_common.secagg.graph import GraphParams, build_graph, choose_graph_params, failure_bound
-from fl_common.secagg.masks import mask_input, pairwise_mask, pairwise_seed, self_mask, unmask_sum
+from fl_common.secagg.graph import (
+    GraphParams,
+    build_graph,
+    choose_graph_params,
+    failure_bound,
+)
+from fl_common.secagg.masks import (
+    mask_input,
+    pairwise_mask,
+    pairwise_seed,
+    self_mask,
+    unmask_sum,
+)
+from fl_common.secagg.messages import (
+    AdvertiseKeys,
+    MalformedMessage,
+    MaskedInput,
+    RosterMessage,
+    SecAggAborted,
+    SecAggError,
+    SecAggParams,
+    SecAggRefused,
+    SecAggRejected,
+    Segment,
+    ShareBundle,
+    ShareKeys,
+    UnmaskRequest,
+    UnmaskResponse,
+)
 from fl_common.secagg.prg import SEED_LEN, derive_prg_key, expand_seed
+from fl_common.secagg.server import DropRecord, Phase, SecAggResult, SecAggServer
 from fl_common.secagg.shamir import PRIME, Share, ShareError, reconstruct, split_secret
 
 __all__ = [
+    "ED25519",
+    "HMAC_SHA256",
+    "SigningIdentity",
+    "Verifier",
+    "SecAggClient",
+    "SecAggServer",
+    "SecAggResult",
+    "DropRecord",
+    "Phase",
+    "PlainInput",
+    "DecodedSum",
+    "AdvertiseKeys",
+    "MalformedMessage",
+    "MaskedInput",
+    "RosterMessage",
+    "SecAggAborted",
+    "SecAggError",
+    "SecAggParams",
+    "SecAggRefused",
+    "SecAggRejected",
+    "Segment",
+    "ShareBundle",
+    "ShareKeys",
+    "UnmaskRequest",
+    "UnmaskResponse",
     "FieldOverflowError",
     "FixedPointSpec",
     "add_mod",

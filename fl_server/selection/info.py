@@ -1,8 +1,8 @@
 """What a selection policy may know about a client, and how that knowledge is gathered.
 
 Both drivers fill in the same :class:`ClientInfo`: the simulation from its partitions and its
-simulated client speeds, the REST server from what each client reports at registration (and
-from its own participation records). Policies never see anything else, so a policy behaves the
+simulated client speeds, the REST server from the profile each client reports after loading its
+data (``POST /api/v1/profile``) and from its own participation records. Policies never see anything else, so a policy behaves the
 same in both drivers.
 
 Privacy of what clients report: ``num_samples`` is treated as public (the privacy engine already
@@ -17,10 +17,9 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 
-import numpy as np
-import torch
+from fl_common.privacy import private_label_histogram  # lives in fl_common: the client noises it
 
-from fl_common.privacy import laplace_histogram
+__all__ = ["ClientId", "ClientInfo", "client_infos_for", "private_label_histogram"]
 
 ClientId = int | str
 
@@ -72,19 +71,6 @@ class ClientInfo:
                    label_histogram=tuple(hist) if hist is not None else None,  # type: ignore[arg-type]
                    compute_speed=data.get("compute_speed"), bandwidth=data.get("bandwidth"),  # type: ignore[arg-type]
                    last_round=data.get("last_round"))  # type: ignore[arg-type]
-
-
-def private_label_histogram(counts: Sequence[float] | np.ndarray, epsilon: float,
-                            generator: torch.Generator | None = None) -> tuple[float, ...]:
-    """The client's label histogram under pure epsilon-DP (Laplace, L1 sensitivity 1).
-
-    Adding or removing one record changes one bin by one, so Laplace(1/epsilon) noise on every
-    bin is epsilon-DP for the whole vector (fl_common.privacy.laplace_histogram). Negative noisy
-    counts are clamped to 0 afterwards: post-processing, it costs no privacy. A deployed client
-    passes no generator (OS randomness); the simulation passes one seeded by (seed, client).
-    """
-    noisy = laplace_histogram(torch.as_tensor(np.asarray(counts, dtype=np.float64)), epsilon, 1.0, generator)
-    return tuple(float(v) for v in noisy.clamp_min(0.0).tolist())
 
 
 def client_infos_for(available: Sequence[ClientId], infos: Mapping[ClientId, ClientInfo] | None = None, *,

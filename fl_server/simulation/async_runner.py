@@ -15,7 +15,7 @@ the synchronous driver's executor (so the worker pool trains them in parallel). 
 depend on that batching, because every job is seeded by (seed, job, client).
 
 Output (run folder): ``history.csv`` (one row per server update; see
-fl_server/asynchronous/records.py), ``updates.csv`` (one row per job), ``participation.csv``,
+fl_server/asynchronous/records.py), ``updates.csv`` (one row per job), ``participation_rounds.csv``,
 ``summary.json`` (with the staleness distribution and the fairness summary), ``checkpoint.pt``
 (after every evaluated server update, and when ``train`` returns), ``model.pt`` and the report.
 
@@ -212,7 +212,7 @@ class AsyncSimulation(Simulation):
         if self.run_dir is not None:
             self.run_dir.write_text("history.csv", self.coordinator.history_csv())
             self.run_dir.write_text("updates.csv", self.coordinator.jobs_csv())
-            self.run_dir.write_text("participation.csv", self.coordinator.participation.to_csv())
+            self.run_dir.write_text("participation_rounds.csv", self.coordinator.participation.to_csv())
             self.run_dir.write_json("summary.json", summary)
             self.run_dir.save_model(unflatten(self.coordinator.global_vector, self.spec))
             from fl_server.reports import (

@@ -8,15 +8,16 @@ The Python API mirrors the seed's ``FederatedTrainer`` example under our names::
                       "secure_aggregation": False}, output_dir="runs/demo")
     history = sim.train()                 # all remaining rounds (resumable)
     result = sim.evaluate()               # the global model on the test set
-    per_client = sim.evaluate_clients()   # the global model on each client's own data
+    per_client = sim.evaluate_clients()   # the global model on each client's held-out (or training) data
+    personal = sim.evaluate_client_models()  # with client_test_fraction: federated / fine-tuned / local-only per client
     sim.save_results()                    # history.csv, summary.json, model.pt, ...
     sim.close()
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-import math
 import platform
 import sys
 import time
@@ -40,6 +41,7 @@ from fl_common.tensors.error_feedback import ErrorFeedback
 from fl_common.training import EvalResult, LocalTrainer, updated_client_control
 from fl_server.coordinator import Coordinator
 from fl_server.privacy_engine import BudgetExhausted
+from fl_server.secagg.simulation import SIMULATION_FEATURES, SecAggSimulation
 from fl_server.selection import selection_summary
 from fl_server.simulation.attacks import make_attack
 from fl_server.simulation.client_speeds import client_speeds, simulated_client_infos
@@ -52,12 +54,33 @@ from fl_server.simulation.executor import (
     encode_for_wire,
     release_free_memory,
 )
+from fl_server.simulation.personalization import (
+    PERSONALIZATION_CSV,
+    PersonalizationResult,
+    check_federated_config,
+    client_executor,
+    distribution,
+    heldout_measure,
+    personalize,
+    split_partitions,
+    write_personalization_csv,
+)
 from fl_server.store import RoundRecord, RunDirectory, accuracy_summary
 
 log = logging.getLogger("fl_server.simulation")
 
-#: Keys that may differ between a run and its resumption (they change how, not what, is computed).
-RESUMABLE_CHANGES = {"num_rounds", "workers", "threads_per_worker", "device", "eval_batch_size", "evaluation_frequency"}
+#: Keys that may differ between a run and its resumption (they change how, not what, is computed;
+#: finetune_epochs and local_only_epochs only change what is measured after the last round).
+RESUMABLE_CHANGES = {"num_rounds", "workers", "threads_per_worker", "device", "eval_batch_size", "evaluation_frequency",
+                     "finetune_epochs", "local_only_epochs"}
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(FLConfig)}
+
+
+def changed_config_keys(stored: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
+    """Keys whose value differs between a stored run and the current config. A key the stored run
+    does not have (added to the schema after it was checkpointed) counts as its default, so new
+    keys left at their defaults never stop an older run from resuming."""
+    return sorted(k for k in current if k not in RESUMABLE_CHANGES and stored.get(k, _DEFAULTS.get(k)) != current[k])
 
 
 def load_training_data(cfg: FLConfig) -> tuple[ArrayDataset, ArrayDataset]:
@@ -105,7 +128,12 @@ class Simulation:
         self.cfg = cfg
         self.progress = progress
         self.train_set, self.test_set = load_training_data(cfg)
-        self.partitions = client_partitions(cfg, self.train_set)
+        check_federated_config(cfg)
+        # client_test_fraction > 0: the federation trains on each client's train part only; the held-out
+        # part is for per-client evaluation (at 0 the partitions are used unchanged: no held-out part)
+        self.partitions, self.heldout = split_partitions(client_partitions(cfg, self.train_set), cfg.client_test_fraction,
+                                                         cfg.seed)
+        self._personalization: tuple[int, PersonalizationResult] | None = None
         self.histograms = label_histograms(self.train_set.y.numpy(), self.partitions, self.train_set.num_classes)
         model = model_from_config(cfg, self.train_set.input_shape, self.train_set.num_classes)
         if cfg.differential_privacy and cfg.dp_mode == "sample":
@@ -119,6 +147,8 @@ class Simulation:
         # what each simulated client reports to the selection policy (records, labels, speeds)
         self.speeds = client_speeds(cfg, cfg.num_clients)
         self.client_infos = simulated_client_infos(cfg, self.partitions, self.histograms, self.speeds, 4 * self.spec.numel)
+        # secure aggregation: every simulated client runs the SecAgg client (fl_server/secagg/simulation.py)
+        self._secagg = SecAggSimulation(cfg) if cfg.secure_aggregation else None
         self.coordinator = self._new_coordinator()
         # SCAFFOLD: every simulated client's control variate c_i (see client_state.py for why in files)
         self._variates = ClientVariates(self.spec.numel, self.run_dir.path / "client_state" if self.run_dir else None)
@@ -141,14 +171,16 @@ class Simulation:
         """The coordinator this driver runs (AsyncSimulation overrides it with the asynchronous one)."""
         return Coordinator(self.cfg, self.evaluator_trainer.vector(), self.spec, evaluator=self._evaluate_vector,
                            client_sizes={cid: len(p) for cid, p in enumerate(self.partitions)},
-                           privacy_seeded_noise=True, driver_features=("control_variates", "attacks", "client_infos"))
+                           privacy_seeded_noise=True,
+                           driver_features=("control_variates", "attacks", "client_infos", *SIMULATION_FEATURES),
+                           secagg_verifiers=self._secagg.verifier if self._secagg is not None else None)
 
     def _restore(self) -> None:
         assert self.run_dir is not None
         state = self.run_dir.load_checkpoint()
         stored = state["config"]
         current = self.cfg.to_dict()
-        changed = sorted(k for k in current if k not in RESUMABLE_CHANGES and stored.get(k) != current[k])
+        changed = changed_config_keys(stored, current)
         if changed:
             raise ConfigError(f"cannot resume '{self.run_dir.path}': these keys differ from the stored run: {', '.join(changed)}")
         self.coordinator.load_state_dict(state["coordinator"])
@@ -192,6 +224,8 @@ class Simulation:
         return self.coordinator.history
 
     def run_round(self) -> RoundRecord:
+        if self._secagg is not None:  # the same round, with masked updates only (and no codec: see secagg/simulation.py)
+            return self._secagg.run_round(self)
         coord = self.coordinator
         plan = coord.plan_round(list(range(self.cfg.num_clients)), infos=self.client_infos)
         model_bytes = 4 * self.spec.numel
@@ -267,27 +301,53 @@ class Simulation:
         return self._evaluate_vector(self.coordinator.global_vector)
 
     def evaluate_clients(self) -> list[dict[str, float]]:
-        """The global model's loss and accuracy on each client's own data."""
+        """The global model's loss and accuracy on each client's held-out part when client_test_fraction > 0,
+        otherwise on each client's training data (what ``client_accuracy_summary``'s "measure" says)."""
         out = []
         vec = self.coordinator.global_vector
         self.evaluator_trainer.load_vector(vec)
-        for cid, idx in enumerate(self.partitions):
+        for cid, idx in enumerate(self.heldout if self.cfg.client_test_fraction > 0 else self.partitions):
             ix = torch.from_numpy(np.asarray(idx, dtype=np.int64))
             r = self.evaluator_trainer.evaluate(None, self.train_set.x.index_select(0, ix), self.train_set.y.index_select(0, ix),
                                                 self.cfg.eval_batch_size)
             out.append({"client": cid, "num_samples": r.num_samples, "accuracy": r.accuracy, "loss": r.loss})
         return out
 
-    def client_accuracy_summary(self) -> dict[str, Any]:
+    def client_accuracy_summary(self, per_client: list[dict[str, float]] | None = None) -> dict[str, Any]:
         """How evenly the final global model serves the clients: the fairness numbers q-FedAvg is judged
         by (Li et al. 2020 report the mean accuracy of the worst 10 % of clients, and the spread).
-        Measured by the simulator on each client's training data (there is no per-client test split)."""
-        accs = sorted(r["accuracy"] for r in self.evaluate_clients())
-        worst = accs[: max(1, math.ceil(0.1 * len(accs)))]
-        mean = sum(accs) / len(accs)
-        return {"measure": "global model on each client's training data", "clients": len(accs), "mean": mean,
-                "worst_10pct": sum(worst) / len(worst), "min": accs[0], "max": accs[-1],
-                "std": math.sqrt(sum((a - mean) ** 2 for a in accs) / len(accs))}
+        Measured by the simulator on each client's held-out part when client_test_fraction > 0, else on
+        each client's training data; "measure" says which."""
+        accs = [r["accuracy"] for r in (per_client if per_client is not None else self.evaluate_clients())]
+        return {"measure": f"global model on {heldout_measure(self.cfg)}", **distribution(accs)}
+
+    def evaluate_client_models(self) -> dict[int, dict[str, Any]]:
+        """The seed's ``evaluate_client_models()``: client -> its results on its held-out part.
+
+        ``accuracy`` is the personalized model's (fine-tuned when ``finetune_epochs`` > 0, else the
+        global model's); the row also holds ``federated_accuracy``, ``finetuned_accuracy`` and
+        ``local_only_accuracy`` (as configured), their losses, the sample counts and the per-client
+        gains. Needs ``client_test_fraction`` > 0. Computed once per trained state (save_results reuses it)."""
+        return self.personalization().by_client()
+
+    def personalization(self) -> PersonalizationResult:
+        """Per-client federated / fine-tuned / local-only results and their summary (see personalization.py)."""
+        if self.cfg.client_test_fraction == 0:
+            raise ConfigError("per-client personalization results need a held-out part: set client_test_fraction (e.g. 0.2)")
+        done = self.coordinator.completed_rounds
+        if self._personalization is None or self._personalization[0] != done:
+            self.close()  # the round pool is not needed now; the personalization pool trains every client
+            train = self.train_set
+            initial = LocalTrainer(model_from_config(self.cfg, train.input_shape, train.num_classes)).vector()
+            result = personalize(
+                self.cfg, global_vector=self.coordinator.global_vector, initial_vector=initial, completed_rounds=done,
+                evaluator=self.evaluator_trainer, x=train.x, y=train.y, train_parts=self.partitions, heldout_parts=self.heldout,
+                make_executor=lambda: client_executor(self.cfg, train.input_shape, train.num_classes, train.x, train.y,
+                                                      self.partitions, self.spec.numel))
+            log.info("personalization: %s", ", ".join(f"{k} mean {result.summary[k]['mean']:.4f}"
+                                                      for k in ("federated", "finetuned", "local_only") if k in result.summary))
+            self._personalization = (done, result)
+        return self._personalization[1]
 
     def summary(self) -> dict[str, Any]:
         hist = self.coordinator.history
@@ -305,7 +365,9 @@ class Simulation:
             "client_samples": {"min": int(min(map(len, self.partitions))), "max": int(max(map(len, self.partitions))),
                                "mean": float(np.mean([len(p) for p in self.partitions]))},
             "encryption": "not applicable in simulation (no transport)",
-            "codec": (self._codec.name if self._codec else "none") + (f" + {self.cfg.wire_compression}" if self._codec else ""),
+            "codec": self._secagg.codec_name() if self._secagg is not None else
+            (self._codec.name if self._codec else "none") + (f" + {self.cfg.wire_compression}" if self._codec else ""),
+            "secure_aggregation": self._secagg.summary() if self._secagg is not None else {"enabled": False},
             "stop_reason": self.coordinator.stop_reason,
             "privacy": self.coordinator.privacy_status(),
             "selection": selection_summary(self.cfg, self.coordinator.selector),
@@ -316,7 +378,12 @@ class Simulation:
 
     def save_results(self) -> dict[str, Any]:
         summary = self.summary()
-        summary["client_accuracy"] = self.client_accuracy_summary()
+        per_client = self.evaluate_clients()
+        summary["client_accuracy"] = self.client_accuracy_summary(per_client)
+        personal = None
+        if self.cfg.finetune_epochs > 0 or self.cfg.local_only_epochs > 0:
+            personal = self.personalization()
+            summary["personalization"] = personal.summary
         privacy = summary["privacy"]
         if privacy.get("differential_privacy"):
             extra = ""
@@ -328,7 +395,21 @@ class Simulation:
                      privacy["mode"], privacy["noise_multiplier"], extra)
         if self.run_dir is not None:
             self.run_dir.write_history(self.coordinator.history)
-            self.run_dir.write_text("participation.csv", self.coordinator.participation.to_csv())
+            # per round (who was selected with what probability, who arrived), and per client for the report
+            self.run_dir.write_text("participation_rounds.csv", self.coordinator.participation.to_csv())
+            from fl_server.reports import write_client_tables
+
+            log_ = self.coordinator.participation
+            write_client_tables(self.run_dir.path, participation=[
+                {"client": cid, "selected": log_.selected_counts.get(cid, 0), "participated": log_.arrived_counts.get(cid, 0),
+                 "dropped": log_.selected_counts.get(cid, 0) - log_.arrived_counts.get(cid, 0)}
+                for cid in range(self.cfg.num_clients)], accuracy=[
+                {"client": r["client"], "accuracy": r["accuracy"],
+                 "measure": ("final global model on the client's training data (simulation)" if self.cfg.client_test_fraction == 0
+                             else f"final global model on {heldout_measure(self.cfg)} (simulation)")} for r in per_client])
+            if personal is not None:
+                write_personalization_csv(self.run_dir.path / PERSONALIZATION_CSV, personal.rows, personal.columns,
+                                          personal.summary["measure"])
             self.run_dir.write_json("summary.json", summary)
             self.run_dir.save_model(unflatten(self.coordinator.global_vector, self.spec))
             from fl_server.reports import write_report_logged  # lazily: keeps matplotlib out of startup

@@ -1,10 +1,14 @@
 """The REST server's durable state in one SQLite file.
 
 What lives here: registered clients (session tokens stored only as keyed hashes, per-client
-session keys wrapped with a server key), rounds and their participants, the metadata of every
+session keys wrapped with a server key, the profile each reports for client selection), rounds
+and their participants (with each selected client's inclusion probability), the metadata of every
 accepted update (the payload itself is a file next to the database), the replay-nonce cache and
-the security audit log. WAL mode with ``synchronous=FULL``: a committed row survives ``kill -9``
-and power loss, which is what lets the server answer 202 only after an update is durable.
+the security audit log. Asynchronous runs have no rounds: their accepted updates live in
+``async_updates`` (keyed by job, with the idempotency key that answers a retry) and the fate of
+every job in ``async_jobs`` (a mirror of the coordinator's job records, for per-client tables).
+WAL mode with ``synchronous=FULL``: a committed row survives ``kill -9`` and power loss, which
+is what lets the server answer 202 only after an update is durable.
 
 One connection guarded by a lock: the server is one process with a few threads and SQLite
 serialises writers anyway; this keeps every multi-statement change atomic and simple.
@@ -34,7 +38,8 @@ CREATE TABLE IF NOT EXISTS clients (
     registered_at REAL NOT NULL,
     last_seen REAL NOT NULL,
     rounds_participated INTEGER NOT NULL DEFAULT 0,
-    last_metrics TEXT NOT NULL DEFAULT '{}'
+    last_metrics TEXT NOT NULL DEFAULT '{}',
+    profile TEXT
 );
 CREATE INDEX IF NOT EXISTS clients_token ON clients(token_hash);
 CREATE TABLE IF NOT EXISTS rounds (
@@ -48,7 +53,8 @@ CREATE TABLE IF NOT EXISTS rounds (
     deadline REAL NOT NULL,
     closed_at REAL,
     reason TEXT,
-    privacy TEXT
+    privacy TEXT,
+    probabilities TEXT
 );
 CREATE TABLE IF NOT EXISTS participants (
     round_id INTEGER NOT NULL,
@@ -83,7 +89,31 @@ CREATE TABLE IF NOT EXISTS security_events (
     detail TEXT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS rejections (reason TEXT PRIMARY KEY, count INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS async_updates (
+    job INTEGER PRIMARY KEY,
+    version INTEGER NOT NULL,
+    client_id TEXT NOT NULL,
+    idempotency_key TEXT NOT NULL,
+    path TEXT NOT NULL,
+    sha256 TEXT NOT NULL,
+    num_samples INTEGER NOT NULL,
+    metrics TEXT NOT NULL,
+    nbytes INTEGER NOT NULL,
+    accepted_at REAL NOT NULL,
+    staleness INTEGER NOT NULL,
+    status TEXT NOT NULL,
+    UNIQUE (client_id, idempotency_key)
+);
+CREATE TABLE IF NOT EXISTS async_jobs (
+    job INTEGER PRIMARY KEY,
+    client_id TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    status TEXT NOT NULL
+);
 """
+
+#: async_jobs.status (the coordinator's JobRecord.status) -> the participants-table status it counts as
+_ASYNC_JOB_PARTICIPATION = {"training": "selected", "accepted": "submitted", "refused": "dropped", "cancelled": "dropped"}
 
 
 @dataclass
@@ -100,6 +130,9 @@ class ClientRow:
     last_seen: float
     rounds_participated: int
     last_metrics: dict[str, float]
+    #: what the client reported at POST /api/v1/profile (num_samples, capability, label_histogram,
+    #: reported_at); None until it has, and again after it registers anew
+    profile: Optional[dict[str, Any]] = None
 
 
 @dataclass
@@ -119,6 +152,8 @@ class RoundRow:
     reason: Optional[str]
     #: the round's DP parameters (``RoundPlan.privacy``): needed to reopen the round after a restart
     privacy: Optional[dict[str, Any]] = None
+    #: each selected client's inclusion probability (``RoundPlan.probabilities``), for participation records
+    probabilities: Optional[dict[str, float]] = None
 
 
 @dataclass
@@ -133,6 +168,24 @@ class UpdateRow:
     metrics: dict[str, float]
     nbytes: int
     accepted_at: float
+
+
+@dataclass
+class AsyncUpdateRow:
+    """An update accepted in an asynchronous run: one per job (a job ends in at most one update)."""
+
+    job: int
+    version: int  # the model version the job trained on (the upload path's number)
+    client_id: str
+    idempotency_key: str
+    path: str
+    sha256: str
+    num_samples: int
+    metrics: dict[str, float]
+    nbytes: int
+    accepted_at: float
+    staleness: int
+    status: str  # "applied" or "buffered" when accepted
 
 
 class ServerStore:
@@ -152,6 +205,11 @@ class ServerStore:
         columns = {r[1] for r in self._db.execute("PRAGMA table_info(rounds)").fetchall()}
         if "privacy" not in columns:
             self._db.execute("ALTER TABLE rounds ADD COLUMN privacy TEXT")
+        if "probabilities" not in columns:
+            self._db.execute("ALTER TABLE rounds ADD COLUMN probabilities TEXT")
+        columns = {r[1] for r in self._db.execute("PRAGMA table_info(clients)").fetchall()}
+        if "profile" not in columns:
+            self._db.execute("ALTER TABLE clients ADD COLUMN profile TEXT")
 
     def close(self) -> None:
         with self._lock:
@@ -190,10 +248,19 @@ class ServerStore:
 
     def replace_client_credentials(self, client_id: str, token_hash: str, token_expires: float, wrapped_keys: bytes,
                                    capability: dict[str, float], num_samples: Optional[int], now: float) -> None:
+        """A client registering again starts afresh: new keys, and no profile until it reports one again
+        (what it reported before may not hold for the state it comes back with)."""
         with self._tx() as db:
-            db.execute("UPDATE clients SET token_hash=?, token_expires=?, wrapped_keys=?, capability=?, num_samples=?, last_seen=?"
-                       " WHERE client_id=?", (token_hash, token_expires, wrapped_keys, json.dumps(capability), num_samples,
-                                               now, client_id))
+            db.execute("UPDATE clients SET token_hash=?, token_expires=?, wrapped_keys=?, capability=?, num_samples=?, last_seen=?,"
+                       " profile=NULL WHERE client_id=?", (token_hash, token_expires, wrapped_keys, json.dumps(capability),
+                                                            num_samples, now, client_id))
+
+    def set_profile(self, client_id: str, profile: dict[str, Any], num_samples: int, capability: dict[str, float]) -> None:
+        """Store a client's (validated) profile; ``num_samples`` and ``capability`` are also kept in
+        their own columns, which the admin client table shows."""
+        with self._tx() as db:
+            db.execute("UPDATE clients SET profile=?, num_samples=?, capability=? WHERE client_id=?",
+                       (json.dumps(profile), num_samples, json.dumps(capability), client_id))
 
     def update_token(self, client_id: str, token_hash: str, token_expires: float) -> None:
         with self._tx() as db:
@@ -207,10 +274,10 @@ class ServerStore:
         if row is None:
             return None
         return ClientRow(row[0], row[1], row[2], row[3], bytes(row[4]), row[5], row[6], json.loads(row[7]), row[8], row[9],
-                         row[10], json.loads(row[11]))
+                         row[10], json.loads(row[11]), None if row[12] is None else json.loads(row[12]))
 
     _CLIENT_COLS = ("client_id, name, token_hash, token_expires, wrapped_keys, partition_index, num_samples, capability,"
-                    " registered_at, last_seen, rounds_participated, last_metrics")
+                    " registered_at, last_seen, rounds_participated, last_metrics, profile")
 
     def client(self, client_id: str) -> Optional[ClientRow]:
         return self._client(self._one(f"SELECT {self._CLIENT_COLS} FROM clients WHERE client_id=?", (client_id,)))
@@ -228,6 +295,17 @@ class ServerStore:
     def live_client_ids(self, since: float) -> list[str]:
         return [r[0] for r in self._all("SELECT client_id FROM clients WHERE last_seen >= ? ORDER BY client_id", (since,))]
 
+    def client_ids(self) -> list[str]:
+        return [r[0] for r in self._all("SELECT client_id FROM clients ORDER BY registered_at")]
+
+    def count_profiles(self) -> int:
+        row = self._one("SELECT COUNT(*) FROM clients WHERE profile IS NOT NULL")
+        return int(row[0]) if row else 0
+
+    def profiles(self) -> dict[str, dict[str, Any]]:
+        """client_id -> profile of every client that has reported one (the selection's candidates)."""
+        return {r[0]: json.loads(r[1]) for r in self._all("SELECT client_id, profile FROM clients WHERE profile IS NOT NULL")}
+
     def count_clients(self) -> int:
         row = self._one("SELECT COUNT(*) FROM clients")
         return int(row[0]) if row else 0
@@ -239,10 +317,11 @@ class ServerStore:
     def open_round(self, row: RoundRow) -> int:
         """Insert a new attempt (``row.round_id`` is ignored) and return its round_id."""
         with self._tx() as db:
-            cur = db.execute("INSERT INTO rounds(round, state, selected, instructions, target, started_at, deadline, privacy)"
-                             " VALUES(?,?,?,?,?,?,?,?)", (row.round, "open", json.dumps(row.selected), json.dumps(row.instructions),
-                                                          row.target, row.started_at, row.deadline,
-                                                          None if row.privacy is None else json.dumps(row.privacy)))
+            cur = db.execute("INSERT INTO rounds(round, state, selected, instructions, target, started_at, deadline, privacy,"
+                             " probabilities) VALUES(?,?,?,?,?,?,?,?,?)",
+                             (row.round, "open", json.dumps(row.selected), json.dumps(row.instructions), row.target,
+                              row.started_at, row.deadline, None if row.privacy is None else json.dumps(row.privacy),
+                              None if row.probabilities is None else json.dumps(row.probabilities)))
             round_id = int(cur.lastrowid)
             db.executemany("INSERT INTO participants(round_id, client_id, status) VALUES(?,?,'selected')",
                            [(round_id, c) for c in row.selected])
@@ -253,9 +332,10 @@ class ServerStore:
         if row is None:
             return None
         return RoundRow(row[0], row[1], row[2], json.loads(row[3]), json.loads(row[4]), row[5], row[6], row[7], row[8], row[9],
-                        None if row[10] is None else json.loads(row[10]))
+                        None if row[10] is None else json.loads(row[10]), None if row[11] is None else json.loads(row[11]))
 
-    _ROUND_COLS = "round_id, round, state, selected, instructions, target, started_at, deadline, closed_at, reason, privacy"
+    _ROUND_COLS = ("round_id, round, state, selected, instructions, target, started_at, deadline, closed_at, reason, privacy,"
+                   " probabilities")
 
     def current_open_round(self) -> Optional[RoundRow]:
         return self._round(self._one(f"SELECT {self._ROUND_COLS} FROM rounds WHERE state='open' ORDER BY round_id DESC LIMIT 1"))
@@ -274,9 +354,15 @@ class ServerStore:
         return [r for r in (self._round(x) for x in rows) if r is not None]
 
     def participation(self) -> dict[str, dict[str, int]]:
+        """Per client: selections by outcome (selected = still open, submitted, dropped), over round
+        attempts and asynchronous jobs alike."""
         out: dict[str, dict[str, int]] = {}
         for client_id, status, n in self._all("SELECT client_id, status, COUNT(*) FROM participants GROUP BY client_id, status"):
             out.setdefault(client_id, {})[status] = int(n)
+        for client_id, status, n in self._all("SELECT client_id, status, COUNT(*) FROM async_jobs GROUP BY client_id, status"):
+            mine = out.setdefault(client_id, {})
+            key = _ASYNC_JOB_PARTICIPATION.get(status, "dropped")
+            mine[key] = mine.get(key, 0) + int(n)
         return out
 
     def round_participants(self, round_id: int) -> dict[str, str]:
@@ -315,8 +401,47 @@ class ServerStore:
         return [self._update(r) for r in rows]
 
     def count_updates(self) -> int:
-        row = self._one("SELECT COUNT(*) FROM updates")
+        row = self._one("SELECT (SELECT COUNT(*) FROM updates) + (SELECT COUNT(*) FROM async_updates)")
         return int(row[0]) if row else 0
+
+    # ------------------------------------------------------------------ asynchronous runs
+    _ASYNC_COLS = ("job, version, client_id, idempotency_key, path, sha256, num_samples, metrics, nbytes, accepted_at, staleness,"
+                   " status")
+
+    @staticmethod
+    def _async_update(r: Optional[tuple]) -> Optional[AsyncUpdateRow]:
+        if r is None:
+            return None
+        return AsyncUpdateRow(r[0], r[1], r[2], r[3], r[4], r[5], r[6], json.loads(r[7]), r[8], r[9], r[10], r[11])
+
+    def add_async_update(self, row: AsyncUpdateRow) -> None:
+        """Record an accepted asynchronous update; the client's participation count and last metrics move with it."""
+        with self._tx() as db:
+            db.execute(f"INSERT INTO async_updates({self._ASYNC_COLS}) VALUES(?,?,?,?,?,?,?,?,?,?,?,?)",
+                       (row.job, row.version, row.client_id, row.idempotency_key, row.path, row.sha256, row.num_samples,
+                        json.dumps(row.metrics), row.nbytes, row.accepted_at, row.staleness, row.status))
+            db.execute("UPDATE clients SET last_metrics=?, rounds_participated = rounds_participated + 1 WHERE client_id=?",
+                       (json.dumps(row.metrics), row.client_id))
+
+    def async_update_by_key(self, client_id: str, idempotency_key: str) -> Optional[AsyncUpdateRow]:
+        return self._async_update(self._one(f"SELECT {self._ASYNC_COLS} FROM async_updates WHERE client_id=? AND idempotency_key=?",
+                                            (client_id, idempotency_key)))
+
+    def async_update_for_job(self, job: int) -> Optional[AsyncUpdateRow]:
+        return self._async_update(self._one(f"SELECT {self._ASYNC_COLS} FROM async_updates WHERE job=?", (job,)))
+
+    def async_update_metrics(self) -> list[dict[str, float]]:
+        """The metrics of every accepted asynchronous update (the report lists the names clients sent)."""
+        return [json.loads(r[0]) for r in self._all("SELECT metrics FROM async_updates ORDER BY job")]
+
+    def upsert_async_jobs(self, jobs: list[tuple[int, str, int, str]], *, replace_all: bool = False) -> None:
+        """Mirror (job, client_id, version, status) rows of the coordinator's job records; ``replace_all``
+        first forgets every row (a restart re-mirrors the restored coordinator)."""
+        with self._tx() as db:
+            if replace_all:
+                db.execute("DELETE FROM async_jobs")
+            db.executemany("INSERT INTO async_jobs(job, client_id, version, status) VALUES(?,?,?,?) ON CONFLICT(job) DO UPDATE"
+                           " SET client_id=excluded.client_id, version=excluded.version, status=excluded.status", jobs)
 
     # ------------------------------------------------------------------ replay nonces
     def seen_or_add(self, client_id: str, nonce: str, expires_at: float) -> bool:

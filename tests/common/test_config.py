@@ -62,8 +62,11 @@ def test_bad_values_are_refused_with_the_key_value_and_rule(overrides: list[str]
 
 
 def test_features_not_built_are_refused_not_skipped() -> None:
-    with pytest.raises(ConfigError, match="secure aggregation is not built"):
-        config_from_dict({"differential_privacy": False})
+    # secure aggregation is built (the simulation runs it; a driver that does not carry the protocol refuses it
+    # when it builds its coordinator: tests/server/test_secagg_simulation.py); what is not built is refused here
+    assert config_from_dict({"differential_privacy": False}).secure_aggregation
+    with pytest.raises(ConfigError, match="asynchronous aggregation of masked updates is not built"):
+        config_from_dict({"differential_privacy": False, "training_mode": "async"})
     cfg = config_from_dict({"secure_aggregation": False})  # the seed's default: differential privacy on
     assert cfg.differential_privacy and (cfg.dp_mode, cfg.dp_accountant, cfg.dp_noise) == ("sample", "prv", "central")
 
@@ -124,3 +127,12 @@ def test_cli_refuses_with_one_line_and_exit_2(args: list[str], tmp_path: Path) -
     lines = [l for l in proc.stderr.splitlines() if l.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_serve_with_the_seed_defaults_refuses_secure_aggregation_until_rest_has_it(tmp_path: Path) -> None:
+    """The seed turns secure aggregation on; the REST server must say it cannot, before anything starts."""
+    proc = subprocess.run([sys.executable, "-m", "fl_server", "serve", "--state-dir", str(tmp_path / "srv")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "secure_aggregation" in lines[0] and "simulat" in lines[0], proc.stderr

@@ -17,9 +17,10 @@ from typing import Any
 
 import pytest
 import requests
+import torch
 
 from fl_common.protocol.rest import ENV_ADMIN_TOKEN, ENV_ENROLLMENT_TOKEN
-from tests.e2e.harness import threaded_server, token_env, wait_for
+from tests.e2e.harness import ScriptedClient, threaded_server, token_env, wait_for
 from tests.e2e.scripted_rounds import play_rounds, register, tiny_cfg
 
 CHROMIUM_PATHS = ("/usr/bin/chromium", "/usr/bin/chromium-browser")
@@ -87,9 +88,11 @@ def test_dashboard_follows_a_training_federation(tmp_path: Path) -> None:
     chromium, sync_playwright = _chromium(), _playwright()
     env = token_env()
     cfg = tiny_cfg(num_clients=3, num_rounds=3, local_epochs=1, batch_size=32, samples_per_client=300)
-    with threaded_server(cfg, tmp_path / "srv", env) as (url, _service), sync_playwright() as pw:
+    with threaded_server(cfg, tmp_path / "srv", env) as (url, service), sync_playwright() as pw:
         ui = Browser(pw, chromium)
-        daemons, threads = _daemons(url, env, tmp_path, 3)
+        # two real daemons and one gate client that uploads only once the page has shown the open
+        # round: tiny rounds otherwise open and close between two polls of the page
+        daemons, threads = _daemons(url, env, tmp_path, 2)
         try:
             assert requests.get(f"{url}/", allow_redirects=False, timeout=10).headers["Location"].endswith("/dashboard")
             ui.page.goto(f"{url}/?poll=300")  # the redirect from / lands on the dashboard
@@ -100,10 +103,15 @@ def test_dashboard_follows_a_training_federation(tmp_path: Path) -> None:
 
             ui.page.fill("#admin-token", env[ENV_ADMIN_TOKEN])
             ui.page.click("#admin-show")
+            gate = ScriptedClient(url, env[ENV_ENROLLMENT_TOKEN], "gate")
+            numel = service.coordinator.spec.numel
             for t in threads:
                 t.start()
-            # while training: the current-round panel shows an open round
-            ui.page.wait_for_selector("#round-progress[data-round]", timeout=120_000)
+            for r in (1, 2, 3):  # while training: the current-round panel shows each open round
+                wait_for(lambda r=r: gate.status()["state"] == "selected" and gate.status()["round"] == r, timeout=240)
+                ui.page.wait_for_selector(f"#round-progress[data-round='{r}']", timeout=120_000)
+                gate.upload(r, torch.zeros(numel), num_samples=300,
+                            meta={"num_samples": 300, "metrics": {"train_loss": 1.0, "train_accuracy": 0.5}})
             ui.page.wait_for_selector("body[data-state='finished']", timeout=240_000)
             polls = ui.polls()
             wait_for(lambda: ui.polls() >= polls + 2, timeout=60)  # a full poll after the end
@@ -144,7 +152,7 @@ def test_dashboard_follows_a_training_federation(tmp_path: Path) -> None:
                 assert r["fields"]["name"] == c["name"]
                 assert int(r["fields"]["rounds_participated"]) == c["rounds_participated"] == 3
                 assert float(r["fields"]["last_accuracy"]) == c["last_metrics"]["train_accuracy"]
-                assert r["fields"]["capability"] == ", ".join(f"{k}={v:g}" for k, v in c["capability"].items())
+                assert r["fields"]["capability"] == (", ".join(f"{k}={v:g}" for k, v in c["capability"].items()) or "–")
             assert ui.page.evaluate("window.__notReloaded") is True, "the page must update without reloading"
             assert ui.errors == [], ui.errors
             foreign = [u for u in ui.requests if not u.startswith((url + "/", "data:"))]

@@ -300,7 +300,7 @@ def test_async_run_resumes_bit_for_bit(tmp_path: Path) -> None:
         second.save_results()
     strip = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
     assert strip(_rows(tmp_path / "full", "history.csv")) == strip(_rows(tmp_path / "part", "history.csv"))
-    for name in ("updates.csv", "participation.csv"):
+    for name in ("updates.csv", "participation_rounds.csv"):
         assert (tmp_path / "full" / name).read_text() == (tmp_path / "part" / name).read_text(), name
     a = torch.load(tmp_path / "full" / "model.pt", weights_only=True)
     b = torch.load(tmp_path / "part" / "model.pt", weights_only=True)
@@ -325,5 +325,5 @@ def test_cli_runs_async_mode_and_writes_its_files(tmp_path: Path, capsys: pytest
     assert summary["training_mode"] == "async" and summary["server_updates"] == 3
     assert summary["staleness"]["accepted"] == 6 and summary["asynchronous"]["algorithm"] == "fedbuff"
     assert summary["participation"]["clients"] == 8
-    for name in ("participation.csv", "checkpoint.pt", "model.pt", "config.yaml"):
+    for name in ("participation_rounds.csv", "checkpoint.pt", "model.pt", "config.yaml"):
         assert (out / name).is_file(), name

@@ -358,14 +358,21 @@ def test_simulation_writes_participation_and_fairness_and_resumes_it(tmp_path: P
     with Simulation(cfg, tmp_path / "part", resume=True, progress=False) as second:
         second.train()
         second.save_results()
-    text = (tmp_path / "full" / "participation.csv").read_text()
-    assert text == (tmp_path / "part" / "participation.csv").read_text()
+    text = (tmp_path / "full" / "participation_rounds.csv").read_text()
+    assert text == (tmp_path / "part" / "participation_rounds.csv").read_text()
     rows = list(csv.DictReader(text.splitlines()))
     assert len(rows) == 4 * 3 and {r["arrived"] for r in rows} == {"1"}
     assert all(0 < float(r["probability"]) <= 1 for r in rows)
     part = summary["participation"]
     assert part["clients"] == 10 and part["selected"]["max"] <= 4 and 0 < part["jain_index_selected"] <= 1
     assert summary["selection"]["policy"] == "adaptive"
+    # the report's per-client table agrees with the per-round log, and the report plots it
+    per_client = {r["client"]: r for r in csv.DictReader((tmp_path / "full" / "participation.csv").read_text().splitlines())}
+    assert len(per_client) == 10
+    for cid, r in per_client.items():
+        assert int(r["selected"]) == sum(1 for row in rows if row["client_id"] == cid)
+        assert int(r["participated"]) == int(r["selected"]) and r["dropped"] == "0"
+    assert (tmp_path / "full" / "participation.png").is_file() and (tmp_path / "full" / "client_accuracy.csv").is_file()
 
 
 def test_label_stratified_simulation_under_dp_uses_noised_histograms() -> None:

@@ -1,0 +1,303 @@
+"""The client side of one SecAgg / SecAgg+ round, as a transport-free state machine.
+
+Bonawitz et al. 2017 ("Practical Secure Aggregation for Privacy-Preserving Machine Learning"),
+with the neighbour graph of Bell et al. 2020 (SecAgg+). One object per client per round; its
+methods are called in order, each consuming what the server relayed and returning what to send:
+
+    client = SecAggClient(params, index, identity)
+    adv    = client.advertise()                      # phase 0
+    shares = client.share_keys(roster)               # phase 1
+    masked = client.masked_input(bundle, plain)      # phase 2
+    resp   = client.unmask(request)                  # phase 3
+
+Whatever the server sends is checked before it is used, and the client *refuses*
+(:class:`SecAggRefused`) rather than continue in a way that could expose its input: a roster
+with a bad signature or a substituted own key, a threshold that is not a strict majority, a
+bundle that withholds a neighbour's ciphertext, an unmask request that names a client both as
+survivor and as dropped (revealing both shares of one client reveals its input), a request for
+the shares twice, or one with fewer than t survivors among its own neighbours.
+
+Secrets (the two private keys, b_u, the shares held for neighbours) never appear in a repr or
+an exception message, and are dropped once the client has answered the unmask request.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from enum import Enum
+from typing import Mapping
+
+import numpy as np
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from fl_common.crypto.keys import KeyAgreementError, KeyPair, x25519_shared_secret
+from fl_common.secagg.auth import ED25519, HMAC_SHA256, SigningIdentity, Verifier, check_server_tag
+from fl_common.secagg.encoding import PlainInput, encode_input, pack
+from fl_common.secagg.graph import build_graph
+from fl_common.secagg.masks import mask_input
+from fl_common.secagg.messages import (
+    AdvertiseKeys,
+    MaskedInput,
+    RosterMessage,
+    SecAggParams,
+    SecAggRefused,
+    ShareBundle,
+    ShareKeys,
+    UnmaskRequest,
+    UnmaskResponse,
+)
+from fl_common.secagg.prg import SEED_LEN
+from fl_common.secagg.shamir import Share, ShareError, split_secret
+
+__all__ = ["ClientPhase", "SecAggClient", "self_seed_commitment", "share_key", "share_associated_data"]
+
+
+class ClientPhase(str, Enum):
+    NEW = "new"
+    ADVERTISED = "advertised"
+    SHARED = "shared"
+    MASKED = "masked"
+    DONE = "done"
+
+
+def self_seed_commitment(params_digest: bytes, index: int, seed: bytes) -> bytes:
+    """SHA-256 commitment to b_u (sent with the shares): lets the server check a rebuilt seed."""
+    return hashlib.sha256(b"fl-hub/v1/secagg/self-seed|" + params_digest + index.to_bytes(4, "big") + seed).digest()
+
+
+def share_key(own: KeyPair, peer_c_pk: bytes, u: int, v: int, params_digest: bytes) -> bytes:
+    """AES-256-GCM key for the pair {u, v}: HKDF over X25519(c_u, c_v), bound to the pair and the round."""
+    lo, hi = min(u, v), max(u, v)
+    secret = x25519_shared_secret(own.private_key, peer_c_pk)
+    info = b"fl-hub/v1/secagg/share-key|" + params_digest + lo.to_bytes(4, "big") + hi.to_bytes(4, "big")
+    return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=info).derive(secret)
+
+
+def share_associated_data(params_digest: bytes, sender: int, recipient: int) -> bytes:
+    """AEAD associated data: a ciphertext only opens for this sender -> recipient in this round."""
+    return b"fl-hub/v1/secagg/share-ct|" + params_digest + sender.to_bytes(4, "big") + recipient.to_bytes(4, "big")
+
+
+class SecAggClient:
+    def __init__(self, params: SecAggParams, index: int, identity: SigningIdentity, *,
+                 trusted_verify_keys: Mapping[str, bytes] | None = None,
+                 rng: np.random.Generator | None = None) -> None:
+        """``identity`` signs this client's messages (its scheme must be the round's ``params.auth``).
+        ``trusted_verify_keys`` (driver client id -> Ed25519 verifying key, from a PKI or pinned out
+        of band) makes the client check neighbours' signatures against keys the server cannot
+        substitute; without it the verifying keys in the roster are trusted (see auth.py).
+        ``rng`` drives only the stochastic rounding (not a secret; seed it for reproducible runs)."""
+        params.validate()
+        if index not in params.indices:
+            raise ValueError(f"index {index} is not in this round (1..{params.n})")
+        if identity.scheme != params.auth:
+            raise SecAggRefused(f"the round signs with {params.auth}, this client's identity is {identity.scheme}")
+        self.params = params
+        self.index = index
+        self._identity = identity
+        self._trusted = dict(trusted_verify_keys) if trusted_verify_keys is not None else None
+        self._rng = rng if rng is not None else np.random.default_rng(secrets.randbits(128))
+        self._digest = params.digest()
+        self._c = KeyPair.generate()
+        self._s = KeyPair.generate()
+        self._b: bytes | None = None
+        self._own_b_share: Share | None = None
+        self.phase = ClientPhase.NEW
+        self.neighbours: frozenset[int] = frozenset()
+        self._peer_keys: dict[int, tuple[bytes, bytes]] = {}  # v -> (c_pk, s_pk) from the verified roster
+        self._held: dict[int, tuple[Share, Share]] = {}  # v -> (share of b_v, share of s_sk_v), held for v
+        self._share_survivors: frozenset[int] = frozenset()
+        #: senders whose ciphertext failed authentication (their shares were never used)
+        self.rejected: tuple[int, ...] = ()
+        #: did the secagg clip change this client's vectors (set in masked_input)
+        self.clipped = False
+
+    def __repr__(self) -> str:
+        return f"SecAggClient(round={self.params.round}, index={self.index}, phase={self.phase.value})"
+
+    def _expect(self, phase: ClientPhase, action: str) -> None:
+        if self.phase != phase:
+            raise SecAggRefused(f"client {self.index} cannot {action} in phase {self.phase.value}", "wrong_phase")
+
+    # ------------------------------------------------------------------ phase 0
+    def advertise(self) -> AdvertiseKeys:
+        self._expect(ClientPhase.NEW, "advertise keys")
+        c_pk, s_pk = self._c.public_bytes, self._s.public_bytes
+        sig = self._identity.sign(AdvertiseKeys.signing_bytes(self._digest, self.index, c_pk, s_pk))
+        self.phase = ClientPhase.ADVERTISED
+        return AdvertiseKeys(self.index, c_pk, s_pk, sig)
+
+    # ------------------------------------------------------------------ phase 1
+    def _check_roster(self, roster: RosterMessage) -> None:
+        p = self.params
+        members = roster.members
+        if list(members) != sorted(set(members)) or not set(members) <= set(p.indices):
+            raise SecAggRefused("the roster's members are not distinct round indices in order", "bad_roster")
+        if self.index not in members:
+            raise SecAggRefused("the roster does not list this client", "bad_roster")
+        if len(members) < p.threshold:
+            raise SecAggRefused(f"the roster has {len(members)} clients, fewer than the threshold {p.threshold}", "bad_roster")
+        keys = [e.c_pk for e in roster.entries] + [e.s_pk for e in roster.entries]
+        if len(set(keys)) != len(keys):
+            raise SecAggRefused("the roster repeats a public key (a substituted or replayed key)", "bad_roster")
+        if p.auth == HMAC_SHA256:
+            if not check_server_tag(self._identity, roster.digest(self._digest), roster.server_tag):
+                raise SecAggRefused("the roster's server tag does not verify", "bad_roster_signature")
+        for e in roster.entries:
+            if e.index == self.index:
+                if (e.c_pk, e.s_pk) != (self._c.public_bytes, self._s.public_bytes):
+                    raise SecAggRefused("the roster carries different keys for this client (key substitution)", "bad_roster")
+                if p.auth == ED25519 and e.verify_key != self._identity.verify_key:
+                    raise SecAggRefused("the roster carries a different verifying key for this client", "bad_roster")
+                continue
+            if p.auth != ED25519:
+                continue  # HMAC: peers cannot check each other; the server tag vouched for the roster
+            key = e.verify_key
+            if self._trusted is not None:
+                cid = p.client_ids[e.index - 1]
+                if cid not in self._trusted:
+                    raise SecAggRefused(f"no trusted verifying key for client {cid}", "bad_roster_signature")
+                key = self._trusted[cid]
+            try:
+                ok = Verifier(ED25519, key).verify(AdvertiseKeys.signing_bytes(self._digest, e.index, e.c_pk, e.s_pk),
+                                                   e.signature)
+            except ValueError:
+                ok = False
+            if not ok:
+                raise SecAggRefused(f"the advertised keys of client {e.index} do not carry its signature", "bad_roster_signature")
+
+    def share_keys(self, roster: RosterMessage) -> ShareKeys:
+        """Verify the roster, then Shamir-share b_u and s_sk_u among (neighbours + self), each pair of
+        shares encrypted for its holder."""
+        self._expect(ClientPhase.ADVERTISED, "share keys")
+        self._check_roster(roster)
+        p = self.params
+        members = roster.members
+        graph = build_graph(members, p.degree, roster.graph_seed(self._digest))
+        self.neighbours = graph[self.index]
+        self._peer_keys = {e.index: (e.c_pk, e.s_pk) for e in roster.entries if e.index in self.neighbours}
+        holders = sorted(self.neighbours | {self.index})
+        if len(holders) < p.threshold:
+            raise SecAggRefused(f"{len(holders)} share holders, fewer than the threshold {p.threshold}", "too_few_neighbours")
+        self._b = secrets.token_bytes(SEED_LEN)
+        b_shares = split_secret(self._b, p.threshold, holders)
+        s_shares = split_secret(self._s.private_bytes(), p.threshold, holders)
+        self._own_b_share = b_shares[self.index]
+        cts = []
+        for v in sorted(self.neighbours):
+            try:
+                key = share_key(self._c, self._peer_keys[v][0], self.index, v, self._digest)
+            except KeyAgreementError:
+                raise SecAggRefused(f"client {v}'s encryption key is degenerate", "bad_roster") from None
+            plaintext = self.index.to_bytes(4, "big") + v.to_bytes(4, "big") + b_shares[v].to_bytes() + s_shares[v].to_bytes()
+            nonce = secrets.token_bytes(12)
+            cts.append((v, nonce + AESGCM(key).encrypt(nonce, plaintext, share_associated_data(self._digest, self.index, v))))
+        commitment = self_seed_commitment(self._digest, self.index, self._b)
+        sig = self._identity.sign(ShareKeys.signing_bytes(self._digest, self.index, cts, commitment))
+        self.phase = ClientPhase.SHARED
+        return ShareKeys(self.index, tuple(cts), commitment, sig)
+
+    # ------------------------------------------------------------------ phase 2
+    def _open(self, sender: int, ct: bytes) -> tuple[Share, Share] | None:
+        try:
+            key = share_key(self._c, self._peer_keys[sender][0], self.index, sender, self._digest)
+            plain = AESGCM(key).decrypt(ct[:12], ct[12:], share_associated_data(self._digest, sender, self.index))
+        except (InvalidTag, KeyAgreementError, ValueError):
+            return None
+        if plain[:4] != sender.to_bytes(4, "big") or plain[4:8] != self.index.to_bytes(4, "big"):
+            return None
+        try:
+            b_share = Share.from_bytes(plain[8:8 + 70])
+            s_share = Share.from_bytes(plain[8 + 70:])
+        except ShareError:
+            return None
+        if b_share.x != self.index or s_share.x != self.index:
+            return None
+        return b_share, s_share
+
+    def masked_input(self, bundle: ShareBundle, plain: PlainInput) -> MaskedInput:
+        """Check and open the shares addressed to us, then send y_u = x_u + PRG(b_u) + sum_v +-PRG(s_uv)."""
+        self._expect(ClientPhase.SHARED, "send its masked input")
+        p = self.params
+        if bundle.recipient != self.index:
+            raise SecAggRefused("the share bundle is addressed to another client", "bad_bundle")
+        survivors = frozenset(bundle.survivors)
+        if self.index not in survivors:
+            raise SecAggRefused("the server lists this client as not having shared its keys", "bad_bundle")
+        expected = self.neighbours & survivors
+        senders = [s for s, _ in bundle.ciphertexts]
+        if len(set(senders)) != len(senders) or set(senders) != expected:
+            raise SecAggRefused("the bundle's ciphertexts do not come from exactly this client's neighbours in U2",
+                                "bad_bundle")
+        if len(expected) + 1 < p.threshold:
+            raise SecAggRefused(f"only {len(expected)} neighbours shared keys: fewer than threshold {p.threshold} holders",
+                                "too_few_neighbours")
+        rejected = []
+        for sender, ct in sorted(bundle.ciphertexts):
+            opened = self._open(sender, ct)
+            if opened is None:
+                rejected.append(sender)
+            else:
+                self._held[sender] = opened
+        self._share_survivors = survivors
+        self.rejected = tuple(rejected)
+        x, self.clipped = encode_input(p, plain, self._rng)
+        assert self._b is not None
+        pairwise = {}
+        for v in sorted(expected):
+            try:
+                pairwise[v] = x25519_shared_secret(self._s.private_key, self._peer_keys[v][1])
+            except KeyAgreementError:
+                raise SecAggRefused(f"client {v}'s mask key is degenerate", "bad_roster") from None
+        y = mask_input(x, self.index, self._b, pairwise, p.modulus_bits, context=self._digest)
+        payload = pack(y, p.modulus_bits)
+        digest = hashlib.sha256(payload).digest()
+        sig = self._identity.sign(MaskedInput.signing_bytes(self._digest, self.index, digest, self.rejected))
+        self.phase = ClientPhase.MASKED
+        return MaskedInput(self.index, payload, self.rejected, sig, digest)
+
+    # ------------------------------------------------------------------ phase 3
+    def unmask(self, request: UnmaskRequest) -> UnmaskResponse:
+        """Reveal, per neighbour, the share of b_v (v survived) or of s_sk_v (v dropped) - never both."""
+        self._expect(ClientPhase.MASKED, "reveal shares (it answers one unmask request per round)")
+        p = self.params
+        alive, dropped = set(request.survivors), set(request.dropped)
+        both = alive & dropped
+        if both:
+            raise SecAggRefused(f"asked for both shares of clients {sorted(both)}: that would reveal their inputs",
+                                "both_shares_requested")
+        if self.index not in alive:
+            raise SecAggRefused("the server lists this client as dropped although it sent its masked input", "bad_unmask_request")
+        if not (alive | dropped) <= self._share_survivors:
+            raise SecAggRefused("the unmask request names clients that never shared keys", "bad_unmask_request")
+        local = (self.neighbours & self._share_survivors) | {self.index}
+        if len(alive & local) < p.threshold:
+            raise SecAggRefused(f"only {len(alive & local)} survivors among this client's share holders, fewer than the "
+                                f"threshold {p.threshold}", "too_few_survivors")
+        assert self._own_b_share is not None
+        self_shares = [(self.index, self._own_b_share.to_bytes())] if self.index in alive else []
+        key_shares = []
+        for v in sorted(self.neighbours):
+            held = self._held.get(v)
+            if held is None:
+                continue
+            if v in alive:
+                self_shares.append((v, held[0].to_bytes()))
+            elif v in dropped:
+                key_shares.append((v, held[1].to_bytes()))
+        self_shares.sort()
+        sig = self._identity.sign(UnmaskResponse.signing_bytes(self._digest, self.index, self_shares, key_shares))
+        self.phase = ClientPhase.DONE
+        self._forget()
+        return UnmaskResponse(self.index, tuple(self_shares), tuple(key_shares), sig)
+
+    def _forget(self) -> None:
+        """Drop the round's secrets once they can no longer be needed (best effort: Python may keep copies)."""
+        self._b = None
+        self._own_b_share = None
+        self._held.clear()
+        self._c = self._s = None  # type: ignore[assignment]

@@ -1,0 +1,205 @@
+"""A client's plain contribution <-> one vector of field elements, and the server's sum back to floats.
+
+Layout (``SecAggParams.segments``, in order): ``delta`` (the model update), optionally ``control``
+(SCAFFOLD's variate delta), then scalars: ``weight`` (integer n_k, capped at ``weight_bound``),
+``count`` (1 per client: the decoded count must equal the number of inputs the server summed, a
+cheap check that every mask was removed), ``loss`` ((n_k / W) x training loss, when reported),
+``clipped`` (1 if the secagg clip changed this client's vectors) and ``unclipped`` (the
+client-level DP clipping bit of adaptive clipping). Only sums of these ever reach the server.
+
+Why the weighted vector is ``(n_k / W) x`` and not ``n_k x``: the field must hold the sum of the
+largest possible values, so scaling by n_k would cost log2(W) extra bits on every coordinate;
+dividing by the public bound W keeps each client's values within the clip and the weighted mean
+is still W * sum((n_k/W) x_k) / sum(n_k), with the integer weight sum carried exactly.
+
+Clipping happens here, before encoding, because the field's no-wrap guarantee needs a bound on
+every value; the bound is enforced (``FieldOverflowError``), never wrapped silently.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from fl_common.secagg.field import FieldOverflowError, decode_sum, encode
+from fl_common.secagg.messages import SecAggParams, Segment
+
+__all__ = ["PlainInput", "DecodedSum", "LOSS_BOUND", "encode_input", "decode_input_sum", "pack", "unpack"]
+
+#: training losses are clamped to this before encoding (cross-entropy of a sane model is far below it)
+LOSS_BOUND = 100.0
+
+
+@dataclass
+class PlainInput:
+    """What a client contributes, before encoding. ``delta``/``control`` are flat float vectors."""
+
+    delta: np.ndarray
+    weight: int = 1
+    control: np.ndarray | None = None
+    loss: float | None = None
+    unclipped: bool | None = None
+
+
+@dataclass
+class DecodedSum:
+    """Sums over the clients in the aggregate (float64 vectors; scalars as floats)."""
+
+    delta: np.ndarray
+    control: np.ndarray | None
+    weight: float
+    count: int
+    loss: float | None
+    clipped: int
+    unclipped: int | None
+
+
+def _as_vector(x: object) -> np.ndarray:
+    if hasattr(x, "detach"):  # a torch tensor, without importing torch here
+        x = x.detach().cpu().numpy()  # type: ignore[union-attr]
+    return np.asarray(x, dtype=np.float64).ravel()
+
+
+def _clip(vec: np.ndarray, seg: Segment) -> tuple[np.ndarray, bool]:
+    if not np.all(np.isfinite(vec)):
+        raise FieldOverflowError(f"segment {seg.name!r} contains NaN or infinity")
+    clipped = False
+    if seg.l2_clip is not None:
+        norm = float(np.linalg.norm(vec))
+        if norm > seg.l2_clip:
+            vec = vec * (seg.l2_clip / norm)
+            clipped = True
+        # |v_i| <= ||v|| <= clip <= bound; the clamp only absorbs the last ulp of the rescaling
+        vec = np.clip(vec, -seg.bound, seg.bound)
+    return vec, clipped
+
+
+def encode_input(params: SecAggParams, plain: PlainInput, rng: np.random.Generator) -> tuple[np.ndarray, bool]:
+    """The client's uint64 field vector (length ``params.vector_length``) and whether the clip bound.
+
+    Raises ``FieldOverflowError`` for a value beyond its segment's bound (e.g. distributed DP noise
+    more than 10 sigma out: the client then cannot take part rather than wrap the sum).
+    """
+    if isinstance(plain.weight, bool) or not isinstance(plain.weight, (int, np.integer)) or plain.weight < 1:
+        raise ValueError(f"weight must be an integer >= 1, got {plain.weight!r}")
+    weight = min(int(plain.weight), params.weight_bound)
+    factor = weight / params.weight_bound if params.weighted else 1.0
+    parts: list[np.ndarray] = []
+    any_clipped = False
+    for seg in params.segments:
+        if seg.name in ("delta", "control"):
+            source = plain.delta if seg.name == "delta" else plain.control
+            if source is None:
+                raise ValueError(f"this round's layout has a {seg.name!r} segment but the input has none")
+            vec = _as_vector(source)
+            if vec.size != seg.length:
+                raise ValueError(f"{seg.name} has {vec.size} values, the round expects {seg.length}")
+            vec, clipped = _clip(vec, seg)
+            any_clipped |= clipped
+            values = vec * factor if factor != 1.0 else vec
+        elif seg.name == "weight":
+            values = np.array([float(weight)])
+        elif seg.name == "count":
+            values = np.array([1.0])
+        elif seg.name == "loss":
+            loss = 0.0 if plain.loss is None or not math.isfinite(plain.loss) else min(max(float(plain.loss), 0.0), LOSS_BOUND)
+            values = np.array([loss * weight / params.weight_bound])
+        elif seg.name == "unclipped":
+            if plain.unclipped is None:
+                raise ValueError("this round collects the DP clipping bit, but the input has none")
+            values = np.array([1.0 if plain.unclipped else 0.0])
+        else:  # "clipped" is filled in below, once every vector has been clipped
+            values = np.zeros(1)
+        parts.append(values)
+    for i, seg in enumerate(params.segments):
+        if seg.name == "clipped":
+            parts[i] = np.array([1.0 if any_clipped else 0.0])
+    out = np.empty(params.vector_length, dtype=np.uint64)
+    at = 0
+    for seg, values in zip(params.segments, parts):
+        out[at:at + seg.length] = encode(values, seg.bound, seg.scale_bits, params.modulus_bits, rng)
+        at += seg.length
+    return out, any_clipped
+
+
+def decode_input_sum(params: SecAggParams, total: np.ndarray, num_inputs: int) -> DecodedSum:
+    """The unmasked field sum of ``num_inputs`` encodings -> float sums per segment.
+
+    ``FieldOverflowError`` if any segment decodes outside what that many honest inputs can add up
+    to, or if the decoded count differs from ``num_inputs``: both mean a mask was left in.
+    """
+    out: dict[str, np.ndarray] = {}
+    at = 0
+    for seg in params.segments:
+        out[seg.name] = decode_sum(total[at:at + seg.length], num_inputs, seg.bound, seg.scale_bits, params.modulus_bits)
+        at += seg.length
+    count = int(round(float(out["count"][0])))
+    if count != num_inputs:
+        raise FieldOverflowError(f"the decoded count is {count}, but {num_inputs} inputs were summed: a mask was not removed")
+    return DecodedSum(
+        delta=out["delta"],
+        control=out.get("control"),
+        weight=float(out["weight"][0]) if "weight" in out else float(num_inputs),
+        count=count,
+        loss=float(out["loss"][0]) if "loss" in out else None,
+        clipped=int(round(float(out["clipped"][0]))) if "clipped" in out else 0,
+        unclipped=int(round(float(out["unclipped"][0]))) if "unclipped" in out else None,
+    )
+
+
+def _layout(modulus_bits: int) -> list[tuple[int, int, int]]:
+    """Bit positions of the 64 values of one group of ``b`` 64-bit words: (value j, word, offset).
+
+    Value i of the stream starts at bit i*b; the pattern repeats every 64 values (64*b bits = b
+    words), so packing is 64 vectorised shifts over groups instead of a Python loop per value."""
+    return [(j, (j * modulus_bits) // 64, (j * modulus_bits) % 64) for j in range(64)]
+
+
+def pack(values: np.ndarray, modulus_bits: int) -> bytes:
+    """uint64 field elements -> a little-endian bit stream of exactly ceil(n*b/8) bytes.
+
+    The masked values are uniform in [0, 2^b), so b bits per value is the floor no codec can beat;
+    packing to whole bytes instead would waste up to 7 bits a value (27 -> 32 bits, +19 %)."""
+    b = modulus_bits
+    v = np.ascontiguousarray(values, dtype=np.uint64).ravel()
+    n = v.size
+    nbytes = (n * b + 7) // 8
+    if b in (8, 16, 32):
+        return v.astype(f"<u{b // 8}").tobytes()
+    groups = -(-n // 64)
+    padded = np.zeros(groups * 64, dtype=np.uint64)
+    padded[:n] = v
+    g = padded.reshape(groups, 64)
+    out = np.zeros((groups, b), dtype=np.uint64)
+    for j, w, o in _layout(b):
+        out[:, w] |= g[:, j] << np.uint64(o)
+        if o + b > 64:
+            out[:, w + 1] |= g[:, j] >> np.uint64(64 - o)
+    return out.astype("<u8").tobytes()[:nbytes]
+
+
+def unpack(data: bytes, length: int, modulus_bits: int) -> np.ndarray:
+    """Inverse of :func:`pack`; ValueError on a wrong size or stray bits beyond the last value."""
+    b = modulus_bits
+    nbytes = (length * b + 7) // 8
+    if len(data) != nbytes:
+        raise ValueError(f"expected {length} values of {b} bits ({nbytes} bytes), got {len(data)}")
+    if b in (8, 16, 32):
+        return np.frombuffer(data, dtype=f"<u{b // 8}").astype(np.uint64)
+    groups = -(-length // 64)
+    buf = np.zeros(groups * b * 8, dtype=np.uint8)
+    buf[:nbytes] = np.frombuffer(data, dtype=np.uint8)
+    words = buf.view("<u8").reshape(groups, b).astype(np.uint64)
+    mask = np.uint64((1 << b) - 1)
+    out = np.empty((groups, 64), dtype=np.uint64)
+    for j, w, o in _layout(b):
+        col = words[:, w] >> np.uint64(o)
+        if o + b > 64:
+            col |= words[:, w + 1] << np.uint64(64 - o)
+        out[:, j] = col & mask
+    flat = out.ravel()
+    if flat[length:].any():
+        raise ValueError("stray bits after the last value")
+    return flat[:length].copy()

@@ -1,0 +1,521 @@
+"""The server side of one SecAgg / SecAgg+ round, as a transport-free state machine.
+
+The server relays keys and ciphertexts it cannot read, adds masked vectors it cannot read, and
+at the end removes exactly the masks it is entitled to remove: the self masks of the clients
+whose inputs are in the sum (U3), and the pairwise masks that survivors added for clients that
+shared keys but sent no input (U2 \\ U3). What it learns is the sum over U3, nothing per client.
+
+Sets, as in the paper: U1 advertised keys, U2 shared keys, U3 sent a masked input (these are
+summed), U4 answered the unmask request. Each phase ends when every client still expected has
+answered or at its deadline, whichever comes first; there is no clock inside: every method
+takes ``now`` (seconds, any monotone clock the driver likes) and the driver calls
+:meth:`SecAggServer.advance` when it wants deadlines to be looked at.
+
+A message that fails a check raises :class:`SecAggRejected` (its ``code`` is what an HTTP layer
+returns, its ``dropped`` says whether the sender is out of the round): bad signature, unknown
+or missing neighbour, malformed or duplicated share, wrong length, a message for the wrong
+phase. A sender dropped before its masked input simply leaves the sum; one dropped after it
+stays in the sum and is unmasked through its neighbours. If at any point some client's secret
+could no longer be rebuilt from t shares, the round **aborts** (:class:`SecAggAborted`):
+the running sum is discarded and nothing is released.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Callable, Mapping
+
+import numpy as np
+
+from fl_common.crypto.keys import KeyAgreementError, KeyPair, x25519_shared_secret
+from fl_common.secagg.auth import ED25519, HMAC_SHA256, Verifier
+from fl_common.secagg.client import self_seed_commitment
+from fl_common.secagg.encoding import DecodedSum, decode_input_sum, unpack
+from fl_common.secagg.field import FieldOverflowError
+from fl_common.secagg.graph import build_graph
+from fl_common.secagg.masks import unmask_sum
+from fl_common.secagg.messages import (
+    AdvertiseKeys,
+    MaskedInput,
+    RosterEntry,
+    RosterMessage,
+    SecAggAborted,
+    SecAggParams,
+    SecAggRejected,
+    ShareBundle,
+    ShareKeys,
+    UnmaskRequest,
+    UnmaskResponse,
+)
+from fl_common.secagg.shamir import Share, ShareError, reconstruct
+
+__all__ = ["Phase", "PHASES", "DEFAULT_TIMEOUTS", "DropRecord", "SecAggResult", "SecAggServer"]
+
+
+class Phase(str, Enum):
+    ADVERTISE_KEYS = "advertise_keys"
+    SHARE_KEYS = "share_keys"
+    MASKED_INPUT = "masked_input"
+    UNMASK = "unmask"
+    DONE = "done"
+    ABORTED = "aborted"
+
+
+PHASES = (Phase.ADVERTISE_KEYS, Phase.SHARE_KEYS, Phase.MASKED_INPUT, Phase.UNMASK)
+#: seconds each phase waits for the clients still expected (the masked input includes local training)
+DEFAULT_TIMEOUTS = {Phase.ADVERTISE_KEYS: 60.0, Phase.SHARE_KEYS: 60.0, Phase.MASKED_INPUT: 600.0, Phase.UNMASK: 60.0}
+#: subsets of shares tried when the first t do not rebuild a secret that matches its commitment
+MAX_RECONSTRUCTION_TRIES = 256
+
+
+@dataclass(frozen=True)
+class DropRecord:
+    """Who dropped, in which phase, why, and when (the driver's ``now``)."""
+
+    index: int
+    phase: str
+    reason: str
+    at: float
+
+
+@dataclass
+class SecAggResult:
+    """What the round releases: the decoded sums over ``summed`` (= U3), and who took part."""
+
+    sums: DecodedSum
+    summed: tuple[int, ...]
+    responders: tuple[int, ...]
+    dropped: dict[int, DropRecord] = field(default_factory=dict)
+
+
+class SecAggServer:
+    def __init__(self, params: SecAggParams, verifiers: Mapping[int, Verifier], *, now: float,
+                 timeouts: Mapping[Phase | str, float] | None = None) -> None:
+        """``verifiers``: index -> the key each client registered (a client without one can never
+        pass the signature check, so it is dropped at advertisement)."""
+        params.validate()
+        self.params = params
+        self._digest = params.digest()
+        self._verifiers = dict(verifiers)
+        for i, v in self._verifiers.items():
+            if v.scheme != params.auth:
+                raise ValueError(f"client {i}'s verifier is {v.scheme}, the round signs with {params.auth}")
+        self._timeouts = {Phase(k): float(v) for k, v in {**DEFAULT_TIMEOUTS, **(timeouts or {})}.items()}
+        self.phase = Phase.ADVERTISE_KEYS
+        self.started = float(now)
+        self.deadline = float(now) + self._timeouts[Phase.ADVERTISE_KEYS]
+        self.drops: dict[int, DropRecord] = {}
+        #: integrity events that are not drops (a recipient rejected a ciphertext, an inconsistent share)
+        self.events: list[dict[str, object]] = []
+        self.bytes_in: dict[str, dict[int, int]] = {p.value: {} for p in PHASES}
+        self.bytes_out: dict[str, dict[int, int]] = {p.value: {} for p in PHASES}
+        self.abort_reason: str | None = None
+        self.phase_closed_at: dict[str, float] = {}
+        self._adverts: dict[int, AdvertiseKeys] = {}
+        self._share_msgs: dict[int, ShareKeys] = {}
+        self._masked: dict[int, bytes] = {}  # sender -> sha256 of its payload (idempotent retries)
+        self._responses: dict[int, UnmaskResponse] = {}
+        self._u1: tuple[int, ...] = ()
+        self._u2: tuple[int, ...] = ()
+        self._u3: tuple[int, ...] = ()
+        self._graph: dict[int, frozenset[int]] = {}
+        self._roster: RosterMessage | None = None
+        self._inbox: dict[int, list[tuple[int, bytes]]] = {}
+        self._sum: np.ndarray | None = None
+        self._result: SecAggResult | None = None
+
+    # ------------------------------------------------------------------ views
+    @property
+    def u1(self) -> tuple[int, ...]:
+        return self._u1
+
+    @property
+    def u2(self) -> tuple[int, ...]:
+        return self._u2
+
+    @property
+    def u3(self) -> tuple[int, ...]:
+        return self._u3
+
+    @property
+    def num_inputs(self) -> int:
+        """Masked inputs accepted so far (they are in the running sum)."""
+        return len(self._masked)
+
+    @property
+    def graph(self) -> dict[int, frozenset[int]]:
+        return dict(self._graph)
+
+    @property
+    def finished(self) -> bool:
+        return self.phase in (Phase.DONE, Phase.ABORTED)
+
+    def expected(self) -> set[int]:
+        """Clients the current phase still waits for."""
+        live = self._live()
+        got: Mapping[int, object] = {Phase.ADVERTISE_KEYS: self._adverts, Phase.SHARE_KEYS: self._share_msgs,
+                                     Phase.MASKED_INPUT: self._masked, Phase.UNMASK: self._responses}.get(self.phase, {})
+        return {i for i in live if i not in got}
+
+    def _live(self) -> set[int]:
+        base = {Phase.ADVERTISE_KEYS: set(self.params.indices), Phase.SHARE_KEYS: set(self._u1),
+                Phase.MASKED_INPUT: set(self._u2), Phase.UNMASK: set(self._u3)}.get(self.phase, set())
+        return {i for i in base if i not in self.drops}
+
+    def result(self) -> SecAggResult:
+        if self.phase == Phase.ABORTED:
+            raise SecAggAborted(f"secure aggregation of round {self.params.round} aborted: {self.abort_reason}")
+        if self._result is None:
+            raise RuntimeError(f"secure aggregation of round {self.params.round} is in phase {self.phase.value}, not done")
+        return self._result
+
+    def bytes_per_client(self) -> dict[str, dict[str, float]]:
+        """Mean bytes per participating client, per phase, up (client -> server) and down."""
+        out = {}
+        for p in PHASES:
+            up, down = self.bytes_in[p.value], self.bytes_out[p.value]
+            out[p.value] = {"up": sum(up.values()) / len(up) if up else 0.0,
+                            "down": sum(down.values()) / len(down) if down else 0.0}
+        return out
+
+    # ------------------------------------------------------------------ bookkeeping
+    def _drop(self, index: int, reason: str, now: float) -> None:
+        if index not in self.drops:
+            self.drops[index] = DropRecord(index, self.phase.value, reason, float(now))
+
+    def _reject(self, index: int, code: str, message: str, now: float, *, drop: bool = True) -> SecAggRejected:
+        """Record the drop (if any) and build the exception; a phase left with nobody to wait for closes."""
+        dropped_now = drop and index in self.params.indices and not self.finished
+        if dropped_now:
+            self._drop(index, code, now)
+        error = SecAggRejected(message, code, dropped=dropped_now or index in self.drops)
+        if dropped_now:
+            self.advance(now)
+        return error
+
+    def _abort(self, reason: str, now: float) -> None:
+        self.phase_closed_at[self.phase.value] = float(now)
+        self.phase = Phase.ABORTED
+        self.abort_reason = reason
+        self._sum = None  # nothing of the round is released
+        self._inbox.clear()
+
+    def _enter(self, phase: Phase, now: float) -> None:
+        self.phase_closed_at[self.phase.value] = float(now)
+        self.phase = phase
+        if phase in self._timeouts:
+            self.deadline = float(now) + self._timeouts[phase]
+
+    def _gate(self, msg_phase: Phase, sender: int, now: float, duplicate_of: Callable[[], bool]) -> bool:
+        """Common checks; returns True when the message is an identical retry (nothing to do)."""
+        self.advance(now)
+        if sender not in self.params.indices:
+            raise SecAggRejected(f"no client {sender} in round {self.params.round}", "unknown_client", dropped=False)
+        if duplicate_of():
+            return True
+        if self.phase != msg_phase:
+            raise self._reject(sender, "wrong_phase", f"round {self.params.round} is in phase {self.phase.value}, not "
+                               f"{msg_phase.value}", now, drop=self.phase not in (Phase.DONE, Phase.ABORTED)
+                               and sender in self._live())
+        if sender not in self._live():
+            raise SecAggRejected(f"client {sender} is not (or no longer) in phase {msg_phase.value} of round "
+                                 f"{self.params.round}", "not_in_phase", dropped=True)
+        return False
+
+    def _verify(self, sender: int, data: bytes, signature: bytes, now: float) -> None:
+        verifier = self._verifiers.get(sender)
+        if verifier is None or not verifier.verify(data, signature):
+            raise self._reject(sender, "bad_signature", f"message of client {sender} does not carry its signature", now)
+
+    # ------------------------------------------------------------------ deadlines
+    def advance(self, now: float) -> Phase:
+        """Close the current phase if every expected client answered or its deadline has passed."""
+        if not self.finished and (now >= self.deadline or not self.expected()):
+            self.close_phase(now)
+        return self.phase
+
+    def close_phase(self, now: float) -> Phase:
+        """Close the current phase now: clients that did not answer are dropped ("no_response")."""
+        if self.finished:
+            return self.phase
+        for i in sorted(self.expected()):
+            self._drop(i, "no_response", now)
+        {Phase.ADVERTISE_KEYS: self._close_advertise, Phase.SHARE_KEYS: self._close_share_keys,
+         Phase.MASKED_INPUT: self._close_masked_input, Phase.UNMASK: self._close_unmask}[self.phase](now)
+        return self.phase
+
+    # ------------------------------------------------------------------ phase 0
+    def params_for(self, index: int) -> SecAggParams:
+        """The round's public parameters as client ``index`` downloads them (counted as phase-0 traffic)."""
+        if index not in self.params.indices:
+            raise SecAggRejected(f"no client {index} in round {self.params.round}", "unknown_client", dropped=False)
+        self.bytes_out[Phase.ADVERTISE_KEYS.value].setdefault(index, len(self.params.to_bytes()))
+        return self.params
+
+    def receive_advertise(self, msg: AdvertiseKeys, now: float) -> None:
+        if self._gate(Phase.ADVERTISE_KEYS, msg.sender, now, lambda: self._adverts.get(msg.sender) == msg):
+            return
+        if msg.sender in self._adverts:
+            raise self._reject(msg.sender, "conflicting_duplicate", f"client {msg.sender} advertised two different key sets", now)
+        self._verify(msg.sender, AdvertiseKeys.signing_bytes(self._digest, msg.sender, msg.c_pk, msg.s_pk), msg.signature, now)
+        if msg.c_pk == msg.s_pk or any({msg.c_pk, msg.s_pk} & {a.c_pk, a.s_pk} for a in self._adverts.values()):
+            raise self._reject(msg.sender, "duplicate_key", f"client {msg.sender} advertised a key already in use", now)
+        self._adverts[msg.sender] = msg
+        self.bytes_in[Phase.ADVERTISE_KEYS.value][msg.sender] = len(msg.to_bytes())
+        self.advance(now)
+
+    def _close_advertise(self, now: float) -> None:
+        u1 = tuple(sorted(i for i in self._adverts if i not in self.drops))
+        if len(u1) < self.params.threshold:
+            return self._abort(f"only {len(u1)} clients advertised keys, fewer than the threshold t={self.params.threshold}", now)
+        entries = []
+        for i in u1:
+            a = self._adverts[i]
+            vk = self._verifiers[i].key if self.params.auth == ED25519 else b""
+            entries.append(RosterEntry(i, a.c_pk, a.s_pk, a.signature, vk))
+        self._roster = RosterMessage(tuple(entries))
+        self._u1 = u1
+        self._graph = build_graph(u1, self.params.degree, self._roster.graph_seed(self._digest))
+        self._enter(Phase.SHARE_KEYS, now)
+
+    def roster_for(self, index: int) -> RosterMessage:
+        """The roster for ``index`` (HMAC mode: with the server's tag under that client's key)."""
+        if self._roster is None or index not in self._u1:
+            raise SecAggRejected(f"no roster for client {index}", "not_in_phase", dropped=index in self.drops)
+        roster = self._roster
+        if self.params.auth == HMAC_SHA256:
+            roster = RosterMessage(roster.entries, self._verifiers[index].tag(roster.digest(self._digest)))
+        self.bytes_out[Phase.SHARE_KEYS.value].setdefault(index, len(roster.to_bytes()))
+        return roster
+
+    # ------------------------------------------------------------------ phase 1
+    def receive_share_keys(self, msg: ShareKeys, now: float) -> None:
+        if self._gate(Phase.SHARE_KEYS, msg.sender, now, lambda: self._share_msgs.get(msg.sender) == msg):
+            return
+        u = msg.sender
+        if u in self._share_msgs:
+            raise self._reject(u, "conflicting_duplicate", f"client {u} sent two different sets of shares", now)
+        self._verify(u, ShareKeys.signing_bytes(self._digest, u, msg.ciphertexts, msg.commitment), msg.signature, now)
+        recipients = [r for r, _ in msg.ciphertexts]
+        if len(set(recipients)) != len(recipients):
+            raise self._reject(u, "duplicate_share", f"client {u} sent two shares for the same neighbour", now)
+        neighbours = self._graph[u]
+        unknown = set(recipients) - neighbours
+        if unknown:
+            raise self._reject(u, "unknown_neighbour", f"client {u} sent shares to clients {sorted(unknown)} that are not "
+                               f"its neighbours", now)
+        missing = neighbours - set(recipients)
+        if missing:
+            raise self._reject(u, "missing_share", f"client {u} sent no share to neighbours {sorted(missing)}", now)
+        self._share_msgs[u] = msg
+        self.bytes_in[Phase.SHARE_KEYS.value][u] = len(msg.to_bytes())
+        self.advance(now)
+
+    def _close_share_keys(self, now: float) -> None:
+        t = self.params.threshold
+        u2 = {i for i in self._share_msgs if i not in self.drops}
+        if len(u2) < t:
+            return self._abort(f"only {len(u2)} clients shared their keys, fewer than the threshold t={t}", now)
+        changed = True
+        while changed:  # a client whose shares reach fewer than t live holders could never be unmasked
+            changed = False
+            for u in sorted(u2):
+                if len(self._graph[u] & u2) + 1 < t:
+                    u2.discard(u)
+                    self._drop(u, "too_few_neighbours", now)
+                    changed = True
+        if len(u2) < t:
+            return self._abort(f"only {len(u2)} clients shared their keys with at least t={t} live holders each", now)
+        self._u2 = tuple(sorted(u2))
+        self._inbox = {w: [] for w in self._u2}
+        for v in self._u2:
+            for recipient, ct in self._share_msgs[v].ciphertexts:
+                if recipient in u2:
+                    self._inbox[recipient].append((v, ct))
+        self._sum = np.zeros(self.params.vector_length, dtype=np.uint64)
+        self._enter(Phase.MASKED_INPUT, now)
+
+    def bundle_for(self, index: int) -> ShareBundle:
+        if self.phase != Phase.MASKED_INPUT or index not in self._inbox:
+            raise SecAggRejected(f"no share bundle for client {index} in phase {self.phase.value}", "not_in_phase",
+                                 dropped=index in self.drops)
+        bundle = ShareBundle(index, self._u2, tuple(sorted(self._inbox[index])))
+        self.bytes_out[Phase.MASKED_INPUT.value].setdefault(index, len(bundle.to_bytes()))
+        return bundle
+
+    # ------------------------------------------------------------------ phase 2
+    def receive_masked_input(self, msg: MaskedInput, now: float) -> None:
+        if self._gate(Phase.MASKED_INPUT, msg.sender, now, lambda: self._masked.get(msg.sender) == msg.payload_sha256):
+            return
+        u = msg.sender
+        if u in self._masked:
+            raise SecAggRejected(f"client {u} already sent a different masked input (the first one counts)",
+                                 "conflicting_duplicate", dropped=False)
+        if hashlib.sha256(msg.payload).digest() != msg.payload_sha256:
+            raise self._reject(u, "malformed", f"masked input of client {u}: payload digest mismatch", now)
+        self._verify(u, MaskedInput.signing_bytes(self._digest, u, msg.payload_sha256, msg.rejected), msg.signature, now)
+        if not set(msg.rejected) <= self._graph[u] & set(self._u2):
+            raise self._reject(u, "unknown_neighbour", f"client {u} reports rejecting shares of clients that sent it none", now)
+        try:
+            y = unpack(msg.payload, self.params.vector_length, self.params.modulus_bits)
+        except ValueError as exc:
+            raise self._reject(u, "malformed", f"masked input of client {u}: {exc}", now) from None
+        assert self._sum is not None
+        self._sum += y  # uint64 wraps mod 2^64; 2^b divides it, reduced once at the end
+        self._masked[u] = msg.payload_sha256
+        for v in msg.rejected:
+            self.events.append({"event": "share_rejected_by_recipient", "sender": v, "recipient": u, "at": float(now)})
+        self.bytes_in[Phase.MASKED_INPUT.value][u] = msg.wire_size()
+        self.advance(now)
+
+    def _viable(self, alive: set[int], now: float, when: str) -> bool:
+        """Every secret still needed must have t potential holders among ``alive``."""
+        t = self.params.threshold
+        summed = set(self._masked)
+        alive = {i for i in alive if i not in self.drops}
+        for u in self._u2:
+            holders = self._graph[u] & alive
+            if u in summed and u in alive:
+                holders = holders | {u}
+            if len(holders) < t:
+                kind = "self-mask seed" if u in summed else "mask key"
+                self._abort(f"{when}: client {u}'s {kind} has {len(holders)} live share holders, fewer than the "
+                            f"threshold t={t}", now)
+                return False
+        return True
+
+    def _close_masked_input(self, now: float) -> None:
+        u3 = set(self._masked)
+        t = self.params.threshold
+        if len(u3) < t:
+            return self._abort(f"only {len(u3)} clients sent masked inputs, fewer than the threshold t={t}", now)
+        if not self._viable(u3, now, "after the masked-input phase"):
+            return
+        self._u3 = tuple(sorted(u3))
+        self._enter(Phase.UNMASK, now)
+
+    def unmask_request_for(self, index: int) -> UnmaskRequest:
+        if self.phase != Phase.UNMASK or index not in self._u3:
+            raise SecAggRejected(f"no unmask request for client {index} in phase {self.phase.value}", "not_in_phase",
+                                 dropped=index in self.drops)
+        request = UnmaskRequest(self._u3, tuple(i for i in self._u2 if i not in set(self._u3)))
+        self.bytes_out[Phase.UNMASK.value].setdefault(index, len(request.to_bytes()))
+        return request
+
+    # ------------------------------------------------------------------ phase 3
+    def receive_unmask(self, msg: UnmaskResponse, now: float) -> None:
+        if self._gate(Phase.UNMASK, msg.sender, now, lambda: self._responses.get(msg.sender) == msg):
+            return
+        u = msg.sender
+        if u in self._responses:
+            del self._responses[u]
+            raise self._reject(u, "conflicting_duplicate", f"client {u} sent two different unmask responses", now)
+        self._verify(u, UnmaskResponse.signing_bytes(self._digest, u, msg.self_shares, msg.key_shares), msg.signature, now)
+        survivors = set(self._u3)
+        dropped = set(self._u2) - survivors
+        mine = self._graph[u] | {u}
+        self_owners = [v for v, _ in msg.self_shares]
+        key_owners = [v for v, _ in msg.key_shares]
+        if len(set(self_owners)) != len(self_owners) or len(set(key_owners)) != len(key_owners):
+            raise self._reject(u, "duplicate_share", f"client {u} revealed two shares of one client", now)
+        if not set(self_owners) <= survivors & mine or not set(key_owners) <= dropped & (mine - {u}):
+            raise self._reject(u, "unknown_neighbour", f"client {u} revealed shares of clients it does not hold, or "
+                               f"of the wrong kind", now)
+        try:
+            for _, raw in (*msg.self_shares, *msg.key_shares):
+                if Share.from_bytes(raw).x != u:
+                    raise ShareError("share x is not the sender's index")
+        except ShareError as exc:
+            raise self._reject(u, "malformed", f"unmask response of client {u}: {exc}", now) from None
+        self._responses[u] = msg
+        self.bytes_in[Phase.UNMASK.value][u] = len(msg.to_bytes())
+        self.advance(now)
+
+    def _rebuild(self, owner: int, kind: str, shares: list[tuple[int, Share]], check: Callable[[bytes], bool],
+                 now: float) -> bytes | None:
+        """Lagrange from the first t shares; if that does not match the public check (the commitment to
+        b_v, or v's advertised s_pk), try other t-subsets and record the holders whose shares are off."""
+        t = self.params.threshold
+        pts = [s for _, s in sorted(shares, key=lambda p: p[0])]
+        try:
+            secret = reconstruct(pts[:t], t)
+            if check(secret):
+                return secret
+        except ShareError:
+            pass
+        for combo in itertools.islice(itertools.combinations(pts, t), MAX_RECONSTRUCTION_TRIES):
+            try:
+                secret = reconstruct(list(combo), t)
+            except ShareError:
+                continue
+            if check(secret):
+                for s in pts:
+                    if s not in combo:
+                        try:
+                            reconstruct([*combo, s], t)
+                        except ShareError:
+                            self.events.append({"event": "inconsistent_share", "owner": owner, "kind": kind,
+                                                "holder": s.x, "at": float(now)})
+                return secret
+        return None
+
+    def _close_unmask(self, now: float) -> None:
+        u4 = set(self._responses)
+        if not self._viable(u4, now, "after the unmask phase"):
+            return
+        t = self.params.threshold
+        survivors = set(self._u3)
+        self_shares: dict[int, list[tuple[int, Share]]] = {v: [] for v in self._u3}
+        key_shares: dict[int, list[tuple[int, Share]]] = {v: [] for v in self._u2 if v not in survivors}
+        for u, msg in self._responses.items():
+            for v, raw in msg.self_shares:
+                self_shares[v].append((u, Share.from_bytes(raw)))
+            for v, raw in msg.key_shares:
+                key_shares[v].append((u, Share.from_bytes(raw)))
+        seeds: dict[int, bytes] = {}
+        for v, shares in self_shares.items():
+            commitment = self._share_msgs[v].commitment
+            if len(shares) < t:
+                return self._abort(f"only {len(shares)} shares of client {v}'s self-mask seed arrived, fewer than t={t}", now)
+            seed = self._rebuild(v, "self_seed", shares,
+                                 lambda s, v=v, c=commitment: self_seed_commitment(self._digest, v, s) == c, now)
+            if seed is None:
+                return self._abort(f"the shares of client {v}'s self-mask seed do not rebuild its committed seed "
+                                   f"(tampered shares)", now)
+            seeds[v] = seed
+        dangling: list[tuple[int, int, bytes]] = []
+        for v, shares in key_shares.items():
+            s_pk = self._adverts[v].s_pk
+            if len(shares) < t:
+                return self._abort(f"only {len(shares)} shares of dropped client {v}'s mask key arrived, fewer than t={t}", now)
+
+            def matches(raw: bytes, s_pk: bytes = s_pk) -> bool:
+                try:
+                    return KeyPair.from_private_bytes(raw).public_bytes == s_pk
+                except (KeyAgreementError, ValueError):
+                    return False
+
+            raw = self._rebuild(v, "mask_key", shares, matches, now)
+            if raw is None:
+                return self._abort(f"the shares of dropped client {v}'s mask key do not rebuild its advertised key "
+                                   f"(tampered shares)", now)
+            key = KeyPair.from_private_bytes(raw)
+            for w in sorted(self._graph[v] & survivors):
+                try:
+                    dangling.append((w, v, x25519_shared_secret(key.private_key, self._adverts[w].s_pk)))
+                except KeyAgreementError:
+                    return self._abort(f"client {w}'s mask key is degenerate", now)
+        assert self._sum is not None
+        total = unmask_sum(self._sum, self.params.modulus_bits, survivor_self_seeds=seeds, dangling_pairs=dangling,
+                           context=self._digest)
+        try:
+            sums = decode_input_sum(self.params, total, len(self._u3))
+        except FieldOverflowError as exc:
+            return self._abort(f"the unmasked sum does not decode ({exc})", now)
+        self._sum = None
+        self.phase_closed_at[self.phase.value] = float(now)
+        self.phase = Phase.DONE
+        self._result = SecAggResult(sums, self._u3, tuple(sorted(u4)), dict(self.drops))

@@ -1,0 +1,30 @@
+"""Secure aggregation on the server: the ``Aggregator`` adapter the coordinator wraps a round in,
+and the in-process driver of the clients' side that the simulation uses.
+
+The protocol itself (messages, client and server state machines) is transport free and lives in
+``fl_common.secagg``; this package only connects it to the coordinator and the simulation.
+"""
+
+from fl_server.secagg.aggregator import (
+    CLEAR_METRICS,
+    MaskedUpdate,
+    SecAggRoundStats,
+    SecureAggregator,
+    check_secagg_strategy,
+    open_secure_round,
+    plan_round_params,
+    quantization_bound,
+    secagg_mode,
+)
+
+__all__ = [
+    "CLEAR_METRICS",
+    "MaskedUpdate",
+    "SecAggRoundStats",
+    "SecureAggregator",
+    "check_secagg_strategy",
+    "open_secure_round",
+    "plan_round_params",
+    "quantization_bound",
+    "secagg_mode",
+]

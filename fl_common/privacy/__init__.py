@@ -12,7 +12,8 @@ these functions and never re-derive privacy arithmetic themselves.
 * :mod:`.ledger` — ``PrivacyLedger``: budget, per-round history, refusal, JSON persistence.
 * :mod:`.mechanisms` — L2 clipping, Gaussian/Laplace noise, adaptive clipping.
 * :mod:`.histograms` — a client's label histogram under pure ε-DP (Laplace), for client selection.
-* :mod:`.dpsgd` — sample-level DP-SGD with torch.func per-sample gradients.
+* :mod:`.dpsgd` — sample-level DP-SGD: per-sample norms and clipped sums from layer hooks (:mod:`.ghost`,
+  Linear/Conv2d/GroupNorm/LayerNorm) with torch.func per-sample gradients as the general fallback.
 * :mod:`.validation` — parameter checks with messages that name what is wrong.
 
 Transport-free: nothing here imports flask, requests, ``fl_server`` or ``fl_client``.
@@ -29,6 +30,7 @@ from .dpsgd import (
     per_sample_gradients,
     poisson_batches,
 )
+from .ghost import GhostUnsupportedError
 from .histograms import private_label_histogram
 from .ledger import PrivacyLedger, RoundRecord
 from .mechanisms import (
@@ -46,6 +48,7 @@ from .validation import validate_dp_params
 
 __all__ = [
     "ACCOUNTANT_KINDS",
+    "GhostUnsupportedError",
     "Accountant",
     "HistoryEntry",
     "PRVAccountant",

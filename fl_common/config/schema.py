@@ -186,6 +186,7 @@ class FLConfig:
     client_test_fraction: float = _opt(0.0, lo=0.0, hi=1.0, help="simulation only: fraction of each client's data held out (seeded by seed and client) for per-client evaluation; the federation trains on the rest (0: no split, per-client accuracy is measured on the training data)")
     finetune_epochs: int = _opt(0, lo=0, hi=100, help="simulation only: after training, fine-tune the final global model on each client's own training part for this many epochs and evaluate it on the held-out part (0: off; needs client_test_fraction > 0)")
     local_only_epochs: int = _opt(0, lo=0, hi=1000, help="simulation only: epochs of the local-only baseline, each client trained alone from the initial model (0: off; simulate --local-only needs it)")
+    local_only_test_samples: Optional[int] = _opt(None, lo=1, hi=10_000_000, help="simulate --local-only: evaluate each client's model on its own seeded random subset of this many test samples (null: the whole test set); the mean over clients stays an unbiased estimate of the mean test-set accuracy at a fraction of the cost")
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -479,7 +480,7 @@ def _check_personalization(cfg: FLConfig) -> None:
                           f"fine-tuned model could only be evaluated on the data it was fine-tuned on; set "
                           f"client_test_fraction (e.g. 0.2)")
     if cfg.training_mode == "async":
-        for key in ("client_test_fraction", "finetune_epochs", "local_only_epochs"):
+        for key in ("client_test_fraction", "finetune_epochs", "local_only_epochs", "local_only_test_samples"):
             if getattr(cfg, key) != _default(key):
                 raise ConfigError(f"config key '{key}' has value {getattr(cfg, key)!r}: per-client held-out evaluation and "
                                   f"personalization are built for training_mode 'sync' only; remove '{key}'")

@@ -48,7 +48,7 @@ from fl_server.asynchronous import (
     AsyncRecord,
     AsyncTask,
 )
-from fl_server.simulation.runner import RESUMABLE_CHANGES, Simulation
+from fl_server.simulation.runner import Simulation, changed_config_keys
 from fl_server.strategies import UpdateRejected
 
 log = logging.getLogger("fl_server.simulation")
@@ -82,7 +82,7 @@ class AsyncSimulation(Simulation):
         if "driver" not in state:
             raise ConfigError(f"cannot resume '{self.run_dir.path}' asynchronously: it holds a synchronous run")
         current = self.cfg.to_dict()
-        changed = sorted(k for k in current if k not in RESUMABLE_CHANGES and state["config"].get(k) != current[k])
+        changed = changed_config_keys(state["config"], current)
         if changed:
             raise ConfigError(f"cannot resume '{self.run_dir.path}': these keys differ from the stored run: {', '.join(changed)}")
         self.coordinator.load_state_dict(state["coordinator"])

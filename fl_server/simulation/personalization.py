@@ -112,6 +112,10 @@ def check_federated_config(cfg: FLConfig) -> None:
         raise ConfigError(f"config key 'local_only_epochs' has value {cfg.local_only_epochs} but client_test_fraction is 0: "
                           f"in a federated run the local-only models are compared on each client's held-out part; set "
                           f"client_test_fraction (e.g. 0.2), or run the baseline alone with simulate --local-only")
+    if cfg.local_only_test_samples is not None:
+        raise ConfigError(f"config key 'local_only_test_samples' has value {cfg.local_only_test_samples} but a federated run "
+                          f"evaluates its local-only models on the held-out parts only; it applies to simulate --local-only; "
+                          f"remove 'local_only_test_samples'")
 
 
 # --------------------------------------------------------------------------------- training

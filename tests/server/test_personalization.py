@@ -193,6 +193,21 @@ def test_local_only_without_heldout_part_measures_on_the_test_set() -> None:
     assert summary["client_accuracy"]["mean"] == pytest.approx(summary["test_set_accuracy"]["mean"])
 
 
+def test_local_only_test_subsets_are_per_client_and_seeded() -> None:
+    cfg = config_from_dict({**SYNTH, "local_only_epochs": 1, "num_clients": 4, "local_only_test_samples": 100})
+    base = LocalOnlyBaseline(cfg, progress=False)
+    xs = [base._test_for(c) for c in range(4)]
+    assert all(len(y) == 100 for _, y in xs)
+    assert not torch.equal(xs[0][0], xs[1][0]) and torch.equal(xs[2][0], base._test_for(2)[0])
+    rows = base.train()
+    summary = base.summary()
+    assert "100 of its 500 samples" in summary["test_set_accuracy"]["measure"]
+    assert summary["final_accuracy"] == pytest.approx(np.mean([r["local_only_test_accuracy"] for r in rows]))
+    # more test samples than there are: the whole test set
+    whole = LocalOnlyBaseline(config_from_dict({**SYNTH, "local_only_epochs": 1, "local_only_test_samples": 10**6}), progress=False)
+    assert len(whole._test_for(0)[1]) == 500 and whole.test_set_measure == "each client's local-only model on the global test set"
+
+
 # -------------------------------------------------------------------------------------- refusals
 @pytest.mark.parametrize("values, message", [
     ({"client_test_fraction": 1.0}, "leave nothing to train on"),
@@ -202,6 +217,7 @@ def test_local_only_without_heldout_part_measures_on_the_test_set() -> None:
     ({"finetune_epochs": -1}, "finetune_epochs"),
     ({"local_only_epochs": -2}, "local_only_epochs"),
     ({"training_mode": "async", "client_test_fraction": 0.2}, "training_mode 'sync' only"),
+    ({"local_only_test_samples": 0}, "local_only_test_samples"),
 ])
 def test_bad_values_are_refused_with_a_reason(values: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
@@ -211,6 +227,8 @@ def test_bad_values_are_refused_with_a_reason(values: dict, message: str) -> Non
 def test_local_only_epochs_in_a_federated_run_needs_a_heldout_part() -> None:
     with pytest.raises(ConfigError, match="local_only_epochs.*client_test_fraction is 0"):
         Simulation({**SYNTH, "local_only_epochs": 2}, progress=False)
+    with pytest.raises(ConfigError, match="applies to simulate --local-only"):
+        Simulation({**SYNTH, "client_test_fraction": 0.2, "local_only_test_samples": 100}, progress=False)
 
 
 @pytest.mark.parametrize("extra, message", [

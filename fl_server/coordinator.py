@@ -293,9 +293,10 @@ class Coordinator:
             raise RuntimeError(f"round {op.plan.round} has {op.aggregator.num_updates} updates, "
                                f"fewer than min_clients={self.cfg.min_clients}")
         aggregate = op.aggregator.result()
-        self.global_vector = self.strategy.apply(self.global_vector, aggregate).to(torch.float32)
-        if not bool(torch.isfinite(self.global_vector).all()):
+        updated = self.strategy.apply(self.global_vector, aggregate).to(torch.float32)
+        if not bool(torch.isfinite(updated).all()):  # keep the last finite model: the round is not applied
             raise FloatingPointError(f"round {op.plan.round}: the global model is no longer finite; lower the learning rate")
+        self.global_vector = updated
         epsilon = self.privacy.end_round(op.dp) if self.privacy is not None and op.dp is not None else None
         test: EvalResult | None = None
         if self.evaluator is not None and self.evaluation_due(op.plan.round):

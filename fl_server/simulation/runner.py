@@ -50,6 +50,7 @@ from fl_server.simulation.executor import (
     ClientExecutor,
     InProcessExecutor,
     ProcessPoolExecutor,
+    WorkerFailed,
     default_workers,
     encode_for_wire,
     release_free_memory,
@@ -161,6 +162,8 @@ class Simulation:
         self._error_feedback: dict[Any, ErrorFeedback] = {}
         self.startup_seconds = time.perf_counter() - t0
         self.ready_seconds: float | None = None  # process start -> first round (imports, data, workers)
+        #: why training ended before num_rounds other than the privacy budget (a diverged round)
+        self.diverged: str | None = None
         if self.run_dir is not None:
             self.run_dir.create()
             dump_config(self.cfg, self.run_dir.path / "config.yaml")
@@ -285,6 +288,18 @@ class Simulation:
                 except BudgetExhausted as exc:  # the coordinator has logged it; the run ends here
                     bar.write(f"stopped: {exc}")
                     break
+                except (FloatingPointError, WorkerFailed) as exc:
+                    detail = next((line.strip() for line in str(exc).splitlines()
+                                   if "diverged" in line or "not finite" in line or "no longer finite" in line), None)
+                    if detail is None:
+                        raise
+                    # A diverged round (for example under heavy client-level DP noise) is a result, not a crash:
+                    # the run ends with what it had, and says why. The round is re-run identically on --resume.
+                    coord.abort_round()
+                    self.diverged = f"training diverged in round {coord.completed_rounds + 1}: {detail}"
+                    log.warning("%s; the run ends after %d rounds", self.diverged, coord.completed_rounds)
+                    bar.write(f"stopped: {self.diverged}")
+                    break
                 self._checkpoint(self.wall_seconds_before + time.perf_counter() - start)
                 if record.test_accuracy is not None:
                     bar.set_postfix(acc=f"{record.test_accuracy:.4f}", loss=f"{record.test_loss:.3f}")
@@ -368,7 +383,7 @@ class Simulation:
             "codec": self._secagg.codec_name() if self._secagg is not None else
             (self._codec.name if self._codec else "none") + (f" + {self.cfg.wire_compression}" if self._codec else ""),
             "secure_aggregation": self._secagg.summary() if self._secagg is not None else {"enabled": False},
-            "stop_reason": self.coordinator.stop_reason,
+            "stop_reason": self.coordinator.stop_reason or self.diverged,
             "privacy": self.coordinator.privacy_status(),
             "selection": selection_summary(self.cfg, self.coordinator.selector),
             "participation": self.coordinator.participation.summary(range(self.cfg.num_clients)),

@@ -261,3 +261,18 @@ def test_a_resumed_dp_run_keeps_its_epsilon(small_config: dict, tmp_path: Path) 
         second.train()
     strip = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
     assert strip(_rows(tmp_path / "part")) == strip(_rows(tmp_path / "full"))
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_run_that_diverges_ends_with_its_reason_and_keeps_the_last_finite_model(tmp_path: Path, workers: int) -> None:
+    """Heavy client-level noise blows the model up: that is a result to record, not a crash to lose."""
+    cfg = {"dataset": "synthetic", "model_type": "mlp", "hidden_size": 64, "num_clients": 10, "client_selection_ratio": 0.5,
+           "num_rounds": 4, "local_epochs": 1, "batch_size": 16, "learning_rate": 0.5, "momentum": 0.9, "seed": 1,
+           "differential_privacy": True, "dp_mode": "client", "dp_noise_multiplier": 1000.0, "dp_delta": 1e-5,
+           "secure_aggregation": False, "compression": False, "workers": workers}
+    with Simulation(cfg, tmp_path / "run", progress=False) as sim:
+        sim.train()
+        summary = sim.save_results()
+        assert bool(torch.isfinite(sim.coordinator.global_vector).all())
+    assert summary["stop_reason"].startswith("training diverged in round 2")
+    assert summary["rounds_completed"] == 1 and json.loads((tmp_path / "run" / "summary.json").read_text())["stop_reason"]

@@ -289,8 +289,10 @@ class Simulation:
                     bar.write(f"stopped: {exc}")
                     break
                 except (FloatingPointError, WorkerFailed) as exc:
-                    detail = next((line.strip() for line in str(exc).splitlines()
-                                   if "diverged" in line or "not finite" in line or "no longer finite" in line), None)
+                    # the exception's own message (a worker's traceback also quotes the raising source line)
+                    lines = [line.strip() for line in str(exc).splitlines()
+                             if "diverged" in line or "not finite" in line or "no longer finite" in line]
+                    detail = lines[-1].removeprefix("FloatingPointError: ") if lines else None
                     if detail is None:
                         raise
                     # A diverged round (for example under heavy client-level DP noise) is a result, not a crash:

@@ -211,7 +211,11 @@ class ClientDaemon:
                     log.info("the federation has finished; exiting")
                     return 0
                 if status["state"] == ROUND_SELECTED:
-                    self._take_part(status)
+                    try:
+                        self._take_part(status)
+                    except ServerUnreachable as exc:  # e.g. the server restarts mid-download: poll again, never die
+                        log.warning("server unreachable during the round (%s); polling again", exc)
+                        self._sleep(5.0 * (0.5 + random.random()))
                     continue
                 interval = float(status.get("poll_after") or self.registration.get("poll_interval", 2.0))
                 self._sleep(interval * (0.75 + 0.5 * random.random()))  # jitter keeps clients from polling in lockstep

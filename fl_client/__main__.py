@@ -60,7 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--partition", type=_partition, default=None, metavar="auto|K",
                    help="which shard of the configured dataset to train on (default auto: the server assigns one)")
     p.add_argument("--data-dir", help="folder holding the dataset files (default: Debian's /usr/share/datasets/...)")
-    p.add_argument("--state-dir", type=Path, help="credentials and client state (default: ./fl-client-state/<client-id or 'default'>)")
+    p.add_argument("--state-dir", type=Path, help="credentials, the secure-aggregation signing key and client state (default: "
+                        "./fl-client-state/<client-id or 'default'>)")
     p.add_argument("--enrollment-token", help=f"enrollment token (default: ${ENV_ENROLLMENT_TOKEN}); prefer the environment")
     p.add_argument("--timeout", type=float, default=30.0, help="HTTP timeout in seconds (10-300)")
     p.add_argument("--max-retries", type=int, default=3, help="retries per request on transport errors and 5xx (1-10)")
@@ -75,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="link speed reported for client selection (capability, adaptive); default: not reported (no transfer time)")
     p.add_argument("--train-delay", type=float, default=0.0, metavar="SECONDS",
                    help="sleep this long after each local training: makes a slow device on a fast machine (tests, demos)")
+    p.add_argument("--secagg-unmask-delay", type=float, default=0.0, metavar="SECONDS",
+                   help="in a secure round, wait this long between the masked input and unmasking: makes a client that "
+                        "goes away mid-protocol (tests, demos)")
     p.add_argument("--ca-cert", help="CA bundle to verify an https server (e.g. a self-signed certificate)")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     p.add_argument("--log-format", default="text", choices=["text", "json"], help="text, or json: one JSON object per line")
@@ -98,9 +102,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if value is not None and not (0 < value <= top):
             print(f"error: {flag} must be a number in (0, {top:g}]", file=sys.stderr)
             return 2
-    if not 0 <= args.train_delay <= 3600:
-        print("error: --train-delay must be between 0 and 3600 seconds", file=sys.stderr)
-        return 2
+    for flag, value in (("--train-delay", args.train_delay), ("--secagg-unmask-delay", args.secagg_unmask_delay)):
+        if not 0 <= value <= 3600:
+            print(f"error: {flag} must be between 0 and 3600 seconds", file=sys.stderr)
+            return 2
     from fl_common.logs import configure_logging
 
     configure_logging(args.log_level, args.log_format,
@@ -116,7 +121,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         partition=args.partition, data_dir=args.data_dir, timeout=args.timeout, max_retries=args.max_retries,
         max_rounds=args.max_rounds, threads=args.threads, capability=dict(args.capability),
         verify_tls=args.ca_cert or True, progress=False if args.no_progress else None,
-        compute_speed=args.compute_speed, bandwidth=args.bandwidth, train_delay=args.train_delay))
+        compute_speed=args.compute_speed, bandwidth=args.bandwidth, train_delay=args.train_delay,
+        secagg_unmask_delay=args.secagg_unmask_delay))
     daemon.install_signal_handlers()
     try:
         return daemon.run()

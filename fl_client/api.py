@@ -26,20 +26,24 @@ from fl_common.protocol.rest import (
     PATH_PROFILE,
     PATH_REGISTER,
     PATH_ROUND,
+    PATH_SECAGG,
     PATH_TOKEN,
     PATH_UPDATE,
     QUERY_MODEL_VERSION,
+    QUERY_SECAGG_ATTEMPT,
 )
 
 log = logging.getLogger("fl_client.api")
 
 
 class ApiRefused(Exception):
-    """The server answered with a 4xx: ``status``, ``code`` and ``message`` say why."""
+    """The server answered with a 4xx: ``status``, ``code`` and ``message`` say why; ``data`` is the whole
+    JSON body (secure aggregation adds ``dropped`` and ``phase``)."""
 
-    def __init__(self, status: int, code: str, message: str) -> None:
+    def __init__(self, status: int, code: str, message: str, data: Optional[dict[str, Any]] = None) -> None:
         super().__init__(f"{status} {code}: {message}")
         self.status, self.code, self.message = status, code, message
+        self.data = dict(data or {})
 
 
 class ServerUnreachable(Exception):
@@ -102,9 +106,11 @@ class ServerApi:
                     if resp.status_code >= 400:
                         try:
                             data = resp.json()
-                            raise ApiRefused(resp.status_code, str(data.get("error")), str(data.get("message")))
                         except ValueError:
                             raise ApiRefused(resp.status_code, "http_error", resp.text[:200]) from None
+                        if not isinstance(data, dict):
+                            raise ApiRefused(resp.status_code, "http_error", resp.text[:200])
+                        raise ApiRefused(resp.status_code, str(data.get("error")), str(data.get("message")), data)
                     return resp
                 error = f"HTTP {resp.status_code}"
             attempt += 1
@@ -116,11 +122,16 @@ class ServerApi:
 
     # ------------------------------------------------------------------ protocol
     def register(self, enrollment_token: str, *, client_name: Optional[str], partition: Optional[int],
-                 num_samples: Optional[int], capability: dict[str, float]) -> dict[str, Any]:
+                 num_samples: Optional[int], capability: dict[str, float],
+                 secagg_verify_key: Optional[bytes] = None) -> dict[str, Any]:
+        """``secagg_verify_key``: the client's long-term Ed25519 public key (secure aggregation checks every
+        protocol message of this client against it)."""
         own = KeyPair.generate()
-        resp = self._send("POST", PATH_REGISTER, signed=False, json_body={
-            "enrollment_token": enrollment_token, "public_key": own.public_b64, "client_name": client_name,
-            "partition": partition, "num_samples": num_samples, "capability": capability})
+        body: dict[str, Any] = {"enrollment_token": enrollment_token, "public_key": own.public_b64, "client_name": client_name,
+                                "partition": partition, "num_samples": num_samples, "capability": capability}
+        if secagg_verify_key is not None:
+            body["secagg_verify_key"] = base64.urlsafe_b64encode(secagg_verify_key).decode("ascii")
+        resp = self._send("POST", PATH_REGISTER, signed=False, json_body=body)
         data = resp.json()
         salt = base64.urlsafe_b64decode(data["salt"])
         keys = derive_session_keys(own, data["server_public_key"], client_id=data["client_id"], salt=salt, role="client")
@@ -163,9 +174,36 @@ class ServerApi:
         model_key = Envelope(self.creds.keys).open(wrapped.encode("ascii"))
         return Envelope(model_key).open(resp.content), resp.headers.get("ETag")
 
-    def upload_update(self, round_number: int, packed: bytes, idempotency_key: str, encrypted: bool) -> dict[str, Any]:
+    def upload_update(self, round_number: int, packed: bytes, idempotency_key: str, encrypted: bool,
+                      attempt: Optional[int] = None) -> dict[str, Any]:
+        """Upload an update (or, in a secure round, a masked upload for ``attempt``)."""
         assert self.creds is not None
         body = Envelope(self.creds.keys).seal(packed) if encrypted else packed
-        resp = self._send("POST", PATH_UPDATE.format(round=round_number), body=body,
+        path = PATH_UPDATE.format(round=round_number)
+        if attempt is not None:
+            path += f"?{QUERY_SECAGG_ATTEMPT}={int(attempt)}"
+        resp = self._send("POST", path, body=body,
                           headers={HEADER_IDEMPOTENCY: idempotency_key, "Content-Type": "application/octet-stream"})
         return resp.json()
+
+    # ------------------------------------------------------------------ secure aggregation
+    def _secagg_path(self, round_number: int, attempt: int, step: str) -> str:
+        return PATH_SECAGG.format(round=int(round_number), step=step) + f"?{QUERY_SECAGG_ATTEMPT}={int(attempt)}"
+
+    def secagg_send(self, round_number: int, attempt: int, step: str, message: bytes, encrypted: bool) -> dict[str, Any]:
+        """POST one protocol message (``step``: advertise, shares or unmask); identical retries are safe."""
+        assert self.creds is not None
+        body = Envelope(self.creds.keys).seal(message) if encrypted else message
+        resp = self._send("POST", self._secagg_path(round_number, attempt, step), body=body,
+                          headers={"Content-Type": "application/octet-stream"})
+        return resp.json()
+
+    def secagg_fetch(self, round_number: int, attempt: int, step: str, encrypted: bool) -> bytes:
+        """GET one protocol message (``step``: roster, shares or unmask), decrypted; ApiRefused (409) before its phase."""
+        assert self.creds is not None
+        resp = self._send("GET", self._secagg_path(round_number, attempt, step))
+        return Envelope(self.creds.keys).open(resp.content) if encrypted else resp.content
+
+    def secagg_outcome(self, round_number: int, attempt: int) -> dict[str, Any]:
+        """How a secure attempt ended: state open/closed/aborted, and whether this client's input is in the sum."""
+        return self._send("GET", self._secagg_path(round_number, attempt, "outcome")).json()

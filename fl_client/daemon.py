@@ -20,6 +20,13 @@ version to train on); the daemon downloads that version (``?version=``), trains,
 polls again at once for its next job. ``--train-delay`` (for tests and demos) sleeps after each
 local training, so daemons of different speeds make staleness happen on one machine.
 
+Secure aggregation: the daemon keeps a long-term Ed25519 signing key in the state dir (0600; its
+verifying key is sent at registration). When a poll says it is selected for a secure round, it
+runs the attempt's four phases with ``fl_client.secagg_session`` (the SecAgg client state machine
+the simulation runs too), training in a background thread while the keys are exchanged; the
+round's keys and shares live in memory only. A SCAFFOLD client moves its control variate only
+once the server says the attempt closed with its input in the sum.
+
 Training uses ``fl_common.training.LocalTrainer``, the very code the simulation runs.
 """
 
@@ -43,6 +50,7 @@ import torch
 
 from fl_client.api import ApiRefused, Credentials, ServerApi, ServerUnreachable
 from fl_client.progress import training_progress
+from fl_client.secagg_session import IDENTITY_FILE, SecureRoundSession, SessionEnded, plain_input
 from fl_common.data import ArrayDataset, load_dataset
 from fl_common.data.assignment import training_subset
 from fl_common.data.partition import client_partition
@@ -56,6 +64,7 @@ from fl_common.protocol.rest import (
     ROUND_FINISHED,
     ROUND_SELECTED,
 )
+from fl_common.secagg import SecAggError, SigningIdentity
 from fl_common.tensors import wire
 from fl_common.tensors.codecs import make_codec
 from fl_common.tensors.error_feedback import ErrorFeedback
@@ -84,6 +93,9 @@ class DaemonOptions:
     compute_speed: Optional[float] = None  # samples/s reported in the profile; None = measure it
     bandwidth: Optional[float] = None  # bytes/s reported in the profile; None = not reported
     train_delay: float = 0.0  # seconds slept after each local training (tests: a slow device)
+    #: seconds slept between a secure round's masked input and its unmasking (tests and demos: a client that
+    #: goes away after its masked input, whose self mask the others then rebuild)
+    secagg_unmask_delay: float = 0.0
 
 
 #: where a SCAFFOLD client keeps its control variate c_i between rounds
@@ -122,6 +134,8 @@ class ClientDaemon:
         self.rounds_done = 0
         self.error_feedback: Optional[ErrorFeedback] = None
         self.profile_due = True  # reported after loading the data, and again after registering anew
+        self.identity: Optional[SigningIdentity] = None  # long-term Ed25519 key for secure aggregation
+        self._secagg_attempts: list[int] = []  # secure attempts already taken part in (never twice)
 
     # ------------------------------------------------------------------ lifecycle
     def install_signal_handlers(self) -> None:
@@ -144,7 +158,22 @@ class ClientDaemon:
         _write_private(self._creds_path, json.dumps({"credentials": self.api.creds.to_json(), "registration": self.registration,
                                                      "rounds_done": self.rounds_done}))
 
+    def _load_identity(self) -> bool:
+        """Load the long-term Ed25519 signing key, or make one (True when it is new: the server must learn it)."""
+        path = self.state_dir / IDENTITY_FILE
+        if path.is_file():
+            self.identity = SigningIdentity.ed25519(path.read_bytes())
+            return False
+        self.identity = SigningIdentity.generate_ed25519()
+        _write_private(path, self.identity.private_bytes())
+        return True
+
     def _load_or_register(self) -> None:
+        new_identity = self._load_identity()
+        if self._creds_path.is_file() and new_identity:
+            log.info("made a signing key for secure aggregation: registering again so that the server knows it")
+            self._register()
+            return
         if self._creds_path.is_file():
             saved = json.loads(self._creds_path.read_text(encoding="utf-8"))
             self.api.creds = Credentials.from_json(saved["credentials"])
@@ -158,8 +187,10 @@ class ClientDaemon:
         token = self.opts.enrollment_token
         if not token:
             raise SystemExit("error: no enrollment token: pass --enrollment-token or set FL_ENROLLMENT_TOKEN")
+        assert self.identity is not None
         self.registration = self.api.register(token, client_name=self.opts.client_name, partition=self.opts.partition,
-                                              num_samples=None, capability=self.opts.capability)
+                                              num_samples=None, capability=self.opts.capability,
+                                              secagg_verify_key=self.identity.verify_key)
         self.registration.pop("session_token", None)  # kept only inside the credentials
         self.profile_due = True  # a new registration starts without a profile on the server
         self._save_state()
@@ -210,12 +241,16 @@ class ClientDaemon:
                 if status["state"] == ROUND_FINISHED:
                     log.info("the federation has finished; exiting")
                     return 0
-                if status["state"] == ROUND_SELECTED:
-                    try:
+                try:
+                    if status["state"] == ROUND_SELECTED and status.get("secagg") is not None:
+                        if self._take_part_secure(status):
+                            continue
+                    elif status["state"] == ROUND_SELECTED:
                         self._take_part(status)
-                    except ServerUnreachable as exc:  # e.g. the server restarts mid-download: poll again, never die
-                        log.warning("server unreachable during the round (%s); polling again", exc)
-                        self._sleep(5.0 * (0.5 + random.random()))
+                        continue
+                except ServerUnreachable as exc:  # e.g. the server restarts mid-download: poll again, never die
+                    log.warning("server unreachable during the round (%s); polling again", exc)
+                    self._sleep(5.0 * (0.5 + random.random()))
                     continue
                 interval = float(status.get("poll_after") or self.registration.get("poll_interval", 2.0))
                 self._sleep(interval * (0.75 + 0.5 * random.random()))  # jitter keeps clients from polling in lockstep
@@ -313,23 +348,15 @@ class ClientDaemon:
             raise SystemExit(f"error: {path} does not hold a variate for this model; delete it to start from zero")
         return c
 
-    def _take_part(self, status: dict[str, Any]) -> None:
-        assert self.trainer is not None and self.data is not None
-        round_number = int(status["round"])  # asynchronous mode: the model version the job trains on
-        job = status.get("job")
-        what = f"round {round_number}" if job is None else f"job {job} (model version {round_number})"
-        instr = TrainInstructions.from_json(status["instructions"])
+    def _download(self, instr: TrainInstructions, job: Optional[int], round_number: int
+                  ) -> tuple[torch.Tensor, Optional[ControlVariates]]:
+        """The global model to train from (downloaded only when its version changed) and SCAFFOLD's variates."""
+        assert self.trainer is not None
         encrypted = bool(self.registration.get("encryption", True))
         numel = self.trainer.spec.numel
         if self.model_vector is not None and self.model_vector.numel() != numel * (2 if instr.scaffold else 1):
             self.model_etag = None  # the cached download has the other layout: fetch it again
-        try:
-            payload, etag = self._call(self.api.download_model, self.model_etag, encrypted, None if job is None else round_number)
-        except ApiRefused as exc:
-            if job is None or exc.status != 409:
-                raise
-            log.warning("%s: model download refused (%s); polling for another job", what, exc)
-            return
+        payload, etag = self._call(self.api.download_model, self.model_etag, encrypted, None if job is None else round_number)
         if payload is not None:
             self.model_vector, _ = wire.decode_update(payload, numel * (2 if instr.scaffold else 1), max_bytes=2**34)
             self.model_etag = etag
@@ -337,12 +364,41 @@ class ClientDaemon:
         global_vector, control = self.model_vector[:numel], None
         if instr.scaffold:  # SCAFFOLD: the server variate c follows the model; c_i stays in the state dir
             control = ControlVariates(server=self.model_vector[numel:], client=self._client_control(numel))
+        return global_vector, control
+
+    def _train(self, what: str, round_number: int, instr: TrainInstructions, global_vector: torch.Tensor,
+               control: Optional[ControlVariates]) -> Any:
+        assert self.trainer is not None and self.data is not None and self.api.creds is not None
         log.info("%s: training %d epoch(s) on %d samples", what, instr.epochs, len(self.data))
         with training_progress(self.trainer.model, instr, len(self.data), round_number=round_number, enabled=self.opts.progress):
             update = self.trainer.train(global_vector, self.data.x, self.data.y, instr, client_id=self.api.creds.client_id,
                                         control=control)
         if self.opts.train_delay > 0:
             self._sleep(self.opts.train_delay)  # --train-delay: a slower device (tests and demos)
+        return update
+
+    def _save_control(self, control: Optional[ControlVariates], control_delta: Optional[torch.Tensor]) -> None:
+        """c_i moves only once the server holds (secure rounds: has applied) the update that used it."""
+        if control is not None and control_delta is not None:
+            buf = io.BytesIO()
+            torch.save(updated_client_control(control.client, control_delta), buf)
+            _write_private(self.state_dir / CONTROL_FILE, buf.getvalue())
+
+    def _take_part(self, status: dict[str, Any]) -> None:
+        assert self.trainer is not None and self.data is not None
+        round_number = int(status["round"])  # asynchronous mode: the model version the job trains on
+        job = status.get("job")
+        what = f"round {round_number}" if job is None else f"job {job} (model version {round_number})"
+        instr = TrainInstructions.from_json(status["instructions"])
+        encrypted = bool(self.registration.get("encryption", True))
+        try:
+            global_vector, control = self._download(instr, job, round_number)
+        except ApiRefused as exc:
+            if job is None or exc.status != 409:
+                raise
+            log.warning("%s: model download refused (%s); polling for another job", what, exc)
+            return
+        update = self._train(what, round_number, instr, global_vector, control)
         codec = make_codec(self.registration["codec"])
         rng = torch.Generator().manual_seed(instr.seed ^ 0x5EED)
         upload = update.delta if update.control_delta is None else torch.cat([update.delta, update.control_delta])
@@ -364,11 +420,7 @@ class ClientDaemon:
             log.warning("%s: upload failed (%s); the server may close it without this update", what, exc)
             return
         key_path.unlink(missing_ok=True)
-        if control is not None and update.control_delta is not None:
-            # c_i moves only once the server holds the update that used it (a refused upload leaves it)
-            buf = io.BytesIO()
-            torch.save(updated_client_control(control.client, update.control_delta), buf)
-            _write_private(self.state_dir / CONTROL_FILE, buf.getvalue())
+        self._save_control(control, update.control_delta)  # (a refused upload leaves c_i as it was)
         if self.error_feedback is not None:
             _write_private(self.state_dir / "error_feedback.bin", self.error_feedback.to_bytes())
         self.rounds_done += 1
@@ -379,3 +431,78 @@ class ClientDaemon:
         log.info("%s: update accepted (%d bytes, %s%s)%s", what, len(packed.data),
                  f"train loss {loss:.4f}" if loss is not None else "no train loss reported under DP", extra,
                  " [retry of an accepted upload]" if result.get("duplicate") else "")
+
+    def _take_part_secure(self, status: dict[str, Any]) -> bool:
+        """Take part in the secure attempt of this poll (fl_client/secagg_session.py); False when there is
+        nothing to do in it (already done, or selected too late to have keys for it), so the caller sleeps
+        before polling again. Training runs in a background thread from the advertisement on, so the key
+        exchange overlaps it; the masked input is sent once both are done."""
+        assert self.trainer is not None and self.data is not None and self.identity is not None
+        block = status["secagg"]
+        attempt, round_number = int(block["attempt"]), int(status["round"])
+        if attempt in self._secagg_attempts:
+            return False  # this attempt is done for this client: wait for the round to end
+        self._secagg_attempts = (self._secagg_attempts + [attempt])[-64:]
+        if block.get("phase") != "advertise_keys":
+            log.info("round %d: selected for secure attempt %d, but it is already in phase %s (this client's keys for it are "
+                     "gone, e.g. after a restart): waiting for the next round", round_number, attempt, block.get("phase"))
+            return False
+        what = f"round {round_number}"
+        instr = TrainInstructions.from_json(status["instructions"])
+        encrypted = bool(self.registration.get("encryption", True))
+        try:
+            session = SecureRoundSession(self.api, self.identity, status, encrypted=encrypted, sleep=self._sleep,
+                                         stop=self.stop_event.is_set, call=self._call)
+        except (SessionEnded, SecAggError, ValueError) as exc:  # parameters this client refuses (e.g. unsafe threshold)
+            log.warning("%s: cannot take part in secure attempt %d: %s", what, attempt, exc)
+            return False
+        log.info("%s: secure aggregation, attempt %d, index %d of %d (threshold %d)", what, attempt, session.index,
+                 session.params.n, session.params.threshold)
+        trained: dict[str, Any] = {}
+        worker: list[threading.Thread] = []
+
+        def start_training() -> None:
+            """Right after the advertisement: download in this thread, train in another while keys are exchanged."""
+            try:
+                global_vector, control = self._download(instr, None, round_number)
+            except (ApiRefused, ServerUnreachable) as exc:
+                trained["error"] = exc  # make_input ends the session with it
+                return
+            trained["control"] = control
+
+            def work() -> None:
+                try:
+                    trained["update"] = self._train(what, round_number, instr, global_vector, control)
+                except Exception as exc:  # noqa: BLE001 - reported by make_input, in the session's thread
+                    trained["error"] = exc
+
+            worker.append(threading.Thread(target=work, name="fl-local-training", daemon=True))
+            worker[0].start()
+
+        def make_input() -> tuple[Any, dict[str, float]]:
+            while worker and worker[0].is_alive():
+                if self.stop_event.is_set():
+                    raise SessionEnded("stopped during local training")
+                worker[0].join(timeout=0.2)
+            if "update" not in trained:
+                raise SessionEnded(f"local training failed: {type(trained.get('error')).__name__}")
+            update = trained["update"]
+            return plain_input(session.params, update.delta, update.num_samples, update.metrics, update.control_delta), \
+                update.metrics
+
+        delay = self.opts.secagg_unmask_delay
+        result = session.run(make_input, after_advertise=start_training,
+                             before_unmask=(lambda: self._sleep(delay)) if delay > 0 else None)
+        update = trained.get("update")
+        if result.masked_sent:
+            self.rounds_done += 1
+            self._save_state()
+        if result.in_sum and update is not None:
+            self._save_control(trained.get("control"), update.control_delta)
+        if result.state == "closed":
+            log.info("%s: secure round closed%s", what, " with this client's input in the sum" if result.in_sum else
+                     " without this client's input")
+        else:
+            log.warning("%s: secure attempt %d ended for this client: %s%s", what, attempt, result.state,
+                        f" ({result.reason})" if result.reason else "")
+        return True

@@ -12,6 +12,10 @@ admin token. The app also attaches the end-of-run report writer (``fl_server.run
 Client selection: ``GET/POST /api/v1/profile`` (signed) let a client learn what the selection
 policy reads and report it (fl_server/client_profiles.py). Asynchronous mode: the same endpoints,
 with ``GET /api/v1/model?version=V`` naming the version a job trains on (fl_server/async_service.py).
+
+Secure aggregation: ``/api/v1/rounds/<r>/secagg/{advertise,roster,shares,unmask,outcome}`` (signed,
+``?attempt=ID``) move the protocol's bytes to and from ``fl_server.secagg_rest``; the masked input
+goes through the update route. A refusal there also says ``dropped`` and ``phase``.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from fl_common.protocol.rest import (
     HEADER_MODEL_KEY,
     HEADER_MODEL_VERSION,
     MAX_PROFILE_BYTES,
+    MAX_SECAGG_MESSAGE_BYTES,
     PATH_CLIENTS,
     PATH_MODEL,
     PATH_OPENAPI,
@@ -37,6 +42,7 @@ from fl_common.protocol.rest import (
     PATH_ROUND,
     PATH_TOKEN,
     QUERY_MODEL_VERSION,
+    QUERY_SECAGG_ATTEMPT,
 )
 from fl_server.dashboard import OPENAPI_PATHS as MONITORING_PATHS
 from fl_server.dashboard import dashboard_blueprint
@@ -48,8 +54,8 @@ from fl_server.service import ApiError, Authenticated, FederationService
 log = logging.getLogger("fl_server.http")
 
 
-def _error(status: int, code: str, message: str) -> Response:
-    resp = jsonify({"error": code, "message": message})
+def _error(status: int, code: str, message: str, extra: dict[str, Any] | None = None) -> Response:
+    resp = jsonify({**(extra or {}), "error": code, "message": message})
     resp.status_code = status
     return resp
 
@@ -58,7 +64,11 @@ def create_app(service: FederationService, *, start_ticker: bool = True) -> Flas
     app = Flask("fl_server")
     app.config["MAX_CONTENT_LENGTH"] = service.cfg.max_update_bytes
     app.extensions["fl_service"] = service
-    install_metrics(app, service)
+    metrics = install_metrics(app, service)
+    if service.secure is not None:
+        from fl_server.secagg_rest import SecAggCollector
+
+        metrics.registry.register(SecAggCollector(service.secure))
     app.register_blueprint(dashboard_blueprint(service))
     if not any(isinstance(o, RunReportWriter) for o in service.observers):  # one report, however many apps
         service.observers.add(RunReportWriter())
@@ -87,7 +97,7 @@ def create_app(service: FederationService, *, start_ticker: bool = True) -> Flas
 
     @app.errorhandler(ApiError)
     def _api_error(exc: ApiError) -> Response:
-        return _error(exc.status, exc.code, exc.message)
+        return _error(exc.status, exc.code, exc.message, exc.extra)
 
     @app.errorhandler(RequestEntityTooLarge)
     def _too_large(exc: RequestEntityTooLarge) -> Response:
@@ -192,10 +202,63 @@ def create_app(service: FederationService, *, start_ticker: bool = True) -> Flas
         if request.content_length is None:
             raise ApiError(411, "length_required", "a Content-Length header is required")
         auth = signed()
-        result = service.accept_update(auth, round_number, request.headers.get(HEADER_IDEMPOTENCY, ""), request.get_data(cache=True))
+        result = service.accept_update(auth, round_number, request.headers.get(HEADER_IDEMPOTENCY, ""), request.get_data(cache=True),
+                                       attempt=request.args.get(QUERY_SECAGG_ATTEMPT))
         resp = jsonify(result)
         resp.status_code = 202
         return resp
+
+    # ------------------------------------------------------------------ secure aggregation (fl_server/secagg_rest.py)
+    def secure() -> Any:
+        if service.secure is None:
+            raise ApiError(404, "secagg_off", "this server does not run secure aggregation")
+        return service.secure
+
+    def protocol_bytes(data: bytes) -> Response:
+        return Response(data, mimetype="application/octet-stream" if service.cfg.encryption else "application/json")
+
+    def secagg_post(round_number: int, step: str) -> Response:
+        if request.content_length is None:
+            raise ApiError(411, "length_required", "a Content-Length header is required")
+        rounds = secure()
+        if request.content_length > MAX_SECAGG_MESSAGE_BYTES:
+            service.store.count_rejection("secagg_body_too_large")
+            raise ApiError(413, "body_too_large", f"a secure-aggregation message is limited to {MAX_SECAGG_MESSAGE_BYTES} bytes")
+        auth = signed()
+        handler = {"advertise": rounds.advertise, "shares": rounds.share_keys, "unmask": rounds.unmask}[step]
+        return jsonify(handler(auth, round_number, request.args.get(QUERY_SECAGG_ATTEMPT), request.get_data(cache=True)))
+
+    @app.post("/api/v1/rounds/<int:round_number>/secagg/advertise")
+    def secagg_advertise(round_number: int) -> Response:
+        return secagg_post(round_number, "advertise")
+
+    @app.get("/api/v1/rounds/<int:round_number>/secagg/roster")
+    def secagg_roster(round_number: int) -> Response:
+        rounds = secure()
+        return protocol_bytes(rounds.roster(signed(), round_number, request.args.get(QUERY_SECAGG_ATTEMPT)))
+
+    @app.post("/api/v1/rounds/<int:round_number>/secagg/shares")
+    def secagg_share_keys(round_number: int) -> Response:
+        return secagg_post(round_number, "shares")
+
+    @app.get("/api/v1/rounds/<int:round_number>/secagg/shares")
+    def secagg_bundle(round_number: int) -> Response:
+        rounds = secure()
+        return protocol_bytes(rounds.bundle(signed(), round_number, request.args.get(QUERY_SECAGG_ATTEMPT)))
+
+    @app.get("/api/v1/rounds/<int:round_number>/secagg/unmask")
+    def secagg_unmask_request(round_number: int) -> Response:
+        rounds = secure()
+        return protocol_bytes(rounds.unmask_request(signed(), round_number, request.args.get(QUERY_SECAGG_ATTEMPT)))
+
+    @app.post("/api/v1/rounds/<int:round_number>/secagg/unmask")
+    def secagg_unmask(round_number: int) -> Response:
+        return secagg_post(round_number, "unmask")
+
+    @app.get("/api/v1/rounds/<int:round_number>/secagg/outcome")
+    def secagg_outcome(round_number: int) -> Response:
+        rounds = secure()
+        return jsonify(rounds.outcome(signed(), round_number, request.args.get(QUERY_SECAGG_ATTEMPT)))
 
     # ------------------------------------------------------------------ admin
     def require_admin() -> None:

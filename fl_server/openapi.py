@@ -14,9 +14,11 @@ from fl_common.protocol.rest import (
     PATH_PROFILE,
     PATH_REGISTER,
     PATH_ROUND,
+    PATH_SECAGG,
     PATH_TOKEN,
     PROTOCOL_VERSION,
     QUERY_MODEL_VERSION,
+    QUERY_SECAGG_ATTEMPT,
 )
 
 _SIGNED = [{"session": [], "signature": []}]
@@ -29,6 +31,53 @@ def _json(schema: str) -> dict[str, Any]:
 
 def _errors(*codes: int) -> dict[str, Any]:
     return {str(c): _ERR for c in codes}
+
+
+def _secagg_params() -> list[dict[str, Any]]:
+    return [{"name": "round", "in": "path", "required": True, "schema": {"type": "integer"}},
+            {"name": QUERY_SECAGG_ATTEMPT, "in": "query", "required": False,
+             "description": "the attempt id from the round status's secagg block (an aborted attempt is followed by a new "
+                            "one with the same round number); a message for an attempt that is not open gets 409 "
+                            "attempt_closed and changes nothing", "schema": {"type": "integer", "minimum": 1}}]
+
+
+_PROTOCOL_BODY = {"application/octet-stream": {"schema": {"type": "string", "format": "binary"},
+                                                "description": "Fernet token of the message's bytes (with encryption: "
+                                                               "false, the bytes themselves)"}}
+
+
+def _secagg_paths() -> dict[str, Any]:
+    """The secure-aggregation steps (fl_server/secagg_rest.py); bodies are fl_common.secagg messages' to_bytes()."""
+    def post(summary: str) -> dict[str, Any]:
+        return {"summary": summary, "security": _SIGNED, "parameters": _secagg_params(),
+                "requestBody": {"required": True, "content": _PROTOCOL_BODY},
+                "responses": {"200": {"description": "accepted (also an identical retry, in any phase)",
+                                      "content": _json("SecAggAccepted")}, **_errors(400, 401, 403, 404, 409, 411, 413)}}
+
+    def get(summary: str) -> dict[str, Any]:
+        return {"summary": summary, "security": _SIGNED, "parameters": _secagg_params(),
+                "responses": {"200": {"description": "the message", "content": _PROTOCOL_BODY},
+                              **_errors(400, 401, 404, 409)}}
+
+    def path(step: str) -> str:
+        return PATH_SECAGG.format(round="{round}", step=step)
+
+    return {
+        path("advertise"): {"post": post("Secure aggregation, phase 0: AdvertiseKeys (two fresh X25519 public keys, signed "
+                                         "with the client's registered Ed25519 key)")},
+        path("roster"): {"get": get("The roster (U1's keys and signatures); 409 wrong_phase until phase share_keys")},
+        path("shares"): {"post": post("Phase 1: ShareKeys (one AES-GCM ciphertext of Shamir shares per neighbour, signed)"),
+                         "get": get("The ShareBundle addressed to this client, and U2; 409 wrong_phase until phase "
+                                    "masked_input. The masked input itself goes to /api/v1/rounds/{round}/update as a "
+                                    "MaskedUpload (FLMU1 header with the clear DP metrics, then MaskedInput bytes)")},
+        path("unmask"): {"get": get("The UnmaskRequest (U3, and U2 minus U3); 409 wrong_phase until phase unmask"),
+                         "post": post("Phase 3: UnmaskResponse (shares of survivors' self-mask seeds and of dropped "
+                                      "clients' mask keys, signed)")},
+        path("outcome"): {"get": {"summary": "How a secure attempt ended, and whether this client's input is in the applied "
+                                             "sum", "security": _SIGNED, "parameters": _secagg_params(),
+                                  "responses": {"200": {"description": "outcome", "content": _json("SecAggOutcome")},
+                                                **_errors(400, 401, 404, 409)}}},
+    }
 
 
 def openapi_document() -> dict[str, Any]:
@@ -78,7 +127,8 @@ def openapi_document() -> dict[str, Any]:
                                 "schema": {"type": "string", "maxLength": 128}}],
                 "requestBody": {"required": True, "content": {"application/octet-stream": {}}},
                 "responses": {"202": {"description": "accepted (also for a retry with the same Idempotency-Key)"},
-                              **_errors(400, 401, 409, 411, 413, 422)}}},
+                              **_errors(400, 401, 403, 409, 411, 413, 422)}}},
+            **_secagg_paths(),
             "/status": {"get": {"summary": "Run summary (public, no secrets)", "responses": {"200": {"description": "status"}}}},
             "/health": {"get": {"summary": "Liveness", "responses": {"200": {"description": "ok"}}}},
             PATH_CLIENTS: {"get": {"summary": "Registered clients (admin)", "security": [{"admin": []}],
@@ -95,12 +145,38 @@ def openapi_document() -> dict[str, Any]:
             },
             "schemas": {
                 "Error": {"type": "object", "required": ["error", "message"],
-                          "properties": {"error": {"type": "string"}, "message": {"type": "string"}}},
+                          "properties": {"error": {"type": "string"}, "message": {"type": "string"},
+                                         "dropped": {"type": "boolean", "description": "secure aggregation: whether this "
+                                                     "client is now out of the attempt (400 malformed or failed check, 403 "
+                                                     "bad_signature, 409 wrong_phase / not_in_phase / conflicting_duplicate "
+                                                     "/ attempt_closed)"},
+                                         "phase": {"type": "string", "nullable": True,
+                                                   "description": "secure aggregation: the attempt's phase"},
+                                         "deadline_in_s": {"type": "number", "description": "secure aggregation: seconds "
+                                                           "left in the phase"}}},
+                "SecAggAccepted": {"type": "object", "properties": {
+                    "accepted": {"type": "boolean"}, "round": {"type": "integer"}, "attempt": {"type": "integer"},
+                    "dropped": {"type": "boolean"}, "phase": {"type": "string"}, "deadline_in_s": {"type": "number"},
+                    "duplicate": {"type": "boolean", "description": "masked upload only: a retry of an accepted one"}}},
+                "SecAggOutcome": {"type": "object", "properties": {
+                    "round": {"type": "integer"}, "attempt": {"type": "integer"},
+                    "state": {"type": "string", "enum": ["open", "closed", "aborted"]}, "reason": {"type": "string",
+                                                                                                 "nullable": True},
+                    "in_sum": {"type": "boolean"}}},
+                "SecAggStatus": {"type": "object", "description": "secure aggregation: present when this client is in the "
+                                 "open attempt", "properties": {
+                    "attempt": {"type": "integer"}, "params": {"type": "object", "description": "SecAggParams.to_json()"},
+                    "index": {"type": "integer", "minimum": 1}, "phase": {"type": "string", "enum": [
+                        "advertise_keys", "share_keys", "masked_input", "unmask", "done", "aborted"]},
+                    "deadline": {"type": "number"}, "deadline_in_s": {"type": "number"}, "poll_after": {"type": "number"},
+                    "dropped": {"type": "boolean"}, "done": {"type": "boolean"}}},
                 "RegisterRequest": {"type": "object", "required": ["enrollment_token", "public_key"], "properties": {
                     "enrollment_token": {"type": "string"}, "public_key": {"type": "string"},
                     "client_name": {"type": "string", "maxLength": 64}, "partition": {"type": "integer", "minimum": 0},
                     "num_samples": {"type": "integer", "minimum": 1},
-                    "capability": {"type": "object", "additionalProperties": {"type": "number", "minimum": 0}}}},
+                    "capability": {"type": "object", "additionalProperties": {"type": "number", "minimum": 0}},
+                    "secagg_verify_key": {"type": "string", "description": "urlsafe base64 of the client's long-term "
+                                          "Ed25519 public key (32 bytes); required when the server runs secure aggregation"}}},
                 "RegisterResponse": {"type": "object", "properties": {
                     "client_id": {"type": "string"}, "session_token": {"type": "string"}, "token_expires_at": {"type": "number"},
                     "server_public_key": {"type": "string"}, "salt": {"type": "string"}, "poll_interval": {"type": "number"},
@@ -113,7 +189,8 @@ def openapi_document() -> dict[str, Any]:
                     "poll_after": {"type": "number"}, "deadline": {"type": "number", "nullable": True},
                     "instructions": {"type": "object", "nullable": True},
                     "job": {"type": "integer", "description": "training_mode async only: the job id; round is then the model "
-                                                              "version to train on"}}},
+                                                              "version to train on"},
+                    "secagg": {"$ref": "#/components/schemas/SecAggStatus"}}},
                 "ProfileSpec": {"type": "object", "properties": {
                     "policy": {"type": "string"}, "required": {"type": "array", "items": {"type": "string"}},
                     "optional": {"type": "array", "items": {"type": "string"}}, "num_classes": {"type": "integer"},

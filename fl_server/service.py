@@ -19,6 +19,11 @@ and the per-client crypto. Its rules:
   /api/v1/profile``, checked in ``fl_server.client_profiles``); each round attempt stores the
   inclusion probabilities of its selected clients, so a restart records the same participation.
   Per round and client: ``run/participation_rounds.csv``; fairness: ``/status`` and ``summary.json``.
+- ``secure_aggregation: true`` hands each round's protocol to ``fl_server.secagg_rest.SecureRestRounds``:
+  clients register an Ed25519 verifying key, selected ones run the SecAgg phases over their own
+  endpoints, masked inputs come through the update route and are summed in memory, never stored
+  (a restart aborts the open secure attempt and plans a new one); the round closes when the sum is
+  unmasked and aborts, applying nothing, when the protocol does.
 - ``training_mode: async`` runs the asynchronous coordinator instead, driven by
   ``fl_server.async_service.AsyncRestDriver``: the methods below that differ hand over to it at
   their top, and the synchronous code path below them is untouched.
@@ -84,8 +89,9 @@ from fl_server.store.sqlite import ClientRow, RoundRow, ServerStore, UpdateRow
 from fl_server.strategies import UpdateRejected
 from fl_server.strategies.base import check_update
 
-if TYPE_CHECKING:  # pragma: no cover - the asynchronous driver is imported only when a run needs it
+if TYPE_CHECKING:  # pragma: no cover - the asynchronous and secure drivers are imported only when a run needs them
     from fl_server.async_service import AsyncRestDriver
+    from fl_server.secagg_rest import SecureRestRounds
 
 log = logging.getLogger("fl_server.service")
 
@@ -95,15 +101,18 @@ MAX_NAME = 64
 PARTICIPATION_ROUNDS_CSV = "participation_rounds.csv"
 #: config keys that describe simulated clients; a REST federation's clients are real
 SIMULATION_ONLY_KEYS = ("client_speed_distribution", "client_speed_sigma", "client_seconds_per_sample", "network_delay",
-                        "attack_fraction", "attack_noise_std")
+                        "attack_fraction", "attack_noise_std", "client_test_fraction", "finetune_epochs", "local_only_epochs",
+                        "local_only_test_samples")
 
 
 class ApiError(Exception):
-    """An error a client caused: HTTP status, machine code, one-line message."""
+    """An error a client caused: HTTP status, machine code, one-line message, and ``extra`` fields for
+    the JSON body (secure aggregation adds whether the client was dropped and the phase)."""
 
-    def __init__(self, status: int, code: str, message: str) -> None:
+    def __init__(self, status: int, code: str, message: str, *, extra: Optional[dict[str, Any]] = None) -> None:
         super().__init__(message)
         self.status, self.code, self.message = status, code, message
+        self.extra = dict(extra or {})
 
 
 @dataclass
@@ -133,12 +142,9 @@ def check_rest_config(cfg: FLConfig) -> None:
     defaults = {f.name: f.default for f in dataclasses.fields(cfg)}
     for key in SIMULATION_ONLY_KEYS:
         if getattr(cfg, key) != defaults[key]:
-            raise ConfigError(f"config key '{key}' has value {getattr(cfg, key)!r}: it describes simulated clients (python -m "
-                              f"fl_server simulate); a REST federation's clients are real and report their own speed: remove '{key}'")
-    if cfg.secure_aggregation:
-        raise ConfigError("config key 'secure_aggregation' is true: the SecAgg protocol runs in the simulation (python -m "
-                          "fl_server simulate) but its REST endpoints are not built yet; set secure_aggregation: false "
-                          "to serve without it")
+            raise ConfigError(f"config key '{key}' has value {getattr(cfg, key)!r}: it applies to simulated clients only (python "
+                              f"-m fl_server simulate: speeds, attacks, held-out splits, fine-tuning); a REST federation's clients "
+                              f"are real processes with their own data: remove '{key}'")
     if cfg.aggregation_method == "scaffold" and cfg.compression and make_codec(cfg.codec).biased:
         raise ConfigError(f"config key 'codec' has value {cfg.codec!r}: a biased codec (top-k) would sparsify SCAFFOLD's "
                           f"control-variate deltas too, which error feedback does not cover; use codec int8, float16 or none")
@@ -186,6 +192,8 @@ class FederationService:
         self._selection_problem: str | None = None  # the last selection failure logged (logged once, not every tick)
         #: training_mode async: the driver of the asynchronous coordinator (None in synchronous rounds)
         self.asynchronous: Optional[AsyncRestDriver] = None
+        #: secure aggregation: the REST driver of the SecAgg phases (fl_server/secagg_rest.py), None when off
+        self.secure: Optional[SecureRestRounds] = None
         if cfg.training_mode == "async":
             from fl_server.async_service import AsyncRestDriver
 
@@ -194,10 +202,17 @@ class FederationService:
             self.carries_control = False
             self.asynchronous.recover()
             return
+        features: tuple[str, ...] = ("control_variates", "client_infos")
+        if cfg.secure_aggregation:
+            from fl_server.secagg_rest import SecureRestRounds
+
+            self.secure = SecureRestRounds(self)
+            features += ("secure_aggregation",)
         self.coordinator = Coordinator(cfg, self.trainer.vector(), self.trainer.spec,
                                        evaluator=self._evaluate if evaluate else None,
                                        planned_client_sizes=self.partition_sizes,
-                                       driver_features=("control_variates", "client_infos"))
+                                       driver_features=features,
+                                       secagg_verifiers=self.secure.verifier if self.secure is not None else None)
         #: SCAFFOLD: the model download carries the server variate c after the model, and every
         #: upload carries the client's variate delta after its model delta (one vector, 2 x numel)
         self.carries_control = self.coordinator.strategy.needs_client_state
@@ -250,6 +265,18 @@ class FederationService:
             # The checkpoint was written but the process died before the round was marked closed.
             arrived = [u.client_id for u in self.store.updates_for_round(open_row.round_id)]
             self.store.finish_round(open_row.round_id, "closed", "recovered after restart", self.clock(), arrived)
+            return
+        if open_row.secagg is not None or self.secure is not None:
+            # A secure attempt's protocol state lived in memory only (and a plain attempt cannot continue as a
+            # secure one, nor the reverse): the attempt is aborted with its reason and a new one is planned.
+            if self.secure is not None and open_row.secagg is not None:
+                self.secure.recover(open_row)
+            else:
+                arrived = [u.client_id for u in self.store.updates_for_round(open_row.round_id)]
+                self.store.finish_round(open_row.round_id, "aborted", "the server restarted with secure_aggregation "
+                                        f"{'on' if self.secure is not None else 'off'}; the attempt ran with it "
+                                        f"{'off' if self.secure is not None else 'on'} and cannot be resumed", self.clock(),
+                                        arrived)
             return
         plan = RoundPlan(open_row.round, list(open_row.selected),
                          {c: TrainInstructions.from_json(i) for c, i in open_row.instructions.items()}, privacy=open_row.privacy,
@@ -308,10 +335,15 @@ class FederationService:
         selection was wired). Every other policy reads the clients' profiles, so a live client
         whose profile has not arrived is not a candidate yet (see fl_server/client_profiles.py)."""
         if self.cfg.selection == "uniform":
+            if self.secure is not None:  # a registered key and a reported profile (fl_server/secagg_rest.py)
+                return self.secure.candidates(live, None)
             return live, None
         profiles = self.store.profiles()
         infos = {cid: info for cid in live if (info := client_info(cid, profiles.get(cid))) is not None}
-        return [cid for cid in live if cid in infos], infos
+        live = [cid for cid in live if cid in infos]
+        if self.secure is not None:
+            return self.secure.candidates(live, infos)
+        return live, infos
 
     def _selection_failed(self, exc: Exception) -> None:
         """A policy that cannot draw (e.g. no candidate with a positive weight) waits for other
@@ -339,7 +371,9 @@ class FederationService:
                 row = self.store.current_open_round()
                 assert row is not None
                 arrived = self.coordinator.arrived
-                if len(arrived) >= row.target:
+                if self.secure is not None:
+                    self.secure.tick(row, now)  # the protocol's phases and deadlines decide (fl_server/secagg_rest.py)
+                elif len(arrived) >= row.target:
                     self._close_round(row, "quorum")
                 elif now >= row.deadline:
                     if len(arrived) >= self.cfg.min_clients:
@@ -363,8 +397,8 @@ class FederationService:
             live, infos = self.selection_candidates(self._live_clients())
             # The grace period starts once a quorum is live, so a burst of registrations at start-up
             # all make it into the first round instead of the first min_clients.
-            if len(live) < self.cfg.min_clients:
-                self._waiting_since = None
+            if len(live) < (max(self.cfg.min_clients, 3) if self.secure is not None else self.cfg.min_clients):
+                self._waiting_since = None  # (secure aggregation needs at least 3 clients in a round)
                 return
             if self._waiting_since is None:
                 self._waiting_since = now
@@ -389,9 +423,11 @@ class FederationService:
                                       "wall_seconds": self.clock() - self.started_at})
 
     def _open_round(self, live: list[str], now: float, infos: Optional[dict[str, ClientInfo]] = None) -> None:
+        from fl_common.config import ConfigError
+
         k = min(len(live), math.ceil(self.target * (1.0 + self.cfg.over_selection)))
         try:
-            plan = self.coordinator.plan_round(live, k=k, infos=infos)
+            plan = self.coordinator.plan_round(live, k=k, infos=infos, now=now)
         except BudgetExhausted as exc:
             # The budget is checked before anything is spent: the run ends here, with its message.
             log.warning("%s", exc)
@@ -402,25 +438,37 @@ class FederationService:
             if self._waiting_since is not None:
                 log.info("%s; waiting for other clients", exc)
             return
+        except ConfigError as exc:  # secure aggregation cannot plan among these clients (e.g. too few): wait for others
+            if self.secure is None:
+                raise
+            self._selection_failed(exc)
+            return
         except ValueError as exc:  # a policy that cannot draw among these candidates (e.g. all weights 0) waits
-            if self.cfg.selection == "uniform":
+            if self.cfg.selection == "uniform" and self.secure is None:
                 raise
             self._selection_failed(exc)
             return
         self._selection_problem = None
+        # a secure attempt may take every phase's timeout: the row's deadline is that bound (each phase has its own)
+        deadline = now + self.cfg.round_timeout + (3 * self.cfg.secagg_phase_timeout if plan.secagg is not None else 0.0)
         row = RoundRow(0, plan.round, "open", [str(c) for c in plan.selected],
                        {str(c): i.to_json() for c, i in plan.instructions.items()}, min(self.target, len(plan.selected)),
-                       now, now + self.cfg.round_timeout, None, None, plan.privacy,
-                       {str(c): float(p) for c, p in (plan.probabilities or {}).items()})
+                       now, deadline, None, None, plan.privacy,
+                       {str(c): float(p) for c, p in (plan.probabilities or {}).items()}, plan.secagg)
         self.store.open_round(row)
+        if self.secure is not None:
+            self.secure.opened(row)
         log.info("round %d opened: %d of %d live clients selected, quorum %d, deadline in %.0f s", plan.round,
                  len(plan.selected), len(live), row.target, self.cfg.round_timeout)
 
     def _close_round(self, row: RoundRow, reason: str) -> None:
         arrived = sorted(self.coordinator.arrived)
+        secure = self.coordinator.secagg if self.secure is not None else None
         t0 = time.perf_counter()
         record = self.coordinator.close_round()
         close_seconds = time.perf_counter() - t0
+        if self.secure is not None and secure is not None:  # before the summary of a finished run is written
+            self.secure.record_closed(row, secure)
         self._checkpoint()
         self.run_dir.write_history(self.coordinator.history)
         self._write_participation()
@@ -465,6 +513,12 @@ class FederationService:
         public_key = body.get("public_key")
         if not isinstance(public_key, str) or len(public_key) > 100:
             raise ApiError(400, "bad_public_key", "public_key must be an urlsafe-base64 X25519 public key")
+        from fl_server.secagg_rest import parse_verify_key
+
+        verify_key = parse_verify_key(body.get("secagg_verify_key"))
+        if verify_key is None and self.secure is not None:
+            raise ApiError(400, "secagg_verify_key_required", "this server runs secure aggregation: register with "
+                           "secagg_verify_key, the urlsafe base64 of the client's long-term Ed25519 public key")
 
         with self._lock:
             now = self.clock()
@@ -491,12 +545,15 @@ class FederationService:
                 raise ApiError(409, "num_samples_mismatch", f"partition {index} holds {self.partition_sizes[index]} records, "
                                f"the client reports {num_samples}; sample-level DP is planned from the partition's size")
             if existing:
-                self.store.replace_client_credentials(client_id, token_hash, expires, wrapped, capability, num_samples, now)
+                if self.secure is not None and existing.secagg_verify_key != verify_key:
+                    self.secure.key_changed(client_id, now)
+                self.store.replace_client_credentials(client_id, token_hash, expires, wrapped, capability, num_samples, now,
+                                                      verify_key)
                 if self.asynchronous is not None:  # it lost its state: the job it held will not come back
                     self.asynchronous.client_left(client_id, "registered again")
             else:
                 self.store.add_client(ClientRow(client_id, name, token_hash, expires, wrapped, index, num_samples, capability,
-                                                now, now, 0, {}))
+                                                now, now, 0, {}, secagg_verify_key=verify_key))
             if self.partition_sizes is not None and index is not None:
                 self._register_for_privacy(client_id, index)
             self.store.security_event("registered", client_id, f"name={name or '-'} partition={index} from {remote or '-'}")
@@ -620,11 +677,15 @@ class FederationService:
                 return RoundStatus(ROUND_WAITING, None, version, self.cfg.poll_interval)
             row = self.store.current_open_round()
             assert row is not None
-            if auth.client_id in coord.arrived:
+            if auth.client_id in coord.arrived and self.secure is None:
                 return RoundStatus(ROUND_SUBMITTED, current, version, self.cfg.poll_interval, row.deadline)
             instr = row.instructions.get(auth.client_id)
             if instr is None:
                 return RoundStatus(ROUND_NOT_SELECTED, current, version, self.cfg.poll_interval, row.deadline)
+            if self.secure is not None:  # its index, the phase and the phase's deadline ride along
+                state, block = self.secure.round_status(auth.client_id, row)
+                return RoundStatus(state, current, version, self.cfg.poll_interval, row.deadline,
+                                   instr if state == ROUND_SELECTED else None, secagg=block)
             return RoundStatus(ROUND_SELECTED, current, version, self.cfg.poll_interval, row.deadline, instr)
 
     def model_payload(self, auth: Authenticated) -> tuple[int, bytes, Optional[bytes]]:
@@ -653,9 +714,12 @@ class FederationService:
         return version, body, (Envelope(auth.keys).seal(model_key) if model_key is not None else None)
 
     # ------------------------------------------------------------------ updates
-    def accept_update(self, auth: Authenticated, round_number: int, idempotency_key: str, body: bytes) -> dict[str, Any]:
+    def accept_update(self, auth: Authenticated, round_number: int, idempotency_key: str, body: bytes,
+                      attempt: Optional[str] = None) -> dict[str, Any]:
         if self.asynchronous is not None:  # round_number is then the model version the job trained on
             return self.asynchronous.accept_update(auth, round_number, idempotency_key, body)
+        if self.secure is not None:  # a masked input (fl_server/secagg_rest.py): summed, never stored
+            return self.secure.accept_masked(auth, round_number, attempt, idempotency_key, body)
         self._check_idempotency_key(auth.client_id, idempotency_key)
         # 1. a retry of an update we already hold: same key -> the same answer, counted once
         previous = self.store.accepted_update(round_number, auth.client_id)
@@ -777,6 +841,7 @@ class FederationService:
                 "privacy": coord.privacy_status(),
                 "stop_reason": coord.stop_reason,
                 "secure_aggregation": self.cfg.secure_aggregation,
+                **({"secagg": self.secure.status()} if self.secure is not None else {}),
                 "uptime_s": round(self.clock() - self.started_at, 1),
                 "training_mode": "sync",
                 "selection": selection_summary(self.cfg, coord.selector),
@@ -805,6 +870,7 @@ class FederationService:
             "encryption": self.cfg.encryption, "privacy": self.coordinator.privacy_status(),
             "stop_reason": self.coordinator.stop_reason, "training_mode": "sync",
             "selection": selection_summary(self.cfg, self.coordinator.selector), "participation": self.participation_summary(),
+            "secure_aggregation": self.secure.summary() if self.secure is not None else {"enabled": False},
             "config": self.cfg.to_dict(),
         }
 

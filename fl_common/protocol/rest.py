@@ -28,6 +28,26 @@ token, and an HMAC-SHA256 signature from ``fl_common.crypto.signing`` with the p
                                     409 not_dispatched / wrong_version / too_stale / finished
     GET  /status, /health, {API}/clients (admin bearer token), {API}/openapi.json
 
+Secure aggregation (``secure_aggregation: true``; fl_common/secagg). A client registers its
+long-term Ed25519 verifying key (``secagg_verify_key``). When selected, ``GET {API}/round`` carries
+a ``secagg`` block (the attempt id, the round's public parameters, the client's index, the phase
+and its deadline). Every body below is the message's ``to_bytes()``, Fernet-encrypted under the
+client's session key when the server encrypts, and every path takes ``?attempt=ID`` (a message for
+an attempt that is no longer open is refused with 409 and changes nothing)::
+
+    POST {API}/rounds/{r}/secagg/advertise   AdvertiseKeys                     -> 200
+    GET  {API}/rounds/{r}/secagg/roster      -> RosterMessage (409 until phase share_keys)
+    POST {API}/rounds/{r}/secagg/shares      ShareKeys                         -> 200
+    GET  {API}/rounds/{r}/secagg/shares      -> ShareBundle (409 until phase masked_input)
+    POST {API}/rounds/{r}/update             MaskedUpload(MaskedInput, clear DP metrics) -> 202
+    GET  {API}/rounds/{r}/secagg/unmask      -> UnmaskRequest (409 until phase unmask)
+    POST {API}/rounds/{r}/secagg/unmask      UnmaskResponse                    -> 200
+    GET  {API}/rounds/{r}/secagg/outcome     -> {"state": open|closed|aborted, "in_sum": bool, ...}
+
+Refusals are ``{"error", "message", "dropped", "phase"}``: 400 malformed (or a check that failed),
+403 bad signature, 409 wrong phase / not in phase / conflicting duplicate / attempt closed; an
+identical retry of an accepted message is answered like the first one in every phase.
+
 Errors are JSON ``{"error": code, "message": text}`` with a 4xx status.
 Binary bodies are ``application/octet-stream``; with ``encryption: false`` they are the
 wire-packed bytes themselves (for debugging only; the server logs a warning at start-up).
@@ -35,6 +55,9 @@ wire-packed bytes themselves (for debugging only; the server logs a warning at s
 
 from __future__ import annotations
 
+import json
+import math
+import struct
 from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
 
@@ -49,6 +72,13 @@ PATH_UPDATE = API_PREFIX + "/rounds/{round}/update"
 PATH_CLIENTS = f"{API_PREFIX}/clients"
 PATH_PROFILE = f"{API_PREFIX}/profile"
 PATH_OPENAPI = f"{API_PREFIX}/openapi.json"
+#: secure aggregation, one path per protocol step (``step`` in SECAGG_STEPS), ``?attempt=ID``
+PATH_SECAGG = API_PREFIX + "/rounds/{round}/secagg/{step}"
+SECAGG_STEPS = ("advertise", "roster", "shares", "unmask", "outcome")
+QUERY_SECAGG_ATTEMPT = "attempt"
+#: the largest secure-aggregation protocol message (keys, shares, unmask responses) a server reads;
+#: the masked input goes through the update route and its own limit (max_update_bytes)
+MAX_SECAGG_MESSAGE_BYTES = 8 * 2**20
 
 HEADER_IDEMPOTENCY = "Idempotency-Key"
 HEADER_MODEL_VERSION = "X-FL-Model-Version"
@@ -89,6 +119,9 @@ class RegisterRequest:
     partition: Optional[int] = None  # None: server assigns (``--partition auto``); an int asks for that index
     num_samples: Optional[int] = None  # for clients that bring their own data (--data-dir)
     capability: dict[str, float] = field(default_factory=dict)  # e.g. {"compute": 1.0, "bandwidth": 1.0}
+    #: urlsafe base64 of the client's long-term Ed25519 verifying key (32 bytes); required by a server
+    #: that runs secure aggregation, which checks every protocol message of the client against it
+    secagg_verify_key: Optional[str] = None
 
 
 @dataclass
@@ -136,11 +169,16 @@ class RoundStatus:
     #: asynchronous mode only: the job id of a dispatched job (``round`` is then the model version
     #: to download with ``?version=`` and to upload for); None in synchronous rounds
     job: Optional[int] = None
+    #: secure aggregation only: {"attempt", "params" (SecAggParams.to_json()), "index", "phase",
+    #: "deadline" (server clock), "deadline_in_s", "dropped", "done"} for a selected client
+    secagg: Optional[dict[str, Any]] = None
 
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
         if self.job is None:  # synchronous replies keep the version-1 shape exactly
             del out["job"]
+        if self.secagg is None:
+            del out["secagg"]
         return out
 
 
@@ -180,3 +218,42 @@ class ProfileReport:
         if self.label_histogram is None:
             del out["label_histogram"]
         return out
+
+
+# --------------------------------------------------------------------------- masked uploads
+#: a secure round's upload: this magic, a 4-byte big-endian header length, a JSON header
+#: {"metrics": {...}} (only the metrics the server may see in the clear: the DP-SGD plan numbers that
+#: sample-level accounting checks, and timing), then ``MaskedInput.to_bytes()`` unchanged
+MASKED_UPLOAD_MAGIC = b"FLMU1\n"
+#: the only metrics a client sends next to a masked input (the server drops any other): the DP-SGD
+#: plan it was told (sample-level accounting checks it) and timing; training loss travels masked
+MASKED_UPLOAD_METRICS = ("dp_sample_rate", "dp_steps", "steps", "seconds")
+_MAX_MASKED_HEADER = 4096
+
+
+def pack_masked_upload(masked_input: bytes, metrics: dict[str, float]) -> bytes:
+    """The body of ``POST {API}/rounds/{r}/update`` in a secure round (before Fernet)."""
+    header = json.dumps({"metrics": {k: float(v) for k, v in sorted(metrics.items())}}, separators=(",", ":")).encode()
+    if len(header) > _MAX_MASKED_HEADER:
+        raise ValueError("too many clear metrics for a masked upload")
+    return MASKED_UPLOAD_MAGIC + struct.pack(">I", len(header)) + header + masked_input
+
+
+def unpack_masked_upload(body: bytes) -> tuple[dict[str, float], bytes]:
+    """(clear metrics, MaskedInput bytes) of a masked upload; ValueError when it is not one."""
+    start = len(MASKED_UPLOAD_MAGIC) + 4
+    if not body.startswith(MASKED_UPLOAD_MAGIC) or len(body) < start:
+        raise ValueError("not a masked upload (bad magic)")
+    (hlen,) = struct.unpack(">I", body[len(MASKED_UPLOAD_MAGIC):start])
+    if hlen > _MAX_MASKED_HEADER or start + hlen > len(body):
+        raise ValueError("bad masked-upload header length")
+    try:
+        header = json.loads(body[start:start + hlen].decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise ValueError("the masked-upload header is not JSON") from None
+    metrics = header.get("metrics") if isinstance(header, dict) else None
+    if not isinstance(metrics, dict) or not all(
+            isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+            for k, v in metrics.items()):
+        raise ValueError("masked-upload metrics must map names to finite numbers")
+    return {k: float(v) for k, v in metrics.items()}, body[start + hlen:]

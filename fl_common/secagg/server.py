@@ -230,6 +230,14 @@ class SecAggServer:
         if verifier is None or not verifier.verify(data, signature):
             raise self._reject(sender, "bad_signature", f"message of client {sender} does not carry its signature", now)
 
+    def drop(self, index: int, reason: str, now: float) -> None:
+        """Treat ``index`` as dropped from now on (a driver learned it is gone, e.g. it registered a new
+        signing key mid-round): the phase stops waiting for it, and its secrets are handled exactly as
+        for a client that went silent."""
+        if index in self.params.indices and not self.finished:
+            self._drop(index, reason, now)
+            self.advance(now)
+
     # ------------------------------------------------------------------ deadlines
     def advance(self, now: float) -> Phase:
         """Close the current phase if every expected client answered or its deadline has passed."""

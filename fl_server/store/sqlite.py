@@ -1,12 +1,16 @@
 """The REST server's durable state in one SQLite file.
 
 What lives here: registered clients (session tokens stored only as keyed hashes, per-client
-session keys wrapped with a server key, the profile each reports for client selection), rounds
-and their participants (with each selected client's inclusion probability), the metadata of every
-accepted update (the payload itself is a file next to the database), the replay-nonce cache and
-the security audit log. Asynchronous runs have no rounds: their accepted updates live in
-``async_updates`` (keyed by job, with the idempotency key that answers a retry) and the fate of
-every job in ``async_jobs`` (a mirror of the coordinator's job records, for per-client tables).
+session keys wrapped with a server key, the profile each reports for client selection, the
+Ed25519 verifying key secure aggregation checks its messages against), rounds and their
+participants (with each selected client's inclusion probability and, for a secure attempt, its
+public SecAgg parameters), the metadata of every accepted update (the payload itself is a file
+next to the database), the replay-nonce cache and the security audit log. A secure round's masked
+inputs are never stored (their rows keep only the hash, the idempotency key and the clear DP
+metrics, with an empty path), so a secure attempt cannot outlive the process. Asynchronous runs
+have no rounds: their accepted updates live in ``async_updates`` (keyed by job, with the
+idempotency key that answers a retry) and the fate of every job in ``async_jobs`` (a mirror of
+the coordinator's job records, for per-client tables).
 WAL mode with ``synchronous=FULL``: a committed row survives ``kill -9`` and power loss, which
 is what lets the server answer 202 only after an update is durable.
 
@@ -39,7 +43,8 @@ CREATE TABLE IF NOT EXISTS clients (
     last_seen REAL NOT NULL,
     rounds_participated INTEGER NOT NULL DEFAULT 0,
     last_metrics TEXT NOT NULL DEFAULT '{}',
-    profile TEXT
+    profile TEXT,
+    secagg_verify_key TEXT
 );
 CREATE INDEX IF NOT EXISTS clients_token ON clients(token_hash);
 CREATE TABLE IF NOT EXISTS rounds (
@@ -54,7 +59,8 @@ CREATE TABLE IF NOT EXISTS rounds (
     closed_at REAL,
     reason TEXT,
     privacy TEXT,
-    probabilities TEXT
+    probabilities TEXT,
+    secagg TEXT
 );
 CREATE TABLE IF NOT EXISTS participants (
     round_id INTEGER NOT NULL,
@@ -133,6 +139,9 @@ class ClientRow:
     #: what the client reported at POST /api/v1/profile (num_samples, capability, label_histogram,
     #: reported_at); None until it has, and again after it registers anew
     profile: Optional[dict[str, Any]] = None
+    #: the client's long-term Ed25519 verifying key (urlsafe base64 of 32 bytes), sent at registration:
+    #: secure aggregation checks every protocol message of the client against it (fl_common/secagg/auth.py)
+    secagg_verify_key: Optional[str] = None
 
 
 @dataclass
@@ -154,6 +163,9 @@ class RoundRow:
     privacy: Optional[dict[str, Any]] = None
     #: each selected client's inclusion probability (``RoundPlan.probabilities``), for participation records
     probabilities: Optional[dict[str, float]] = None
+    #: the attempt's public secure-aggregation parameters (``RoundPlan.secagg``); an open attempt that has
+    #: them cannot be resumed after a restart (the protocol state is in memory only) and is aborted
+    secagg: Optional[dict[str, Any]] = None
 
 
 @dataclass
@@ -207,9 +219,13 @@ class ServerStore:
             self._db.execute("ALTER TABLE rounds ADD COLUMN privacy TEXT")
         if "probabilities" not in columns:
             self._db.execute("ALTER TABLE rounds ADD COLUMN probabilities TEXT")
+        if "secagg" not in columns:
+            self._db.execute("ALTER TABLE rounds ADD COLUMN secagg TEXT")
         columns = {r[1] for r in self._db.execute("PRAGMA table_info(clients)").fetchall()}
         if "profile" not in columns:
             self._db.execute("ALTER TABLE clients ADD COLUMN profile TEXT")
+        if "secagg_verify_key" not in columns:
+            self._db.execute("ALTER TABLE clients ADD COLUMN secagg_verify_key TEXT")
 
     def close(self) -> None:
         with self._lock:
@@ -241,19 +257,21 @@ class ServerStore:
         with self._tx() as db:
             db.execute(
                 "INSERT INTO clients(client_id, name, token_hash, token_expires, wrapped_keys, partition_index, num_samples,"
-                " capability, registered_at, last_seen) VALUES(?,?,?,?,?,?,?,?,?,?)",
+                " capability, registered_at, last_seen, secagg_verify_key) VALUES(?,?,?,?,?,?,?,?,?,?,?)",
                 (row.client_id, row.name, row.token_hash, row.token_expires, row.wrapped_keys, row.partition_index,
-                 row.num_samples, json.dumps(row.capability), row.registered_at, row.last_seen),
+                 row.num_samples, json.dumps(row.capability), row.registered_at, row.last_seen, row.secagg_verify_key),
             )
 
     def replace_client_credentials(self, client_id: str, token_hash: str, token_expires: float, wrapped_keys: bytes,
-                                   capability: dict[str, float], num_samples: Optional[int], now: float) -> None:
+                                   capability: dict[str, float], num_samples: Optional[int], now: float,
+                                   secagg_verify_key: Optional[str] = None) -> None:
         """A client registering again starts afresh: new keys, and no profile until it reports one again
         (what it reported before may not hold for the state it comes back with)."""
         with self._tx() as db:
             db.execute("UPDATE clients SET token_hash=?, token_expires=?, wrapped_keys=?, capability=?, num_samples=?, last_seen=?,"
-                       " profile=NULL WHERE client_id=?", (token_hash, token_expires, wrapped_keys, json.dumps(capability),
-                                                            num_samples, now, client_id))
+                       " profile=NULL, secagg_verify_key=? WHERE client_id=?",
+                       (token_hash, token_expires, wrapped_keys, json.dumps(capability), num_samples, now, secagg_verify_key,
+                        client_id))
 
     def set_profile(self, client_id: str, profile: dict[str, Any], num_samples: int, capability: dict[str, float]) -> None:
         """Store a client's (validated) profile; ``num_samples`` and ``capability`` are also kept in
@@ -274,10 +292,10 @@ class ServerStore:
         if row is None:
             return None
         return ClientRow(row[0], row[1], row[2], row[3], bytes(row[4]), row[5], row[6], json.loads(row[7]), row[8], row[9],
-                         row[10], json.loads(row[11]), None if row[12] is None else json.loads(row[12]))
+                         row[10], json.loads(row[11]), None if row[12] is None else json.loads(row[12]), row[13])
 
     _CLIENT_COLS = ("client_id, name, token_hash, token_expires, wrapped_keys, partition_index, num_samples, capability,"
-                    " registered_at, last_seen, rounds_participated, last_metrics, profile")
+                    " registered_at, last_seen, rounds_participated, last_metrics, profile, secagg_verify_key")
 
     def client(self, client_id: str) -> Optional[ClientRow]:
         return self._client(self._one(f"SELECT {self._CLIENT_COLS} FROM clients WHERE client_id=?", (client_id,)))
@@ -297,6 +315,15 @@ class ServerStore:
 
     def client_ids(self) -> list[str]:
         return [r[0] for r in self._all("SELECT client_id FROM clients ORDER BY registered_at")]
+
+    def secagg_verify_key(self, client_id: str) -> Optional[str]:
+        """The Ed25519 verifying key a client registered (urlsafe base64), or None."""
+        row = self._one("SELECT secagg_verify_key FROM clients WHERE client_id=?", (client_id,))
+        return None if row is None else row[0]
+
+    def secagg_capable_ids(self) -> set[str]:
+        """Clients that registered a verifying key: the only ones a secure round can include."""
+        return {r[0] for r in self._all("SELECT client_id FROM clients WHERE secagg_verify_key IS NOT NULL")}
 
     def count_profiles(self) -> int:
         row = self._one("SELECT COUNT(*) FROM clients WHERE profile IS NOT NULL")
@@ -318,10 +345,11 @@ class ServerStore:
         """Insert a new attempt (``row.round_id`` is ignored) and return its round_id."""
         with self._tx() as db:
             cur = db.execute("INSERT INTO rounds(round, state, selected, instructions, target, started_at, deadline, privacy,"
-                             " probabilities) VALUES(?,?,?,?,?,?,?,?,?)",
+                             " probabilities, secagg) VALUES(?,?,?,?,?,?,?,?,?,?)",
                              (row.round, "open", json.dumps(row.selected), json.dumps(row.instructions), row.target,
                               row.started_at, row.deadline, None if row.privacy is None else json.dumps(row.privacy),
-                              None if row.probabilities is None else json.dumps(row.probabilities)))
+                              None if row.probabilities is None else json.dumps(row.probabilities),
+                              None if row.secagg is None else json.dumps(row.secagg)))
             round_id = int(cur.lastrowid)
             db.executemany("INSERT INTO participants(round_id, client_id, status) VALUES(?,?,'selected')",
                            [(round_id, c) for c in row.selected])
@@ -332,13 +360,18 @@ class ServerStore:
         if row is None:
             return None
         return RoundRow(row[0], row[1], row[2], json.loads(row[3]), json.loads(row[4]), row[5], row[6], row[7], row[8], row[9],
-                        None if row[10] is None else json.loads(row[10]), None if row[11] is None else json.loads(row[11]))
+                        None if row[10] is None else json.loads(row[10]), None if row[11] is None else json.loads(row[11]),
+                        None if row[12] is None else json.loads(row[12]))
 
     _ROUND_COLS = ("round_id, round, state, selected, instructions, target, started_at, deadline, closed_at, reason, privacy,"
-                   " probabilities")
+                   " probabilities, secagg")
 
     def current_open_round(self) -> Optional[RoundRow]:
         return self._round(self._one(f"SELECT {self._ROUND_COLS} FROM rounds WHERE state='open' ORDER BY round_id DESC LIMIT 1"))
+
+    def round_attempt(self, round_id: int) -> Optional[RoundRow]:
+        """One attempt by its id (open, closed or aborted)."""
+        return self._round(self._one(f"SELECT {self._ROUND_COLS} FROM rounds WHERE round_id=?", (round_id,)))
 
     def finish_round(self, round_id: int, state: str, reason: str, now: float, arrived: list[str]) -> None:
         """Close (or abort) a round attempt: participants who did not arrive are recorded as dropped."""
@@ -364,6 +397,11 @@ class ServerStore:
             key = _ASYNC_JOB_PARTICIPATION.get(status, "dropped")
             mine[key] = mine.get(key, 0) + int(n)
         return out
+
+    def participant_status(self, round_id: int, client_id: str) -> Optional[str]:
+        """selected / submitted / dropped for one client of one attempt, None if it was not selected."""
+        row = self._one("SELECT status FROM participants WHERE round_id=? AND client_id=?", (round_id, client_id))
+        return None if row is None else str(row[0])
 
     def round_participants(self, round_id: int) -> dict[str, str]:
         return dict(self._all("SELECT client_id, status FROM participants WHERE round_id=?", (round_id,)))

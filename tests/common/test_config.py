@@ -129,10 +129,41 @@ def test_cli_refuses_with_one_line_and_exit_2(args: list[str], tmp_path: Path) -
     assert not (tmp_path / "o").exists()
 
 
-def test_serve_with_the_seed_defaults_refuses_secure_aggregation_until_rest_has_it(tmp_path: Path) -> None:
-    """The seed turns secure aggregation on; the REST server must say it cannot, before anything starts."""
-    proc = subprocess.run([sys.executable, "-m", "fl_server", "serve", "--state-dir", str(tmp_path / "srv")],
-                          capture_output=True, text=True, timeout=120)
+def test_serve_with_the_seed_defaults_starts_with_dp_and_secure_aggregation(tmp_path: Path, small_config: dict) -> None:
+    """The seed turns sample-level DP and secure aggregation on: ``serve`` with no config must start with both."""
+    import os
+    import signal
+
+    import requests
+
+    from fl_server.demo import free_port, wait_healthy
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    with open(tmp_path / "server.log", "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "fl_server", "serve", "--state-dir", str(tmp_path / "srv"),
+                                 "--port", str(port)], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_healthy(url, proc, timeout=240)
+        status = requests.get(f"{url}/status", timeout=10).json()
+        assert status["secure_aggregation"] is True and status["secagg"]["enabled"] is True
+        assert status["differential_privacy"] is True and status["privacy"]["mode"] == "sample"
+        assert status["state"] == "waiting_for_clients" and status["num_rounds"] == 100
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=30)
+
+
+def test_serve_refuses_simulation_only_personalization_keys(tmp_path: Path) -> None:
+    """The REST server's clients keep all their data: a held-out split it would ignore is refused, not skipped."""
+    proc = subprocess.run([sys.executable, "-m", "fl_server", "serve", "--state-dir", str(tmp_path / "srv"),
+                           "--set", "secure_aggregation=false", "--set", "differential_privacy=false",
+                           "--set", "client_test_fraction=0.2"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and "secure_aggregation" in lines[0] and "simulat" in lines[0], proc.stderr
+    assert len(lines) == 1 and "client_test_fraction" in lines[0] and "simulat" in lines[0], proc.stderr

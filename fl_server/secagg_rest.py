@@ -1,0 +1,617 @@
+"""Secure aggregation over REST: the server side of the SecAgg phases for the federation service.
+
+The protocol itself is transport free (``fl_common.secagg``: the two state machines and their
+messages; ``fl_server.secagg``: the coordinator's :class:`SecureAggregator`). This module is only
+the REST driver of it, the way ``fl_server.secagg.simulation`` is the in-process one: it registers
+each client's Ed25519 verifying key, tells selected clients their index and the phase, moves the
+protocol's bytes between HTTP and the round's :class:`~fl_common.secagg.server.SecAggServer`, and
+turns the state machine's outcome into a closed or an aborted round attempt.
+
+Why it holds these rules:
+
+- **Nothing per client is ever stored.** Keys, ciphertexts of shares and the running masked sum
+  live in the process's memory only. A masked input is summed and *not* written to disk (its row
+  in SQLite keeps the hash, the idempotency key and the clear DP metrics for bookkeeping); a
+  restart therefore cannot resume a secure attempt: it is aborted with its reason and a new
+  attempt (fresh keys, fresh selection) is planned. Nothing half-unmasked is ever applied.
+- **A refusal is a drop.** A message that fails a check (bad signature, unknown neighbour,
+  duplicated share, malformed bytes, wrong phase) is answered 4xx with ``{"error", "message",
+  "dropped", "phase"}`` and the sender is out of this attempt (the state machine removes its masks
+  through its neighbours as for any dropout); the round completes while the threshold holds.
+- **Retries are free.** An identical retry of an accepted message (also after the phase moved on,
+  also after the attempt closed) gets the first answer again and changes nothing.
+- **Attempts, not rounds.** An aborted attempt is followed by a new one with the same round number,
+  so every path takes ``?attempt=ID``: a late message for an old attempt is refused (409) instead
+  of landing in the new one, where it would fail its signature and drop an innocent client.
+
+What it adds to monitoring: ``/status`` gets a ``secagg`` block (phase, U1..U4 counts, dropouts
+by phase, aborts), ``/metrics`` the same as gauges and counters (:class:`SecAggCollector`), and
+``summary.json`` the ``secure_aggregation`` block the simulation writes (bytes per client per
+phase). The history of finished attempts is kept in the store's meta table, so it survives a
+restart like the rest of the run's record.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+import logging
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any, Callable, Optional
+
+import torch
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+from fl_common.crypto import Envelope, EnvelopeError
+from fl_common.protocol import ClientUpdate
+from fl_common.protocol.rest import (
+    MAX_SECAGG_MESSAGE_BYTES,
+    ROUND_NOT_SELECTED,
+    ROUND_SELECTED,
+    ROUND_SUBMITTED,
+    unpack_masked_upload,
+)
+from fl_common.secagg import (
+    ED25519,
+    AdvertiseKeys,
+    MalformedMessage,
+    MaskedInput,
+    Phase,
+    SecAggAborted,
+    SecAggRejected,
+    ShareKeys,
+    UnmaskResponse,
+    Verifier,
+)
+from fl_server.secagg import MaskedUpdate, SecAggRoundStats, SecureAggregator
+from fl_server.selection import ClientInfo
+from fl_server.service import ApiError, Authenticated
+from fl_server.store.sqlite import RoundRow, UpdateRow
+from fl_server.strategies import UpdateRejected
+
+if TYPE_CHECKING:  # pragma: no cover
+    from fl_server.service import FederationService
+
+log = logging.getLogger("fl_server.secagg")
+
+#: the protocol's phases, in order (the state machine's Phase values)
+PHASE_ORDER = (Phase.ADVERTISE_KEYS, Phase.SHARE_KEYS, Phase.MASKED_INPUT, Phase.UNMASK)
+#: refusal code -> HTTP status: a message that came at the wrong time is a conflict; a signature that
+#: does not verify is forbidden; everything else is a bad request
+HTTP_STATUS = {"wrong_phase": 409, "not_in_phase": 409, "conflicting_duplicate": 409, "attempt_closed": 409,
+               "round_closed": 409, "not_selected": 409, "wrong_round": 409, "duplicate": 409, "bad_signature": 403,
+               "dp_mismatch": 422}
+#: refusals that say where the client stands, not that it misbehaved: they never drop it
+NOT_DROPPING = ("wrong_round", "not_selected", "duplicate", "attempt_closed", "round_closed", "conflicting_duplicate")
+#: meta-table key of the finished attempts' statistics (completed rounds and aborts)
+META_KEY = "secagg_history"
+#: finished attempts kept in that history (the summary's means are over these)
+HISTORY_LIMIT = 500
+#: the poll interval a client uses between the phases of an attempt (at most; cfg.poll_interval when lower):
+#: every phase change waits for the slowest poller, so a long idle interval would stretch the round
+SECAGG_POLL_MAX = 1.0
+RESTART_REASON = ("the server restarted during the secure round: its protocol state (keys, shares, the masked sum) "
+                  "lives in memory only, so the attempt is aborted and nothing of it is applied")
+
+
+def parse_verify_key(value: Any) -> Optional[str]:
+    """A registration's ``secagg_verify_key``: None, or the canonical urlsafe base64 of a 32-byte Ed25519
+    public key. Checked here so that a key the protocol could never verify is refused at registration
+    (400), not discovered as a bad signature in the middle of a round."""
+    if value is None:
+        return None
+    error = ApiError(400, "bad_secagg_verify_key", "secagg_verify_key must be the urlsafe base64 of a 32-byte Ed25519 "
+                     "public key")
+    if not isinstance(value, str) or len(value) > 64:
+        raise error
+    try:
+        raw = base64.urlsafe_b64decode(value.encode("ascii"))
+    except (binascii.Error, UnicodeEncodeError, ValueError):
+        raise error from None
+    if len(raw) != 32:
+        raise error
+    try:
+        Ed25519PublicKey.from_public_bytes(raw)
+    except ValueError:
+        raise error from None
+    return base64.urlsafe_b64encode(raw).decode("ascii")
+
+
+@dataclass
+class _Attempt:
+    """A secure round attempt this process runs (or ran: the last finished one answers retries)."""
+
+    round_id: int
+    round: int
+    agg: SecureAggregator
+    finished: bool = False
+
+
+class SecureRestRounds:
+    """The REST driver of secure aggregation, owned by :class:`~fl_server.service.FederationService`.
+
+    Every method that touches the round's state machine takes the service's lock: the state
+    machine is not thread safe, and the gunicorn worker serves requests from a thread pool."""
+
+    def __init__(self, service: FederationService) -> None:
+        self.service = service
+        self.cfg = service.cfg
+        self._attempts: dict[int, _Attempt] = {}
+        self._history: dict[str, Any] = self._load_history()
+
+    # ------------------------------------------------------------------ keys and candidates
+    def verifier(self, client_id: int | str) -> Optional[Verifier]:
+        """What the coordinator checks a selected client's messages against (its registered key)."""
+        key = self.service.store.secagg_verify_key(str(client_id))
+        if key is None:
+            return None
+        try:
+            return Verifier(ED25519, base64.urlsafe_b64decode(key.encode("ascii")))
+        except ValueError:
+            return None
+
+    def key_changed(self, client_id: str, now: float) -> None:
+        """A client registered a different verifying key: if it is in the open attempt it is dropped
+        from it now (its messages could no longer be checked against the key the attempt was planned
+        with), instead of holding the phase until its deadline. Called under the service's lock."""
+        agg = self.service.coordinator.secagg
+        if agg is None or client_id not in agg.params.client_ids:
+            return
+        index = agg.index_of(client_id)
+        if index not in agg.server.drops and not agg.server.finished:
+            agg.server.drop(index, "new_signing_key", now)
+            log.warning("round %d: client %s registered a new signing key mid-round: dropped from this attempt",
+                        agg.params.round, client_id)
+
+    def candidates(self, live: list[str], infos: Optional[dict[str, ClientInfo]]) -> tuple[list[str], dict[str, ClientInfo]]:
+        """The live clients a secure round can include, with their record counts.
+
+        A client needs a registered verifying key (without one it could never pass the signature
+        check) and a reported profile, whose record count the masked weights need: the public bound W
+        is the largest count among the selected (fl_server/secagg/aggregator.py). The profile is also
+        the sign that a daemon has loaded its data and polls: every phase of a secure round waits for
+        each selected client, so selecting one that registered but is still starting up would cost an
+        aborted attempt. (Plain rounds under ``uniform`` need neither: they close with whoever arrived.)"""
+        capable = self.service.store.secagg_capable_ids()
+        profiles = self.service.store.profiles()
+        out: dict[str, ClientInfo] = {}
+        for cid in live:
+            if cid not in capable:
+                continue
+            info = (infos or {}).get(cid)
+            if info is not None and info.num_samples is not None:
+                out[cid] = info
+                continue
+            reported = (profiles.get(cid) or {}).get("num_samples")
+            if isinstance(reported, int) and not isinstance(reported, bool) and reported > 0:
+                out[cid] = ClientInfo(cid, num_samples=reported)
+        return [cid for cid in live if cid in out], out
+
+    # ------------------------------------------------------------------ round lifecycle (service's lock held)
+    def opened(self, row: RoundRow) -> None:
+        """The service stored a new secure attempt: remember it so its messages can be routed to it."""
+        agg = self.service.coordinator.secagg
+        assert agg is not None
+        for attempt_id in [a for a, att in self._attempts.items() if att.finished]:
+            del self._attempts[attempt_id]  # only the last finished attempt answers retries
+        self._attempts[row.round_id] = _Attempt(row.round_id, row.round, agg)
+        log.info("round %d (attempt %d): secure aggregation over %d clients, threshold %d, degree %d, %d-bit field",
+                 row.round, row.round_id, agg.params.n, agg.params.threshold, min(agg.params.degree, agg.params.n - 1),
+                 agg.params.modulus_bits)
+
+    def tick(self, row: RoundRow, now: float) -> None:
+        """Look at the deadlines; close the attempt when unmasked, abort it when the protocol aborted."""
+        svc = self.service
+        agg = svc.coordinator.secagg
+        if agg is None:
+            return
+        server = agg.server
+        if server.phase == Phase.MASKED_INPUT and server.num_inputs >= row.target and server.expected():
+            # quorum, as in plain rounds: the stragglers are dropped and their masks removed through their neighbours
+            server.close_phase(now)
+        else:
+            server.advance(now)
+        if server.phase == Phase.UNMASK and len(server.u3) < self.cfg.min_clients:
+            self._abort(row, agg, f"only {len(server.u3)} masked inputs arrived, fewer than min_clients="
+                        f"{self.cfg.min_clients}", now)
+        elif server.phase == Phase.DONE:
+            self._close(row, agg, now)
+        elif server.phase == Phase.ABORTED:
+            self._abort(row, agg, server.abort_reason or "aborted", now)
+
+    def _close(self, row: RoundRow, agg: SecureAggregator, now: float) -> None:
+        svc = self.service
+        server = agg.server
+        # the protocol's own messages (keys, shares, unmasking) count towards the round's traffic too
+        svc.coordinator.add_bytes(sum(sum(d.values()) for ph, d in server.bytes_in.items() if ph != Phase.MASKED_INPUT.value)
+                                  + sum(sum(d.values()) for d in server.bytes_out.values()))
+        try:
+            svc._close_round(row, "unmasked")  # calls record_closed once the sum is applied
+        except (SecAggAborted, RuntimeError) as exc:  # nothing was applied: the sum did not decode or was short
+            if svc.coordinator.current_round is None:
+                raise  # the round did close: a later step failed, which the ticker reports
+            self._abort(row, agg, f"the unmasked sum could not be applied: {exc}", now)
+
+    def record_closed(self, row: RoundRow, agg: SecureAggregator) -> None:
+        """The service applied the attempt's unmasked sum: add it to the history (summary, /status, /metrics)."""
+        self._finish(row, agg.stats())
+
+    def _abort(self, row: RoundRow, agg: SecureAggregator, reason: str, now: float) -> None:
+        svc = self.service
+        coord = svc.coordinator
+        closed = list(agg.server.phase_closed_at)  # in order; an abort closes the phase it happened in last
+        phase = (closed[-1] if closed else Phase.ADVERTISE_KEYS.value) if agg.server.phase == Phase.ABORTED \
+            else agg.server.phase.value
+        arrived = sorted(coord.arrived)
+        stats = agg.stats()
+        stats.aborted = reason
+        coord.abort_round()
+        if coord.privacy is not None:
+            svc._checkpoint()  # sample-level DP charged the clients whose masked inputs arrived: keep that
+        svc.store.finish_round(row.round_id, "aborted", f"secure aggregation aborted in phase {phase}: {reason}", now, arrived)
+        log.warning("round %d (attempt %d): secure aggregation aborted in phase %s: %s; nothing is applied, a new attempt "
+                    "follows", row.round, row.round_id, phase, reason)
+        svc.observers.round_aborted(row.round, len(arrived))
+        self._finish(row, stats, phase=phase)
+
+    def _finish(self, row: RoundRow, stats: SecAggRoundStats, *, phase: Optional[str] = None) -> None:
+        attempt = self._attempts.get(row.round_id)
+        if attempt is not None:
+            attempt.finished = True
+        entry = {**asdict(stats), "attempt": row.round_id}
+        entry["events"] = len(stats.events)  # counts only: the events name clients
+        if stats.aborted is not None:
+            entry["aborted_in_phase"] = phase
+        self._history.setdefault("attempts", []).append(entry)
+        self._history["attempts"] = self._history["attempts"][-HISTORY_LIMIT:]
+        key = "aborted" if stats.aborted is not None else "completed"
+        self._history[key] = int(self._history.get(key, 0)) + 1
+        drops = self._history.setdefault("dropouts_by_phase", {})
+        for ph, n in stats.drops.items():
+            drops[ph] = int(drops.get(ph, 0)) + int(n)
+        self._save_history()
+
+    def recover(self, row: RoundRow) -> None:
+        """Start-up with a secure attempt still open in the store: abort it (see the module docstring).
+
+        Under sample-level DP the clients whose masked inputs had arrived are charged, as an abort in
+        the running process charges them (conservative: their DP-SGD output reached the server)."""
+        svc = self.service
+        coord = svc.coordinator
+        updates = svc.store.updates_for_round(row.round_id)
+        if coord.privacy is not None and row.privacy is not None and updates:
+            from fl_server.privacy_engine import DPRound
+
+            ctx = DPRound.from_json(row.privacy)
+            for u in updates:
+                try:
+                    coord.privacy.receive(ClientUpdate(u.client_id, u.round, torch.zeros(0), 1, dict(u.metrics)), ctx)
+                except (UpdateRejected, KeyError):
+                    pass
+            svc._checkpoint()
+        svc.store.finish_round(row.round_id, "aborted", RESTART_REASON, svc.clock(), [u.client_id for u in updates])
+        log.warning("round %d (attempt %d): %s", row.round, row.round_id, RESTART_REASON)
+        self._history.setdefault("attempts", []).append({"round": row.round, "attempt": row.round_id, "aborted": RESTART_REASON,
+                                                          "aborted_in_phase": "unknown (server restart)", "drops": {},
+                                                          "phase_bytes": {}, "summed": 0, "clipped": 0, "events": 0,
+                                                          "params": {}})
+        self._history["aborted"] = int(self._history.get("aborted", 0)) + 1
+        self._save_history()
+
+    # ------------------------------------------------------------------ the client's view
+    def round_status(self, client_id: str, row: RoundRow) -> tuple[str, Optional[dict[str, Any]]]:
+        """(state, secagg block) of a client in the open attempt: 'selected' while it has a step to take."""
+        agg = self.service.coordinator.secagg
+        if agg is None or client_id not in agg.params.client_ids:
+            return ROUND_NOT_SELECTED, None
+        server = agg.server
+        index = agg.index_of(client_id)
+        server.params_for(index)  # the parameters go down with this reply: counted as phase-0 traffic
+        now = self.service.clock()
+        dropped = index in server.drops
+        done = index in server.bytes_in[Phase.UNMASK.value]
+        block = {"attempt": row.round_id, "params": agg.params.to_json(), "index": index, "phase": server.phase.value,
+                 "deadline": server.deadline, "deadline_in_s": round(max(0.0, server.deadline - now), 3),
+                 "poll_after": min(self.cfg.poll_interval, SECAGG_POLL_MAX), "dropped": dropped, "done": done}
+        if not dropped and not done and not server.finished:
+            return ROUND_SELECTED, block
+        return (ROUND_SUBMITTED if client_id in self.service.coordinator.arrived else ROUND_NOT_SELECTED), block
+
+    # ------------------------------------------------------------------ the protocol's endpoints
+    def _resolve(self, auth: Authenticated, round_number: int, attempt: Optional[str]) -> tuple[_Attempt, int]:
+        """The attempt a request is for and the client's index in it (service's lock held)."""
+        if attempt is not None:
+            if not attempt.isdigit() or len(attempt) > 12:
+                raise ApiError(400, "bad_attempt", "attempt must be a positive integer")
+            entry = self._attempts.get(int(attempt))
+            if entry is None:
+                row = self.service.store.round_attempt(int(attempt))
+                ended = {"closed": Phase.DONE.value, "aborted": Phase.ABORTED.value}.get(row.state) if row is not None else None
+                raise ApiError(409, "attempt_closed", f"attempt {attempt} is not open on this server (it ended, or the "
+                               f"server restarted); poll the round for the current one", extra={"dropped": True, "phase": ended})
+        else:
+            agg = self.service.coordinator.secagg
+            entry = next((a for a in self._attempts.values() if agg is not None and a.agg is agg), None)
+            if entry is None:
+                raise ApiError(409, "round_closed", f"no secure round is open (round {round_number} asked)",
+                               extra={"dropped": True, "phase": None})
+        if entry.round != round_number:
+            raise ApiError(409, "round_closed", f"attempt {entry.round_id} belongs to round {entry.round}, not {round_number}",
+                           extra={"dropped": True, "phase": None})
+        if auth.client_id not in entry.agg.params.client_ids:
+            raise ApiError(409, "not_selected", f"this client is not in attempt {entry.round_id} of round {entry.round}",
+                           extra={"dropped": False, "phase": None})
+        return entry, entry.agg.index_of(auth.client_id)
+
+    def _extra(self, entry: _Attempt, index: int) -> dict[str, Any]:
+        server = entry.agg.server
+        return {"dropped": index in server.drops, "phase": server.phase.value,
+                "deadline_in_s": round(max(0.0, server.deadline - self.service.clock()), 3)}
+
+    def _refused(self, auth: Authenticated, entry: _Attempt, index: int, step: str, code: str, message: str,
+                 *, drop: bool) -> ApiError:
+        """Count and audit a refusal, drop the sender when its message was bad, and build the 4xx."""
+        server = entry.agg.server
+        if drop and code not in NOT_DROPPING and not entry.finished:
+            server.drop(index, code, self.service.clock())
+        self.service._refuse(f"secagg_{code}", auth.client_id, f"{step} of round {entry.round} (attempt {entry.round_id}) "
+                             f"refused: {code}")
+        return ApiError(HTTP_STATUS.get(code, 400), code, message, extra=self._extra(entry, index))
+
+    def _waiting(self, entry: _Attempt, index: int, step: str, until: Phase) -> ApiError:
+        """A step asked for before its phase: a client polling early, not a misbehaving one (no drop, no audit)."""
+        server = entry.agg.server
+        return ApiError(409, "wrong_phase", f"{step} is available from phase {until.value}; round {entry.round} is in phase "
+                        f"{server.phase.value}", extra=self._extra(entry, index))
+
+    def _open_body(self, auth: Authenticated, body: bytes) -> bytes:
+        if len(body) > MAX_SECAGG_MESSAGE_BYTES:
+            raise ApiError(413, "body_too_large", f"a secure-aggregation message is limited to {MAX_SECAGG_MESSAGE_BYTES} bytes")
+        if not self.cfg.encryption:
+            return body
+        try:
+            return Envelope(auth.keys).open(body)
+        except EnvelopeError:
+            raise MalformedMessage("the body could not be decrypted with this client's key", "bad_ciphertext") from None
+
+    def seal(self, auth: Authenticated, data: bytes) -> bytes:
+        """A response body: Fernet-encrypted for the client when the server encrypts (roster, shares, requests)."""
+        return Envelope(auth.keys).seal(data) if self.cfg.encryption else data
+
+    def _receive(self, auth: Authenticated, round_number: int, attempt: Optional[str], body: bytes, step: str,
+                 parse: Callable[[bytes], Any], receive: Callable[[Any, Any, float], None]) -> dict[str, Any]:
+        """Decrypt, parse and hand one client message to the state machine; every refusal drops the sender."""
+        svc = self.service
+        try:
+            msg: Any = parse(self._open_body(auth, body))
+            problem: Optional[MalformedMessage] = None
+        except MalformedMessage as exc:
+            msg, problem = None, exc
+        with svc._lock:
+            entry, index = self._resolve(auth, round_number, attempt)
+            if problem is not None:
+                raise self._refused(auth, entry, index, step, problem.code, str(problem), drop=True)
+            if msg.sender != index:
+                raise self._refused(auth, entry, index, step, "wrong_sender", f"this client is index {index} in round "
+                                    f"{entry.round}, its message says {msg.sender}", drop=True)
+            try:
+                receive(entry.agg.server, msg, svc.clock())
+            except SecAggRejected as exc:
+                raise self._refused(auth, entry, index, step, exc.code, str(exc), drop=False) from None
+            answer = {"accepted": True, "round": entry.round, "attempt": entry.round_id, **self._extra(entry, index)}
+        svc._wake.set()
+        return answer
+
+    def advertise(self, auth: Authenticated, round_number: int, attempt: Optional[str], body: bytes) -> dict[str, Any]:
+        """POST .../secagg/advertise: the client's two fresh public keys, signed."""
+        return self._receive(auth, round_number, attempt, body, "advertise", AdvertiseKeys.from_bytes,
+                             lambda s, m, now: s.receive_advertise(m, now))
+
+    def share_keys(self, auth: Authenticated, round_number: int, attempt: Optional[str], body: bytes) -> dict[str, Any]:
+        """POST .../secagg/shares: the client's encrypted shares, one per neighbour, signed."""
+        return self._receive(auth, round_number, attempt, body, "shares", ShareKeys.from_bytes,
+                             lambda s, m, now: s.receive_share_keys(m, now))
+
+    def unmask(self, auth: Authenticated, round_number: int, attempt: Optional[str], body: bytes) -> dict[str, Any]:
+        """POST .../secagg/unmask: the shares the client reveals; the last one unmasks the sum (on the tick)."""
+        return self._receive(auth, round_number, attempt, body, "unmask", UnmaskResponse.from_bytes,
+                             lambda s, m, now: s.receive_unmask(m, now))
+
+    def _fetch(self, auth: Authenticated, round_number: int, attempt: Optional[str], step: str, until: Phase,
+               get: Callable[[Any, int], Any]) -> bytes:
+        with self.service._lock:
+            entry, index = self._resolve(auth, round_number, attempt)
+            server = entry.agg.server
+            if server.phase in PHASE_ORDER and PHASE_ORDER.index(server.phase) < PHASE_ORDER.index(until):
+                raise self._waiting(entry, index, step, until)
+            try:
+                data = get(server, index).to_bytes()
+            except SecAggRejected as exc:
+                raise ApiError(HTTP_STATUS.get(exc.code, 400), exc.code, str(exc), extra=self._extra(entry, index)) from None
+        return self.seal(auth, data)
+
+    def roster(self, auth: Authenticated, round_number: int, attempt: Optional[str]) -> bytes:
+        """GET .../secagg/roster: U1 with everyone's keys and signatures (409 until phase share_keys)."""
+        return self._fetch(auth, round_number, attempt, "roster", Phase.SHARE_KEYS, lambda s, i: s.roster_for(i))
+
+    def bundle(self, auth: Authenticated, round_number: int, attempt: Optional[str]) -> bytes:
+        """GET .../secagg/shares: the ciphertexts addressed to the client, and U2 (409 until masked_input)."""
+        return self._fetch(auth, round_number, attempt, "share bundle", Phase.MASKED_INPUT, lambda s, i: s.bundle_for(i))
+
+    def unmask_request(self, auth: Authenticated, round_number: int, attempt: Optional[str]) -> bytes:
+        """GET .../secagg/unmask: U3 and U2 minus U3 (409 until phase unmask)."""
+        return self._fetch(auth, round_number, attempt, "unmask request", Phase.UNMASK, lambda s, i: s.unmask_request_for(i))
+
+    def outcome(self, auth: Authenticated, round_number: int, attempt: Optional[str]) -> dict[str, Any]:
+        """GET .../secagg/outcome: how the attempt ended and whether this client's input is in the applied sum
+        (a SCAFFOLD client moves its control variate only then, as in the simulation)."""
+        if attempt is None or not attempt.isdigit() or len(attempt) > 12:
+            raise ApiError(400, "bad_attempt", "outcome needs ?attempt=ID")
+        row = self.service.store.round_attempt(int(attempt))
+        if row is None or row.round != round_number or row.secagg is None:
+            raise ApiError(404, "unknown_attempt", f"no secure attempt {attempt} of round {round_number}")
+        if auth.client_id not in row.selected:
+            raise ApiError(409, "not_selected", f"this client was not in attempt {attempt}")
+        status = self.service.store.participant_status(row.round_id, auth.client_id)
+        return {"round": row.round, "attempt": row.round_id, "state": row.state, "reason": row.reason,
+                "in_sum": row.state == "closed" and status == "submitted"}
+
+    def accept_masked(self, auth: Authenticated, round_number: int, attempt: Optional[str], idempotency_key: str,
+                      body: bytes) -> dict[str, Any]:
+        """POST .../rounds/{r}/update in a secure round: a masked input (no codec: masked values are uniform),
+        with the clear metrics sample-level DP checks. Summed in memory, never written to disk."""
+        svc = self.service
+        svc._check_idempotency_key(auth.client_id, idempotency_key)
+        problem: Optional[MalformedMessage] = None
+        metrics: dict[str, float] = {}
+        msg: Optional[MaskedInput] = None
+        try:
+            data = Envelope(auth.keys).open(body) if self.cfg.encryption else body
+            metrics, raw = unpack_masked_upload(data)
+            msg = MaskedInput.from_bytes(raw)
+        except EnvelopeError:
+            problem = MalformedMessage("the upload could not be decrypted with this client's key", "bad_ciphertext")
+        except ValueError as exc:  # MalformedMessage is a SecAggError, caught below; this is the upload's framing
+            problem = MalformedMessage(f"not a masked upload: {exc}", "malformed")
+        except MalformedMessage as exc:
+            problem = exc
+        with svc._lock:
+            entry, index = self._resolve(auth, round_number, attempt)
+            previous = svc.store.update(entry.round_id, auth.client_id)
+            if previous is not None:  # a retry: the same masked input gets the same answer, a different one a 409
+                if msg is not None and previous.sha256 == hashlib.sha256(msg.payload).hexdigest():
+                    return {"accepted": True, "round": entry.round, "attempt": entry.round_id, "duplicate": True,
+                            **self._extra(entry, index)}
+                raise self._refused(auth, entry, index, "masked input", "conflicting_duplicate", "a different masked input "
+                                    "of this client was already accepted (the first one counts)", drop=False)
+            if problem is not None:
+                raise self._refused(auth, entry, index, "masked input", problem.code, str(problem), drop=True)
+            assert msg is not None
+            if entry.finished:
+                raise self._refused(auth, entry, index, "masked input", "round_closed", f"attempt {entry.round_id} has "
+                                    f"ended", drop=False)
+            now = svc.clock()
+            update = MaskedUpdate.wrap(auth.client_id, round_number, msg, metrics=metrics, now=now)
+            try:
+                svc.coordinator.submit(update)
+            except UpdateRejected as exc:
+                raise self._refused(auth, entry, index, "masked input", exc.reason, str(exc), drop=True) from None
+            svc.store.add_update(UpdateRow(entry.round_id, round_number, auth.client_id, idempotency_key, "",
+                                           hashlib.sha256(msg.payload).hexdigest(), 1, dict(update.metrics), len(body), now))
+            answer = {"accepted": True, "round": entry.round, "attempt": entry.round_id, "duplicate": False,
+                      **self._extra(entry, index)}
+        svc._wake.set()
+        return answer
+
+    # ------------------------------------------------------------------ monitoring
+    def _load_history(self) -> dict[str, Any]:
+        raw = self.service.store.get_meta(META_KEY)
+        try:
+            data = json.loads(raw) if raw else {}
+        except json.JSONDecodeError:
+            data = {}
+        return data if isinstance(data, dict) else {}
+
+    def _save_history(self) -> None:
+        self.service.store.set_meta(META_KEY, json.dumps(self._history))
+
+    def status(self) -> dict[str, Any]:
+        """The ``secagg`` block of ``/status`` (service's lock held by the caller or not needed: reads only)."""
+        agg = self.service.coordinator.secagg
+        current = None
+        if agg is not None:
+            s = agg.server
+            passed = set(s.phase_closed_at)
+            received = {p.value: len(s.bytes_in[p.value]) for p in PHASE_ORDER}
+            drops: dict[str, int] = {}
+            for d in s.drops.values():
+                drops[d.phase] = drops.get(d.phase, 0) + 1
+            attempt = next((a.round_id for a in self._attempts.values() if a.agg is agg), None)
+            current = {"round": agg.params.round, "attempt": attempt, "phase": s.phase.value, "selected": agg.params.n,
+                       "threshold": agg.params.threshold, "degree": min(agg.params.degree, agg.params.n - 1),
+                       "modulus_bits": agg.params.modulus_bits,
+                       "deadline_in_s": round(max(0.0, s.deadline - self.service.clock()), 1),
+                       "u1": len(s.u1) if Phase.ADVERTISE_KEYS.value in passed else received[Phase.ADVERTISE_KEYS.value],
+                       "u2": len(s.u2) if Phase.SHARE_KEYS.value in passed else received[Phase.SHARE_KEYS.value],
+                       "u3": len(s.u3) if Phase.MASKED_INPUT.value in passed else s.num_inputs,
+                       "u4": received[Phase.UNMASK.value], "received": received, "dropouts_by_phase": drops}
+        h = self._history
+        attempts = h.get("attempts", [])
+        last = next((a for a in reversed(attempts) if a.get("aborted") is None), None)
+        return {"enabled": True, "current": current, "rounds_completed": int(h.get("completed", 0)),
+                "aborted_attempts": int(h.get("aborted", 0)), "dropouts_by_phase": dict(h.get("dropouts_by_phase", {})),
+                "abort_reasons": [a.get("aborted") for a in attempts if a.get("aborted") is not None][-5:],
+                "last_round": None if last is None else {k: last.get(k) for k in ("round", "attempt", "summed", "drops",
+                                                                                     "phase_bytes", "clipped")}}
+
+    def summary(self) -> dict[str, Any]:
+        """The ``secure_aggregation`` block of summary.json, in the simulation's shape (secagg/simulation.py)."""
+        attempts = self._history.get("attempts", [])
+        done = [a for a in attempts if a.get("aborted") is None]
+        phases = [p.value for p in PHASE_ORDER]
+        bytes_pp = {ph: {k: (sum(a["phase_bytes"][ph][k] for a in done) / len(done) if done else 0.0) for k in ("up", "down")}
+                    for ph in phases}
+        drops = {ph: (sum(a["drops"].get(ph, 0) for a in done) / len(done) if done else 0.0) for ph in phases}
+        last = done[-1] if done else None
+        return {
+            "enabled": True,
+            "protocol": "SecAgg (Bonawitz et al. 2017) with the SecAgg+ neighbour graph (Bell et al. 2020), over REST",
+            "authentication": "ed25519 per client (verifying keys registered with the server at enrollment)",
+            "rounds_completed": int(self._history.get("completed", 0)),
+            "aborted_attempts": int(self._history.get("aborted", 0)),
+            "abort_reasons": [a.get("aborted") for a in attempts if a.get("aborted") is not None][-5:],
+            "last_round_parameters": last["params"] if last else None,
+            "bytes_per_client_per_phase": bytes_pp,
+            "mean_dropouts_per_round": drops,
+            "dropouts_by_phase": dict(self._history.get("dropouts_by_phase", {})),
+            "clipped_updates": sum(int(a.get("clipped", 0)) for a in done),
+            "integrity_events": sum(int(a.get("events", 0)) for a in done),
+            "wire": "masked inputs are uniform in the field: the codec setting is not applied to them; b bits per value "
+                    f"(last round: {last['params'].get('modulus_bits') if last else '-'}-bit field)",
+        }
+
+
+class SecAggCollector:
+    """``/metrics`` for secure aggregation: the open round's phase and set sizes, dropouts and aborts."""
+
+    def __init__(self, rounds: SecureRestRounds) -> None:
+        self.rounds = rounds
+
+    def describe(self) -> list[Metric]:
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        with self.rounds.service._lock:
+            st = self.rounds.status()
+        cur = st.get("current") or {}
+        phase = GaugeMetricFamily("fl_secagg_phase", "1 for the open secure round's protocol phase (none: no round open)",
+                                  labels=["phase"])
+        for p in ("none", *(ph.value for ph in PHASE_ORDER)):
+            phase.add_metric([p], 1.0 if cur.get("phase", "none") == p else 0.0)
+        yield phase
+        sets = GaugeMetricFamily("fl_secagg_round_clients", "Clients of the open secure round: selected, and U1..U4 (advertised "
+                                 "keys, shared keys, sent a masked input, answered the unmask request; so far while the "
+                                 "phase is open)", labels=["set"])
+        for name in ("selected", "u1", "u2", "u3", "u4"):
+            sets.add_metric([name], float(cur.get(name, 0)))
+        yield sets
+        yield GaugeMetricFamily("fl_secagg_threshold", "Shamir threshold t of the open secure round (0 when none)",
+                                value=float(cur.get("threshold", 0)))
+        drops = CounterMetricFamily("fl_secagg_dropouts", "Clients dropped from secure rounds, by the phase they dropped in "
+                                    "(finished attempts, and the open one)", labels=["phase"])
+        total = dict(st.get("dropouts_by_phase") or {})
+        for ph, n in (cur.get("dropouts_by_phase") or {}).items():
+            total[ph] = total.get(ph, 0) + n
+        for p in (ph.value for ph in PHASE_ORDER):
+            drops.add_metric([p], float(total.get(p, 0)))
+        yield drops
+        yield CounterMetricFamily("fl_secagg_rounds_completed", "Secure rounds unmasked and applied", value=st["rounds_completed"])
+        yield CounterMetricFamily("fl_secagg_aborts", "Secure round attempts aborted (too few clients for the threshold, "
+                                  "a server restart, ...): nothing of them was applied", value=st["aborted_attempts"])
+
+
+__all__ = ["HTTP_STATUS", "SecAggCollector", "SecureRestRounds", "parse_verify_key"]

@@ -232,10 +232,15 @@ def create_app(service: FederationService, *, start_ticker: bool = True) -> Flas
     def secagg_advertise(round_number: int) -> Response:
         return secagg_post(round_number, "advertise")
 
+    def secagg_get(round_number: int, step: str) -> Response:
+        """The GET side of a phase: what this client must read before its next message."""
+        rounds = secure()
+        reader = {"roster": rounds.roster, "shares": rounds.bundle, "unmask": rounds.unmask_request}[step]
+        return protocol_bytes(reader(signed(), round_number, request.args.get(QUERY_SECAGG_ATTEMPT)))
+
     @app.get("/api/v1/rounds/<int:round_number>/secagg/roster")
     def secagg_roster(round_number: int) -> Response:
-        rounds = secure()
-        return protocol_bytes(rounds.roster(signed(), round_number, request.args.get(QUERY_SECAGG_ATTEMPT)))
+        return secagg_get(round_number, "roster")
 
     @app.post("/api/v1/rounds/<int:round_number>/secagg/shares")
     def secagg_share_keys(round_number: int) -> Response:
@@ -243,13 +248,11 @@ def create_app(service: FederationService, *, start_ticker: bool = True) -> Flas
 
     @app.get("/api/v1/rounds/<int:round_number>/secagg/shares")
     def secagg_bundle(round_number: int) -> Response:
-        rounds = secure()
-        return protocol_bytes(rounds.bundle(signed(), round_number, request.args.get(QUERY_SECAGG_ATTEMPT)))
+        return secagg_get(round_number, "shares")
 
     @app.get("/api/v1/rounds/<int:round_number>/secagg/unmask")
     def secagg_unmask_request(round_number: int) -> Response:
-        rounds = secure()
-        return protocol_bytes(rounds.unmask_request(signed(), round_number, request.args.get(QUERY_SECAGG_ATTEMPT)))
+        return secagg_get(round_number, "unmask")
 
     @app.post("/api/v1/rounds/<int:round_number>/secagg/unmask")
     def secagg_unmask(round_number: int) -> Response:

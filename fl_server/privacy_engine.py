@@ -19,9 +19,14 @@ Two modes (``dp_mode``):
 * ``"sample"`` — record-level DP-SGD on every client (the default; see the config schema for
   why). Each client is accounted on its own, over the rounds it took part in, with q_k =
   batch / n_k and the local steps it actually took; the run's ε is the maximum over clients.
-  σ is calibrated so the worst client (largest ε for its (q_k, steps_k)) fits the budget at
-  its *planned participation* (``dp_client_rounds``; default the expected
-  ceil(num_rounds × clients_per_round / num_clients)). Enforcement is per client: a client
+  σ is calibrated for a client's *planned participation* (``dp_client_rounds``; default the
+  expected ceil(num_rounds × clients_per_round / num_clients)): per client by default
+  (``dp_noise_calibration: per_client``: σ_k for the client's own (q_k, steps_k), so every
+  client spends the budget — a client's guarantee depends only on the mechanism run on its
+  own records, and n_k is treated as public, so a large shard may take less noise than a
+  small one at the same ε), or one σ for everyone, set by the worst client (``uniform``, or
+  when ``dp_noise_multiplier`` is given). σ_k depends only on n_k and is cached per shard
+  size (and checkpointed, so a resumed run uses the same noise). Enforcement is per client: a client
   whose next round would cross the budget is no longer selected, and the run ends when fewer
   than ``min_clients`` can still take part. A client is charged when its update reaches the
   server (its DP-SGD output is the release), whether or not the round later closes.
@@ -192,6 +197,11 @@ class PrivacyEngine:
         self.clip_norm = float(cfg.clip_grad_norm)
         self.client_sizes: dict[ClientId, int] = {}
         self._eps_cache: dict[tuple, float] = {}
+        # sample level, per-client calibration: shard size -> (σ, ε it spends over the planned rounds)
+        self.calibration = "uniform"
+        self.sigma_by_size: dict[int, tuple[float, float]] = {}
+        self.noise_multiplier = 0.0
+        self.expected_epsilon = 0.0
         self.stop_reason: str | None = None
         # sample level: client -> [(round, σ, q, steps)]
         self.client_records: dict[ClientId, list[tuple[int, float, float, int]]] = {}
@@ -209,8 +219,13 @@ class PrivacyEngine:
                                   "(the coordinator must be given client_sizes or planned_sizes)")
             self._check_delta(sum(sizes), "training records")
             self.planned_rounds = cfg.dp_client_rounds or math.ceil(cfg.num_rounds * cfg.clients_per_round / cfg.num_clients)
-            phases = [self._phase(n, self.planned_rounds) for n in sorted(set(sizes))]
-            self._calibrate_sample(phases)
+            self.calibration = "uniform" if cfg.dp_noise_multiplier is not None else cfg.dp_noise_calibration
+            if self.calibration == "uniform":
+                phases = [self._phase(n, self.planned_rounds) for n in sorted(set(sizes))]
+                self._calibrate_sample(phases)
+            else:  # the extremes up front (what is logged); the rest when a client is first selected
+                for n in {min(sizes), max(sizes)}:
+                    self._sigma_for_size(n)
         elif self.mode == "client":
             self._check_delta(cfg.num_clients, "clients")
             self.planned_rounds = cfg.num_rounds
@@ -266,6 +281,25 @@ class PrivacyEngine:
                 lambda: calibrate_worst_case(self.epsilon_budget, self.delta, phases, self.accountant))
         self.expected_epsilon = worst_case_epsilon(self.noise_multiplier, [self.binding_phase], self.delta, self.accountant)
 
+    def _sigma_for_size(self, num_samples: int) -> float:
+        """σ of a client with ``num_samples`` records (per-client calibration: cached per size)."""
+        if self.calibration == "uniform":
+            return self.noise_multiplier
+        known = self.sigma_by_size.get(num_samples)
+        if known is None:
+            q, steps = self._phase(num_samples, self.planned_rounds)
+            sigma = self._calibrate(lambda: calibrate_noise_multiplier(self.epsilon_budget, self.delta, q, steps, self.accountant))
+            known = (sigma, self._epsilon_of(((sigma, q, steps),)))
+            self.sigma_by_size[num_samples] = known
+            log.debug("sample-level DP: sigma %.4f for %d records (q=%.4g, %d steps planned)", sigma, num_samples, q, steps)
+        self.noise_multiplier = max(self.noise_multiplier, known[0])
+        self.expected_epsilon = max(self.expected_epsilon, known[1])
+        return known[0]
+
+    def client_noise_multiplier(self, cid: ClientId) -> float:
+        """The σ this client's DP-SGD runs with."""
+        return self._sigma_for_size(self.client_sizes[cid])
+
     def register_client(self, cid: ClientId, num_samples: int) -> None:
         """Records a client's number of records (sample level needs it to plan q_k and steps_k).
 
@@ -318,8 +352,11 @@ class PrivacyEngine:
         n = self.client_sizes.get(cid)
         if n is None:
             return False
+        records = self.client_records.get(cid, [])
+        if not records and self.calibration == "per_client":
+            return True  # σ_k is calibrated for planned_rounds >= 1 rounds of this client: the first always fits
         q, steps = self._phase(n, 1)
-        history = self._merged(self.client_records.get(cid, []), (self.noise_multiplier, q, steps))
+        history = self._merged(records, (self._sigma_for_size(n), q, steps))
         return self._epsilon_of(history) <= self.epsilon_budget
 
     # ------------------------------------------------------------------ the round
@@ -373,7 +410,7 @@ class PrivacyEngine:
         """The client's DP instructions for this round."""
         if self.mode == "sample":
             q, steps = ctx.plans[cid]
-            return replace(instr, dp_sample_level=True, dp_noise_multiplier=self.noise_multiplier, dp_clip=ctx.clip_norm,
+            return replace(instr, dp_sample_level=True, dp_noise_multiplier=self.client_noise_multiplier(cid), dp_clip=ctx.clip_norm,
                            dp_sample_rate=q, dp_steps=steps)
         noise = 0.0
         if self.cfg.dp_noise == "distributed":
@@ -401,7 +438,7 @@ class PrivacyEngine:
         cid = update.client_id
         q, steps = ctx.plans[cid]
         if cid not in ctx.charged:  # its DP-SGD output has reached the server: that is the release
-            self.client_records.setdefault(cid, []).append((ctx.round, self.noise_multiplier, q, steps))
+            self.client_records.setdefault(cid, []).append((ctx.round, self.client_noise_multiplier(cid), q, steps))
             ctx.charged.add(cid)
         got_q, got_steps = update.metrics.get("dp_sample_rate"), update.metrics.get("dp_steps")
         if got_q is None or got_steps is None or abs(float(got_q) - q) > 1e-12 or int(got_steps) != steps:
@@ -440,9 +477,18 @@ class PrivacyEngine:
                     f"({how}), clip C={self.clip_norm:g}, q={cfg.clients_per_round}/{cfg.num_clients}, {cfg.num_rounds} rounds "
                     f"-> expected final epsilon {self.expected_epsilon:.4f} of dp_epsilon={self.epsilon_budget:g} at "
                     f"delta={self.delta:g} ({self.accountant}){short}")
+        if self.calibration == "per_client":
+            sizes = sorted(self.sigma_by_size)
+            small, large = self.sigma_by_size[sizes[0]][0], self.sigma_by_size[sizes[-1]][0]
+            return (f"sample-level DP-SGD: noise multiplier calibrated per client for its own (q, steps) over "
+                    f"{self.planned_rounds} planned rounds, sigma={small:.4f} for the smallest shard ({sizes[0]} records) ... "
+                    f"{large:.4f} for the largest ({sizes[-1]}), per-sample clip C={self.clip_norm:g} -> expected final "
+                    f"epsilon {self.expected_epsilon:.4f} per client of dp_epsilon={self.epsilon_budget:g} at "
+                    f"delta={self.delta:g} ({self.accountant}); clients are no longer selected once their next round would "
+                    f"exceed the budget")
         q, steps = self.binding_phase
         how = "dp_noise_multiplier (given)" if cfg.dp_noise_multiplier is not None else "calibrated"
-        return (f"sample-level DP-SGD: noise multiplier sigma={self.noise_multiplier:.4f} ({how}), per-sample clip "
+        return (f"sample-level DP-SGD: noise multiplier sigma={self.noise_multiplier:.4f} ({how}, one for all clients), per-sample clip "
                 f"C={self.clip_norm:g}; worst client q={q:.4g}, {steps} steps over {self.planned_rounds} planned rounds -> "
                 f"expected final epsilon {self.expected_epsilon:.4f} of dp_epsilon={self.epsilon_budget:g} at "
                 f"delta={self.delta:g} ({self.accountant}); clients are no longer selected once their next round would "
@@ -484,10 +530,16 @@ class PrivacyEngine:
             values = sorted(eps.values())
             took_part = [cid for cid, recs in self.client_records.items() if recs]
             rounds = [len(self.client_records.get(cid, [])) for cid in self.client_sizes]
-            q, steps = self.binding_phase
+            if self.calibration == "per_client":
+                calibrated_for: dict[str, Any] = {"each_client": True, "rounds": self.planned_rounds}
+            else:
+                q, steps = self.binding_phase
+                calibrated_for = {"sample_rate": q, "steps": steps}
             out.update({
+                "noise_calibration": self.calibration,
+                "noise_multiplier_by_size": [[n, sigma] for n, (sigma, _) in sorted(self.sigma_by_size.items())],
                 "planned_rounds_per_client": self.planned_rounds,
-                "calibrated_for": {"sample_rate": q, "steps": steps},
+                "calibrated_for": calibrated_for,
                 "per_client_epsilon": {
                     "max": values[-1] if values else 0.0,
                     "median": statistics.median(values) if values else 0.0,
@@ -515,6 +567,8 @@ class PrivacyEngine:
             "count_noise_std": self.count_noise_std,
             "ledger": self.ledger.to_dict() if self.ledger is not None else None,
             "client_records": [[cid, [list(r) for r in recs]] for cid, recs in self.client_records.items()],
+            "noise_calibration": self.calibration,
+            "sigma_by_size": [[n, sigma, eps] for n, (sigma, eps) in sorted(self.sigma_by_size.items())],
             "round_epsilons": [[r, e] for r, e in sorted(self.round_epsilons.items())],
             "stop_reason": self.stop_reason,
         }
@@ -526,11 +580,17 @@ class PrivacyEngine:
                           ("delta", self.delta)):
             if state[key] != mine:
                 raise ValueError(f"the checkpoint's privacy {key} is {state[key]!r}, the configuration's {mine!r}")
-        # The stored σ wins over a fresh calibration: the rounds already run used it.
-        if float(state["noise_multiplier"]) != self.noise_multiplier:
+        # The stored σ wins over a fresh calibration: the rounds already run used it. A checkpoint
+        # from before per-client calibration ran one σ for everyone: keep doing so.
+        stored_calibration = state.get("noise_calibration", "uniform") if self.mode == "sample" else self.calibration
+        if stored_calibration == "uniform" and float(state["noise_multiplier"]) != self.noise_multiplier:
             log.info("resuming with the checkpoint's noise multiplier %.6g (a fresh calibration gave %.6g)",
                      float(state["noise_multiplier"]), self.noise_multiplier)
+        self.calibration = stored_calibration
         self.noise_multiplier = float(state["noise_multiplier"])
+        self.sigma_by_size.update({int(n): (float(sigma), float(eps)) for n, sigma, eps in state.get("sigma_by_size", [])})
+        if self.calibration == "per_client":
+            self.noise_multiplier = max(sigma for sigma, _ in self.sigma_by_size.values())
         self.clip_norm = float(state["clip_norm"])
         self.count_noise_std = float(state["count_noise_std"])
         self.ledger = PrivacyLedger.from_dict(state["ledger"]) if state["ledger"] is not None else None
@@ -542,5 +602,10 @@ class PrivacyEngine:
             q = self.cfg.clients_per_round / self.cfg.num_clients
             self.expected_epsilon = make_accountant(self.accountant, [(self.noise_multiplier, q, self.cfg.num_rounds)]).epsilon(self.delta)
             self.rounds_within_budget = self._rounds_within_budget(q)
+        elif self.calibration == "per_client":
+            self.expected_epsilon = max((eps for _, eps in self.sigma_by_size.values()), default=0.0)
         else:
+            if not hasattr(self, "binding_phase"):  # constructed per client, resumed from a uniform checkpoint
+                phases = [self._phase(n, self.planned_rounds) for n in sorted(set(self.client_sizes.values()))]
+                self.binding_phase = max(phases, key=lambda p: make_accountant("rdp", [(self.noise_multiplier, *p)]).epsilon(self.delta))
             self.expected_epsilon = worst_case_epsilon(self.noise_multiplier, [self.binding_phase], self.delta, self.accountant)

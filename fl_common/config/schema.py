@@ -46,6 +46,7 @@ ASYNC_ALGORITHMS = ("fedasync", "fedbuff")
 STALENESS_FUNCTIONS = ("constant", "polynomial", "hinge")
 DP_MODES = ("sample", "client")
 DP_ACCOUNTANTS = ("prv", "rdp")
+DP_NOISE_CALIBRATIONS = ("per_client", "uniform")
 
 
 @dataclass(frozen=True)
@@ -76,6 +77,7 @@ class FLConfig:
     dp_accountant: str = _opt("prv", choices=DP_ACCOUNTANTS, help="privacy accountant: 'prv' (tight, Opacus' default) or 'rdp'")
     dp_noise_multiplier: Optional[float] = _opt(None, lo=0.0, hi=1000.0, lo_open=True, help="noise multiplier override (default: calibrated from dp_epsilon, dp_delta, num_rounds)")
     dp_client_rounds: Optional[int] = _opt(None, lo=1, hi=1000, help="sample level: rounds per client the noise is calibrated for (default: expected, ceil(num_rounds x selection ratio))")
+    dp_noise_calibration: str = _opt("per_client", choices=DP_NOISE_CALIBRATIONS, help="sample level: 'per_client' calibrates each client's sigma for its own (q, steps) so every client spends the budget; 'uniform' gives every client the sigma of the worst-off one (ignored when dp_noise_multiplier is given)")
     dp_noise: str = _opt("central", choices=("central", "distributed"), help="client level: the server adds the noise, or each client adds its share")
     dp_adaptive_clipping: bool = _opt(False, help="client level: clip norm follows a quantile of update norms (Andrew et al. 2021)")
     dp_target_quantile: float = _opt(0.5, lo=0.0, hi=1.0, help="client level: target fraction of unclipped updates for adaptive clipping")
@@ -357,7 +359,10 @@ def _check_privacy(cfg: FLConfig) -> None:
     if not cfg.differential_privacy:
         stray = [(k, v) for k, v in (("dp_noise_multiplier", cfg.dp_noise_multiplier), ("dp_client_rounds", cfg.dp_client_rounds),
                                      ("dp_adaptive_clipping", cfg.dp_adaptive_clipping or None),
-                                     ("dp_noise", "distributed" if cfg.dp_noise == "distributed" else None)) if v is not None]
+                                     ("dp_noise", "distributed" if cfg.dp_noise == "distributed" else None),
+                                     ("dp_noise_calibration",
+                                      None if cfg.dp_noise_calibration == "per_client" else cfg.dp_noise_calibration))
+                 if v is not None]
         if stray:
             key, value = stray[0]
             raise ConfigError(f"config key '{key}' has value {value!r} but differential_privacy is false: no noise would be "
@@ -377,6 +382,9 @@ def _check_privacy(cfg: FLConfig) -> None:
     else:
         if cfg.dp_client_rounds is not None:
             raise ConfigError(f"config key 'dp_client_rounds' has value {cfg.dp_client_rounds}: it applies to dp_mode 'sample' only")
+        if cfg.dp_noise_calibration != "per_client":
+            raise ConfigError(f"config key 'dp_noise_calibration' has value {cfg.dp_noise_calibration!r}: it applies to dp_mode "
+                              f"'sample' only (client-level DP has one noise multiplier for the aggregate)")
         if cfg.dp_delta >= 1.0 / cfg.num_clients:
             raise ConfigError(f"config key 'dp_delta' has value {cfg.dp_delta:g}: client-level DP protects clients, so it must be "
                               f"below 1/num_clients = {1.0 / cfg.num_clients:.3g}")

@@ -130,7 +130,8 @@ def test_sample_level_dp_sgd_over_rest_accounts_what_each_daemon_ran(tmp_path: P
         server.stop()
     privacy = status["privacy"]
     assert privacy["mode"] == "sample" and privacy["noise_randomness"] == "OS CSPRNG"
-    sigma = privacy["noise_multiplier"]
+    assert privacy["noise_calibration"] == "per_client"
+    sigma_of = {int(n): float(s) for n, s in privacy["noise_multiplier_by_size"]}
     # Independently of the server: the shard sizes the daemons trained on, and what DP-SGD on them costs.
     train = training_subset(load_dataset("fashion_mnist", "train", seed=cfg.seed), cfg.seed, cfg.max_train_samples)
     sizes = partition_sizes(train.y.numpy(), 4, "dirichlet", seed=cfg.seed, alpha=0.5, samples_per_client=None,
@@ -138,6 +139,9 @@ def test_sample_level_dp_sgd_over_rest_accounts_what_each_daemon_ran(tmp_path: P
     expected = []
     for n in sizes:
         q, steps = sample_level_schedule(n, cfg.batch_size, cfg.local_epochs)
+        sigma = sigma_of[int(n)]
+        # each shard's sigma spends the budget over the planned rounds (2 x 4 / 4 = 2), within calibration's 1 %
+        assert 0.99 * 8.0 <= make_accountant("rdp", [(sigma, q, 2 * steps)]).epsilon(1e-5) <= 8.0
         expected.append(make_accountant("rdp", [(sigma, q, 2 * steps)]).epsilon(1e-5))
     assert privacy["per_client_epsilon"]["clients_participated"] == 4
     assert privacy["epsilon_spent"] == pytest.approx(max(expected), rel=1e-9)

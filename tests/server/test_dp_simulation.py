@@ -69,10 +69,10 @@ def test_client_level_calibration_round_trip(accountant: str) -> None:
         assert [r.epsilon for r in coord.history] == [rec.epsilon for rec in coord.privacy.ledger.records]
 
 
-def test_sample_level_calibration_covers_the_worst_client() -> None:
+def test_uniform_sample_level_calibration_covers_the_worst_client() -> None:
     sizes = {0: 40, 1: 75, 2: 120, 3: 300, 4: 1000, 5: 64, 6: 500, 7: 90}
     coord = _coordinator(client_sizes=sizes, num_clients=8, client_selection_ratio=0.5, num_rounds=10, dp_mode="sample",
-                         dp_epsilon=3.0, batch_size=16, local_epochs=2)
+                         dp_epsilon=3.0, batch_size=16, local_epochs=2, dp_noise_calibration="uniform")
     engine = coord.privacy
     planned = math.ceil(10 * 4 / 8)
     assert engine.planned_rounds == planned == 5
@@ -80,6 +80,57 @@ def test_sample_level_calibration_covers_the_worst_client() -> None:
            for cid, (q, s) in ((c, sample_level_schedule(n, 16, 2)) for c, n in sizes.items())}
     assert max(eps.values()) <= 3.0 and max(eps.values()) >= 0.99 * 3.0
     assert engine.expected_epsilon == pytest.approx(max(eps.values()), rel=1e-12)
+
+
+@pytest.mark.parametrize("accountant", ["rdp", "prv"])
+def test_per_client_calibration_gives_every_client_the_budget_for_its_own_q_and_steps(accountant: str) -> None:
+    sizes = {0: 40, 1: 75, 2: 120, 3: 300, 4: 1000, 5: 64, 6: 500, 7: 90}
+    coord = _coordinator(client_sizes=sizes, num_clients=8, client_selection_ratio=0.5, num_rounds=10, dp_mode="sample",
+                         dp_epsilon=3.0, batch_size=16, local_epochs=2, dp_accountant=accountant)
+    engine = coord.privacy
+    assert engine.calibration == "per_client" and engine.planned_rounds == 5
+    uniform = _coordinator(client_sizes=sizes, num_clients=8, client_selection_ratio=0.5, num_rounds=10, dp_mode="sample",
+                           dp_epsilon=3.0, batch_size=16, local_epochs=2, dp_accountant=accountant,
+                           dp_noise_calibration="uniform").privacy.noise_multiplier
+    sigmas = {cid: engine.client_noise_multiplier(cid) for cid in sizes}
+    for cid, n in sizes.items():  # each client, alone, spends the budget (within the 1 % tolerance) over 5 rounds
+        q, s = sample_level_schedule(n, 16, 2)
+        eps = make_accountant(accountant, [(sigmas[cid], q, 5 * s)]).epsilon(DELTA)
+        assert 0.99 * 3.0 <= eps <= 3.0, (n, sigmas[cid], eps)
+        assert sigmas[cid] <= uniform * (1 + 1e-9), "no client needs more noise than the worst-off client"
+    assert sigmas[4] < 0.7 * sigmas[0], "the 1000-record shard (q = 0.016) takes far less noise than the 40-record one"
+    assert engine.noise_multiplier == max(sigmas.values()) == pytest.approx(uniform, rel=0.02)
+    # what a selected client is told, and charged, is its own sigma
+    plan = _zero_round(coord)
+    for cid in plan.selected:
+        assert plan.instructions[cid].dp_noise_multiplier == sigmas[cid]
+        assert engine.client_records[cid][-1][1] == sigmas[cid]
+    # a checkpoint keeps the per-size table; a fresh engine restored from it uses the same noise
+    state = json.loads(json.dumps(engine.state_dict()))
+    fresh = _coordinator(client_sizes=sizes, num_clients=8, client_selection_ratio=0.5, num_rounds=10, dp_mode="sample",
+                         dp_epsilon=3.0, batch_size=16, local_epochs=2, dp_accountant=accountant).privacy
+    fresh.load_state_dict(state)
+    assert fresh.sigma_by_size == engine.sigma_by_size and fresh.epsilon_spent() == engine.epsilon_spent()
+    summary = engine.summary()
+    assert summary["noise_calibration"] == "per_client"
+    assert dict((n, s) for n, s in summary["noise_multiplier_by_size"]) == {sizes[c]: sigmas[c] for c in sizes}
+
+
+def test_a_uniform_checkpoint_resumes_with_one_sigma() -> None:
+    """A checkpoint written before per-client calibration existed (no table) keeps its single σ."""
+    sizes = {c: n for c, n in enumerate([40, 300, 1000, 90])}
+    kw = dict(client_sizes=sizes, num_clients=4, client_selection_ratio=0.5, num_rounds=10, dp_mode="sample", dp_epsilon=3.0,
+              batch_size=16)
+    coord = _coordinator(**kw, dp_noise_calibration="uniform")
+    _zero_round(coord)
+    old = coord.privacy
+    state = old.state_dict()
+    del state["noise_calibration"], state["sigma_by_size"]
+    engine = _coordinator(**kw).privacy
+    engine.load_state_dict(state)
+    assert engine.calibration == "uniform" and engine.client_records == old.client_records
+    assert {engine.client_noise_multiplier(c) for c in sizes} == {old.noise_multiplier}
+    assert engine.epsilon_spent() == old.epsilon_spent() > 0
 
 
 def test_delta_must_be_below_one_over_the_records_and_models_must_suit_dp_sgd(small_config: dict) -> None:

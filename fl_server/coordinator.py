@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Collection, Mapping, Sequence
 
 import torch
@@ -316,6 +316,15 @@ class Coordinator:
         self.completed_rounds = op.plan.round
         self._open = None
         return record
+
+    def evaluate_final_model(self) -> RoundRecord | None:
+        """Evaluates the model when a run ends early (privacy budget, divergence) after a round that
+        ``evaluation_frequency`` skipped, so the run's last record carries its final model's accuracy."""
+        if not self.history or self.evaluator is None or self.history[-1].test_accuracy is not None:
+            return None
+        test = self.evaluator(self.global_vector)
+        self.history[-1] = replace(self.history[-1], test_accuracy=test.accuracy, test_loss=test.loss)
+        return self.history[-1]
 
     def abort_round(self) -> None:
         self._open = None

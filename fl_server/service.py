@@ -429,8 +429,11 @@ class FederationService:
         try:
             plan = self.coordinator.plan_round(live, k=k, infos=infos, now=now)
         except BudgetExhausted as exc:
-            # The budget is checked before anything is spent: the run ends here, with its message.
+            # The budget is checked before anything is spent: the run ends here, with its message,
+            # and its final model is evaluated if the last round was not.
             log.warning("%s", exc)
+            if self.coordinator.evaluate_final_model() is not None:
+                self.run_dir.write_history(self.coordinator.history)
             self._checkpoint()
             self._finish_run()
             return

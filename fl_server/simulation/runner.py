@@ -287,6 +287,7 @@ class Simulation:
                     record = self.run_round()
                 except BudgetExhausted as exc:  # the coordinator has logged it; the run ends here
                     bar.write(f"stopped: {exc}")
+                    self._evaluate_final_model(start)
                     break
                 except (FloatingPointError, WorkerFailed) as exc:
                     # the exception's own message (a worker's traceback also quotes the raising source line)
@@ -301,6 +302,7 @@ class Simulation:
                     self.diverged = f"training diverged in round {coord.completed_rounds + 1}: {detail}"
                     log.warning("%s; the run ends after %d rounds", self.diverged, coord.completed_rounds)
                     bar.write(f"stopped: {self.diverged}")
+                    self._evaluate_final_model(start)
                     break
                 self._checkpoint(self.wall_seconds_before + time.perf_counter() - start)
                 if record.test_accuracy is not None:
@@ -313,6 +315,14 @@ class Simulation:
             bar.close()
         self.wall_seconds_before += time.perf_counter() - start
         return coord.history
+
+    def _evaluate_final_model(self, start: float) -> None:
+        """A run that ends early keeps its last model: its accuracy is the run's final one (checkpointed)."""
+        record = self.coordinator.evaluate_final_model()
+        if record is not None:
+            log.info("final model (round %d): test accuracy %.4f, test loss %.4f", record.round, record.test_accuracy,
+                     record.test_loss)
+            self._checkpoint(self.wall_seconds_before + time.perf_counter() - start)
 
     def evaluate(self) -> EvalResult:
         return self._evaluate_vector(self.coordinator.global_vector)

@@ -72,7 +72,7 @@ def test_client_level_dp_over_rest_matches_the_closed_form_stops_at_the_budget_a
     budget = (eps[2] + eps[3]) / 2  # two rounds fit, the third would cross
     cfg = make_cfg(num_clients=4, num_rounds=5, differential_privacy=True, dp_mode="client", dp_noise="central",
                    dp_noise_multiplier=sigma, dp_epsilon=budget, dp_delta=delta, dp_accountant="prv", clip_grad_norm=1.0,
-                   min_clients=4, round_start_wait=0.0)
+                   min_clients=4, round_start_wait=0.0, evaluation_frequency=3)
     env = token_env()
     with threaded_server(cfg, tmp_path / "srv", env) as (url, service):
         numel = service.coordinator.spec.numel
@@ -95,6 +95,8 @@ def test_client_level_dp_over_rest_matches_the_closed_form_stops_at_the_budget_a
         assert clients[0].status()["state"] == "finished"
     rows = history_rows(tmp_path / "srv" / "run" / "history.csv")
     assert [float(r["epsilon"]) for r in rows] == pytest.approx([eps[1], eps[2]], rel=0.02)
+    # evaluation every 3rd round skipped round 2, but the budget made it the last: the final model is evaluated
+    assert [r["test_accuracy"] != "" for r in rows] == [False, True]
     with threaded_server(cfg, tmp_path / "srv", env) as (url, service):
         service.start()
         status = service.status()

@@ -174,7 +174,7 @@ def test_the_budget_stops_a_run_at_the_right_round(small_config: dict, tmp_path:
     eps = [make_accountant("rdp", [(z, q, n)]).epsilon(DELTA) for n in (k, k + 1)]
     budget = round((eps[0] + eps[1]) / 2, 6)  # k rounds fit, k + 1 do not
     cfg = _dp_sim_config(small_config, dp_mode="client", dp_noise_multiplier=z, dp_epsilon=budget, clip_grad_norm=0.5,
-                         num_rounds=8, max_train_samples=1000)
+                         num_rounds=8, max_train_samples=1000, evaluation_frequency=2)
     seen: list[torch.Tensor] = []
     with Simulation(cfg, tmp_path / "run", progress=False) as sim:
         submit = sim.coordinator.submit
@@ -186,6 +186,11 @@ def test_the_budget_stops_a_run_at_the_right_round(small_config: dict, tmp_path:
     assert "round 4 would take epsilon" in summary["stop_reason"] and "ends after 3 rounds" in summary["stop_reason"]
     assert summary["privacy"]["stop_reason"] == summary["stop_reason"] and summary["rounds_completed"] == k
     assert summary["privacy"]["rounds_within_budget"] == k
+    # round 3 is not an evaluation round (every 2nd), but it is the last: its model is evaluated and is the final one
+    assert [r["test_accuracy"] != "" for r in _rows(tmp_path / "run")] == [False, True, True]
+    assert summary["final_accuracy"] == float(_rows(tmp_path / "run")[-1]["test_accuracy"])
+    with Simulation(cfg, tmp_path / "run", resume=True, progress=False) as again:  # the evaluation was checkpointed
+        assert again.coordinator.history[-1].test_accuracy == summary["final_accuracy"]
     # history.csv's epsilon is the ledger's, exactly, and the last one is within the budget
     assert [float(r["epsilon"]) for r in _rows(tmp_path / "run")] == [rec.epsilon for rec in ledger.records]
     assert ledger.epsilon_spent() == pytest.approx(eps[0], rel=1e-12) and eps[0] <= budget
@@ -320,10 +325,13 @@ def test_a_run_that_diverges_ends_with_its_reason_and_keeps_the_last_finite_mode
     cfg = {"dataset": "synthetic", "model_type": "mlp", "hidden_size": 64, "num_clients": 10, "client_selection_ratio": 0.5,
            "num_rounds": 4, "local_epochs": 1, "batch_size": 16, "learning_rate": 0.5, "momentum": 0.9, "seed": 1,
            "differential_privacy": True, "dp_mode": "client", "dp_noise_multiplier": 1000.0, "dp_delta": 1e-5,
-           "secure_aggregation": False, "compression": False, "workers": workers}
+           "secure_aggregation": False, "compression": False, "workers": workers, "evaluation_frequency": 5}
     with Simulation(cfg, tmp_path / "run", progress=False) as sim:
         sim.train()
         summary = sim.save_results()
         assert bool(torch.isfinite(sim.coordinator.global_vector).all())
+        kept = sim.evaluate()
+    # round 1 was not an evaluation round, but its model is the one the run ends with: it is evaluated
+    assert summary["final_accuracy"] == kept.accuracy and _rows(tmp_path / "run")[0]["test_accuracy"] != ""
     assert summary["stop_reason"].startswith("training diverged in round 2: client ") and "raise" not in summary["stop_reason"]
     assert summary["rounds_completed"] == 1 and json.loads((tmp_path / "run" / "summary.json").read_text())["stop_reason"]

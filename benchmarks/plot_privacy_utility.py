@@ -1,0 +1,111 @@
+"""Privacy-utility plot of the privacy grid: final test accuracy against the epsilon each run spent.
+
+    python benchmarks/plot_privacy_utility.py [--results benchmarks/results/privacy]
+
+Reads the per-run ``summary.json`` files that ``run_grid.py`` copies into the results folder
+(the epsilon *spent*, from the run's accountant, not the budget asked for) and writes
+``privacy_utility.png`` and ``privacy_utility.md`` beside them. Runs named ``sample_eps*`` and
+``client_eps*`` are the two series; ``nonprivate`` is drawn as a horizontal line. A run that
+ended early (diverged, budget) is drawn hollow, at the accuracy of the model it ended with.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+SERIES = {"sample": "sample-level DP-SGD (per-record)", "client": "client-level DP-FedAvg (per-client)"}
+
+
+def load_rows(results: Path) -> list[dict]:
+    """One row per run folder: its series, the budget asked, epsilon spent and accuracy."""
+    rows = []
+    for summary_path in sorted(results.glob("*/summary.json")):
+        name = summary_path.parent.name
+        summary = json.loads(summary_path.read_text())
+        privacy = summary.get("privacy") or {}
+        match = re.fullmatch(r"(sample|client)_eps([0-9.]+)", name)
+        rows.append({
+            "name": name,
+            "series": match.group(1) if match else ("nonprivate" if name == "nonprivate" else None),
+            "budget": float(match.group(2)) if match else None,
+            "epsilon": privacy.get("epsilon_spent"),
+            "accuracy": summary.get("final_accuracy"),
+            "best": summary.get("best_accuracy"),
+            "rounds": summary.get("rounds_completed"),
+            "stop_reason": summary.get("stop_reason"),
+            "sigma": privacy.get("noise_multiplier"),
+            "sigma_by_size": privacy.get("noise_multiplier_by_size"),
+        })
+    return rows
+
+
+def write_table(rows: list[dict], path: Path) -> None:
+    def pct(v: float | None) -> str:
+        return "-" if v is None else f"{100 * v:.2f} %"
+
+    lines = ["| run | budget epsilon | epsilon spent | rounds | final accuracy | best | noise multiplier | ended |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: (str(r["series"]), r["budget"] or 0.0)):
+        sigma = "-"
+        if r["sigma_by_size"]:
+            values = [s for _, s in r["sigma_by_size"]]
+            sigma = f"{min(values):.2f} - {max(values):.2f} (per client)"
+        elif r["sigma"] is not None:
+            sigma = f"{r['sigma']:.2f}"
+        eps = "-" if r["epsilon"] is None else f"{r['epsilon']:.3f}"
+        ended = r["stop_reason"] or "all rounds"
+        lines.append(f"| {r['name']} | {r['budget'] if r['budget'] is not None else '-'} | {eps} | {r['rounds']} | "
+                     f"{pct(r['accuracy'])} | {pct(r['best'])} | {sigma} | {ended[:90]} |")
+    path.write_text("\n".join(lines) + "\n")
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for series, label in SERIES.items():
+        pts = sorted((r for r in rows if r["series"] == series and r["epsilon"] and r["accuracy"] is not None),
+                     key=lambda r: r["epsilon"])
+        if not pts:
+            continue
+        line, = ax.plot([r["epsilon"] for r in pts], [100 * r["accuracy"] for r in pts], marker="", label=label)
+        for r in pts:
+            early = r["stop_reason"] is not None
+            ax.plot(r["epsilon"], 100 * r["accuracy"], marker="o", color=line.get_color(),
+                    markerfacecolor="none" if early else line.get_color())
+    for r in rows:
+        if r["series"] == "nonprivate" and r["accuracy"] is not None:
+            ax.axhline(100 * r["accuracy"], color="grey", linestyle="--", label=f"non-private ({100 * r['accuracy']:.2f} %)")
+    ax.axhline(10, color="lightgrey", linestyle=":", label="chance (10 %)")
+    ax.set_xscale("log")
+    ax.set_xlabel("epsilon spent (delta = 1e-5)")
+    ax.set_ylabel("final test accuracy (%)")
+    ax.set_title("Privacy-utility: Fashion-MNIST, cnn, 100 clients, Dirichlet(0.5), 100 rounds")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results" / "privacy")
+    args = ap.parse_args()
+    rows = load_rows(args.results)
+    if not rows:
+        raise SystemExit(f"no */summary.json under {args.results}")
+    write_table(rows, args.results / "privacy_utility.md")
+    plot(rows, args.results / "privacy_utility.png")
+    print(f"wrote {args.results / 'privacy_utility.md'} and privacy_utility.png ({len(rows)} runs)")
+
+
+if __name__ == "__main__":
+    main()

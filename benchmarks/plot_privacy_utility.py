@@ -6,7 +6,9 @@ Reads the per-run ``summary.json`` files that ``run_grid.py`` copies into the re
 (the epsilon *spent*, from the run's accountant, not the budget asked for) and writes
 ``privacy_utility.png`` and ``privacy_utility.md`` beside them. Runs named ``sample_eps*`` and
 ``client_eps*`` are the two series; ``nonprivate`` is drawn as a horizontal line. A run that
-ended early (diverged, budget) is drawn hollow, at the accuracy of the model it ended with.
+ended early (diverged, budget) is drawn hollow, at the accuracy of the model it ended with. The x axis is
+the budget asked for (so a run that diverged early stays at its column); each point is labelled with
+the epsilon its accountant says it spent.
 """
 
 from __future__ import annotations
@@ -71,21 +73,27 @@ def plot(rows: list[dict], path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for series, label in SERIES.items():
-        pts = sorted((r for r in rows if r["series"] == series and r["epsilon"] and r["accuracy"] is not None),
-                     key=lambda r: r["epsilon"])
+        pts = sorted((r for r in rows if r["series"] == series and r["budget"] and r["accuracy"] is not None),
+                     key=lambda r: r["budget"])
         if not pts:
             continue
-        line, = ax.plot([r["epsilon"] for r in pts], [100 * r["accuracy"] for r in pts], marker="", label=label)
+        line, = ax.plot([r["budget"] for r in pts], [100 * r["accuracy"] for r in pts], marker="", label=label)
         for r in pts:
             early = r["stop_reason"] is not None
-            ax.plot(r["epsilon"], 100 * r["accuracy"], marker="o", color=line.get_color(),
+            ax.plot(r["budget"], 100 * r["accuracy"], marker="o", color=line.get_color(),
                     markerfacecolor="none" if early else line.get_color())
+            ax.annotate(f"spent {r['epsilon']:.2g}" + (f", ended r{r['rounds']}" if early else ""),
+                        (r["budget"], 100 * r["accuracy"]), textcoords="offset points", xytext=(4, 6), fontsize=7,
+                        color=line.get_color())
     for r in rows:
         if r["series"] == "nonprivate" and r["accuracy"] is not None:
             ax.axhline(100 * r["accuracy"], color="grey", linestyle="--", label=f"non-private ({100 * r['accuracy']:.2f} %)")
     ax.axhline(10, color="lightgrey", linestyle=":", label="chance (10 %)")
     ax.set_xscale("log")
-    ax.set_xlabel("epsilon spent (delta = 1e-5)")
+    budgets = sorted({r["budget"] for r in rows if r["budget"]})
+    ax.set_xticks(budgets, [f"{b:g}" for b in budgets])
+    ax.minorticks_off()
+    ax.set_xlabel("epsilon budget of the run (delta = 1e-5); each point says the epsilon actually spent")
     ax.set_ylabel("final test accuracy (%)")
     ax.set_title("Privacy-utility: Fashion-MNIST, cnn, 100 clients, Dirichlet(0.5), 100 rounds")
     ax.grid(alpha=0.3, which="both")

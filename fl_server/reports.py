@@ -353,8 +353,13 @@ def _privacy_section(doc: _Doc, summary: dict[str, Any], config: dict[str, Any])
                    f"accountant: {_fmt(privacy['accountant'])}" if "accountant" in privacy else None]
         details = [d for d in details if d]
         statements.append(what + (f" ({', '.join(details)})." if details else "."))
+        per_client = privacy.get("noise_calibration") == "per_client" and privacy.get("noise_multiplier_by_size")
         mech = [f"{k.replace('_', ' ')} {_fmt(privacy[k])}" for k in ("noise", "clip_norm", "noise_multiplier")
-                if k in privacy]
+                if k in privacy and not (per_client and k == "noise_multiplier")]
+        if per_client:
+            sigmas = [float(sigma) for _, sigma in privacy["noise_multiplier_by_size"]]
+            mech.append(f"noise multiplier calibrated per client for its own sampling rate and steps, "
+                        f"{_fmt(min(sigmas))} to {_fmt(max(sigmas))}")
         if mech:
             statements.append("Mechanism: " + ", ".join(mech) + ".")
         if "epsilon_spent" in privacy and "delta" in privacy:

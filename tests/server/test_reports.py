@@ -134,6 +134,18 @@ def test_privacy_statement_and_budget_plot_with_dp(tmp_path: Path) -> None:
         assert row["epsilon"] in md and row["test_accuracy"] in md
 
 
+def test_per_client_noise_is_stated_as_its_range(tmp_path: Path) -> None:
+    privacy = {"differential_privacy": True, "mode": "sample", "epsilon_spent": 0.9, "epsilon_budget": 1.0, "delta": 1e-05,
+               "accountant": "prv", "noise_multiplier": 6.8125, "clip_norm": 1.0, "noise_calibration": "per_client",
+               "noise_multiplier_by_size": [[232, 6.8125], [600, 4.03125], [1190, 3.0]]}
+    cfg = {**CONFIG, "differential_privacy": True}
+    d = _run_dir(tmp_path, HISTORY_DP, _summary(privacy=privacy, config=cfg))
+    write_report(d)
+    md = (d / "report.md").read_text()
+    assert "noise multiplier calibrated per client for its own sampling rate and steps, 3.0 to 6.8125" in md
+    assert "noise multiplier 6.8125" not in md, "the largest sigma alone would misstate what most clients ran"
+
+
 def test_centralized_wording(tmp_path: Path) -> None:
     summary = {"mode": "centralized", "rounds_completed": 3, "final_accuracy": 0.6875, "best_accuracy": 0.6875,
                "best_round": 3, "wall_seconds": 1.5, "config": {**CONFIG, "secure_aggregation": False}}

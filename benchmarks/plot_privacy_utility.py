@@ -5,7 +5,8 @@
 Reads the per-run ``summary.json`` files that ``run_grid.py`` copies into the results folder
 (the epsilon *spent*, from the run's accountant, not the budget asked for) and writes
 ``privacy_utility.png`` and ``privacy_utility.md`` beside them. Runs named ``sample_eps*`` and
-``client_eps*`` are the two series; ``nonprivate`` is drawn as a horizontal line. A run that
+``client_eps*`` are the two series (``sample_eps1_cosine``: a variant series of its own);
+``nonprivate`` is drawn as a horizontal line. A run that
 ended early (diverged, budget) is drawn hollow, at the accuracy of the model it ended with. The x axis is
 the budget asked for (so a run that diverged early stays at its column); each point is labelled with
 the epsilon its accountant says it spent.
@@ -29,10 +30,15 @@ def load_rows(results: Path) -> list[dict]:
         name = summary_path.parent.name
         summary = json.loads(summary_path.read_text())
         privacy = summary.get("privacy") or {}
-        match = re.fullmatch(r"(sample|client)_eps([0-9.]+)", name)
+        match = re.fullmatch(r"(sample|client)_eps([0-9]+(?:\.[0-9]+)?)(?:_(\w+))?", name)
+        series = None
+        if match:
+            series = match.group(1) + (f"_{match.group(3)}" if match.group(3) else "")
+        elif name == "nonprivate":
+            series = "nonprivate"
         rows.append({
             "name": name,
-            "series": match.group(1) if match else ("nonprivate" if name == "nonprivate" else None),
+            "series": series,
             "budget": float(match.group(2)) if match else None,
             "epsilon": privacy.get("epsilon_spent"),
             "accuracy": summary.get("final_accuracy"),
@@ -72,7 +78,9 @@ def plot(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for series, label in SERIES.items():
+    variants = sorted({r["series"] for r in rows if r["series"] and r["series"].split("_")[0] in SERIES} - set(SERIES))
+    labels = {**SERIES, **{v: f"{SERIES[v.split('_')[0]]}, {v.split('_', 1)[1]}" for v in variants}}
+    for series, label in labels.items():
         pts = sorted((r for r in rows if r["series"] == series and r["budget"] and r["accuracy"] is not None),
                      key=lambda r: r["budget"])
         if not pts:

@@ -1,7 +1,13 @@
 """``python -m fl_client --server-url URL [--client-id NAME] [--data-dir DIR | --partition auto|K] [--state-dir DIR]``
 
+``python -m fl_client --print-verify-key [--client-id NAME | --state-dir DIR]`` prints this client's
+secure-aggregation verifying key (made in the state dir if there is none yet) and exits, without a
+server: collect the lines of every client into one file and give it to each daemon with
+``--secagg-trusted-keys FILE`` (fl_client/trusted_keys.py).
+
 Exit status: 0 when the federation finished, the round limit was reached or a signal stopped
-the daemon; 1 when the server refused this client; 2 for bad command-line input.
+the daemon (or the key was printed); 1 when the server refused this client; 2 for bad
+command-line input, a bad pinned-keys file included.
 """
 
 from __future__ import annotations
@@ -55,7 +61,7 @@ def _capability(text: str) -> tuple[str, float]:
 
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="python -m fl_client", description="Federated Learning Hub client daemon")
-    p.add_argument("--server-url", type=_url, required=True, help="e.g. http://127.0.0.1:8080")
+    p.add_argument("--server-url", type=_url, help="e.g. http://127.0.0.1:8080 (required unless --print-verify-key)")
     p.add_argument("--client-id", dest="client_name", help="a stable name; re-registering with it keeps the partition")
     p.add_argument("--partition", type=_partition, default=None, metavar="auto|K",
                    help="which shard of the configured dataset to train on (default auto: the server assigns one)")
@@ -79,6 +85,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--secagg-unmask-delay", type=float, default=0.0, metavar="SECONDS",
                    help="in a secure round, wait this long between the masked input and unmasking: makes a client that "
                         "goes away mid-protocol (tests, demos)")
+    p.add_argument("--secagg-trusted-keys", metavar="FILE",
+                   help="pinned Ed25519 verifying keys of the clients to run secure aggregation with (64 hex characters and "
+                        "an optional label per line): a round whose roster carries any other key is refused")
+    p.add_argument("--print-verify-key", action="store_true",
+                   help="print this client's secure-aggregation verifying key (made in the state dir if there is none) "
+                        "with the state dir as its label, and exit without contacting a server")
     p.add_argument("--ca-cert", help="CA bundle to verify an https server (e.g. a self-signed certificate)")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     p.add_argument("--log-format", default="text", choices=["text", "json"], help="text, or json: one JSON object per line")
@@ -87,8 +99,44 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _state_dir(args: argparse.Namespace) -> Path:
+    return args.state_dir or Path("fl-client-state") / (args.client_name or "default")
+
+
+def _print_verify_key(state_dir: Path) -> int:
+    """One line of a pinned-keys file: the key the daemon in ``state_dir`` signs with, labelled with the dir."""
+    from fl_client.trusted_keys import format_verify_key, load_or_create_identity
+
+    try:
+        identity, _ = load_or_create_identity(state_dir)
+    except (OSError, ValueError) as exc:
+        print(f"error: cannot load or create the signing key in {state_dir}: {exc}", file=sys.stderr)
+        return 2
+    print(f"{format_verify_key(identity.verify_key)}  {state_dir}")
+    return 0
+
+
+def _trusted_keys(path: str | None) -> frozenset[bytes] | None:
+    """The pinned keys, read before anything starts: a bad file is an input error (SystemExit 2), not a round refused later."""
+    if path is None:
+        return None
+    from fl_client.trusted_keys import load_trusted_keys
+
+    try:
+        return load_trusted_keys(path)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.print_verify_key:
+        return _print_verify_key(_state_dir(args))
+    if args.server_url is None:
+        parser.error("the following arguments are required: --server-url")
+    trusted = _trusted_keys(args.secagg_trusted_keys)
     if not 10 <= args.timeout <= 300:
         print("error: --timeout must be between 10 and 300 seconds", file=sys.stderr)
         return 2
@@ -111,10 +159,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(args.log_level, args.log_format,
                       text_format=f"%(asctime)s %(levelname)s fl_client[{args.client_name or os.getpid()}]: %(message)s")
     logging.getLogger("urllib3").setLevel(logging.WARNING)
+    if trusted is not None:
+        logging.getLogger("fl_client").info("secure aggregation: %d pinned verifying keys from %s", len(trusted),
+                                            args.secagg_trusted_keys)
     from fl_client.daemon import ClientDaemon, DaemonOptions
     from fl_common.data import DatasetUnavailable
 
-    state_dir = args.state_dir or Path("fl-client-state") / (args.client_name or "default")
+    state_dir = _state_dir(args)
     daemon = ClientDaemon(DaemonOptions(
         server_url=args.server_url, state_dir=state_dir,
         enrollment_token=args.enrollment_token or os.environ.get(ENV_ENROLLMENT_TOKEN), client_name=args.client_name,
@@ -122,7 +173,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         max_rounds=args.max_rounds, threads=args.threads, capability=dict(args.capability),
         verify_tls=args.ca_cert or True, progress=False if args.no_progress else None,
         compute_speed=args.compute_speed, bandwidth=args.bandwidth, train_delay=args.train_delay,
-        secagg_unmask_delay=args.secagg_unmask_delay))
+        secagg_unmask_delay=args.secagg_unmask_delay, secagg_trusted_keys=trusted))
     daemon.install_signal_handlers()
     try:
         return daemon.run()

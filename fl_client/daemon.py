@@ -21,7 +21,10 @@ polls again at once for its next job. ``--train-delay`` (for tests and demos) sl
 local training, so daemons of different speeds make staleness happen on one machine.
 
 Secure aggregation: the daemon keeps a long-term Ed25519 signing key in the state dir (0600; its
-verifying key is sent at registration). When a poll says it is selected for a secure round, it
+verifying key is sent at registration; ``--print-verify-key`` shows it, for other clients to pin).
+With ``secagg_trusted_keys`` (the pinned keys, fl_client/trusted_keys.py) it refuses a roster in
+which a neighbour's key is not pinned: it leaves that attempt, says why in its log, and the server
+counts it as dropped; it stays up for the next rounds. When a poll says it is selected for a secure round, it
 runs the attempt's four phases with ``fl_client.secagg_session`` (the SecAgg client state machine
 the simulation runs too), training in a background thread while the keys are exchanged; the
 round's keys and shares live in memory only. A SCAFFOLD client moves its control variate only
@@ -50,7 +53,9 @@ import torch
 
 from fl_client.api import ApiRefused, Credentials, ServerApi, ServerUnreachable
 from fl_client.progress import training_progress
-from fl_client.secagg_session import IDENTITY_FILE, SecureRoundSession, SessionEnded, plain_input
+from fl_client.secagg_session import SecureRoundSession, SessionEnded, plain_input
+from fl_client.trusted_keys import format_verify_key, load_or_create_identity
+from fl_client.trusted_keys import write_private as _write_private
 from fl_common.data import ArrayDataset, load_dataset
 from fl_common.data.assignment import training_subset
 from fl_common.data.partition import client_partition
@@ -96,6 +101,9 @@ class DaemonOptions:
     #: seconds slept between a secure round's masked input and its unmasking (tests and demos: a client that
     #: goes away after its masked input, whose self mask the others then rebuild)
     secagg_unmask_delay: float = 0.0
+    #: the peers' pinned Ed25519 verifying keys (--secagg-trusted-keys, fl_client/trusted_keys.py): a roster with a
+    #: neighbour whose key is not among them is refused; None trusts the keys the server ships
+    secagg_trusted_keys: Optional[frozenset[bytes]] = None
 
 
 #: where a SCAFFOLD client keeps its control variate c_i between rounds
@@ -104,17 +112,6 @@ CONTROL_FILE = "scaffold_control.pt"
 HISTOGRAM_FILE = "label_histogram.json"
 #: samples of the client's own data the compute-speed measurement trains on
 SPEED_SAMPLES = 256
-
-
-def _write_private(path: Path, data: str | bytes) -> None:
-    """Atomic, fsynced, owner-only write: state files hold keys and training residue."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data.encode("utf-8") if isinstance(data, str) else data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 class ClientDaemon:
@@ -154,24 +151,28 @@ class ClientDaemon:
         return self.state_dir / "credentials.json"
 
     def _save_state(self) -> None:
-        assert self.api.creds is not None
+        assert self.api.creds is not None and self.identity is not None
         _write_private(self._creds_path, json.dumps({"credentials": self.api.creds.to_json(), "registration": self.registration,
-                                                     "rounds_done": self.rounds_done}))
+                                                     "rounds_done": self.rounds_done,
+                                                     "secagg_verify_key": format_verify_key(self.identity.verify_key)}))
 
     def _load_identity(self) -> bool:
         """Load the long-term Ed25519 signing key, or make one (True when it is new: the server must learn it)."""
-        path = self.state_dir / IDENTITY_FILE
-        if path.is_file():
-            self.identity = SigningIdentity.ed25519(path.read_bytes())
-            return False
-        self.identity = SigningIdentity.generate_ed25519()
-        _write_private(path, self.identity.private_bytes())
-        return True
+        self.identity, created = load_or_create_identity(self.state_dir)
+        return created
+
+    def _registered_other_key(self) -> bool:
+        """Do the saved credentials record a verifying key other than this identity's? (e.g. the key file was
+        deleted and ``--print-verify-key`` made a new one: the server must learn it.) Credentials saved before
+        the key was recorded count as current."""
+        assert self.identity is not None
+        saved = json.loads(self._creds_path.read_text(encoding="utf-8")).get("secagg_verify_key")
+        return saved is not None and saved != format_verify_key(self.identity.verify_key)
 
     def _load_or_register(self) -> None:
         new_identity = self._load_identity()
-        if self._creds_path.is_file() and new_identity:
-            log.info("made a signing key for secure aggregation: registering again so that the server knows it")
+        if self._creds_path.is_file() and (new_identity or self._registered_other_key()):
+            log.info("the signing key for secure aggregation is new to the server: registering again so that it knows it")
             self._register()
             return
         if self._creds_path.is_file():
@@ -452,7 +453,8 @@ class ClientDaemon:
         encrypted = bool(self.registration.get("encryption", True))
         try:
             session = SecureRoundSession(self.api, self.identity, status, encrypted=encrypted, sleep=self._sleep,
-                                         stop=self.stop_event.is_set, call=self._call)
+                                         stop=self.stop_event.is_set, call=self._call,
+                                         trusted_verify_keys=self.opts.secagg_trusted_keys)
         except (SessionEnded, SecAggError, ValueError) as exc:  # parameters this client refuses (e.g. unsafe threshold)
             log.warning("%s: cannot take part in secure attempt %d: %s", what, attempt, exc)
             return False
@@ -493,6 +495,7 @@ class ClientDaemon:
         delay = self.opts.secagg_unmask_delay
         result = session.run(make_input, after_advertise=start_training,
                              before_unmask=(lambda: self._sleep(delay)) if delay > 0 else None)
+        self._join_training(worker)
         update = trained.get("update")
         if result.masked_sent:
             self.rounds_done += 1
@@ -506,3 +509,9 @@ class ClientDaemon:
             log.warning("%s: secure attempt %d ended for this client: %s%s", what, attempt, result.state,
                         f" ({result.reason})" if result.reason else "")
         return True
+
+    def _join_training(self, worker: list[threading.Thread]) -> None:
+        """Wait for a training thread that outlived its session (the attempt ended before the masked input,
+        e.g. a refused roster): the next round must not train the same model in a second thread."""
+        while worker and worker[0].is_alive() and not self.stop_event.is_set():
+            worker[0].join(timeout=0.2)

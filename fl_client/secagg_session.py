@@ -5,7 +5,9 @@ same state machine the simulation runs) through the four phases by polling the s
 
 1. advertise two fresh public keys (signed with the client's long-term Ed25519 identity);
 2. wait for the roster (409 ``wrong_phase`` until every selected client advertised or the phase's
-   deadline passed), check it, send the encrypted shares of its secrets;
+   deadline passed), check it (every neighbour's signature; with pinned keys, that each neighbour's
+   key is pinned), send the encrypted shares of its secrets - or, refusing the roster, leave the
+   attempt (the server then counts this client as dropped at the phase's deadline);
 3. wait for the share bundle, mask the plain input (the trained update, its weight, SCAFFOLD's
    variate delta, the DP clipping bit: whatever the round's layout has) and upload it through the
    update route, with only the clear metrics the server may see;
@@ -33,6 +35,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 
 from fl_client.api import ApiRefused, ServerApi, ServerUnreachable
+from fl_client.trusted_keys import IDENTITY_FILE
 from fl_common.protocol.rest import MASKED_UPLOAD_METRICS, pack_masked_upload
 from fl_common.secagg import (
     MaskedInput,
@@ -51,8 +54,6 @@ log = logging.getLogger("fl_client.secagg")
 PHASES = ("advertise_keys", "share_keys", "masked_input", "unmask", "done", "aborted")
 #: seconds a client keeps waiting past a phase's deadline for the server's ticker to close it
 DEADLINE_GRACE = 5.0
-#: the file in a daemon's state dir holding its long-term Ed25519 signing key (raw 32 bytes, 0600)
-IDENTITY_FILE = "secagg_identity.key"
 
 
 class SessionEnded(Exception):
@@ -89,9 +90,12 @@ class SecureRoundSession:
     def __init__(self, api: ServerApi, identity: SigningIdentity, status: dict[str, Any], *, encrypted: bool,
                  sleep: Callable[[float], None] = time.sleep, stop: Callable[[], bool] = lambda: False,
                  call: Optional[Callable[..., Any]] = None, rng: Optional[np.random.Generator] = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 trusted_verify_keys: Optional[frozenset[bytes]] = None) -> None:
         """``status``: the poll reply that selected this client (its ``secagg`` block). ``call`` wraps each
-        API call (the daemon's renews an expired session token); ``rng`` drives only the stochastic rounding."""
+        API call (the daemon's renews an expired session token); ``rng`` drives only the stochastic rounding.
+        ``trusted_verify_keys``: the peers' pinned Ed25519 verifying keys (fl_client/trusted_keys.py); with
+        them a roster carrying any other key is refused (None: the roster's keys are trusted)."""
         block = status["secagg"]
         self.api = api
         self.round = int(status["round"])
@@ -107,7 +111,7 @@ class SecureRoundSession:
         self._call = call or (lambda fn, *a: fn(*a))
         self.phase = str(block.get("phase"))
         self._deadline = clock() + float(block.get("deadline_in_s") or 0.0)
-        self.client = SecAggClient(self.params, self.index, identity, rng=rng)
+        self.client = SecAggClient(self.params, self.index, identity, rng=rng, trusted_verify_keys=trusted_verify_keys)
         self.masked_sent = False
 
     def __repr__(self) -> str:
@@ -178,7 +182,10 @@ class SecureRoundSession:
         try:
             msg = self.client.share_keys(roster)
         except SecAggError as exc:  # a roster that fails the checks: this client refuses to go on
-            raise SessionEnded(f"refused the roster ({exc.code})") from None
+            # the state machine's messages name client indices, never keys or secrets: safe to log in full
+            log.warning("round %d: refusing the roster of secure attempt %d (%s): %s; leaving the attempt without "
+                        "sending shares, the server counts this client as dropped", self.round, self.attempt, exc.code, exc)
+            raise SessionEnded(f"refused the roster ({exc.code}: {exc})") from None
         self._send("shares", msg.to_bytes())
 
     def masked_input(self, plain: PlainInput, metrics: dict[str, float]) -> dict[str, Any]:

@@ -12,7 +12,8 @@ methods are called in order, each consuming what the server relayed and returnin
 
 Whatever the server sends is checked before it is used, and the client *refuses*
 (:class:`SecAggRefused`) rather than continue in a way that could expose its input: a roster
-with a bad signature or a substituted own key, a threshold that is not a strict majority, a
+with a bad signature, a substituted own key, one verifying key for two members or (with pinned
+keys) a neighbour whose key is not pinned, a threshold that is not a strict majority, a
 bundle that withholds a neighbour's ciphertext, an unmask request that names a client both as
 survivor and as dropped (revealing both shares of one client reveals its input), a request for
 the shares twice, or one with fewer than t survivors among its own neighbours.
@@ -25,8 +26,8 @@ from __future__ import annotations
 
 import hashlib
 import secrets
+from collections.abc import Mapping, Set
 from enum import Enum
-from typing import Mapping
 
 import numpy as np
 from cryptography.exceptions import InvalidTag
@@ -42,6 +43,7 @@ from fl_common.secagg.masks import mask_input
 from fl_common.secagg.messages import (
     AdvertiseKeys,
     MaskedInput,
+    RosterEntry,
     RosterMessage,
     SecAggParams,
     SecAggRefused,
@@ -82,24 +84,58 @@ def share_associated_data(params_digest: bytes, sender: int, recipient: int) -> 
     return b"fl-hub/v1/secagg/share-ct|" + params_digest + sender.to_bytes(4, "big") + recipient.to_bytes(4, "big")
 
 
+def _trusted_keys(keys: Mapping[str, bytes] | Set[bytes] | None) -> dict[str, bytes] | frozenset[bytes] | None:
+    """A private copy of the caller's pinned keys (the caller may mutate its own); a set must hold raw
+    32-byte keys, so that a typo fails here rather than as a refused roster mid-round."""
+    if keys is None:
+        return None
+    if isinstance(keys, Mapping):
+        return {str(cid): bytes(k) for cid, k in keys.items()}
+    if isinstance(keys, Set):
+        pinned = frozenset(bytes(k) for k in keys)
+        if any(len(k) != 32 for k in pinned):
+            raise ValueError("a pinned Ed25519 verifying key is exactly 32 bytes")
+        return pinned
+    raise TypeError("trusted_verify_keys must be a Mapping (client id -> key) or a Set of keys")
+
+
 class SecAggClient:
     def __init__(self, params: SecAggParams, index: int, identity: SigningIdentity, *,
-                 trusted_verify_keys: Mapping[str, bytes] | None = None,
+                 trusted_verify_keys: Mapping[str, bytes] | Set[bytes] | None = None,
                  rng: np.random.Generator | None = None) -> None:
         """``identity`` signs this client's messages (its scheme must be the round's ``params.auth``).
-        ``trusted_verify_keys`` (driver client id -> Ed25519 verifying key, from a PKI or pinned out
-        of band) makes the client check neighbours' signatures against keys the server cannot
-        substitute; without it the verifying keys in the roster are trusted (see auth.py).
+
+        ``trusted_verify_keys`` (from a PKI or pinned out of band) makes the client check neighbours'
+        signatures against keys the server cannot substitute; without it the verifying keys in the
+        roster are trusted (see auth.py). Two forms:
+
+        * a Mapping, driver client id -> Ed25519 verifying key: each neighbour's signature is checked
+          against the key of the id the round's parameters give its index;
+        * a Set of raw 32-byte verifying keys, for drivers whose ids are not known in advance (the
+          REST server assigns ``c-<hex>`` at registration): each neighbour's roster entry must carry
+          a key in the set, and its signature is checked against that key. This is as strong as the
+          Mapping where it matters: the signed bytes bind the round's parameter digest (session,
+          round, client ids) and the signer's index, so the server can neither replay a trusted
+          client's advertisement from another round nor reuse one trusted key for several members
+          (that key never signed the other indices; a repeated key is refused outright). What the
+          server *can* do is seat trusted clients at indices whose ids are not theirs: harmless,
+          since every key masked with still belongs to a pinned client, never to the server.
+
+        Either form is only meaningful in an Ed25519 round: with pinned keys a round that signs with
+        HMAC (whose keys the server holds) is refused rather than silently unpinned.
         ``rng`` drives only the stochastic rounding (not a secret; seed it for reproducible runs)."""
         params.validate()
         if index not in params.indices:
             raise ValueError(f"index {index} is not in this round (1..{params.n})")
         if identity.scheme != params.auth:
             raise SecAggRefused(f"the round signs with {params.auth}, this client's identity is {identity.scheme}")
+        if trusted_verify_keys is not None and params.auth != ED25519:
+            raise SecAggRefused(f"this client pins Ed25519 verifying keys but the round signs with {params.auth}",
+                                "bad_params")
         self.params = params
         self.index = index
         self._identity = identity
-        self._trusted = dict(trusted_verify_keys) if trusted_verify_keys is not None else None
+        self._trusted: dict[str, bytes] | frozenset[bytes] | None = _trusted_keys(trusted_verify_keys)
         self._rng = rng if rng is not None else np.random.default_rng(secrets.randbits(128))
         self._digest = params.digest()
         self._c = KeyPair.generate()
@@ -147,6 +183,8 @@ class SecAggClient:
         if p.auth == HMAC_SHA256:
             if not check_server_tag(self._identity, roster.digest(self._digest), roster.server_tag):
                 raise SecAggRefused("the roster's server tag does not verify", "bad_roster_signature")
+        if p.auth == ED25519:
+            self._check_distinct_verify_keys(roster)
         for e in roster.entries:
             if e.index == self.index:
                 if (e.c_pk, e.s_pk) != (self._c.public_bytes, self._s.public_bytes):
@@ -156,12 +194,7 @@ class SecAggClient:
                 continue
             if p.auth != ED25519:
                 continue  # HMAC: peers cannot check each other; the server tag vouched for the roster
-            key = e.verify_key
-            if self._trusted is not None:
-                cid = p.client_ids[e.index - 1]
-                if cid not in self._trusted:
-                    raise SecAggRefused(f"no trusted verifying key for client {cid}", "bad_roster_signature")
-                key = self._trusted[cid]
+            key = self._verify_key_for(e)
             try:
                 ok = Verifier(ED25519, key).verify(AdvertiseKeys.signing_bytes(self._digest, e.index, e.c_pk, e.s_pk),
                                                    e.signature)
@@ -169,6 +202,37 @@ class SecAggClient:
                 ok = False
             if not ok:
                 raise SecAggRefused(f"the advertised keys of client {e.index} do not carry its signature", "bad_roster_signature")
+
+    def _verify_key_for(self, e: RosterEntry) -> bytes:
+        """The key a neighbour's signature is checked against: the roster's (no pinning), the pinned key of
+        its client id (Mapping), or the roster's key once it is known to be pinned (Set)."""
+        if self._trusted is None:
+            return e.verify_key
+        if isinstance(self._trusted, frozenset):
+            if e.verify_key not in self._trusted:
+                raise SecAggRefused(f"no trusted verifying key for client {e.index}: the roster carries a key that is not "
+                                    "pinned", "bad_roster_signature")
+            return e.verify_key
+        cid = self.params.client_ids[e.index - 1]
+        if cid not in self._trusted:
+            raise SecAggRefused(f"no trusted verifying key for client {cid}", "bad_roster_signature")
+        return self._trusted[cid]
+
+    def _check_distinct_verify_keys(self, roster: RosterMessage) -> None:
+        """One long-term identity is one member: a key the roster carries twice (or, with a Mapping, one pinned
+        for two members) is a server counting one client twice, refused whichever form of pinning is used."""
+        lists = [[(e.index, e.verify_key) for e in roster.entries if e.verify_key]]  # (an empty key fails its signature check)
+        if isinstance(self._trusted, dict):
+            ids = self.params.client_ids
+            lists.append([(e.index, self._identity.verify_key if e.index == self.index else self._trusted[ids[e.index - 1]])
+                          for e in roster.entries if e.index == self.index or ids[e.index - 1] in self._trusted])
+        for pairs in lists:
+            first: dict[bytes, int] = {}
+            for index, key in pairs:
+                if key in first:
+                    raise SecAggRefused(f"the roster gives clients {first[key]} and {index} the same verifying key",
+                                        "bad_roster")
+                first[key] = index
 
     def share_keys(self, roster: RosterMessage) -> ShareKeys:
         """Verify the roster, then Shamir-share b_u and s_sk_u among (neighbours + self), each pair of

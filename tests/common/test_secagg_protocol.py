@@ -76,17 +76,19 @@ Drop = dict[Phase, "set[int] | Callable[[SecAggServer], set[int]]"]
 
 def run_round(params: SecAggParams, *, drop: Drop | None = None, hooks: dict[str, Hook] | None = None,
               identities: dict[int, SigningIdentity] | None = None, registered: dict | None = None,
-              make_input: Callable[[int], PlainInput] | None = None) -> Round:
+              make_input: Callable[[int], PlainInput] | None = None, client_kwargs: dict | None = None) -> Round:
     """One full round. ``drop[phase]``: clients that go silent in that phase (they send nothing from
     it on), or a function of the server choosing them when the phase starts. ``hooks[name](msg, index)``
     may replace a message in flight ("advertise", "roster",
-    "share_keys", "bundle", "masked", "request", "unmask"); an exception it raises is propagated."""
+    "share_keys", "bundle", "masked", "request", "unmask"); an exception it raises is propagated.
+    ``client_kwargs`` go to every SecAggClient (e.g. ``trusted_verify_keys``)."""
     drop = drop or {}
     hooks = hooks or {}
     identities = identities or {i: _identity(params.auth, i) for i in params.indices}
     verifiers = registered or {i: identities[i].verifier() for i in params.indices}
     server = SecAggServer(params, verifiers, now=0.0)
-    clients = {i: SecAggClient(params, i, identities[i], rng=np.random.default_rng(100 + i)) for i in params.indices}
+    clients = {i: SecAggClient(params, i, identities[i], rng=np.random.default_rng(100 + i), **(client_kwargs or {}))
+               for i in params.indices}
     rng = np.random.default_rng(7)
     inputs = {i: PlainInput(rng.uniform(-0.2, 0.2, params.segment("delta").length), weight=int(rng.integers(1, 51)))
               for i in params.indices}
@@ -469,45 +471,129 @@ def test_a_client_refuses_a_roster_with_a_substituted_key() -> None:
     assert err.value.code == "bad_roster_signature"
 
 
+def _resigned_substitution(p: SecAggParams, ids: dict[int, SigningIdentity]
+                           ) -> tuple[Callable[[RosterMessage, int], RosterMessage], SigningIdentity, SecAggServer]:
+    """A malicious server's attack on client 2: it advertises keys of its own for index 2, signed with its
+    own Ed25519 key, and ships its own verifying key in the roster. Returns the roster hook, the server's
+    key, and an honest server state machine in which clients 3..5 and the fake 2 have advertised."""
+    evil = SigningIdentity.generate_ed25519()
+    fake = SecAggClient(p, 2, evil).advertise()
+
+    def substitute(roster: RosterMessage, i: int) -> RosterMessage:
+        return dataclasses.replace(roster, entries=tuple(
+            dataclasses.replace(e, c_pk=fake.c_pk, s_pk=fake.s_pk, signature=fake.signature, verify_key=evil.verify_key)
+            if e.index == 2 else e for e in roster.entries))
+
+    server = SecAggServer(p, {i: ids[i].verifier() for i in p.indices}, now=0.0)
+    for i in (3, 4, 5):
+        server.receive_advertise(SecAggClient(p, i, ids[i]).advertise(), 1.0)
+    server.receive_advertise(dataclasses.replace(fake, signature=ids[2].sign(AdvertiseKeys.signing_bytes(
+        p.digest(), 2, fake.c_pk, fake.s_pk))), 1.0)
+    return substitute, evil, server
+
+
+def _roster_for(server: SecAggServer, client: SecAggClient, hook: Callable[[RosterMessage, int], RosterMessage]) -> RosterMessage:
+    """Client 1's roster as the attacking server sends it (client 1 advertises once the others have)."""
+    server.receive_advertise(client.advertise(), 1.0)
+    server.close_phase(1.0)
+    return hook(server.roster_for(1), 1)
+
+
 def test_trusted_verify_keys_defeat_a_server_that_resigns_substituted_keys() -> None:
     p = _params(5)
     ids = {i: _identity(p.auth, i) for i in p.indices}
-    evil = SigningIdentity.generate_ed25519()
-    roster_seen: dict[int, RosterMessage] = {}
-    # the server re-signs client 2's entry with its own key and ships its own verifying key
-    fake_client = SecAggClient(p, 2, evil)
-    fake = fake_client.advertise()
-
-    def substitute(roster: RosterMessage, i: int) -> RosterMessage:
-        entries = tuple(dataclasses.replace(e, c_pk=fake.c_pk, s_pk=fake.s_pk, signature=fake.signature,
-                                            verify_key=evil.verify_key) if e.index == 2 else e for e in roster.entries)
-        roster_seen[i] = dataclasses.replace(roster, entries=entries)
-        return roster_seen[i]
-
+    substitute, _, _ = _resigned_substitution(p, ids)
     with pytest.raises(SecAggRefused):  # client 2 itself notices its keys were replaced
         run_round(p, hooks={"roster": substitute}, identities=ids)
     # client 1 alone cannot tell without a PKI; with trusted keys it can
-    server = SecAggServer(p, {i: ids[i].verifier() for i in p.indices}, now=0.0)
-    trusted = {p.client_ids[i - 1]: ids[i].verify_key for i in p.indices}
+    substitute, _, server = _resigned_substitution(p, ids)
     naive = SecAggClient(p, 1, ids[1])
+    naive.share_keys(_roster_for(server, naive, substitute))  # accepted: the limit of server-distributed keys
+    substitute, _, server = _resigned_substitution(p, ids)
+    trusted = {p.client_ids[i - 1]: ids[i].verify_key for i in p.indices}
     careful = SecAggClient(p, 1, ids[1], trusted_verify_keys=trusted)
-    others = {i: SecAggClient(p, i, ids[i]) for i in (3, 4, 5)}
-    for c in (naive, *others.values()):
-        server.receive_advertise(c.advertise(), 1.0)
-    server.receive_advertise(dataclasses.replace(fake, signature=ids[2].sign(AdvertiseKeys.signing_bytes(
-        p.digest(), 2, fake.c_pk, fake.s_pk))), 1.0)
-    server.close_phase(1.0)
-    roster = substitute(server.roster_for(1), 1)
-    naive.share_keys(roster)  # accepted: the documented limit of server-distributed keys
-    careful.advertise()
-    careful_roster = dataclasses.replace(roster, entries=tuple(
-        dataclasses.replace(e, c_pk=careful._c.public_bytes, s_pk=careful._s.public_bytes,
-                            signature=ids[1].sign(AdvertiseKeys.signing_bytes(p.digest(), 1, careful._c.public_bytes,
-                                                                              careful._s.public_bytes)))
-        if e.index == 1 else e for e in roster.entries))
     with pytest.raises(SecAggRefused) as err:
-        careful.share_keys(careful_roster)
+        careful.share_keys(_roster_for(server, careful, substitute))
     assert err.value.code == "bad_roster_signature"
+
+
+# --------------------------------------------------------------------------- pinned keys as a set (REST: ids unknown in advance)
+def test_a_pinned_key_set_defeats_the_same_substitution_and_never_names_the_key() -> None:
+    p = _params(5)
+    ids = {i: _identity(p.auth, i) for i in p.indices}
+    pinned = frozenset(ids[i].verify_key for i in p.indices)
+    substitute, evil, server = _resigned_substitution(p, ids)
+    careful = SecAggClient(p, 1, ids[1], trusted_verify_keys=pinned)
+    with pytest.raises(SecAggRefused) as err:
+        careful.share_keys(_roster_for(server, careful, substitute))
+    assert err.value.code == "bad_roster_signature"
+    assert "no trusted verifying key for client 2" in str(err.value)
+    assert evil.verify_key.hex() not in str(err.value) and repr(evil.verify_key) not in str(err.value)
+    # the server keeps the roster's key for 2 honest but the substituted advertisement: the signature is checked
+    # against the pinned key and fails
+    substitute, _, server = _resigned_substitution(p, ids)
+    careful = SecAggClient(p, 1, ids[1], trusted_verify_keys=pinned)
+    roster = _roster_for(server, careful, substitute)
+    honest_key = dataclasses.replace(roster, entries=tuple(
+        dataclasses.replace(e, verify_key=ids[2].verify_key) if e.index == 2 else e for e in roster.entries))
+    with pytest.raises(SecAggRefused) as err:
+        careful.share_keys(honest_key)
+    assert err.value.code == "bad_roster_signature" and "client 2 do not carry its signature" in str(err.value)
+
+
+def test_an_honest_round_with_pinned_key_sets_gives_the_exact_sum() -> None:
+    p = _params(6)
+    ids = {i: _identity(p.auth, i) for i in p.indices}
+    pinned = frozenset(ids[i].verify_key for i in p.indices)
+    r = run_round(p, identities=ids, client_kwargs={"trusted_verify_keys": pinned})
+    assert r.server.phase == Phase.DONE and r.server.result().summed == tuple(range(1, 7))
+    assert_exact(r)
+    assert not r.server.drops
+
+
+def test_a_neighbour_whose_key_is_not_pinned_is_refused_by_index() -> None:
+    p = _params(5)
+    ids = {i: _identity(p.auth, i) for i in p.indices}
+    pinned = frozenset(ids[i].verify_key for i in p.indices if i != 3)
+    with pytest.raises(SecAggRefused) as err:  # client 1, the first to check a roster, has 3 as a neighbour
+        run_round(p, identities=ids, client_kwargs={"trusted_verify_keys": pinned})
+    assert err.value.code == "bad_roster_signature" and "client 3" in str(err.value)
+    assert ids[3].verify_key.hex() not in str(err.value)
+
+
+@pytest.mark.parametrize("pinning", ["none", "set", "mapping"])
+def test_a_roster_with_one_verifying_key_for_two_members_is_refused(pinning: str) -> None:
+    p = _params(5)
+    ids = {i: _identity(p.auth, i) for i in p.indices}
+    trusted = {"none": None, "set": frozenset(ids[i].verify_key for i in p.indices),
+               "mapping": {p.client_ids[i - 1]: ids[i].verify_key for i in p.indices}}[pinning]
+
+    def duplicate(roster: RosterMessage, i: int) -> RosterMessage:
+        return dataclasses.replace(roster, entries=tuple(
+            dataclasses.replace(e, verify_key=ids[2].verify_key) if e.index == 4 else e for e in roster.entries))
+
+    with pytest.raises(SecAggRefused) as err:
+        run_round(p, identities=ids, hooks={"roster": duplicate}, client_kwargs={"trusted_verify_keys": trusted})
+    assert err.value.code == "bad_roster" and "clients 2 and 4 the same verifying key" in str(err.value)
+
+
+def test_a_mapping_that_pins_one_key_for_two_ids_is_refused() -> None:
+    p = _params(5)
+    ids = {i: _identity(p.auth, i) for i in p.indices}
+    trusted = {p.client_ids[i - 1]: ids[2 if i == 4 else i].verify_key for i in p.indices}
+    with pytest.raises(SecAggRefused) as err:
+        run_round(p, identities=ids, client_kwargs={"trusted_verify_keys": trusted})
+    assert err.value.code == "bad_roster" and "same verifying key" in str(err.value)
+
+
+def test_pinned_keys_refuse_an_hmac_round_and_malformed_sets() -> None:
+    p = _params(5, auth=HMAC_SHA256)
+    with pytest.raises(SecAggRefused) as err:  # HMAC keys are the server's: pinning would silently not apply
+        SecAggClient(p, 1, _identity(p.auth, 1), trusted_verify_keys=frozenset({bytes(32)}))
+    assert err.value.code == "bad_params"
+    p = _params(5)
+    with pytest.raises(ValueError, match="exactly 32 bytes"):
+        SecAggClient(p, 1, _identity(p.auth, 1), trusted_verify_keys={bytes(31)})
 
 
 def test_a_client_refuses_a_bundle_that_withholds_a_neighbour() -> None:

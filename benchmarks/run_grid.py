@@ -143,7 +143,7 @@ def plot(curves: dict[str, list[tuple[int, float]]], path: Path, title: str, fla
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("grid", type=Path)
-    ap.add_argument("--only", nargs="*", help="run only these experiments")
+    ap.add_argument("--only", nargs="*", help="run only these experiments, in the order given (a priority queue)")
     ap.add_argument("--list", action="store_true", help="show the status of each experiment and exit")
     ap.add_argument("--collect", action="store_true", help="only rewrite the results (table, curves) from what has run")
     args = ap.parse_args()
@@ -153,9 +153,15 @@ def main() -> None:
     if args.collect:
         collect(name, experiments, work, results)
         return
-    for exp in experiments:
-        if args.only and exp["name"] not in args.only:
-            continue
+    if args.only:
+        by_name = {exp["name"]: exp for exp in experiments}
+        unknown = [n for n in args.only if n not in by_name]
+        if unknown:
+            raise SystemExit(f"error: {args.grid} has no experiment named {', '.join(unknown)}")
+        selected = [by_name[n] for n in dict.fromkeys(args.only)]
+    else:
+        selected = experiments
+    for exp in selected:
         run = work / exp["name"]
         if args.list:
             print(f"{exp['name']}: {'done' if is_finished(run) else 'partial' if (run / 'checkpoint.pt').exists() else 'todo'}")

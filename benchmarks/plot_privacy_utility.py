@@ -34,7 +34,7 @@ def load_rows(results: Path) -> list[dict]:
         series = None
         if match:
             series = match.group(1) + (f"_{match.group(3)}" if match.group(3) else "")
-        elif name == "nonprivate":
+        elif name.startswith("nonprivate"):
             series = "nonprivate"
         rows.append({
             "name": name,
@@ -95,7 +95,8 @@ def plot(rows: list[dict], path: Path) -> None:
                         color=line.get_color())
     for r in rows:
         if r["series"] == "nonprivate" and r["accuracy"] is not None:
-            ax.axhline(100 * r["accuracy"], color="grey", linestyle="--", label=f"non-private ({100 * r['accuracy']:.2f} %)")
+            ax.axhline(100 * r["accuracy"], color="grey", linestyle="--" if r["name"] == "nonprivate" else "-.",
+                       label=f"{r['name'].replace('_', ', ')} ({100 * r['accuracy']:.2f} %)")
     ax.axhline(10, color="lightgrey", linestyle=":", label="chance (10 %)")
     ax.set_xscale("log")
     budgets = sorted({r["budget"] for r in rows if r["budget"]})

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from fl_common.allocator import keep_freed_memory
 from fl_common.privacy import gaussian_noise, secure_generator
 from fl_common.privacy.client_dp import clip_update, dp_sgd_train, sample_level_schedule
 from fl_common.protocol import ClientUpdate, TrainInstructions, derive_seed
@@ -66,6 +67,7 @@ class LocalTrainer:
         and draws from the OS CSPRNG: the server chose ``instr.seed``, and noise it could
         regenerate it could also subtract.
         """
+        keep_freed_memory()  # training re-allocates the same buffers every step (fl_common/allocator.py)
         self.device = torch.device(device)
         self.seeded_noise = seeded_noise
         self.model = model.to(self.device)

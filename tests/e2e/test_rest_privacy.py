@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import csv
 import math
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +31,7 @@ from tests.e2e.harness import (
     token_env,
     wait_for,
 )
+from tests.e2e.test_rest_daemons import shutdown, start_client
 
 pytestmark = pytest.mark.usefixtures("small_config")
 
@@ -106,13 +105,6 @@ def test_client_level_dp_over_rest_matches_the_closed_form_stops_at_the_budget_a
         assert "privacy budget reached" in status["stop_reason"]
 
 
-def start_daemon(server: GunicornServer, env: dict, name: str, state: Path) -> subprocess.Popen:
-    log = open(state / f"{name}.log", "ab")
-    return subprocess.Popen([sys.executable, "-m", "fl_client", "--server-url", server.url, "--client-id", name,
-                             "--state-dir", str(state / name), "--threads", "1"],
-                            env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT)
-
-
 def test_sample_level_dp_sgd_over_rest_accounts_what_each_daemon_ran(tmp_path: Path) -> None:
     cfg = make_cfg(num_clients=4, num_rounds=2, differential_privacy=True, dp_mode="sample", dp_epsilon=8.0, dp_delta=1e-5,
                    dp_accountant="rdp", clip_grad_norm=1.0, data_distribution="dirichlet", non_iid_alpha=0.5)
@@ -121,15 +113,12 @@ def test_sample_level_dp_sgd_over_rest_accounts_what_each_daemon_ran(tmp_path: P
     server.start()
     daemons: list[subprocess.Popen] = []
     try:
-        daemons = [start_daemon(server, env, f"d{i}", tmp_path) for i in range(4)]
+        daemons = [start_client(server, env, f"d{i}", tmp_path) for i in range(4)]
         status = wait_for(lambda: (s := server.status())["state"] == "finished" and s, timeout=400)
         for d in daemons:
             assert d.wait(timeout=120) == 0
     finally:
-        for d in daemons:
-            if d.poll() is None:
-                d.kill()
-        server.stop()
+        shutdown(server, daemons)
     privacy = status["privacy"]
     assert privacy["mode"] == "sample" and privacy["noise_randomness"] == "OS CSPRNG"
     assert privacy["noise_calibration"] == "per_client"

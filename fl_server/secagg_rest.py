@@ -238,7 +238,7 @@ class SecureRestRounds:
 
     def record_closed(self, row: RoundRow, agg: SecureAggregator) -> None:
         """The service applied the attempt's unmasked sum: add it to the history (summary, /status, /metrics)."""
-        self._finish(row, agg.stats())
+        self._finish(row, agg.stats(), auth=agg.params.auth)
 
     def _abort(self, row: RoundRow, agg: SecureAggregator, reason: str, now: float) -> None:
         svc = self.service
@@ -256,13 +256,16 @@ class SecureRestRounds:
         log.warning("round %d (attempt %d): secure aggregation aborted in phase %s: %s; nothing is applied, a new attempt "
                     "follows", row.round, row.round_id, phase, reason)
         svc.observers.round_aborted(row.round, len(arrived))
-        self._finish(row, stats, phase=phase)
+        self._finish(row, stats, phase=phase, auth=agg.params.auth)
 
-    def _finish(self, row: RoundRow, stats: SecAggRoundStats, *, phase: Optional[str] = None) -> None:
+    def _finish(self, row: RoundRow, stats: SecAggRoundStats, *, phase: Optional[str] = None,
+                auth: Optional[str] = None) -> None:
         attempt = self._attempts.get(row.round_id)
         if attempt is not None:
             attempt.finished = True
-        entry = {**asdict(stats), "attempt": row.round_id}
+        # auth: the signature scheme of the attempt's messages, kept so /status can still say how the
+        # last round was authenticated once no attempt is open (the stats' params do not carry it)
+        entry = {**asdict(stats), "attempt": row.round_id, "auth": auth}
         entry["events"] = len(stats.events)  # counts only: the events name clients
         if stats.aborted is not None:
             entry["aborted_in_phase"] = phase
@@ -520,7 +523,12 @@ class SecureRestRounds:
         self.service.store.set_meta(META_KEY, json.dumps(self._history))
 
     def status(self) -> dict[str, Any]:
-        """The ``secagg`` block of ``/status`` (service's lock held by the caller or not needed: reads only)."""
+        """The ``secagg`` block of ``/status`` (service's lock held by the caller or not needed: reads only).
+
+        Besides the counts, ``current`` and ``last_round`` say how the attempt is protected (``auth``:
+        the signature scheme, ``complete_graph``: classic SecAgg rather than the SecAgg+ neighbour
+        graph, and for ``last_round`` its ``params`` with the threshold): the dashboard shows them, and
+        between attempts nothing else would tell an operator the threshold the run works with."""
         agg = self.service.coordinator.secagg
         current = None
         if agg is not None:
@@ -533,7 +541,8 @@ class SecureRestRounds:
             attempt = next((a.round_id for a in self._attempts.values() if a.agg is agg), None)
             current = {"round": agg.params.round, "attempt": attempt, "phase": s.phase.value, "selected": agg.params.n,
                        "threshold": agg.params.threshold, "degree": min(agg.params.degree, agg.params.n - 1),
-                       "modulus_bits": agg.params.modulus_bits,
+                       "modulus_bits": agg.params.modulus_bits, "auth": agg.params.auth,
+                       "complete_graph": agg.params.degree >= agg.params.n - 1, "aggregation": agg.mode,
                        "deadline_in_s": round(max(0.0, s.deadline - self.service.clock()), 1),
                        "u1": len(s.u1) if Phase.ADVERTISE_KEYS.value in passed else received[Phase.ADVERTISE_KEYS.value],
                        "u2": len(s.u2) if Phase.SHARE_KEYS.value in passed else received[Phase.SHARE_KEYS.value],
@@ -546,7 +555,8 @@ class SecureRestRounds:
                 "aborted_attempts": int(h.get("aborted", 0)), "dropouts_by_phase": dict(h.get("dropouts_by_phase", {})),
                 "abort_reasons": [a.get("aborted") for a in attempts if a.get("aborted") is not None][-5:],
                 "last_round": None if last is None else {k: last.get(k) for k in ("round", "attempt", "summed", "drops",
-                                                                                     "phase_bytes", "clipped")}}
+                                                                                     "phase_bytes", "clipped", "params",
+                                                                                     "auth")}}
 
     def summary(self) -> dict[str, Any]:
         """The ``secure_aggregation`` block of summary.json, in the simulation's shape (secagg/simulation.py)."""

@@ -7,7 +7,10 @@ page's Content-Security-Policy only allows this server as a source.
 
 What it reads, and who may read it:
 
-* ``GET /status`` (public) - the run summary and per-round history; the charts plot its numbers.
+* ``GET /status`` (public) - the run summary and per-round history; the charts plot its numbers,
+  and its ``secagg`` block (secure aggregation: phase, threshold, dropouts per phase) and ``asynchronous``
+  block (buffer fill, staleness per model version and histogram) fill the two mode panels, which
+  say plainly when the run uses neither.
 * ``GET /api/v1/dashboard/rounds`` (public) - per round attempt: how many clients were selected,
   submitted and dropped, and how the attempt ended. Counts only, as public as ``/status``.
 * ``GET /api/v1/clients`` (admin) - the client table. Client names, liveness, capabilities and the

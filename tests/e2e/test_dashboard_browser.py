@@ -141,6 +141,13 @@ def test_dashboard_follows_a_training_federation(tmp_path: Path) -> None:
             assert ui.page.get_attribute("#privacy-meter", "data-enabled") == "false"
             assert "Differential privacy is off" in ui.page.inner_text("#privacy-meter")
             assert "the run has finished" in ui.page.inner_text("#round-progress")
+            # a plain synchronous run: both mode panels say they are off (test_dashboard_panels.py covers them on)
+            assert "secagg" not in status and status["training_mode"] == "sync"
+            assert ui.page.get_attribute("#secagg-panel", "data-enabled") == "false"
+            assert "Secure aggregation is off for this run" in ui.page.inner_text("#secagg-panel")
+            assert ui.page.get_attribute("#async-panel", "data-mode") == "sync"
+            assert "Synchronous run: no staleness" in ui.page.inner_text("#async-panel")
+            assert ui.page.is_hidden("#async-charts") and ui.points("chart-staleness", "staleness_mean") == []
             # the client table, behind the admin token, matches /api/v1/clients
             rows = ui.page.eval_on_selector_all("#client-table tbody tr", """rows => rows.map(r => ({
                 id: r.dataset.clientId,

@@ -71,7 +71,9 @@
 
   // ------------------------------------------------------------------ charts
   // series: [{name, label, kind: "line" | "bar", points: [[round, value], ...]}]
-  // opts: {yMin, yMax, integer (whole-number ticks), budget: {value, label}, yFormat, valueFormat, empty}
+  // opts: {yMin, yMax, integer (whole-number ticks), budget: {value, label}, yFormat, valueFormat, empty,
+  //        xLabel (axis title, default "round"), xName (the x value's name in a point's tooltip, default "round")}
+  // The x value of a point is always in data-round, whatever the axis shows (a round, a model version, a staleness).
   function drawChart(id, series, opts) {
     opts = opts || {};
     const box = document.getElementById(id);
@@ -119,7 +121,8 @@
     for (let x = xMin; x <= xMax; x += step) {
       svg.append(s("text", { x: X(x), y: H - B + 16, "text-anchor": "middle" }, x));
     }
-    svg.append(s("text", { x: (L + W - R) / 2, y: H - 4, "text-anchor": "middle" }, "round"));
+    svg.append(s("text", { x: (L + W - R) / 2, y: H - 4, "text-anchor": "middle" }, opts.xLabel || "round"));
+    const xName = opts.xName || "round";
     svg.append(s("line", { class: "axis", x1: L, x2: L, y1: T, y2: H - B }));
     svg.append(s("line", { class: "axis", x1: L, x2: W - R, y1: H - B, y2: H - B }));
     const bars = series.filter((sr) => sr.kind === "bar");
@@ -137,7 +140,7 @@
             height: Math.max(0.5, Math.abs(base - top)), fill: color,
             "data-series": sr.name, "data-round": x, "data-value": y,
           });
-          rect.append(s("title", {}, `round ${x}: ${sr.label || sr.name} ${opts.valueFormat ? opts.valueFormat(y) : y}`));
+          rect.append(s("title", {}, `${xName} ${x}: ${sr.label || sr.name} ${opts.valueFormat ? opts.valueFormat(y) : y}`));
           g.append(rect);
         }
       } else {
@@ -146,7 +149,7 @@
         for (const [x, y] of sr.points) {
           const c = s("circle", { cx: X(x), cy: Y(y), r: 3.5, fill: color,
                                    "data-series": sr.name, "data-round": x, "data-value": y });
-          c.append(s("title", {}, `round ${x}: ${sr.label || sr.name} ${y}`));
+          c.append(s("title", {}, `${xName} ${x}: ${sr.label || sr.name} ${y}`));
           g.append(c);
         }
       }
@@ -204,7 +207,10 @@
     const cur = st.current_round;
     if (!cur) {
       delete box.dataset.round;
-      const why = st.state === "finished" ? "the run has finished" : "no round is open: waiting for enough live clients";
+      const why = st.state === "finished" ? "the run has finished"
+        : st.training_mode === "async" ? "asynchronous run: no rounds; each client trains on a model version as its own job " +
+                                         "(see Asynchronous training)"
+        : "no round is open: waiting for enough live clients";
       box.append(h("p", { class: "empty" }, why));
       return;
     }
@@ -235,6 +241,8 @@
     drawChart("chart-bytes", [{ name: "bytes", label: "bytes", kind: "bar", points: column(hist, "bytes") }],
               { yFormat: fmtBytes, valueFormat: fmtBytes });
     renderPrivacy(st, hist);
+    renderSecAgg(st);
+    renderAsync(st, hist);
   }
 
   function renderPrivacy(st, hist) {
@@ -259,6 +267,152 @@
     drawChart("chart-privacy", [{ name: "epsilon", label: "epsilon spent", kind: "line", points: column(hist, "epsilon") }],
               { yMin: 0, budget: { value: p.epsilon_budget, label: `budget ${p.epsilon_budget}` },
                 empty: "no round accounted yet" });
+  }
+
+  // ------------------------------------------------------------------ secure aggregation
+  // The protocol's phases in order, with the set of clients /status counts for each (U1..U4: those
+  // whose message of that phase was accepted; while the phase is open, so far).
+  const SECAGG_PHASES = [["advertise_keys", "u1", "advertise keys"], ["share_keys", "u2", "share keys"],
+                         ["masked_input", "u3", "masked input"], ["unmask", "u4", "unmask"]];
+  const SECAGG_AUTH = {
+    "ed25519": "key advertisements signed with Ed25519 (each client checks its neighbours' signatures)",
+    "hmac-sha256": "key advertisements authenticated with HMAC-SHA256 (the server vouches for them: assumes an " +
+                   "honest-but-curious server)",
+  };
+
+  function setData(node, values) {
+    for (const [k, v] of Object.entries(values)) {
+      if (v === null || v === undefined) delete node.dataset[k];
+      else node.dataset[k] = v;
+    }
+  }
+
+  function renderSecAgg(st) {
+    const box = document.getElementById("secagg-panel");
+    box.replaceChildren();
+    const sa = st.secagg;
+    if (!sa || sa.enabled !== true) {
+      setData(box, { enabled: "false", phase: null, threshold: null, auth: null, attempt: null,
+                     roundsCompleted: null, abortedAttempts: null });
+      box.append(h("p", { class: "empty" }, "Secure aggregation is off for this run: the server sees each client's " +
+                                           "update, not only their sum."));
+      return;
+    }
+    const cur = sa.current;
+    const last = sa.last_round || null;
+    const params = cur || (last && last.params) || null; // between attempts: the last completed one's
+    const auth = (cur && cur.auth) || (last && last.auth) || null;
+    setData(box, { enabled: "true", phase: cur ? cur.phase : "none", threshold: params ? params.threshold : null,
+                   auth: auth, attempt: cur ? cur.attempt : null, roundsCompleted: sa.rounds_completed,
+                   abortedAttempts: sa.aborted_attempts });
+    if (params) {
+      const n = cur ? cur.selected : params.clients;
+      const graph = params.complete_graph ? "classic SecAgg (every pair of clients masks)"
+        : `SecAgg+ (neighbour graph of degree ${params.degree})`;
+      const signed = SECAGG_AUTH[auth] || (auth ? `key advertisements signed with ${auth}` : "signature scheme not recorded");
+      const feeds = cur && cur.aggregation ? `; the unmasked sum feeds the ${cur.aggregation} aggregator` : "";
+      box.append(h("p", { "data-field": "mode" }, `${graph}; ${signed}${feeds}; ${params.modulus_bits}-bit field.`));
+      box.append(h("p", { "data-field": "threshold" }, `Threshold ${params.threshold}: ${cur ? "this" : "the last"} attempt ` +
+                                                      `over ${n} clients unmasks only while at least ${params.threshold} ` +
+                                                      `of a client's share holders remain.`));
+    } else {
+      box.append(h("p", { class: "empty" }, "Secure aggregation is on; no attempt has been planned yet."));
+    }
+    if (cur) {
+      const label = (SECAGG_PHASES.find((p) => p[0] === cur.phase) || [null, null, cur.phase.replace(/_/g, " ")])[2];
+      box.append(h("p", { "data-field": "current" }, `Round ${cur.round}, attempt ${cur.attempt}: phase ${label}, ` +
+                                                    `${Math.round(cur.deadline_in_s)} s left in it; ${cur.selected} clients selected.`));
+    } else {
+      box.append(h("p", { "data-field": "current", class: "empty" }, "No secure attempt is open."));
+    }
+    const table = h("table", { id: "secagg-phases", class: "phases" });
+    const head = h("tr");
+    for (const title of ["phase", "clients through it (this attempt)", "dropped (this attempt)", "dropped (finished attempts)"]) {
+      head.append(h("th", {}, title));
+    }
+    const thead = h("thead");
+    thead.append(head);
+    table.append(thead);
+    const body = h("tbody");
+    const curDrops = (cur && cur.dropouts_by_phase) || {};
+    const pastDrops = sa.dropouts_by_phase || {};
+    for (const [phase, set, label] of SECAGG_PHASES) {
+      const tr = h("tr", { "data-phase": phase });
+      if (cur && cur.phase === phase) { tr.className = "current"; tr.setAttribute("aria-current", "step"); }
+      const cell = (field, value) => {
+        const td = h("td", { "data-field": field }, value === null ? "\u2013" : value);
+        if (field !== "phase") td.className = "num";
+        if (value !== null && field !== "phase") td.dataset.value = value;
+        tr.append(td);
+      };
+      cell("phase", label);
+      cell("clients", cur ? cur[set] : null);
+      cell("dropped", cur ? (curDrops[phase] || 0) : null);
+      cell("dropped_total", pastDrops[phase] || 0);
+      body.append(tr);
+    }
+    table.append(body);
+    box.append(table);
+    const totals = h("p", { "data-field": "totals" }, `${sa.rounds_completed} secure round(s) completed; ` +
+                                                     `${sa.aborted_attempts} attempt(s) aborted (nothing of them applied).`);
+    box.append(totals);
+    if ((sa.abort_reasons || []).length) {
+      const ul = h("ul", { class: "abort-reasons" });
+      for (const reason of sa.abort_reasons) ul.append(h("li", {}, reason));
+      box.append(ul);
+    }
+  }
+
+  // ------------------------------------------------------------------ asynchronous training
+  function renderAsync(st, hist) {
+    const box = document.getElementById("async-panel");
+    const summary = document.getElementById("async-summary");
+    const charts = document.getElementById("async-charts");
+    summary.replaceChildren();
+    const a = st.asynchronous;
+    if (st.training_mode !== "async" || !a) {
+      setData(box, { mode: "sync", algorithm: null, modelVersion: null, buffered: null, bufferK: null, inFlight: null,
+                     concurrency: null, updatesApplied: null });
+      summary.append(h("p", { class: "empty" }, "Synchronous run: no staleness. Every round waits for its selected " +
+                                              "clients, and each of them trains on the round's current model."));
+      drawChart("chart-staleness", [{ name: "staleness_mean", kind: "line", points: [] }], { empty: "synchronous run" });
+      drawChart("chart-staleness-hist", [{ name: "updates", kind: "bar", points: [] }], { empty: "synchronous run" });
+      charts.hidden = true;
+      return;
+    }
+    const sl = a.staleness || {};
+    const fedbuff = a.buffer_k !== undefined && a.buffer_k !== null;
+    setData(box, { mode: "async", algorithm: a.algorithm, modelVersion: a.model_version, buffered: a.buffered,
+                   bufferK: fedbuff ? a.buffer_k : null, inFlight: a.in_flight, concurrency: a.concurrency,
+                   updatesApplied: a.updates_applied });
+    const name = a.algorithm === "fedbuff" ? "FedBuff" : a.algorithm === "fedasync" ? "FedAsync" : a.algorithm;
+    summary.append(h("p", { "data-field": "version" }, `${name}: model version ${a.model_version} of ${st.num_rounds} ` +
+                                                      `server updates; ${a.updates_applied} client update(s) applied; ` +
+                                                      `${a.in_flight} of ${a.concurrency} training slots in use.`));
+    if (fedbuff) {
+      const p = h("p", { "data-field": "buffer" }, `Buffer: ${a.buffered} of K = ${a.buffer_k} updates waiting for ` +
+                                                  "the next server update.");
+      summary.append(p);
+      summary.append(h("meter", { min: 0, max: a.buffer_k, value: a.buffered }));
+    } else {
+      summary.append(h("p", { "data-field": "buffer" }, `No buffer: each accepted update is mixed in at once ` +
+                                                       `(alpha ${a.alpha}).`));
+    }
+    const limit = a.max_staleness === null || a.max_staleness === undefined ? "no limit" : `limit ${a.max_staleness}`;
+    summary.append(h("p", { "data-field": "staleness" }, `Staleness of ${sl.accepted || 0} accepted update(s): mean ` +
+                                                        `${fmt(sl.mean, 2)}, median ${fmt(sl.median, 1)}, p90 ` +
+                                                        `${fmt(sl.p90, 1)}, max ${sl.max === null || sl.max === undefined ? "\u2013" : sl.max} ` +
+                                                        `(${limit}; ${sl.refused_too_stale || 0} refused as too stale, ` +
+                                                        `${sl.cancelled || 0} job(s) cancelled); weight ${a.staleness_function}.`));
+    charts.hidden = false;
+    drawChart("chart-staleness", [
+      { name: "staleness_mean", label: "mean staleness", kind: "line", points: column(hist, "staleness_mean") },
+      { name: "staleness_max", label: "max staleness", kind: "line", points: column(hist, "staleness_max") },
+    ], { yMin: 0, xLabel: "model version (server update)", xName: "version", empty: "no server update yet" });
+    const bins = Object.entries(sl.histogram || {}).map(([k, v]) => [Number(k), Number(v)]).sort((p, q) => p[0] - q[0]);
+    drawChart("chart-staleness-hist", [{ name: "updates", label: "accepted updates", kind: "bar", points: bins }],
+              { integer: true, xLabel: "staleness (server updates behind)", xName: "staleness",
+                empty: "no update accepted yet" });
   }
 
   function renderClients(list) {

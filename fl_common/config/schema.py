@@ -128,7 +128,7 @@ class FLConfig:
     qffl_q: float = _opt(1.0, lo=0.0, hi=50.0, help="q-FedAvg fairness q (aggregation_method=qfedavg; 0 = unweighted FedAvg, larger = fairer)")
     trim_ratio: float = _opt(0.2, lo=0.0, hi=0.5, help="trimmed_mean: fraction of updates dropped from each end of every coordinate")
     krum_byzantine: int = _opt(1, lo=0, hi=5000, help="krum/multikrum: number f of Byzantine clients tolerated (needs more than 2f + 2 updates per round)")
-    multikrum_m: Optional[int] = _opt(None, lo=1, hi=10000, help="multikrum: updates averaged (default: updates - krum_byzantine)")
+    multikrum_m: Optional[int] = _opt(None, lo=1, hi=10000, help="multikrum: updates averaged (default: updates - krum_byzantine; a round with more than f attackers then averages one in, so set it to at most the honest updates of the worst round you expect)")
 
     # --- selection, rounds ---
     selection: str = _opt("uniform", choices=SELECTION_POLICIES, help="client selection policy (fl_server/selection): uniform, weighted (by records), stratified, capability (reported speeds), adaptive (the seed's p_k ~ n_k/sum n x 1/staleness_k x capability_k)")

@@ -43,7 +43,7 @@ from fl_server.coordinator import Coordinator
 from fl_server.privacy_engine import BudgetExhausted
 from fl_server.secagg.simulation import SIMULATION_FEATURES, SecAggSimulation
 from fl_server.selection import selection_summary
-from fl_server.simulation.attacks import make_attack
+from fl_server.simulation.attacks import attack_summary, make_attack
 from fl_server.simulation.client_speeds import client_speeds, simulated_client_infos
 from fl_server.simulation.client_state import ClientVariates
 from fl_server.simulation.executor import (
@@ -399,6 +399,8 @@ class Simulation:
             "privacy": self.coordinator.privacy_status(),
             "selection": selection_summary(self.cfg, self.coordinator.selector),
             "participation": self.coordinator.participation.summary(range(self.cfg.num_clients)),
+            **({"attack": attack_summary(self.cfg, ((r, c) for r, c, _, arrived, _ in self.coordinator.participation.rows
+                                                    if arrived))} if self.cfg.attack != "none" else {}),
             "environment": {"python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform()},
             "config": self.cfg.to_dict(),
         }

@@ -112,6 +112,24 @@ def test_median_resists_the_attack_that_breaks_fedavg() -> None:
     assert results["fedavg"] < results["fedavg_clean"] - 0.05, results
 
 
+def test_the_summary_counts_the_attackers_each_round_held() -> None:
+    cfg = {**BASE, "num_rounds": 4, "aggregation_method": "median", "attack": "gaussian_noise", "attack_fraction": 0.3}
+    with Simulation(cfg, progress=False) as sim:
+        sim.train()
+        block = sim.summary()["attack"]
+        attackers = attacker_ids(sim.cfg)
+        arrived = [(r, c) for r, c, _, got, _ in sim.coordinator.participation.rows if got]
+    assert block["attackers"] == sorted(attackers) and len(attackers) == 3
+    per_round = {r: sum(1 for rr, c in arrived if rr == r and c in attackers) for r in range(1, 5)}
+    expected: dict[str, int] = {}
+    for count in per_round.values():
+        expected[str(count)] = expected.get(str(count), 0) + 1
+    assert block["rounds_by_attackers"] == dict(sorted(expected.items())) and sum(expected.values()) == 4
+    assert block["max_attackers_in_a_round"] == max(per_round.values())
+    assert per_round[block["first_round_with_max"]] == max(per_round.values())
+    assert all(per_round[r] < max(per_round.values()) for r in range(1, block["first_round_with_max"]))
+
+
 def test_attack_with_no_attacker_is_refused() -> None:
     with pytest.raises(ConfigError, match="0 attackers"):
         config_from_dict({**BASE, "attack": "gaussian_noise", "attack_fraction": 0.01})

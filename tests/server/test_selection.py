@@ -235,8 +235,6 @@ def test_policies_refuse_clients_that_reported_nothing() -> None:
         CapabilitySelector(0).select(1, [ClientInfo(i, num_samples=5) for i in range(5)], 2)
     with pytest.raises(ValueError, match="label histogram"):
         StratifiedSelector(0, stratify_by="label").select(1, bare, 2)
-    with pytest.raises(ValueError, match="unknown selection policy 'best'"):
-        make_selector("best", 0)
     with pytest.raises(ValueError, match="compute_speed must be a finite number > 0"):
         ClientInfo(1, compute_speed=0.0)
 

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
+
 import pytest
 import torch
 
-from fl_common.config import config_from_dict
+from fl_common.config import FLConfig, config_from_dict
 from fl_common.protocol import ClientUpdate, TrainInstructions
 from fl_server.strategies import STRATEGIES, UpdateRejected, build_strategy
 from fl_common.config.schema import AGGREGATION_METHODS
@@ -19,6 +22,16 @@ def _u(cid: int, values: list[float], n: int, loss: float = 1.0) -> ClientUpdate
 
 def test_config_choices_match_the_strategy_registry() -> None:
     assert set(AGGREGATION_METHODS) == set(STRATEGIES) | {"custom"}
+
+
+@pytest.mark.parametrize("name", sorted(STRATEGIES))
+def test_each_strategy_takes_config_keys_with_the_schemas_defaults(name: str) -> None:
+    """Constructor parameters are named after config keys (the factory passes exactly those) and
+    default to the schema's defaults, so a strategy built by hand behaves as one built from a config."""
+    defaults = {f.name: f.default for f in dataclasses.fields(FLConfig)}
+    params = inspect.signature(STRATEGIES[name]).parameters.values()
+    assert params and all(p.kind is p.KEYWORD_ONLY for p in params)
+    assert {p.name: p.default for p in params} == {p.name: defaults[p.name] for p in params}
 
 
 def test_fedavg_is_the_sample_weighted_mean() -> None:

@@ -2,8 +2,9 @@
 
 Transport free: a driver describes its candidates as :class:`ClientInfo` (records, label
 histogram, reported speeds, last participation) and the coordinator asks the configured policy
-(config key ``selection``; ``custom`` loads a plug-in, see ``factory``) to draw. Draws are seeded by (run seed, round), not by a stateful
-generator, so a resumed run selects exactly the clients the uninterrupted run would have.
+(config key ``selection``; ``custom`` loads a plug-in, see ``factory``) to draw. Draws are
+seeded by (run seed, round), not by a stateful generator, so a resumed run selects exactly the
+clients the uninterrupted run would have.
 See ``policies`` for each policy's inclusion probabilities and ``sampling`` for how k distinct
 clients are drawn with exactly those probabilities.
 """

@@ -128,7 +128,7 @@ def plugin_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
     ("{m}:Missing", "module '{m}' has no attribute 'Missing'"),
     ("{m}:NotAStrategy", "NotAStrategy is not a subclass of fl_server.strategies.base.Strategy"),
     ("{m}:Abstract", "Abstract does not implement new_aggregator"),
-    ("{m}:Misspelt", "constructor parameter 'server_learnin_rate' is not a configuration key .*did you mean 'server_learning_rate'"),
+    ("{m}:Misspelt", "parameter 'server_learnin_rate' is not a configuration key .*did you mean 'server_learning_rate'"),
     ("{m}:Picky", r"Picky\(trim_ratio=0.2\) refused its configuration: trim_ratio must be at most 0.1"),
 ])
 def test_a_broken_strategy_plugin_is_refused_at_startup_in_one_line(plugin_module: str, target: str, match: str) -> None:

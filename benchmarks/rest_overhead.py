@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from fl_common.config import config_from_dict
-from fl_server.demo import DEMO_DEFAULTS, run_demo
+from fl_server.rest.demo import DEMO_DEFAULTS, run_demo
 
 ROOT = Path(__file__).resolve().parents[1]
 

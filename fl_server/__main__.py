@@ -74,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _audit(args: argparse.Namespace) -> int:
-    from fl_server.audit import AuditError, format_event, read_events
+    from fl_server.rest.audit import AuditError, format_event, read_events
 
     if not 1 <= args.limit <= 100_000:
         raise ConfigError(f"--limit must be in 1..100000, got {args.limit}")
@@ -88,7 +88,7 @@ def _audit(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from fl_server.serve import serve
+    from fl_server.rest.serve import serve
 
     if not 0 < args.port < 65536:
         raise ConfigError(f"--port must be in 1..65535, got {args.port}")
@@ -98,7 +98,7 @@ def _serve(args: argparse.Namespace) -> int:
         if f and not Path(f).is_file():
             raise ConfigError(f"TLS file '{f}' does not exist")
     cfg = load_config(args.config, args.overrides)
-    from fl_server.service import check_rest_config
+    from fl_server.rest.gateway import check_rest_config
 
     check_rest_config(cfg)
     serve(cfg, args.state_dir, host=args.host, port=args.port, threads=args.threads, log_format=args.log_format,
@@ -110,7 +110,7 @@ def _serve(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from fl_common.config import config_from_dict
     from fl_common.config.loading import parse_overrides, read_yaml
-    from fl_server.demo import DEMO_DEFAULTS, demo_summary, run_demo
+    from fl_server.rest.demo import DEMO_DEFAULTS, demo_summary, run_demo
 
     if not 1 <= args.clients <= 200:
         raise ConfigError(f"--clients must be in 1..200, got {args.clients}")
@@ -121,7 +121,7 @@ def _demo(args: argparse.Namespace) -> int:
         values["num_rounds"] = args.rounds
     values.update(parse_overrides(args.overrides))
     cfg = config_from_dict(values)
-    from fl_server.service import check_rest_config
+    from fl_server.rest.gateway import check_rest_config
 
     check_rest_config(cfg)
     output = args.output or Path("runs") / time.strftime("demo-%Y%m%d-%H%M%S")

@@ -1,7 +1,7 @@
 """Asynchronous federated training (FedAsync, FedBuff), transport free.
 
 :class:`AsyncCoordinator` is driven by the simulation (``fl_server.simulation.async_runner``,
-with a virtual clock and heterogeneous client speeds) and by the REST server (fl_server.async_service), where
+with a virtual clock and heterogeneous client speeds) and by the REST server (fl_server.rest.async_driver), where
 clients upload whenever they finish. Config: ``training_mode: async`` with ``async_algorithm``,
 ``async_alpha``, ``staleness_function`` / ``staleness_a`` / ``staleness_b``, ``fedbuff_k``,
 ``async_max_staleness`` and ``async_concurrency``.

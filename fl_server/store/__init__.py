@@ -1,5 +1,5 @@
 """Durable state of a run: its output folder (history, summary, checkpoints)."""
 
-from fl_server.store.run_dir import HISTORY_COLUMNS, RoundRecord, RunDirectory, accuracy_summary
+from fl_server.store.run_dir import HISTORY_COLUMNS, HistoryRecord, RoundRecord, RunDirectory, accuracy_summary
 
-__all__ = ["RunDirectory", "RoundRecord", "HISTORY_COLUMNS", "accuracy_summary"]
+__all__ = ["HistoryRecord", "RunDirectory", "RoundRecord", "HISTORY_COLUMNS", "accuracy_summary"]

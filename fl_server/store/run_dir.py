@@ -22,7 +22,7 @@ import os
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -31,6 +31,20 @@ import torch
 #: sample-level DP), from the coordinator's privacy ledger; empty when differential privacy is off.
 HISTORY_COLUMNS = ("round", "test_accuracy", "test_loss", "train_loss", "clients", "seconds", "bytes", "epsilon")
 CHECKPOINT_FORMAT = 1
+
+
+class HistoryRecord(Protocol):
+    """One row of a run's history: a synchronous round (:class:`RoundRecord`) or an asynchronous
+    server update (``fl_server.asynchronous.AsyncRecord``). What reports, metrics and /status read."""
+
+    round: int
+    test_accuracy: float | None
+    test_loss: float | None
+    clients: int
+    seconds: float
+    bytes: int
+
+    def to_row(self) -> dict[str, Any]: ...
 
 
 @dataclass
@@ -57,7 +71,7 @@ class RoundRecord:
                    int(row["clients"]), float(row["seconds"]), int(row["bytes"]), opt(row.get("epsilon")))
 
 
-def accuracy_summary(records: list[RoundRecord]) -> dict[str, Any]:
+def accuracy_summary(records: Sequence[HistoryRecord]) -> dict[str, Any]:
     """Final and best test accuracy of a history (rounds without an evaluation are skipped)."""
     evaluated = [r for r in records if r.test_accuracy is not None]
     best = max(evaluated, key=lambda r: r.test_accuracy or 0.0) if evaluated else None
@@ -157,4 +171,4 @@ def _json_default(o: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
-__all__ = ["RunDirectory", "RoundRecord", "HISTORY_COLUMNS", "accuracy_summary", "atomic_write_bytes"]
+__all__ = ["HistoryRecord", "RunDirectory", "RoundRecord", "HISTORY_COLUMNS", "accuracy_summary", "atomic_write_bytes"]

@@ -136,7 +136,7 @@ def test_serve_with_the_seed_defaults_starts_with_dp_and_secure_aggregation(tmp_
 
     import requests
 
-    from fl_server.demo import free_port, wait_healthy
+    from fl_server.rest.demo import free_port, wait_healthy
 
     port = free_port()
     url = f"http://127.0.0.1:{port}"

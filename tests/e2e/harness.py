@@ -23,10 +23,10 @@ from fl_client.api import ServerApi
 from fl_common.config import FLConfig, config_from_dict, dump_config
 from fl_common.protocol.rest import ENV_ADMIN_TOKEN, ENV_ENROLLMENT_TOKEN
 from fl_common.tensors import wire
-from fl_server.app import create_app
-from fl_server.demo import free_port, wait_healthy
-from fl_server.secrets import ENV_SERVER_SECRET, ServerSecrets
-from fl_server.service import FederationService
+from fl_server.rest.app import create_app
+from fl_server.rest.demo import free_port, wait_healthy
+from fl_server.rest.secrets import ENV_SERVER_SECRET, ServerSecrets
+from fl_server.rest.service import FederationService
 
 #: A small federation: real Fashion-MNIST subset, a small MLP, short timeouts.
 REST_BASE: dict[str, Any] = {

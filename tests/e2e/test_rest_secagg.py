@@ -510,7 +510,7 @@ def test_plain_uploads_and_unknown_attempts_are_refused_in_a_secure_round(tmp_pa
         assert (err.value.status, err.value.code) == (409, "attempt_closed")
         # every secure-aggregation route is described in the OpenAPI document
         doc = requests.get(f"{url}/api/v1/openapi.json", timeout=10).json()
-        from fl_server.app import create_app
+        from fl_server.rest.app import create_app
 
         rules = {re.sub(r"<int:(\w+)>", "{round}", r.rule) for r in create_app(service, start_ticker=False).url_map.iter_rules()
                  if "/secagg/" in r.rule}

@@ -33,10 +33,10 @@ from fl_common.crypto import sign_request
 from fl_common.data import load_dataset
 from fl_common.data.assignment import partition_sizes, training_subset
 from fl_common.protocol.rest import ENV_ADMIN_TOKEN, ENV_ENROLLMENT_TOKEN, PATH_PROFILE
-from fl_server.app import create_app
-from fl_server.secrets import ServerSecrets
+from fl_server.rest.app import create_app
+from fl_server.rest.secrets import ServerSecrets
 from fl_server.selection import inclusion_probabilities
-from fl_server.service import FederationService
+from fl_server.rest.service import FederationService
 from tests.e2e.harness import GunicornServer, ScriptedClient, make_cfg, threaded_server, token_env, wait_for
 
 pytestmark = pytest.mark.usefixtures("small_config")
@@ -104,7 +104,7 @@ def test_weighted_selection_records_its_probabilities_and_keeps_them_across_a_re
         assert service.coordinator.current_round == 1
         second.upload(1, torch.full((NUMEL,), 1.0), num_samples=by_id[second.id])
         wait_for(lambda: service.coordinator.completed_rounds == 1, timeout=30)
-        with service._lock:  # the round's close (files included) runs under the lock
+        with service.lock:  # the round's close (files included) runs under the lock
             pass
         recorded = rows(state / "run" / "participation_rounds.csv")
         assert {r["client_id"]: float(r["probability"]) for r in recorded if r["round"] == "1"} == row.probabilities

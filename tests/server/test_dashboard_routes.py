@@ -6,7 +6,7 @@ from pathlib import Path
 
 import requests
 
-from fl_server.dashboard import CSP, STATIC_DIR
+from fl_server.rest.dashboard import CSP, STATIC_DIR
 from tests.e2e.harness import threaded_server, token_env
 from tests.e2e.scripted_rounds import play_rounds, register, tiny_cfg
 

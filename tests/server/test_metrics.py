@@ -21,7 +21,7 @@ import torch
 from prometheus_client.parser import text_string_to_metric_families
 
 from fl_client.api import ApiRefused
-from fl_server.demo import wait_healthy
+from fl_server.rest.demo import wait_healthy
 from tests.e2e.harness import GunicornServer, threaded_server, token_env, wait_for
 from tests.e2e.scripted_rounds import play_round, register, status, tiny_cfg
 
@@ -194,7 +194,7 @@ def test_metrics_under_gunicorn_and_json_logs(tmp_path: Path) -> None:
             pytest.fail(f"a log line is not JSON: {line!r}")
     assert all({"ts", "level", "logger", "message"} <= set(r) for r in records)
     loggers = {r["logger"] for r in records}
-    assert "gunicorn.error" in loggers and "fl_server.service" in loggers, loggers
+    assert "gunicorn.error" in loggers and {"fl_server.rest.gateway", "fl_server.rest.sync_driver"} <= loggers, loggers
     assert "gunicorn.access" not in loggers, "JSON mode must not turn on the access log that text mode leaves off"
     assert any("round 1 closed" in r["message"] for r in records)
     for secret in env.values():

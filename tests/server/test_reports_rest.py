@@ -15,7 +15,7 @@ import requests
 from fl_common.protocol.rest import ENV_ADMIN_TOKEN
 from fl_server import report_template as T
 from fl_server.reports import write_report
-from fl_server.run_report import ACCURACY_MEASURE
+from fl_server.rest.run_report import ACCURACY_MEASURE
 from tests.e2e.harness import threaded_server, token_env
 from tests.e2e.scripted_rounds import play_rounds, register, tiny_cfg
 

@@ -7,7 +7,7 @@ many apps in one process do not collide, and a scrape shows exactly one federati
   and a few store counts): the round and state, clients, accepted and rejected updates, accuracy,
   loss and the privacy budget. Read, not mirrored: nothing can drift from ``/status``, and the
   durable counters (accepted updates, refusals by reason) keep counting across restarts.
-* :class:`MetricsObserver` is a :class:`~fl_server.observer.ServiceObserver`: the service tells
+* :class:`MetricsObserver` is a :class:`~fl_server.rest.observer.ServiceObserver`: the service tells
   it when rounds close, abort and are evaluated, and it fills the duration histograms.
 * :func:`install_http_metrics` times every request in Flask's before/after hooks, labelled by the
   URL rule (``/api/v1/rounds/<int:round_number>/update``, not the raw path: bounded cardinality)
@@ -23,6 +23,7 @@ No metric carries a client id or any per-client value: the endpoint is as public
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
@@ -37,11 +38,12 @@ from prometheus_client import (
 )
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from fl_server.observer import ServiceObserver
+from fl_server.rest.observer import ServiceObserver
+from fl_server.rest.secure_driver import PHASE_ORDER, SecureRounds
 
 if TYPE_CHECKING:  # pragma: no cover
-    from fl_server.service import FederationService
-    from fl_server.store import RoundRecord
+    from fl_server.rest.service import FederationService
+    from fl_server.store import HistoryRecord
 
 #: ``/status``'s ``state`` values, each a label of ``fl_federation_state``
 STATES = ("waiting_for_clients", "training", "finished")
@@ -178,7 +180,7 @@ class MetricsObserver(ServiceObserver):
         self.evaluation_seconds.observe(seconds)
         self._eval_in_close += seconds
 
-    def round_closed(self, record: RoundRecord, *, reason: str, selected: int, arrived: int,
+    def round_closed(self, record: HistoryRecord, *, reason: str, selected: int, arrived: int,
                      close_seconds: float) -> None:
         self.round_seconds.observe(record.seconds)
         self.aggregation_seconds.observe(max(0.0, close_seconds - self._eval_in_close))
@@ -248,6 +250,8 @@ class AppMetrics:
 def install_metrics(app: Flask, service: FederationService) -> AppMetrics:
     """Create the app's registry, hook the service and Flask, and route ``GET /metrics``."""
     metrics = AppMetrics(service)
+    if service.secure_rounds is not None:
+        metrics.registry.register(SecAggCollector(service.secure_rounds, service.lock))
     service.observers.add(metrics.observer)
     install_http_metrics(app, metrics.http)
     app.add_url_rule("/metrics", "metrics", metrics.exposition, methods=["GET"])
@@ -255,4 +259,45 @@ def install_metrics(app: Flask, service: FederationService) -> AppMetrics:
     return metrics
 
 
-__all__ = ["STATES", "AppMetrics", "FederationCollector", "HttpMetrics", "MetricsObserver", "install_metrics"]
+
+class SecAggCollector:
+    """``/metrics`` for secure aggregation: the open round's phase and set sizes, dropouts and aborts."""
+
+    def __init__(self, rounds: SecureRounds, lock: threading.RLock) -> None:
+        self.rounds = rounds
+        self.lock = lock
+
+    def describe(self) -> list[Metric]:
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        with self.lock:
+            st = self.rounds.status()
+        cur = st.get("current") or {}
+        phase = GaugeMetricFamily("fl_secagg_phase", "1 for the open secure round's protocol phase (none: no round open)",
+                                  labels=["phase"])
+        for p in ("none", *(ph.value for ph in PHASE_ORDER)):
+            phase.add_metric([p], 1.0 if cur.get("phase", "none") == p else 0.0)
+        yield phase
+        sets = GaugeMetricFamily("fl_secagg_round_clients", "Clients of the open secure round: selected, and U1..U4 (advertised "
+                                 "keys, shared keys, sent a masked input, answered the unmask request; so far while the "
+                                 "phase is open)", labels=["set"])
+        for name in ("selected", "u1", "u2", "u3", "u4"):
+            sets.add_metric([name], float(cur.get(name, 0)))
+        yield sets
+        yield GaugeMetricFamily("fl_secagg_threshold", "Shamir threshold t of the open secure round (0 when none)",
+                                value=float(cur.get("threshold", 0)))
+        drops = CounterMetricFamily("fl_secagg_dropouts", "Clients dropped from secure rounds, by the phase they dropped in "
+                                    "(finished attempts, and the open one)", labels=["phase"])
+        total = dict(st.get("dropouts_by_phase") or {})
+        for ph, n in (cur.get("dropouts_by_phase") or {}).items():
+            total[ph] = total.get(ph, 0) + n
+        for p in (ph.value for ph in PHASE_ORDER):
+            drops.add_metric([p], float(total.get(p, 0)))
+        yield drops
+        yield CounterMetricFamily("fl_secagg_rounds_completed", "Secure rounds unmasked and applied", value=st["rounds_completed"])
+        yield CounterMetricFamily("fl_secagg_aborts", "Secure round attempts aborted (too few clients for the threshold, "
+                                  "a server restart, ...): nothing of them was applied", value=st["aborted_attempts"])
+
+
+__all__ = ["STATES", "AppMetrics", "SecAggCollector", "FederationCollector", "HttpMetrics", "MetricsObserver", "install_metrics"]

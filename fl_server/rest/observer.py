@@ -1,8 +1,8 @@
 """What the federation service tells the outside world about its rounds, without knowing who listens.
 
-``FederationService`` calls a :class:`ServiceObserver` at a few points of a round's life (an
+The round drivers call a :class:`ServiceObserver` at a few points of a round's life (an
 evaluation finished, a round closed or was aborted, the run finished). Metrics
-(``fl_server.metrics``) and the end-of-run report (``fl_server.run_report``) are observers; the
+(``fl_server.rest.metrics``) and the end-of-run report (``fl_server.rest.run_report``) are observers; the
 service imports neither, so it stays free of Prometheus, matplotlib and HTTP.
 
 Observers are called on the service's round-ticker thread while it holds the service lock: they
@@ -13,13 +13,25 @@ An observer that raises is logged and skipped; it never costs the federation a r
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any
+from collections.abc import Iterable, Iterator
+from typing import Any, Protocol
 
-if TYPE_CHECKING:  # pragma: no cover - types only
-    from fl_server.store import RoundRecord
+from fl_common.config import FLConfig
+from fl_server.store import HistoryRecord, RunDirectory
+from fl_server.store.sqlite import ServerStore
 
-log = logging.getLogger("fl_server.observer")
+log = logging.getLogger("fl_server.rest.observer")
+
+
+class FinishedRun(Protocol):
+    """What the end of a run offers its observers (the round driver's context provides it)."""
+
+    cfg: FLConfig
+    store: ServerStore
+    run_dir: RunDirectory
+
+    @property
+    def codec_name(self) -> str: ...
 
 
 class ServiceObserver:
@@ -28,7 +40,7 @@ class ServiceObserver:
     def evaluated(self, seconds: float) -> None:
         """The global model was evaluated on the test set in ``seconds`` (inside a round's close)."""
 
-    def round_closed(self, record: RoundRecord, *, reason: str, selected: int, arrived: int,
+    def round_closed(self, record: HistoryRecord, *, reason: str, selected: int, arrived: int,
                      close_seconds: float) -> None:
         """A round closed (``reason``: quorum or deadline); ``close_seconds`` is the wall time of
         aggregating, applying, accounting and evaluating, i.e. of ``Coordinator.close_round``."""
@@ -36,9 +48,9 @@ class ServiceObserver:
     def round_aborted(self, round_number: int, arrived: int) -> None:
         """A round attempt missed ``min_clients`` at its deadline and was dropped (it is retried)."""
 
-    def run_finished(self, service: Any) -> None:
-        """All rounds are done; ``history.csv`` and ``summary.json`` are written. ``service`` is the
-        ``FederationService`` (typed ``Any`` here to keep this module import-free)."""
+    def run_finished(self, run: FinishedRun) -> None:
+        """All rounds are done; ``history.csv`` and ``summary.json`` are written. ``run`` is the round
+        driver's context (store, run folder, configuration)."""
 
 
 class Observers(ServiceObserver):
@@ -50,7 +62,7 @@ class Observers(ServiceObserver):
     def add(self, observer: ServiceObserver) -> None:
         self._items.append(observer)
 
-    def __iter__(self):  # type: ignore[no-untyped-def]
+    def __iter__(self) -> Iterator[ServiceObserver]:
         return iter(list(self._items))
 
     def _each(self, event: str, *args: Any, **kwargs: Any) -> None:
@@ -63,15 +75,15 @@ class Observers(ServiceObserver):
     def evaluated(self, seconds: float) -> None:
         self._each("evaluated", seconds)
 
-    def round_closed(self, record: RoundRecord, *, reason: str, selected: int, arrived: int,
+    def round_closed(self, record: HistoryRecord, *, reason: str, selected: int, arrived: int,
                      close_seconds: float) -> None:
         self._each("round_closed", record, reason=reason, selected=selected, arrived=arrived, close_seconds=close_seconds)
 
     def round_aborted(self, round_number: int, arrived: int) -> None:
         self._each("round_aborted", round_number, arrived)
 
-    def run_finished(self, service: Any) -> None:
-        self._each("run_finished", service)
+    def run_finished(self, run: FinishedRun) -> None:
+        self._each("run_finished", run)
 
 
-__all__ = ["Observers", "ServiceObserver"]
+__all__ = ["FinishedRun", "Observers", "ServiceObserver"]

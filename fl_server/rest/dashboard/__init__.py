@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 from flask import Blueprint, Response, jsonify, redirect, send_from_directory
 
 if TYPE_CHECKING:  # pragma: no cover
-    from fl_server.service import FederationService
+    from fl_server.rest.service import FederationService
     from fl_server.store.sqlite import RoundRow
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"

@@ -47,7 +47,7 @@ _PROTOCOL_BODY = {"application/octet-stream": {"schema": {"type": "string", "for
 
 
 def _secagg_paths() -> dict[str, Any]:
-    """The secure-aggregation steps (fl_server/secagg_rest.py); bodies are fl_common.secagg messages' to_bytes()."""
+    """The secure-aggregation steps (fl_server/rest/secure_driver.py); bodies are fl_common.secagg messages' to_bytes()."""
     def post(summary: str) -> dict[str, Any]:
         return {"summary": summary, "security": _SIGNED, "parameters": _secagg_params(),
                 "requestBody": {"required": True, "content": _PROTOCOL_BODY},

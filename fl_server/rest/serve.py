@@ -11,7 +11,7 @@ from gunicorn.app.base import BaseApplication
 
 from fl_common.config import FLConfig
 
-log = logging.getLogger("fl_server.serve")
+log = logging.getLogger("fl_server.rest.serve")
 
 
 class _GunicornApp(BaseApplication):
@@ -35,8 +35,8 @@ def serve(cfg: FLConfig, state_dir: Path, *, host: str = "127.0.0.1", port: int 
     def factory() -> Any:
         # Runs in the gunicorn worker (after fork): the service, its SQLite connection and its
         # round ticker thread belong to the process that serves requests.
-        from fl_server.app import create_app
-        from fl_server.service import FederationService
+        from fl_server.rest.app import create_app
+        from fl_server.rest.service import FederationService
 
         service = FederationService(cfg, state_dir)
         return create_app(service)

@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from fl_common.protocol.rest import ENV_ADMIN_TOKEN, ENV_ENROLLMENT_TOKEN
 
 ENV_SERVER_SECRET = "FL_SERVER_SECRET"
-log = logging.getLogger("fl_server.secrets")
+log = logging.getLogger("fl_server.rest.secrets")
 
 
 def _hkdf(secret: bytes, label: bytes) -> bytes:

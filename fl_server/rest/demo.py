@@ -25,9 +25,9 @@ from tqdm import tqdm
 
 from fl_common.config import FLConfig, dump_config
 from fl_common.protocol.rest import ENV_ADMIN_TOKEN, ENV_ENROLLMENT_TOKEN
-from fl_server.secrets import ENV_SERVER_SECRET
+from fl_server.rest.secrets import ENV_SERVER_SECRET
 
-log = logging.getLogger("fl_server.demo")
+log = logging.getLogger("fl_server.rest.demo")
 
 #: Embedded defaults of the demo; any key can be overridden with --config / --set.
 DEMO_DEFAULTS: dict[str, Any] = {

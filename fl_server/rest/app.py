@@ -4,17 +4,20 @@ Every error a client can cause becomes a 4xx with ``{"error": code, "message": t
 unexpected failure becomes a 500 with the same shape and no internals. Request bodies are read
 only after the Content-Length check (413 above ``max_update_bytes``).
 
-Monitoring: ``/status`` (JSON summary), ``/metrics`` (Prometheus, ``fl_server.metrics``) and the
-live dashboard at ``/dashboard`` (``fl_server.dashboard``) are public and carry no per-client
+Monitoring: ``/status`` (JSON summary), ``/metrics`` (Prometheus, ``fl_server.rest.metrics``) and the
+live dashboard at ``/dashboard`` (``fl_server.rest.dashboard``) are public and carry no per-client
 values; the client table and the audit log (``/api/v1/clients``, ``/api/v1/audit``) need the
-admin token. The app also attaches the end-of-run report writer (``fl_server.run_report``).
+admin token. The app also attaches the end-of-run report writer (``fl_server.rest.run_report``).
+
+Routes hold no mode branches: the service hands each call to the gateway (who the client is) or
+to the round driver it picked once (synchronous, secure, asynchronous; fl_server/rest/driver.py).
 
 Client selection: ``GET/POST /api/v1/profile`` (signed) let a client learn what the selection
-policy reads and report it (fl_server/client_profiles.py). Asynchronous mode: the same endpoints,
-with ``GET /api/v1/model?version=V`` naming the version a job trains on (fl_server/async_service.py).
+policy reads and report it (fl_server/rest/client_profiles.py). Asynchronous mode: the same endpoints,
+with ``GET /api/v1/model?version=V`` naming the version a job trains on (fl_server/rest/async_driver.py).
 
 Secure aggregation: ``/api/v1/rounds/<r>/secagg/{advertise,roster,shares,unmask,outcome}`` (signed,
-``?attempt=ID``) move the protocol's bytes to and from ``fl_server.secagg_rest``; the masked input
+``?attempt=ID``) move the protocol's bytes to and from ``fl_server.rest.secure_driver``; the masked input
 goes through the update route. A refusal there also says ``dropped`` and ``phase``.
 """
 
@@ -27,7 +30,6 @@ from typing import Any
 from flask import Flask, Response, g, jsonify, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
-from fl_common.crypto import constant_time_equals
 from fl_common.protocol.rest import (
     HEADER_IDEMPOTENCY,
     HEADER_MODEL_KEY,
@@ -44,12 +46,13 @@ from fl_common.protocol.rest import (
     QUERY_MODEL_VERSION,
     QUERY_SECAGG_ATTEMPT,
 )
-from fl_server.dashboard import OPENAPI_PATHS as MONITORING_PATHS
-from fl_server.dashboard import dashboard_blueprint
-from fl_server.metrics import install_metrics
-from fl_server.openapi import openapi_document
-from fl_server.run_report import RunReportWriter
-from fl_server.service import ApiError, Authenticated, FederationService
+from fl_server.rest.dashboard import OPENAPI_PATHS as MONITORING_PATHS
+from fl_server.rest.dashboard import dashboard_blueprint
+from fl_server.rest.metrics import install_metrics
+from fl_server.rest.openapi import openapi_document
+from fl_server.rest.run_report import RunReportWriter
+from fl_server.rest.gateway import ApiError, Authenticated
+from fl_server.rest.service import FederationService
 
 log = logging.getLogger("fl_server.http")
 
@@ -64,11 +67,7 @@ def create_app(service: FederationService, *, start_ticker: bool = True) -> Flas
     app = Flask("fl_server")
     app.config["MAX_CONTENT_LENGTH"] = service.cfg.max_update_bytes
     app.extensions["fl_service"] = service
-    metrics = install_metrics(app, service)
-    if service.secure is not None:
-        from fl_server.secagg_rest import SecAggCollector
-
-        metrics.registry.register(SecAggCollector(service.secure))
+    install_metrics(app, service)
     app.register_blueprint(dashboard_blueprint(service))
     if not any(isinstance(o, RunReportWriter) for o in service.observers):  # one report, however many apps
         service.observers.add(RunReportWriter())
@@ -85,6 +84,14 @@ def create_app(service: FederationService, *, start_ticker: bool = True) -> Flas
         if not isinstance(data, dict):
             raise ApiError(400, "bad_json", "the request body must be a JSON object")
         return data
+
+    def require_length(limit: int | None = None, refusal: str = "", what: str = "") -> None:
+        """Content-Length is required (411); a route that takes small bodies refuses more than ``limit`` (413)."""
+        if request.content_length is None:
+            raise ApiError(411, "length_required", "a Content-Length header is required")
+        if limit is not None and request.content_length > limit:
+            service.store.count_rejection(refusal)
+            raise ApiError(413, "body_too_large", f"{what} is limited to {limit} bytes")
 
     @app.before_request
     def _start_timer() -> None:
@@ -149,58 +156,34 @@ def create_app(service: FederationService, *, start_ticker: bool = True) -> Flas
 
     @app.post(PATH_PROFILE)
     def profile_report() -> Response:
-        if request.content_length is None:
-            raise ApiError(411, "length_required", "a Content-Length header is required")
-        if request.content_length > MAX_PROFILE_BYTES:
-            service.store.count_rejection("profile_body_too_large")
-            raise ApiError(413, "body_too_large", f"a profile is limited to {MAX_PROFILE_BYTES} bytes")
+        require_length(MAX_PROFILE_BYTES, "profile_body_too_large", "a profile")
         auth = signed()
         return jsonify(service.set_profile(auth, request.get_json(silent=True, force=True)))
 
-    def async_model(auth: Authenticated) -> Response:
-        """training_mode async: the version a job trains on (?version=V), else the current one."""
-        assert service.asynchronous is not None
+    @app.get(PATH_MODEL)
+    def model() -> Response:
+        """The global model (synchronous rounds), or the version a job trains on (``?version=V``, asynchronous)."""
+        auth = signed()
         raw = request.args.get(QUERY_MODEL_VERSION)
         if raw is not None and (not raw.isdigit() or len(raw) > 9):
             raise ApiError(400, "bad_version", "version must be a non-negative integer")
-        version = service.asynchronous.model_version(None if raw is None else int(raw))
+        version = service.model_version(None if raw is None else int(raw))
         etag = f'"v{version}"'
         if request.headers.get("If-None-Match") == etag:
             resp = Response(status=304)
         else:
-            version, payload, wrapped_key = service.asynchronous.model_payload(auth, version)
-            resp = Response(payload, mimetype="application/octet-stream")
-            if wrapped_key is not None:
-                resp.headers[HEADER_MODEL_KEY] = wrapped_key.decode("ascii")
-            service.coordinator.add_bytes(len(payload))
-        resp.headers["ETag"] = etag
-        resp.headers[HEADER_MODEL_VERSION] = str(version)
-        return resp
-
-    @app.get(PATH_MODEL)
-    def model() -> Response:
-        auth = signed()
-        if service.asynchronous is not None:
-            return async_model(auth)
-        version = service.coordinator.completed_rounds
-        etag = f'"v{version}"'
-        if request.headers.get("If-None-Match") == etag:
-            resp = Response(status=304)
-        else:
-            version, payload, wrapped_key = service.model_payload(auth)
+            version, payload, wrapped_key = service.model_payload(auth, version)
             etag = f'"v{version}"'
             resp = Response(payload, mimetype="application/octet-stream")
             if wrapped_key is not None:
                 resp.headers[HEADER_MODEL_KEY] = wrapped_key.decode("ascii")
-            service.coordinator.add_bytes(len(payload))
         resp.headers["ETag"] = etag
         resp.headers[HEADER_MODEL_VERSION] = str(version)
         return resp
 
     @app.post("/api/v1/rounds/<int:round_number>/update")
     def upload(round_number: int) -> Response:
-        if request.content_length is None:
-            raise ApiError(411, "length_required", "a Content-Length header is required")
+        require_length()
         auth = signed()
         result = service.accept_update(auth, round_number, request.headers.get(HEADER_IDEMPOTENCY, ""), request.get_data(cache=True),
                                        attempt=request.args.get(QUERY_SECAGG_ATTEMPT))
@@ -208,22 +191,14 @@ def create_app(service: FederationService, *, start_ticker: bool = True) -> Flas
         resp.status_code = 202
         return resp
 
-    # ------------------------------------------------------------------ secure aggregation (fl_server/secagg_rest.py)
-    def secure() -> Any:
-        if service.secure is None:
-            raise ApiError(404, "secagg_off", "this server does not run secure aggregation")
-        return service.secure
-
+    # ------------------------------------------------------------------ secure aggregation (fl_server/rest/secure_driver.py)
     def protocol_bytes(data: bytes) -> Response:
         return Response(data, mimetype="application/octet-stream" if service.cfg.encryption else "application/json")
 
     def secagg_post(round_number: int, step: str) -> Response:
-        if request.content_length is None:
-            raise ApiError(411, "length_required", "a Content-Length header is required")
-        rounds = secure()
-        if request.content_length > MAX_SECAGG_MESSAGE_BYTES:
-            service.store.count_rejection("secagg_body_too_large")
-            raise ApiError(413, "body_too_large", f"a secure-aggregation message is limited to {MAX_SECAGG_MESSAGE_BYTES} bytes")
+        require_length()
+        rounds = service.secure_protocol()
+        require_length(MAX_SECAGG_MESSAGE_BYTES, "secagg_body_too_large", "a secure-aggregation message")
         auth = signed()
         handler = {"advertise": rounds.advertise, "shares": rounds.share_keys, "unmask": rounds.unmask}[step]
         return jsonify(handler(auth, round_number, request.args.get(QUERY_SECAGG_ATTEMPT), request.get_data(cache=True)))
@@ -234,7 +209,7 @@ def create_app(service: FederationService, *, start_ticker: bool = True) -> Flas
 
     def secagg_get(round_number: int, step: str) -> Response:
         """The GET side of a phase: what this client must read before its next message."""
-        rounds = secure()
+        rounds = service.secure_protocol()
         reader = {"roster": rounds.roster, "shares": rounds.bundle, "unmask": rounds.unmask_request}[step]
         return protocol_bytes(reader(signed(), round_number, request.args.get(QUERY_SECAGG_ATTEMPT)))
 
@@ -260,15 +235,13 @@ def create_app(service: FederationService, *, start_ticker: bool = True) -> Flas
 
     @app.get("/api/v1/rounds/<int:round_number>/secagg/outcome")
     def secagg_outcome(round_number: int) -> Response:
-        rounds = secure()
+        rounds = service.secure_protocol()
         return jsonify(rounds.outcome(signed(), round_number, request.args.get(QUERY_SECAGG_ATTEMPT)))
 
     # ------------------------------------------------------------------ admin
     def require_admin() -> None:
-        auth = request.headers.get("Authorization", "")
-        if not auth.startswith("Bearer ") or not constant_time_equals(auth[7:].strip(), service.secrets.admin_token):
-            service.store.count_rejection("bad_admin_token")
-            service.store.security_event("bad_admin_token", None, f"{request.method} {request.path} from {request.remote_addr}")
+        if not service.is_admin(request.headers.get("Authorization", "")):
+            service.refuse("bad_admin_token", f"{request.method} {request.path} from {request.remote_addr}")
             raise ApiError(401, "bad_admin_token", "this endpoint needs 'Authorization: Bearer <admin token>'")
 
     @app.get(PATH_CLIENTS)

@@ -1,8 +1,8 @@
-"""Secure aggregation over REST: the server side of the SecAgg phases for the federation service.
+"""Secure aggregation over REST: the round protocol of SecAgg phases, plugged into the synchronous driver.
 
 The protocol itself is transport free (``fl_common.secagg``: the two state machines and their
 messages; ``fl_server.secagg``: the coordinator's :class:`SecureAggregator`). This module is only
-the REST driver of it, the way ``fl_server.secagg.simulation`` is the in-process one: it registers
+the REST driver of it, the way the simulation's secure-aggregation runner is the in-process one: it registers
 each client's Ed25519 verifying key, tells selected clients their index and the phase, moves the
 protocol's bytes between HTTP and the round's :class:`~fl_common.secagg.server.SecAggServer`, and
 turns the state machine's outcome into a closed or an aborted round attempt.
@@ -25,7 +25,7 @@ Why it holds these rules:
   of landing in the new one, where it would fail its signature and drop an innocent client.
 
 What it adds to monitoring: ``/status`` gets a ``secagg`` block (phase, U1..U4 counts, dropouts
-by phase, aborts), ``/metrics`` the same as gauges and counters (:class:`SecAggCollector`), and
+by phase, aborts), ``/metrics`` the same as gauges and counters (``fl_server.rest.metrics.SecAggCollector``), and
 ``summary.json`` the ``secure_aggregation`` block the simulation writes (bytes per client per
 phase). The history of finished attempts is kept in the store's meta table, so it survives a
 restart like the rest of the run's record.
@@ -34,25 +34,22 @@ restart like the rest of the run's record.
 from __future__ import annotations
 
 import base64
-import binascii
 import hashlib
 import json
 import logging
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from fl_common.crypto import Envelope, EnvelopeError
+from fl_common.crypto import EnvelopeError
 from fl_common.protocol import ClientUpdate
 from fl_common.protocol.rest import (
     MAX_SECAGG_MESSAGE_BYTES,
     ROUND_NOT_SELECTED,
     ROUND_SELECTED,
     ROUND_SUBMITTED,
+    RoundStatus,
     unpack_masked_upload,
 )
 from fl_common.secagg import (
@@ -67,16 +64,16 @@ from fl_common.secagg import (
     UnmaskResponse,
     Verifier,
 )
+from fl_server.privacy_engine import DPRound
+from fl_server.rest.driver import DriverContext
+from fl_server.rest.gateway import ApiError, Authenticated, Registration
+from fl_server.rest.sync_driver import RoundProtocol, SyncRoundDriver
 from fl_server.secagg import MaskedUpdate, SecAggRoundStats, SecureAggregator
 from fl_server.selection import ClientInfo
-from fl_server.service import ApiError, Authenticated
 from fl_server.store.sqlite import RoundRow, UpdateRow
 from fl_server.strategies import UpdateRejected
 
-if TYPE_CHECKING:  # pragma: no cover
-    from fl_server.service import FederationService
-
-log = logging.getLogger("fl_server.secagg")
+log = logging.getLogger("fl_server.rest.secure_driver")
 
 #: the protocol's phases, in order (the state machine's Phase values)
 PHASE_ORDER = (Phase.ADVERTISE_KEYS, Phase.SHARE_KEYS, Phase.MASKED_INPUT, Phase.UNMASK)
@@ -94,31 +91,10 @@ HISTORY_LIMIT = 500
 #: the poll interval a client uses between the phases of an attempt (at most; cfg.poll_interval when lower):
 #: every phase change waits for the slowest poller, so a long idle interval would stretch the round
 SECAGG_POLL_MAX = 1.0
+#: secure aggregation needs at least this many clients in a round (pairwise masks hide nothing with 2)
+MIN_SECURE_CLIENTS = 3
 RESTART_REASON = ("the server restarted during the secure round: its protocol state (keys, shares, the masked sum) "
                   "lives in memory only, so the attempt is aborted and nothing of it is applied")
-
-
-def parse_verify_key(value: Any) -> Optional[str]:
-    """A registration's ``secagg_verify_key``: None, or the canonical urlsafe base64 of a 32-byte Ed25519
-    public key. Checked here so that a key the protocol could never verify is refused at registration
-    (400), not discovered as a bad signature in the middle of a round."""
-    if value is None:
-        return None
-    error = ApiError(400, "bad_secagg_verify_key", "secagg_verify_key must be the urlsafe base64 of a 32-byte Ed25519 "
-                     "public key")
-    if not isinstance(value, str) or len(value) > 64:
-        raise error
-    try:
-        raw = base64.urlsafe_b64decode(value.encode("ascii"))
-    except (binascii.Error, UnicodeEncodeError, ValueError):
-        raise error from None
-    if len(raw) != 32:
-        raise error
-    try:
-        Ed25519PublicKey.from_public_bytes(raw)
-    except ValueError:
-        raise error from None
-    return base64.urlsafe_b64encode(raw).decode("ascii")
 
 
 @dataclass
@@ -131,22 +107,26 @@ class _Attempt:
     finished: bool = False
 
 
-class SecureRestRounds:
-    """The REST driver of secure aggregation, owned by :class:`~fl_server.service.FederationService`.
+class SecureRounds(RoundProtocol):
+    """The round protocol of secure aggregation, plugged into :class:`~fl_server.rest.sync_driver.SyncRoundDriver`.
 
-    Every method that touches the round's state machine takes the service's lock: the state
-    machine is not thread safe, and the gunicorn worker serves requests from a thread pool."""
+    Every method that touches the round's state machine takes the service's lock (``ctx.lock``):
+    the state machine is not thread safe, and the gunicorn worker serves requests from a thread pool."""
 
-    def __init__(self, service: FederationService) -> None:
-        self.service = service
-        self.cfg = service.cfg
+    driver_features = ("control_variates", "client_infos", "secure_aggregation")
+    secure = True
+    driver: SyncRoundDriver
+
+    def __init__(self, ctx: DriverContext) -> None:
+        self.ctx = ctx
+        self.cfg = ctx.cfg
         self._attempts: dict[int, _Attempt] = {}
         self._history: dict[str, Any] = self._load_history()
 
     # ------------------------------------------------------------------ keys and candidates
     def verifier(self, client_id: int | str) -> Optional[Verifier]:
         """What the coordinator checks a selected client's messages against (its registered key)."""
-        key = self.service.store.secagg_verify_key(str(client_id))
+        key = self.ctx.store.secagg_verify_key(str(client_id))
         if key is None:
             return None
         try:
@@ -154,11 +134,14 @@ class SecureRestRounds:
         except ValueError:
             return None
 
-    def key_changed(self, client_id: str, now: float) -> None:
+    def client_registered(self, registration: Registration, now: float) -> None:
         """A client registered a different verifying key: if it is in the open attempt it is dropped
         from it now (its messages could no longer be checked against the key the attempt was planned
         with), instead of holding the phase until its deadline. Called under the service's lock."""
-        agg = self.service.coordinator.secagg
+        if not registration.verify_key_changed:
+            return
+        client_id = registration.client_id
+        agg = self.driver.coordinator.secagg
         if agg is None or client_id not in agg.params.client_ids:
             return
         index = agg.index_of(client_id)
@@ -167,7 +150,11 @@ class SecureRestRounds:
             log.warning("round %d: client %s registered a new signing key mid-round: dropped from this attempt",
                         agg.params.round, client_id)
 
-    def candidates(self, live: list[str], infos: Optional[dict[str, ClientInfo]]) -> tuple[list[str], dict[str, ClientInfo]]:
+    def min_live_clients(self) -> int:
+        return max(self.cfg.min_clients, MIN_SECURE_CLIENTS)
+
+    def candidates(self, live: list[str], infos: Optional[dict[str, ClientInfo]]
+                   ) -> tuple[list[str], Optional[dict[str, ClientInfo]]]:
         """The live clients a secure round can include, with their record counts.
 
         A client needs a registered verifying key (without one it could never pass the signature
@@ -176,8 +163,8 @@ class SecureRestRounds:
         the sign that a daemon has loaded its data and polls: every phase of a secure round waits for
         each selected client, so selecting one that registered but is still starting up would cost an
         aborted attempt. (Plain rounds under ``uniform`` need neither: they close with whoever arrived.)"""
-        capable = self.service.store.secagg_capable_ids()
-        profiles = self.service.store.profiles()
+        capable = self.ctx.store.secagg_capable_ids()
+        profiles = self.ctx.store.profiles()
         out: dict[str, ClientInfo] = {}
         for cid in live:
             if cid not in capable:
@@ -191,10 +178,16 @@ class SecureRestRounds:
                 out[cid] = ClientInfo(cid, num_samples=reported)
         return [cid for cid in live if cid in out], out
 
+    def planning_may_wait(self, exc: Exception) -> bool:
+        return True  # too few clients for the threshold, a policy that cannot draw: others may come
+
+    def deadline_extra(self, secagg_planned: bool) -> float:
+        return 3 * self.cfg.secagg_phase_timeout if secagg_planned else 0.0
+
     # ------------------------------------------------------------------ round lifecycle (service's lock held)
     def opened(self, row: RoundRow) -> None:
-        """The service stored a new secure attempt: remember it so its messages can be routed to it."""
-        agg = self.service.coordinator.secagg
+        """The driver stored a new secure attempt: remember it so its messages can be routed to it."""
+        agg = self.driver.coordinator.secagg
         assert agg is not None
         for attempt_id in [a for a, att in self._attempts.items() if att.finished]:
             del self._attempts[attempt_id]  # only the last finished attempt answers retries
@@ -205,8 +198,7 @@ class SecureRestRounds:
 
     def tick(self, row: RoundRow, now: float) -> None:
         """Look at the deadlines; close the attempt when unmasked, abort it when the protocol aborted."""
-        svc = self.service
-        agg = svc.coordinator.secagg
+        agg = self.driver.coordinator.secagg
         if agg is None:
             return
         server = agg.server
@@ -224,38 +216,32 @@ class SecureRestRounds:
             self._abort(row, agg, server.abort_reason or "aborted", now)
 
     def _close(self, row: RoundRow, agg: SecureAggregator, now: float) -> None:
-        svc = self.service
         server = agg.server
+        coord = self.driver.coordinator
         # the protocol's own messages (keys, shares, unmasking) count towards the round's traffic too
-        svc.coordinator.add_bytes(sum(sum(d.values()) for ph, d in server.bytes_in.items() if ph != Phase.MASKED_INPUT.value)
-                                  + sum(sum(d.values()) for d in server.bytes_out.values()))
+        coord.add_bytes(sum(sum(d.values()) for ph, d in server.bytes_in.items() if ph != Phase.MASKED_INPUT.value)
+                        + sum(sum(d.values()) for d in server.bytes_out.values()))
         try:
-            svc._close_round(row, "unmasked")  # calls record_closed once the sum is applied
+            self.driver.close_round(row, "unmasked")  # calls round_closed once the sum is applied
         except (SecAggAborted, RuntimeError) as exc:  # nothing was applied: the sum did not decode or was short
-            if svc.coordinator.current_round is None:
+            if coord.current_round is None:
                 raise  # the round did close: a later step failed, which the ticker reports
             self._abort(row, agg, f"the unmasked sum could not be applied: {exc}", now)
 
-    def record_closed(self, row: RoundRow, agg: SecureAggregator) -> None:
-        """The service applied the attempt's unmasked sum: add it to the history (summary, /status, /metrics)."""
-        self._finish(row, agg.stats(), auth=agg.params.auth)
+    def round_closed(self, row: RoundRow, secagg: Optional[SecureAggregator]) -> None:
+        """The driver applied the attempt's unmasked sum: add it to the history (summary, /status, /metrics)."""
+        if secagg is not None:
+            self._finish(row, secagg.stats(), auth=secagg.params.auth)
 
     def _abort(self, row: RoundRow, agg: SecureAggregator, reason: str, now: float) -> None:
-        svc = self.service
-        coord = svc.coordinator
         closed = list(agg.server.phase_closed_at)  # in order; an abort closes the phase it happened in last
         phase = (closed[-1] if closed else Phase.ADVERTISE_KEYS.value) if agg.server.phase == Phase.ABORTED \
             else agg.server.phase.value
-        arrived = sorted(coord.arrived)
         stats = agg.stats()
         stats.aborted = reason
-        coord.abort_round()
-        if coord.privacy is not None:
-            svc._checkpoint()  # sample-level DP charged the clients whose masked inputs arrived: keep that
-        svc.store.finish_round(row.round_id, "aborted", f"secure aggregation aborted in phase {phase}: {reason}", now, arrived)
+        self.driver.abort_round(row, f"secure aggregation aborted in phase {phase}: {reason}", now, warn=False)
         log.warning("round %d (attempt %d): secure aggregation aborted in phase %s: %s; nothing is applied, a new attempt "
                     "follows", row.round, row.round_id, phase, reason)
-        svc.observers.round_aborted(row.round, len(arrived))
         self._finish(row, stats, phase=phase, auth=agg.params.auth)
 
     def _finish(self, row: RoundRow, stats: SecAggRoundStats, *, phase: Optional[str] = None,
@@ -278,25 +264,26 @@ class SecureRestRounds:
             drops[ph] = int(drops.get(ph, 0)) + int(n)
         self._save_history()
 
-    def recover(self, row: RoundRow) -> None:
-        """Start-up with a secure attempt still open in the store: abort it (see the module docstring).
+    def recover_open(self, row: RoundRow) -> bool:
+        """Start-up with an attempt still open in the store: a secure one is aborted (see the module
+        docstring), a plain one cannot continue as a secure one either.
 
         Under sample-level DP the clients whose masked inputs had arrived are charged, as an abort in
         the running process charges them (conservative: their DP-SGD output reached the server)."""
-        svc = self.service
-        coord = svc.coordinator
-        updates = svc.store.updates_for_round(row.round_id)
+        if row.secagg is None:
+            self.driver.abort_mismatched(row, secure_now=True)
+            return True
+        coord = self.driver.coordinator
+        updates = self.ctx.store.updates_for_round(row.round_id)
         if coord.privacy is not None and row.privacy is not None and updates:
-            from fl_server.privacy_engine import DPRound
-
             ctx = DPRound.from_json(row.privacy)
             for u in updates:
                 try:
                     coord.privacy.receive(ClientUpdate(u.client_id, u.round, torch.zeros(0), 1, dict(u.metrics)), ctx)
                 except (UpdateRejected, KeyError):
                     pass
-            svc._checkpoint()
-        svc.store.finish_round(row.round_id, "aborted", RESTART_REASON, svc.clock(), [u.client_id for u in updates])
+            self.driver.checkpoint()
+        self.ctx.store.finish_round(row.round_id, "aborted", RESTART_REASON, self.ctx.clock(), [u.client_id for u in updates])
         log.warning("round %d (attempt %d): %s", row.round, row.round_id, RESTART_REASON)
         self._history.setdefault("attempts", []).append({"round": row.round, "attempt": row.round_id, "aborted": RESTART_REASON,
                                                           "aborted_in_phase": "unknown (server restart)", "drops": {},
@@ -304,25 +291,30 @@ class SecureRestRounds:
                                                           "params": {}})
         self._history["aborted"] = int(self._history.get("aborted", 0)) + 1
         self._save_history()
+        return True
 
     # ------------------------------------------------------------------ the client's view
-    def round_status(self, client_id: str, row: RoundRow) -> tuple[str, Optional[dict[str, Any]]]:
-        """(state, secagg block) of a client in the open attempt: 'selected' while it has a step to take."""
-        agg = self.service.coordinator.secagg
+    def round_status(self, client_id: str, row: RoundRow, instructions: dict[str, Any], version: int) -> RoundStatus:
+        """A selected client in the open attempt: 'selected' while it has a step to take; its index, the
+        phase and the phase's deadline ride along."""
+        coord = self.driver.coordinator
+        agg = coord.secagg
+        poll = self.cfg.poll_interval
         if agg is None or client_id not in agg.params.client_ids:
-            return ROUND_NOT_SELECTED, None
+            return RoundStatus(ROUND_NOT_SELECTED, row.round, version, poll, row.deadline)
         server = agg.server
         index = agg.index_of(client_id)
         server.params_for(index)  # the parameters go down with this reply: counted as phase-0 traffic
-        now = self.service.clock()
+        now = self.ctx.clock()
         dropped = index in server.drops
         done = index in server.bytes_in[Phase.UNMASK.value]
         block = {"attempt": row.round_id, "params": agg.params.to_json(), "index": index, "phase": server.phase.value,
                  "deadline": server.deadline, "deadline_in_s": round(max(0.0, server.deadline - now), 3),
                  "poll_after": min(self.cfg.poll_interval, SECAGG_POLL_MAX), "dropped": dropped, "done": done}
         if not dropped and not done and not server.finished:
-            return ROUND_SELECTED, block
-        return (ROUND_SUBMITTED if client_id in self.service.coordinator.arrived else ROUND_NOT_SELECTED), block
+            return RoundStatus(ROUND_SELECTED, row.round, version, poll, row.deadline, instructions, secagg=block)
+        state = ROUND_SUBMITTED if client_id in coord.arrived else ROUND_NOT_SELECTED
+        return RoundStatus(state, row.round, version, poll, row.deadline, None, secagg=block)
 
     # ------------------------------------------------------------------ the protocol's endpoints
     def _resolve(self, auth: Authenticated, round_number: int, attempt: Optional[str]) -> tuple[_Attempt, int]:
@@ -332,12 +324,12 @@ class SecureRestRounds:
                 raise ApiError(400, "bad_attempt", "attempt must be a positive integer")
             entry = self._attempts.get(int(attempt))
             if entry is None:
-                row = self.service.store.round_attempt(int(attempt))
+                row = self.ctx.store.round_attempt(int(attempt))
                 ended = {"closed": Phase.DONE.value, "aborted": Phase.ABORTED.value}.get(row.state) if row is not None else None
                 raise ApiError(409, "attempt_closed", f"attempt {attempt} is not open on this server (it ended, or the "
                                f"server restarted); poll the round for the current one", extra={"dropped": True, "phase": ended})
         else:
-            agg = self.service.coordinator.secagg
+            agg = self.driver.coordinator.secagg
             entry = next((a for a in self._attempts.values() if agg is not None and a.agg is agg), None)
             if entry is None:
                 raise ApiError(409, "round_closed", f"no secure round is open (round {round_number} asked)",
@@ -353,15 +345,15 @@ class SecureRestRounds:
     def _extra(self, entry: _Attempt, index: int) -> dict[str, Any]:
         server = entry.agg.server
         return {"dropped": index in server.drops, "phase": server.phase.value,
-                "deadline_in_s": round(max(0.0, server.deadline - self.service.clock()), 3)}
+                "deadline_in_s": round(max(0.0, server.deadline - self.ctx.clock()), 3)}
 
     def _refused(self, auth: Authenticated, entry: _Attempt, index: int, step: str, code: str, message: str,
                  *, drop: bool) -> ApiError:
         """Count and audit a refusal, drop the sender when its message was bad, and build the 4xx."""
         server = entry.agg.server
         if drop and code not in NOT_DROPPING and not entry.finished:
-            server.drop(index, code, self.service.clock())
-        self.service._refuse(f"secagg_{code}", auth.client_id, f"{step} of round {entry.round} (attempt {entry.round_id}) "
+            server.drop(index, code, self.ctx.clock())
+        self.ctx.gateway.refuse(f"secagg_{code}", auth.client_id, f"{step} of round {entry.round} (attempt {entry.round_id}) "
                              f"refused: {code}")
         return ApiError(HTTP_STATUS.get(code, 400), code, message, extra=self._extra(entry, index))
 
@@ -374,27 +366,24 @@ class SecureRestRounds:
     def _open_body(self, auth: Authenticated, body: bytes) -> bytes:
         if len(body) > MAX_SECAGG_MESSAGE_BYTES:
             raise ApiError(413, "body_too_large", f"a secure-aggregation message is limited to {MAX_SECAGG_MESSAGE_BYTES} bytes")
-        if not self.cfg.encryption:
-            return body
         try:
-            return Envelope(auth.keys).open(body)
+            return self.ctx.gateway.open_bytes(auth, body)
         except EnvelopeError:
             raise MalformedMessage("the body could not be decrypted with this client's key", "bad_ciphertext") from None
 
     def seal(self, auth: Authenticated, data: bytes) -> bytes:
         """A response body: Fernet-encrypted for the client when the server encrypts (roster, shares, requests)."""
-        return Envelope(auth.keys).seal(data) if self.cfg.encryption else data
+        return self.ctx.gateway.seal_for(auth, data)
 
     def _receive(self, auth: Authenticated, round_number: int, attempt: Optional[str], body: bytes, step: str,
                  parse: Callable[[bytes], Any], receive: Callable[[Any, Any, float], None]) -> dict[str, Any]:
         """Decrypt, parse and hand one client message to the state machine; every refusal drops the sender."""
-        svc = self.service
         try:
             msg: Any = parse(self._open_body(auth, body))
             problem: Optional[MalformedMessage] = None
         except MalformedMessage as exc:
             msg, problem = None, exc
-        with svc._lock:
+        with self.ctx.lock:
             entry, index = self._resolve(auth, round_number, attempt)
             if problem is not None:
                 raise self._refused(auth, entry, index, step, problem.code, str(problem), drop=True)
@@ -402,11 +391,11 @@ class SecureRestRounds:
                 raise self._refused(auth, entry, index, step, "wrong_sender", f"this client is index {index} in round "
                                     f"{entry.round}, its message says {msg.sender}", drop=True)
             try:
-                receive(entry.agg.server, msg, svc.clock())
+                receive(entry.agg.server, msg, self.ctx.clock())
             except SecAggRejected as exc:
                 raise self._refused(auth, entry, index, step, exc.code, str(exc), drop=False) from None
             answer = {"accepted": True, "round": entry.round, "attempt": entry.round_id, **self._extra(entry, index)}
-        svc._wake.set()
+        self.ctx.wake.set()
         return answer
 
     def advertise(self, auth: Authenticated, round_number: int, attempt: Optional[str], body: bytes) -> dict[str, Any]:
@@ -426,7 +415,7 @@ class SecureRestRounds:
 
     def _fetch(self, auth: Authenticated, round_number: int, attempt: Optional[str], step: str, until: Phase,
                get: Callable[[Any, int], Any]) -> bytes:
-        with self.service._lock:
+        with self.ctx.lock:
             entry, index = self._resolve(auth, round_number, attempt)
             server = entry.agg.server
             if server.phase in PHASE_ORDER and PHASE_ORDER.index(server.phase) < PHASE_ORDER.index(until):
@@ -454,26 +443,25 @@ class SecureRestRounds:
         (a SCAFFOLD client moves its control variate only then, as in the simulation)."""
         if attempt is None or not attempt.isdigit() or len(attempt) > 12:
             raise ApiError(400, "bad_attempt", "outcome needs ?attempt=ID")
-        row = self.service.store.round_attempt(int(attempt))
+        row = self.ctx.store.round_attempt(int(attempt))
         if row is None or row.round != round_number or row.secagg is None:
             raise ApiError(404, "unknown_attempt", f"no secure attempt {attempt} of round {round_number}")
         if auth.client_id not in row.selected:
             raise ApiError(409, "not_selected", f"this client was not in attempt {attempt}")
-        status = self.service.store.participant_status(row.round_id, auth.client_id)
+        status = self.ctx.store.participant_status(row.round_id, auth.client_id)
         return {"round": row.round, "attempt": row.round_id, "state": row.state, "reason": row.reason,
                 "in_sum": row.state == "closed" and status == "submitted"}
 
-    def accept_masked(self, auth: Authenticated, round_number: int, attempt: Optional[str], idempotency_key: str,
+    def accept_update(self, auth: Authenticated, round_number: int, attempt: Optional[str], idempotency_key: str,
                       body: bytes) -> dict[str, Any]:
         """POST .../rounds/{r}/update in a secure round: a masked input (no codec: masked values are uniform),
         with the clear metrics sample-level DP checks. Summed in memory, never written to disk."""
-        svc = self.service
-        svc._check_idempotency_key(auth.client_id, idempotency_key)
+        self.ctx.gateway.check_idempotency_key(auth.client_id, idempotency_key)
         problem: Optional[MalformedMessage] = None
         metrics: dict[str, float] = {}
         msg: Optional[MaskedInput] = None
         try:
-            data = Envelope(auth.keys).open(body) if self.cfg.encryption else body
+            data = self.ctx.gateway.open_bytes(auth, body)
             metrics, raw = unpack_masked_upload(data)
             msg = MaskedInput.from_bytes(raw)
         except EnvelopeError:
@@ -482,9 +470,9 @@ class SecureRestRounds:
             problem = MalformedMessage(f"not a masked upload: {exc}", "malformed")
         except MalformedMessage as exc:
             problem = exc
-        with svc._lock:
+        with self.ctx.lock:
             entry, index = self._resolve(auth, round_number, attempt)
-            previous = svc.store.update(entry.round_id, auth.client_id)
+            previous = self.ctx.store.update(entry.round_id, auth.client_id)
             if previous is not None:  # a retry: the same masked input gets the same answer, a different one a 409
                 if msg is not None and previous.sha256 == hashlib.sha256(msg.payload).hexdigest():
                     return {"accepted": True, "round": entry.round, "attempt": entry.round_id, "duplicate": True,
@@ -497,22 +485,22 @@ class SecureRestRounds:
             if entry.finished:
                 raise self._refused(auth, entry, index, "masked input", "round_closed", f"attempt {entry.round_id} has "
                                     f"ended", drop=False)
-            now = svc.clock()
+            now = self.ctx.clock()
             update = MaskedUpdate.wrap(auth.client_id, round_number, msg, metrics=metrics, now=now)
             try:
-                svc.coordinator.submit(update)
+                self.driver.coordinator.submit(update)
             except UpdateRejected as exc:
                 raise self._refused(auth, entry, index, "masked input", exc.reason, str(exc), drop=True) from None
-            svc.store.add_update(UpdateRow(entry.round_id, round_number, auth.client_id, idempotency_key, "",
+            self.ctx.store.add_update(UpdateRow(entry.round_id, round_number, auth.client_id, idempotency_key, "",
                                            hashlib.sha256(msg.payload).hexdigest(), 1, dict(update.metrics), len(body), now))
             answer = {"accepted": True, "round": entry.round, "attempt": entry.round_id, "duplicate": False,
                       **self._extra(entry, index)}
-        svc._wake.set()
+        self.ctx.wake.set()
         return answer
 
     # ------------------------------------------------------------------ monitoring
     def _load_history(self) -> dict[str, Any]:
-        raw = self.service.store.get_meta(META_KEY)
+        raw = self.ctx.store.get_meta(META_KEY)
         try:
             data = json.loads(raw) if raw else {}
         except json.JSONDecodeError:
@@ -520,7 +508,10 @@ class SecureRestRounds:
         return data if isinstance(data, dict) else {}
 
     def _save_history(self) -> None:
-        self.service.store.set_meta(META_KEY, json.dumps(self._history))
+        self.ctx.store.set_meta(META_KEY, json.dumps(self._history))
+
+    def status_fields(self) -> dict[str, Any]:
+        return {"secagg": self.status()}
 
     def status(self) -> dict[str, Any]:
         """The ``secagg`` block of ``/status`` (service's lock held by the caller or not needed: reads only).
@@ -529,7 +520,7 @@ class SecureRestRounds:
         the signature scheme, ``complete_graph``: classic SecAgg rather than the SecAgg+ neighbour
         graph, and for ``last_round`` its ``params`` with the threshold): the dashboard shows them, and
         between attempts nothing else would tell an operator the threshold the run works with."""
-        agg = self.service.coordinator.secagg
+        agg = self.driver.coordinator.secagg
         current = None
         if agg is not None:
             s = agg.server
@@ -543,7 +534,7 @@ class SecureRestRounds:
                        "threshold": agg.params.threshold, "degree": min(agg.params.degree, agg.params.n - 1),
                        "modulus_bits": agg.params.modulus_bits, "auth": agg.params.auth,
                        "complete_graph": agg.params.degree >= agg.params.n - 1, "aggregation": agg.mode,
-                       "deadline_in_s": round(max(0.0, s.deadline - self.service.clock()), 1),
+                       "deadline_in_s": round(max(0.0, s.deadline - self.ctx.clock()), 1),
                        "u1": len(s.u1) if Phase.ADVERTISE_KEYS.value in passed else received[Phase.ADVERTISE_KEYS.value],
                        "u2": len(s.u2) if Phase.SHARE_KEYS.value in passed else received[Phase.SHARE_KEYS.value],
                        "u3": len(s.u3) if Phase.MASKED_INPUT.value in passed else s.num_inputs,
@@ -558,8 +549,8 @@ class SecureRestRounds:
                                                                                      "phase_bytes", "clipped", "params",
                                                                                      "auth")}}
 
-    def summary(self) -> dict[str, Any]:
-        """The ``secure_aggregation`` block of summary.json, in the simulation's shape (secagg/simulation.py)."""
+    def summary_block(self) -> dict[str, Any]:
+        """The ``secure_aggregation`` block of summary.json, in the simulation's shape (fl_server/simulation)."""
         attempts = self._history.get("attempts", [])
         done = [a for a in attempts if a.get("aborted") is None]
         phases = [p.value for p in PHASE_ORDER]
@@ -585,43 +576,4 @@ class SecureRestRounds:
         }
 
 
-class SecAggCollector:
-    """``/metrics`` for secure aggregation: the open round's phase and set sizes, dropouts and aborts."""
-
-    def __init__(self, rounds: SecureRestRounds) -> None:
-        self.rounds = rounds
-
-    def describe(self) -> list[Metric]:
-        return []
-
-    def collect(self) -> Iterator[Metric]:
-        with self.rounds.service._lock:
-            st = self.rounds.status()
-        cur = st.get("current") or {}
-        phase = GaugeMetricFamily("fl_secagg_phase", "1 for the open secure round's protocol phase (none: no round open)",
-                                  labels=["phase"])
-        for p in ("none", *(ph.value for ph in PHASE_ORDER)):
-            phase.add_metric([p], 1.0 if cur.get("phase", "none") == p else 0.0)
-        yield phase
-        sets = GaugeMetricFamily("fl_secagg_round_clients", "Clients of the open secure round: selected, and U1..U4 (advertised "
-                                 "keys, shared keys, sent a masked input, answered the unmask request; so far while the "
-                                 "phase is open)", labels=["set"])
-        for name in ("selected", "u1", "u2", "u3", "u4"):
-            sets.add_metric([name], float(cur.get(name, 0)))
-        yield sets
-        yield GaugeMetricFamily("fl_secagg_threshold", "Shamir threshold t of the open secure round (0 when none)",
-                                value=float(cur.get("threshold", 0)))
-        drops = CounterMetricFamily("fl_secagg_dropouts", "Clients dropped from secure rounds, by the phase they dropped in "
-                                    "(finished attempts, and the open one)", labels=["phase"])
-        total = dict(st.get("dropouts_by_phase") or {})
-        for ph, n in (cur.get("dropouts_by_phase") or {}).items():
-            total[ph] = total.get(ph, 0) + n
-        for p in (ph.value for ph in PHASE_ORDER):
-            drops.add_metric([p], float(total.get(p, 0)))
-        yield drops
-        yield CounterMetricFamily("fl_secagg_rounds_completed", "Secure rounds unmasked and applied", value=st["rounds_completed"])
-        yield CounterMetricFamily("fl_secagg_aborts", "Secure round attempts aborted (too few clients for the threshold, "
-                                  "a server restart, ...): nothing of them was applied", value=st["aborted_attempts"])
-
-
-__all__ = ["HTTP_STATUS", "SecAggCollector", "SecureRestRounds", "parse_verify_key"]
+__all__ = ["HTTP_STATUS", "MIN_SECURE_CLIENTS", "SecureRounds"]

@@ -1,9 +1,9 @@
 """The REST driver of asynchronous training (``training_mode: async``): FedAsync and FedBuff over HTTP.
 
-``FederationService`` builds an :class:`AsyncRestDriver` instead of the synchronous coordinator
-when the configuration asks for asynchronous training, and hands its polls, model downloads,
-uploads, ticks, ``/status`` and ``summary.json`` over to it. Registration, authentication,
-signatures, profiles, the upload's decryption and checks are the service's own and shared by
+``FederationService`` picks an :class:`AsyncRoundDriver` instead of the synchronous one when the
+configuration asks for asynchronous training; polls, model downloads, uploads, ticks, ``/status``
+and ``summary.json`` go to it. Registration, authentication, signatures, profiles, the upload's
+decryption and checks are the :class:`~fl_server.rest.gateway.ClientGateway`'s and shared by
 both modes. The algorithm is :class:`fl_server.asynchronous.AsyncCoordinator`, the very object
 the asynchronous simulation drives.
 
@@ -47,7 +47,7 @@ import hashlib
 import logging
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional
+from typing import Any, Optional, Sequence
 
 from cryptography.fernet import Fernet
 
@@ -57,44 +57,56 @@ from fl_common.protocol import ClientUpdate
 from fl_common.protocol.rest import ROUND_FINISHED, ROUND_SELECTED, ROUND_WAITING, RoundStatus
 from fl_common.tensors import unflatten, wire
 from fl_server.asynchronous import AsyncCoordinator, AsyncRecord, AsyncTask
-from fl_server.selection import selection_summary
+from fl_server.rest.driver import PARTICIPATION_ROUNDS_CSV, DriverContext, ModelPayload, RoundDriver, SelectionProblems
+from fl_server.rest.gateway import ApiError, Authenticated, Registration, UploadLayout
 from fl_server.store import accuracy_summary
 from fl_server.store.run_dir import atomic_write_bytes as fsync_write
 from fl_server.store.sqlite import AsyncUpdateRow
 from fl_server.strategies import UpdateRejected
 
-if TYPE_CHECKING:  # pragma: no cover
-    from fl_server.service import Authenticated, FederationService
+log = logging.getLogger("fl_server.rest.async_driver")
 
-log = logging.getLogger("fl_server.async_service")
-
-__all__ = ["AsyncRestDriver", "CONFLICT_REASONS"]
+__all__ = ["AsyncRoundDriver", "CONFLICT_REASONS"]
 
 #: refusals of an upload that is well formed but not wanted (HTTP 409); shape and finiteness are 422
 CONFLICT_REASONS = ("not_dispatched", "wrong_version", "finished", "too_stale")
 
 
-class AsyncRestDriver:
+class AsyncRoundDriver(RoundDriver):
     """Asynchronous rounds-free training behind the REST endpoints of ``FederationService``.
 
-    Every method that touches the coordinator runs under the service lock (``service._lock``), as
+    Every method that touches the coordinator runs under the service lock (``ctx.lock``), as
     the synchronous path does, so HTTP threads and the ticker never interleave inside it."""
 
-    def __init__(self, service: FederationService, *, evaluate: bool = True) -> None:
-        self.service = service
-        self.cfg = service.cfg
-        self.coordinator = AsyncCoordinator(self.cfg, service.trainer.vector(), service.trainer.spec,
-                                            evaluator=service._evaluate if evaluate else None)
-        self.updates_dir = service.updates_dir / "async"
+    mode = "async"
+
+    def __init__(self, ctx: DriverContext) -> None:
+        super().__init__(ctx)
+        self._coordinator = AsyncCoordinator(self.cfg, ctx.trainer.vector(), ctx.trainer.spec, evaluator=ctx.evaluator)
+        self.layout = UploadLayout(self._coordinator.spec.numel)
+        self.selection_problems = SelectionProblems(self.cfg.selection)
+        self.updates_dir = ctx.updates_dir / "async"
         #: version -> (body, model key): one encrypted body per version a client may still download
         self._models: dict[int, tuple[bytes, Optional[bytes]]] = {}
         self._mirrored: dict[int, str] = {}  # job -> status last written to the store's async_jobs
         self._results_written = False
 
+    @property
+    def coordinator(self) -> AsyncCoordinator:
+        return self._coordinator
+
+    @property
+    def history(self) -> Sequence[AsyncRecord]:
+        return self._coordinator.history
+
+    def client_registered(self, registration: Registration) -> None:
+        if registration.reregistered:  # it lost its state: the job it held will not come back
+            self.client_left(registration.client_id, "registered again")
+
     # ------------------------------------------------------------------ durability
     def recover(self) -> None:
         """Continue where a previous process stopped: the checkpoint, then any accepted update it does not cover."""
-        svc, coord = self.service, self.coordinator
+        svc, coord = self.ctx, self.coordinator
         if svc.run_dir.has_checkpoint():
             state = svc.run_dir.load_checkpoint()
             if (state.get("driver") or {}).get("mode") != "async":
@@ -123,7 +135,7 @@ class AsyncRestDriver:
         self._results_written = coord.finished and (svc.run_dir.path / "summary.json").is_file()
 
     def _checkpoint(self) -> None:
-        svc = self.service
+        svc = self.ctx
         svc.run_dir.save_checkpoint({"config": self.cfg.to_dict(), "coordinator": self.coordinator.state_dict(),
                                      "driver": {"mode": "async"}, "wall_seconds": svc.clock() - svc.started_at})
 
@@ -135,7 +147,7 @@ class AsyncRestDriver:
             self._mirrored = {}
         changed = [(j.job, str(j.client_id), j.version, j.status) for j in jobs if self._mirrored.get(j.job) != j.status]
         if changed or mirror_all:
-            self.service.store.upsert_async_jobs(changed, replace_all=mirror_all)
+            self.ctx.store.upsert_async_jobs(changed, replace_all=mirror_all)
             self._mirrored.update({job: status for job, _, _, status in changed})
         wanted = {self.coordinator.version} | {t.version for t in self.coordinator.leases.values()}
         for version in [v for v in self._models if v not in wanted]:
@@ -143,15 +155,15 @@ class AsyncRestDriver:
 
     def _reload(self) -> None:
         """Back to the last checkpoint: the coordinator must never hold an update the store does not."""
-        self.coordinator.load_state_dict(self.service.run_dir.load_checkpoint()["coordinator"])
+        self.coordinator.load_state_dict(self.ctx.run_dir.load_checkpoint()["coordinator"])
 
     # ------------------------------------------------------------------ scheduling
     def _dispatch(self, now: float) -> list[AsyncTask]:
         """Fill free training slots with idle live clients drawn by the selection policy (no checkpoint)."""
-        svc, coord = self.service, self.coordinator
+        svc, coord = self.ctx, self.coordinator
         if coord.finished or coord.free_slots == 0:
             return []
-        ids, infos = svc.selection_candidates(svc._live_clients())
+        ids, infos = svc.gateway.selection_candidates(svc.gateway.live_clients())
         idle = [infos[cid] if infos is not None else cid for cid in ids if coord.task_for(cid) is None]
         if not idle:
             return []
@@ -160,9 +172,9 @@ class AsyncRestDriver:
         except ValueError as exc:  # a policy that cannot draw among these candidates waits for others
             if self.cfg.selection == "uniform":
                 raise
-            svc._selection_failed(exc)
+            self.selection_problems.failed(exc)
             return []
-        svc._selection_problem = None
+        self.selection_problems.cleared()
         for task in tasks:
             log.info("job %d: client %s trains on model version %d", task.job, task.client_id, task.version)
         return tasks
@@ -180,8 +192,8 @@ class AsyncRestDriver:
 
     def tick(self) -> None:
         """The ticker's turn: cancel overdue jobs, refill slots, write the results once the run has ended."""
-        svc = self.service
-        with svc._lock:
+        svc = self.ctx
+        with svc.lock:
             now = svc.clock()
             changed = self._expire(now)
             if not self.coordinator.finished:
@@ -195,15 +207,15 @@ class AsyncRestDriver:
         """Free the slot of a client that will not deliver its job (call under the service lock)."""
         task = self.coordinator.task_for(client_id)
         if task is not None:
-            self.coordinator.cancel(client_id, self.service.clock())
+            self.coordinator.cancel(client_id, self.ctx.clock())
             self._persist()
             log.info("job %d of client %s cancelled: %s", task.job, client_id, why)
 
     # ------------------------------------------------------------------ polling and model download
     def round_status(self, auth: Authenticated) -> RoundStatus:
-        svc, coord, cfg = self.service, self.coordinator, self.cfg
-        svc._wake.set()
-        with svc._lock:
+        svc, coord, cfg = self.ctx, self.coordinator, self.cfg
+        svc.wake.set()
+        with svc.lock:
             if coord.finished:
                 return RoundStatus(ROUND_FINISHED, None, coord.version, 0.0)
             task = coord.task_for(auth.client_id)
@@ -218,10 +230,8 @@ class AsyncRestDriver:
 
     def model_version(self, requested: Optional[int]) -> int:
         """The version a download asks for (None: the current one), if the server still holds it."""
-        from fl_server.service import ApiError
-
         coord = self.coordinator
-        with self.service._lock:
+        with self.ctx.lock:
             if requested is None:
                 return coord.version
             try:
@@ -231,11 +241,11 @@ class AsyncRestDriver:
                                                     f"{coord.version}): no job trains on it; poll for a new job") from None
             return requested
 
-    def model_payload(self, auth: Authenticated, requested: Optional[int]) -> tuple[int, bytes, Optional[bytes]]:
+    def model_payload(self, auth: Authenticated, requested: int) -> ModelPayload:
         """(version, body, wrapped model key) of one model version; hybrid encryption as in the synchronous
         download: each version is packed and encrypted once, its key wrapped for each client."""
         coord, cfg = self.coordinator, self.cfg
-        with self.service._lock:
+        with self.ctx.lock:
             version = self.model_version(requested)
             if version not in self._models:
                 packed = wire.encode_update(coord.model(version), "none", cfg.wire_compression,
@@ -250,9 +260,7 @@ class AsyncRestDriver:
 
     # ------------------------------------------------------------------ updates
     def _refuse(self, reason: str, client_id: str, message: str) -> Exception:
-        from fl_server.service import ApiError
-
-        self.service._reject_update(reason, client_id)
+        self.ctx.gateway.reject_update(reason, client_id)
         return ApiError(409 if reason in CONFLICT_REASONS or reason == "idempotency_key_reused" else 422, reason, message)
 
     def _expected(self, client_id: str, version: int) -> AsyncTask:
@@ -270,7 +278,7 @@ class AsyncRestDriver:
 
     def _answer_retry(self, client_id: str, version: int, idempotency_key: str) -> Optional[dict[str, Any]]:
         """The answer to a retry of an accepted upload (same key), or None when the key is new."""
-        row = self.service.store.async_update_by_key(client_id, idempotency_key)
+        row = self.ctx.store.async_update_by_key(client_id, idempotency_key)
         if row is None:
             return None
         if row.version != version:
@@ -279,17 +287,19 @@ class AsyncRestDriver:
         return {"accepted": True, "round": version, "job": row.job, "duplicate": True, "status": row.status,
                 "staleness": row.staleness, "model_version": self.coordinator.version}
 
-    def accept_update(self, auth: Authenticated, version: int, idempotency_key: str, body: bytes) -> dict[str, Any]:
-        svc, coord = self.service, self.coordinator
+    def accept_update(self, auth: Authenticated, version: int, idempotency_key: str, body: bytes,
+                      attempt: Optional[str] = None) -> dict[str, Any]:
+        """An upload for the job on model ``version`` (``attempt`` is a secure round's and unused here)."""
+        svc, coord = self.ctx, self.coordinator
         client_id = auth.client_id
-        svc._check_idempotency_key(client_id, idempotency_key)
+        svc.gateway.check_idempotency_key(client_id, idempotency_key)
         retry = self._answer_retry(client_id, version, idempotency_key)
         if retry is not None:
             return retry
-        with svc._lock:
+        with svc.lock:
             self._expected(client_id, version)  # cheap early refusal; checked again below
-        packed, update = svc._open_update(auth, version, body)  # decrypt, decode, check: outside the lock
-        with svc._lock:
+        packed, update = svc.gateway.open_update(auth, version, body, self.layout)  # decrypt, decode, check: outside the lock
+        with svc.lock:
             retry = self._answer_retry(client_id, version, idempotency_key)
             if retry is not None:
                 return retry
@@ -322,31 +332,29 @@ class AsyncRestDriver:
                 self._stepped(outcome.record, close_seconds)
             if coord.finished:
                 self._finish()
-        svc._wake.set()
+        svc.wake.set()
         log.info("job %d of client %s: update %s (staleness %d)%s", outcome.job, client_id, outcome.status, outcome.staleness,
                  f", model version {outcome.version}" if outcome.record is not None else "")
         return {"accepted": True, "round": version, "job": outcome.job, "duplicate": False, "status": outcome.status,
                 "staleness": outcome.staleness, "model_version": outcome.version}
 
     def _stepped(self, record: AsyncRecord, close_seconds: float) -> None:
-        svc = self.service
+        svc = self.ctx
         svc.run_dir.write_text("history.csv", self.coordinator.history_csv())
         acc = f", test accuracy {record.test_accuracy:.4f}" if record.test_accuracy is not None else ""
         log.info("server update %d from %d client update(s), staleness mean %.2f max %d%s", record.round, record.clients,
                  record.staleness_mean, record.staleness_max, acc)
-        svc.observers.round_closed(record, reason="server_update", selected=record.clients, arrived=record.clients,  # type: ignore[arg-type]
+        svc.observers.round_closed(record, reason="server_update", selected=record.clients, arrived=record.clients,
                                    close_seconds=close_seconds)
 
     def _finish(self) -> None:
         """The results of a finished run, once (also after a restart that finds them missing)."""
         if self._results_written:
             return
-        svc, coord = self.service, self.coordinator
+        svc, coord = self.ctx, self.coordinator
         run = svc.run_dir
         run.write_text("history.csv", coord.history_csv())
         run.write_text("updates.csv", coord.jobs_csv())
-        from fl_server.service import PARTICIPATION_ROUNDS_CSV
-
         run.write_text(PARTICIPATION_ROUNDS_CSV, coord.participation.to_csv())
         run.write_json("summary.json", self.summary())
         run.save_model(unflatten(coord.global_vector, coord.spec))
@@ -361,47 +369,26 @@ class AsyncRestDriver:
                 "updates_applied": sum(r.clients for r in coord.history), "buffered": coord.rule.pending,
                 "in_flight": len(coord.leases), "jobs_dispatched": len(coord.jobs), "staleness": coord.staleness_summary()}
 
-    def status(self) -> dict[str, Any]:
-        svc, coord, cfg = self.service, self.coordinator, self.cfg
-        with svc._lock:
-            history = coord.history
-            evaluated = [r for r in history if r.test_accuracy is not None]
+    def status_fields(self) -> dict[str, Any]:
+        coord = self.coordinator
+        with self.ctx.lock:
             return {
                 "state": "finished" if coord.finished else ("training" if coord.leases else "waiting_for_clients"),
-                "training_mode": "async",
                 "completed_rounds": coord.version,
-                "num_rounds": cfg.num_rounds,
                 "model_version": coord.version,
                 "current_round": None,
                 "asynchronous": self.async_block(),
-                "clients": {"registered": svc.store.count_clients(), "online": len(svc._live_clients()),
-                            "profiled": svc.store.count_profiles()},
-                "accuracy": evaluated[-1].test_accuracy if evaluated else None,
-                "loss": evaluated[-1].test_loss if evaluated else None,
-                "history": [r.to_row() for r in history[-200:]],
-                "rejected": svc.store.rejections(),
-                "updates_accepted": svc.store.count_updates(),
-                "aggregation_method": cfg.aggregation_method,
-                "encryption": cfg.encryption,
-                "codec": svc.codec.name if cfg.compression else "none",
-                "differential_privacy": cfg.differential_privacy,
-                "privacy": coord.privacy_status(),
-                "stop_reason": coord.stop_reason,
-                "secure_aggregation": cfg.secure_aggregation,
-                "uptime_s": round(svc.clock() - svc.started_at, 1),
-                "selection": selection_summary(cfg, coord.selector),
-                "participation": svc.participation_summary(),
             }
 
     def summary(self) -> dict[str, Any]:
-        svc, coord = self.service, self.coordinator
+        svc, coord = self.ctx, self.coordinator
         history = coord.history
         return {
             "mode": "rest", "training_mode": "async", "rounds_completed": coord.version, "server_updates": coord.version,
-            **accuracy_summary(history),  # type: ignore[arg-type]
+            **accuracy_summary(history),
             "wall_seconds": svc.clock() - svc.started_at, "total_bytes": sum(r.bytes for r in history),
             "clients_registered": svc.store.count_clients(), "rejected": svc.store.rejections(), "encryption": self.cfg.encryption,
             "privacy": coord.privacy_status(), "stop_reason": coord.stop_reason, "asynchronous": self.async_block(),
-            "staleness": coord.staleness_summary(), "selection": selection_summary(self.cfg, coord.selector),
-            "participation": svc.participation_summary(), "config": self.cfg.to_dict(),
+            "staleness": coord.staleness_summary(), "selection": self.selection_summary(),
+            "participation": self.participation_summary(), "config": self.cfg.to_dict(),
         }

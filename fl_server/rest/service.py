@@ -1,0 +1,247 @@
+"""The federation service: the REST driver's assembly, with no Flask in it.
+
+Routes in :mod:`fl_server.rest.app` translate HTTP to calls here and exceptions here to HTTP.
+The service builds, once, what a REST federation is made of and hands each call to the part
+that owns it:
+
+- :class:`~fl_server.rest.gateway.ClientGateway`: who the client is (registration, tokens,
+  signatures, keys, partitions, profiles, opening an upload, refusals);
+- one :class:`~fl_server.rest.driver.RoundDriver`, picked from the configuration:
+  :class:`~fl_server.rest.sync_driver.SyncRoundDriver` with plain rounds or with the SecAgg
+  protocol of :mod:`fl_server.rest.secure_driver`, or the
+  :class:`~fl_server.rest.async_driver.AsyncRoundDriver` of ``training_mode: async``.
+
+Both share one lock (HTTP threads and the round ticker never interleave inside a coordinator),
+the SQLite store, the run folder and the observers (metrics, the end-of-run report). The service
+owns the round ticker thread and builds the part of ``/status`` that both modes share.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable, Mapping, Optional
+
+import torch
+
+from fl_common.config import FLConfig
+from fl_common.data import load_dataset
+from fl_common.models import model_from_config
+from fl_common.protocol.rest import RegisterResponse, RoundStatus
+from fl_common.training import LocalTrainer
+from fl_server.rest.async_driver import AsyncRoundDriver
+from fl_server.rest.driver import CoordinatorView, DriverContext, ModelPayload, RoundDriver
+from fl_server.rest.gateway import ApiError, Authenticated, ClientGateway, check_rest_config
+from fl_server.rest.observer import Observers, ServiceObserver
+from fl_server.rest.secrets import ServerSecrets
+from fl_server.rest.secure_driver import SecureRounds
+from fl_server.rest.sync_driver import PlainRounds, SyncRoundDriver
+from fl_server.store import RunDirectory
+from fl_server.store.sqlite import ServerStore
+
+log = logging.getLogger("fl_server.rest.service")
+
+#: the round ticker's longest sleep between two looks at the deadlines (woken early by any change)
+TICK_SECONDS = 0.5
+
+
+def partition_sizes_for(cfg: FLConfig) -> list[int]:
+    """The record count of every configured partition, derived from the public labels as each
+    client derives its own shard: sample-level DP plans each client's DP-SGD from it."""
+    from fl_common.data.assignment import partition_sizes, training_subset
+    from fl_common.data.datasets import clear_cache
+
+    train = load_dataset(cfg.dataset, "train", data_dir=cfg.data_dir, download=cfg.download, seed=cfg.seed)
+    labels = training_subset(train, cfg.seed, cfg.max_train_samples).y.numpy()
+    del train
+    clear_cache()  # only the labels were needed: do not keep the training images in the server
+    return partition_sizes(labels, cfg.num_clients, cfg.partition_method, seed=cfg.seed, alpha=cfg.non_iid_alpha,
+                           samples_per_client=cfg.samples_per_client, shards_per_client=cfg.shards_per_client)
+
+
+class FederationService:
+    """One REST federation: a gateway, a round driver, a ticker. See the module docstring."""
+
+    def __init__(self, cfg: FLConfig, state_dir: str | Path, *, secrets_: ServerSecrets | None = None,
+                 clock: Callable[[], float] = time.time, evaluate: bool = True,
+                 observers: Optional[list[ServiceObserver]] = None) -> None:
+        check_rest_config(cfg)
+        self.cfg = cfg
+        self.state_dir = Path(state_dir)
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.clock = clock
+        self.secrets = secrets_ or ServerSecrets.load(self.state_dir)
+        self.store = ServerStore(self.state_dir / "server.db")
+        self.run_dir = RunDirectory(self.state_dir / "run")
+        self.run_dir.create()
+        #: one lock for the gateway's client table and the driver's coordinator
+        self.lock = threading.RLock()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._ticker: Optional[threading.Thread] = None
+        self.started_at = clock()
+        #: told of evaluations, closed/aborted rounds and the end of the run (metrics, report; see observer.py)
+        self.observers = Observers(observers or ())
+
+        test_set = load_dataset(cfg.dataset, "test", data_dir=cfg.data_dir, download=cfg.download, seed=cfg.seed)
+        if cfg.max_test_samples is not None and cfg.max_test_samples < len(test_set):
+            test_set = test_set.subset(torch.arange(cfg.max_test_samples))
+        model = model_from_config(cfg, test_set.input_shape, test_set.num_classes)
+        model_info = {"model_type": cfg.model_type, "num_classes": cfg.num_classes, "hidden_size": cfg.hidden_size,
+                      "resnet_norm": cfg.resnet_norm, "custom_model": cfg.custom_model, "seed": cfg.seed,
+                      "input_shape": list(test_set.input_shape)}
+        asynchronous = cfg.training_mode == "async"
+        #: sample-level DP plans each client's DP-SGD from the size of its shard (synchronous rounds only:
+        #: the asynchronous mode refuses DP)
+        self.partition_sizes: list[int] | None = None
+        if cfg.differential_privacy and cfg.dp_mode == "sample" and not asynchronous:
+            self.partition_sizes = partition_sizes_for(cfg)
+        self.gateway = ClientGateway(cfg, self.store, self.secrets, clock=clock, lock=self.lock, wake=self._wake,
+                                     model_info=model_info, partition_sizes=self.partition_sizes,
+                                     secagg_required=cfg.secure_aggregation and not asynchronous)
+        self.context = DriverContext(cfg=cfg, store=self.store, run_dir=self.run_dir, updates_dir=self.state_dir / "updates",
+                                     gateway=self.gateway, lock=self.lock, wake=self._wake, clock=clock,
+                                     observers=self.observers, trainer=LocalTrainer(model), test_x=test_set.x,
+                                     test_y=test_set.y, started_at=self.started_at, evaluate_rounds=evaluate)
+        #: secure aggregation's round protocol (its endpoints and /metrics collector), None when off
+        self.secure_rounds: Optional[SecureRounds] = None
+        self.driver: RoundDriver
+        if asynchronous:
+            self.driver = AsyncRoundDriver(self.context)
+        else:
+            if cfg.secure_aggregation:
+                self.secure_rounds = SecureRounds(self.context)
+            protocol = self.secure_rounds if self.secure_rounds is not None else PlainRounds()
+            self.driver = SyncRoundDriver(self.context, protocol, partition_sizes=self.partition_sizes)
+        self.driver.recover()
+
+    # ------------------------------------------------------------------ what tests, metrics and reports read
+    @property
+    def coordinator(self) -> CoordinatorView:
+        """The driver's transport-free coordinator (the simulation's very class)."""
+        return self.driver.coordinator
+
+    @property
+    def codec_name(self) -> str:
+        return self.gateway.codec_name
+
+    # ------------------------------------------------------------------ the round ticker
+    def start(self) -> None:
+        """Start the background thread that opens and closes rounds on time."""
+        if self._ticker is None:
+            self._ticker = threading.Thread(target=self._tick_loop, name="fl-round-ticker", daemon=True)
+            self._ticker.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._ticker is not None:
+            self._ticker.join(timeout=30)
+            self._ticker = None
+
+    def close(self) -> None:
+        self.stop()
+        self.store.close()
+
+    def _tick_loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.tick()
+            except Exception:  # noqa: BLE001 - the ticker must survive and report, not die silently
+                log.exception("round ticker failed")
+            self._wake.wait(timeout=TICK_SECONDS)
+            self._wake.clear()
+
+    def tick(self) -> None:
+        self.driver.tick()
+
+    # ------------------------------------------------------------------ clients (gateway, then driver)
+    def register(self, body: Mapping[str, Any], remote: str = "") -> RegisterResponse:
+        with self.lock:  # the driver hears of it in the same critical section as the credentials change
+            registration = self.gateway.register(body, remote)
+            self.driver.client_registered(registration)
+        return registration.response
+
+    def authenticate(self, method: str, path: str, body: bytes, headers: Mapping[str, str], *,
+                     require_token: bool = True) -> Authenticated:
+        return self.gateway.authenticate(method, path, body, headers, require_token=require_token)
+
+    def refresh_token(self, auth: Authenticated) -> dict[str, Any]:
+        return self.gateway.refresh_token(auth)
+
+    def profile(self, auth: Authenticated) -> dict[str, Any]:
+        return self.gateway.profile(auth)
+
+    def set_profile(self, auth: Authenticated, body: Any) -> dict[str, Any]:
+        return self.gateway.set_profile(auth, body)
+
+    def clients(self) -> list[dict[str, Any]]:
+        return self.gateway.clients()
+
+    def is_admin(self, authorization: str) -> bool:
+        return self.gateway.is_admin(authorization)
+
+    def refuse(self, reason: str, detail: str) -> None:
+        """A request refused before it reached the gateway or a driver (bad admin token, oversized body)."""
+        self.gateway.refuse(reason, None, detail)
+
+    # ------------------------------------------------------------------ rounds (driver)
+    def round_status(self, auth: Authenticated) -> RoundStatus:
+        return self.driver.round_status(auth)
+
+    def model_version(self, requested: Optional[int]) -> int:
+        return self.driver.model_version(requested)
+
+    def model_payload(self, auth: Authenticated, version: int) -> ModelPayload:
+        payload = self.driver.model_payload(auth, version)
+        self.driver.count_download(len(payload[1]))
+        return payload
+
+    def accept_update(self, auth: Authenticated, round_number: int, idempotency_key: str, body: bytes,
+                      attempt: Optional[str] = None) -> dict[str, Any]:
+        return self.driver.accept_update(auth, round_number, idempotency_key, body, attempt)
+
+    def secure_protocol(self) -> SecureRounds:
+        """The secure-aggregation endpoints' handler, or 404 when this server does not run SecAgg."""
+        if self.secure_rounds is None:
+            raise ApiError(404, "secagg_off", "this server does not run secure aggregation")
+        return self.secure_rounds
+
+    # ------------------------------------------------------------------ monitoring
+    def status(self) -> dict[str, Any]:
+        """``/status``: the mode's own fields (state, versions, the open round or jobs) and the rest, built once."""
+        cfg = self.cfg
+        with self.lock:
+            history = list(self.driver.history)
+            evaluated = [r for r in history if r.test_accuracy is not None]
+            coord = self.driver.coordinator
+            return {
+                **self.driver.status_fields(),
+                "training_mode": self.driver.mode,
+                "num_rounds": cfg.num_rounds,
+                "clients": {"registered": self.store.count_clients(), "online": len(self.gateway.live_clients()),
+                            "profiled": self.store.count_profiles()},
+                "accuracy": evaluated[-1].test_accuracy if evaluated else None,
+                "loss": evaluated[-1].test_loss if evaluated else None,
+                "history": [r.to_row() for r in history[-200:]],
+                "rejected": self.store.rejections(),
+                "updates_accepted": self.store.count_updates(),
+                "aggregation_method": cfg.aggregation_method,
+                "encryption": cfg.encryption,
+                "codec": self.gateway.codec_name,
+                "differential_privacy": cfg.differential_privacy,
+                "privacy": coord.privacy_status(),
+                "stop_reason": coord.stop_reason,
+                "secure_aggregation": cfg.secure_aggregation,
+                "uptime_s": round(self.clock() - self.started_at, 1),
+                "selection": self.driver.selection_summary(),
+                "participation": self.driver.participation_summary(),
+            }
+
+    def summary(self) -> dict[str, Any]:
+        return self.driver.summary()
+
+
+__all__ = ["ApiError", "Authenticated", "FederationService", "check_rest_config", "partition_sizes_for"]

@@ -24,10 +24,10 @@ from fl_common.secagg import Verifier
 from fl_common.tensors import ParamSpec
 from fl_common.training import EvalResult, learning_rate_at
 from fl_server.privacy_engine import BudgetExhausted, DPRound, PrivacyEngine
-from fl_server.secagg import SecureAggregator, check_secagg_strategy, open_secure_round
-from fl_server.selection import ClientInfo, ParticipationLog, client_infos_for, make_selector
+from fl_server.secagg import SecureAggregator, open_secure_round
+from fl_server.selection import ClientInfo, ParticipationLog, build_selection, client_infos_for
 from fl_server.store import RoundRecord
-from fl_server.strategies import Aggregator, Strategy, UpdateRejected, make_strategy
+from fl_server.strategies import Aggregator, Strategy, UpdateRejected, build_strategy, check_strategy_features
 
 log = logging.getLogger("fl_server.coordinator")
 
@@ -63,41 +63,6 @@ class _OpenRound:
     dp: DPRound | None = None
 
 
-#: What a driver may declare it carries out, beyond handing updates to the coordinator:
-#: "control_variates" - keeps each client's SCAFFOLD variate between rounds and sends the server's
-#: variate (``Coordinator.server_control``) with the model, returning ``ClientUpdate.control_delta``;
-#: "attacks" - applies the simulated attacks of ``cfg.attack`` (fl_server/simulation/attacks.py);
-#: "client_infos" - passes each candidate's reports (``infos=`` of ``plan_round``: records, label
-#: histogram, speeds), which every selection policy but ``uniform`` draws on;
-#: "secure_aggregation" - runs the clients' side of the SecAgg protocol (fl_server/secagg): it moves the
-#: messages of ``Coordinator.secagg`` and submits masked updates only (``secagg_verifiers`` required);
-#: "secagg_dropouts" - simulates the dropouts of ``cfg.secagg_dropout_rate`` (simulation only).
-DRIVER_FEATURES = ("control_variates", "attacks", "client_infos", "secure_aggregation", "secagg_dropouts")
-
-
-def _check_driver_features(cfg: FLConfig, strategy: Strategy, features: Collection[str]) -> None:
-    unknown = set(features) - set(DRIVER_FEATURES)
-    if unknown:
-        raise ValueError(f"unknown driver features {sorted(unknown)}: allowed {', '.join(DRIVER_FEATURES)}")
-    if strategy.needs_client_state and "control_variates" not in features:
-        raise ConfigError(f"aggregation_method '{cfg.aggregation_method}' needs clients that keep a control variate between "
-                          f"rounds, which this driver does not carry yet (the simulation does): use another aggregation_method "
-                          f"here, or run it with python -m fl_server simulate")
-    if cfg.attack != "none" and "attacks" not in features:
-        raise ConfigError(f"config key 'attack' has value {cfg.attack!r}: simulated attacks exist only in the simulation "
-                          f"(python -m fl_server simulate); set attack: none")
-    if cfg.secure_aggregation and "secure_aggregation" not in features:
-        raise ConfigError("config key 'secure_aggregation' is true, but this driver does not run the secure aggregation "
-                          "protocol yet (the simulation does: python -m fl_server simulate); set secure_aggregation: false")
-    if cfg.secagg_dropout_rate > 0 and "secagg_dropouts" not in features:
-        raise ConfigError(f"config key 'secagg_dropout_rate' has value {cfg.secagg_dropout_rate:g}: simulated dropouts exist "
-                          f"only in the simulation (python -m fl_server simulate); set secagg_dropout_rate: 0")
-    if cfg.selection != "uniform" and "client_infos" not in features:
-        raise ConfigError(f"selection '{cfg.selection}' draws on what each client reports (ClientInfo), which this driver "
-                          f"does not pass yet (the simulation does): use selection: uniform here, or run it with "
-                          f"python -m fl_server simulate")
-
-
 class Coordinator:
     def __init__(self, cfg: FLConfig, global_vector: torch.Tensor, spec: ParamSpec,
                  evaluator: Evaluator | None = None, strategy: Strategy | None = None, *,
@@ -108,8 +73,10 @@ class Coordinator:
         """``client_sizes`` (client -> number of records) is needed for sample-level DP, which plans
         and accounts each client's local DP-SGD steps; ``privacy_seeded_noise`` makes the server's DP
         noise reproducible from the run seed (simulation only; see fl_server/privacy_engine.py).
-        ``driver_features`` says what the driver itself carries out (see :data:`DRIVER_FEATURES`); a
-        configuration that needs a feature the driver lacks is refused here, never run half-way.
+        ``driver_features`` says what the driver itself carries out (see
+        :data:`fl_server.strategies.DRIVER_FEATURES`); a configuration that needs a feature the driver
+        lacks, or that the strategy cannot be combined with, is refused here
+        (:func:`fl_server.strategies.check_strategy_features`), never run half-way.
         ``secagg_verifiers`` (client id -> the signature key it registered, or None) is how secure
         aggregation checks who sent which key and message (fl_common/secagg/auth.py)."""
         if global_vector.numel() != spec.numel:
@@ -117,16 +84,14 @@ class Coordinator:
         self.cfg = cfg
         self.spec = spec
         self.global_vector = global_vector.detach().to(torch.float32).clone()
-        self.strategy = strategy or make_strategy(cfg)
-        _check_driver_features(cfg, self.strategy, driver_features)
+        self.strategy = strategy or build_strategy(cfg)
+        check_strategy_features(cfg, self.strategy, driver_features)
         self._secagg_verifiers = secagg_verifiers
-        if cfg.secure_aggregation:
-            check_secagg_strategy(cfg, self.strategy)
         if cfg.training_mode != "sync":
             raise ConfigError(f"config key 'training_mode' is {cfg.training_mode!r}: this coordinator runs synchronous rounds; "
                               f"asynchronous training runs on fl_server.asynchronous.AsyncCoordinator (python -m fl_server "
                               f"simulate and python -m fl_server serve pick it)")
-        self.selector = make_selector(cfg, model_bytes=4 * spec.numel)
+        self.selector = build_selection(cfg, model_bytes=4 * spec.numel)
         #: who was selected and who arrived in every closed round (participation_rounds.csv, fairness, staleness)
         self.participation = ParticipationLog()
         self._client_sizes = dict(client_sizes or {})
@@ -136,9 +101,6 @@ class Coordinator:
         self._open: _OpenRound | None = None
         self.privacy: PrivacyEngine | None = None
         if cfg.differential_privacy:
-            if cfg.dp_mode == "client" and self.strategy.needs_individual_updates:
-                raise ConfigError(f"aggregation_method '{cfg.aggregation_method}' needs individual updates, which client-level "
-                                  f"DP-FedAvg does not release; use fedavg or fedprox")
             self.privacy = PrivacyEngine(cfg, client_sizes, seeded_noise=privacy_seeded_noise,
                                          planned_sizes=planned_client_sizes)
             log.info("%s", self.privacy.describe())

@@ -16,6 +16,8 @@ import difflib
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union, get_args, get_origin, get_type_hints
 
+from fl_common.plugins import SELECTION_GROUP, STRATEGY_GROUP, PluginError, check_reference
+
 
 class ConfigError(ValueError):
     """A configuration value that cannot be used; the message is one line meant for the user."""
@@ -29,10 +31,9 @@ def _opt(default: Any, *, lo: float | None = None, hi: float | None = None,
 
 #: Aggregation strategies the server can run. Kept here (not imported from fl_server) because
 #: fl_common must not import the server; a test checks this list equals the strategy registry.
+#: "custom" is a plug-in: the class named by ``custom_strategy`` (fl_server/strategies/factory.py).
 AGGREGATION_METHODS = ("fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "qfedavg", "scaffold",
-                       "median", "trimmed_mean", "krum", "multikrum")
-#: Strategies that need every update on its own (not a sum): no secure aggregation, no client-level DP.
-INDIVIDUAL_UPDATE_METHODS = ("median", "trimmed_mean", "krum", "multikrum")
+                       "median", "trimmed_mean", "krum", "multikrum", "custom")
 #: Simulation-only model-poisoning attacks (fl_server/simulation/attacks.py), for robustness benchmarks.
 ATTACKS = ("none", "gaussian_noise")
 DATA_DISTRIBUTIONS = ("iid", "non-iid", "dirichlet", "shards")
@@ -40,7 +41,8 @@ DATASET_NAMES = ("fashion_mnist", "mnist", "cifar10", "synthetic")
 MODEL_TYPES = ("cnn", "mlp", "resnet", "custom")
 OPTIMIZERS = ("sgd", "adam", "adagrad")
 LR_SCHEDULES = ("constant", "step", "exponential", "cosine")
-SELECTION_POLICIES = ("uniform", "weighted", "stratified", "capability", "adaptive")
+#: "custom" is a plug-in: the class named by ``custom_selection`` (fl_server/selection/factory.py).
+SELECTION_POLICIES = ("uniform", "weighted", "stratified", "capability", "adaptive", "custom")
 TRAINING_MODES = ("sync", "async")
 ASYNC_ALGORITHMS = ("fedasync", "fedbuff")
 STALENESS_FUNCTIONS = ("constant", "polynomial", "hinge")
@@ -129,12 +131,14 @@ class FLConfig:
     trim_ratio: float = _opt(0.2, lo=0.0, hi=0.5, help="trimmed_mean: fraction of updates dropped from each end of every coordinate")
     krum_byzantine: int = _opt(1, lo=0, hi=5000, help="krum/multikrum: number f of Byzantine clients tolerated (needs more than 2f + 2 updates per round)")
     multikrum_m: Optional[int] = _opt(None, lo=1, hi=10000, help="multikrum: updates averaged (default: updates - krum_byzantine; a round with more than f attackers then averages one in, so set it to at most the honest updates of the worst round you expect)")
+    custom_strategy: Optional[str] = _opt(None, help="aggregation_method 'custom': the strategy plug-in, 'package.module:Class' (a subclass of fl_server.strategies.Strategy whose keyword constructor parameters are named after the config keys it reads) or a name an installed package registers under the entry-point group 'fl_hub.strategies'; see examples/plugins/README.md")
 
     # --- selection, rounds ---
     selection: str = _opt("uniform", choices=SELECTION_POLICIES, help="client selection policy (fl_server/selection): uniform, weighted (by records), stratified, capability (reported speeds), adaptive (the seed's p_k ~ n_k/sum n x 1/staleness_k x capability_k)")
     stratify_by: str = _opt("label", choices=("label", "size"), help="selection 'stratified': group clients by label distribution (k-means) or by number of records")
     num_strata: int = _opt(4, lo=1, hi=100, help="selection 'stratified': number of groups")
     selection_staleness_power: float = _opt(1.0, lo=-4.0, hi=4.0, help="selection 'adaptive': weight staleness_k^-power (1 = the seed's 1/staleness; negative favours clients that waited)")
+    custom_selection: Optional[str] = _opt(None, help="selection 'custom': the selection plug-in, 'package.module:Class' (a subclass of fl_server.selection.Selector; constructor parameters named after config keys, plus model_bytes) or a name an installed package registers under the entry-point group 'fl_hub.selection'; see examples/plugins/README.md")
     label_histogram_epsilon: Optional[float] = _opt(None, lo=0.0, hi=10.0, lo_open=True, help="clients report label histograms with Laplace noise, pure epsilon-DP (null: exact; required when differential_privacy is on and stratify_by is label)")
     min_clients: int = _opt(1, lo=1, hi=10000, help="fewest updates that close a round")
 
@@ -394,26 +398,14 @@ def _check_privacy(cfg: FLConfig) -> None:
 
 
 def _check_aggregation(cfg: FLConfig) -> None:
-    """Strategy settings that cannot work, refused with the reason (fl_server/strategies/ explains each)."""
+    """A strategy's own keys whose values cannot work, refused with the reason.
+
+    What a strategy can be combined with (secure aggregation, differential privacy, a driver's
+    features) depends on the strategy class, which fl_common cannot import: it is checked by
+    fl_server.strategies.check_strategy_features when a driver starts. Only the value checks that
+    need nothing but the configuration stay here."""
     method = cfg.aggregation_method
-    if cfg.secure_aggregation and method in (*INDIVIDUAL_UPDATE_METHODS, "qfedavg"):
-        why = ("weighs each update by its client's own loss" if method == "qfedavg"
-               else "is a statistic of the individual updates (not of their sum)")
-        raise ConfigError(f"aggregation_method '{method}' {why}, but secure aggregation lets the server see only the sum: "
-                          f"set secure_aggregation: false, or use fedavg/fedprox/fedavgm/fedadam/fedyogi/fedadagrad/scaffold")
-    if cfg.differential_privacy and method == "qfedavg":
-        raise ConfigError("aggregation_method 'qfedavg' needs each client's training loss F_k sent in the clear, which "
-                          "differential privacy does not cover (it would leak a statistic of the private data): set "
-                          "differential_privacy: false, or use another aggregation_method")
-    if cfg.differential_privacy and cfg.dp_mode == "client" and method in (*INDIVIDUAL_UPDATE_METHODS, "scaffold"):
-        why = ("needs individual updates, which client-level DP-FedAvg does not release" if method != "scaffold"
-               else "uploads a control-variate delta that client-level DP-FedAvg neither clips nor noises")
-        raise ConfigError(f"aggregation_method '{method}' {why}: use dp_mode: sample, or fedavg/fedprox/fedavgm/fedadam/"
-                          f"fedyogi/fedadagrad")
-    if method == "scaffold" and (cfg.optimizer != "sgd" or cfg.momentum != 0.0):
-        raise ConfigError(f"aggregation_method 'scaffold' needs plain local SGD (optimizer: sgd, momentum: 0), got optimizer "
-                          f"{cfg.optimizer!r} with momentum {cfg.momentum:g}: its control variate (x - y_i) / (K lr) is the mean "
-                          f"local gradient only for plain SGD steps (raise learning_rate instead of using momentum)")
+    _check_plugin(cfg, "custom_strategy", method == "custom", "aggregation_method", STRATEGY_GROUP)
     n = cfg.clients_per_round
     if method == "trimmed_mean":
         k = int(cfg.trim_ratio * n + 1e-9)
@@ -453,8 +445,27 @@ def _refuse_stray(cfg: FLConfig, keys: tuple[str, ...], why: str) -> None:
             raise ConfigError(f"config key '{key}' has value {getattr(cfg, key)!r} but {why}; remove '{key}'")
 
 
+def _check_plugin(cfg: FLConfig, key: str, chosen: bool, chooser: str, group: str) -> None:
+    """``key`` names a plug-in class: required when ``chooser`` is 'custom', refused otherwise, and
+    of the form 'package.module:Class' or an installed entry-point name (nothing imported here)."""
+    value = getattr(cfg, key)
+    if not chosen:
+        if value is not None:
+            raise ConfigError(f"config key '{key}' has value {value!r} but {chooser} is {getattr(cfg, chooser)!r}, not 'custom'; "
+                              f"set {chooser}: custom, or remove '{key}'")
+        return
+    if not value:
+        raise ConfigError(f"config key '{key}' must name the plug-in when {chooser} is 'custom': 'package.module:Class' or a "
+                          f"name registered under the entry-point group '{group}'")
+    try:
+        check_reference(value, kind="Class", group=group)
+    except PluginError as exc:
+        raise ConfigError(f"config key '{key}' has value {value!r}: {exc}") from None
+
+
 def _check_selection(cfg: FLConfig) -> None:
     """Selection settings that would be ignored, or that would leak what privacy promises to hide."""
+    _check_plugin(cfg, "custom_selection", cfg.selection == "custom", "selection", SELECTION_GROUP)
     if cfg.selection != "stratified":
         _refuse_stray(cfg, ("stratify_by", "num_strata"), f"selection is '{cfg.selection}', not 'stratified'")
     if cfg.selection != "adaptive":

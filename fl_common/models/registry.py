@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING, Callable
 
 import torch
@@ -10,21 +9,18 @@ from torch import nn
 
 from fl_common.models.cnn import McMahanCNN
 from fl_common.models.mlp import MLP
+from fl_common.plugins import load_object
 
 if TYPE_CHECKING:
     from fl_common.config import FLConfig
 
 
 def _load_factory(spec: str) -> Callable[..., nn.Module]:
-    module_name, _, attr = spec.partition(":")
-    if not module_name or not attr:
-        raise ValueError(f"custom model must be 'package.module:factory', got {spec!r}")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise ValueError(f"custom model module '{module_name}' cannot be imported: {exc}") from None
-    factory = getattr(module, attr, None)
+    """The factory a custom model names, found by the loader every plug-in point shares (its
+    PluginError is a ValueError)."""
+    factory = load_object(spec, what="custom model", kind="factory")
     if not callable(factory):
+        module_name, _, attr = spec.partition(":")
         raise ValueError(f"custom model '{spec}': '{attr}' is not a callable in '{module_name}'")
     return factory
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 import statistics
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -48,11 +48,10 @@ from fl_server.selection import (
     ClientId,
     ClientInfo,
     ParticipationLog,
+    build_selection,
     client_infos_for,
-    make_selector,
 )
-from fl_server.strategies import Strategy, UpdateRejected, make_strategy
-from fl_server.strategies.base import check_update
+from fl_server.strategies import Strategy, UpdateRejected, build_strategy, check_strategy_features, check_update
 
 log = logging.getLogger("fl_server.asynchronous")
 
@@ -104,8 +103,12 @@ def make_rule(cfg: FLConfig) -> AsyncRule:
 class AsyncCoordinator:
     def __init__(self, cfg: FLConfig, global_vector: torch.Tensor, spec: ParamSpec,
                  evaluator: Evaluator | None = None, strategy: Strategy | None = None, *,
-                 client_sizes: Mapping[ClientId, int] | None = None) -> None:
-        """``client_sizes`` fills ``num_samples`` of clients that a driver lists by id only."""
+                 client_sizes: Mapping[ClientId, int] | None = None,
+                 driver_features: Collection[str] = ("client_infos",)) -> None:
+        """``client_sizes`` fills ``num_samples`` of clients that a driver lists by id only.
+        ``driver_features`` (:data:`fl_server.strategies.DRIVER_FEATURES`) is checked with the strategy
+        as the synchronous coordinator does; the default is what every asynchronous driver carries,
+        candidates passed to :meth:`dispatch` as ``ClientInfo`` (the simulation adds "attacks")."""
         if cfg.training_mode != "async":
             raise ConfigError(f"config key 'training_mode' is {cfg.training_mode!r}: the asynchronous coordinator needs "
                               f"training_mode: async")
@@ -116,8 +119,9 @@ class AsyncCoordinator:
         self.global_vector = global_vector.detach().to(torch.float32).clone()
         self.evaluator = evaluator
         self.rule = make_rule(cfg)
-        self.strategy = strategy or make_strategy(cfg)  # its client side (FedProx's mu) only
-        self.selector = make_selector(cfg, model_bytes=4 * spec.numel)
+        self.strategy = strategy or build_strategy(cfg)  # its client side (FedProx's mu) only
+        check_strategy_features(cfg, self.strategy, driver_features)
+        self.selector = build_selection(cfg, model_bytes=4 * spec.numel)
         self.concurrency = min(cfg.async_concurrency or cfg.clients_per_round, cfg.num_clients)
         self._client_sizes = dict(client_sizes or {})
         self.version = 0

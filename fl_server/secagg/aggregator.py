@@ -16,7 +16,8 @@ aggregator as if it were the updates themselves:
   masked too: only their count is released.
 
 Everything else (median, trimmed mean, Krum, q-FedAvg's per-client terms) needs individual
-updates and is refused with the reason, before a round starts.
+updates and is refused with the reason, before a round starts (by the strategy's flags:
+fl_server.strategies.check_strategy_features).
 
 Why the sum is fed back through the wrapped aggregator's own ``add`` rather than re-implementing
 its arithmetic: the DP noise, the SCAFFOLD bookkeeping and the weighting stay in one place each.
@@ -89,15 +90,6 @@ def secagg_mode(inner: Aggregator) -> str:
     raise ConfigError(f"secure aggregation cannot feed {type(inner).__name__}: this aggregation method needs each client's "
                       f"update (or a per-client term) on its own, but the server only ever sees their sum; use fedavg, "
                       f"fedprox, fedavgm, fedadam, fedyogi, fedadagrad or scaffold, or set secure_aggregation: false")
-
-
-def check_secagg_strategy(cfg: FLConfig, strategy: Any) -> None:
-    """Refuse before the first round what secure aggregation cannot run (the config schema refuses the
-    known names; this catches any strategy that declares it needs individual updates)."""
-    if getattr(strategy, "needs_individual_updates", False):
-        raise ConfigError(f"aggregation_method '{cfg.aggregation_method}' needs individual updates, but secure aggregation "
-                          f"lets the server see only their sum: set secure_aggregation: false, or use fedavg/fedprox/"
-                          f"fedavgm/fedadam/fedyogi/fedadagrad/scaffold")
 
 
 def design_dropout_rate(cfg: FLConfig) -> float:
@@ -298,7 +290,6 @@ __all__ = [
     "MaskedUpdate",
     "SecAggRoundStats",
     "SecureAggregator",
-    "check_secagg_strategy",
     "open_secure_round",
     "plan_round_params",
     "quantization_bound",

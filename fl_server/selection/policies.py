@@ -44,6 +44,7 @@ from fl_server.selection.strata import assign_strata
 __all__ = [
     "AdaptiveSelector",
     "CapabilitySelector",
+    "ProportionalSelector",
     "Selection",
     "Selector",
     "StratifiedSelector",
@@ -72,7 +73,13 @@ def _sorted(clients: Sequence[ClientInfo | ClientId]) -> list[ClientInfo]:
 
 
 class Selector(ABC):
+    """A selection policy. A plug-in (``selection: custom``) subclasses this, or
+    :class:`ProportionalSelector` and states only the weights; its constructor takes ``seed`` and
+    keyword parameters named after config keys (and ``model_bytes``), see fl_server/selection/factory.py."""
+
     name: ClassVar[str]
+    #: how :meth:`sample_pool` draws, for the ``selection`` block of summary.json
+    scheme: ClassVar[str] = "defined by the policy"
 
     def __init__(self, seed: int) -> None:
         self.seed = int(seed)
@@ -90,7 +97,7 @@ class Selector(ABC):
         pool = _sorted(clients)
         if not pool:
             raise ValueError("no clients available to select")
-        return self._draw(round_number, pool, k, self.rng(round_number, draw))
+        return self.sample_pool(round_number, pool, k, self.rng(round_number, draw))
 
     def select(self, round_number: int, clients: Sequence[ClientInfo | ClientId], k: int, *,
                draw: int | None = None) -> list[ClientId]:
@@ -99,13 +106,16 @@ class Selector(ABC):
     def probabilities(self, round_number: int, clients: Sequence[ClientInfo | ClientId], k: int) -> dict[ClientId, float]:
         """Each candidate's inclusion probability in this round (no randomness used)."""
         pool = _sorted(clients)
-        return dict(zip([c.client_id for c in pool], self._probabilities(round_number, pool, k).tolist()))
+        return dict(zip([c.client_id for c in pool], self.pool_probabilities(round_number, pool, k).tolist()))
 
     @abstractmethod
-    def _draw(self, round_number: int, pool: list[ClientInfo], k: int, rng: np.random.Generator) -> Selection: ...
+    def sample_pool(self, round_number: int, pool: list[ClientInfo], k: int, rng: np.random.Generator) -> Selection:
+        """Draw ``k`` of ``pool`` (non-empty, sorted by id) with ``rng`` (seeded by seed, round and draw),
+        with exactly the probabilities :meth:`pool_probabilities` states."""
 
     @abstractmethod
-    def _probabilities(self, round_number: int, pool: list[ClientInfo], k: int) -> np.ndarray: ...
+    def pool_probabilities(self, round_number: int, pool: list[ClientInfo], k: int) -> np.ndarray:
+        """Each member of ``pool``'s inclusion probability P(drawn among the k), in pool order."""
 
     def describe(self) -> dict[str, object]:
         return {"policy": self.name}
@@ -116,12 +126,13 @@ class UniformSelector(Selector):
     so earlier runs keep selecting exactly the same clients)."""
 
     name = "uniform"
+    scheme = "numpy Generator.choice without replacement"
 
-    def _probabilities(self, round_number: int, pool: list[ClientInfo], k: int) -> np.ndarray:
+    def pool_probabilities(self, round_number: int, pool: list[ClientInfo], k: int) -> np.ndarray:
         return np.full(len(pool), min(1.0, k / len(pool)))
 
-    def _draw(self, round_number: int, pool: list[ClientInfo], k: int, rng: np.random.Generator) -> Selection:
-        probs = dict(zip([c.client_id for c in pool], self._probabilities(round_number, pool, k).tolist()))
+    def sample_pool(self, round_number: int, pool: list[ClientInfo], k: int, rng: np.random.Generator) -> Selection:
+        probs = dict(zip([c.client_id for c in pool], self.pool_probabilities(round_number, pool, k).tolist()))
         if len(pool) <= k:
             return Selection([c.client_id for c in pool], probs)
         chosen = rng.choice(len(pool), size=k, replace=False)
@@ -131,17 +142,19 @@ class UniformSelector(Selector):
 class ProportionalSelector(Selector):
     """pi_k proportional to a weight (capped at 1), drawn by randomised systematic sampling."""
 
+    scheme = "randomised systematic PPS sampling (pi_k = min(1, c w_k))"
+
     @abstractmethod
     def weights(self, round_number: int, pool: list[ClientInfo]) -> np.ndarray: ...
 
-    def _probabilities(self, round_number: int, pool: list[ClientInfo], k: int) -> np.ndarray:
+    def pool_probabilities(self, round_number: int, pool: list[ClientInfo], k: int) -> np.ndarray:
         w = self.weights(round_number, pool)
         if not np.any(w > 0):
             raise ValueError(f"selection '{self.name}': no available client has a positive weight")
         return inclusion_probabilities(w, k)
 
-    def _draw(self, round_number: int, pool: list[ClientInfo], k: int, rng: np.random.Generator) -> Selection:
-        pi = self._probabilities(round_number, pool, k)
+    def sample_pool(self, round_number: int, pool: list[ClientInfo], k: int, rng: np.random.Generator) -> Selection:
+        pi = self.pool_probabilities(round_number, pool, k)
         idx = systematic_sample(pi, rng)
         return Selection([pool[i].client_id for i in idx.tolist()], dict(zip([c.client_id for c in pool], pi.tolist())))
 
@@ -192,9 +205,10 @@ class CapabilitySelector(ProportionalSelector):
 class AdaptiveSelector(CapabilitySelector):
     name = "adaptive"
 
-    def __init__(self, seed: int, *, local_epochs: int = 1, model_bytes: int = 0, staleness_power: float = 1.0) -> None:
+    def __init__(self, seed: int, *, local_epochs: int = 1, model_bytes: int = 0,
+                 selection_staleness_power: float = 1.0) -> None:
         super().__init__(seed, local_epochs=local_epochs, model_bytes=model_bytes)
-        self.staleness_power = float(staleness_power)
+        self.staleness_power = float(selection_staleness_power)
 
     def staleness(self, round_number: int, pool: list[ClientInfo]) -> np.ndarray:
         last = np.asarray([c.last_round or 0 for c in pool], dtype=np.float64)
@@ -212,6 +226,7 @@ class AdaptiveSelector(CapabilitySelector):
 
 class StratifiedSelector(Selector):
     name = "stratified"
+    scheme = "proportional allocation over strata, randomised rounding by systematic sampling, uniform within"
 
     def __init__(self, seed: int, *, stratify_by: str = "label", num_strata: int = 4) -> None:
         super().__init__(seed)
@@ -227,10 +242,10 @@ class StratifiedSelector(Selector):
         sizes = np.bincount(groups).astype(np.float64)
         return groups, min(k, len(pool)) * sizes / len(pool)
 
-    def _probabilities(self, round_number: int, pool: list[ClientInfo], k: int) -> np.ndarray:
+    def pool_probabilities(self, round_number: int, pool: list[ClientInfo], k: int) -> np.ndarray:
         return np.full(len(pool), min(1.0, k / len(pool)))
 
-    def _draw(self, round_number: int, pool: list[ClientInfo], k: int, rng: np.random.Generator) -> Selection:
+    def sample_pool(self, round_number: int, pool: list[ClientInfo], k: int, rng: np.random.Generator) -> Selection:
         groups, expected = self.allocation(pool, k)
         base = np.floor(expected + 1e-9)
         frac = np.clip(expected - base, 0.0, 1.0)
@@ -241,7 +256,7 @@ class StratifiedSelector(Selector):
             members = np.flatnonzero(groups == g)
             if s:
                 chosen.extend(members[rng.choice(len(members), size=s, replace=False)].tolist())
-        probs = dict(zip([c.client_id for c in pool], self._probabilities(round_number, pool, k).tolist()))
+        probs = dict(zip([c.client_id for c in pool], self.pool_probabilities(round_number, pool, k).tolist()))
         return Selection([pool[i].client_id for i in sorted(chosen)], probs)
 
     def describe(self) -> dict[str, object]:

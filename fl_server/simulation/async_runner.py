@@ -74,7 +74,8 @@ class AsyncSimulation(Simulation):
     # ------------------------------------------------------------------ hooks of Simulation
     def _new_coordinator(self) -> AsyncCoordinator:  # type: ignore[override]
         return AsyncCoordinator(self.cfg, self.evaluator_trainer.vector(), self.spec, evaluator=self._evaluate_vector,
-                                client_sizes={cid: len(p) for cid, p in enumerate(self.partitions)})
+                                client_sizes={cid: len(p) for cid, p in enumerate(self.partitions)},
+                                driver_features=("attacks", "client_infos"))
 
     def _restore(self) -> None:
         assert self.run_dir is not None

@@ -1,11 +1,13 @@
-"""Aggregation strategies, one module per family, looked up by ``aggregation_method``.
+"""Aggregation strategies, one module per family, built by ``build_strategy`` from the configuration.
 
-fl_common/config/schema.py's AGGREGATION_METHODS must list exactly these names (a test checks it).
+``aggregation_method`` names a built-in strategy (``STRATEGIES``) or ``custom``, a plug-in named by
+``custom_strategy`` (see ``factory`` and examples/plugins/). fl_common/config/schema.py's
+AGGREGATION_METHODS must list exactly the built-in names plus ``custom`` (a test checks it). What a
+strategy can be combined with is checked by ``check_strategy_features`` (``features``).
 """
 
 from __future__ import annotations
 
-from fl_common.config import FLConfig
 from fl_server.strategies.adaptive import FedAdagrad, FedAdam, FedYogi
 from fl_server.strategies.base import (
     AggregateResult,
@@ -13,7 +15,11 @@ from fl_server.strategies.base import (
     Strategy,
     UpdateRejected,
     WeightedMeanAggregator,
+    check_update,
 )
+from fl_server.strategies.common import IndividualUpdatesAggregator
+from fl_server.strategies.factory import STRATEGIES, build_strategy, strategy_class, strategy_label
+from fl_server.strategies.features import DRIVER_FEATURES, check_components, check_strategy_features
 from fl_server.strategies.fedavg import FedAvg
 from fl_server.strategies.fedavgm import FedAvgM
 from fl_server.strategies.fedprox import FedProx
@@ -21,20 +27,8 @@ from fl_server.strategies.qfedavg import QFedAvg
 from fl_server.strategies.robust import Krum, Median, MultiKrum, TrimmedMean
 from fl_server.strategies.scaffold import Scaffold
 
-STRATEGIES: dict[str, type[Strategy]] = {
-    cls.name: cls
-    for cls in (FedAvg, FedProx, FedAvgM, FedAdam, FedYogi, FedAdagrad, QFedAvg, Scaffold, Median, TrimmedMean, Krum, MultiKrum)
-}
-
-
-def make_strategy(cfg: FLConfig) -> Strategy:
-    try:
-        return STRATEGIES[cfg.aggregation_method](cfg)
-    except KeyError:
-        raise ValueError(f"unknown aggregation_method {cfg.aggregation_method!r}: allowed {', '.join(STRATEGIES)}") from None
-
-
 __all__ = [
+    "DRIVER_FEATURES",
     "STRATEGIES",
     "AggregateResult",
     "Aggregator",
@@ -44,6 +38,7 @@ __all__ = [
     "FedAvgM",
     "FedProx",
     "FedYogi",
+    "IndividualUpdatesAggregator",
     "Krum",
     "Median",
     "MultiKrum",
@@ -53,5 +48,10 @@ __all__ = [
     "TrimmedMean",
     "UpdateRejected",
     "WeightedMeanAggregator",
-    "make_strategy",
+    "build_strategy",
+    "check_components",
+    "check_strategy_features",
+    "check_update",
+    "strategy_class",
+    "strategy_label",
 ]

@@ -23,7 +23,6 @@ from typing import Any, ClassVar
 
 import torch
 
-from fl_common.config import FLConfig
 from fl_common.protocol import TrainInstructions
 from fl_server.strategies.base import (
     AggregateResult,
@@ -48,8 +47,12 @@ class AdaptiveServerOptimizer(Strategy):
 
     second_moment: ClassVar[SecondMoment]
 
-    def __init__(self, cfg: FLConfig) -> None:
-        super().__init__(cfg)
+    def __init__(self, *, server_learning_rate: float = 1.0, server_beta1: float = 0.9, server_beta2: float = 0.99,
+                 server_tau: float = 1e-3) -> None:
+        super().__init__(server_learning_rate=server_learning_rate)
+        self.server_beta1 = server_beta1
+        self.server_beta2 = server_beta2
+        self.server_tau = server_tau
         self.m: torch.Tensor | None = None
         self.v: torch.Tensor | None = None
 
@@ -60,15 +63,14 @@ class AdaptiveServerOptimizer(Strategy):
         return WeightedMeanAggregator(global_vector.numel())
 
     def apply(self, global_vector: torch.Tensor, aggregate: AggregateResult) -> torch.Tensor:
-        cfg = self.cfg
         delta = aggregate.delta.to(torch.float32)
         if self.m is None or self.v is None:
             self.m = torch.zeros_like(delta)
-            self.v = torch.full_like(delta, cfg.server_tau**2)
+            self.v = torch.full_like(delta, self.server_tau**2)
         rule = type(self).second_moment
-        self.m = first_moment(self.m, delta, cfg.server_beta1)
-        self.v = rule(self.v, delta, cfg.server_beta2)
-        return global_vector + adaptive_step(self.m, self.v, cfg.server_learning_rate, cfg.server_tau)
+        self.m = first_moment(self.m, delta, self.server_beta1)
+        self.v = rule(self.v, delta, self.server_beta2)
+        return global_vector + adaptive_step(self.m, self.v, self.server_learning_rate, self.server_tau)
 
     def state_dict(self) -> dict[str, Any]:
         if self.m is None or self.v is None:

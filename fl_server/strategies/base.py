@@ -19,7 +19,6 @@ from typing import Any, ClassVar
 
 import torch
 
-from fl_common.config import FLConfig
 from fl_common.protocol import ClientUpdate, TrainInstructions
 
 
@@ -104,18 +103,31 @@ def check_update(update: ClientUpdate, numel: int) -> None:
 
 
 class Strategy(ABC):
-    """Base class; subclasses register themselves by ``name``."""
+    """Base class; built-in subclasses are listed by ``name`` in fl_server/strategies/factory.py.
+
+    Configuration is keyword-only, as in Flower's strategies: each constructor parameter is named
+    after the config key it takes (``server_learning_rate``, ``proximal_mu``, ...), and the factory
+    passes exactly those keys, so a strategy never sees the rest of the configuration. The class
+    flags below say what the strategy can be combined with; fl_server/strategies/features.py reads
+    them (for plug-ins too) before a run starts.
+    """
 
     name: ClassVar[str]
     #: True when aggregation needs every update on its own (median, Krum): such a strategy keeps
     #: them all (memory O(clients x model)) and cannot run behind secure aggregation or client-level DP.
     needs_individual_updates: ClassVar[bool] = False
     #: True when clients keep per-client state between rounds that the driver must carry (SCAFFOLD's
-    #: control variates): a driver that cannot is refused by the coordinator.
+    #: control variates, whose deltas travel with every update): a driver that cannot is refused, and
+    #: so is client-level DP, which neither clips nor noises that state.
     needs_client_state: ClassVar[bool] = False
+    #: True when each update is weighed by its client's own training loss, sent in the clear (q-FedAvg):
+    #: refused with differential privacy (a statistic of the private data) and secure aggregation.
+    needs_client_loss: ClassVar[bool] = False
+    #: True when the client side is correct only for plain local SGD (SCAFFOLD's control variate).
+    needs_plain_sgd: ClassVar[bool] = False
 
-    def __init__(self, cfg: FLConfig) -> None:
-        self.cfg = cfg
+    def __init__(self, *, server_learning_rate: float = 1.0) -> None:
+        self.server_learning_rate = server_learning_rate
 
     def configure_client(self, base: TrainInstructions, client_id: int | str) -> TrainInstructions:
         """Per-client instructions; the default sends the round's base instructions unchanged."""
@@ -126,7 +138,7 @@ class Strategy(ABC):
 
     def apply(self, global_vector: torch.Tensor, aggregate: AggregateResult) -> torch.Tensor:
         """Server step: w <- w + eta_server * aggregated delta (eta = 1 is plain FedAvg)."""
-        return global_vector + self.cfg.server_learning_rate * aggregate.delta
+        return global_vector + self.server_learning_rate * aggregate.delta
 
     def server_control(self) -> torch.Tensor | None:
         """A model-sized vector every selected client receives alongside the global model (SCAFFOLD's c)."""

@@ -12,7 +12,6 @@ from typing import Any
 
 import torch
 
-from fl_common.config import FLConfig
 from fl_common.protocol import TrainInstructions
 from fl_server.strategies.base import (
     AggregateResult,
@@ -26,8 +25,9 @@ from fl_server.strategies.base import (
 class FedAvgM(Strategy):
     name = "fedavgm"
 
-    def __init__(self, cfg: FLConfig) -> None:
-        super().__init__(cfg)
+    def __init__(self, *, server_momentum: float = 0.9, server_learning_rate: float = 1.0) -> None:
+        super().__init__(server_learning_rate=server_learning_rate)
+        self.server_momentum = server_momentum
         self.velocity: torch.Tensor | None = None
 
     def configure_client(self, base: TrainInstructions, client_id: int | str) -> TrainInstructions:
@@ -40,8 +40,8 @@ class FedAvgM(Strategy):
         delta = aggregate.delta.to(torch.float32)
         if self.velocity is None:
             self.velocity = torch.zeros_like(delta)
-        self.velocity = self.cfg.server_momentum * self.velocity + delta
-        return global_vector + self.cfg.server_learning_rate * self.velocity
+        self.velocity = self.server_momentum * self.velocity + delta
+        return global_vector + self.server_learning_rate * self.velocity
 
     def state_dict(self) -> dict[str, Any]:
         return {} if self.velocity is None else {"velocity": self.velocity.clone()}

@@ -91,16 +91,28 @@ class QFedAvgAggregator(Aggregator):
 
 class QFedAvg(Strategy):
     name = "qfedavg"
+    needs_client_loss = True
+
+    def __init__(self, *, qffl_q: float = 1.0, learning_rate: float = 0.01, lr_schedule: str = "constant",
+                 lr_decay: float = 0.99, lr_step_size: int = 10, num_rounds: int = 100,
+                 server_learning_rate: float = 1.0) -> None:
+        """The client learning-rate schedule's keys give the Lipschitz estimate L = 1 / lr of each round."""
+        super().__init__(server_learning_rate=server_learning_rate)
+        self.qffl_q = qffl_q
+        self.learning_rate = learning_rate
+        self.lr_schedule = lr_schedule
+        self.lr_decay = lr_decay
+        self.lr_step_size = lr_step_size
+        self.num_rounds = num_rounds
 
     def configure_client(self, base: TrainInstructions, client_id: int | str) -> TrainInstructions:
         return replace(with_mu(base, 0.0), report_pre_train_loss=True)
 
     def lipschitz(self, round_number: int) -> float:
         """L = 1 / lr, with the same (possibly scheduled) client learning rate the round sends."""
-        cfg = self.cfg
-        lr = learning_rate_at(round_number, cfg.learning_rate, cfg.lr_schedule, decay=cfg.lr_decay,
-                              step_size=cfg.lr_step_size, total_rounds=cfg.num_rounds)
+        lr = learning_rate_at(round_number, self.learning_rate, self.lr_schedule, decay=self.lr_decay,
+                              step_size=self.lr_step_size, total_rounds=self.num_rounds)
         return 1.0 / lr
 
     def new_aggregator(self, round_number: int, global_vector: torch.Tensor) -> Aggregator:
-        return QFedAvgAggregator(global_vector.numel(), self.cfg.qffl_q, self.lipschitz(round_number))
+        return QFedAvgAggregator(global_vector.numel(), self.qffl_q, self.lipschitz(round_number))

@@ -54,25 +54,37 @@ class Median(RobustStrategy):
 class TrimmedMean(RobustStrategy):
     name = "trimmed_mean"
 
+    def __init__(self, *, trim_ratio: float = 0.2, server_learning_rate: float = 1.0) -> None:
+        super().__init__(server_learning_rate=server_learning_rate)
+        self.trim_ratio = trim_ratio
+
     def combine(self, rows: torch.Tensor, num_samples: list[int]) -> torch.Tensor:
-        return trimmed_mean(rows, self.cfg.trim_ratio)
+        return trimmed_mean(rows, self.trim_ratio)
 
 
 class MultiKrum(RobustStrategy):
     name = "multikrum"
 
+    def __init__(self, *, krum_byzantine: int = 1, multikrum_m: int | None = None, server_learning_rate: float = 1.0) -> None:
+        super().__init__(server_learning_rate=server_learning_rate)
+        self.krum_byzantine = krum_byzantine
+        self.multikrum_m = multikrum_m
+
     def selection_size(self, n: int) -> int:
-        f = self.cfg.krum_byzantine
-        m = self.cfg.multikrum_m if self.cfg.multikrum_m is not None else n - f
+        f = self.krum_byzantine
+        m = self.multikrum_m if self.multikrum_m is not None else n - f
         return max(1, min(m, n - f))
 
     def combine(self, rows: torch.Tensor, num_samples: list[int]) -> torch.Tensor:
-        chosen = krum_select(rows, self.cfg.krum_byzantine, self.selection_size(rows.shape[0]))
+        chosen = krum_select(rows, self.krum_byzantine, self.selection_size(rows.shape[0]))
         return rows[chosen].mean(0)
 
 
 class Krum(MultiKrum):
     name = "krum"
+
+    def __init__(self, *, krum_byzantine: int = 1, server_learning_rate: float = 1.0) -> None:
+        super().__init__(krum_byzantine=krum_byzantine, server_learning_rate=server_learning_rate)
 
     def selection_size(self, n: int) -> int:
         return 1

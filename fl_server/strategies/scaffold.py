@@ -25,7 +25,6 @@ from typing import Any
 
 import torch
 
-from fl_common.config import FLConfig
 from fl_common.protocol import ClientUpdate, TrainInstructions
 from fl_server.strategies.base import (
     AggregateResult,
@@ -77,9 +76,12 @@ class ScaffoldAggregator(Aggregator):
 class Scaffold(Strategy):
     name = "scaffold"
     needs_client_state = True
+    needs_plain_sgd = True
 
-    def __init__(self, cfg: FLConfig) -> None:
-        super().__init__(cfg)
+    def __init__(self, *, num_clients: int = 100, server_learning_rate: float = 1.0) -> None:
+        """``num_clients`` is N in c <- c + (|S| / N) mean(Delta c_i)."""
+        super().__init__(server_learning_rate=server_learning_rate)
+        self.num_clients = num_clients
         self.control: torch.Tensor | None = None  # c; created (zeros) with the first round
 
     def configure_client(self, base: TrainInstructions, client_id: int | str) -> TrainInstructions:
@@ -99,9 +101,9 @@ class Scaffold(Strategy):
                                "client-level DP?)")
         if self.control is None:
             self.control = torch.zeros_like(aggregate.control_delta)
-        share = aggregate.num_updates / self.cfg.num_clients
+        share = aggregate.num_updates / self.num_clients
         self.control = (self.control + share * aggregate.control_delta).to(torch.float32)
-        return global_vector + self.cfg.server_learning_rate * aggregate.delta
+        return global_vector + self.server_learning_rate * aggregate.delta
 
     def state_dict(self) -> dict[str, Any]:
         return {} if self.control is None else {"control": self.control.clone()}

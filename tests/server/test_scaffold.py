@@ -24,7 +24,7 @@ from fl_common.training import (
 from fl_server.coordinator import Coordinator
 from fl_server.simulation import Simulation
 from fl_server.simulation.client_state import ClientVariates
-from fl_server.strategies import UpdateRejected, make_strategy
+from fl_server.strategies import DRIVER_FEATURES, UpdateRejected, build_strategy, check_components
 from fl_server.strategies.base import AggregateResult
 
 OFF = {"differential_privacy": False, "secure_aggregation": False}
@@ -143,7 +143,7 @@ def test_trainer_refuses_inconsistent_scaffold_requests(instr: dict, control: st
 
 
 def test_server_update_by_hand() -> None:
-    strategy = make_strategy(config_from_dict({"aggregation_method": "scaffold", "num_clients": 10, **OFF}))
+    strategy = build_strategy(config_from_dict({"aggregation_method": "scaffold", "num_clients": 10, **OFF}))
     agg = strategy.new_aggregator(1, torch.zeros(2))
     assert torch.equal(strategy.server_control(), torch.zeros(2))
     agg.add(ClientUpdate(0, 1, torch.tensor([1.0, 2.0]), 10, {"train_loss": 1.0}, control_delta=torch.tensor([0.5, 0.0])))
@@ -153,13 +153,13 @@ def test_server_update_by_hand() -> None:
     assert torch.allclose(x, torch.tensor([3.0, 1.0]))
     assert torch.allclose(strategy.server_control(), torch.tensor([0.04, 0.04]))
     state = strategy.state_dict()
-    again = make_strategy(config_from_dict({"aggregation_method": "scaffold", "num_clients": 10, **OFF}))
+    again = build_strategy(config_from_dict({"aggregation_method": "scaffold", "num_clients": 10, **OFF}))
     again.load_state_dict(state)
     assert torch.equal(again.server_control(), strategy.server_control())
 
 
 def test_server_learning_rate_scales_only_the_model_step() -> None:
-    strategy = make_strategy(config_from_dict({"aggregation_method": "scaffold", "num_clients": 2,
+    strategy = build_strategy(config_from_dict({"aggregation_method": "scaffold", "num_clients": 2,
                                                "server_learning_rate": 0.5, **OFF}))
     strategy.new_aggregator(1, torch.zeros(1))
     agg = AggregateResult(torch.tensor([2.0]), 1.0, 2, None, control_delta=torch.tensor([1.0]))
@@ -168,7 +168,7 @@ def test_server_learning_rate_scales_only_the_model_step() -> None:
 
 
 def test_an_update_without_a_variate_delta_is_refused() -> None:
-    strategy = make_strategy(config_from_dict({"aggregation_method": "scaffold", **OFF}))
+    strategy = build_strategy(config_from_dict({"aggregation_method": "scaffold", **OFF}))
     agg = strategy.new_aggregator(1, torch.zeros(3))
     for bad in (None, torch.zeros(2)):
         with pytest.raises(UpdateRejected) as err:
@@ -181,7 +181,7 @@ def test_an_update_without_a_variate_delta_is_refused() -> None:
 
 
 def test_clients_are_told_to_run_scaffold() -> None:
-    strategy = make_strategy(config_from_dict({"aggregation_method": "scaffold", **OFF}))
+    strategy = build_strategy(config_from_dict({"aggregation_method": "scaffold", **OFF}))
     instr = strategy.configure_client(TrainInstructions(round=1, epochs=1, batch_size=8, learning_rate=0.1, proximal_mu=0.3), 0)
     assert instr.scaffold and instr.proximal_mu == 0.0
     assert TrainInstructions.from_json({**instr.to_json(), "future_key": 1}).scaffold
@@ -197,7 +197,7 @@ def test_clients_are_told_to_run_scaffold() -> None:
 ])
 def test_configurations_scaffold_cannot_run_are_refused(keys: dict, match: str) -> None:
     with pytest.raises(ConfigError, match=match):
-        config_from_dict({"aggregation_method": "scaffold", **OFF, **keys})
+        check_components(config_from_dict({"aggregation_method": "scaffold", **OFF, **keys}), DRIVER_FEATURES)
 
 
 def test_a_driver_without_client_state_refuses_scaffold() -> None:

@@ -219,7 +219,7 @@ def test_drivers_without_the_protocol_refuse_secure_aggregation() -> None:
 @pytest.mark.parametrize("method", ["median", "trimmed_mean", "krum", "multikrum", "qfedavg"])
 def test_strategies_that_need_individual_updates_are_refused(method: str) -> None:
     with pytest.raises(ConfigError, match="secure aggregation"):
-        _cfg(aggregation_method=method, num_clients=20, client_selection_ratio=0.5, min_clients=5)
+        _coordinator(_cfg(aggregation_method=method, num_clients=20, client_selection_ratio=0.5, min_clients=5))
 
 
 def test_a_new_strategy_needing_individual_updates_is_refused_by_the_coordinator() -> None:
@@ -232,7 +232,7 @@ def test_a_new_strategy_needing_individual_updates_is_refused_by_the_coordinator
 
     cfg = _cfg()
     with pytest.raises(ConfigError, match="needs individual updates"):
-        _coordinator(cfg, strategy=Mode(cfg))
+        _coordinator(cfg, strategy=Mode())
     with pytest.raises(ConfigError, match="cannot feed QFedAvgAggregator"):
         secagg_mode(QFedAvgAggregator(4, 1.0, 10.0))
 

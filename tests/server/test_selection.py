@@ -35,7 +35,6 @@ from fl_server.selection import (
     WeightedSelector,
     inclusion_probabilities,
     jain_index,
-    make_selector,
     private_label_histogram,
     systematic_sample,
 )
@@ -108,7 +107,7 @@ def _population(n: int = 16) -> list[ClientInfo]:
 
 @pytest.mark.parametrize("selector", [
     UniformSelector(4), WeightedSelector(4), CapabilitySelector(4, local_epochs=2, model_bytes=400_000),
-    AdaptiveSelector(4, local_epochs=2, model_bytes=400_000), AdaptiveSelector(4, staleness_power=-1.0),
+    AdaptiveSelector(4, local_epochs=2, model_bytes=400_000), AdaptiveSelector(4, selection_staleness_power=-1.0),
 ], ids=["uniform", "weighted", "capability", "adaptive", "adaptive-favouring-waiting"])
 def test_empirical_frequencies_match_stated_probabilities(selector) -> None:
     clients, k, rounds = _population(), 4, 3000
@@ -199,12 +198,12 @@ def test_stratify_by_size_groups_by_record_count() -> None:
 def test_selection_depends_only_on_seed_round_and_candidates() -> None:
     clients = _population()
     for name in SELECTORS:
-        a = make_selector(name, 3) if name != "stratified" else StratifiedSelector(3, stratify_by="size")
-        b = make_selector(name, 3) if name != "stratified" else StratifiedSelector(3, stratify_by="size")
+        a = SELECTORS[name](3) if name != "stratified" else StratifiedSelector(3, stratify_by="size")
+        b = SELECTORS[name](3) if name != "stratified" else StratifiedSelector(3, stratify_by="size")
         assert a.select(7, clients, 4) == b.select(7, list(reversed(clients)), 4), name  # candidate order is irrelevant
         draws = {tuple(a.select(r, clients, 4)) for r in range(1, 30)}
         assert len(draws) > 1, f"{name}: rounds must differ"
-        other = make_selector(name, 4) if name != "stratified" else StratifiedSelector(4, stratify_by="size")
+        other = SELECTORS[name](4) if name != "stratified" else StratifiedSelector(4, stratify_by="size")
         assert [other.select(r, clients, 4) for r in range(1, 6)] != [a.select(r, clients, 4) for r in range(1, 6)], name
 
 
@@ -212,7 +211,7 @@ def test_schema_names_the_policies_that_exist() -> None:
     from fl_common.config.schema import SELECTION_POLICIES
     from fl_server.selection import STRATIFY_BY
 
-    assert tuple(SELECTORS) == SELECTION_POLICIES
+    assert (*SELECTORS, "custom") == SELECTION_POLICIES
     assert STRATIFY_BY == ("label", "size")
 
 
@@ -236,8 +235,6 @@ def test_policies_refuse_clients_that_reported_nothing() -> None:
         CapabilitySelector(0).select(1, [ClientInfo(i, num_samples=5) for i in range(5)], 2)
     with pytest.raises(ValueError, match="label histogram"):
         StratifiedSelector(0, stratify_by="label").select(1, bare, 2)
-    with pytest.raises(ValueError, match="unknown selection policy 'best'"):
-        make_selector("best", 0)
     with pytest.raises(ValueError, match="compute_speed must be a finite number > 0"):
         ClientInfo(1, compute_speed=0.0)
 

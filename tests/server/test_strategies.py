@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
+
 import pytest
 import torch
 
-from fl_common.config import config_from_dict
+from fl_common.config import FLConfig, config_from_dict
 from fl_common.protocol import ClientUpdate, TrainInstructions
-from fl_server.strategies import STRATEGIES, UpdateRejected, make_strategy
+from fl_server.strategies import STRATEGIES, UpdateRejected, build_strategy
 from fl_common.config.schema import AGGREGATION_METHODS
 
 OFF = {"differential_privacy": False, "secure_aggregation": False}
@@ -18,11 +21,21 @@ def _u(cid: int, values: list[float], n: int, loss: float = 1.0) -> ClientUpdate
 
 
 def test_config_choices_match_the_strategy_registry() -> None:
-    assert set(AGGREGATION_METHODS) == set(STRATEGIES)
+    assert set(AGGREGATION_METHODS) == set(STRATEGIES) | {"custom"}
+
+
+@pytest.mark.parametrize("name", sorted(STRATEGIES))
+def test_each_strategy_takes_config_keys_with_the_schemas_defaults(name: str) -> None:
+    """Constructor parameters are named after config keys (the factory passes exactly those) and
+    default to the schema's defaults, so a strategy built by hand behaves as one built from a config."""
+    defaults = {f.name: f.default for f in dataclasses.fields(FLConfig)}
+    params = inspect.signature(STRATEGIES[name]).parameters.values()
+    assert params and all(p.kind is p.KEYWORD_ONLY for p in params)
+    assert {p.name: p.default for p in params} == {p.name: defaults[p.name] for p in params}
 
 
 def test_fedavg_is_the_sample_weighted_mean() -> None:
-    strategy = make_strategy(config_from_dict({"aggregation_method": "fedavg", **OFF}))
+    strategy = build_strategy(config_from_dict({"aggregation_method": "fedavg", **OFF}))
     global_vec = torch.tensor([1.0, -1.0, 0.5])
     agg = strategy.new_aggregator(1, global_vec)
     agg.add(_u(0, [1.0, 2.0, 3.0], 10, loss=2.0))
@@ -37,7 +50,7 @@ def test_fedavg_is_the_sample_weighted_mean() -> None:
 
 
 def test_server_learning_rate_scales_the_step() -> None:
-    strategy = make_strategy(config_from_dict({"server_learning_rate": 0.5, **OFF}))
+    strategy = build_strategy(config_from_dict({"server_learning_rate": 0.5, **OFF}))
     agg = strategy.new_aggregator(1, torch.zeros(2))
     agg.add(_u(0, [2.0, -2.0], 5))
     assert torch.allclose(strategy.apply(torch.zeros(2), agg.result()), torch.tensor([1.0, -1.0]))
@@ -45,8 +58,8 @@ def test_server_learning_rate_scales_the_step() -> None:
 
 def test_fedprox_sends_mu_and_fedavg_does_not() -> None:
     base = TrainInstructions(round=1, epochs=1, batch_size=32, learning_rate=0.1)
-    prox = make_strategy(config_from_dict({"aggregation_method": "fedprox", "proximal_mu": 0.3, **OFF}))
-    avg = make_strategy(config_from_dict({"aggregation_method": "fedavg", "proximal_mu": 0.3, **OFF}))
+    prox = build_strategy(config_from_dict({"aggregation_method": "fedprox", "proximal_mu": 0.3, **OFF}))
+    avg = build_strategy(config_from_dict({"aggregation_method": "fedavg", "proximal_mu": 0.3, **OFF}))
     assert prox.configure_client(base, 4).proximal_mu == 0.3
     assert avg.configure_client(base, 4).proximal_mu == 0.0
 
@@ -61,7 +74,7 @@ def test_fedprox_sends_mu_and_fedavg_does_not() -> None:
     ],
 )
 def test_bad_updates_never_touch_the_aggregate(update: ClientUpdate, reason: str) -> None:
-    agg = make_strategy(config_from_dict(OFF)).new_aggregator(1, torch.zeros(3))
+    agg = build_strategy(config_from_dict(OFF)).new_aggregator(1, torch.zeros(3))
     agg.add(_u(1, [1.0, 1.0, 1.0], 2))
     with pytest.raises(UpdateRejected) as err:
         agg.add(update)

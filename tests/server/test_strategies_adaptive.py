@@ -12,7 +12,7 @@ from fl_common.protocol import ClientUpdate
 from fl_common.tensors import ParamSpec
 from fl_common.tensors.flat import ParamEntry
 from fl_server.coordinator import Coordinator
-from fl_server.strategies import make_strategy
+from fl_server.strategies import build_strategy
 from fl_server.strategies.base import AggregateResult
 
 OFF = {"differential_privacy": False, "secure_aggregation": False}
@@ -23,7 +23,7 @@ def _agg(values: list[float]) -> AggregateResult:
 
 
 def _strategy(method: str, **keys: float):
-    return make_strategy(config_from_dict({"aggregation_method": method, **OFF, **keys}))
+    return build_strategy(config_from_dict({"aggregation_method": method, **OFF, **keys}))
 
 
 def test_fedavgm_accumulates_server_momentum() -> None:

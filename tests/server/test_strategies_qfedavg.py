@@ -10,7 +10,7 @@ from torch import nn
 from fl_common.config import ConfigError, config_from_dict
 from fl_common.protocol import ClientUpdate, TrainInstructions
 from fl_common.training import LocalTrainer
-from fl_server.strategies import UpdateRejected, make_strategy
+from fl_server.strategies import DRIVER_FEATURES, UpdateRejected, build_strategy, check_components
 
 OFF = {"differential_privacy": False, "secure_aggregation": False}
 
@@ -29,7 +29,7 @@ def test_one_round_by_hand_at_q1() -> None:
     # Dw1 = L (w - w1) = (-2, 0), |Dw1|^2 = 4, D1 = F1 Dw1 = (-4, 0), h1 = q F1^0 4 + L F1 = 8
     # Dw2 = (0, 2),               |Dw2|^2 = 4, D2 = (0, 1),           h2 = 4 + 2 * 0.5 = 5
     # w' = w - (D1 + D2) / (h1 + h2) = w + (4, -1) / 13
-    strategy = make_strategy(_cfg(qffl_q=1.0, learning_rate=0.5))
+    strategy = build_strategy(_cfg(qffl_q=1.0, learning_rate=0.5))
     agg = strategy.new_aggregator(1, torch.zeros(2))
     agg.add(_u(0, [1.0, 0.0], 10, loss=2.0))
     agg.add(_u(1, [0.0, -1.0], 30, loss=0.5))
@@ -41,7 +41,7 @@ def test_one_round_by_hand_at_q1() -> None:
 
 def test_larger_q_favours_the_client_with_the_larger_loss() -> None:
     def step(q: float) -> torch.Tensor:
-        agg = make_strategy(_cfg(qffl_q=q, learning_rate=0.5)).new_aggregator(1, torch.zeros(2))
+        agg = build_strategy(_cfg(qffl_q=q, learning_rate=0.5)).new_aggregator(1, torch.zeros(2))
         agg.add(_u(0, [1.0, 0.0], 10, loss=4.0))
         agg.add(_u(1, [0.0, 1.0], 10, loss=1.0))
         d = agg.result().delta
@@ -55,8 +55,8 @@ def test_q0_equals_fedavg_exactly_with_equal_sample_counts() -> None:
     # Dyadic values, a power-of-two L (lr = 0.5) and equal n make both computations exact, so the
     # equality is bitwise: at q = 0, sum(L delta_k) / sum(L) is the unweighted mean of the deltas.
     rows = [[0.5, -1.25, 2.0], [1.5, 0.25, -2.0], [-0.75, 0.125, 4.0], [2.0, -3.0, 0.5]]
-    q = make_strategy(_cfg(qffl_q=0.0, learning_rate=0.5))
-    avg = make_strategy(config_from_dict({"aggregation_method": "fedavg", "learning_rate": 0.5, **OFF}))
+    q = build_strategy(_cfg(qffl_q=0.0, learning_rate=0.5))
+    avg = build_strategy(config_from_dict({"aggregation_method": "fedavg", "learning_rate": 0.5, **OFF}))
     qa, fa = q.new_aggregator(1, torch.zeros(3)), avg.new_aggregator(1, torch.zeros(3))
     for i, r in enumerate(rows):
         qa.add(_u(i, r, 8, loss=0.3 + i))
@@ -69,8 +69,8 @@ def test_q0_equals_fedavg_exactly_with_equal_sample_counts() -> None:
 def test_q0_with_random_updates_matches_fedavg_to_rounding() -> None:
     gen = torch.Generator().manual_seed(0)
     rows = torch.randn(5, 100, generator=gen)
-    qa = make_strategy(_cfg(qffl_q=0.0, learning_rate=0.05)).new_aggregator(1, torch.zeros(100))
-    fa = make_strategy(config_from_dict({"aggregation_method": "fedavg", **OFF})).new_aggregator(1, torch.zeros(100))
+    qa = build_strategy(_cfg(qffl_q=0.0, learning_rate=0.05)).new_aggregator(1, torch.zeros(100))
+    fa = build_strategy(config_from_dict({"aggregation_method": "fedavg", **OFF})).new_aggregator(1, torch.zeros(100))
     for i, r in enumerate(rows):
         qa.add(ClientUpdate(i, 1, r, 20, {"pre_train_loss": 2.0 + i}))
         fa.add(ClientUpdate(i, 1, r, 20, {}))
@@ -78,21 +78,21 @@ def test_q0_with_random_updates_matches_fedavg_to_rounding() -> None:
 
 
 def test_q0_with_unequal_sample_counts_is_the_unweighted_mean() -> None:
-    agg = make_strategy(_cfg(qffl_q=0.0, learning_rate=0.5)).new_aggregator(1, torch.zeros(1))
+    agg = build_strategy(_cfg(qffl_q=0.0, learning_rate=0.5)).new_aggregator(1, torch.zeros(1))
     agg.add(_u(0, [1.0], 10, loss=1.0))
     agg.add(_u(1, [3.0], 30, loss=1.0))
     assert torch.equal(agg.result().delta, torch.tensor([2.0]))  # FedAvg would give 2.5
 
 
 def test_lipschitz_estimate_follows_the_learning_rate_schedule() -> None:
-    strategy = make_strategy(_cfg(learning_rate=0.1, lr_schedule="exponential", lr_decay=0.5))
+    strategy = build_strategy(_cfg(learning_rate=0.1, lr_schedule="exponential", lr_decay=0.5))
     assert strategy.lipschitz(1) == pytest.approx(10.0)
     assert strategy.lipschitz(3) == pytest.approx(40.0)
 
 
 @pytest.mark.parametrize("metrics", [{}, {"pre_train_loss": float("nan")}, {"pre_train_loss": -1.0}])
 def test_an_update_without_its_loss_is_refused(metrics: dict) -> None:
-    agg = make_strategy(_cfg()).new_aggregator(1, torch.zeros(2))
+    agg = build_strategy(_cfg()).new_aggregator(1, torch.zeros(2))
     with pytest.raises(UpdateRejected) as err:
         agg.add(ClientUpdate(0, 1, torch.zeros(2), 5, metrics))
     assert err.value.reason == "missing_pre_train_loss"
@@ -100,7 +100,7 @@ def test_an_update_without_its_loss_is_refused(metrics: dict) -> None:
 
 
 def test_clients_are_told_to_report_the_loss() -> None:
-    strategy = make_strategy(_cfg(proximal_mu=0.5))
+    strategy = build_strategy(_cfg(proximal_mu=0.5))
     instr = strategy.configure_client(TrainInstructions(round=1, epochs=1, batch_size=8, learning_rate=0.1, proximal_mu=0.5), 3)
     assert instr.report_pre_train_loss and instr.proximal_mu == 0.0
     assert TrainInstructions.from_json(instr.to_json()).report_pre_train_loss
@@ -137,5 +137,5 @@ def test_trainer_refuses_to_release_the_loss_under_dp() -> None:
 @pytest.mark.parametrize("mode", ["sample", "client"])
 def test_qfedavg_with_differential_privacy_is_refused(mode: str) -> None:
     with pytest.raises(ConfigError, match="'qfedavg' needs each client's training loss F_k sent in the clear"):
-        config_from_dict({"aggregation_method": "qfedavg", "differential_privacy": True, "dp_mode": mode,
-                          "secure_aggregation": False, "num_clients": 1000})
+        check_components(config_from_dict({"aggregation_method": "qfedavg", "differential_privacy": True, "dp_mode": mode,
+                                           "secure_aggregation": False, "num_clients": 1000}), DRIVER_FEATURES)

@@ -8,7 +8,7 @@ import torch
 
 from fl_common.config import ConfigError, config_from_dict
 from fl_common.protocol import ClientUpdate
-from fl_server.strategies import make_strategy
+from fl_server.strategies import DRIVER_FEATURES, build_strategy, check_components
 from fl_server.strategies.common import (
     coordinate_median,
     krum_scores,
@@ -22,7 +22,7 @@ FIVE = {"num_clients": 5, "client_selection_ratio": 1.0, "min_clients": 5, **OFF
 
 
 def _aggregate(method: str, rows: list[list[float]], samples: list[int] | None = None, **keys) -> torch.Tensor:
-    strategy = make_strategy(config_from_dict({"aggregation_method": method, **FIVE, **keys}))
+    strategy = build_strategy(config_from_dict({"aggregation_method": method, **FIVE, **keys}))
     agg = strategy.new_aggregator(1, torch.zeros(len(rows[0])))
     for i, r in enumerate(rows):
         agg.add(ClientUpdate(i, 1, torch.tensor(r), (samples or [1] * len(rows))[i], {"train_loss": 1.0}))
@@ -83,13 +83,13 @@ def test_a_planted_outlier_is_ignored(method: str) -> None:
     honest = torch.ones(9, 50) + 0.01 * torch.randn(9, 50, generator=gen)
     rows = [*honest.tolist(), [1e6] * 50]
     cfg = {"num_clients": 10, "client_selection_ratio": 1.0, "min_clients": 10, **OFF}
-    strategy = make_strategy(config_from_dict({"aggregation_method": method, **cfg, "trim_ratio": 0.1, "krum_byzantine": 1}))
+    strategy = build_strategy(config_from_dict({"aggregation_method": method, **cfg, "trim_ratio": 0.1, "krum_byzantine": 1}))
     agg = strategy.new_aggregator(1, torch.zeros(50))
     for i, r in enumerate(rows):
         agg.add(ClientUpdate(i, 1, torch.tensor(r), 10))
     delta = agg.result().delta
     assert float((delta - 1.0).abs().max()) < 0.05, f"{method} was moved by the outlier"
-    fedavg = make_strategy(config_from_dict({"aggregation_method": "fedavg", **cfg})).new_aggregator(1, torch.zeros(50))
+    fedavg = build_strategy(config_from_dict({"aggregation_method": "fedavg", **cfg})).new_aggregator(1, torch.zeros(50))
     for i, r in enumerate(rows):
         fedavg.add(ClientUpdate(i, 1, torch.tensor(r), 10))
     assert float(fedavg.result().delta.min()) > 1e4  # the weighted mean is not robust
@@ -104,7 +104,7 @@ def test_coordinate_median_matches_numpy_on_random_data() -> None:
 
 @pytest.mark.parametrize("method", ["median", "trimmed_mean", "krum", "multikrum"])
 def test_robust_strategies_keep_individual_updates(method: str) -> None:
-    strategy = make_strategy(config_from_dict({"aggregation_method": method, **FIVE}))
+    strategy = build_strategy(config_from_dict({"aggregation_method": method, **FIVE}))
     assert strategy.needs_individual_updates
 
 
@@ -114,14 +114,15 @@ def test_robust_strategies_keep_individual_updates(method: str) -> None:
 @pytest.mark.parametrize("method", ["median", "trimmed_mean", "krum", "multikrum", "qfedavg"])
 def test_secure_aggregation_is_refused_with_the_reason(method: str) -> None:
     with pytest.raises(ConfigError, match=f"'{method}'.*secure aggregation lets the server see only the sum"):
-        config_from_dict({"aggregation_method": method, **FIVE, "secure_aggregation": True})
+        check_components(config_from_dict({"aggregation_method": method, **FIVE, "secure_aggregation": True}), DRIVER_FEATURES)
 
 
 @pytest.mark.parametrize("method", ["median", "trimmed_mean", "krum", "multikrum"])
 def test_client_level_dp_is_refused_with_the_reason(method: str) -> None:
     with pytest.raises(ConfigError, match="needs individual updates, which client-level DP-FedAvg does not release"):
-        config_from_dict({"aggregation_method": method, "num_clients": 1000, "client_selection_ratio": 0.01, "min_clients": 10,
-                          "differential_privacy": True, "dp_mode": "client", "secure_aggregation": False})
+        check_components(config_from_dict({"aggregation_method": method, "num_clients": 1000, "client_selection_ratio": 0.01,
+                                           "min_clients": 10, "differential_privacy": True, "dp_mode": "client",
+                                           "secure_aggregation": False}), DRIVER_FEATURES)
 
 
 def test_krum_with_too_many_byzantine_clients_is_refused() -> None:

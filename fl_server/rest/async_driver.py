@@ -58,7 +58,7 @@ from fl_common.protocol.rest import ROUND_FINISHED, ROUND_SELECTED, ROUND_WAITIN
 from fl_common.tensors import unflatten, wire
 from fl_server.asynchronous import AsyncCoordinator, AsyncRecord, AsyncTask
 from fl_server.rest.driver import PARTICIPATION_ROUNDS_CSV, DriverContext, ModelPayload, RoundDriver, SelectionProblems
-from fl_server.rest.gateway import ApiError, Authenticated, Registration, UploadLayout
+from fl_server.rest.gateway import ASYNC_FEATURES, ApiError, Authenticated, Registration, UploadLayout
 from fl_server.store import accuracy_summary
 from fl_server.store.run_dir import atomic_write_bytes as fsync_write
 from fl_server.store.sqlite import AsyncUpdateRow
@@ -82,7 +82,8 @@ class AsyncRoundDriver(RoundDriver):
 
     def __init__(self, ctx: DriverContext) -> None:
         super().__init__(ctx)
-        self._coordinator = AsyncCoordinator(self.cfg, ctx.trainer.vector(), ctx.trainer.spec, evaluator=ctx.evaluator)
+        self._coordinator = AsyncCoordinator(self.cfg, ctx.trainer.vector(), ctx.trainer.spec, evaluator=ctx.evaluator,
+                                             driver_features=ASYNC_FEATURES)
         self.layout = UploadLayout(self._coordinator.spec.numel)
         self.selection_problems = SelectionProblems(self.cfg.selection)
         self.updates_dir = ctx.updates_dir / "async"

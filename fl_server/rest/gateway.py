@@ -54,11 +54,15 @@ from fl_server.rest.client_profiles import ProfileError, client_info, profile_sp
 from fl_server.rest.secrets import ServerSecrets
 from fl_server.selection import ClientInfo
 from fl_server.store.sqlite import ClientRow, ServerStore
-from fl_server.strategies import UpdateRejected
+from fl_server.strategies import UpdateRejected, check_components, strategy_class
 from fl_server.strategies.base import check_update
 
 log = logging.getLogger("fl_server.rest.gateway")
 
+#: the driver features of the three REST round drivers (plain and secure synchronous rounds, asynchronous jobs)
+PLAIN_FEATURES = ("control_variates", "client_infos")
+SECURE_FEATURES = (*PLAIN_FEATURES, "secure_aggregation")
+ASYNC_FEATURES = ("client_infos",)
 MAX_NAME = 64
 #: the largest record count a client may claim when the server cannot derive its partition's size:
 #: it weights the average, so it is bounded (and it must fit SQLite's 64-bit integers)
@@ -134,6 +138,14 @@ def _b64(raw: bytes) -> str:
     return base64.urlsafe_b64encode(raw).decode("ascii")
 
 
+def rest_driver_features(cfg: FLConfig) -> tuple[str, ...]:
+    """What the REST driver picked for ``cfg`` carries out beyond handing updates to the coordinator
+    (fl_server/strategies/features.py DRIVER_FEATURES): the one place both drivers' tuples are named."""
+    if cfg.training_mode == "async":
+        return ASYNC_FEATURES
+    return SECURE_FEATURES if cfg.secure_aggregation else PLAIN_FEATURES
+
+
 def check_rest_config(cfg: FLConfig) -> None:
     """What the REST driver cannot run is refused before a server starts, never ignored.
 
@@ -141,16 +153,14 @@ def check_rest_config(cfg: FLConfig) -> None:
     wire, and what only simulated clients have (speeds, attacks), is checked here: the asynchronous
     coordinator checks no driver features, so this is the one place both modes pass through.
     """
-    if cfg.attack != "none":
-        raise ConfigError(f"config key 'attack' has value {cfg.attack!r}: simulated attacks exist only in the simulation "
-                          f"(python -m fl_server simulate); set attack: none")
+    check_components(cfg, rest_driver_features(cfg))  # strategy, selection, plug-ins; the attack refusal too
     defaults = {f.name: f.default for f in dataclasses.fields(cfg)}
     for key in SIMULATION_ONLY_KEYS:
         if getattr(cfg, key) != defaults[key]:
             raise ConfigError(f"config key '{key}' has value {getattr(cfg, key)!r}: it applies to simulated clients only (python "
                               f"-m fl_server simulate: speeds, attacks, held-out splits, fine-tuning); a REST federation's clients "
                               f"are real processes with their own data: remove '{key}'")
-    if cfg.aggregation_method == "scaffold" and cfg.compression and make_codec(cfg.codec).biased:
+    if strategy_class(cfg).needs_client_state and cfg.compression and make_codec(cfg.codec).biased:
         raise ConfigError(f"config key 'codec' has value {cfg.codec!r}: a biased codec (top-k) would sparsify SCAFFOLD's "
                           f"control-variate deltas too, which error feedback does not cover; use codec int8, float16 or none")
 

@@ -66,7 +66,7 @@ from fl_common.secagg import (
 )
 from fl_server.privacy_engine import DPRound
 from fl_server.rest.driver import DriverContext
-from fl_server.rest.gateway import ApiError, Authenticated, Registration
+from fl_server.rest.gateway import SECURE_FEATURES, ApiError, Authenticated, Registration
 from fl_server.rest.sync_driver import RoundProtocol, SyncRoundDriver
 from fl_server.secagg import MaskedUpdate, SecAggRoundStats, SecureAggregator
 from fl_server.selection import ClientInfo
@@ -113,7 +113,7 @@ class SecureRounds(RoundProtocol):
     Every method that touches the round's state machine takes the service's lock (``ctx.lock``):
     the state machine is not thread safe, and the gunicorn worker serves requests from a thread pool."""
 
-    driver_features = ("control_variates", "client_infos", "secure_aggregation")
+    driver_features = SECURE_FEATURES
     secure = True
     driver: SyncRoundDriver
 

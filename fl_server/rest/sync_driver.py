@@ -47,7 +47,7 @@ from fl_common.tensors import unflatten, wire
 from fl_server.coordinator import Coordinator, NoEligibleClients, RoundPlan
 from fl_server.privacy_engine import BudgetExhausted
 from fl_server.rest.driver import DriverContext, ModelPayload, RoundDriver, SelectionProblems
-from fl_server.rest.gateway import ApiError, Authenticated, Registration, UploadLayout
+from fl_server.rest.gateway import PLAIN_FEATURES, ApiError, Authenticated, Registration, UploadLayout
 from fl_server.secagg import SecureAggregator
 from fl_server.selection import ClientInfo
 from fl_server.store import RoundRecord, accuracy_summary
@@ -134,7 +134,7 @@ class RoundProtocol(abc.ABC):
 class PlainRounds(RoundProtocol):
     """Clear (encrypted in transit) updates: stored durably, replayed after a crash, summed in the clear."""
 
-    driver_features = ("control_variates", "client_infos")
+    driver_features = PLAIN_FEATURES
 
     def min_live_clients(self) -> int:
         return self.driver.cfg.min_clients

@@ -50,9 +50,6 @@ def test_the_example_plugins_run_a_round_over_rest(tmp_path: Path) -> None:
         assert sorted(p for (_r, _c, _s, _a, p) in rows if _r == 1) == pytest.approx(sorted(pi.tolist()))
 
 
-@pytest.mark.xfail(strict=True, reason="check_rest_config (fl_server/rest/gateway.py) does not call "
-                   "fl_server.strategies.check_components yet: the plug-in is refused in the gunicorn worker (exit 3, "
-                   "traceback) instead of before serving")
 def test_serve_refuses_a_broken_plugin_before_it_serves(tmp_path: Path) -> None:
     cfg_path = tmp_path / "cfg.yaml"
     dump_config(make_cfg(aggregation_method="custom", custom_strategy="examples.plugins.median_norm_clipping:Nope"), cfg_path)

@@ -392,6 +392,13 @@ def _check_privacy(cfg: FLConfig) -> None:
         if cfg.dp_noise_calibration != "per_client":
             raise ConfigError(f"config key 'dp_noise_calibration' has value {cfg.dp_noise_calibration!r}: it applies to dp_mode "
                               f"'sample' only (client-level DP has one noise multiplier for the aggregate)")
+        if cfg.dp_noise == "distributed" and not cfg.secure_aggregation:
+            # each client adds only its share of the noise (std z C / sqrt(m)): without masking the server sees every
+            # update with that little noise, and the accountant's epsilon, which covers the aggregate, would be a lie
+            raise ConfigError("config key 'dp_noise' has value 'distributed' but secure_aggregation is false: each client "
+                              "adds only its share of the noise, so the server would see every update nearly in the clear "
+                              "and the epsilon (which covers the sum) would not hold for one update; set secure_aggregation: "
+                              "true, or dp_noise: central")
         if cfg.dp_delta >= 1.0 / cfg.num_clients:
             raise ConfigError(f"config key 'dp_delta' has value {cfg.dp_delta:g}: client-level DP protects clients, so it must be "
                               f"below 1/num_clients = {1.0 / cfg.num_clients:.3g}")

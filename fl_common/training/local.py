@@ -218,7 +218,10 @@ class LocalTrainer:
                 metrics["dp_unclipped"] = float(norm <= instr.update_clip)
         if instr.update_noise_std > 0:
             delta = delta + gaussian_noise(delta.shape, instr.update_noise_std, self._dp_generator(instr, "dp-update-noise", cpu=True))
-        metrics["seconds"] = time.perf_counter() - start
+        if not private:
+            # Under DP the wall-clock time would be a side channel on the realised Poisson batch sizes,
+            # which no accountant covers: a private update says nothing beyond what DP accounts for.
+            metrics["seconds"] = time.perf_counter() - start
         return ClientUpdate(client_id=client_id, round=instr.round, delta=delta, num_samples=n, metrics=metrics,
                             control_delta=update_control)
 

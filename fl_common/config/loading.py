@@ -26,6 +26,17 @@ def config_from_dict(values: Mapping[str, Any], *, check: bool = True) -> FLConf
     return cfg
 
 
+def replace_config(cfg: FLConfig, **changes: Any) -> FLConfig:
+    """A copy of ``cfg`` with ``changes`` applied, coerced and validated as a whole like any other config.
+
+    Why not ``dataclasses.replace``: that would skip the type coercion and the cross-field checks,
+    so a changed value could produce a configuration the loader would have refused.
+    """
+    merged = cfg.to_dict()
+    merged.update(changes)
+    return config_from_dict(merged)
+
+
 def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
@@ -75,4 +86,4 @@ def dump_config(cfg: FLConfig, path: str | os.PathLike) -> None:
     Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")
 
 
-__all__ = ["config_from_dict", "read_yaml", "parse_overrides", "load_config", "dump_config", "field_names"]
+__all__ = ["config_from_dict", "replace_config", "read_yaml", "parse_overrides", "load_config", "dump_config", "field_names"]

@@ -203,13 +203,6 @@ class FLConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-    def replace(self, **changes: Any) -> "FLConfig":
-        from fl_common.config.loading import config_from_dict
-
-        merged = self.to_dict()
-        merged.update(changes)
-        return config_from_dict(merged)
-
 
 def field_names() -> list[str]:
     return [f.name for f in dataclasses.fields(FLConfig)]

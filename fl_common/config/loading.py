@@ -37,7 +37,7 @@ def replace_config(cfg: FLConfig, **changes: Any) -> FLConfig:
     return config_from_dict(merged)
 
 
-def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
+def read_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"config file '{p}' does not exist")
@@ -72,7 +72,7 @@ def parse_overrides(pairs: Iterable[str]) -> dict[str, Any]:
     return out
 
 
-def load_config(path: str | os.PathLike | None = None, overrides: Iterable[str] | Mapping[str, Any] = (),
+def load_config(path: str | os.PathLike[str] | None = None, overrides: Iterable[str] | Mapping[str, Any] = (),
                 *, check: bool = True) -> FLConfig:
     """Defaults <- YAML file <- overrides, validated as a whole."""
     values: dict[str, Any] = read_yaml(path) if path is not None else {}
@@ -81,7 +81,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: Iterable[str] 
     return config_from_dict(values, check=check)
 
 
-def dump_config(cfg: FLConfig, path: str | os.PathLike) -> None:
+def dump_config(cfg: FLConfig, path: str | os.PathLike[str]) -> None:
     """Write the fully resolved config (every key), so a run folder says exactly what ran."""
     Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")
 

@@ -17,7 +17,7 @@ from fl_common.privacy.client_dp import sample_level_schedule
 from fl_common.protocol import ClientUpdate
 from fl_common.tensors import spec_of
 from fl_server.coordinator import Coordinator, RoundPlan
-from fl_server.privacy_engine import BudgetExhausted
+from fl_server.privacy import BudgetExhausted
 from fl_server.simulation import Simulation
 from fl_server.strategies import UpdateRejected
 

@@ -23,7 +23,7 @@ from fl_common.protocol import ClientUpdate, TrainInstructions, derive_seed
 from fl_common.secagg import Verifier
 from fl_common.tensors import ParamSpec
 from fl_common.training import EvalResult, learning_rate_at
-from fl_server.privacy_engine import BudgetExhausted, DPRound, PrivacyEngine
+from fl_server.privacy import BudgetExhausted, DPRound, ServerDP, make_server_dp
 from fl_server.secagg import SecureAggregator, open_secure_round
 from fl_server.selection import ClientInfo, ParticipationLog, build_selection, client_infos_for
 from fl_server.store import RoundRecord
@@ -72,7 +72,7 @@ class Coordinator:
                  secagg_verifiers: Callable[[int | str], Verifier | None] | None = None) -> None:
         """``client_sizes`` (client -> number of records) is needed for sample-level DP, which plans
         and accounts each client's local DP-SGD steps; ``privacy_seeded_noise`` makes the server's DP
-        noise reproducible from the run seed (simulation only; see fl_server/privacy_engine.py).
+        noise reproducible from the run seed (simulation only; see fl_server/privacy/).
         ``driver_features`` says what the driver itself carries out (see
         :data:`fl_server.strategies.DRIVER_FEATURES`); a configuration that needs a feature the driver
         lacks, or that the strategy cannot be combined with, is refused here
@@ -99,10 +99,10 @@ class Coordinator:
         self.completed_rounds = 0
         self.history: list[RoundRecord] = []
         self._open: _OpenRound | None = None
-        self.privacy: PrivacyEngine | None = None
+        self.privacy: ServerDP | None = None
         if cfg.differential_privacy:
-            self.privacy = PrivacyEngine(cfg, client_sizes, seeded_noise=privacy_seeded_noise,
-                                         planned_sizes=planned_client_sizes)
+            self.privacy = make_server_dp(cfg, client_sizes, seeded_noise=privacy_seeded_noise,
+                                          planned_sizes=planned_client_sizes)
             log.info("%s", self.privacy.describe())
 
     # ------------------------------------------------------------------ planning

@@ -26,7 +26,18 @@ def config_from_dict(values: Mapping[str, Any], *, check: bool = True) -> FLConf
     return cfg
 
 
-def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
+def replace_config(cfg: FLConfig, **changes: Any) -> FLConfig:
+    """A copy of ``cfg`` with ``changes`` applied, coerced and validated as a whole like any other config.
+
+    Why not ``dataclasses.replace``: that would skip the type coercion and the cross-field checks,
+    so a changed value could produce a configuration the loader would have refused.
+    """
+    merged = cfg.to_dict()
+    merged.update(changes)
+    return config_from_dict(merged)
+
+
+def read_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"config file '{p}' does not exist")
@@ -61,7 +72,7 @@ def parse_overrides(pairs: Iterable[str]) -> dict[str, Any]:
     return out
 
 
-def load_config(path: str | os.PathLike | None = None, overrides: Iterable[str] | Mapping[str, Any] = (),
+def load_config(path: str | os.PathLike[str] | None = None, overrides: Iterable[str] | Mapping[str, Any] = (),
                 *, check: bool = True) -> FLConfig:
     """Defaults <- YAML file <- overrides, validated as a whole."""
     values: dict[str, Any] = read_yaml(path) if path is not None else {}
@@ -70,9 +81,9 @@ def load_config(path: str | os.PathLike | None = None, overrides: Iterable[str] 
     return config_from_dict(values, check=check)
 
 
-def dump_config(cfg: FLConfig, path: str | os.PathLike) -> None:
+def dump_config(cfg: FLConfig, path: str | os.PathLike[str]) -> None:
     """Write the fully resolved config (every key), so a run folder says exactly what ran."""
     Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")
 
 
-__all__ = ["config_from_dict", "read_yaml", "parse_overrides", "load_config", "dump_config", "field_names"]
+__all__ = ["config_from_dict", "replace_config", "read_yaml", "parse_overrides", "load_config", "dump_config", "field_names"]

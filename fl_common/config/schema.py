@@ -71,7 +71,7 @@ class FLConfig:
     dp_delta: float = _opt(1e-5, lo=1e-6, hi=1e-4, help="privacy budget delta for the whole run")
     secure_aggregation: bool = _opt(True, help="secure aggregation (the server sees only the sum)")
     clip_grad_norm: float = _opt(1.0, lo=0.1, hi=5.0, help="L2 clipping norm for DP sensitivity")
-    # Differential privacy (see fl_server/privacy_engine.py). Sample-level DP-SGD is the default: it
+    # Differential privacy (see fl_server/privacy/). Sample-level DP-SGD is the default: it
     # protects each training record, the guarantee the seed's "epsilon = 1 costs 3.1 points" refers to;
     # client-level DP-FedAvg protects a client's whole dataset but needs far more clients than 100 per
     # run to leave a usable model (the noise on the sum does not shrink with the cohort's data).
@@ -209,13 +209,6 @@ class FLConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
-
-    def replace(self, **changes: Any) -> "FLConfig":
-        from fl_common.config.loading import config_from_dict
-
-        merged = self.to_dict()
-        merged.update(changes)
-        return config_from_dict(merged)
 
 
 def field_names() -> list[str]:
@@ -361,7 +354,7 @@ def _check_privacy(cfg: FLConfig) -> None:
 
     Rules that need the data (delta below 1/records for sample-level DP, a custom model without
     BatchNorm) are checked where the records and the model are known, before any training
-    (fl_server/privacy_engine.py, fl_server/simulation/runner.py).
+    (fl_server/privacy/, fl_server/simulation/runner.py).
     """
     if not cfg.differential_privacy:
         stray = [(k, v) for k, v in (("dp_noise_multiplier", cfg.dp_noise_multiplier), ("dp_client_rounds", cfg.dp_client_rounds),

@@ -14,7 +14,12 @@ these functions and never re-derive privacy arithmetic themselves.
 * :mod:`.histograms` — a client's label histogram under pure ε-DP (Laplace), for client selection.
 * :mod:`.dpsgd` — sample-level DP-SGD: per-sample norms and clipped sums from layer hooks (:mod:`.ghost`,
   Linear/Conv2d/GroupNorm/LayerNorm) with torch.func per-sample gradients as the general fallback.
+* :mod:`.losses` — ``per_example_cross_entropy``, the loss DP-SGD differentiates per example.
+* :mod:`.client_dp` — what a client runs (DP-SGD rounds, update clipping, distributed noise) and the
+  arithmetic client and server share (the per-round schedule, worst-case calibration).
 * :mod:`.validation` — parameter checks with messages that name what is wrong.
+
+The per-sample gradient benchmark lives in ``benchmarks/bench_per_sample.py``, outside the package.
 
 Transport-free: nothing here imports flask, requests, ``fl_server`` or ``fl_client``.
 """
@@ -33,6 +38,7 @@ from .dpsgd import (
 from .ghost import GhostUnsupportedError
 from .histograms import private_label_histogram
 from .ledger import PrivacyLedger, RoundRecord
+from .losses import per_example_cross_entropy
 from .mechanisms import (
     AdaptiveClipState,
     adaptive_clip_noise_multiplier,
@@ -65,6 +71,7 @@ __all__ = [
     "private_label_histogram",
     "PrivacyLedger",
     "RoundRecord",
+    "per_example_cross_entropy",
     "AdaptiveClipState",
     "adaptive_clip_noise_multiplier",
     "add_gaussian_noise",

@@ -26,11 +26,11 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from .accountant import make_accountant
 from .calibration import calibrate_noise_multiplier
 from .dpsgd import dp_sgd_gradients, poisson_batches
+from .losses import per_example_cross_entropy
 from .mechanisms import clip_l2
 from .validation import check_clip_norm, check_noise_multiplier, check_num_records
 
@@ -40,7 +40,6 @@ __all__ = [
     "sample_level_schedule",
     "DPTrainStats",
     "dp_sgd_train",
-    "per_example_cross_entropy",
     "clip_update",
     "distributed_noise_std",
     "adaptive_count_noise_std",
@@ -89,11 +88,6 @@ class DPTrainStats:
     sample_rate: float
     records_used: int
     fraction_clipped: float
-
-
-def per_example_cross_entropy(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """The loss :func:`dp_sgd_gradients` differentiates (one example at a time)."""
-    return F.cross_entropy(output, target)
 
 
 def dp_sgd_train(

@@ -13,7 +13,7 @@ Two ways to the same per-sample norms and clipped sums, chosen per model by
   the fallback for everything else (Embedding, custom layers, tied weights...) and the
   reference the tests hold the hook path to (norms and sums within float32 rounding).
 
-Measured with ``python -m fl_common.privacy.bench_per_sample`` (McMahan CNN, full DP step:
+Measured with ``python benchmarks/bench_per_sample.py`` (McMahan CNN, full DP step:
 norms, clip, sum, noise, SGD update; medians of 15 interleaved runs; torch 2.14.1, opacus
 1.6.0) on a 2-core machine shared with other jobs (load average 10-15 during the runs, so
 absolute times are inflated several-fold; the ratios are the finding). Seconds per step:

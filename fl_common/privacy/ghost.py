@@ -50,6 +50,8 @@ from torch import nn
 from torch.autograd.graph import GradientEdge, get_gradient_edge
 from torch.nn import functional as F
 
+from .losses import per_example_cross_entropy
+
 __all__ = ["GhostUnsupportedError", "GhostClipping", "ghost_clipping", "unsupported_reason", "Strategy"]
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -169,8 +171,6 @@ def _per_example_losses(loss_fn: LossFn, out: torch.Tensor, y: torch.Tensor) -> 
     Known losses are vectorised directly (for a batch of one, mean and sum reductions agree);
     any other loss is vmapped over single examples, or looped if vmap cannot trace it.
     """
-    from .client_dp import per_example_cross_entropy  # lazy: client_dp imports dpsgd, which imports us
-
     ce_like = loss_fn is per_example_cross_entropy or loss_fn is F.cross_entropy
     smoothing, ignore = 0.0, -100
     if isinstance(loss_fn, nn.CrossEntropyLoss) and loss_fn.weight is None and loss_fn.reduction in ("mean", "sum"):

@@ -64,7 +64,7 @@ from fl_common.secagg import (
     UnmaskResponse,
     Verifier,
 )
-from fl_server.privacy_engine import DPRound
+from fl_server.privacy import DPRound
 from fl_server.rest.driver import DriverContext
 from fl_server.rest.gateway import SECURE_FEATURES, ApiError, Authenticated, Registration
 from fl_server.rest.sync_driver import RoundProtocol, SyncRoundDriver

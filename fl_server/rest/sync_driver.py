@@ -45,7 +45,7 @@ from fl_common.protocol.rest import (
 from fl_common.secagg import Verifier
 from fl_common.tensors import unflatten, wire
 from fl_server.coordinator import Coordinator, NoEligibleClients, RoundPlan
-from fl_server.privacy_engine import BudgetExhausted
+from fl_server.privacy import BudgetExhausted
 from fl_server.rest.driver import DriverContext, ModelPayload, RoundDriver, SelectionProblems
 from fl_server.rest.gateway import PLAIN_FEATURES, ApiError, Authenticated, Registration, UploadLayout
 from fl_server.secagg import SecureAggregator

@@ -46,7 +46,7 @@ from fl_common.secagg import (
     Verifier,
 )
 from fl_common.secagg.planning import plan_params
-from fl_server.privacy_engine import DPFedAvgAggregator
+from fl_server.privacy import DPFedAvgAggregator
 from fl_server.strategies.base import AggregateResult, Aggregator, UpdateRejected, WeightedMeanAggregator
 from fl_server.strategies.scaffold import ScaffoldAggregator
 

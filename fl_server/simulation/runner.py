@@ -40,7 +40,7 @@ from fl_common.tensors.codecs import make_codec
 from fl_common.tensors.error_feedback import ErrorFeedback
 from fl_common.training import EvalResult, LocalTrainer, updated_client_control
 from fl_server.coordinator import Coordinator
-from fl_server.privacy_engine import BudgetExhausted
+from fl_server.privacy import BudgetExhausted
 from fl_server.secagg.simulation import SIMULATION_FEATURES, SecAggSimulation
 from fl_server.selection import selection_summary
 from fl_server.simulation.attacks import attack_summary, make_attack

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from fl_common.config import ConfigError, FLConfig, config_from_dict, load_config, parse_overrides
+from fl_common.config import ConfigError, FLConfig, config_from_dict, load_config, parse_overrides, replace_config
 from fl_common.config.schema import AGGREGATION_METHODS
 
 OFF = {"differential_privacy": False, "secure_aggregation": False}
@@ -106,6 +106,17 @@ def test_bad_yaml_files(tmp_path: Path) -> None:
     (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
     with pytest.raises(ConfigError, match="mapping"):
         load_config(tmp_path / "list.yaml")
+
+
+def test_replace_config_coerces_and_validates_the_whole_result() -> None:
+    base = config_from_dict({"num_clients": 20, **OFF})
+    changed = replace_config(base, num_rounds=7, learning_rate=1)  # an int for a float key, coerced as the loader does
+    assert (changed.num_rounds, changed.learning_rate, changed.num_clients) == (7, 1.0, 20)
+    assert isinstance(changed.learning_rate, float) and base.num_rounds == 100, "the original is left as it was"
+    with pytest.raises(ConfigError, match="'dp_noise' has value 'distributed': it applies to dp_mode 'client' only"):
+        replace_config(base, differential_privacy=True, dp_noise="distributed")
+    with pytest.raises(ConfigError, match=r"unknown config key 'num_clent' \(did you mean 'num_clients'\?\)"):
+        replace_config(base, num_clent=5)
 
 
 def test_overrides_are_typed() -> None:

@@ -16,7 +16,7 @@ from torch.nn import functional as F
 
 from fl_common.models.registry import create_model
 from fl_common.privacy import dp_sgd_gradients
-from fl_common.privacy.client_dp import per_example_cross_entropy
+from fl_common.privacy.losses import per_example_cross_entropy
 from fl_common.privacy.dpsgd import _per_sample_norms, per_sample_gradients
 from fl_common.privacy.ghost import GhostUnsupportedError, _im2col, ghost_clipping, unsupported_reason
 

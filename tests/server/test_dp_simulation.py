@@ -4,6 +4,7 @@ server's noise, the budget stop, the ledger in history.csv, and resumption."""
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -17,7 +18,7 @@ from fl_common.privacy.client_dp import sample_level_schedule
 from fl_common.protocol import ClientUpdate
 from fl_common.tensors import spec_of
 from fl_server.coordinator import Coordinator, RoundPlan
-from fl_server.privacy_engine import BudgetExhausted
+from fl_server.privacy import BudgetExhausted
 from fl_server.simulation import Simulation
 from fl_server.strategies import UpdateRejected
 
@@ -159,8 +160,16 @@ def test_central_noise_has_the_stated_std_on_a_zero_update_round() -> None:
 
 
 def test_distributed_noise_server_tops_up_the_share_of_missing_clients() -> None:
+    """The top-up itself, on the clear sum: the configuration refuses distributed noise without secure
+    aggregation (each update would be nearly in the clear), which the secure drivers add around this."""
     z, clip, numel = 2.0, 0.5, 40_000
-    coord = _coordinator(numel=numel, dp_noise_multiplier=z, clip_grad_norm=clip, dp_epsilon=10.0, dp_noise="distributed")
+    central = config_from_dict({"num_clients": 20, "client_selection_ratio": 0.25, "num_rounds": 10, "differential_privacy": True,
+                                "secure_aggregation": False, "dp_mode": "client", "dp_accountant": "rdp", "dp_delta": DELTA,
+                                "dp_noise_multiplier": z, "clip_grad_norm": clip, "dp_epsilon": 10.0})
+    with pytest.raises(ConfigError, match="'dp_noise' has value 'distributed' but secure_aggregation is false"):
+        config_from_dict({**central.to_dict(), "dp_noise": "distributed"})
+    config = dataclasses.replace(central, dp_noise="distributed")  # the mechanism alone, past the refusal
+    coord = Coordinator(config, torch.zeros(numel), spec_of({"w": torch.zeros(numel)}), privacy_seeded_noise=True)
     plan = _zero_round(coord, submit=2)  # 5 selected, 2 arrive with zero (so here noise-free) updates
     instr = plan.instructions[plan.selected[0]]
     assert instr.update_clip == clip and instr.update_noise_std == pytest.approx(z * clip / math.sqrt(5))

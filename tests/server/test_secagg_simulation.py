@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from fl_common.config import ConfigError, config_from_dict
+from fl_common.config import ConfigError, config_from_dict, replace_config
 from fl_common.protocol import ClientUpdate
 from fl_common.secagg import SecAggAborted
 from fl_common.tensors import spec_of
@@ -56,7 +56,7 @@ def _updates(coord: Coordinator, plan, cids, scale: float = 0.05):
 
 def _plain_twin(cfg, sizes=None, **kw) -> Coordinator:
     """The same run without secure aggregation (same seeds, same selection)."""
-    plain = cfg.replace(secure_aggregation=False, **{k: v for k, v in kw.items()})
+    plain = replace_config(cfg, secure_aggregation=False, **{k: v for k, v in kw.items()})
     sizes = sizes if sizes is not None else {cid: 10 + 7 * cid for cid in range(cfg.num_clients)}
     return Coordinator(plain, torch.zeros(NUMEL), spec_of({"w": torch.zeros(NUMEL)}), client_sizes=sizes,
                        driver_features=("control_variates",), privacy_seeded_noise=True)

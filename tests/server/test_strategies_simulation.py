@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fl_common.config import ConfigError, config_from_dict
+from fl_common.config import ConfigError, config_from_dict, replace_config
 from fl_common.protocol import ClientUpdate
 from fl_common.tensors import ParamSpec
 from fl_common.tensors.flat import ParamEntry
@@ -82,8 +82,8 @@ def test_attackers_are_a_fixed_seeded_subset() -> None:
     cfg = config_from_dict({**BASE, "attack": "gaussian_noise", "attack_fraction": 0.2})
     a = attacker_ids(cfg)
     assert len(a) == 2 and a == attacker_ids(cfg) and a <= set(range(10))
-    assert len(attacker_ids(cfg.replace(seed=4))) == 2
-    assert attacker_ids(cfg.replace(attack="none")) == frozenset()
+    assert len(attacker_ids(replace_config(cfg, seed=4))) == 2
+    assert attacker_ids(replace_config(cfg, attack="none")) == frozenset()
 
 
 def test_only_attackers_send_noise_and_it_is_reproducible() -> None:

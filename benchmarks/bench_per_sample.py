@@ -1,8 +1,10 @@
 """Benchmark: one DP-SGD step with the hook path (ghost clipping) vs torch.func vs Opacus.
 
-Why it is kept: :mod:`.dpsgd` chose its default per-sample path on the strength of this
-measurement; anyone can rerun it on their hardware with
-``python -m fl_common.privacy.bench_per_sample`` (batches 32 and 128 by default).
+Why it is kept: :mod:`fl_common.privacy.dpsgd` chose its default per-sample path on the strength
+of this measurement; anyone can rerun it on their hardware with
+``python benchmarks/bench_per_sample.py`` (batches 32 and 128 by default). It lives here, not in
+:mod:`fl_common.privacy`, because it drives the trainer, and the privacy package must not import
+training code.
 Model: the McMahan et al. 2017 MNIST CNN (conv5x5 32, pool, conv5x5 64, pool, fc 512,
 fc 10; 1,663,370 parameters) on 1x28x28 inputs. Reports median seconds over ``repeats``
 interleaved timed runs after warm-up, for a full step (per-sample norms, clip, sum, noise,
@@ -15,14 +17,23 @@ from __future__ import annotations
 import argparse
 import functools
 import statistics
+import sys
 import time
 import warnings
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from torch import nn
 
-from .dpsgd import dp_sgd_gradients
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from fl_common.data.datasets import load_dataset  # noqa: E402
+from fl_common.models.registry import create_model  # noqa: E402
+from fl_common.privacy import client_dp  # noqa: E402
+from fl_common.privacy.dpsgd import dp_sgd_gradients  # noqa: E402
+from fl_common.protocol import TrainInstructions  # noqa: E402
+from fl_common.training import LocalTrainer  # noqa: E402
 
 
 def mcmahan_cnn() -> nn.Module:
@@ -56,7 +67,7 @@ def run(batch_size: int = 32, repeats: int = 15, seed: int = 0, device: str = "c
     """Median seconds per full DP-SGD step (clip, sum, noise, SGD update) for each variant present.
 
     ``plain_step_s`` is an ordinary non-private SGD step on the same batch (the floor);
-    ``ghost_step_s`` the hook path of :mod:`.ghost`, ``func_step_s`` the torch.func reference
+    ``ghost_step_s`` the hook path of :mod:`fl_common.privacy.ghost`, ``func_step_s`` the torch.func reference
     (both through :func:`dp_sgd_gradients`), and, with Opacus installed, ``opacus_step_s``
     (GradSampleModule + DPOptimizer) and ``opacus_ghost_step_s`` (Opacus' own ghost clipping,
     two backward passes). Ratios are ``<variant>/ghost``.
@@ -146,15 +157,8 @@ def run_trainer_round(records: int = 600, repeats: int = 3, seed: int = 0) -> di
     momentum 0.9, σ = 1, C = 1, seeded noise, once with the torch.func path and once with the
     hook path (``dp_sgd_gradients`` patched to force each, restored after). Both draw the same
     batches and noise, so ``delta_max_rel_diff`` (max |Δ_ghost − Δ_func| / max |Δ_func|) shows
-    they ran the same mechanism. Imports training code lazily: :mod:`fl_common.privacy` stays
-    free of it.
+    they ran the same mechanism.
     """
-    from fl_common.data.datasets import load_dataset
-    from fl_common.models.registry import create_model
-    from fl_common.privacy import client_dp
-    from fl_common.protocol import TrainInstructions
-    from fl_common.training import LocalTrainer
-
     data = load_dataset("fashion_mnist", "train")
     x, y = data.x[:records], data.y[:records]
     trainer = LocalTrainer(create_model("cnn", data.input_shape, data.num_classes, seed=seed), seeded_noise=True)

@@ -8,8 +8,20 @@ from pathlib import Path
 import pytest
 import torch
 
-from fl_client.pending import DEADLINE_GRACE, DEFAULT_HOLD, PENDING_FILE, PendingFileError, PendingUpload
-from fl_common.protocol.rest import ROUND_NOT_SELECTED, ROUND_SELECTED, ROUND_SUBMITTED, ROUND_WAITING, RoundStatus
+from fl_client.pending import (
+    DEADLINE_GRACE,
+    DEFAULT_HOLD,
+    PENDING_FILE,
+    PendingFileError,
+    PendingUpload,
+)
+from fl_common.protocol.rest import (
+    ROUND_NOT_SELECTED,
+    ROUND_SELECTED,
+    ROUND_SUBMITTED,
+    ROUND_WAITING,
+    RoundStatus,
+)
 from fl_common.tensors import wire
 
 NOW = 1_700_000_000.0

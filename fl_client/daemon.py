@@ -496,9 +496,6 @@ class ClientDaemon:
         wait = ServerWait(f"{pending.what}: upload", self._sleep, log, cap=UPLOAD_RETRY_CAP, clock=time.time)
         retry = False
         while True:
-            if self.stop_event.is_set():
-                log.info("%s: stopping with the finished update kept in %s", pending.what, self.state_dir)
-                return
             try:
                 if retry:  # the server was away: is this attempt still open for this update?
                     status = self._call(self.api.round_status)
@@ -516,6 +513,9 @@ class ClientDaemon:
                 retry = True
                 if not wait.failed(exc, until=pending.give_up_at):
                     self._drop_pending("the server stayed unreachable until its round's deadline")
+                    return
+                if self.stop_event.is_set():  # (a stop during training still gets one try: "after the current step")
+                    log.info("%s: stopping with the finished update kept in %s", pending.what, self.state_dir)
                     return
                 continue
             wait.succeeded()

@@ -213,14 +213,14 @@ class SecureRoundSession:
         wait = ServerWait(f"round {self.round}: masked input", self._sleep, log, base=self.poll,
                           cap=max(self.poll, MASKED_RETRY_CAP), clock=self._clock)
         while True:
-            if self._stop():
-                raise SessionEnded("stopped while the server was unreachable")
             try:  # every retry sends the same bytes under the same key: the server counts the input once
                 answer = self._call(self.api.upload_update, self.round, body, key, self.encrypted, self.attempt)
                 break
             except ServerUnreachable as exc:
                 if not wait.failed(exc, until=until):
                     raise SessionEnded(f"masked input: server unreachable until the phase's deadline ({exc})") from None
+                if self._stop():
+                    raise SessionEnded("stopped while the server was unreachable") from None
             except ApiRefused as exc:
                 wait.succeeded()
                 raise self._refused("masked input", exc) from None

@@ -10,7 +10,9 @@ throw it away. So once an update is packed, the daemon keeps it - in memory and 
   attempt of the same round gets a new deadline), so it is never sent into another attempt, whose
   instructions (seed, DP parameters) may differ;
 - when to give up (the round's deadline on this machine's wall clock, plus a grace: the server closes
-  the round at its own tick, and a server that was down closes it when it is back);
+  the round at its own tick, and a server that was down closes it when it is back). The poll reply's
+  ``deadline`` is the server's wall clock; a ``deadline_in_s`` (seconds left, as secure rounds send it)
+  is preferred when the reply has one, since it does not depend on the two clocks agreeing;
 - what changes on this client only once the server holds the update: the codec's error-feedback
   residual after packing it and SCAFFOLD's next control variate.
 
@@ -68,7 +70,13 @@ class PendingUpload:
         """A new pending upload for the attempt of the poll reply ``status`` that selected this client."""
         now = time.time() if now is None else now
         deadline = _number(status.get("deadline"))
-        give_up_at = now + DEFAULT_HOLD if deadline is None else max(now, deadline) + DEADLINE_GRACE
+        remaining = _number(status.get("deadline_in_s"))  # the server's own count: immune to a skewed clock here
+        if remaining is not None:
+            give_up_at = now + max(0.0, remaining) + DEADLINE_GRACE
+        elif deadline is not None:
+            give_up_at = max(now, deadline) + DEADLINE_GRACE
+        else:
+            give_up_at = now + DEFAULT_HOLD
         job = status.get("job")
         return cls(int(status["round"]), None if job is None else int(job), key, deadline, give_up_at, data, **extra)
 

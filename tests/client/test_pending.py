@@ -65,7 +65,7 @@ def test_it_gives_up_after_the_deadline_and_a_grace(tmp_path: Path) -> None:
     assert not p.expired(NOW + 60.0 + DEADLINE_GRACE) and p.expired(NOW + 60.0 + DEADLINE_GRACE + 0.1)
     late = PendingUpload.for_status(selected(deadline=NOW - 5.0), "k", b"x", now=NOW)  # a clock behind the server's
     assert late.give_up_at == NOW + DEADLINE_GRACE
-    told = selected(deadline=NOW + 500.0)  # this clock is behind the server's: the server's count of seconds wins
+    told = selected(deadline=NOW + 500.0)  # the two clocks disagree: the server's count of seconds wins
     told["deadline_in_s"] = 60.0
     assert PendingUpload.for_status(told, "k", b"x", now=NOW).give_up_at == NOW + 60.0 + DEADLINE_GRACE
     unknown = PendingUpload.for_status(selected(deadline=None), "k", b"x", now=NOW)

@@ -132,7 +132,9 @@ class ServerApi:
                                 "partition": partition, "num_samples": num_samples, "capability": capability}
         if secagg_verify_key is not None:
             body["secagg_verify_key"] = base64.urlsafe_b64encode(secagg_verify_key).decode("ascii")
-        resp = self._send("POST", PATH_REGISTER, signed=False, json_body=body)
+        # Registering again under a known name must prove possession of the identity: the request is
+        # signed with the session keys of the previous registration (the server refuses an unsigned one).
+        resp = self._send("POST", PATH_REGISTER, signed=self.creds is not None, bearer=False, json_body=body)
         data = resp.json()
         salt = base64.urlsafe_b64decode(data["salt"])
         keys = derive_session_keys(own, data["server_public_key"], client_id=data["client_id"], salt=salt, role="client")

@@ -68,7 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
     audit.add_argument("--limit", type=int, default=200, help="newest events to print (1-100000, default 200)")
     audit.add_argument("--kind", help="only events of this kind, e.g. registered, bad_token, update_bad_payload")
     audit.add_argument("--json", action="store_true", help="one JSON object per line")
-    for p in (sim, srv, demo, audit):  # `serve --log-format json` as well as `--log-format json serve`
+    from fl_server.rest.admin_cli import add_admin_parser
+
+    admin = add_admin_parser(sub)
+    for p in (sim, srv, demo, audit, admin):  # `serve --log-format json` as well as `--log-format json serve`
         p.add_argument("--log-format", choices=["text", "json"], default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return parser
 
@@ -200,6 +203,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _demo(args)
         if args.command == "audit":
             return _audit(args)
+        if args.command == "admin":
+            from fl_server.rest.admin_cli import AdminError, run_admin
+
+            try:
+                return run_admin(args)
+            except AdminError as exc:
+                print(f"error: {exc}", file=sys.stderr)
+                return 1
     except (ConfigError, DatasetUnavailable) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE

@@ -229,8 +229,11 @@ class Coordinator:
         log.debug("round %d: selected %d clients", round_number, len(selected))
         return plan
 
-    def restore_round(self, plan: RoundPlan) -> None:
-        """Reopen a round planned before a restart (its durable updates are then re-submitted)."""
+    def restore_round(self, plan: RoundPlan, *, elapsed_s: float = 0.0, bytes_so_far: int = 0) -> None:
+        """Reopen a round planned before a restart (its durable updates are then re-submitted).
+
+        ``elapsed_s`` and ``bytes_so_far``: how long the round had been open and the traffic other than
+        updates (model downloads) it had before the restart, so its history row counts the whole round."""
         if self._open is not None:
             raise RuntimeError(f"round {self._open.plan.round} is still open")
         if self.cfg.secure_aggregation:
@@ -246,7 +249,7 @@ class Coordinator:
                                  f"parameters (persist RoundPlan.privacy with the round)")
             dp = DPRound.from_json(plan.privacy)
             aggregator = self.privacy.new_aggregator(dp, self.global_vector.numel(), aggregator)
-        self._open = _OpenRound(plan, aggregator, time.perf_counter(), dp=dp)
+        self._open = _OpenRound(plan, aggregator, time.perf_counter() - max(0.0, elapsed_s), dp=dp, bytes=int(bytes_so_far))
 
     @property
     def secagg(self) -> SecureAggregator | None:

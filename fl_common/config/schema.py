@@ -154,6 +154,9 @@ class FLConfig:
     client_liveness: float = _opt(60.0, lo=1.0, hi=86400.0, help="a client not heard from for this many seconds is not selected")
     session_ttl: float = _opt(3600.0, lo=10.0, hi=30 * 86400.0, help="lifetime of a session token in seconds")
     max_update_bytes: int = _opt(256 * 2**20, lo=1024, hi=2**34, help="largest request body the server reads (413 above)")
+    audit_retention_days: float = _opt(90.0, lo=1.0, hi=3650.0, help="security audit events older than this are deleted (the REST server's SQLite store)")
+    audit_max_events: int = _opt(100_000, lo=1000, hi=10**8, help="the audit log keeps at most this many events (the newest)")
+    shared_enrollment_max_clients: Optional[int] = _opt(None, lo=0, hi=10**7, help="clients the shared enrollment token may register (default: num_clients; 0 turns the shared token off, so only admin-issued per-client tokens enrol: python -m fl_server admin enrollments create)")
 
     # --- asynchronous mode (fl_server/asynchronous): no rounds, clients upload when they finish ---
     training_mode: str = _opt("sync", choices=TRAINING_MODES, help="'sync': rounds; 'async': FedAsync/FedBuff, num_rounds counts server model updates and evaluation_frequency is per server update")

@@ -70,6 +70,7 @@ PATH_ROUND = f"{API_PREFIX}/round"
 PATH_MODEL = f"{API_PREFIX}/model"
 PATH_UPDATE = API_PREFIX + "/rounds/{round}/update"
 PATH_CLIENTS = f"{API_PREFIX}/clients"
+PATH_ENROLLMENTS = f"{API_PREFIX}/enrollments"
 PATH_PROFILE = f"{API_PREFIX}/profile"
 PATH_OPENAPI = f"{API_PREFIX}/openapi.json"
 #: secure aggregation, one path per protocol step (``step`` in SECAGG_STEPS), ``?attempt=ID``

@@ -37,6 +37,7 @@ from fl_common.protocol.rest import (
     MAX_PROFILE_BYTES,
     MAX_SECAGG_MESSAGE_BYTES,
     PATH_CLIENTS,
+    PATH_ENROLLMENTS,
     PATH_MODEL,
     PATH_OPENAPI,
     PATH_PROFILE,
@@ -51,7 +52,8 @@ from fl_server.rest.dashboard import dashboard_blueprint
 from fl_server.rest.metrics import install_metrics
 from fl_server.rest.openapi import openapi_document
 from fl_server.rest.run_report import RunReportWriter
-from fl_server.rest.gateway import ApiError, Authenticated
+from fl_server.rest.gateway import ApiError, Authenticated, SignedRequest
+from fl_server.rest.json_provider import FiniteJSONProvider
 from fl_server.rest.service import FederationService
 
 log = logging.getLogger("fl_server.http")
@@ -63,9 +65,21 @@ def _error(status: int, code: str, message: str, extra: dict[str, Any] | None = 
     return resp
 
 
+#: the largest body of a route that takes a small JSON document (registration, token, admin requests)
+SMALL_BODY_BYTES = 64 * 1024
+#: GET and HEAD carry no body
+NO_BODY_BYTES = 0
+
+
 def create_app(service: FederationService, *, start_ticker: bool = True) -> Flask:
     app = Flask("fl_server")
+    app.json = FiniteJSONProvider(app)
     app.config["MAX_CONTENT_LENGTH"] = service.cfg.max_update_bytes
+    #: per-endpoint body limits, checked from the headers before anything reads a body
+    secagg_limit = (MAX_SECAGG_MESSAGE_BYTES, "secagg_body_too_large")
+    body_limits = {"upload": (service.cfg.max_update_bytes, "body_too_large"),
+                   "profile_report": (MAX_PROFILE_BYTES, "profile_body_too_large"), "secagg_advertise": secagg_limit,
+                   "secagg_share_keys": secagg_limit, "secagg_unmask": secagg_limit}
     app.extensions["fl_service"] = service
     install_metrics(app, service)
     app.register_blueprint(dashboard_blueprint(service))
@@ -74,10 +88,14 @@ def create_app(service: FederationService, *, start_ticker: bool = True) -> Flas
     if start_ticker:
         service.start()
 
+    def signed_path() -> str:
+        return request.full_path if request.query_string else request.path
+
     def signed(require_token: bool = True) -> Authenticated:
+        """Token from the headers first (no body is read for a caller without one), then the signature."""
+        holder = service.gateway.token_holder(request.method, signed_path(), request.headers) if require_token else None
         body = request.get_data(cache=True)
-        path = request.full_path if request.query_string else request.path
-        return service.authenticate(request.method, path, body, request.headers, require_token=require_token)
+        return service.gateway.verify_signature(holder, request.method, signed_path(), body, request.headers)
 
     def json_body() -> dict[str, Any]:
         data = request.get_json(silent=True)
@@ -85,17 +103,27 @@ def create_app(service: FederationService, *, start_ticker: bool = True) -> Flas
             raise ApiError(400, "bad_json", "the request body must be a JSON object")
         return data
 
-    def require_length(limit: int | None = None, refusal: str = "", what: str = "") -> None:
-        """Content-Length is required (411); a route that takes small bodies refuses more than ``limit`` (413)."""
-        if request.content_length is None:
-            raise ApiError(411, "length_required", "a Content-Length header is required")
-        if limit is not None and request.content_length > limit:
-            service.store.count_rejection(refusal)
-            raise ApiError(413, "body_too_large", f"{what} is limited to {limit} bytes")
-
     @app.before_request
     def _start_timer() -> None:
         g.t0 = time.perf_counter()
+
+    @app.before_request
+    def _body_limit() -> None:
+        """Content-Length checked against the route's own limit before any body is read: four concurrent
+        unauthenticated 200 MB posts must not cost the server 800 MB (the global limit is for uploads)."""
+        if request.method in ("GET", "HEAD", "OPTIONS"):
+            if (request.content_length or 0) > NO_BODY_BYTES:
+                service.gateway.refusals.count("body_too_large")
+                raise ApiError(413, "body_too_large", f"{request.method} requests carry no body")
+            return
+        limit, refusal = body_limits.get(request.endpoint or "", (SMALL_BODY_BYTES, "body_too_large"))
+        if request.content_length is None:
+            if request.method == "POST":
+                raise ApiError(411, "length_required", "a Content-Length header is required")
+            return
+        if request.content_length > limit:
+            service.gateway.refusals.count(refusal)
+            raise ApiError(413, "body_too_large", f"this endpoint reads at most {limit} bytes")
 
     @app.after_request
     def _log(resp: Response) -> Response:
@@ -108,12 +136,16 @@ def create_app(service: FederationService, *, start_ticker: bool = True) -> Flas
 
     @app.errorhandler(RequestEntityTooLarge)
     def _too_large(exc: RequestEntityTooLarge) -> Response:
-        service.store.count_rejection("body_too_large")
+        service.gateway.refusals.count("body_too_large")
         return _error(413, "body_too_large", f"request bodies are limited to {service.cfg.max_update_bytes} bytes")
 
     @app.errorhandler(HTTPException)
     def _http(exc: HTTPException) -> Response:
-        return _error(exc.code or 400, (exc.name or "error").lower().replace(" ", "_"), exc.description or exc.name)
+        resp = _error(exc.code or 400, (exc.name or "error").lower().replace(" ", "_"), exc.description or exc.name)
+        for name, value in exc.get_headers():  # e.g. 405's Allow: which methods the path does take
+            if name.lower() != "content-type":
+                resp.headers[name] = value
+        return resp
 
     @app.errorhandler(Exception)
     def _unexpected(exc: Exception) -> Response:
@@ -123,7 +155,14 @@ def create_app(service: FederationService, *, start_ticker: bool = True) -> Flas
     # ------------------------------------------------------------------ public
     @app.get("/health")
     def health() -> Response:
-        return jsonify({"status": "ok"})
+        """200 while the federation can make progress; 503 with the reason when it cannot (the round
+        ticker keeps failing, or the open round is far past its deadline)."""
+        problem = service.health_problem()
+        if problem is None:
+            return jsonify({"status": "ok"})
+        resp = jsonify({"status": "degraded", "reason": problem})
+        resp.status_code = 503
+        return resp
 
     @app.get("/status")
     def status() -> Response:
@@ -138,7 +177,8 @@ def create_app(service: FederationService, *, start_ticker: bool = True) -> Flas
     # ------------------------------------------------------------------ clients
     @app.post(PATH_REGISTER)
     def register() -> Response:
-        resp = jsonify(service.register(json_body(), remote=request.remote_addr or "").to_json())
+        proof = SignedRequest(request.method, signed_path(), request.get_data(cache=True), request.headers)
+        resp = jsonify(service.register(json_body(), remote=request.remote_addr or "", request=proof).to_json())
         resp.status_code = 201
         return resp
 
@@ -156,7 +196,6 @@ def create_app(service: FederationService, *, start_ticker: bool = True) -> Flas
 
     @app.post(PATH_PROFILE)
     def profile_report() -> Response:
-        require_length(MAX_PROFILE_BYTES, "profile_body_too_large", "a profile")
         auth = signed()
         return jsonify(service.set_profile(auth, request.get_json(silent=True, force=True)))
 
@@ -183,7 +222,6 @@ def create_app(service: FederationService, *, start_ticker: bool = True) -> Flas
 
     @app.post("/api/v1/rounds/<int:round_number>/update")
     def upload(round_number: int) -> Response:
-        require_length()
         auth = signed()
         result = service.accept_update(auth, round_number, request.headers.get(HEADER_IDEMPOTENCY, ""), request.get_data(cache=True),
                                        attempt=request.args.get(QUERY_SECAGG_ATTEMPT))
@@ -196,9 +234,7 @@ def create_app(service: FederationService, *, start_ticker: bool = True) -> Flas
         return Response(data, mimetype="application/octet-stream" if service.cfg.encryption else "application/json")
 
     def secagg_post(round_number: int, step: str) -> Response:
-        require_length()
         rounds = service.secure_protocol()
-        require_length(MAX_SECAGG_MESSAGE_BYTES, "secagg_body_too_large", "a secure-aggregation message")
         auth = signed()
         handler = {"advertise": rounds.advertise, "shares": rounds.share_keys, "unmask": rounds.unmask}[step]
         return jsonify(handler(auth, round_number, request.args.get(QUERY_SECAGG_ATTEMPT), request.get_data(cache=True)))
@@ -248,6 +284,33 @@ def create_app(service: FederationService, *, start_ticker: bool = True) -> Flas
     def clients() -> Response:
         require_admin()
         return jsonify({"clients": service.clients()})
+
+    @app.post(f"{PATH_CLIENTS}/<client_id>/revoke")
+    def client_revoke(client_id: str) -> Response:
+        require_admin()
+        return jsonify(service.revoke_client(client_id))
+
+    @app.delete(f"{PATH_CLIENTS}/<client_id>")
+    def client_remove(client_id: str) -> Response:
+        require_admin()
+        return jsonify(service.remove_client(client_id))
+
+    @app.post(PATH_ENROLLMENTS)
+    def enrollment_create() -> Response:
+        require_admin()
+        resp = jsonify(service.create_enrollment(json_body()))
+        resp.status_code = 201
+        return resp
+
+    @app.get(PATH_ENROLLMENTS)
+    def enrollment_list() -> Response:
+        require_admin()
+        return jsonify({"enrollments": service.enrollments()})
+
+    @app.delete(f"{PATH_ENROLLMENTS}/<enrollment_id>")
+    def enrollment_revoke(enrollment_id: str) -> Response:
+        require_admin()
+        return jsonify(service.revoke_enrollment(enrollment_id))
 
     @app.get("/api/v1/audit")
     def audit() -> Response:

@@ -90,6 +90,8 @@ class AsyncRoundDriver(RoundDriver):
         self._models: dict[int, tuple[bytes, Optional[bytes]]] = {}
         self._mirrored: dict[int, str] = {}  # job -> status last written to the store's async_jobs
         self._results_written = False
+        #: updates refused because the server step they caused was not finite (/status, /metrics)
+        self.unusable_aggregates = 0
 
     @property
     def coordinator(self) -> AsyncCoordinator:
@@ -314,7 +316,13 @@ class AsyncRoundDriver(RoundDriver):
                 path.unlink(missing_ok=True)
                 self._persist()  # a refusal as too stale ends the job: as durable as any other change
                 raise self._refuse(exc.reason, client_id, str(exc)) from None
-            except Exception:  # e.g. a server step that is no longer finite: back to the last consistent state
+            except FloatingPointError as exc:  # the server step would leave a non-finite model: refused, nothing applied
+                path.unlink(missing_ok=True)
+                self._reload()
+                self.unusable_aggregates += 1
+                raise self._refuse("unusable_update", client_id, f"this update would make the global model non-finite "
+                                   f"({exc}); it is refused and the model is unchanged") from None
+            except Exception:  # back to the last consistent state
                 path.unlink(missing_ok=True)
                 self._reload()
                 raise
@@ -377,6 +385,7 @@ class AsyncRoundDriver(RoundDriver):
                 "completed_rounds": coord.version,
                 "model_version": coord.version,
                 "current_round": None,
+                "unusable_aggregates": self.unusable_aggregates,
                 "asynchronous": self.async_block(),
             }
 
@@ -387,7 +396,7 @@ class AsyncRoundDriver(RoundDriver):
             "mode": "rest", "training_mode": "async", "rounds_completed": coord.version, "server_updates": coord.version,
             **accuracy_summary(history),
             "wall_seconds": svc.clock() - svc.started_at, "total_bytes": sum(r.bytes for r in history),
-            "clients_registered": svc.store.count_clients(), "rejected": svc.store.rejections(), "encryption": self.cfg.encryption,
+            "clients_registered": svc.store.count_clients(), "rejected": svc.gateway.refusals.rejections(), "encryption": self.cfg.encryption,
             "privacy": coord.privacy_status(), "stop_reason": coord.stop_reason, "asynchronous": self.async_block(),
             "staleness": coord.staleness_summary(), "selection": self.selection_summary(),
             "participation": self.participation_summary(), "config": self.cfg.to_dict(),

@@ -180,6 +180,14 @@ class RoundDriver(abc.ABC):
     def client_registered(self, registration: Registration) -> None:
         """A client registered (or registered again); called under the lock."""
 
+    @abc.abstractmethod
+    def client_left(self, client_id: str, why: str) -> None:
+        """A client will not come back to its round or job (revoked, removed); called under the lock."""
+
+    def stalled(self, now: float) -> Optional[str]:
+        """Why rounds cannot progress (e.g. far past a deadline), or None."""
+        return None
+
     def count_download(self, nbytes: int) -> None:
         """A model body went out: it counts towards the round's traffic."""
         self.coordinator.add_bytes(nbytes)

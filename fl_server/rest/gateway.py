@@ -26,6 +26,7 @@ import math
 import secrets
 import threading
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Mapping, Optional
 
 import torch
@@ -48,6 +49,7 @@ from fl_common.protocol import ClientUpdate
 from fl_common.protocol.rest import PROTOCOL_VERSION, DataAssignment, RegisterResponse
 from fl_common.tensors import wire
 from fl_common.tensors.codecs import Codec, make_codec
+from fl_server.rest.refusals import RefusalRecorder
 from fl_server.rest.client_profiles import ProfileError, client_info, profile_spec, validate_profile
 from fl_server.rest.secrets import ServerSecrets
 from fl_server.selection import ClientInfo
@@ -58,6 +60,11 @@ from fl_server.strategies.base import check_update
 log = logging.getLogger("fl_server.rest.gateway")
 
 MAX_NAME = 64
+#: the largest record count a client may claim when the server cannot derive its partition's size:
+#: it weights the average, so it is bounded (and it must fit SQLite's 64-bit integers)
+MAX_RECORDS = 2**31 - 1
+#: ``enrolled_by`` of clients that registered with the shared enrollment token
+SHARED_ENROLLMENT = "shared"
 #: config keys that describe simulated clients; a REST federation's clients are real
 SIMULATION_ONLY_KEYS = ("client_speed_distribution", "client_speed_sigma", "client_seconds_per_sample", "network_delay",
                         "attack_fraction", "attack_noise_std", "client_test_fraction", "finetune_epochs", "local_only_epochs",
@@ -80,6 +87,16 @@ class Authenticated:
 
     client_id: str
     keys: SessionKeys
+
+
+@dataclass(frozen=True)
+class SignedRequest:
+    """The parts of an HTTP request a signature covers (method, path with query, body, headers)."""
+
+    method: str
+    path: str
+    body: bytes
+    headers: Mapping[str, str]
 
 
 @dataclass(frozen=True)
@@ -172,7 +189,8 @@ class ClientGateway:
 
     def __init__(self, cfg: FLConfig, store: ServerStore, secrets_: ServerSecrets, *, clock: Callable[[], float],
                  lock: threading.RLock, wake: threading.Event, model_info: dict[str, Any],
-                 partition_sizes: Optional[list[int]] = None, secagg_required: bool = False) -> None:
+                 partition_sizes: Optional[list[int]] = None, known_sizes: Optional[list[int]] = None,
+                 secagg_required: bool = False) -> None:
         self.cfg = cfg
         self.store = store
         self.secrets = secrets_
@@ -182,9 +200,14 @@ class ClientGateway:
         self.model_info = model_info
         #: sample-level DP: the record count of every configured partition (None otherwise)
         self.partition_sizes = partition_sizes
+        #: the record count of every partition when the server could derive it (bounds num_samples), else None
+        self.known_sizes = known_sizes if known_sizes is not None else partition_sizes
+        self.shared_limit = cfg.shared_enrollment_max_clients if cfg.shared_enrollment_max_clients is not None \
+            else cfg.num_clients
         self.secagg_required = secagg_required
         self.codec: Codec = make_codec(cfg.codec if cfg.compression else "none")
         self._key_wrapper = Envelope(self.secrets.key_wrapping_key)
+        self.refusals = RefusalRecorder(store, clock, retention_days=cfg.audit_retention_days, max_events=cfg.audit_max_events)
 
     @property
     def codec_name(self) -> str:
@@ -192,20 +215,63 @@ class ClientGateway:
 
     # ------------------------------------------------------------------ refusals
     def refuse(self, reason: str, client_id: Optional[str], detail: str) -> None:
-        """Count and audit a refused request: the only state a refusal may change."""
-        self.store.count_rejection(reason)
-        self.store.security_event(reason, client_id, detail)
-        log.warning("refused: %s (%s)", reason, detail)
+        """Count and audit a refused request: the only state a refusal may change (at a bounded cost:
+        fl_server/rest/refusals.py)."""
+        self.refusals.refuse(reason, client_id, detail)
 
     def reject_update(self, reason: str, client_id: str) -> None:
         self.refuse(f"update_{reason}", client_id, f"update refused: {reason}")
 
     # ------------------------------------------------------------------ registration and auth
-    def register(self, body: Mapping[str, Any], remote: str = "") -> Registration:
-        token = body.get("enrollment_token")
-        if not isinstance(token, str) or not constant_time_equals(token, self.secrets.enrollment_token):
-            self.refuse("bad_enrollment_token", None, f"registration refused from {remote or 'unknown'}")
-            raise ApiError(401, "bad_enrollment_token", "the enrollment token is missing or wrong")
+    def _enrollment(self, token: Any, remote: str) -> tuple[str, Optional[str]]:
+        """(enrolled_by, the name a per-client token is bound to) of a registration's enrollment token.
+
+        The shared token (one per federation) enrols up to ``shared_enrollment_max_clients`` clients;
+        an admin-issued token (``POST /api/v1/enrollments``) is stored hashed, may be bound to one
+        client name, expires, and enrols as many clients as it has uses (one by default)."""
+        if isinstance(token, str) and 16 <= len(token) <= 200:
+            if constant_time_equals(token, self.secrets.enrollment_token):
+                return SHARED_ENROLLMENT, None
+            row = self.store.enrollment_by_hash(hash_token(token, self.secrets.token_pepper))
+            if row is not None and row["revoked_at"] is None and row["uses"] < row["max_uses"] and \
+                    (row["expires_at"] is None or row["expires_at"] > self.clock()):
+                return str(row["enrollment_id"]), row["client_name"]
+        self.refuse("bad_enrollment_token", None, f"registration refused from {remote or 'unknown'}")
+        raise ApiError(401, "bad_enrollment_token", "the enrollment token is missing, wrong, used up, expired or revoked")
+
+    def _prove_possession(self, existing: ClientRow, request: Optional[SignedRequest]) -> None:
+        """A known client name registers again only with a request signed by that client's current key
+        (or after an admin removed it): a shared enrollment token alone must not take over an identity."""
+        if existing.revoked_at is not None:
+            self.refuse("revoked_client", existing.client_id, "registration of a revoked client's name refused")
+            raise ApiError(403, "client_revoked", f"client '{existing.name}' was revoked by an admin; an admin must remove "
+                           f"it before the name can register again")
+        if request is None or not any(k.lower() == "x-fl-signature" for k in request.headers.keys()):
+            self.refuse("takeover_refused", existing.client_id, "unsigned registration of a known client name")
+            raise ApiError(409, "client_exists", f"client '{existing.name}' is already registered: register again with a "
+                           f"request signed by its current key, or ask an admin to remove it (python -m fl_server admin "
+                           f"clients remove {existing.client_id})")
+
+        def only_this_client(client_id: str) -> Optional[bytes]:
+            return self._keys_of(existing).hmac_key if client_id == existing.client_id else None
+
+        try:
+            verify_request(request.method, request.path, request.body, request.headers, hmac_key=only_this_client,
+                           nonce_cache=self.store, clock=self.clock)
+        except SignatureError as exc:
+            self.refuse(f"signature_{exc.reason}", existing.client_id, f"re-registration of '{existing.name}': {exc.reason}")
+            raise ApiError(401, f"signature_{exc.reason}", f"re-registration signature refused: "
+                           f"{exc.reason.replace('_', ' ')}") from None
+
+    def bound_records(self, partition_index: Optional[int], reported: Optional[int]) -> int:
+        """The most records a client may claim: its partition's size when the server can derive it
+        (it assigns the partitions), else what it reported at registration, else :data:`MAX_RECORDS`."""
+        if self.known_sizes is not None and partition_index is not None and 0 <= partition_index < len(self.known_sizes):
+            return self.known_sizes[partition_index]
+        return reported if reported is not None else MAX_RECORDS
+
+    def register(self, body: Mapping[str, Any], remote: str = "", request: Optional[SignedRequest] = None) -> Registration:
+        enrolled_by, bound_name = self._enrollment(body.get("enrollment_token"), remote)
         name = body.get("client_name")
         if name is not None and (not isinstance(name, str) or not (1 <= len(name) <= MAX_NAME)
                                  or not all(c.isalnum() or c in "-_." for c in name)):
@@ -214,9 +280,12 @@ class ClientGateway:
         if partition is not None and (isinstance(partition, bool) or not isinstance(partition, int)
                                       or not 0 <= partition < self.cfg.num_clients):
             raise ApiError(400, "bad_partition", f"partition must be an integer in [0, {self.cfg.num_clients})")
+        if bound_name is not None and name != bound_name:
+            raise ApiError(403, "enrollment_name_mismatch", "this enrollment token is issued for another client_name")
         num_samples = body.get("num_samples")
-        if num_samples is not None and (isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1):
-            raise ApiError(400, "bad_num_samples", "num_samples must be a positive integer")
+        if num_samples is not None and (isinstance(num_samples, bool) or not isinstance(num_samples, int)
+                                        or not 1 <= num_samples <= MAX_RECORDS):
+            raise ApiError(400, "bad_num_samples", f"num_samples must be an integer in [1, {MAX_RECORDS}]")
         capability = body.get("capability") or {}
         if not isinstance(capability, dict) or len(capability) > 16 or not all(
                 isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0
@@ -233,6 +302,8 @@ class ClientGateway:
         with self.lock:
             now = self.clock()
             existing = self.store.client_by_name(name) if name else None
+            if existing is not None:
+                self._prove_possession(existing, request)
             client_id = existing.client_id if existing else f"c-{secrets.token_hex(8)}"
             server_keys = KeyPair.generate()
             salt = secrets.token_bytes(32)
@@ -249,11 +320,21 @@ class ClientGateway:
                     raise ApiError(409, "partition_conflict", f"client '{name}' already holds partition {existing.partition_index}")
                 index = existing.partition_index
             else:
-                index = self._assign_partition(partition)
+                index = self._assign_partition(partition)  # 409 federation_full first: nothing is written before
+                if enrolled_by == SHARED_ENROLLMENT and self.store.count_enrolled_by(SHARED_ENROLLMENT) >= self.shared_limit:
+                    self.refuse("enrollment_limit", None, f"shared enrollment token used up ({self.shared_limit} clients)")
+                    raise ApiError(403, "enrollment_limit", f"the shared enrollment token has enrolled its "
+                                   f"{self.shared_limit} clients (shared_enrollment_max_clients); ask an admin for a "
+                                   f"per-client token")
             if self.partition_sizes is not None and index is not None and num_samples is not None \
                     and num_samples != self.partition_sizes[index]:
                 raise ApiError(409, "num_samples_mismatch", f"partition {index} holds {self.partition_sizes[index]} records, "
                                f"the client reports {num_samples}; sample-level DP is planned from the partition's size")
+            if num_samples is not None and num_samples > self.bound_records(index, None):
+                raise ApiError(422, "num_samples_too_large", f"partition {index} holds {self.bound_records(index, None)} "
+                               f"records; the client reports {num_samples}")
+            if existing is None and enrolled_by != SHARED_ENROLLMENT and not self.store.use_enrollment(enrolled_by, now):
+                raise ApiError(401, "bad_enrollment_token", "the enrollment token is used up, expired or revoked")
             key_changed = existing is not None and existing.secagg_verify_key != verify_key
             if existing:
                 self.store.replace_client_credentials(client_id, token_hash, expires, wrapped, capability, num_samples, now,
@@ -261,7 +342,9 @@ class ClientGateway:
             else:
                 self.store.add_client(ClientRow(client_id, name, token_hash, expires, wrapped, index, num_samples, capability,
                                                 now, now, 0, {}, secagg_verify_key=verify_key))
-            self.store.security_event("registered", client_id, f"name={name or '-'} partition={index} from {remote or '-'}")
+                self.store.set_enrolled_by(client_id, enrolled_by)
+            self.store.security_event("registered", client_id, f"name={name or '-'} partition={index} enrolled_by="
+                                      f"{enrolled_by} again={'yes' if existing else 'no'} from {remote or '-'}")
         log.info("client %s registered (name %s, partition %s)", client_id, name or "-", index)
         self.wake.set()
         response = RegisterResponse(
@@ -294,38 +377,58 @@ class ClientGateway:
         data = json.loads(self._key_wrapper.open(row.wrapped_keys))
         return SessionKeys(fernet_key=data["f"].encode(), hmac_key=base64.urlsafe_b64decode(data["h"]))
 
-    def authenticate(self, method: str, path: str, body: bytes, headers: Mapping[str, str], *,
-                     require_token: bool = True) -> Authenticated:
-        """Bearer session token (keyed-hash lookup, expiry) and HMAC signature (freshness, no replay)."""
-        row: Optional[ClientRow] = None
-        if require_token:
-            auth = headers.get("Authorization", "")
-            if not auth.startswith("Bearer ") or len(auth) > 200:
-                self.refuse("missing_token", None, f"{method} {path} without a bearer token")
-                raise ApiError(401, "missing_token", "an 'Authorization: Bearer <session token>' header is required")
-            row = self.store.client_by_token_hash(hash_token(auth[7:].strip(), self.secrets.token_pepper))
-            if row is None:
-                self.refuse("bad_token", None, f"{method} {path} with an unknown session token")
-                raise ApiError(401, "bad_token", "the session token is not valid; register again")
-            if row.token_expires < self.clock():
-                self.refuse("expired_token", row.client_id, f"{method} {path} with an expired session token")
-                raise ApiError(401, "expired_token", "the session token has expired; refresh it at /api/v1/token")
+    def token_holder(self, method: str, path: str, headers: Mapping[str, str]) -> ClientRow:
+        """The client whose bearer session token a request carries (keyed-hash lookup, expiry, revocation).
+
+        Headers only: routes call this before they read a body, so a caller without a valid token
+        cannot make the server buffer one (up to ``max_update_bytes``)."""
+        auth = headers.get("Authorization", "")
+        if not auth.startswith("Bearer ") or len(auth) > 200:
+            self.refuse("missing_token", None, f"{method} {path} without a bearer token")
+            raise ApiError(401, "missing_token", "an 'Authorization: Bearer <session token>' header is required")
+        row = self.store.client_by_token_hash(hash_token(auth[7:].strip(), self.secrets.token_pepper))
+        if row is None:
+            self.refuse("bad_token", None, f"{method} {path} with an unknown session token")
+            raise ApiError(401, "bad_token", "the session token is not valid; register again")
+        self._check_not_revoked(row)
+        if row.token_expires < self.clock():
+            self.refuse("expired_token", row.client_id, f"{method} {path} with an expired session token")
+            raise ApiError(401, "expired_token", "the session token has expired; refresh it at /api/v1/token")
+        return row
+
+    def _check_not_revoked(self, row: ClientRow) -> None:
+        if row.revoked_at is not None:
+            self.refuse("revoked_client", row.client_id, "request of a revoked client")
+            raise ApiError(403, "client_revoked", "this client was revoked by an admin")
+
+    def verify_signature(self, holder: Optional[ClientRow], method: str, path: str, body: bytes,
+                         headers: Mapping[str, str]) -> Authenticated:
+        """The HMAC signature (freshness, no replay) of a request, by ``holder`` (its token checked) or, for
+        the token refresh that needs no token, by whichever registered client the signature names."""
 
         def key_lookup(client_id: str) -> Optional[bytes]:
-            r = row if row is not None and row.client_id == client_id else (None if require_token else self.store.client(client_id))
+            if holder is not None:
+                return self._keys_of(holder).hmac_key if holder.client_id == client_id else None
+            r = self.store.client(client_id)
             return None if r is None else self._keys_of(r).hmac_key
 
         try:
             client_id = verify_request(method, path, body, headers, hmac_key=key_lookup, nonce_cache=self.store,
                                        clock=self.clock)
         except SignatureError as exc:
-            self.refuse(f"signature_{exc.reason}", row.client_id if row else None, f"{method} {path}: {exc.reason}")
+            self.refuse(f"signature_{exc.reason}", holder.client_id if holder else None, f"{method} {path}: {exc.reason}")
             raise ApiError(401, f"signature_{exc.reason}", f"request signature refused: {exc.reason.replace('_', ' ')}") from None
-        if row is None:
-            row = self.store.client(client_id)
-            assert row is not None
+        row = holder if holder is not None else self.store.client(client_id)
+        assert row is not None
+        self._check_not_revoked(row)
         self.store.touch_client(client_id, self.clock())
         return Authenticated(client_id, self._keys_of(row))
+
+    def authenticate(self, method: str, path: str, body: bytes, headers: Mapping[str, str], *,
+                     require_token: bool = True) -> Authenticated:
+        """Bearer session token, then the HMAC signature (both steps at once, for callers holding the body)."""
+        holder = self.token_holder(method, path, headers) if require_token else None
+        return self.verify_signature(holder, method, path, body, headers)
 
     def refresh_token(self, auth: Authenticated) -> dict[str, Any]:
         session = generate_token()
@@ -338,6 +441,74 @@ class ClientGateway:
         """Whether an ``Authorization`` header carries the admin token (constant-time)."""
         return authorization.startswith("Bearer ") and constant_time_equals(authorization[7:].strip(),
                                                                             self.secrets.admin_token)
+
+    # ------------------------------------------------------------------ administration
+    def _client_or_404(self, client_id: str) -> ClientRow:
+        row = self.store.client(client_id) if isinstance(client_id, str) and len(client_id) <= 64 else None
+        if row is None:
+            raise ApiError(404, "unknown_client", f"no client {client_id!r} is registered")
+        return row
+
+    def revoke_client(self, client_id: str) -> dict[str, Any]:
+        row = self._client_or_404(client_id)
+        revoked = self.store.revoke_client(client_id, self.clock())
+        if revoked:
+            self.store.security_event("client_revoked", client_id, f"revoked by an admin (name {row.name or '-'})")
+            log.warning("client %s revoked by an admin", client_id)
+        return {"client_id": client_id, "revoked": True, "already": not revoked}
+
+    def erase_client(self, client_id: str) -> dict[str, Any]:
+        """Every row naming the client, and its stored update payloads, are deleted."""
+        self._client_or_404(client_id)
+        rows, paths = self.store.erase_client(client_id)
+        files = 0
+        for path in paths:
+            try:
+                Path(path).unlink()
+                files += 1
+            except FileNotFoundError:
+                pass
+        # the audit keeps that an erasure happened, not whom it concerned (its id would be a row of the client)
+        self.store.security_event("client_erased", None, f"a client was erased by an admin: {rows} row(s), {files} file(s)")
+        log.warning("a client was erased by an admin: %d row(s), %d update file(s)", rows, files)
+        return {"erased": True, "rows": rows, "files": files,
+                "kept": "its contribution to global models already aggregated (it cannot be taken out of them)"}
+
+    def create_enrollment(self, body: Mapping[str, Any]) -> dict[str, Any]:
+        """An admin-issued enrollment token: shown once, stored as a keyed hash, optionally bound to a name."""
+        name = body.get("client_name")
+        if name is not None and (not isinstance(name, str) or not (1 <= len(name) <= MAX_NAME)
+                                 or not all(c.isalnum() or c in "-_." for c in name)):
+            raise ApiError(400, "bad_client_name", f"client_name must be 1-{MAX_NAME} characters of letters, digits, - _ .")
+        uses = body.get("uses", 1)
+        if isinstance(uses, bool) or not isinstance(uses, int) or not 1 <= uses <= 100_000:
+            raise ApiError(400, "bad_uses", "uses must be an integer in [1, 100000]")
+        if name is not None and uses != 1:
+            raise ApiError(400, "bad_uses", "a token bound to one client_name has exactly one use")
+        ttl = body.get("expires_in_s")
+        if ttl is not None and (isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or not math.isfinite(ttl)
+                                or not 60 <= ttl <= 365 * 86400):
+            raise ApiError(400, "bad_expires_in_s", "expires_in_s must be a number of seconds in [60, 31536000]")
+        now = self.clock()
+        token = generate_token()
+        enrollment_id = f"e-{secrets.token_hex(6)}"
+        self.store.add_enrollment(enrollment_id, hash_token(token, self.secrets.token_pepper), name, uses, now,
+                                  None if ttl is None else now + float(ttl))
+        self.store.security_event("enrollment_created", None, f"{enrollment_id} for {name or 'any name'}, {uses} use(s)")
+        return {"enrollment_id": enrollment_id, "enrollment_token": token, "client_name": name, "uses": uses,
+                "expires_at": None if ttl is None else now + float(ttl)}
+
+    def enrollments(self) -> list[dict[str, Any]]:
+        """Issued enrollment tokens (never the tokens themselves), with their use counts."""
+        return [{**e, "registered": self.store.count_enrolled_by(e["enrollment_id"])} for e in self.store.enrollments()]
+
+    def revoke_enrollment(self, enrollment_id: str) -> dict[str, Any]:
+        if not any(e["enrollment_id"] == enrollment_id for e in self.store.enrollments()):
+            raise ApiError(404, "unknown_enrollment", f"no enrollment {enrollment_id!r}")
+        revoked = self.store.revoke_enrollment(enrollment_id, self.clock())
+        if revoked:
+            self.store.security_event("enrollment_revoked", None, enrollment_id)
+        return {"enrollment_id": enrollment_id, "revoked": True, "already": not revoked}
 
     # ------------------------------------------------------------------ client profiles (selection)
     def profile(self, auth: Authenticated) -> dict[str, Any]:
@@ -428,6 +599,11 @@ class ClientGateway:
         if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
             self.reject_update("bad_num_samples", auth.client_id)
             raise ApiError(422, "bad_num_samples", "the update's num_samples must be a positive integer")
+        bound = self.records_bound_of(auth.client_id)
+        if num_samples > bound:  # it weights the average: one client must not take all the weight
+            self.reject_update("num_samples_too_large", auth.client_id)
+            raise ApiError(422, "num_samples_too_large", f"the update claims {num_samples} records; this client's "
+                           f"partition holds at most {bound}")
         if not isinstance(metrics, dict) or len(metrics) > 32 or not all(
                 isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
                 for k, v in metrics.items()):
@@ -443,11 +619,20 @@ class ClientGateway:
             raise ApiError(422, exc.reason, str(exc)) from None
         return packed, update
 
+    def records_bound_of(self, client_id: str) -> int:
+        """:meth:`bound_records` of a registered client (its partition, else its reported count)."""
+        row = self.store.client(client_id)
+        if row is None:
+            return MAX_RECORDS
+        return self.bound_records(row.partition_index, None) if self.known_sizes is not None else \
+            min(MAX_RECORDS, row.num_samples or MAX_RECORDS)
+
     def decode_stored(self, data: bytes, layout: UploadLayout) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """A durable update's payload file, decoded again on recovery: (model delta, variate delta)."""
         vector, _ = wire.decode_update(data, layout.numel, max_bytes=self.cfg.max_update_bytes)
         return layout.split(vector)
 
 
-__all__ = ["ApiError", "Authenticated", "ClientGateway", "Registration", "SIMULATION_ONLY_KEYS", "UploadLayout",
+__all__ = ["ApiError", "Authenticated", "ClientGateway", "MAX_RECORDS", "Registration", "SIMULATION_ONLY_KEYS", "SignedRequest",
+           "UploadLayout",
            "check_rest_config", "parse_verify_key"]

@@ -103,6 +103,8 @@ class FederationCollector:
         yield _gauge("fl_round_arrived_updates", "Updates accepted so far in the open round", cur.get("arrived", 0))
         yield _gauge("fl_round_deadline_seconds", "Seconds until the open round's deadline (0 when none is open)",
                      cur.get("deadline_in_s", 0.0))
+        yield CounterMetricFamily("fl_unusable_aggregates", "Round attempts (or asynchronous updates) refused because the "
+                                  "aggregate was not finite: nothing of them was applied", value=status.get("unusable_aggregates", 0))
         yield _gauge("fl_uptime_seconds", "Seconds since this server process started its service", status.get("uptime_s", 0.0))
 
     @staticmethod

@@ -9,6 +9,7 @@ from fl_common.protocol.rest import (
     MAX_CAPABILITY_VALUE,
     MAX_PROFILE_SAMPLES,
     PATH_CLIENTS,
+    PATH_ENROLLMENTS,
     PATH_MODEL,
     PATH_OPENAPI,
     PATH_PROFILE,
@@ -22,6 +23,7 @@ from fl_common.protocol.rest import (
 )
 
 _SIGNED = [{"session": [], "signature": []}]
+_CLIENT_ID = {"name": "client_id", "in": "path", "required": True, "schema": {"type": "string", "maxLength": 64}}
 _ERR = {"description": "error", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
 
 
@@ -41,22 +43,21 @@ def _secagg_params() -> list[dict[str, Any]]:
                             "attempt_closed and changes nothing", "schema": {"type": "integer", "minimum": 1}}]
 
 
-_PROTOCOL_BODY = {"application/octet-stream": {"schema": {"type": "string", "format": "binary"},
-                                                "description": "Fernet token of the message's bytes (with encryption: "
-                                                               "false, the bytes themselves)"}}
+_PROTOCOL_BODY = {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}
+_PROTOCOL_BODY_DOC = "Fernet token of the message's bytes (with encryption: false, the bytes themselves)"
 
 
 def _secagg_paths() -> dict[str, Any]:
     """The secure-aggregation steps (fl_server/rest/secure_driver.py); bodies are fl_common.secagg messages' to_bytes()."""
     def post(summary: str) -> dict[str, Any]:
         return {"summary": summary, "security": _SIGNED, "parameters": _secagg_params(),
-                "requestBody": {"required": True, "content": _PROTOCOL_BODY},
+                "requestBody": {"required": True, "description": _PROTOCOL_BODY_DOC, "content": _PROTOCOL_BODY},
                 "responses": {"200": {"description": "accepted (also an identical retry, in any phase)",
                                       "content": _json("SecAggAccepted")}, **_errors(400, 401, 403, 404, 409, 411, 413)}}
 
     def get(summary: str) -> dict[str, Any]:
         return {"summary": summary, "security": _SIGNED, "parameters": _secagg_params(),
-                "responses": {"200": {"description": "the message", "content": _PROTOCOL_BODY},
+                "responses": {"200": {"description": f"the message: {_PROTOCOL_BODY_DOC}", "content": _PROTOCOL_BODY},
                               **_errors(400, 401, 404, 409)}}
 
     def path(step: str) -> str:
@@ -94,7 +95,7 @@ def openapi_document() -> dict[str, Any]:
                 "summary": "Register with the enrollment token and an X25519 public key",
                 "requestBody": {"required": True, "content": _json("RegisterRequest")},
                 "responses": {"201": {"description": "registered", "content": _json("RegisterResponse")},
-                              **_errors(400, 401, 409)}}},
+                              **_errors(400, 401, 403, 409, 411, 413, 422)}}},
             PATH_TOKEN: {"post": {"summary": "Renew the session token (signature only)", "security": [{"signature": []}],
                                   "responses": {"200": {"description": "new token"}, **_errors(401)}}},
             PATH_ROUND: {"get": {"summary": "Poll the current round", "security": _SIGNED,
@@ -130,9 +131,30 @@ def openapi_document() -> dict[str, Any]:
                               **_errors(400, 401, 403, 409, 411, 413, 422)}}},
             **_secagg_paths(),
             "/status": {"get": {"summary": "Run summary (public, no secrets)", "responses": {"200": {"description": "status"}}}},
-            "/health": {"get": {"summary": "Liveness", "responses": {"200": {"description": "ok"}}}},
+            "/health": {"get": {"summary": "Whether the federation can make progress",
+                                "responses": {"200": {"description": "ok"},
+                                              "503": {"description": "degraded: the round ticker keeps failing, or the open "
+                                                      "round is far past its deadline (reason in the body)"}}}},
             PATH_CLIENTS: {"get": {"summary": "Registered clients (admin)", "security": [{"admin": []}],
                                    "responses": {"200": {"description": "clients"}, **_errors(401)}}},
+            f"{PATH_CLIENTS}/{{client_id}}/revoke": {"post": {
+                "summary": "Revoke a client (admin): it can no longer authenticate nor re-register by name",
+                "security": [{"admin": []}], "parameters": [_CLIENT_ID],
+                "responses": {"200": {"description": "revoked"}, **_errors(401, 404, 411, 413)}}},
+            f"{PATH_CLIENTS}/{{client_id}}": {"delete": {
+                "summary": "Remove a client and erase its stored rows and update files (admin); its contribution to "
+                           "models already aggregated cannot be erased", "security": [{"admin": []}],
+                "parameters": [_CLIENT_ID], "responses": {"200": {"description": "erased"}, **_errors(401, 404, 413)}}},
+            PATH_ENROLLMENTS: {
+                "get": {"summary": "Issued enrollment tokens, without the tokens (admin)", "security": [{"admin": []}],
+                        "responses": {"200": {"description": "enrollments"}, **_errors(401)}},
+                "post": {"summary": "Issue a per-client enrollment token (admin): shown once, stored hashed",
+                         "security": [{"admin": []}], "requestBody": {"required": True, "content": _json("EnrollmentRequest")},
+                         "responses": {"201": {"description": "the token"}, **_errors(400, 401, 411, 413)}}},
+            f"{PATH_ENROLLMENTS}/{{enrollment_id}}": {"delete": {
+                "summary": "Revoke an enrollment token (admin)", "security": [{"admin": []}],
+                "parameters": [{"name": "enrollment_id", "in": "path", "required": True, "schema": {"type": "string"}}],
+                "responses": {"200": {"description": "revoked"}, **_errors(401, 404, 413)}}},
             "/api/v1/audit": {"get": {"summary": "Security audit log (admin)", "security": [{"admin": []}],
                                       "responses": {"200": {"description": "events"}, **_errors(401)}}},
             PATH_OPENAPI: {"get": {"summary": "This document", "responses": {"200": {"description": "OpenAPI"}}}},
@@ -170,6 +192,11 @@ def openapi_document() -> dict[str, Any]:
                         "advertise_keys", "share_keys", "masked_input", "unmask", "done", "aborted"]},
                     "deadline": {"type": "number"}, "deadline_in_s": {"type": "number"}, "poll_after": {"type": "number"},
                     "dropped": {"type": "boolean"}, "done": {"type": "boolean"}}},
+                "EnrollmentRequest": {"type": "object", "additionalProperties": False, "properties": {
+                    "client_name": {"type": "string", "maxLength": 64, "description": "bind the token to this name"},
+                    "uses": {"type": "integer", "minimum": 1, "maximum": 100000, "description": "registrations it allows "
+                             "(1 when bound to a name)"},
+                    "expires_in_s": {"type": "number", "minimum": 60, "maximum": 31536000}}},
                 "RegisterRequest": {"type": "object", "required": ["enrollment_token", "public_key"], "properties": {
                     "enrollment_token": {"type": "string"}, "public_key": {"type": "string"},
                     "client_name": {"type": "string", "maxLength": 64}, "partition": {"type": "integer", "minimum": 0},
@@ -199,7 +226,7 @@ def openapi_document() -> dict[str, Any]:
                 "ProfileReport": {"type": "object", "required": ["num_samples"], "additionalProperties": False, "properties": {
                     "num_samples": {"type": "integer", "minimum": 1, "maximum": MAX_PROFILE_SAMPLES},
                     "capability": {"type": "object", "additionalProperties": False, "properties": {
-                        name: {"type": "number", "exclusiveMinimum": 0, "maximum": MAX_CAPABILITY_VALUE,
+                        name: {"type": "number", "minimum": 0, "exclusiveMinimum": True, "maximum": MAX_CAPABILITY_VALUE,
                                "description": "samples per second of local training" if name == "compute_speed"
                                else "bytes per second of the client's link"} for name in CAPABILITY_NAMES}},
                     "label_histogram": {"type": "array", "items": {"type": "number", "minimum": 0},

@@ -138,17 +138,21 @@ class SecureRounds(RoundProtocol):
         """A client registered a different verifying key: if it is in the open attempt it is dropped
         from it now (its messages could no longer be checked against the key the attempt was planned
         with), instead of holding the phase until its deadline. Called under the service's lock."""
-        if not registration.verify_key_changed:
-            return
-        client_id = registration.client_id
+        if registration.verify_key_changed:
+            self._drop(registration.client_id, "new_signing_key", now)
+
+    def client_left(self, client_id: str, why: str, now: float) -> None:
+        """A revoked or removed client is dropped from the open attempt now, not at the phase deadline."""
+        self._drop(client_id, "client_left", now)
+
+    def _drop(self, client_id: str, reason: str, now: float) -> None:
         agg = self.driver.coordinator.secagg
         if agg is None or client_id not in agg.params.client_ids:
             return
         index = agg.index_of(client_id)
         if index not in agg.server.drops and not agg.server.finished:
-            agg.server.drop(index, "new_signing_key", now)
-            log.warning("round %d: client %s registered a new signing key mid-round: dropped from this attempt",
-                        agg.params.round, client_id)
+            agg.server.drop(index, reason, now)
+            log.warning("round %d: client %s dropped from this attempt (%s)", agg.params.round, client_id, reason)
 
     def min_live_clients(self) -> int:
         return max(self.cfg.min_clients, MIN_SECURE_CLIENTS)
@@ -222,11 +226,16 @@ class SecureRounds(RoundProtocol):
         coord.add_bytes(sum(sum(d.values()) for ph, d in server.bytes_in.items() if ph != Phase.MASKED_INPUT.value)
                         + sum(sum(d.values()) for d in server.bytes_out.values()))
         try:
-            self.driver.close_round(row, "unmasked")  # calls round_closed once the sum is applied
+            closed = self.driver.close_round(row, "unmasked")  # calls round_closed once the sum is applied
         except (SecAggAborted, RuntimeError) as exc:  # nothing was applied: the sum did not decode or was short
             if coord.current_round is None:
                 raise  # the round did close: a later step failed, which the ticker reports
             self._abort(row, agg, f"the unmasked sum could not be applied: {exc}", now)
+            return
+        if closed is None:  # the unmasked aggregate was not finite: the driver aborted the attempt
+            stats = agg.stats()
+            stats.aborted = "the unmasked aggregate is not finite"
+            self._finish(row, stats, phase=Phase.UNMASK.value, auth=agg.params.auth)
 
     def round_closed(self, row: RoundRow, secagg: Optional[SecureAggregator]) -> None:
         """The driver applied the attempt's unmasked sum: add it to the history (summary, /status, /metrics)."""

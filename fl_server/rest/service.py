@@ -19,6 +19,7 @@ owns the round ticker thread and builds the part of ``/status`` that both modes 
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from pathlib import Path
@@ -33,7 +34,7 @@ from fl_common.protocol.rest import RegisterResponse, RoundStatus
 from fl_common.training import LocalTrainer
 from fl_server.rest.async_driver import AsyncRoundDriver
 from fl_server.rest.driver import CoordinatorView, DriverContext, ModelPayload, RoundDriver
-from fl_server.rest.gateway import ApiError, Authenticated, ClientGateway, check_rest_config
+from fl_server.rest.gateway import ApiError, Authenticated, ClientGateway, SignedRequest, check_rest_config
 from fl_server.rest.observer import Observers, ServiceObserver
 from fl_server.rest.secrets import ServerSecrets
 from fl_server.rest.secure_driver import SecureRounds
@@ -45,6 +46,8 @@ log = logging.getLogger("fl_server.rest.service")
 
 #: the round ticker's longest sleep between two looks at the deadlines (woken early by any change)
 TICK_SECONDS = 0.5
+#: consecutive ticker failures after which /health says the federation cannot progress
+TICKER_FAILURES_UNHEALTHY = 3
 
 
 def partition_sizes_for(cfg: FLConfig) -> list[int]:
@@ -61,6 +64,17 @@ def partition_sizes_for(cfg: FLConfig) -> list[int]:
                            samples_per_client=cfg.samples_per_client, shards_per_client=cfg.shards_per_client)
 
 
+def known_partition_sizes(cfg: FLConfig) -> list[int] | None:
+    """:func:`partition_sizes_for`, or None (logged) where the training split cannot be read here, e.g.
+    a dataset that needs a download on a server without internet: num_samples is then bounded by what
+    each client reported at registration instead."""
+    try:
+        return partition_sizes_for(cfg)
+    except (OSError, RuntimeError, ValueError) as exc:
+        log.warning("cannot derive the partitions' sizes (%s): a client's num_samples is bounded by what it reported", exc)
+        return None
+
+
 class FederationService:
     """One REST federation: a gateway, a round driver, a ticker. See the module docstring."""
 
@@ -70,17 +84,24 @@ class FederationService:
         check_rest_config(cfg)
         self.cfg = cfg
         self.state_dir = Path(state_dir)
-        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        # keys, token hashes and client updates live here: the server's user only (files inside are 0600)
+        os.chmod(self.state_dir, 0o700)
         self.clock = clock
         self.secrets = secrets_ or ServerSecrets.load(self.state_dir)
         self.store = ServerStore(self.state_dir / "server.db")
         self.run_dir = RunDirectory(self.state_dir / "run")
         self.run_dir.create()
+        os.chmod(self.run_dir.path, 0o700)
         #: one lock for the gateway's client table and the driver's coordinator
         self.lock = threading.RLock()
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._ticker: Optional[threading.Thread] = None
+        #: consecutive failures of the round ticker and the last one's message (/health reports them)
+        self.ticker_failures = 0
+        self.ticker_error: Optional[str] = None
+        self._ticker_logged_at = 0.0
         self.started_at = clock()
         #: told of evaluations, closed/aborted rounds and the end of the run (metrics, report; see observer.py)
         self.observers = Observers(observers or ())
@@ -96,10 +117,12 @@ class FederationService:
         #: sample-level DP plans each client's DP-SGD from the size of its shard (synchronous rounds only:
         #: the asynchronous mode refuses DP)
         self.partition_sizes: list[int] | None = None
+        #: every partition's record count: it bounds the num_samples a client may claim (the weight of its update)
+        known_sizes = known_partition_sizes(cfg)
         if cfg.differential_privacy and cfg.dp_mode == "sample" and not asynchronous:
-            self.partition_sizes = partition_sizes_for(cfg)
+            self.partition_sizes = known_sizes if known_sizes is not None else partition_sizes_for(cfg)
         self.gateway = ClientGateway(cfg, self.store, self.secrets, clock=clock, lock=self.lock, wake=self._wake,
-                                     model_info=model_info, partition_sizes=self.partition_sizes,
+                                     model_info=model_info, partition_sizes=self.partition_sizes, known_sizes=known_sizes,
                                      secagg_required=cfg.secure_aggregation and not asynchronous)
         self.context = DriverContext(cfg=cfg, store=self.store, run_dir=self.run_dir, updates_dir=self.state_dir / "updates",
                                      gateway=self.gateway, lock=self.lock, wake=self._wake, clock=clock,
@@ -143,26 +166,55 @@ class FederationService:
 
     def close(self) -> None:
         self.stop()
+        self.gateway.refusals.flush(force=True)
         self.store.close()
 
     def _tick_loop(self) -> None:
         while not self._stop.is_set():
             try:
                 self.tick()
-            except Exception:  # noqa: BLE001 - the ticker must survive and report, not die silently
-                log.exception("round ticker failed")
+                self.ticker_failures, self.ticker_error = 0, None
+            except Exception as exc:  # noqa: BLE001 - the ticker must survive and report, not die silently
+                self.ticker_failures += 1
+                now = time.monotonic()
+                # the same failure every 0.5 s must not flood the log: the first with its traceback, then a line a minute
+                if str(exc) != self.ticker_error or now - self._ticker_logged_at >= 60.0:
+                    log.exception("round ticker failed (%d time(s) in a row)", self.ticker_failures)
+                    self._ticker_logged_at = now
+                self.ticker_error = str(exc)
             self._wake.wait(timeout=TICK_SECONDS)
             self._wake.clear()
 
+    def health_problem(self) -> Optional[str]:
+        """Why the federation cannot make progress, or None (``/health`` answers 503 with it)."""
+        if self.ticker_failures >= TICKER_FAILURES_UNHEALTHY:
+            return f"the round ticker failed {self.ticker_failures} times in a row: {self.ticker_error}"
+        return self.driver.stalled(self.clock())
+
     def tick(self) -> None:
         self.driver.tick()
+        self.gateway.refusals.flush()
 
     # ------------------------------------------------------------------ clients (gateway, then driver)
-    def register(self, body: Mapping[str, Any], remote: str = "") -> RegisterResponse:
+    def register(self, body: Mapping[str, Any], remote: str = "", request: Optional[SignedRequest] = None) -> RegisterResponse:
         with self.lock:  # the driver hears of it in the same critical section as the credentials change
-            registration = self.gateway.register(body, remote)
+            registration = self.gateway.register(body, remote, request)
             self.driver.client_registered(registration)
         return registration.response
+
+    def revoke_client(self, client_id: str) -> dict[str, Any]:
+        """Admin: the client can no longer authenticate; a round it is in goes on without it."""
+        with self.lock:
+            result = self.gateway.revoke_client(client_id)
+            self.driver.client_left(client_id, "revoked by an admin")
+        return result
+
+    def remove_client(self, client_id: str) -> dict[str, Any]:
+        """Admin: revoke, then erase every stored row and payload file of the client (its contribution to
+        models already aggregated cannot be erased); its name and partition become free."""
+        with self.lock:
+            self.driver.client_left(client_id, "removed by an admin")
+            return self.gateway.erase_client(client_id)
 
     def authenticate(self, method: str, path: str, body: bytes, headers: Mapping[str, str], *,
                      require_token: bool = True) -> Authenticated:
@@ -182,6 +234,15 @@ class FederationService:
 
     def is_admin(self, authorization: str) -> bool:
         return self.gateway.is_admin(authorization)
+
+    def create_enrollment(self, body: Mapping[str, Any]) -> dict[str, Any]:
+        return self.gateway.create_enrollment(body)
+
+    def enrollments(self) -> list[dict[str, Any]]:
+        return self.gateway.enrollments()
+
+    def revoke_enrollment(self, enrollment_id: str) -> dict[str, Any]:
+        return self.gateway.revoke_enrollment(enrollment_id)
 
     def refuse(self, reason: str, detail: str) -> None:
         """A request refused before it reached the gateway or a driver (bad admin token, oversized body)."""
@@ -226,7 +287,7 @@ class FederationService:
                 "accuracy": evaluated[-1].test_accuracy if evaluated else None,
                 "loss": evaluated[-1].test_loss if evaluated else None,
                 "history": [r.to_row() for r in history[-200:]],
-                "rejected": self.store.rejections(),
+                "rejected": self.gateway.refusals.rejections(),
                 "updates_accepted": self.store.count_updates(),
                 "aggregation_method": cfg.aggregation_method,
                 "encryption": cfg.encryption,

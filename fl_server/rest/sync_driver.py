@@ -56,6 +56,9 @@ from fl_server.store.sqlite import RoundRow, UpdateRow
 
 log = logging.getLogger("fl_server.rest.sync_driver")
 
+#: seconds past an open round's deadline after which /health reports the federation stalled
+STALL_GRACE_SECONDS = 30.0
+
 
 class RoundProtocol(abc.ABC):
     """How one synchronous round runs between opening and closing: plain uploads, or SecAgg phases."""
@@ -115,6 +118,9 @@ class RoundProtocol(abc.ABC):
 
     def client_registered(self, registration: Registration, now: float) -> None:
         """A client registered again (its keys may have changed)."""
+
+    def client_left(self, client_id: str, why: str, now: float) -> None:
+        """A client will not take part any more (plain rounds simply close without its update)."""
 
     def status_fields(self) -> dict[str, Any]:
         """Extra /status fields."""
@@ -206,6 +212,10 @@ class SyncRoundDriver(RoundDriver):
         self.selection_problems = SelectionProblems(self.cfg.selection)
         self._waiting_since: float | None = None
         self._model_cache: tuple[int, bytes, Optional[bytes]] | None = None
+        #: attempts whose aggregate was not finite (aborted, nothing applied); /status and /metrics show it
+        self.unusable_aggregates = 0
+        #: clients whose updates made an aggregate unusable: not selected again in this process's lifetime
+        self.excluded: set[str] = set()
         self._coordinator = Coordinator(self.cfg, ctx.trainer.vector(), ctx.trainer.spec, evaluator=ctx.evaluator,
                                         planned_client_sizes=partition_sizes, driver_features=protocol.driver_features,
                                         secagg_verifiers=protocol.verifier if protocol.secure else None)
@@ -258,7 +268,9 @@ class SyncRoundDriver(RoundDriver):
         plan = RoundPlan(open_row.round, list(open_row.selected),
                          {c: TrainInstructions.from_json(i) for c, i in open_row.instructions.items()}, privacy=open_row.privacy,
                          probabilities=open_row.probabilities)
-        self._coordinator.restore_round(plan)
+        # the round's history row counts the whole round: its time and downloads before the restart too
+        self._coordinator.restore_round(plan, elapsed_s=ctx.clock() - open_row.started_at,
+                                        bytes_so_far=open_row.download_bytes)
         replayed = 0
         for row in ctx.store.updates_for_round(open_row.round_id):
             data = Path(row.path).read_bytes()
@@ -286,6 +298,9 @@ class SyncRoundDriver(RoundDriver):
         if registration.reregistered:
             self.protocol.client_registered(registration, self.ctx.clock())
 
+    def client_left(self, client_id: str, why: str) -> None:
+        self.protocol.client_left(client_id, why, self.ctx.clock())
+
     # ------------------------------------------------------------------ round lifecycle (lock held)
     def tick(self) -> None:
         """Close a round at quorum or deadline; open the next one when enough clients are live."""
@@ -302,7 +317,8 @@ class SyncRoundDriver(RoundDriver):
                 now = ctx.clock()  # a round just ended: open the next one now, not a tick later
             if coord.finished:
                 return
-            live, infos = self.protocol.candidates(*ctx.gateway.selection_candidates(ctx.gateway.live_clients()))
+            live_now = [cid for cid in ctx.gateway.live_clients() if cid not in self.excluded]
+            live, infos = self.protocol.candidates(*ctx.gateway.selection_candidates(live_now))
             # The grace period starts once a quorum is live, so a burst of registrations at start-up
             # all make it into the first round instead of the first min_clients.
             if len(live) < self.protocol.min_live_clients():
@@ -356,14 +372,22 @@ class SyncRoundDriver(RoundDriver):
         log.info("round %d opened: %d of %d live clients selected, quorum %d, deadline in %.0f s", plan.round,
                  len(plan.selected), len(live), row.target, self.cfg.round_timeout)
 
-    def close_round(self, row: RoundRow, reason: str) -> RoundRecord:
-        """Aggregate, apply, evaluate, checkpoint and record the open attempt (lock held)."""
+    def close_round(self, row: RoundRow, reason: str) -> Optional[RoundRecord]:
+        """Aggregate, apply, evaluate, checkpoint and record the open attempt (lock held).
+
+        An aggregate that is not finite is never applied: the attempt is aborted (None is returned),
+        the updates that caused it are named in the audit log where they can be told apart, their
+        senders are left out of later rounds, and the run goes on with a new attempt."""
         ctx = self.ctx
         coord = self._coordinator
         arrived = sorted(coord.arrived)
         secagg = coord.secagg
         t0 = time.perf_counter()
-        record = coord.close_round()
+        try:
+            record = coord.close_round()
+        except FloatingPointError as exc:
+            self._reject_unusable_aggregate(row, exc)
+            return None
         close_seconds = time.perf_counter() - t0
         self.protocol.round_closed(row, secagg)  # before the summary of a finished run is written
         self.checkpoint()
@@ -380,6 +404,44 @@ class SyncRoundDriver(RoundDriver):
         if coord.finished:
             self._finish_run()
         return record
+
+    def _reject_unusable_aggregate(self, row: RoundRow, exc: FloatingPointError) -> None:
+        ctx = self.ctx
+        self.unusable_aggregates += 1
+        suspects = self._suspect_updates(row)
+        for client_id in suspects:
+            ctx.gateway.refuse("update_unusable_aggregate", client_id, f"round {row.round}: its update made the aggregate "
+                               f"unusable; left out of later rounds")
+        self.excluded.update(suspects)
+        self.abort_round(row, f"the aggregate is not finite, nothing applied ({exc}); suspect update(s): "
+                         f"{len(suspects)}", ctx.clock())
+
+    def _suspect_updates(self, row: RoundRow) -> list[str]:
+        """Updates of the attempt that alone make the model non-finite, or whose norm is over 100x the
+        round's median (plain rounds: the durable payloads; a masked sum cannot be taken apart)."""
+        coord = self._coordinator
+        norms: dict[str, float] = {}
+        broken: list[str] = []
+        for update in self.ctx.store.updates_for_round(row.round_id):
+            if not update.path:
+                continue
+            delta, _ = self.ctx.gateway.decode_stored(Path(update.path).read_bytes(), self.layout)
+            moved = coord.global_vector + delta.to(torch.float32)
+            norm = float(delta.double().norm())
+            if not bool(torch.isfinite(moved).all()) or not math.isfinite(norm):
+                broken.append(update.client_id)
+            else:
+                norms[update.client_id] = norm * update.num_samples
+        if len(norms) >= 3:
+            median = sorted(norms.values())[len(norms) // 2]
+            broken += [cid for cid, n in norms.items() if median > 0 and n > 100 * median]
+        return sorted(set(broken))
+
+    def stalled(self, now: float) -> Optional[str]:
+        row = self.ctx.store.current_open_round() if self._coordinator.current_round is not None else None
+        if row is not None and now > row.deadline + STALL_GRACE_SECONDS:
+            return f"round {row.round} is {now - row.deadline:.0f} s past its deadline"
+        return None
 
     def abort_round(self, row: RoundRow, reason: str, now: float, *, warn: bool = True) -> None:
         """Drop the open attempt, applying nothing; a new attempt of the same round follows (lock held)."""
@@ -444,6 +506,15 @@ class SyncRoundDriver(RoundDriver):
                 return RoundStatus(ROUND_NOT_SELECTED, current, version, self.cfg.poll_interval, row.deadline)
             return self.protocol.round_status(auth.client_id, row, instr, version)
 
+    def count_download(self, nbytes: int) -> None:
+        """A model download counts towards the open round's bytes, durably (a restart keeps the count)."""
+        with self.ctx.lock:
+            self._coordinator.add_bytes(nbytes)
+            if self._coordinator.current_round is not None:
+                row = self.ctx.store.current_open_round()
+                if row is not None:
+                    self.ctx.store.add_download_bytes(row.round_id, nbytes)
+
     def model_version(self, requested: Optional[int]) -> int:
         """Synchronous rounds serve the current model only (``?version=`` is an asynchronous job's)."""
         return self._coordinator.completed_rounds
@@ -493,6 +564,7 @@ class SyncRoundDriver(RoundDriver):
                     "round": row.round, "selected": len(row.selected), "quorum": row.target,
                     "arrived": len(coord.arrived), "deadline_in_s": round(max(0.0, row.deadline - ctx.clock()), 1),
                 },
+                "unusable_aggregates": self.unusable_aggregates,
                 **self.protocol.status_fields(),
             }
 
@@ -503,7 +575,7 @@ class SyncRoundDriver(RoundDriver):
         return {
             "mode": "rest", "rounds_completed": coord.completed_rounds, **accuracy_summary(hist),
             "wall_seconds": ctx.clock() - ctx.started_at, "total_bytes": sum(r.bytes for r in hist),
-            "clients_registered": ctx.store.count_clients(), "rejected": ctx.store.rejections(),
+            "clients_registered": ctx.store.count_clients(), "rejected": ctx.gateway.refusals.rejections(),
             "encryption": self.cfg.encryption, "privacy": coord.privacy_status(),
             "stop_reason": coord.stop_reason, "training_mode": self.mode,
             "selection": self.selection_summary(), "participation": self.participation_summary(),

@@ -21,6 +21,7 @@ serialises writers anyway; this keeps every multi-statement change atomic and si
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import threading
 import time
@@ -60,7 +61,8 @@ CREATE TABLE IF NOT EXISTS rounds (
     reason TEXT,
     privacy TEXT,
     probabilities TEXT,
-    secagg TEXT
+    secagg TEXT,
+    download_bytes INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS participants (
     round_id INTEGER NOT NULL,
@@ -95,6 +97,16 @@ CREATE TABLE IF NOT EXISTS security_events (
     detail TEXT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS rejections (reason TEXT PRIMARY KEY, count INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS enrollments (
+    enrollment_id TEXT PRIMARY KEY,
+    token_hash TEXT NOT NULL UNIQUE,
+    client_name TEXT,
+    max_uses INTEGER NOT NULL,
+    uses INTEGER NOT NULL DEFAULT 0,
+    created_at REAL NOT NULL,
+    expires_at REAL,
+    revoked_at REAL
+);
 CREATE TABLE IF NOT EXISTS async_updates (
     job INTEGER PRIMARY KEY,
     version INTEGER NOT NULL,
@@ -142,6 +154,8 @@ class ClientRow:
     #: the client's long-term Ed25519 verifying key (urlsafe base64 of 32 bytes), sent at registration:
     #: secure aggregation checks every protocol message of the client against it (fl_common/secagg/auth.py)
     secagg_verify_key: Optional[str] = None
+    #: when an admin revoked the client (it can no longer authenticate or re-register by name), else None
+    revoked_at: Optional[float] = None
 
 
 @dataclass
@@ -166,6 +180,8 @@ class RoundRow:
     #: the attempt's public secure-aggregation parameters (``RoundPlan.secagg``); an open attempt that has
     #: them cannot be resumed after a restart (the protocol state is in memory only) and is aborted
     secagg: Optional[dict[str, Any]] = None
+    #: bytes of model downloads served while the attempt was open (a restart keeps counting from here)
+    download_bytes: int = 0
 
 
 @dataclass
@@ -203,7 +219,11 @@ class AsyncUpdateRow:
 class ServerStore:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        # The database holds wrapped client keys and token hashes: readable by the server's user only.
+        # SQLite gives its -wal and -shm files the database file's mode, so creating it 0600 covers all three.
+        os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600))
+        os.chmod(self.path, 0o600)
         self._lock = threading.RLock()
         self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
@@ -221,11 +241,17 @@ class ServerStore:
             self._db.execute("ALTER TABLE rounds ADD COLUMN probabilities TEXT")
         if "secagg" not in columns:
             self._db.execute("ALTER TABLE rounds ADD COLUMN secagg TEXT")
+        if "download_bytes" not in columns:
+            self._db.execute("ALTER TABLE rounds ADD COLUMN download_bytes INTEGER NOT NULL DEFAULT 0")
         columns = {r[1] for r in self._db.execute("PRAGMA table_info(clients)").fetchall()}
         if "profile" not in columns:
             self._db.execute("ALTER TABLE clients ADD COLUMN profile TEXT")
         if "secagg_verify_key" not in columns:
             self._db.execute("ALTER TABLE clients ADD COLUMN secagg_verify_key TEXT")
+        if "enrolled_by" not in columns:
+            self._db.execute("ALTER TABLE clients ADD COLUMN enrolled_by TEXT")
+        if "revoked_at" not in columns:
+            self._db.execute("ALTER TABLE clients ADD COLUMN revoked_at REAL")
 
     def close(self) -> None:
         with self._lock:
@@ -292,10 +318,10 @@ class ServerStore:
         if row is None:
             return None
         return ClientRow(row[0], row[1], row[2], row[3], bytes(row[4]), row[5], row[6], json.loads(row[7]), row[8], row[9],
-                         row[10], json.loads(row[11]), None if row[12] is None else json.loads(row[12]), row[13])
+                         row[10], json.loads(row[11]), None if row[12] is None else json.loads(row[12]), row[13], row[14])
 
     _CLIENT_COLS = ("client_id, name, token_hash, token_expires, wrapped_keys, partition_index, num_samples, capability,"
-                    " registered_at, last_seen, rounds_participated, last_metrics, profile, secagg_verify_key")
+                    " registered_at, last_seen, rounds_participated, last_metrics, profile, secagg_verify_key, revoked_at")
 
     def client(self, client_id: str) -> Optional[ClientRow]:
         return self._client(self._one(f"SELECT {self._CLIENT_COLS} FROM clients WHERE client_id=?", (client_id,)))
@@ -311,7 +337,8 @@ class ServerStore:
                 if c is not None]
 
     def live_client_ids(self, since: float) -> list[str]:
-        return [r[0] for r in self._all("SELECT client_id FROM clients WHERE last_seen >= ? ORDER BY client_id", (since,))]
+        return [r[0] for r in self._all("SELECT client_id FROM clients WHERE last_seen >= ? AND revoked_at IS NULL"
+                                        " ORDER BY client_id", (since,))]
 
     def client_ids(self) -> list[str]:
         return [r[0] for r in self._all("SELECT client_id FROM clients ORDER BY registered_at")]
@@ -340,6 +367,72 @@ class ServerStore:
     def used_partitions(self) -> set[int]:
         return {int(r[0]) for r in self._all("SELECT partition_index FROM clients WHERE partition_index IS NOT NULL")}
 
+    # ------------------------------------------------------------------ enrollment and administration
+    def set_enrolled_by(self, client_id: str, enrollment: str) -> None:
+        """Which credential registered the client: ``shared`` or an enrollment id (limits per credential)."""
+        with self._tx() as db:
+            db.execute("UPDATE clients SET enrolled_by=? WHERE client_id=?", (enrollment, client_id))
+
+    def count_enrolled_by(self, enrollment: str) -> int:
+        row = self._one("SELECT COUNT(*) FROM clients WHERE enrolled_by=?", (enrollment,))
+        return int(row[0]) if row else 0
+
+    def add_enrollment(self, enrollment_id: str, token_hash: str, client_name: Optional[str], max_uses: int, now: float,
+                       expires_at: Optional[float]) -> None:
+        with self._tx() as db:
+            db.execute("INSERT INTO enrollments(enrollment_id, token_hash, client_name, max_uses, created_at, expires_at)"
+                       " VALUES(?,?,?,?,?,?)", (enrollment_id, token_hash, client_name, max_uses, now, expires_at))
+
+    def enrollment_by_hash(self, token_hash: str) -> Optional[dict[str, Any]]:
+        row = self._one("SELECT enrollment_id, client_name, max_uses, uses, created_at, expires_at, revoked_at FROM enrollments"
+                        " WHERE token_hash=?", (token_hash,))
+        return None if row is None else self._enrollment(row)
+
+    @staticmethod
+    def _enrollment(r: tuple) -> dict[str, Any]:
+        return {"enrollment_id": r[0], "client_name": r[1], "max_uses": int(r[2]), "uses": int(r[3]), "created_at": r[4],
+                "expires_at": r[5], "revoked_at": r[6]}
+
+    def use_enrollment(self, enrollment_id: str, now: float) -> bool:
+        """Spend one use of an enrollment credential, atomically; False when it has none left (or is dead)."""
+        with self._tx() as db:
+            cur = db.execute("UPDATE enrollments SET uses = uses + 1 WHERE enrollment_id=? AND uses < max_uses AND revoked_at IS"
+                             " NULL AND (expires_at IS NULL OR expires_at > ?)", (enrollment_id, now))
+            return cur.rowcount == 1
+
+    def enrollments(self) -> list[dict[str, Any]]:
+        return [self._enrollment(r) for r in self._all("SELECT enrollment_id, client_name, max_uses, uses, created_at,"
+                                                        " expires_at, revoked_at FROM enrollments ORDER BY created_at")]
+
+    def revoke_enrollment(self, enrollment_id: str, now: float) -> bool:
+        with self._tx() as db:
+            cur = db.execute("UPDATE enrollments SET revoked_at=? WHERE enrollment_id=? AND revoked_at IS NULL",
+                             (now, enrollment_id))
+            return cur.rowcount == 1
+
+    def revoke_client(self, client_id: str, now: float) -> bool:
+        """The client can no longer authenticate (its token and keys stay, unusable), nor re-register by name."""
+        with self._tx() as db:
+            cur = db.execute("UPDATE clients SET revoked_at=?, token_expires=0 WHERE client_id=? AND revoked_at IS NULL",
+                             (now, client_id))
+            return cur.rowcount == 1
+
+    def client_revoked_at(self, client_id: str) -> Optional[float]:
+        row = self._one("SELECT revoked_at FROM clients WHERE client_id=?", (client_id,))
+        return None if row is None else row[0]
+
+    def erase_client(self, client_id: str) -> tuple[int, list[str]]:
+        """Delete every row that names the client (its record, updates, participation, nonces, jobs and audit
+        events) and return (rows deleted, payload files the caller must delete). What cannot be erased is its
+        contribution to models already aggregated."""
+        tables = ("updates", "async_updates", "async_jobs", "participants", "nonces", "security_events")
+        with self._tx() as db:
+            paths = [r[0] for r in db.execute("SELECT path FROM updates WHERE client_id=? AND path != ''", (client_id,))]
+            paths += [r[0] for r in db.execute("SELECT path FROM async_updates WHERE client_id=?", (client_id,))]
+            deleted = sum(db.execute(f"DELETE FROM {t} WHERE client_id=?", (client_id,)).rowcount for t in tables)
+            deleted += db.execute("DELETE FROM clients WHERE client_id=?", (client_id,)).rowcount
+        return deleted, paths
+
     # ------------------------------------------------------------------ rounds
     def open_round(self, row: RoundRow) -> int:
         """Insert a new attempt (``row.round_id`` is ignored) and return its round_id."""
@@ -361,10 +454,14 @@ class ServerStore:
             return None
         return RoundRow(row[0], row[1], row[2], json.loads(row[3]), json.loads(row[4]), row[5], row[6], row[7], row[8], row[9],
                         None if row[10] is None else json.loads(row[10]), None if row[11] is None else json.loads(row[11]),
-                        None if row[12] is None else json.loads(row[12]))
+                        None if row[12] is None else json.loads(row[12]), int(row[13] or 0))
 
     _ROUND_COLS = ("round_id, round, state, selected, instructions, target, started_at, deadline, closed_at, reason, privacy,"
-                   " probabilities, secagg")
+                   " probabilities, secagg, download_bytes")
+
+    def add_download_bytes(self, round_id: int, nbytes: int) -> None:
+        with self._tx() as db:
+            db.execute("UPDATE rounds SET download_bytes = COALESCE(download_bytes, 0) + ? WHERE round_id=?", (nbytes, round_id))
 
     def current_open_round(self) -> Optional[RoundRow]:
         return self._round(self._one(f"SELECT {self._ROUND_COLS} FROM rounds WHERE state='open' ORDER BY round_id DESC LIMIT 1"))
@@ -503,10 +600,20 @@ class ServerStore:
         rows = self._all("SELECT id, at, kind, client_id, detail FROM security_events ORDER BY id DESC LIMIT ?", (limit,))
         return [{"id": r[0], "at": r[1], "kind": r[2], "client_id": r[3], "detail": r[4]} for r in rows]
 
-    def count_rejection(self, reason: str) -> None:
+    def add_rejections(self, counts: dict[str, int]) -> None:
+        """Add several refusal counts in one transaction (the refusal recorder's flush)."""
         with self._tx() as db:
-            db.execute("INSERT INTO rejections(reason, count) VALUES(?, 1) ON CONFLICT(reason) DO UPDATE SET count = count + 1",
-                       (reason,))
+            db.executemany("INSERT INTO rejections(reason, count) VALUES(?, ?) ON CONFLICT(reason) DO UPDATE SET count = count"
+                           " + excluded.count", list(counts.items()))
+
+    def prune_security_events(self, *, older_than: float, keep_newest: int) -> int:
+        """The audit log's retention: drop events older than ``older_than`` and all but the newest
+        ``keep_newest``; returns how many were removed."""
+        with self._tx() as db:
+            removed = db.execute("DELETE FROM security_events WHERE at < ?", (older_than,)).rowcount
+            removed += db.execute("DELETE FROM security_events WHERE id NOT IN (SELECT id FROM security_events ORDER BY id"
+                                  " DESC LIMIT ?)", (keep_newest,)).rowcount
+        return int(removed)
 
     def rejections(self) -> dict[str, int]:
         return {r[0]: int(r[1]) for r in self._all("SELECT reason, count FROM rejections ORDER BY reason")}

@@ -24,7 +24,7 @@ import pytest
 import requests
 import torch
 
-from fl_client.api import ApiRefused, ServerApi
+from fl_client.api import ApiRefused, Credentials, ServerApi
 from fl_client.secagg_session import IDENTITY_FILE, SecureRoundSession, plain_input
 from fl_common.protocol.rest import ENV_ADMIN_TOKEN, ENV_ENROLLMENT_TOKEN, pack_masked_upload
 from fl_common.secagg import (
@@ -56,9 +56,10 @@ SECURE: dict[str, Any] = {"secure_aggregation": True, "poll_interval": 0.05, "se
 class SecureClient:
     """A registered client with its own Ed25519 identity whose plain inputs the test chooses."""
 
-    def __init__(self, url: str, env: dict[str, str], name: str, seed: int) -> None:
+    def __init__(self, url: str, env: dict[str, str], name: str, seed: int, previous: Credentials | None = None) -> None:
         self.identity = SigningIdentity.generate_ed25519()
         self.api = ServerApi(url, timeout=30, max_retries=1)
+        self.api.creds = previous  # registering a known name again is signed with its current keys
         self.reg = self.api.register(env[ENV_ENROLLMENT_TOKEN], client_name=name, partition=None, num_samples=None,
                                      capability={}, secagg_verify_key=self.identity.verify_key)
         self.id = self.reg["client_id"]
@@ -360,7 +361,8 @@ def test_registration_needs_a_valid_key_and_a_new_key_mid_round_drops_the_client
         clients = register(url, env, 4)
         start = service.coordinator.global_vector.clone()
         sessions = [c.join(1) for c in clients]
-        again = SecureClient(url, env, "s3", seed=7)  # s3 registers again with a new signing key: out of this attempt
+        # s3 registers again (proving it holds its keys) with a new signing key: out of this attempt
+        again = SecureClient(url, env, "s3", seed=7, previous=clients[3].api.creds)
         status = again.api.round_status()
         assert status["state"] != "selected" and status["secagg"]["dropped"] is True
         for s in sessions[:3]:

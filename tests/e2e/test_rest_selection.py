@@ -193,7 +193,7 @@ def test_the_profile_endpoint_refuses_bad_input_with_4xx_json_and_changes_nothin
         def check_all(expected_profile: dict | None) -> None:
             for name, body, status, code in BAD_PROFILES:
                 before = snapshot()
-                refused = sum(service.store.rejections().values())
+                refused = sum(service.gateway.refusals.rejections().values())
                 raw = body if isinstance(body, bytes) else json.dumps(body).encode()
                 if name == "unsigned":
                     resp = _raw_post(url, client, raw, sign=False, token=False)
@@ -205,7 +205,7 @@ def test_the_profile_endpoint_refuses_bad_input_with_4xx_json_and_changes_nothin
                 data = resp.json()
                 assert set(data) == {"error", "message"} and data["error"] == code and data["message"], (name, data)
                 assert snapshot() == before, f"{name}: a refused profile changed the store"
-                assert sum(service.store.rejections().values()) == refused + 1, f"{name}: the refusal was not counted"
+                assert sum(service.gateway.refusals.rejections().values()) == refused + 1, f"{name}: the refusal was not counted"
                 assert client.api.profile_spec()["profile"] == expected_profile
 
         check_all(None)

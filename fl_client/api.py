@@ -117,7 +117,8 @@ class ServerApi:
             if attempt > self.max_retries or self._stop():
                 raise ServerUnreachable(f"{method} {path} failed after {attempt} attempt(s): {error}")
             delay = min(30.0, 0.5 * 2 ** (attempt - 1)) * (0.5 + random.random())
-            log.info("%s %s failed (%s); retry %d/%d in %.1f s", method, path, error, attempt, self.max_retries, delay)
+            # DEBUG: the caller says once that the server is unreachable (fl_client/backoff.py), not once per try
+            log.debug("%s %s failed (%s); retry %d/%d in %.1f s", method, path, error, attempt, self.max_retries, delay)
             self._sleep(delay)
 
     # ------------------------------------------------------------------ protocol

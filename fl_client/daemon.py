@@ -2,9 +2,18 @@
 
 State that must survive a restart lives in ``--state-dir``: credentials (0600), the data
 assignment, the last model version and its bytes, the codec's error-feedback residual, the
-idempotency key of an upload in flight and the label histogram it released. A daemon killed
-after training but before the server acknowledged its upload resends the same key, which the
-server counts once.
+label histogram it released, and a finished update the server has not acknowledged yet
+(fl_client/pending.py: its bytes, its idempotency key, the attempt it was trained for).
+
+A server that is down is waited out, never a reason to exit: registration, polls and uploads
+retry with exponential backoff and jitter (fl_client/backoff.py), one log line when the server
+goes away and one when it is back, and SIGTERM/SIGINT still stop the daemon at once. A finished
+update is kept and uploaded again, with the same idempotency key (the server counts it once),
+for as long as its round can take it: until the server answers (202, a duplicate included; a
+409 or other 4xx ends it) or the round's deadline passes. A retry after an outage first polls:
+an update is never sent into another attempt of its round. A daemon killed after training but
+before the server acknowledged the upload sends the kept update after its restart instead of
+training the round again.
 
 Profile (client selection): once its data is loaded the daemon asks the server what its
 selection policy reads (``GET /api/v1/profile``) and reports it: ``num_samples``; capability
@@ -52,6 +61,8 @@ import numpy as np
 import torch
 
 from fl_client.api import ApiRefused, Credentials, ServerApi, ServerUnreachable
+from fl_client.backoff import ServerWait
+from fl_client.pending import PendingFileError, PendingUpload
 from fl_client.progress import training_progress
 from fl_client.secagg_session import SecureRoundSession, SessionEnded, plain_input
 from fl_client.trusted_keys import format_verify_key, load_or_create_identity
@@ -112,6 +123,10 @@ CONTROL_FILE = "scaffold_control.pt"
 HISTOGRAM_FILE = "label_histogram.json"
 #: samples of the client's own data the compute-speed measurement trains on
 SPEED_SAMPLES = 256
+#: longest wait between two polls, or two upload tries, while the server is unreachable (seconds): short enough
+#: not to miss a round's selection or deadline once it is back
+POLL_RETRY_CAP = 10.0
+UPLOAD_RETRY_CAP = 10.0
 
 
 class ClientDaemon:
@@ -133,6 +148,7 @@ class ClientDaemon:
         self.profile_due = True  # reported after loading the data, and again after registering anew
         self.identity: Optional[SigningIdentity] = None  # long-term Ed25519 key for secure aggregation
         self._secagg_attempts: list[int] = []  # secure attempts already taken part in (never twice)
+        self.pending: Optional[PendingUpload] = None  # a finished update the server has not acknowledged yet
 
     # ------------------------------------------------------------------ lifecycle
     def install_signal_handlers(self) -> None:
@@ -225,8 +241,12 @@ class ClientDaemon:
     # ------------------------------------------------------------------ main loop
     def run(self) -> int:
         try:
-            self._load_or_register()
+            if not self._start_up():
+                log.info("stopped")
+                return 0
             self._prepare_training()
+            self._load_pending()
+            polls = ServerWait("poll", self._sleep, log, cap=POLL_RETRY_CAP)
             while not self.stop_event.is_set():
                 if self.opts.max_rounds is not None and self.rounds_done >= self.opts.max_rounds:
                     log.info("took part in %d round(s): done", self.rounds_done)
@@ -236,13 +256,19 @@ class ClientDaemon:
                         self._report_profile()
                     status = self._call(self.api.round_status)
                 except ServerUnreachable as exc:
-                    log.warning("server unreachable (%s); retrying", exc)
-                    self._sleep(5.0 * (0.5 + random.random()))
+                    polls.failed(exc)
                     continue
+                polls.succeeded()
                 if status["state"] == ROUND_FINISHED:
                     log.info("the federation has finished; exiting")
                     return 0
                 try:
+                    if self.pending is not None:
+                        if self.pending.is_for(status):  # kept from before a restart: send it, do not train again
+                            self._deliver_pending()
+                            continue
+                        self._drop_pending(f"the server no longer expects it (state {status['state']}, round "
+                                           f"{status.get('round')})")
                     if status["state"] == ROUND_SELECTED and status.get("secagg") is not None:
                         if self._take_part_secure(status):
                             continue
@@ -250,8 +276,7 @@ class ClientDaemon:
                         self._take_part(status)
                         continue
                 except ServerUnreachable as exc:  # e.g. the server restarts mid-download: poll again, never die
-                    log.warning("server unreachable during the round (%s); polling again", exc)
-                    self._sleep(5.0 * (0.5 + random.random()))
+                    polls.failed(exc)
                     continue
                 interval = float(status.get("poll_after") or self.registration.get("poll_interval", 2.0))
                 self._sleep(interval * (0.75 + 0.5 * random.random()))  # jitter keeps clients from polling in lockstep
@@ -260,6 +285,20 @@ class ClientDaemon:
         except ApiRefused as exc:
             log.error("the server refused this client: %s", exc)
             return 1
+
+    def _start_up(self) -> bool:
+        """Load the credentials or register, waiting (with backoff) for a server that is not up yet; False when
+        the daemon was told to stop while waiting."""
+        wait = ServerWait("registration", self._sleep, log)
+        while not self.stop_event.is_set():
+            try:
+                self._load_or_register()
+            except ServerUnreachable as exc:
+                wait.failed(exc)
+                continue
+            wait.succeeded()
+            return True
+        return False
 
     def _call(self, fn: Any, *args: Any) -> Any:
         """Call the API, renewing an expired session token (or re-registering) once if needed."""
@@ -391,7 +430,6 @@ class ClientDaemon:
         job = status.get("job")
         what = f"round {round_number}" if job is None else f"job {job} (model version {round_number})"
         instr = TrainInstructions.from_json(status["instructions"])
-        encrypted = bool(self.registration.get("encryption", True))
         try:
             global_vector, control = self._download(instr, job, round_number)
         except ApiRefused as exc:
@@ -407,29 +445,94 @@ class ClientDaemon:
                              error_feedback=self.error_feedback,
                              meta={"num_samples": update.num_samples, "metrics": update.metrics})
         # one key per round (synchronous) or per job (asynchronous: several jobs may train on one version)
-        key_path = self.state_dir / (f"pending-r{round_number}.key" if job is None else f"pending-j{int(job)}.key")
-        key = key_path.read_text().strip() if key_path.is_file() else (
-            f"{round_number}-{uuid.uuid4().hex}" if job is None else f"v{round_number}-j{int(job)}-{uuid.uuid4().hex}")
-        _write_private(key_path, key)
+        key = f"{round_number}-{uuid.uuid4().hex}" if job is None else f"v{round_number}-j{int(job)}-{uuid.uuid4().hex}"
+        next_control = None
+        if control is not None and update.control_delta is not None:
+            buf = io.BytesIO()
+            torch.save(updated_client_control(control.client, update.control_delta), buf)
+            next_control = buf.getvalue()
+        # DP-SGD reports no training loss (it is not private): the log line says so rather than invent one
+        loss = update.metrics.get("train_loss")
+        self.pending = PendingUpload.for_status(
+            status, key, packed.data, control=next_control,
+            error_feedback=None if self.error_feedback is None else self.error_feedback.to_bytes(),
+            summary={"train_loss": float(loss) if loss is not None else None})
+        self.pending.save(self.state_dir)  # a daemon restarted before the server holds it sends it again
+        self._deliver_pending()
+
+    # ------------------------------------------------------------------ a finished update until it counts
+    def _load_pending(self) -> None:
+        """After a restart: the update this daemon had finished but not delivered, if it may still count."""
         try:
-            result = self._call(self.api.upload_update, round_number, packed.data, key, encrypted)
-        except ApiRefused as exc:
-            log.warning("%s: update refused (%s)", what, exc)
-            key_path.unlink(missing_ok=True)
+            pending = PendingUpload.load(self.state_dir)
+        except PendingFileError as exc:
+            log.warning("%s: dropping it", exc)
+            PendingUpload.discard(self.state_dir)
             return
-        except ServerUnreachable as exc:
-            log.warning("%s: upload failed (%s); the server may close it without this update", what, exc)
+        if pending is None:
             return
-        key_path.unlink(missing_ok=True)
-        self._save_control(control, update.control_delta)  # (a refused upload leaves c_i as it was)
-        if self.error_feedback is not None:
-            _write_private(self.state_dir / "error_feedback.bin", self.error_feedback.to_bytes())
+        self.pending = pending
+        if pending.expired():
+            self._drop_pending("its round's deadline has passed")
+            return
+        log.info("%s: holding an update finished before a restart (%d bytes); sending it if the server still expects it",
+                 pending.what, len(pending.data))
+
+    def _drop_pending(self, why: str) -> None:
+        if self.pending is not None:
+            log.warning("%s: dropping the finished update: %s", self.pending.what, why)
+        self.pending = None
+        PendingUpload.discard(self.state_dir)
+
+    def _deliver_pending(self) -> None:
+        """Upload the pending update until the server holds it (202, a duplicate included: the same key), refuses it
+        (4xx: the round closed, this client is not in it, ...), or its round's deadline passes; while the server is
+        unreachable, retry with backoff, each retry after checking (a poll) that the attempt still expects it. A stop
+        keeps it in the state dir for the next start. On success the client-side state that depends on the server
+        holding the update moves: the error-feedback residual and SCAFFOLD's variate."""
+        pending = self.pending
+        assert pending is not None
+        encrypted = bool(self.registration.get("encryption", True))
+        wait = ServerWait(f"{pending.what}: upload", self._sleep, log, cap=UPLOAD_RETRY_CAP, clock=time.time)
+        retry = False
+        while True:
+            try:
+                if retry:  # the server was away: is this attempt still open for this update?
+                    status = self._call(self.api.round_status)
+                    if not pending.is_for(status):
+                        wait.succeeded()
+                        self._drop_pending(f"the server closed its round without it (now: state {status['state']}, "
+                                           f"round {status.get('round')})")
+                        return
+                result = self._call(self.api.upload_update, pending.round, pending.data, pending.key, encrypted)
+            except ApiRefused as exc:
+                wait.succeeded()
+                self._drop_pending(f"the server refused it ({exc})")
+                return
+            except ServerUnreachable as exc:
+                retry = True
+                if not wait.failed(exc, until=pending.give_up_at):
+                    self._drop_pending("the server stayed unreachable until its round's deadline")
+                    return
+                if self.stop_event.is_set():  # (a stop during training still gets one try: "after the current step")
+                    log.info("%s: stopping with the finished update kept in %s", pending.what, self.state_dir)
+                    return
+                continue
+            wait.succeeded()
+            break
+        if pending.control is not None:  # c_i moves only once the server holds the update that used it
+            _write_private(self.state_dir / CONTROL_FILE, pending.control)
+        if pending.error_feedback is not None:
+            _write_private(self.state_dir / "error_feedback.bin", pending.error_feedback)
+            if self.trainer is not None and self.error_feedback is not None:
+                self.error_feedback = ErrorFeedback.from_bytes(pending.error_feedback, self.trainer.spec)
+        self.pending = None
+        PendingUpload.discard(self.state_dir)
         self.rounds_done += 1
         self._save_state()
-        # DP-SGD reports no training loss (it is not private); say so rather than invent one
-        loss = update.metrics.get("train_loss")
+        loss = pending.summary.get("train_loss")
         extra = f", {result['status']} with staleness {result['staleness']}" if "staleness" in result else ""
-        log.info("%s: update accepted (%d bytes, %s%s)%s", what, len(packed.data),
+        log.info("%s: update accepted (%d bytes, %s%s)%s", pending.what, len(pending.data),
                  f"train loss {loss:.4f}" if loss is not None else "no train loss reported under DP", extra,
                  " [retry of an accepted upload]" if result.get("duplicate") else "")
 

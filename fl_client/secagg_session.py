@@ -21,7 +21,9 @@ middle of an attempt has lost its keys and simply waits for the next attempt. No
 logged (keys, shares and inputs never reach a log line or an exception message).
 
 Retries: transport errors and 5xx are retried by the API client, and again here until the phase's
-deadline; a retried message is byte-identical, which the server answers like the first one.
+deadline; a retried message is byte-identical, which the server answers like the first one. The masked
+input (the trained update) is retried with backoff, the same bytes under the same idempotency key, until
+the masked-input phase can no longer take it (the round's deadline bounds it) or the server answers.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 
 from fl_client.api import ApiRefused, ServerApi, ServerUnreachable
+from fl_client.backoff import ServerWait
 from fl_client.trusted_keys import IDENTITY_FILE
 from fl_common.protocol.rest import MASKED_UPLOAD_METRICS, pack_masked_upload
 from fl_common.secagg import (
@@ -54,6 +57,8 @@ log = logging.getLogger("fl_client.secagg")
 PHASES = ("advertise_keys", "share_keys", "masked_input", "unmask", "done", "aborted")
 #: seconds a client keeps waiting past a phase's deadline for the server's ticker to close it
 DEADLINE_GRACE = 5.0
+#: longest wait between two tries of the masked input while the server is unreachable (seconds)
+MASKED_RETRY_CAP = 5.0
 
 
 class SessionEnded(Exception):
@@ -111,6 +116,10 @@ class SecureRoundSession:
         self._call = call or (lambda fn, *a: fn(*a))
         self.phase = str(block.get("phase"))
         self._deadline = clock() + float(block.get("deadline_in_s") or 0.0)
+        # the round's deadline (server wall clock): every phase ends before it
+        round_deadline = status.get("deadline")
+        self._round_deadline = (clock() + float(round_deadline) - time.time()
+                                if isinstance(round_deadline, (int, float)) else self._deadline)
         self.client = SecAggClient(self.params, self.index, identity, rng=rng, trusted_verify_keys=trusted_verify_keys)
         self.masked_sent = False
 
@@ -197,16 +206,25 @@ class SecureRoundSession:
             raise SessionEnded(f"cannot send a masked input ({getattr(exc, 'code', type(exc).__name__)})") from None
         body = pack_masked_upload(masked.to_bytes(), clear_metrics(metrics))
         key = f"sa{self.attempt}-{uuid.uuid4().hex}"
+        # The phase's deadline known here may be the key-sharing phase's (a shares GET that succeeds carries no
+        # deadline), which ends before the masked-input phase: while the server is unreachable, keep trying until
+        # the later of it and the round's deadline (a bound of every phase); a 409 once it is back ends it sooner.
+        until = max(self._deadline, self._round_deadline) + max(DEADLINE_GRACE, 2 * self.poll)
+        wait = ServerWait(f"round {self.round}: masked input", self._sleep, log, base=self.poll,
+                          cap=max(self.poll, MASKED_RETRY_CAP), clock=self._clock)
         while True:
-            try:
+            try:  # every retry sends the same bytes under the same key: the server counts the input once
                 answer = self._call(self.api.upload_update, self.round, body, key, self.encrypted, self.attempt)
                 break
             except ServerUnreachable as exc:
-                if self._expired():
+                if not wait.failed(exc, until=until):
                     raise SessionEnded(f"masked input: server unreachable until the phase's deadline ({exc})") from None
-                self._wait()
+                if self._stop():
+                    raise SessionEnded("stopped while the server was unreachable") from None
             except ApiRefused as exc:
+                wait.succeeded()
                 raise self._refused("masked input", exc) from None
+        wait.succeeded()
         self._note(answer)
         self.masked_sent = True
         log.info("round %d: masked input accepted (%d bytes)%s", self.round, len(body),

@@ -7,6 +7,7 @@ Everything is validated once, after merging, so an override can fix a file's bad
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
@@ -37,12 +38,41 @@ def replace_config(cfg: FLConfig, **changes: Any) -> FLConfig:
     return config_from_dict(merged)
 
 
+class NumberLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, reading every number a person writes as a number.
+
+    YAML 1.1 (PyYAML's dialect) reads ``1e-5`` as the *string* "1e-5": its float pattern needs a
+    dot and a signed exponent. ``dp_delta: 1e-5`` was then refused as a bad value. This loader
+    takes the YAML 1.2 float forms too: ``1e-5``, ``1E-5``, ``1.0e-5``, ``5e3``, ``.5``, ``-2.``."""
+
+
+_FLOAT_TAG = "tag:yaml.org,2002:float"
+NumberLoader.yaml_implicit_resolvers = {k: list(v) for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+for _first in list("-+0123456789."):
+    NumberLoader.yaml_implicit_resolvers[_first] = [
+        (tag, regexp) for tag, regexp in NumberLoader.yaml_implicit_resolvers.get(_first, []) if tag != _FLOAT_TAG]
+NumberLoader.add_implicit_resolver(
+    _FLOAT_TAG,
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+                  |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+                  |[-+]?\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+                  |[-+]?[0-9][0-9_]*(?::[0-5]?[0-9])+\.[0-9_]*
+                  |[-+]?\.(?:inf|Inf|INF)
+                  |\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."))
+
+
+def yaml_value(text: str) -> Any:
+    """One YAML document read with :class:`NumberLoader`."""
+    return yaml.load(text, Loader=NumberLoader)  # noqa: S506 - a SafeLoader subclass
+
+
 def read_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"config file '{p}' does not exist")
     try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+        data = yaml_value(p.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
@@ -65,7 +95,7 @@ def parse_overrides(pairs: Iterable[str]) -> dict[str, Any]:
         if not key:
             raise ConfigError(f"--set expects key=value, got '{pair}'")
         try:
-            value = yaml.safe_load(raw) if raw.strip() != "" else None
+            value = yaml_value(raw) if raw.strip() != "" else None
         except yaml.YAMLError:
             value = raw
         out[key] = value

@@ -20,6 +20,7 @@ accountant works without it.
 from __future__ import annotations
 
 import copy
+import logging
 import math
 import warnings
 from collections.abc import Iterable
@@ -37,7 +38,11 @@ __all__ = [
     "PRVAccountant",
     "make_accountant",
     "ACCOUNTANT_KINDS",
+    "MAX_PRV_GRID_POINTS",
+    "prv_grid_points",
 ]
+
+log = logging.getLogger("fl_common.privacy.accountant")
 
 #: (noise_multiplier σ, sample_rate q, steps)
 HistoryEntry = tuple[float, float, int]
@@ -186,6 +191,7 @@ class PRVAccountant(_HistoryAccountant):
             prv_eps = self._prv_epsilon(delta)
         except (RuntimeError, ValueError, ArithmeticError) as exc:
             warnings.warn(f"PRV accounting failed ({exc}); reporting the RDP bound instead", RuntimeWarning, stacklevel=2)
+            log.warning("PRV accounting failed (%s); reporting the RDP bound instead", exc)
             return rdp_eps
         return min(prv_eps, rdp_eps) if self.use_rdp_if_tighter else prv_eps
 
@@ -200,6 +206,12 @@ class PRVAccountant(_HistoryAccountant):
         inner = _OpacusPRV()
         inner.history = [(sigma, q, steps) for sigma, q, steps in self._history]
         delta_error = self.delta_error if self.delta_error is not None else delta / 1000.0
+        points = prv_grid_points(self._history, self.eps_error, delta_error)
+        if points > MAX_PRV_GRID_POINTS:
+            # Opacus would allocate arrays of this many float64s (2.6 TiB for sigma = 0.001) and take minutes:
+            # refuse the numerics, and the caller reports the RDP bound, which is also a valid upper bound.
+            raise ArithmeticError(f"the PRV grid would need {points:.3g} points (limit {MAX_PRV_GRID_POINTS:.0e}): "
+                                  f"noise multiplier too small or too many steps for numerical composition")
         with warnings.catch_warnings():
             # q = 1 makes Opacus evaluate log(0) inside an np.where branch it then discards,
             # and its domain-size heuristic warns about RDP orders; neither affects the result.
@@ -209,6 +221,28 @@ class PRVAccountant(_HistoryAccountant):
         if math.isnan(eps):
             raise ArithmeticError("PRV accountant returned NaN")
         return max(0.0, eps)
+
+
+#: largest discretisation grid the PRV accountant builds (float64 points per array): about 32 MB, a few
+#: seconds; beyond it the RDP bound is reported instead (with a warning saying why)
+MAX_PRV_GRID_POINTS = 4_000_000
+
+
+def prv_grid_points(history: Iterable[HistoryEntry], eps_error: float, delta_error: float) -> float:
+    """The number of points of Opacus' PRV grid for this history, computed the way Opacus sizes it
+    (a safe domain [-L, L] from RDP, a mesh of eps_error / sqrt(steps log(12 / delta_error) / 2)),
+    without building it."""
+    from opacus.accountants.analysis.prv import PoissonSubsampledGaussianPRV, compute_safe_domain_size
+
+    entries = list(history)
+    prvs = [PoissonSubsampledGaussianPRV(sample_rate=q, noise_multiplier=sigma) for sigma, q, _ in entries]
+    steps = [int(n) for _, _, n in entries]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        domain = compute_safe_domain_size(prvs=prvs, max_self_compositions=steps, eps_error=eps_error,
+                                          delta_error=delta_error)
+    mesh = eps_error / math.sqrt(sum(steps) * math.log(12 / delta_error) / 2)
+    return 2.0 * float(domain) / mesh
 
 
 ACCOUNTANT_KINDS: dict[str, type[_HistoryAccountant]] = {

@@ -178,3 +178,14 @@ def test_serve_refuses_simulation_only_personalization_keys(tmp_path: Path) -> N
     assert proc.returncode == 2
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "client_test_fraction" in lines[0] and "simulat" in lines[0], proc.stderr
+
+
+@pytest.mark.parametrize("written", ["1e-5", "1E-5", "1.0e-5", "0.00001", "1e-05"])
+def test_every_way_a_person_writes_a_number_is_a_number(tmp_path, written: str) -> None:
+    """YAML 1.1 reads 1e-5 as a string: 'dp_delta: 1e-5' was refused as "value '1e-5'"."""
+    from fl_common.config import load_config
+
+    path = tmp_path / "cfg.yaml"
+    path.write_text(f"differential_privacy: true\ndp_delta: {written}\n")
+    assert load_config(path).dp_delta == pytest.approx(1e-5)
+    assert load_config(None, [f"dp_delta={written}", "differential_privacy=true"]).dp_delta == pytest.approx(1e-5)

@@ -100,3 +100,21 @@ def test_pld_heterogeneous_history_between_its_parts() -> None:
     both = make_accountant("pld", [(1.0, 0.01, 500), (2.0, 0.05, 100)]).epsilon(1e-5)
     rdp_both = make_accountant("rdp", [(1.0, 0.01, 500), (2.0, 0.05, 100)]).epsilon(1e-5)
     assert a < both <= rdp_both
+
+
+def test_prv_on_a_tiny_noise_multiplier_reports_rdp_instead_of_allocating_terabytes() -> None:
+    """sigma = 0.001 asked Opacus for a 3.6e11-point grid (2.6 TiB; a MemoryError traceback) and 1e6 steps
+    took 311 s: both are refused before any grid is built, and the RDP bound (a valid upper bound) is returned."""
+    import warnings
+
+    from fl_common.privacy.accountant import MAX_PRV_GRID_POINTS, PRVAccountant, RDPAccountant, prv_grid_points
+
+    for history in ([(0.001, 0.01, 100)], [(1.0, 0.01, 1_000_000)]):
+        assert prv_grid_points(history, 0.01, 1e-8) > MAX_PRV_GRID_POINTS
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            eps = PRVAccountant(history).epsilon(1e-5)
+        assert eps == RDPAccountant(history).epsilon(1e-5)
+        assert any("PRV grid would need" in str(w.message) for w in caught)
+    # a normal history still gets the tight PRV number
+    assert PRVAccountant([(1.0, 0.01, 1000)]).epsilon(1e-5) < RDPAccountant([(1.0, 0.01, 1000)]).epsilon(1e-5)

@@ -62,6 +62,8 @@ class SampleLevelDP(ServerDP):
         self.client_records: dict[ClientId, list[ParticipationRecord]] = {}
         #: uniform calibration: the (q, steps) of the worst-off client, which σ was calibrated for
         self.binding_phase: tuple[float, int] | None = None
+        #: a given dp_noise_multiplier: how many planned rounds the worst-off client fits (None when calibrated)
+        self.rounds_within_budget: int | None = None
         sizes = list(self.client_sizes.values()) if self.client_sizes else [int(n) for n in planned_sizes or ()]
         if not sizes or min(sizes) < 1:
             raise ConfigError("sample-level differential privacy needs every client's number of records "
@@ -90,11 +92,39 @@ class SampleLevelDP(ServerDP):
         if self.settings.noise_multiplier is not None:
             self.noise_multiplier = float(self.settings.noise_multiplier)
             self.binding_phase = self._worst_phase(phases)
+            self._warn_if_short()
         else:
             self.noise_multiplier, self.binding_phase = calibrate_or_refuse(
                 lambda: calibrate_worst_case(self.epsilon_budget, self.delta, phases, self.accountant),
                 self.epsilon_budget, self.delta)
         self.expected_epsilon = worst_case_epsilon(self.noise_multiplier, [self.binding_phase], self.delta, self.accountant)
+
+    def participations_within_budget(self) -> int:
+        """How many of its planned rounds the worst-off client fits in the budget at the given σ
+        (bisection over rounds; ε grows with them)."""
+        assert self.binding_phase is not None
+        q, steps = self.binding_phase
+        per_round = max(1, steps // max(1, self.planned_rounds))
+        lo, hi = 0, self.planned_rounds
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if make_accountant(self.accountant, [(self.noise_multiplier, q, per_round * mid)]).epsilon(self.delta) \
+                    <= self.epsilon_budget:
+                lo = mid
+            else:
+                hi = mid - 1
+        return lo
+
+    def _warn_if_short(self) -> None:
+        """A fixed dp_noise_multiplier that cannot last the planned rounds is said at start-up, not found
+        out when the run stops early (client-level DP already says so)."""
+        fit = self.participations_within_budget()
+        self.rounds_within_budget = fit
+        if fit < self.planned_rounds:
+            log.warning("sample-level DP: with dp_noise_multiplier=%g the worst-off client fits only %d of its %d planned "
+                        "rounds in dp_epsilon=%g (delta=%g); the run stops early: raise dp_noise_multiplier or dp_epsilon, "
+                        "or leave dp_noise_multiplier unset to calibrate it", self.noise_multiplier, fit, self.planned_rounds,
+                        self.epsilon_budget, self.delta)
 
     def _sigma_for_size(self, num_samples: int) -> float:
         """σ of a client with ``num_samples`` records (per-client calibration: cached per size)."""
@@ -224,11 +254,14 @@ class SampleLevelDP(ServerDP):
         assert self.binding_phase is not None
         q, steps = self.binding_phase
         how = "dp_noise_multiplier (given)" if self.settings.noise_multiplier is not None else "calibrated"
+        short = ("" if self.rounds_within_budget is None or self.rounds_within_budget >= self.planned_rounds else
+                 f"; the budget allows the worst-off client only {self.rounds_within_budget} of its {self.planned_rounds} "
+                 f"planned rounds")
         return (f"sample-level DP-SGD: noise multiplier sigma={self.noise_multiplier:.4f} ({how}, one for all clients), "
                 f"per-sample clip C={self.clip_norm:g}; worst client q={q:.4g}, {steps} steps over {self.planned_rounds} planned rounds -> "
                 f"expected final epsilon {self.expected_epsilon:.4f} of dp_epsilon={self.epsilon_budget:g} at "
                 f"delta={self.delta:g} ({self.accountant}); clients are no longer selected once their next round would "
-                f"exceed the budget")
+                f"exceed the budget{short}")
 
     def summary(self) -> dict[str, Any]:
         out = super().summary()

@@ -44,7 +44,8 @@ def _json(state: dict[str, Any]) -> dict[str, Any]:
 
 
 def test_the_factory_picks_the_granularity_and_passes_only_the_dp_settings() -> None:
-    cfg = config_from_dict({**CLIENT, "dp_noise": "distributed", "dp_adaptive_clipping": True, "dp_target_quantile": 0.3})
+    cfg = config_from_dict({**CLIENT, "dp_noise": "distributed", "secure_aggregation": True, "dp_adaptive_clipping": True,
+                            "dp_target_quantile": 0.3})
     dp = make_server_dp(cfg)
     assert isinstance(dp, ClientLevelDP) and dp.mode == "client"
     assert dp.settings == DPSettings.from_config(cfg)
@@ -93,3 +94,21 @@ def test_both_granularities_write_one_checkpoint_format_and_refuse_each_others()
         client.load_state_dict(_json(OLD_SAMPLE_STATE))
     with pytest.raises(ValueError, match="has no ledger"):
         client.load_state_dict({**_json(OLD_CLIENT_STATE), "ledger": None})
+
+
+def test_a_given_sample_level_noise_multiplier_that_cannot_last_the_run_is_said_at_start(caplog) -> None:
+    """Client-level DP already said how many rounds fit; sample level said nothing until the run stopped."""
+    cfg = config_from_dict({**SAMPLE, "dp_noise_multiplier": 0.9, "num_rounds": 40})
+    with caplog.at_level("WARNING", logger="fl_server.privacy"):
+        dp = make_server_dp(cfg, SIZES)
+    assert isinstance(dp, SampleLevelDP)
+    q, steps = sample_level_schedule(40, 16, 1)  # the smallest shard is the worst off at one sigma
+    fit = max(r for r in range(dp.planned_rounds + 1)
+              if r == 0 or make_accountant("rdp", [(0.9, q, steps * r)]).epsilon(DELTA) <= 3.0)
+    assert dp.rounds_within_budget == fit < dp.planned_rounds
+    assert f"fits only {fit} of its {dp.planned_rounds} planned rounds" in caplog.text
+    assert f"only {fit} of its {dp.planned_rounds} planned rounds" in dp.describe()
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="fl_server.privacy"):
+        roomy = make_server_dp(config_from_dict({**SAMPLE, "dp_noise_multiplier": 50.0, "num_rounds": 40}), SIZES)
+    assert roomy.rounds_within_budget == roomy.planned_rounds and "fits only" not in caplog.text

@@ -137,7 +137,33 @@ def _follow(url: str, rounds: int, server: subprocess.Popen, progress: Optional[
         bar.close()
 
 
+#: what one (epsilon, delta) of each DP granularity protects, in the words the report uses
+GUARANTEES = {
+    "sample": "record-level: adding or removing one training record of a client changes what the server sees by "
+              "at most (epsilon, delta); per client, the maximum over clients; each client's record count is "
+              "treated as public (per-client noise calibration reads it)",
+    "client": "client-level: adding or removing one client's whole data changes the released models by at most "
+              "(epsilon, delta)",
+}
+
+
+def privacy_line(status: dict[str, Any]) -> dict[str, Any]:
+    """What the run protected and how, from /status: the demo's last line says it, not only the accuracy."""
+    dp = status.get("privacy") or {}
+    out: dict[str, Any] = {"secure_aggregation": bool(status.get("secure_aggregation")),
+                           "encryption": "Fernet + HMAC-SHA256" if status.get("encryption") else "off",
+                           "codec": status.get("codec")}
+    if not dp.get("differential_privacy"):
+        return {"differential_privacy": False,
+                "guarantee": "none: updates are protected in transit, not differentially private", **out}
+    return {"differential_privacy": True, "guarantee": GUARANTEES.get(str(dp.get("mode")), str(dp.get("mode"))),
+            "epsilon_spent": dp.get("epsilon_spent"), "delta": dp.get("delta"), "epsilon_budget": dp.get("epsilon_budget"),
+            "accountant": dp.get("accountant"),
+            "stop_reason": status.get("stop_reason") or f"all {status.get('num_rounds')} rounds done", **out}
+
+
 def demo_summary(output: Path, status: dict[str, Any]) -> str:
     run = output / "server" / "run"
     return json.dumps({"output": str(run), "final_accuracy": status.get("accuracy"),
-                       "rounds": status.get("completed_rounds"), "history": str(run / "history.csv")})
+                       "rounds": status.get("completed_rounds"), "history": str(run / "history.csv"),
+                       "privacy": privacy_line(status)})

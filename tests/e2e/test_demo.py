@@ -25,6 +25,9 @@ def test_the_demo_trains_a_federation_and_leaves_its_results(tmp_path: Path) -> 
     assert proc.returncode == 0, proc.stderr[-3000:]
     printed = json.loads(proc.stdout.strip().splitlines()[-1])
     assert printed["rounds"] == 2 and printed["final_accuracy"] > 0.3
+    # the last line says what was protected and how (the demo defaults; DP off here)
+    assert printed["privacy"]["differential_privacy"] is False and "not differentially private" in printed["privacy"]["guarantee"]
+    assert printed["privacy"]["encryption"] == "Fernet + HMAC-SHA256"
     run = out / "server" / "run"
     with open(run / "history.csv") as f:
         rows = list(csv.DictReader(f))
@@ -32,3 +35,15 @@ def test_the_demo_trains_a_federation_and_leaves_its_results(tmp_path: Path) -> 
     for name in ("summary.json", "model.pt", "report.html", "accuracy_loss.png"):
         assert (run / name).is_file(), name
     assert len(list((out / "logs").glob("demo-client-*.log"))) == 3
+
+
+def test_the_demo_line_states_a_dp_guarantee_exactly() -> None:
+    from fl_server.rest.demo import privacy_line
+
+    status = {"privacy": {"differential_privacy": True, "mode": "sample", "epsilon_spent": 0.97, "delta": 1e-5,
+                          "epsilon_budget": 1.0, "accountant": "prv"},
+              "stop_reason": None, "num_rounds": 5, "secure_aggregation": True, "encryption": True, "codec": "int8"}
+    line = privacy_line(status)
+    assert (line["epsilon_spent"], line["delta"], line["epsilon_budget"]) == (0.97, 1e-5, 1.0)
+    assert line["guarantee"].startswith("record-level") and "maximum over clients" in line["guarantee"]
+    assert line["stop_reason"] == "all 5 rounds done" and line["secure_aggregation"] is True

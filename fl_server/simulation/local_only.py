@@ -45,6 +45,7 @@ from fl_common.data import label_histograms
 from fl_common.models import count_parameters, model_from_config
 from fl_common.protocol import derive_seed
 from fl_common.training import LocalTrainer
+from fl_server.simulation.base import client_partitions, load_training_data
 from fl_server.simulation.personalization import (
     PERSONALIZATION_CSV,
     client_executor,
@@ -54,7 +55,6 @@ from fl_server.simulation.personalization import (
     train_each_client,
     write_personalization_csv,
 )
-from fl_server.simulation.runner import client_partitions, load_training_data
 from fl_server.store import RoundRecord, RunDirectory, accuracy_summary
 
 log = logging.getLogger("fl_server.simulation")

@@ -18,9 +18,9 @@ from fl_common.config import ConfigError, config_from_dict
 from fl_common.data.partition import partition
 from fl_server.__main__ import main
 from fl_server.simulation import Simulation
+from fl_server.simulation.base import changed_config_keys
 from fl_server.simulation.local_only import LocalOnlyBaseline
 from fl_server.simulation.personalization import distribution, gain_distribution, split_client_data, split_partitions
-from fl_server.simulation.runner import changed_config_keys
 
 SYNTH = {"dataset": "synthetic", "model_type": "mlp", "hidden_size": 64, "num_clients": 10, "client_selection_ratio": 0.5,
          "num_rounds": 2, "local_epochs": 1, "batch_size": 32, "learning_rate": 0.05, "max_train_samples": 2000,

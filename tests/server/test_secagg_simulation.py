@@ -15,8 +15,8 @@ from fl_common.secagg import SecAggAborted
 from fl_common.tensors import spec_of
 from fl_server.coordinator import Coordinator
 from fl_server.secagg import MaskedUpdate, quantization_bound, secagg_mode
-from fl_server.secagg.simulation import SIMULATION_FEATURES, SecAggSimulation
 from fl_server.simulation import Simulation
+from fl_server.simulation.secagg import SIMULATION_FEATURES, SecAggSimulation
 from fl_server.strategies import Strategy, UpdateRejected, WeightedMeanAggregator
 from fl_server.strategies.qfedavg import QFedAvgAggregator
 
@@ -278,7 +278,7 @@ def test_simulation_with_secure_aggregation_matches_the_plain_run(small_config: 
         summary = sim.save_results()
         summed = [cid for r, cid, _, arrived, _ in sim.coordinator.participation.rows if arrived]
         weights = [len(sim.partitions[cid]) for cid in summed]
-    params = sim._secagg.rounds[-1].params
+    params = sim.secagg.rounds[-1].params
     assert params["clients"] == len(summed)
     # each client's (n_k / W) x delta is within 2^-s: the weighted mean is within n W 2^-s / sum(n_k)
     bound = len(weights) * max(weights) * 2.0 ** -cfg.get("secagg_scale_bits", 16) / sum(weights)

@@ -55,6 +55,7 @@ from fl_server.simulation.executor import (
     default_workers,
     encode_for_wire,
     release_free_memory,
+    resolve_device,
 )
 from fl_server.simulation.personalization import (
     PersonalizationResult,
@@ -159,7 +160,7 @@ class SimulationBase(ABC, Generic[CoordinatorT]):
             except DPIncompatibleModelError as exc:
                 raise ConfigError(str(exc).replace("\n", " ")) from None
         self.num_parameters = count_parameters(model)
-        self.evaluator_trainer = LocalTrainer(model, device="cpu" if cfg.device == "cpu" else _resolve_device(cfg))
+        self.evaluator_trainer = LocalTrainer(model, device="cpu" if cfg.device == "cpu" else resolve_device(cfg))
         self.spec = self.evaluator_trainer.spec
         # what each simulated client reports to the selection policy (records, labels, speeds)
         self.speeds = client_speeds(cfg, cfg.num_clients)
@@ -333,8 +334,3 @@ class SimulationBase(ABC, Generic[CoordinatorT]):
     def __exit__(self, *exc: Any) -> None:
         self.close()
 
-
-def _resolve_device(cfg: FLConfig) -> str:
-    if cfg.device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return cfg.device

@@ -28,9 +28,14 @@ def _cfg(**over):
                              "secure_aggregation": True, "compression": False, "seed": 3, **over})
 
 
-def _coordinator(cfg, driver: SecAggSimulation | None = None, sizes: dict | None = None, **kw) -> Coordinator:
+def _size(cid: int) -> int:
+    """Each test client's sample count (the coordinators' client_sizes, the updates' num_samples)."""
+    return 10 + 7 * cid
+
+
+def _coordinator(cfg, driver: SecAggSimulation | None = None, **kw) -> Coordinator:
     driver = driver or SecAggSimulation(cfg)
-    sizes = sizes if sizes is not None else {cid: 10 + 7 * cid for cid in range(cfg.num_clients)}
+    sizes = {cid: _size(cid) for cid in range(cfg.num_clients)}
     return Coordinator(cfg, torch.zeros(NUMEL), spec_of({"w": torch.zeros(NUMEL)}), client_sizes=sizes,
                        driver_features=("control_variates", *SIMULATION_FEATURES), secagg_verifiers=driver.verifier,
                        privacy_seeded_noise=True, **kw)
@@ -51,13 +56,13 @@ def _updates(coord: Coordinator, plan, cids, scale: float = 0.05):
             if instr.update_noise_std > 0:
                 delta = delta + torch.randn(NUMEL, generator=g) * instr.update_noise_std
         control = torch.randn(NUMEL, generator=g) * scale if instr.scaffold else None
-        yield ClientUpdate(cid, plan.round, delta, coord._client_sizes[cid], metrics, control_delta=control)
+        yield ClientUpdate(cid, plan.round, delta, _size(cid), metrics, control_delta=control)
 
 
-def _plain_twin(cfg, sizes=None, **kw) -> Coordinator:
+def _plain_twin(cfg, **kw) -> Coordinator:
     """The same run without secure aggregation (same seeds, same selection)."""
     plain = cfg.replace(secure_aggregation=False, **{k: v for k, v in kw.items()})
-    sizes = sizes if sizes is not None else {cid: 10 + 7 * cid for cid in range(cfg.num_clients)}
+    sizes = {cid: _size(cid) for cid in range(cfg.num_clients)}
     return Coordinator(plain, torch.zeros(NUMEL), spec_of({"w": torch.zeros(NUMEL)}), client_sizes=sizes,
                        driver_features=("control_variates",), privacy_seeded_noise=True)
 

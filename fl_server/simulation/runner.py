@@ -1,5 +1,6 @@
-"""The in-process driver: the real coordinator and the real client trainer, wired in one process
-(with a pool of worker processes for parallel clients).
+"""The synchronous in-process driver: the real coordinator and the real client trainer, wired in one
+process (with a pool of worker processes for parallel clients). What it shares with the asynchronous
+driver (async_runner.py) lives in base.py; the clients' side of secure aggregation in secagg.py.
 
 The Python API mirrors the seed's ``FederatedTrainer`` example under our names::
 
@@ -36,11 +37,7 @@ from fl_server.privacy_engine import BudgetExhausted
 from fl_server.simulation.base import SimulationBase
 from fl_server.simulation.client_state import ClientVariates
 from fl_server.simulation.executor import WorkerFailed
-from fl_server.simulation.personalization import (
-    PERSONALIZATION_CSV,
-    heldout_measure,
-    write_personalization_csv,
-)
+from fl_server.simulation.personalization import PERSONALIZATION_CSV, heldout_measure, write_personalization_csv
 from fl_server.simulation.secagg import SIMULATION_FEATURES, SecAggSimulation
 from fl_server.store import RoundRecord
 

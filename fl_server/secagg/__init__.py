@@ -1,8 +1,8 @@
-"""Secure aggregation on the server: the ``Aggregator`` adapter the coordinator wraps a round in,
-and the in-process driver of the clients' side that the simulation uses.
+"""Secure aggregation on the server: the ``Aggregator`` adapter the coordinator wraps a round in.
 
 The protocol itself (messages, client and server state machines) is transport free and lives in
-``fl_common.secagg``; this package only connects it to the coordinator and the simulation.
+``fl_common.secagg``; this package only connects it to the coordinator. The drivers play the
+clients' side: ``fl_server.simulation.secagg`` in process, the REST driver over HTTP.
 """
 
 from fl_server.secagg.aggregator import (

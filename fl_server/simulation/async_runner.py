@@ -48,7 +48,7 @@ from fl_server.asynchronous import (
     AsyncRecord,
     AsyncTask,
 )
-from fl_server.simulation.runner import Simulation, changed_config_keys
+from fl_server.simulation.base import SimulationBase
 from fl_server.strategies import UpdateRejected
 
 log = logging.getLogger("fl_server.simulation")
@@ -56,36 +56,36 @@ log = logging.getLogger("fl_server.simulation")
 __all__ = ["AsyncSimulation"]
 
 
-class AsyncSimulation(Simulation):
+class AsyncSimulation(SimulationBase[AsyncCoordinator]):
+    """The asynchronous in-process driver: the real :class:`~fl_server.asynchronous.AsyncCoordinator`
+    on a virtual clock (see the module docstring)."""
+
     training_modes = ("async",)
-    coordinator: AsyncCoordinator  # type: ignore[assignment]
 
     def __init__(self, config: FLConfig | Mapping[str, Any] | str | Path, output_dir: str | Path | None = None, *,
                  resume: bool = False, progress: bool | None = None) -> None:
-        # set before Simulation.__init__, which may call _restore
+        super().__init__(config, output_dir, resume=resume, progress=progress)
         self.clock = 0.0  # virtual seconds since the run began
         self._events: list[tuple[float, int]] = []  # (finish time, job)
         self._tasks: dict[int, AsyncTask] = {}  # open jobs by id
         self._results: dict[int, ClientUpdate] = {}  # updates computed ahead of their finish event
-        super().__init__(config, output_dir, resume=resume, progress=progress)
+        self.coordinator = AsyncCoordinator(self.cfg, self.evaluator_trainer.vector(), self.spec,
+                                            evaluator=self.evaluate_vector,
+                                            client_sizes={cid: len(p) for cid, p in enumerate(self.partitions)},
+                                            driver_features=("attacks", "client_infos"))
+        state = self.checkpoint_to_resume()
+        if state is not None:
+            self._restore(state)
+        self.finish_setup()
         if not self._events:
             self._schedule(self.coordinator.leases.values())
 
-    # ------------------------------------------------------------------ hooks of Simulation
-    def _new_coordinator(self) -> AsyncCoordinator:  # type: ignore[override]
-        return AsyncCoordinator(self.cfg, self.evaluator_trainer.vector(), self.spec, evaluator=self._evaluate_vector,
-                                client_sizes={cid: len(p) for cid, p in enumerate(self.partitions)},
-                                driver_features=("attacks", "client_infos"))
-
-    def _restore(self) -> None:
+    # ------------------------------------------------------------------ internals
+    def _restore(self, state: dict[str, Any]) -> None:
         assert self.run_dir is not None
-        state = self.run_dir.load_checkpoint()
         if "driver" not in state:
             raise ConfigError(f"cannot resume '{self.run_dir.path}' asynchronously: it holds a synchronous run")
-        current = self.cfg.to_dict()
-        changed = changed_config_keys(state["config"], current)
-        if changed:
-            raise ConfigError(f"cannot resume '{self.run_dir.path}': these keys differ from the stored run: {', '.join(changed)}")
+        self.check_resumable(state["config"])
         self.coordinator.load_state_dict(state["coordinator"])
         self.clock = float(state["driver"]["clock"])
         self.wall_seconds_before = float(state.get("wall_seconds", 0.0))
@@ -123,7 +123,7 @@ class AsyncSimulation(Simulation):
         if task.job not in self._results:
             batch = [task] + [t for t in self._tasks.values() if t.version == task.version and t.job not in self._results]
             jobs = {t.client_id: t.job for t in batch}
-            executor = self._executor_for_run()
+            executor = self.executor()
             for update in executor.run_round(self.coordinator.model(task.version),
                                              {t.client_id: t.instructions for t in batch}):
                 self._results[jobs[update.client_id]] = update
@@ -141,9 +141,9 @@ class AsyncSimulation(Simulation):
         self.clock = finish
         task = self._tasks.pop(job)
         update = self._result(task)
-        if self._attack is not None and self._attack.apply(update):
+        if self.attack is not None and self.attack.apply(update):
             update.wire_bytes = 0  # a worker may have encoded the honest delta: encode the noise instead
-        self._through_codec(update, task.version)
+        self.through_codec(update, task.version)
         outcome: AsyncOutcome | None
         try:
             outcome = self.coordinator.submit(update, now=self.clock)
@@ -155,14 +155,18 @@ class AsyncSimulation(Simulation):
         self._fill_slots()
         return outcome
 
-    def train(self, rounds: int | None = None) -> list[AsyncRecord]:  # type: ignore[override]
+    @property
+    def history(self) -> list[AsyncRecord]:
+        return self.coordinator.history
+
+    def train(self, rounds: int | None = None) -> list[AsyncRecord]:
         """Run until ``num_rounds`` server updates (or ``rounds`` more), checkpointing after every
         evaluated server update and on return."""
         coord = self.coordinator
         target = self.cfg.num_rounds if rounds is None else min(self.cfg.num_rounds, coord.version + rounds)
         start = time.perf_counter()
         if coord.version < target:
-            self._executor_for_run()
+            self.executor()
             if self.ready_seconds is None:
                 self.ready_seconds = time.time() - psutil.Process().create_time()
         bar = tqdm(total=self.cfg.num_rounds, initial=coord.version, desc="server updates", unit="update",

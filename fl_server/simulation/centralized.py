@@ -21,11 +21,10 @@ from tqdm import tqdm
 
 from fl_common.config import ConfigError, FLConfig, dump_config
 from fl_common.models import count_parameters, model_from_config
-from fl_common.protocol import derive_seed
+from fl_common.protocol import TrainInstructions, derive_seed
 from fl_common.tensors import unflatten
 from fl_common.training import LocalTrainer, learning_rate_at
-from fl_common.protocol import TrainInstructions
-from fl_server.simulation.runner import load_training_data
+from fl_server.simulation.base import load_training_data
 from fl_server.store import RoundRecord, RunDirectory, accuracy_summary
 
 log = logging.getLogger("fl_server.simulation")

@@ -62,7 +62,7 @@ class InProcessExecutor:
 
     def __init__(self, cfg: FLConfig, input_shape: tuple[int, int, int], num_classes: int,
                  x: torch.Tensor, y: torch.Tensor, partitions: Sequence[np.ndarray]) -> None:
-        self.trainer = LocalTrainer(model_from_config(cfg, input_shape, num_classes), device=_device(cfg), seeded_noise=True)
+        self.trainer = LocalTrainer(model_from_config(cfg, input_shape, num_classes), device=resolve_device(cfg), seeded_noise=True)
         self.x, self.y, self.partitions = x, y, partitions
 
     def run_round(self, global_vector: torch.Tensor, instructions: dict[int, TrainInstructions], *,
@@ -107,7 +107,8 @@ def release_free_memory() -> None:
         pass
 
 
-def _device(cfg: FLConfig) -> str:
+def resolve_device(cfg: FLConfig) -> str:
+    """The torch device the simulation trains on: ``device``, with "auto" meaning CUDA when available."""
     if cfg.device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     return cfg.device
@@ -121,7 +122,7 @@ def _worker_main(worker_id: int, cfg_dict: dict[str, Any], input_shape: tuple[in
         from fl_common.config import config_from_dict
 
         cfg = config_from_dict(cfg_dict, check=False)
-        trainer = LocalTrainer(model_from_config(cfg, input_shape, num_classes), device=_device(cfg), seeded_noise=True)
+        trainer = LocalTrainer(model_from_config(cfg, input_shape, num_classes), device=resolve_device(cfg), seeded_noise=True)
         # Unbiased codecs are stateless, so the worker (the client's side) encodes in parallel; biased
         # ones need each client's error-feedback residual, which the driver keeps.
         codec = make_codec(cfg.codec) if cfg.compression else None
@@ -166,7 +167,7 @@ class ProcessPoolExecutor:
         # fork: workers share the parent's pages (torch's libraries, the dataset) copy-on-write and
         # start in milliseconds. It is safe here because a worker runs torch single-threaded (no
         # OpenMP pool to inherit in a broken state) and never touches CUDA; otherwise spawn.
-        use_fork = (sys.platform == "linux" and threads_per_worker == 1 and _device(cfg) == "cpu"
+        use_fork = (sys.platform == "linux" and threads_per_worker == 1 and resolve_device(cfg) == "cpu"
                     and "fork" in mp.get_all_start_methods())
         ctx = mp.get_context("fork" if use_fork else "spawn")
         self.start_method = ctx.get_start_method()

@@ -45,6 +45,8 @@ from fl_common.data import label_histograms
 from fl_common.models import count_parameters, model_from_config
 from fl_common.protocol import derive_seed
 from fl_common.training import LocalTrainer
+from fl_server.simulation.base import client_partitions, load_training_data
+from fl_server.simulation.executor import resolve_device
 from fl_server.simulation.personalization import (
     PERSONALIZATION_CSV,
     client_executor,
@@ -54,7 +56,6 @@ from fl_server.simulation.personalization import (
     train_each_client,
     write_personalization_csv,
 )
-from fl_server.simulation.runner import client_partitions, load_training_data
 from fl_server.store import RoundRecord, RunDirectory, accuracy_summary
 
 log = logging.getLogger("fl_server.simulation")
@@ -88,7 +89,7 @@ class LocalOnlyBaseline:
         self.histograms = label_histograms(self.train_set.y.numpy(), self.partitions, self.train_set.num_classes)
         model = model_from_config(cfg, self.train_set.input_shape, self.train_set.num_classes)
         self.num_parameters = count_parameters(model)
-        self.evaluator = LocalTrainer(model, device=_device(cfg))
+        self.evaluator = LocalTrainer(model, device=resolve_device(cfg))
         self.initial_vector = self.evaluator.vector()  # the same initial weights a federated run starts from
         self.rows: list[dict[str, Any]] = []
         self.history: list[RoundRecord] = []
@@ -119,7 +120,7 @@ class LocalOnlyBaseline:
                     ix = torch.from_numpy(np.asarray(self.heldout[cid], dtype=np.int64))
                     r = self.evaluator.evaluate(vector, x.index_select(0, ix), y.index_select(0, ix), cfg.eval_batch_size)
                     row.update(local_only_accuracy=r.accuracy, local_only_loss=r.loss)
-                tx, ty = self._test_for(cid)
+                tx, ty = self.client_test_set(cid)
                 t = self.evaluator.evaluate(vector, tx, ty, cfg.eval_batch_size)
                 row.update(local_only_test_accuracy=t.accuracy, local_only_test_loss=t.loss,
                            local_only_train_loss=metrics.get("train_loss"))
@@ -137,7 +138,7 @@ class LocalOnlyBaseline:
                                     mean("local_only_train_loss"), cfg.num_clients, self.wall_seconds, 0)]
         return self.rows
 
-    def _test_for(self, client: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def client_test_set(self, client: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The test samples this client's model is evaluated on: all, or its own seeded random subset."""
         m, n = self.cfg.local_only_test_samples, len(self.test_set)
         if m is None or m >= n:
@@ -216,8 +217,3 @@ class LocalOnlyBaseline:
             write_report_logged(self.run_dir.path)
         return summary
 
-
-def _device(cfg: FLConfig) -> str:
-    if cfg.device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return cfg.device

@@ -18,9 +18,9 @@ from fl_common.config import ConfigError, config_from_dict
 from fl_common.data.partition import partition
 from fl_server.__main__ import main
 from fl_server.simulation import Simulation
+from fl_server.simulation.base import changed_config_keys
 from fl_server.simulation.local_only import LocalOnlyBaseline
 from fl_server.simulation.personalization import distribution, gain_distribution, split_client_data, split_partitions
-from fl_server.simulation.runner import changed_config_keys
 
 SYNTH = {"dataset": "synthetic", "model_type": "mlp", "hidden_size": 64, "num_clients": 10, "client_selection_ratio": 0.5,
          "num_rounds": 2, "local_epochs": 1, "batch_size": 32, "learning_rate": 0.05, "max_train_samples": 2000,
@@ -196,16 +196,16 @@ def test_local_only_without_heldout_part_measures_on_the_test_set() -> None:
 def test_local_only_test_subsets_are_per_client_and_seeded() -> None:
     cfg = config_from_dict({**SYNTH, "local_only_epochs": 1, "num_clients": 4, "local_only_test_samples": 100})
     base = LocalOnlyBaseline(cfg, progress=False)
-    xs = [base._test_for(c) for c in range(4)]
+    xs = [base.client_test_set(c) for c in range(4)]
     assert all(len(y) == 100 for _, y in xs)
-    assert not torch.equal(xs[0][0], xs[1][0]) and torch.equal(xs[2][0], base._test_for(2)[0])
+    assert not torch.equal(xs[0][0], xs[1][0]) and torch.equal(xs[2][0], base.client_test_set(2)[0])
     rows = base.train()
     summary = base.summary()
     assert "100 of its 500 samples" in summary["test_set_accuracy"]["measure"]
     assert summary["final_accuracy"] == pytest.approx(np.mean([r["local_only_test_accuracy"] for r in rows]))
     # more test samples than there are: the whole test set
     whole = LocalOnlyBaseline(config_from_dict({**SYNTH, "local_only_epochs": 1, "local_only_test_samples": 10**6}), progress=False)
-    assert len(whole._test_for(0)[1]) == 500 and whole.test_set_measure == "each client's local-only model on the global test set"
+    assert len(whole.client_test_set(0)[1]) == 500 and whole.test_set_measure == "each client's local-only model on the global test set"
 
 
 # -------------------------------------------------------------------------------------- refusals

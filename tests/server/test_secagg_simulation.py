@@ -15,8 +15,8 @@ from fl_common.secagg import SecAggAborted
 from fl_common.tensors import spec_of
 from fl_server.coordinator import Coordinator
 from fl_server.secagg import MaskedUpdate, quantization_bound, secagg_mode
-from fl_server.secagg.simulation import SIMULATION_FEATURES, SecAggSimulation
 from fl_server.simulation import Simulation
+from fl_server.simulation.secagg import SIMULATION_FEATURES, SecAggSimulation
 from fl_server.strategies import Strategy, UpdateRejected, WeightedMeanAggregator
 from fl_server.strategies.qfedavg import QFedAvgAggregator
 
@@ -28,9 +28,14 @@ def _cfg(**over):
                              "secure_aggregation": True, "compression": False, "seed": 3, **over})
 
 
-def _coordinator(cfg, driver: SecAggSimulation | None = None, sizes: dict | None = None, **kw) -> Coordinator:
+def _size(cid: int) -> int:
+    """Each test client's sample count (the coordinators' client_sizes, the updates' num_samples)."""
+    return 10 + 7 * cid
+
+
+def _coordinator(cfg, driver: SecAggSimulation | None = None, **kw) -> Coordinator:
     driver = driver or SecAggSimulation(cfg)
-    sizes = sizes if sizes is not None else {cid: 10 + 7 * cid for cid in range(cfg.num_clients)}
+    sizes = {cid: _size(cid) for cid in range(cfg.num_clients)}
     return Coordinator(cfg, torch.zeros(NUMEL), spec_of({"w": torch.zeros(NUMEL)}), client_sizes=sizes,
                        driver_features=("control_variates", *SIMULATION_FEATURES), secagg_verifiers=driver.verifier,
                        privacy_seeded_noise=True, **kw)
@@ -51,13 +56,13 @@ def _updates(coord: Coordinator, plan, cids, scale: float = 0.05):
             if instr.update_noise_std > 0:
                 delta = delta + torch.randn(NUMEL, generator=g) * instr.update_noise_std
         control = torch.randn(NUMEL, generator=g) * scale if instr.scaffold else None
-        yield ClientUpdate(cid, plan.round, delta, coord._client_sizes[cid], metrics, control_delta=control)
+        yield ClientUpdate(cid, plan.round, delta, _size(cid), metrics, control_delta=control)
 
 
-def _plain_twin(cfg, sizes=None, **kw) -> Coordinator:
+def _plain_twin(cfg, **kw) -> Coordinator:
     """The same run without secure aggregation (same seeds, same selection)."""
     plain = replace_config(cfg, secure_aggregation=False, **{k: v for k, v in kw.items()})
-    sizes = sizes if sizes is not None else {cid: 10 + 7 * cid for cid in range(cfg.num_clients)}
+    sizes = {cid: _size(cid) for cid in range(cfg.num_clients)}
     return Coordinator(plain, torch.zeros(NUMEL), spec_of({"w": torch.zeros(NUMEL)}), client_sizes=sizes,
                        driver_features=("control_variates",), privacy_seeded_noise=True)
 
@@ -278,7 +283,7 @@ def test_simulation_with_secure_aggregation_matches_the_plain_run(small_config: 
         summary = sim.save_results()
         summed = [cid for r, cid, _, arrived, _ in sim.coordinator.participation.rows if arrived]
         weights = [len(sim.partitions[cid]) for cid in summed]
-    params = sim._secagg.rounds[-1].params
+    params = sim.secagg.rounds[-1].params
     assert params["clients"] == len(summed)
     # each client's (n_k / W) x delta is within 2^-s: the weighted mean is within n W 2^-s / sum(n_k)
     bound = len(weights) * max(weights) * 2.0 ** -cfg.get("secagg_scale_bits", 16) / sum(weights)

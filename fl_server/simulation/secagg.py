@@ -18,12 +18,12 @@ over-counts an aborted attempt: conservative).
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
-import torch
 
 from fl_common.config import FLConfig
 from fl_common.protocol import ClientUpdate, derive_seed
@@ -43,14 +43,14 @@ from fl_common.secagg import (
     Verifier,
 )
 from fl_common.secagg.field import FieldOverflowError
-from fl_common.training import updated_client_control
+from fl_server.coordinator import Coordinator, RoundPlan
 from fl_server.secagg.aggregator import MaskedUpdate, SecAggRoundStats
+from fl_server.selection import ClientInfo
 from fl_server.store import RoundRecord
 from fl_server.strategies import UpdateRejected
 
-if TYPE_CHECKING:
-    from fl_server.coordinator import Coordinator, RoundPlan
-    from fl_server.simulation.runner import Simulation
+#: ``train(plan, cids)``: the updates of the clients ``cids`` of ``plan``, trained on the round's global model
+TrainClients = Callable[[RoundPlan, list[Any]], Iterable[ClientUpdate]]
 
 log = logging.getLogger("fl_server.secagg")
 
@@ -61,7 +61,8 @@ SIMULATION_FEATURES = ("secure_aggregation", "secagg_dropouts")
 
 
 class SecAggSimulation:
-    """Plays the clients' side of secure aggregation for a :class:`~fl_server.simulation.Simulation`."""
+    """Plays the clients' side of secure aggregation for a :class:`~fl_server.simulation.Simulation`
+    (which trains the clients; this class masks, sends and unmasks their updates)."""
 
     def __init__(self, cfg: FLConfig) -> None:
         self.cfg = cfg
@@ -96,36 +97,20 @@ class SecAggSimulation:
         return out
 
     # ------------------------------------------------------------------ one round
-    def run_round(self, sim: "Simulation") -> RoundRecord:
-        """Plan, run and close one round of the simulation under secure aggregation; the round is planned
-        again (fresh keys and dropout draws) while the protocol aborts, at most MAX_ATTEMPTS times."""
-        coord = sim.coordinator
-        model_bytes = 4 * sim.spec.numel
+    def run_round(self, coord: Coordinator, infos: Mapping[Any, ClientInfo],
+                  train: TrainClients) -> tuple[RoundRecord, RoundPlan, set[Any]]:
+        """Plan, run and close one round under secure aggregation; the round is planned again (fresh keys
+        and dropout draws) while the protocol aborts, at most MAX_ATTEMPTS times.
+
+        ``train(plan, cids)`` is called once per attempt that reaches the masked-input phase (the
+        simulation trains, attacks and counts bytes there). Returns the closed round's record, the
+        plan of the attempt that closed it and the clients whose inputs are in the sum (only their
+        SCAFFOLD variates may move on)."""
         for attempt in range(MAX_ATTEMPTS):
-            plan = coord.plan_round(list(range(self.cfg.num_clients)), infos=sim.client_infos, now=0.0)
-            pending: dict[Any, torch.Tensor] = {}
-
-            def train(cids: list[Any], plan: Any = plan, pending: dict[Any, torch.Tensor] = pending) -> Iterator[ClientUpdate]:
-                server_control = coord.server_control
-                controls = {cid: sim._variates.get(cid) for cid in cids} if server_control is not None else None
-                instructions = {cid: plan.instructions[cid] for cid in cids}
-                for update in sim._executor_for_run().run_round(coord.global_vector, instructions,
-                                                                server_control=server_control, client_controls=controls):
-                    if update.control_delta is not None:
-                        assert controls is not None
-                        pending[update.client_id] = updated_client_control(controls[update.client_id], update.control_delta)
-                        coord.add_bytes(model_bytes)  # the server's variate c goes down with the model
-                    if sim._attack is not None:
-                        sim._attack.apply(update)
-                    coord.add_bytes(model_bytes)
-                    yield update
-
-            record, summed = self.secure_round(coord, plan, train, attempt=attempt)
+            plan = coord.plan_round(list(range(self.cfg.num_clients)), infos=infos, now=0.0)
+            record, summed = self.secure_round(coord, plan, functools.partial(train, plan), attempt=attempt)
             if record is not None:
-                for cid, variate in pending.items():  # SCAFFOLD: only clients whose delta is in the sum move on
-                    if cid in summed:
-                        sim._variates.put(cid, variate, plan.round)
-                return record
+                return record, plan, summed
         reasons = "; ".join(str(r.aborted) for r in self.aborted[-3:])
         raise RuntimeError(f"secure aggregation aborted round {coord.completed_rounds + 1} {MAX_ATTEMPTS} times in a row "
                            f"(last: {reasons}); lower secagg_dropout_rate or secagg_threshold")

@@ -85,7 +85,7 @@ def clear_metrics(metrics: dict[str, float]) -> dict[str, float]:
 
 def plain_input(params: SecAggParams, delta: Any, num_samples: int, metrics: dict[str, float],
                 control: Any = None) -> PlainInput:
-    """What a trained update contributes to the round's layout (as fl_server/secagg/simulation.py builds it)."""
+    """What a trained update contributes to the round's layout (as fl_server/simulation/secagg.py builds it)."""
     wants_bit = params.segment("unclipped") is not None
     return PlainInput(delta=delta, weight=int(num_samples), control=control, loss=metrics.get("train_loss"),
                       unclipped=bool(metrics.get("dp_unclipped")) if wants_bit else None)

@@ -12,7 +12,7 @@ import logging
 import sys
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 from fl_common.config import ConfigError, load_config
 from fl_common.data import DatasetUnavailable
@@ -162,11 +162,9 @@ def _simulate(args: argparse.Namespace) -> int:
         local.train()
         summary = local.save_results()
     else:
-        driver = Simulation
-        if cfg.training_mode == "async":
-            from fl_server.simulation import AsyncSimulation
+        from fl_server.simulation import AsyncSimulation, SimulationBase
 
-            driver = AsyncSimulation
+        driver: type[SimulationBase[Any]] = AsyncSimulation if cfg.training_mode == "async" else Simulation
         with driver(cfg, output, resume=args.resume, progress=progress) as sim:
             log.info("start-up %.1f s; %d clients hold %s-%s samples; results in %s", sim.startup_seconds, cfg.num_clients,
                      min(map(len, sim.partitions)), max(map(len, sim.partitions)), output)

@@ -3,6 +3,8 @@ the fixed-point rounding (bounded), with FedAvg, SCAFFOLD and client-level DP; d
 
 from __future__ import annotations
 
+import dataclasses
+
 import math
 
 import numpy as np
@@ -60,8 +62,10 @@ def _updates(coord: Coordinator, plan, cids, scale: float = 0.05):
 
 
 def _plain_twin(cfg, **kw) -> Coordinator:
-    """The same run without secure aggregation (same seeds, same selection)."""
-    plain = replace_config(cfg, secure_aggregation=False, **{k: v for k, v in kw.items()})
+    """The same run without secure aggregation (same seeds, same selection). A reference computation:
+    distributed DP noise without masking is refused as a configuration, so it is built past the schema."""
+    plain = (dataclasses.replace(cfg, secure_aggregation=False, **kw) if cfg.dp_noise == "distributed"
+             else replace_config(cfg, secure_aggregation=False, **kw))
     sizes = {cid: _size(cid) for cid in range(cfg.num_clients)}
     return Coordinator(plain, torch.zeros(NUMEL), spec_of({"w": torch.zeros(NUMEL)}), client_sizes=sizes,
                        driver_features=("control_variates",), privacy_seeded_noise=True)

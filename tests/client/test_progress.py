@@ -64,7 +64,8 @@ def _run_on_pty(cmd: list[str], env: dict[str, str], timeout: float = 180.0) -> 
 def test_progress_bar_on_a_terminal(tmp_path: Path) -> None:
     env = token_env()
     with threaded_server(_cfg(), tmp_path / "srv", env) as (url, service):
-        rc, out = _run_on_pty(_client_cmd(url, tmp_path / "client"), {**os.environ, ENV_ENROLLMENT_TOKEN: env[ENV_ENROLLMENT_TOKEN]})
+        client_env = {**os.environ, ENV_ENROLLMENT_TOKEN: env[ENV_ENROLLMENT_TOKEN]}
+        rc, out = _run_on_pty(_client_cmd(url, tmp_path / "client"), client_env)
         assert service.coordinator.completed_rounds == 1
     assert rc == 0, out
     assert "\r" in out, "tqdm redraws its line with carriage returns on a terminal"

@@ -8,8 +8,9 @@ on them. Stochastic rounding is seeded, so the "plain" quantised inputs can be r
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -101,10 +102,8 @@ def run_round(params: SecAggParams, *, drop: Drop | None = None, hooks: dict[str
         return hooks[name](msg, i) if name in hooks else msg
 
     def deliver(receive, msg) -> None:
-        try:
+        with contextlib.suppress(SecAggRejected):
             receive(_wire(msg), now)
-        except SecAggRejected:
-            pass
 
     for now, phase in enumerate(PHASE_ORDER, start=1):
         chosen = drop.get(phase, set())
@@ -411,8 +410,8 @@ def test_a_tampered_unmask_share_is_outvoted_and_its_holder_recorded() -> None:
     r = run_round(p, hooks={"unmask": lie}, identities=ids)
     assert r.server.phase == Phase.DONE, r.server.abort_reason
     assert_exact(r)
-    assert {"event": "inconsistent_share", "owner": 2, "kind": "self_seed", "holder": 1} == \
-        {k: v for k, v in r.server.events[0].items() if k != "at"}
+    assert {k: v for k, v in r.server.events[0].items() if k != "at"} == \
+        {"event": "inconsistent_share", "owner": 2, "kind": "self_seed", "holder": 1}
 
 
 # --------------------------------------------------------------------------- client refusals
@@ -421,7 +420,7 @@ def _masked_clients(n: int = 5) -> tuple[SecAggParams, dict[int, SecAggClient], 
     ids = {i: _identity(p.auth, i) for i in p.indices}
     server = SecAggServer(p, {i: ids[i].verifier() for i in p.indices}, now=0.0)
     clients = {i: SecAggClient(p, i, ids[i]) for i in p.indices}
-    for i, c in clients.items():
+    for c in clients.values():
         server.receive_advertise(c.advertise(), 1.0)
     for i, c in clients.items():
         server.receive_share_keys(c.share_keys(server.roster_for(i)), 2.0)
@@ -431,7 +430,7 @@ def _masked_clients(n: int = 5) -> tuple[SecAggParams, dict[int, SecAggClient], 
 
 
 def test_a_client_never_reveals_both_shares_of_one_peer() -> None:
-    p, clients, _ = _masked_clients()
+    _p, clients, _ = _masked_clients()
     with pytest.raises(SecAggRefused) as err:
         clients[1].unmask(UnmaskRequest(survivors=(1, 2, 3, 4), dropped=(4, 5)))
     assert err.value.code == "both_shares_requested"
@@ -447,7 +446,7 @@ def test_a_client_refuses_inconsistent_unmask_requests() -> None:
         clients[2].unmask(UnmaskRequest(survivors=(1, 3, 4, 5), dropped=(2,)))
     assert err.value.code == "bad_unmask_request"
     with pytest.raises(SecAggRefused) as err:  # fewer than t survivors: the sum would hide too little
-        clients[2].unmask(UnmaskRequest(survivors=(2,) + tuple(range(3, 3 + p.threshold - 2)), dropped=()))
+        clients[2].unmask(UnmaskRequest(survivors=(2, *tuple(range(3, 3 + p.threshold - 2))), dropped=()))
     assert err.value.code == "too_few_survivors"
     response = clients[3].unmask(UnmaskRequest(survivors=(1, 2, 3, 4), dropped=(5,)))
     assert {v for v, _ in response.self_shares} == {1, 2, 3, 4} and {v for v, _ in response.key_shares} == {5}

@@ -253,8 +253,9 @@ def test_topk_check_rejects_bad_indices():
     far = d.clone()
     far[-1] += 1000  # runs past the end
     for deltas in (dup, neg, far, d.to(torch.int64), d[:-1]):
+        arrays = {"index_deltas": deltas, "values": enc.arrays["values"][: deltas.numel()]}
         with pytest.raises(ValueError):
-            codec.check(EncodedUpdate(enc.codec, enc.numel, {"index_deltas": deltas, "values": enc.arrays["values"][: deltas.numel()]}))
+            codec.check(EncodedUpdate(enc.codec, enc.numel, arrays))
 
 
 # --- composition ---------------------------------------------------------------------------------
@@ -314,7 +315,7 @@ def _run_rounds(ef: ErrorFeedback | None, rounds: int, n: int) -> tuple[list[flo
 def test_error_feedback_tracks_the_sum_of_updates():
     n, rounds = 5000, 300
     ef = ErrorFeedback(_spec((n,)))
-    gaps, total, one = _run_rounds(ef, rounds, n)
+    gaps, total, _one = _run_rounds(ef, rounds, n)
     # identity: what has not arrived yet is exactly the residual
     assert gaps[-1] == pytest.approx(float(ef.residual.norm()), rel=1e-3)
     # bounded: the gap stops growing (second half vs. first half) and stays a fraction of the sum

@@ -19,6 +19,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Set as AbstractSet
 from pathlib import Path
 
 import yaml
@@ -75,8 +76,8 @@ def collect(grid: str, experiments: list[dict], work: Path, results: Path) -> No
         for f in ("history.csv", "summary.json", "config.yaml"):
             if (run / f).is_file():
                 shutil.copy2(run / f, dest / f)
-        with open(run / "history.csv") as f:
-            hist = list(csv.DictReader(f))
+        with open(run / "history.csv") as fh:
+            hist = list(csv.DictReader(fh))
         evaluated = [(int(r["round"]), float(r["test_accuracy"])) for r in hist if r["test_accuracy"]]
         curves[exp["name"]] = evaluated
         done = is_finished(run)
@@ -115,7 +116,7 @@ def collect(grid: str, experiments: list[dict], work: Path, results: Path) -> No
     plot(curves, results / "curves.png", grid, flat={r["name"] for r in rows if r["flat"]})
 
 
-def plot(curves: dict[str, list[tuple[int, float]]], path: Path, title: str, flat: set[str] = frozenset()) -> None:
+def plot(curves: dict[str, list[tuple[int, float]]], path: Path, title: str, flat: AbstractSet[str] = frozenset()) -> None:
     """Test accuracy per round; runs named in ``flat`` (the local-only baseline: no rounds) as horizontal lines."""
     try:
         import matplotlib

@@ -21,6 +21,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import psutil
 
@@ -109,7 +110,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=20)
     ap.add_argument("--repeats", type=int, default=1, help="ABBA pairs; medians are reported")
     args = ap.parse_args()
-    plain, ours = [], []
+    plain: list[dict[str, Any]] = []
+    ours: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         for i in range(args.repeats):

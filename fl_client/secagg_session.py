@@ -202,13 +202,14 @@ class SecureRoundSession:
         while True:
             try:
                 answer = self._call(self.api.upload_update, self.round, body, key, self.encrypted, self.attempt)
-                break
             except ServerUnreachable as exc:
                 if self._expired():
                     raise SessionEnded(f"masked input: server unreachable until the phase's deadline ({exc})") from None
                 self._wait()
+                continue
             except ApiRefused as exc:
                 raise self._refused("masked input", exc) from None
+            break
         self._note(answer)
         self.masked_sent = True
         log.info("round %d: masked input accepted (%d bytes)%s", self.round, len(body),

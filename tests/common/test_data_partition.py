@@ -148,7 +148,7 @@ def test_label_histograms(labels):
 
 
 def test_accepts_torch_labels(labels):
-    a = partition(torch.from_numpy(labels), 10, "dirichlet", seed=2)
+    a = partition(torch.from_numpy(labels), 10, "dirichlet", seed=2)  # type: ignore[arg-type]  # accepted at run time
     b = partition(labels.astype(np.int32), 10, "dirichlet", seed=2)
     assert all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
 

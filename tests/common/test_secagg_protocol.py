@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import pytest
@@ -44,8 +45,8 @@ DIM = 500
 PHASE_ORDER = [Phase.ADVERTISE_KEYS, Phase.SHARE_KEYS, Phase.MASKED_INPUT, Phase.UNMASK]
 
 
-def _params(n: int, *, degree: int | None = None, auth: str = "ed25519", dim: int = DIM, **kw) -> SecAggParams:
-    base = dict(round_number=3, client_ids=[f"client-{i}" for i in range(n)], vector_length=dim, clip=4.0,
+def _params(n: int, *, degree: int | None = None, auth: str = "ed25519", dim: int = DIM, **kw: Any) -> SecAggParams:
+    base: dict[str, Any] = dict(round_number=3, client_ids=[f"client-{i}" for i in range(n)], vector_length=dim, clip=4.0,
                 scale_bits=16, degree=degree, auth=auth, weighted=True, weight_bound=50)
     base.update(kw)
     return plan_params(**base)
@@ -69,7 +70,7 @@ class Round:
     sent: dict[int, MaskedInput]
 
 
-Hook = Callable[[object, int], object]
+Hook = Callable[[Any, int], Any]  # each hook takes and returns one message type
 
 
 Drop = dict[Phase, "set[int] | Callable[[SecAggServer], set[int]]"]
@@ -91,7 +92,9 @@ def run_round(params: SecAggParams, *, drop: Drop | None = None, hooks: dict[str
     clients = {i: SecAggClient(params, i, identities[i], rng=np.random.default_rng(100 + i), **(client_kwargs or {}))
                for i in params.indices}
     rng = np.random.default_rng(7)
-    inputs = {i: PlainInput(rng.uniform(-0.2, 0.2, params.segment("delta").length), weight=int(rng.integers(1, 51)))
+    delta = params.segment("delta")
+    assert delta is not None
+    inputs = {i: PlainInput(rng.uniform(-0.2, 0.2, delta.length), weight=int(rng.integers(1, 51)))
               for i in params.indices}
     if make_input is not None:
         inputs = {i: make_input(i) for i in params.indices}
@@ -191,7 +194,7 @@ def test_below_threshold_the_round_aborts_and_releases_nothing(phase: Phase) -> 
     p = _params(7)
     r = run_round(p, drop={phase: set(range(1, p.n - p.threshold + 2))})  # n - t + 1 clients
     assert r.server.phase == Phase.ABORTED
-    assert "threshold" in r.server.abort_reason
+    assert "threshold" in (r.server.abort_reason or "")
     with pytest.raises(SecAggAborted, match="aborted"):
         r.server.result()
     assert r.server._sum is None  # the running sum is discarded
@@ -206,7 +209,7 @@ def test_secagg_plus_sparse_graph_with_dropouts() -> None:
         """``count`` more dropouts such that no client loses more than 2 of its 6 neighbours (the graph
         depends on the fresh keys, so the choice is made once it is known)."""
         def pick(server: SecAggServer) -> set[int]:
-            g, new = server.graph, set()
+            g, new = server.graph, set[int]()
             for c in sorted(g):
                 trial = chosen | new | {c}
                 if c not in chosen | new and all(len(g[u] & trial) <= 2 for u in g):
@@ -234,7 +237,7 @@ def test_secagg_plus_aborts_when_one_neighbourhood_loses_too_many() -> None:
     # at unmasking, 4 of client 1's 6 neighbours go silent: 2 + itself = 3 holders < t = 4
     r = run_round(p, drop={Phase.UNMASK: lambda server: set(sorted(server.graph[1])[:4])})
     assert r.server.phase == Phase.ABORTED
-    assert "client 1's self-mask seed has 3 live share holders, fewer than the threshold t=4" in r.server.abort_reason
+    assert "client 1's self-mask seed has 3 live share holders, fewer than the threshold t=4" in (r.server.abort_reason or "")
 
 
 def test_hmac_authentication_runs_a_full_round() -> None:
@@ -633,11 +636,11 @@ def test_deadlines_close_phases_and_record_who_dropped_when() -> None:
     assert p.threshold == 3
     for i in (1, 2):
         server.receive_share_keys(clients[i].share_keys(server.roster_for(i)), 112.0)
-    late = clients[3].share_keys(server.roster_for(3))
+    late_keys = clients[3].share_keys(server.roster_for(3))
     with pytest.raises(SecAggRejected):  # after the deadline the message is late: the phase closed first
-        server.receive_share_keys(late, 116.0)
+        server.receive_share_keys(late_keys, 116.0)
     assert (server.drops[3].phase, server.drops[3].reason, server.drops[3].at) == ("share_keys", "no_response", 116.0)
-    assert server.phase == Phase.ABORTED and "only 2 clients shared their keys" in server.abort_reason
+    assert server.phase == Phase.ABORTED and "only 2 clients shared their keys" in (server.abort_reason or "")
 
 
 def test_messages_survive_the_wire_and_garbage_is_malformed() -> None:
@@ -655,7 +658,8 @@ def test_messages_survive_the_wire_and_garbage_is_malformed() -> None:
 
 def test_distributed_noise_beyond_its_bound_is_refused_not_wrapped() -> None:
     p = _params(5, l2_clip=False, noise_std=0.01, weighted=False, weight_bound=1)
-    assert p.segment("delta").l2_clip is None and p.segment("delta").bound == pytest.approx(4.1)
+    delta = p.segment("delta")
+    assert delta is not None and delta.l2_clip is None and delta.bound == pytest.approx(4.1)
     big = np.zeros(DIM)
     big[0] = 5.0
     with pytest.raises(FieldOverflowError):

@@ -156,8 +156,8 @@ def summary_lines(runs: dict[str, Run], centralized: Run | None) -> list[str]:
             p = run.personalization or {}
             gain = p.get("gain_finetuned_vs_federated") or {}
             gained = f"{gain['clients_improved']} of {p.get('clients', '?')}" if "clients_improved" in gain else "-"
-            lines.append(f"| {name} | " + " | ".join(pct((p.get(k) or {}).get("mean")) for k in ("federated", "finetuned", "local_only"))
-                         + f" | {gained} |")
+            means = " | ".join(pct((p.get(k) or {}).get("mean")) for k in ("federated", "finetuned", "local_only"))
+            lines.append(f"| {name} | {means} | {gained} |")
 
     def best_fedavg(setting: str) -> Run | None:
         """FedAvg at its best measured client optimiser for a setting (the issue leaves lr and momentum free)."""
@@ -189,7 +189,8 @@ def summary_lines(runs: dict[str, Run], centralized: Run | None) -> list[str]:
               f"| FedAvg Dirichlet(0.5) >= 88.5 % | {final_of('dirichlet0.5')} | {aim(reached('dirichlet0.5', 0.885))} |",
               f"| FedAvg Dirichlet(0.1) >= 85 % | {final_of('dirichlet0.1')} | {aim(reached('dirichlet0.1', 0.85))} |",
               "| SCAFFOLD or FedProx ahead of FedAvg at Dirichlet(0.1) | "
-              + ", ".join(f"{r.name} {pct(r.final)}" for r in contenders) + f" vs FedAvg's best {pct(fedavg01.final if fedavg01 else None)}"
+              + ", ".join(f"{r.name} {pct(r.final)}" for r in contenders)
+              + f" vs FedAvg's best {pct(fedavg01.final if fedavg01 else None)}"
               + f" | {aim(ahead)} |",
               "| robust rules within 3 points of clean FedAvg under attack (each rule's best setting) | "
               + ", ".join(f"{ATTACK_RULES[n]} {g:.2f}" for _, (g, n) in sorted(best_gap.items())) + f" | {aim(robust)} |"]
@@ -204,16 +205,16 @@ def plot(runs: dict[str, Run], path: Path) -> None:
 
     fig, axes = plt.subplots(2, 2, figsize=(13, 9), sharex=True)
     colours = {"fedavg": "C0", "fedprox": "C1", "scaffold": "C2", "fedyogi": "C3"}
-    for ax, (setting, label) in zip(axes.flat, SETTINGS.items()):
+    for ax, (setting, label) in zip(axes.flat, SETTINGS.items(), strict=False):  # 3 settings; the 4th panel is the attack
         for key, name in STRATEGIES.items():
             run = strategy_run(runs, key, setting)
             if run is not None and run.curve:
-                ax.plot(*zip(*run.curve), marker=".", color=colours[key], label=f"{name}: {pct(run.final)}")
+                ax.plot(*zip(*run.curve, strict=True), marker=".", color=colours[key], label=f"{name}: {pct(run.final)}")
         for prefix, style, text in (("fedavg_sgd_", "--", "FedAvg plain SGD lr 0.1"),
                                     ("fedavg_sgd_lr0.05_", ":", "FedAvg plain SGD lr 0.05")):
             run = runs.get(prefix + setting)
             if run is not None and run.curve:
-                ax.plot(*zip(*run.curve), linestyle=style, color="grey", label=f"{text}: {pct(run.final)}")
+                ax.plot(*zip(*run.curve, strict=True), linestyle=style, color="grey", label=f"{text}: {pct(run.final)}")
         local = runs.get(f"local_only_{setting}")
         if local is not None and local.final is not None:
             ax.axhline(100 * local.final, linestyle=":", color="black",
@@ -222,11 +223,12 @@ def plot(runs: dict[str, Run], path: Path) -> None:
     attack_ax = axes.flat[3]
     clean = runs.get("fedavg_iid")
     if clean is not None and clean.curve:
-        attack_ax.plot(*zip(*clean.curve), color="black", linestyle="--", label=f"FedAvg, no attack: {pct(clean.final)}")
+        attack_ax.plot(*zip(*clean.curve, strict=True), color="black", linestyle="--",
+                       label=f"FedAvg, no attack: {pct(clean.final)}")
     for i, (name, label) in enumerate(ATTACK_RULES.items()):
         run = runs.get(name)
         if run is not None and run.curve:
-            attack_ax.plot(*zip(*run.curve), marker=".", color=f"C{i + 4}", label=f"{label}: {pct(run.final)}")
+            attack_ax.plot(*zip(*run.curve, strict=True), marker=".", color=f"C{i + 4}", label=f"{label}: {pct(run.final)}")
     attack_ax.set_title("IID, 20 % of clients send N(0, 1) updates")
     for ax in axes.flat:
         ax.grid(alpha=0.3)

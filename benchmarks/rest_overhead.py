@@ -40,7 +40,8 @@ def main() -> None:
         status = run_demo(cfg, out, args.clients, progress=False)
         wall = time.perf_counter() - t0
         db = sqlite3.connect(out / "server" / "server.db")
-        rounds = db.execute("SELECT round_id, round, started_at, closed_at FROM rounds WHERE state='closed' ORDER BY round").fetchall()
+        rounds = db.execute("SELECT round_id, round, started_at, closed_at FROM rounds "
+                            "WHERE state='closed' ORDER BY round").fetchall()
         rows = []
         for round_id, number, started, closed in rounds:
             ups = db.execute("SELECT metrics, nbytes FROM updates WHERE round_id=?", (round_id,)).fetchall()

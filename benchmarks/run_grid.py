@@ -19,6 +19,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Set as AbstractSet
 from pathlib import Path
 
 import yaml
@@ -75,8 +76,8 @@ def collect(grid: str, experiments: list[dict], work: Path, results: Path) -> No
         for f in ("history.csv", "summary.json", "config.yaml"):
             if (run / f).is_file():
                 shutil.copy2(run / f, dest / f)
-        with open(run / "history.csv") as f:
-            hist = [r for r in csv.DictReader(f)]
+        with open(run / "history.csv") as fh:
+            hist = list(csv.DictReader(fh))
         evaluated = [(int(r["round"]), float(r["test_accuracy"])) for r in hist if r["test_accuracy"]]
         curves[exp["name"]] = evaluated
         done = is_finished(run)
@@ -98,11 +99,11 @@ def collect(grid: str, experiments: list[dict], work: Path, results: Path) -> No
     lines = [f"# {grid}", "", "| experiment | status | rounds | final acc | best acc | client acc mean / worst 10 % "
              "| epsilon spent | MB per round (up + down) | median s/round | note |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        fmt = lambda v: "" if v is None else f"{100 * v:.2f} %"  # noqa: E731
+        fmt = lambda v: "" if v is None else f"{100 * v:.2f} %"
         eps = "" if r["epsilon"] is None else f"{r['epsilon']:.3f}"
         clients = "" if r["client_mean"] is None else f"{fmt(r['client_mean'])} / {fmt(r['client_worst10'])}"
-        lines.append(f"| {r['name']} | {r['status']} | {r['rounds']} | {fmt(r['final'])} | {fmt(r['best'])} | {clients} | {eps} | "
-                     f"{r['mb_per_round']:.1f} | {r['median_round_s']:.2f} | {r['note']} |")
+        lines.append(f"| {r['name']} | {r['status']} | {r['rounds']} | {fmt(r['final'])} | {fmt(r['best'])} | {clients} | "
+                     f"{eps} | {r['mb_per_round']:.1f} | {r['median_round_s']:.2f} | {r['note']} |")
     lines.append("")
     lines.append("_client acc_: summary.json \"client_accuracy\" - the final model(s) per client, on each client's training "
                  "data, or on its held-out part where client_test_fraction > 0 (its \"measure\" says which). Local-only rows: "
@@ -115,7 +116,7 @@ def collect(grid: str, experiments: list[dict], work: Path, results: Path) -> No
     plot(curves, results / "curves.png", grid, flat={r["name"] for r in rows if r["flat"]})
 
 
-def plot(curves: dict[str, list[tuple[int, float]]], path: Path, title: str, flat: set[str] = frozenset()) -> None:
+def plot(curves: dict[str, list[tuple[int, float]]], path: Path, title: str, flat: AbstractSet[str] = frozenset()) -> None:
     """Test accuracy per round; runs named in ``flat`` (the local-only baseline: no rounds) as horizontal lines."""
     try:
         import matplotlib

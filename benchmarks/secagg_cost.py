@@ -34,7 +34,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from fl_common.secagg import (  # noqa: E402
+from fl_common.secagg import (
     AdvertiseKeys,
     MaskedInput,
     PlainInput,
@@ -47,7 +47,7 @@ from fl_common.secagg import (  # noqa: E402
     UnmaskRequest,
     UnmaskResponse,
 )
-from fl_common.secagg.planning import plan_params  # noqa: E402
+from fl_common.secagg.planning import plan_params
 
 CNN_PARAMETERS = 1_663_370
 PHASES = ("advertise_keys", "share_keys", "masked_input", "unmask")
@@ -72,7 +72,7 @@ def protocol_case(n: int, d: int, dropout: float, seed: int = 0) -> dict[str, An
     wall0 = time.perf_counter()
     server = _timed(server_cpu, "setup", SecAggServer, params, {i: ids[i].verifier() for i in params.indices}, now=0.0)
     clients = {i: SecAggClient(params, i, ids[i], rng=np.random.default_rng(i)) for i in params.indices}
-    dropped = set(rng.choice(np.arange(1, n + 1), size=int(round(dropout * n)), replace=False).tolist()) if dropout else set()
+    dropped = set(rng.choice(np.arange(1, n + 1), size=round(dropout * n), replace=False).tolist()) if dropout else set()
     # updates of L2 norm ~1 (well inside the clip of 10, so the error below is the fixed point's alone)
     updates = {i: PlainInput(rng.normal(0, 1 / math.sqrt(d), d), weight=int(rng.integers(100, 601)), loss=1.0)
                for i in params.indices}

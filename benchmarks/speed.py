@@ -21,6 +21,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import psutil
 
@@ -67,11 +68,12 @@ def run_watched(cmd: list[str]) -> dict:
 
 def run_plain(config: Path, rounds: int, work: Path, tag: str) -> dict:
     out = work / f"plain-{tag}.json"
-    res = run_watched([sys.executable, "benchmarks/plain_loop.py", "--config", str(config), "--rounds", str(rounds), "--out", str(out)])
+    res = run_watched([sys.executable, "benchmarks/plain_loop.py", "--config", str(config), "--rounds", str(rounds),
+                       "--out", str(out)])
     data = json.loads(out.read_text())
     secs = [r["seconds"] for r in data["rounds"]]
-    res.update(ready_seconds=data["startup_seconds"], round_seconds=secs, accuracy=[(r["round"], r["test_accuracy"]) for r in data["rounds"] if r["test_accuracy"] is not None],
-               threads=data["threads"])
+    accuracy = [(r["round"], r["test_accuracy"]) for r in data["rounds"] if r["test_accuracy"] is not None]
+    res.update(ready_seconds=data["startup_seconds"], round_seconds=secs, accuracy=accuracy, threads=data["threads"])
     return res
 
 
@@ -108,7 +110,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=20)
     ap.add_argument("--repeats", type=int, default=1, help="ABBA pairs; medians are reported")
     args = ap.parse_args()
-    plain, ours = [], []
+    plain: list[dict[str, Any]] = []
+    ours: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         for i in range(args.repeats):
@@ -116,10 +119,11 @@ def main() -> None:
             for name, fn in order:
                 res = fn(args.config, args.rounds, work, str(i))
                 (plain if name == "plain" else ours).append(res)
-                print(f"{name} #{i}: wall {res['wall_seconds']:.1f} s, median round {statistics.median(res['round_seconds']):.2f} s, "
+                median_round = statistics.median(res["round_seconds"])
+                print(f"{name} #{i}: wall {res['wall_seconds']:.1f} s, median round {median_round:.2f} s, "
                       f"peak PSS {res['peak_pss_mb']:.0f} MB", flush=True)
     sp, so = summarise(plain), summarise(ours)
-    acc_diff = max(abs(a[1] - b[1]) for a, b in zip(plain[0]["accuracy"], ours[0]["accuracy"]))
+    acc_diff = max(abs(a[1] - b[1]) for a, b in zip(plain[0]["accuracy"], ours[0]["accuracy"], strict=True))
     result = {
         "config": str(args.config.relative_to(ROOT)), "rounds": args.rounds, "repeats": args.repeats,
         "cpu_count": psutil.cpu_count(), "plain": sp, "ours": so,

@@ -16,15 +16,16 @@ import argparse
 import logging
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
+from typing import NoReturn
 from urllib.parse import urlparse
 
 from fl_common.protocol.rest import ENV_ENROLLMENT_TOKEN
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:
+    def error(self, message: str) -> NoReturn:
         print(f"{self.prog}: error: {message}", file=sys.stderr)
         raise SystemExit(2)
 
@@ -79,7 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="training speed reported for client selection (capability, adaptive); default: measured on a few "
                         "batches of this client's data")
     p.add_argument("--bandwidth", type=float, metavar="BYTES_PER_S",
-                   help="link speed reported for client selection (capability, adaptive); default: not reported (no transfer time)")
+                   help="link speed reported for client selection (capability, adaptive); "
+                        "default: not reported (no transfer time)")
     p.add_argument("--train-delay", type=float, default=0.0, metavar="SECONDS",
                    help="sleep this long after each local training: makes a slow device on a fast machine (tests, demos)")
     p.add_argument("--secagg-unmask-delay", type=float, default=0.0, metavar="SECONDS",

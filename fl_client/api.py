@@ -12,8 +12,9 @@ import base64
 import logging
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any
 
 import requests
 
@@ -40,7 +41,7 @@ class ApiRefused(Exception):
     """The server answered with a 4xx: ``status``, ``code`` and ``message`` say why; ``data`` is the whole
     JSON body (secure aggregation adds ``dropped`` and ``phase``)."""
 
-    def __init__(self, status: int, code: str, message: str, data: Optional[dict[str, Any]] = None) -> None:
+    def __init__(self, status: int, code: str, message: str, data: dict[str, Any] | None = None) -> None:
         super().__init__(f"{status} {code}: {message}")
         self.status, self.code, self.message = status, code, message
         self.data = dict(data or {})
@@ -62,7 +63,7 @@ class Credentials:
                 "fernet_key": self.keys.fernet_key.decode(), "hmac_key": base64.urlsafe_b64encode(self.keys.hmac_key).decode()}
 
     @classmethod
-    def from_json(cls, d: dict[str, Any]) -> "Credentials":
+    def from_json(cls, d: dict[str, Any]) -> Credentials:
         return cls(d["client_id"], d["session_token"], float(d["token_expires_at"]),
                    SessionKeys(fernet_key=d["fernet_key"].encode(), hmac_key=base64.urlsafe_b64decode(d["hmac_key"])))
 
@@ -78,12 +79,12 @@ class ServerApi:
         self.max_retries = max_retries
         self.session = requests.Session()
         self.session.verify = verify
-        self.creds: Optional[Credentials] = None
+        self.creds: Credentials | None = None
         self._sleep = sleep
         self._stop = stop
 
     # ------------------------------------------------------------------ transport
-    def _send(self, method: str, path: str, *, body: bytes = b"", headers: Optional[dict[str, str]] = None,
+    def _send(self, method: str, path: str, *, body: bytes = b"", headers: dict[str, str] | None = None,
               signed: bool = True, bearer: bool = True, json_body: Any = None) -> requests.Response:
         attempt = 0
         while True:
@@ -122,9 +123,9 @@ class ServerApi:
             self._sleep(delay)
 
     # ------------------------------------------------------------------ protocol
-    def register(self, enrollment_token: str, *, client_name: Optional[str], partition: Optional[int],
-                 num_samples: Optional[int], capability: dict[str, float],
-                 secagg_verify_key: Optional[bytes] = None) -> dict[str, Any]:
+    def register(self, enrollment_token: str, *, client_name: str | None, partition: int | None,
+                 num_samples: int | None, capability: dict[str, float],
+                 secagg_verify_key: bytes | None = None) -> dict[str, Any]:
         """``secagg_verify_key``: the client's long-term Ed25519 public key (secure aggregation checks every
         protocol message of this client against it)."""
         own = KeyPair.generate()
@@ -158,8 +159,8 @@ class ServerApi:
         """Report records, capability and (when asked) the label histogram (ProfileReport)."""
         return self._send("POST", PATH_PROFILE, json_body=report).json()
 
-    def download_model(self, etag: Optional[str], encrypted: bool,
-                       version: Optional[int] = None) -> tuple[Optional[bytes], Optional[str]]:
+    def download_model(self, etag: str | None, encrypted: bool,
+                       version: int | None = None) -> tuple[bytes | None, str | None]:
         """The wire-packed global model, or ``None`` when the server answers 304 for ``etag``.
 
         ``version`` (asynchronous mode): the model version this client's job trains on, which may
@@ -178,7 +179,7 @@ class ServerApi:
         return Envelope(model_key).open(resp.content), resp.headers.get("ETag")
 
     def upload_update(self, round_number: int, packed: bytes, idempotency_key: str, encrypted: bool,
-                      attempt: Optional[int] = None) -> dict[str, Any]:
+                      attempt: int | None = None) -> dict[str, Any]:
         """Upload an update (or, in a secure round, a masked upload for ``attempt``)."""
         assert self.creds is not None
         body = Envelope(self.creds.keys).seal(packed) if encrypted else packed

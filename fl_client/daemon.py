@@ -55,7 +55,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 import torch
@@ -95,26 +95,26 @@ log = logging.getLogger("fl_client")
 class DaemonOptions:
     server_url: str
     state_dir: Path
-    enrollment_token: Optional[str] = None
-    client_name: Optional[str] = None
-    partition: Optional[int] = None  # None = server assigns ("auto")
-    data_dir: Optional[str] = None
+    enrollment_token: str | None = None
+    client_name: str | None = None
+    partition: int | None = None  # None = server assigns ("auto")
+    data_dir: str | None = None
     timeout: float = 30.0
     max_retries: int = 3
-    max_rounds: Optional[int] = None  # stop after taking part in this many rounds
+    max_rounds: int | None = None  # stop after taking part in this many rounds
     threads: int = 1
     capability: dict[str, float] = field(default_factory=dict)
     verify_tls: bool | str = True
-    progress: Optional[bool] = None  # local-training progress bar: None = only when stderr is a terminal
-    compute_speed: Optional[float] = None  # samples/s reported in the profile; None = measure it
-    bandwidth: Optional[float] = None  # bytes/s reported in the profile; None = not reported
+    progress: bool | None = None  # local-training progress bar: None = only when stderr is a terminal
+    compute_speed: float | None = None  # samples/s reported in the profile; None = measure it
+    bandwidth: float | None = None  # bytes/s reported in the profile; None = not reported
     train_delay: float = 0.0  # seconds slept after each local training (tests: a slow device)
     #: seconds slept between a secure round's masked input and its unmasking (tests and demos: a client that
     #: goes away after its masked input, whose self mask the others then rebuild)
     secagg_unmask_delay: float = 0.0
     #: the peers' pinned Ed25519 verifying keys (--secagg-trusted-keys, fl_client/trusted_keys.py): a roster with a
     #: neighbour whose key is not among them is refused; None trusts the keys the server ships
-    secagg_trusted_keys: Optional[frozenset[bytes]] = None
+    secagg_trusted_keys: frozenset[bytes] | None = None
 
 
 #: where a SCAFFOLD client keeps its control variate c_i between rounds
@@ -139,14 +139,14 @@ class ClientDaemon:
         self.api = ServerApi(opts.server_url, timeout=opts.timeout, max_retries=opts.max_retries, verify=opts.verify_tls,
                              sleep=self._sleep, stop=self.stop_event.is_set)
         self.registration: dict[str, Any] = {}
-        self.trainer: Optional[LocalTrainer] = None
-        self.data: Optional[ArrayDataset] = None
-        self.model_etag: Optional[str] = None
-        self.model_vector: Optional[torch.Tensor] = None
+        self.trainer: LocalTrainer | None = None
+        self.data: ArrayDataset | None = None
+        self.model_etag: str | None = None
+        self.model_vector: torch.Tensor | None = None
         self.rounds_done = 0
-        self.error_feedback: Optional[ErrorFeedback] = None
+        self.error_feedback: ErrorFeedback | None = None
         self.profile_due = True  # reported after loading the data, and again after registering anew
-        self.identity: Optional[SigningIdentity] = None  # long-term Ed25519 key for secure aggregation
+        self.identity: SigningIdentity | None = None  # long-term Ed25519 key for secure aggregation
         self._secagg_attempts: list[int] = []  # secure attempts already taken part in (never twice)
         self.pending: Optional[PendingUpload] = None  # a finished update the server has not acknowledged yet
 
@@ -361,7 +361,7 @@ class ClientDaemon:
         self.trainer.train(start, self.data.x[:n], self.data.y[:n], instr)
         return n / max(time.perf_counter() - t0, 1e-6)
 
-    def _label_histogram(self, num_classes: int, epsilon: Optional[float]) -> list[float]:
+    def _label_histogram(self, num_classes: int, epsilon: float | None) -> list[float]:
         """Counts per class; under ``epsilon`` noised once (OS randomness) and kept for later reports."""
         assert self.data is not None
         counts = np.bincount(self.data.y.numpy().astype(np.int64), minlength=num_classes)[:num_classes]
@@ -388,8 +388,8 @@ class ClientDaemon:
             raise SystemExit(f"error: {path} does not hold a variate for this model; delete it to start from zero")
         return c
 
-    def _download(self, instr: TrainInstructions, job: Optional[int], round_number: int
-                  ) -> tuple[torch.Tensor, Optional[ControlVariates]]:
+    def _download(self, instr: TrainInstructions, job: int | None, round_number: int
+                  ) -> tuple[torch.Tensor, ControlVariates | None]:
         """The global model to train from (downloaded only when its version changed) and SCAFFOLD's variates."""
         assert self.trainer is not None
         encrypted = bool(self.registration.get("encryption", True))
@@ -407,7 +407,7 @@ class ClientDaemon:
         return global_vector, control
 
     def _train(self, what: str, round_number: int, instr: TrainInstructions, global_vector: torch.Tensor,
-               control: Optional[ControlVariates]) -> Any:
+               control: ControlVariates | None) -> Any:
         assert self.trainer is not None and self.data is not None and self.api.creds is not None
         log.info("%s: training %d epoch(s) on %d samples", what, instr.epochs, len(self.data))
         with training_progress(self.trainer.model, instr, len(self.data), round_number=round_number, enabled=self.opts.progress):
@@ -417,7 +417,7 @@ class ClientDaemon:
             self._sleep(self.opts.train_delay)  # --train-delay: a slower device (tests and demos)
         return update
 
-    def _save_control(self, control: Optional[ControlVariates], control_delta: Optional[torch.Tensor]) -> None:
+    def _save_control(self, control: ControlVariates | None, control_delta: torch.Tensor | None) -> None:
         """c_i moves only once the server holds (secure rounds: has applied) the update that used it."""
         if control is not None and control_delta is not None:
             buf = io.BytesIO()
@@ -546,7 +546,7 @@ class ClientDaemon:
         attempt, round_number = int(block["attempt"]), int(status["round"])
         if attempt in self._secagg_attempts:
             return False  # this attempt is done for this client: wait for the round to end
-        self._secagg_attempts = (self._secagg_attempts + [attempt])[-64:]
+        self._secagg_attempts = ([*self._secagg_attempts, attempt])[-64:]
         if block.get("phase") != "advertise_keys":
             log.info("round %d: selected for secure attempt %d, but it is already in phase %s (this client's keys for it are "
                      "gone, e.g. after a restart): waiting for the next round", round_number, attempt, block.get("phase"))
@@ -578,7 +578,7 @@ class ClientDaemon:
             def work() -> None:
                 try:
                     trained["update"] = self._train(what, round_number, instr, global_vector, control)
-                except Exception as exc:  # noqa: BLE001 - reported by make_input, in the session's thread
+                except Exception as exc:
                     trained["error"] = exc
 
             worker.append(threading.Thread(target=work, name="fl-local-training", daemon=True))

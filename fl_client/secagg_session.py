@@ -31,8 +31,9 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any
 
 import numpy as np
 
@@ -74,7 +75,7 @@ class SessionResult:
     masked_sent: bool
     state: str  # closed / aborted / open (outcome unknown) / failed (this client left the attempt)
     in_sum: bool
-    reason: Optional[str] = None
+    reason: str | None = None
 
 
 def clear_metrics(metrics: dict[str, float]) -> dict[str, float]:
@@ -94,9 +95,9 @@ def plain_input(params: SecAggParams, delta: Any, num_samples: int, metrics: dic
 class SecureRoundSession:
     def __init__(self, api: ServerApi, identity: SigningIdentity, status: dict[str, Any], *, encrypted: bool,
                  sleep: Callable[[float], None] = time.sleep, stop: Callable[[], bool] = lambda: False,
-                 call: Optional[Callable[..., Any]] = None, rng: Optional[np.random.Generator] = None,
+                 call: Callable[..., Any] | None = None, rng: np.random.Generator | None = None,
                  clock: Callable[[], float] = time.monotonic,
-                 trusted_verify_keys: Optional[frozenset[bytes]] = None) -> None:
+                 trusted_verify_keys: frozenset[bytes] | None = None) -> None:
         """``status``: the poll reply that selected this client (its ``secagg`` block). ``call`` wraps each
         API call (the daemon's renews an expired session token); ``rng`` drives only the stochastic rounding.
         ``trusted_verify_keys``: the peers' pinned Ed25519 verifying keys (fl_client/trusted_keys.py); with
@@ -108,7 +109,8 @@ class SecureRoundSession:
         self.index = int(block["index"])
         self.params = SecAggParams.from_json(block["params"])
         me = api.creds.client_id if api.creds is not None else None
-        if self.params.round != self.round or not 1 <= self.index <= self.params.n or self.params.client_ids[self.index - 1] != me:
+        listed = 1 <= self.index <= self.params.n and self.params.client_ids[self.index - 1] == me
+        if self.params.round != self.round or not listed:
             raise SessionEnded("the round's parameters do not list this client at the index the server gave")
         self.encrypted = encrypted
         self.poll = max(0.05, float(block.get("poll_after") or 1.0))
@@ -215,7 +217,6 @@ class SecureRoundSession:
         while True:
             try:  # every retry sends the same bytes under the same key: the server counts the input once
                 answer = self._call(self.api.upload_update, self.round, body, key, self.encrypted, self.attempt)
-                break
             except ServerUnreachable as exc:
                 if not wait.failed(exc, until=until):
                     raise SessionEnded(f"masked input: server unreachable until the phase's deadline ({exc})") from None
@@ -259,8 +260,8 @@ class SecureRoundSession:
             self._wait()
 
     def run(self, make_input: Callable[[], tuple[PlainInput, dict[str, float]]], *,
-            after_advertise: Optional[Callable[[], None]] = None,
-            before_unmask: Optional[Callable[[], None]] = None) -> SessionResult:
+            after_advertise: Callable[[], None] | None = None,
+            before_unmask: Callable[[], None] | None = None) -> SessionResult:
         """All four phases. ``make_input()`` returns the plain input and its metrics; it is called once the
         keys are shared (``after_advertise`` runs right after the advertisement: the daemon starts training
         there; ``before_unmask`` right after the masked input was accepted). A step the attempt cannot

@@ -12,7 +12,7 @@ Every failure surfaces as ``EnvelopeError`` with a coarse ``reason`` ("invalid" 
 from __future__ import annotations
 
 import time
-from typing import Callable
+from collections.abc import Callable
 
 from cryptography.fernet import Fernet, InvalidToken
 

@@ -103,11 +103,11 @@ class KeyPair:
     private_key: X25519PrivateKey
 
     @classmethod
-    def generate(cls) -> "KeyPair":
+    def generate(cls) -> KeyPair:
         return cls(X25519PrivateKey.generate())
 
     @classmethod
-    def from_private_bytes(cls, raw: bytes) -> "KeyPair":
+    def from_private_bytes(cls, raw: bytes) -> KeyPair:
         """Restore a persisted key (32 raw bytes), e.g. from a daemon's 0600 key file."""
         if len(raw) != 32:
             raise KeyAgreementError("private key must be exactly 32 bytes")

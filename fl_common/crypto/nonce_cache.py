@@ -12,7 +12,8 @@ import heapq
 import logging
 import threading
 import time
-from typing import Callable, Protocol, runtime_checkable
+from collections.abc import Callable
+from typing import Protocol, runtime_checkable
 
 __all__ = ["NonceCache", "InMemoryNonceCache"]
 

@@ -15,8 +15,8 @@ import hashlib
 import hmac
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 __all__ = [
     "TOKEN_BYTES",
@@ -79,7 +79,7 @@ class SessionToken:
     expires_at: float
 
     @classmethod
-    def issue(cls, client_id: str, ttl_s: float, *, clock: Callable[[], float] = time.time) -> "SessionToken":
+    def issue(cls, client_id: str, ttl_s: float, *, clock: Callable[[], float] = time.time) -> SessionToken:
         if ttl_s <= 0:
             raise ValueError("ttl_s must be positive")
         now = clock()

@@ -139,7 +139,7 @@ def images_to_tensor(
     out.numpy()[...] = chw  # uint8 -> float32 cast during the copy
     # (x/255 - m)/s == x * (1/(255 s)) - m/s: two in-place passes instead of three.
     scale = torch.tensor([1.0 / (255.0 * s) for s in std], dtype=torch.float32).view(1, channels, 1, 1)
-    shift = torch.tensor([m / s for m, s in zip(mean, std)], dtype=torch.float32).view(1, channels, 1, 1)
+    shift = torch.tensor([m / s for m, s in zip(mean, std, strict=True)], dtype=torch.float32).view(1, channels, 1, 1)
     return out.mul_(scale).sub_(shift)
 
 
@@ -292,7 +292,7 @@ def _load_cifar10(split: str, data_dir: Path | None, download: bool) -> ArrayDat
 def load_dataset(
     name: str,
     split: str = "train",
-    data_dir: str | os.PathLike | None = None,
+    data_dir: str | os.PathLike[str] | None = None,
     download: bool = False,
     seed: int = 0,
 ) -> ArrayDataset:

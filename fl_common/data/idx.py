@@ -54,7 +54,7 @@ def _read_bytes(path: Path) -> bytes:
         raise IdxFormatError(f"{path}: cannot read ({exc}); the file is corrupt, re-fetch it") from None
 
 
-def read_idx(path: str | os.PathLike, *, expect_ndim: int | None = None) -> np.ndarray:
+def read_idx(path: str | os.PathLike[str], *, expect_ndim: int | None = None) -> np.ndarray:
     """Parse one idx file into an array of its declared shape.
 
     The header is validated against the payload length so that a truncated download fails here,

@@ -162,7 +162,8 @@ def _shards(y: np.ndarray, k: int, rng: np.random.Generator, spc: int | None, pe
     return owner
 
 
-def _dirichlet_draw(pools: list[np.ndarray], n: int, k: int, alpha: float, rng: np.random.Generator):
+def _dirichlet_draw(pools: list[np.ndarray], n: int, k: int, alpha: float,
+                    rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     owner = np.empty(n, dtype=np.int64)
     sizes = np.zeros(k, dtype=np.int64)
     concentration = np.full(k, alpha)
@@ -204,11 +205,13 @@ def _dirichlet_all(y: np.ndarray, k: int, rng: np.random.Generator, alpha: float
     has ``floor`` samples; if none succeeds, the last draw is repaired by :func:`_repair_min_size`.
     """
     pools = _class_pools(y, rng)
-    for _ in range(_DIRICHLET_DRAWS):
+    owner, sizes = _dirichlet_draw(pools, y.size, k, alpha, rng)
+    draws = 1
+    while sizes.min() < floor and draws < _DIRICHLET_DRAWS:
         owner, sizes = _dirichlet_draw(pools, y.size, k, alpha, rng)
-        if sizes.min() >= floor:
-            return owner
-    _repair_min_size(owner, sizes, floor, rng)
+        draws += 1
+    if sizes.min() < floor:
+        _repair_min_size(owner, sizes, floor, rng)
     return owner
 
 
@@ -281,7 +284,7 @@ def partition(
 
 
 # A simulation asks for each of its clients in turn: remember the last few whole partitions.
-_RECENT: OrderedDict[tuple, list[np.ndarray]] = OrderedDict()
+_RECENT: OrderedDict[tuple[object, ...], list[np.ndarray]] = OrderedDict()
 _RECENT_MAX = 4
 _RECENT_LOCK = threading.Lock()
 
@@ -323,7 +326,8 @@ def client_partition(
             _RECENT[key] = parts
             while len(_RECENT) > _RECENT_MAX:
                 _RECENT.popitem(last=False)
-    return parts[index].copy()  # a copy: the caller may modify it without touching the memo
+    mine: np.ndarray = parts[index].copy()
+    return mine  # a copy: the caller may modify it without touching the memo
 
 
 def label_histograms(labels: np.ndarray | Sequence[int], parts: list[np.ndarray], num_classes: int) -> np.ndarray:

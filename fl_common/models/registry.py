@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING, cast
 
 import torch
 from torch import nn
@@ -22,7 +23,7 @@ def _load_factory(spec: str) -> Callable[..., nn.Module]:
     if not callable(factory):
         module_name, _, attr = spec.partition(":")
         raise ValueError(f"custom model '{spec}': '{attr}' is not a callable in '{module_name}'")
-    return factory
+    return cast("Callable[..., nn.Module]", factory)  # what it returns is checked where it is called
 
 
 def create_model(model_type: str, input_shape: tuple[int, int, int], num_classes: int, *,
@@ -50,7 +51,7 @@ def create_model(model_type: str, input_shape: tuple[int, int, int], num_classes
     return model
 
 
-def model_from_config(cfg: "FLConfig", input_shape: tuple[int, int, int], num_classes: int) -> nn.Module:
+def model_from_config(cfg: FLConfig, input_shape: tuple[int, int, int], num_classes: int) -> nn.Module:
     if num_classes != cfg.num_classes:
         raise ValueError(f"config num_classes={cfg.num_classes} but dataset '{cfg.dataset}' has {num_classes} classes")
     return create_model(cfg.model_type, input_shape, num_classes, hidden_size=cfg.hidden_size,

@@ -23,7 +23,7 @@ def small_image_resnet18(input_shape: tuple[int, int, int], num_classes: int, no
     if norm not in ("group", "batch"):
         raise ValueError(f"resnet norm must be 'group' or 'batch', got {norm!r}")
     norm_layer = _group_norm if norm == "group" else partial(nn.BatchNorm2d)
-    model = resnet18(weights=None, num_classes=num_classes, norm_layer=norm_layer)
+    model: nn.Module = resnet18(weights=None, num_classes=num_classes, norm_layer=norm_layer)
     model.conv1 = nn.Conv2d(input_shape[0], 64, kernel_size=3, stride=1, padding=1, bias=False)
     model.maxpool = nn.Identity()
     return model

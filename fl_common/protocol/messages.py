@@ -73,7 +73,7 @@ class TrainInstructions:
         return asdict(self)
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> "TrainInstructions":
+    def from_json(cls, data: dict[str, Any]) -> TrainInstructions:
         return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
 
 

@@ -59,7 +59,7 @@ import json
 import math
 import struct
 from dataclasses import asdict, dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 API_PREFIX = "/api/v1"
 PROTOCOL_VERSION = 1
@@ -116,13 +116,13 @@ QUERY_MODEL_VERSION = "version"
 class RegisterRequest:
     enrollment_token: str
     public_key: str  # urlsafe base64 X25519 public key of the client
-    client_name: Optional[str] = None  # a stable name; re-registering the same name keeps its partition
-    partition: Optional[int] = None  # None: server assigns (``--partition auto``); an int asks for that index
-    num_samples: Optional[int] = None  # for clients that bring their own data (--data-dir)
+    client_name: str | None = None  # a stable name; re-registering the same name keeps its partition
+    partition: int | None = None  # None: server assigns (``--partition auto``); an int asks for that index
+    num_samples: int | None = None  # for clients that bring their own data (--data-dir)
     capability: dict[str, float] = field(default_factory=dict)  # e.g. {"compute": 1.0, "bandwidth": 1.0}
     #: urlsafe base64 of the client's long-term Ed25519 verifying key (32 bytes); required by a server
     #: that runs secure aggregation, which checks every protocol message of the client against it
-    secagg_verify_key: Optional[str] = None
+    secagg_verify_key: str | None = None
 
 
 @dataclass
@@ -135,9 +135,9 @@ class DataAssignment:
     method: str
     alpha: float
     seed: int
-    samples_per_client: Optional[int]
+    samples_per_client: int | None
     shards_per_client: int
-    max_train_samples: Optional[int]
+    max_train_samples: int | None
 
 
 @dataclass
@@ -149,7 +149,7 @@ class RegisterResponse:
     salt: str  # urlsafe base64, the HKDF salt for this client's session keys
     poll_interval: float
     protocol_version: int
-    data: Optional[DataAssignment]
+    data: DataAssignment | None
     model: dict[str, Any]  # model_type, num_classes, hidden_size, ... (enough to build the same model)
     codec: str
     wire_compression: str
@@ -162,17 +162,17 @@ class RegisterResponse:
 @dataclass
 class RoundStatus:
     state: str
-    round: Optional[int]
+    round: int | None
     model_version: int
     poll_after: float
-    deadline: Optional[float] = None  # seconds since the epoch (server clock)
-    instructions: Optional[dict[str, Any]] = None  # TrainInstructions.to_json() when selected
+    deadline: float | None = None  # seconds since the epoch (server clock)
+    instructions: dict[str, Any] | None = None  # TrainInstructions.to_json() when selected
     #: asynchronous mode only: the job id of a dispatched job (``round`` is then the model version
     #: to download with ``?version=`` and to upload for); None in synchronous rounds
-    job: Optional[int] = None
+    job: int | None = None
     #: secure aggregation only: {"attempt", "params" (SecAggParams.to_json()), "index", "phase",
     #: "deadline" (server clock), "deadline_in_s", "dropped", "done"} for a selected client
-    secagg: Optional[dict[str, Any]] = None
+    secagg: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
@@ -196,11 +196,11 @@ class ProfileSpec:
     required: list[str]
     optional: list[str]
     num_classes: int
-    label_histogram_epsilon: Optional[float]
+    label_histogram_epsilon: float | None
     #: whether selection waits for the profile (every policy but uniform)
     needed_for_selection: bool
     #: what this client reported last (None: nothing yet)
-    profile: Optional[dict[str, Any]] = None
+    profile: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -212,7 +212,7 @@ class ProfileReport:
 
     num_samples: int
     capability: dict[str, float] = field(default_factory=dict)  # CAPABILITY_NAMES only
-    label_histogram: Optional[list[float]] = None  # only when ProfileSpec asks for it
+    label_histogram: list[float] | None = None  # only when ProfileSpec asks for it
 
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)

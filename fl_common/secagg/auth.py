@@ -49,18 +49,18 @@ class SigningIdentity:
     _hmac_key: bytes | None = None
 
     @classmethod
-    def generate_ed25519(cls) -> "SigningIdentity":
+    def generate_ed25519(cls) -> SigningIdentity:
         """A fresh long-term Ed25519 key (a daemon persists ``private_bytes()`` in its state dir)."""
         return cls(ED25519, _ed25519=Ed25519PrivateKey.generate())
 
     @classmethod
-    def ed25519(cls, private_bytes: bytes) -> "SigningIdentity":
+    def ed25519(cls, private_bytes: bytes) -> SigningIdentity:
         if not isinstance(private_bytes, (bytes, bytearray)) or len(private_bytes) != 32:
             raise ValueError("an Ed25519 private key is exactly 32 bytes")
         return cls(ED25519, _ed25519=Ed25519PrivateKey.from_private_bytes(bytes(private_bytes)))
 
     @classmethod
-    def hmac(cls, auth_key: bytes) -> "SigningIdentity":
+    def hmac(cls, auth_key: bytes) -> SigningIdentity:
         """The client's per-client HMAC key from registration (see the module docstring for what it cannot do)."""
         if not isinstance(auth_key, (bytes, bytearray)) or len(auth_key) < _MIN_HMAC_KEY:
             raise ValueError(f"auth_key must be at least {_MIN_HMAC_KEY} bytes")
@@ -81,7 +81,7 @@ class SigningIdentity:
             return self._ed25519.public_key().public_bytes_raw()
         return b""
 
-    def verifier(self) -> "Verifier":
+    def verifier(self) -> Verifier:
         """What the server registers for this client."""
         if self.scheme == ED25519:
             return Verifier(ED25519, self.verify_key)

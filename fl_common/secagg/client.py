@@ -180,9 +180,8 @@ class SecAggClient:
         keys = [e.c_pk for e in roster.entries] + [e.s_pk for e in roster.entries]
         if len(set(keys)) != len(keys):
             raise SecAggRefused("the roster repeats a public key (a substituted or replayed key)", "bad_roster")
-        if p.auth == HMAC_SHA256:
-            if not check_server_tag(self._identity, roster.digest(self._digest), roster.server_tag):
-                raise SecAggRefused("the roster's server tag does not verify", "bad_roster_signature")
+        if p.auth == HMAC_SHA256 and not check_server_tag(self._identity, roster.digest(self._digest), roster.server_tag):
+            raise SecAggRefused("the roster's server tag does not verify", "bad_roster_signature")
         if p.auth == ED25519:
             self._check_distinct_verify_keys(roster)
         for e in roster.entries:

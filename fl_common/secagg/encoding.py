@@ -58,7 +58,7 @@ class DecodedSum:
 
 def _as_vector(x: object) -> np.ndarray:
     if hasattr(x, "detach"):  # a torch tensor, without importing torch here
-        x = x.detach().cpu().numpy()  # type: ignore[union-attr]
+        x = x.detach().cpu().numpy()
     return np.asarray(x, dtype=np.float64).ravel()
 
 
@@ -118,7 +118,7 @@ def encode_input(params: SecAggParams, plain: PlainInput, rng: np.random.Generat
             parts[i] = np.array([1.0 if any_clipped else 0.0])
     out = np.empty(params.vector_length, dtype=np.uint64)
     at = 0
-    for seg, values in zip(params.segments, parts):
+    for seg, values in zip(params.segments, parts, strict=True):
         out[at:at + seg.length] = encode(values, seg.bound, seg.scale_bits, params.modulus_bits, rng)
         at += seg.length
     return out, any_clipped
@@ -135,7 +135,7 @@ def decode_input_sum(params: SecAggParams, total: np.ndarray, num_inputs: int) -
     for seg in params.segments:
         out[seg.name] = decode_sum(total[at:at + seg.length], num_inputs, seg.bound, seg.scale_bits, params.modulus_bits)
         at += seg.length
-    count = int(round(float(out["count"][0])))
+    count = round(float(out["count"][0]))
     if count != num_inputs:
         raise FieldOverflowError(f"the decoded count is {count}, but {num_inputs} inputs were summed: a mask was not removed")
     return DecodedSum(
@@ -144,8 +144,8 @@ def decode_input_sum(params: SecAggParams, total: np.ndarray, num_inputs: int) -
         weight=float(out["weight"][0]) if "weight" in out else float(num_inputs),
         count=count,
         loss=float(out["loss"][0]) if "loss" in out else None,
-        clipped=int(round(float(out["clipped"][0]))) if "clipped" in out else 0,
-        unclipped=int(round(float(out["unclipped"][0]))) if "unclipped" in out else None,
+        clipped=round(float(out["clipped"][0])) if "clipped" in out else 0,
+        unclipped=round(float(out["unclipped"][0])) if "unclipped" in out else None,
     )
 
 
@@ -202,4 +202,5 @@ def unpack(data: bytes, length: int, modulus_bits: int) -> np.ndarray:
     flat = out.ravel()
     if flat[length:].any():
         raise ValueError("stray bits after the last value")
-    return flat[:length].copy()
+    values: np.ndarray = flat[:length].copy()
+    return values

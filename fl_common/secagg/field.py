@@ -47,7 +47,8 @@ class FieldOverflowError(ValueError):
 def _mask(modulus_bits: int) -> np.uint64:
     if not 1 <= modulus_bits <= MAX_MODULUS_BITS:
         raise ValueError(f"modulus_bits must be in [1, {MAX_MODULUS_BITS}]")
-    return np.uint64((1 << modulus_bits) - 1)
+    mask: np.uint64 = np.uint64((1 << modulus_bits) - 1)
+    return mask
 
 
 def max_level(clip: float, scale_bits: int) -> int:
@@ -142,7 +143,8 @@ def sub_mod(a: np.ndarray, b: np.ndarray, modulus_bits: int) -> np.ndarray:
 
 def neg_mod(a: np.ndarray, modulus_bits: int) -> np.ndarray:
     """(-a) mod 2^b."""
-    return (np.uint64(0) - np.asarray(a, dtype=np.uint64)) & _mask(modulus_bits)
+    negated: np.ndarray = (np.uint64(0) - np.asarray(a, dtype=np.uint64)) & _mask(modulus_bits)
+    return negated
 
 
 @dataclass(frozen=True)
@@ -154,7 +156,7 @@ class FixedPointSpec:
     modulus_bits: int
 
     @classmethod
-    def for_clients(cls, clip: float, scale_bits: int, num_clients: int) -> "FixedPointSpec":
+    def for_clients(cls, clip: float, scale_bits: int, num_clients: int) -> FixedPointSpec:
         """The smallest field that fits ``num_clients`` (pass the number *selected*, not survivors)."""
         return cls(clip, scale_bits, required_modulus_bits(clip, scale_bits, num_clients))
 

@@ -30,8 +30,8 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 __all__ = ["GraphParams", "choose_graph_params", "build_graph", "failure_bound"]
 

@@ -17,7 +17,7 @@ which gives the total order the sign convention needs.
 
 from __future__ import annotations
 
-from typing import Iterable, Mapping
+from collections.abc import Iterable, Mapping
 
 import numpy as np
 from cryptography.hazmat.primitives import hashes
@@ -121,4 +121,5 @@ def unmask_sum(
 
 
 def _modmask(modulus_bits: int) -> np.uint64:
-    return np.uint64((1 << modulus_bits) - 1)
+    mask: np.uint64 = np.uint64((1 << modulus_bits) - 1)
+    return mask

@@ -30,8 +30,9 @@ import hashlib
 import json
 import math
 import struct
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from fl_common.secagg.auth import AUTH_SCHEMES, ED25519
 from fl_common.secagg.field import MAX_MODULUS_BITS, required_modulus_bits
@@ -214,7 +215,7 @@ class Segment:
         return [self.name, self.length, self.bound, self.scale_bits, self.l2_clip]
 
     @classmethod
-    def from_json(cls, data: Any) -> "Segment":
+    def from_json(cls, data: Any) -> Segment:
         if not (isinstance(data, list) and len(data) == 5):
             raise MalformedMessage("segment must be [name, length, bound, scale_bits, l2_clip]")
         name, length, bound, scale, clip = data
@@ -321,7 +322,7 @@ class SecAggParams:
                 "weight_bound": self.weight_bound, "weighted": self.weighted, "auth": self.auth}
 
     @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> "SecAggParams":
+    def from_json(cls, data: Mapping[str, Any]) -> SecAggParams:
         if not isinstance(data, Mapping) or data.get("type") != "secagg_params":
             raise MalformedMessage("expected secagg_params")
         try:
@@ -349,7 +350,7 @@ class SecAggParams:
         return _canonical(self.to_json())
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> "SecAggParams":
+    def from_bytes(cls, data: bytes) -> SecAggParams:
         try:
             obj = json.loads(bytes(data).decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError):
@@ -380,7 +381,7 @@ class AdvertiseKeys:
                            "c_pk": _b64e(self.c_pk), "s_pk": _b64e(self.s_pk), "sig": _b64e(self.signature)})
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> "AdvertiseKeys":
+    def from_bytes(cls, data: bytes) -> AdvertiseKeys:
         o = _json_load(data, "advertise_keys")
         try:
             return cls(_int(o["sender"], "sender", 1), _b64d(o["c_pk"], "c_pk", KEY_LEN), _b64d(o["s_pk"], "s_pk", KEY_LEN),
@@ -401,7 +402,7 @@ class RosterEntry:
         return [self.index, _b64e(self.c_pk), _b64e(self.s_pk), _b64e(self.signature), _b64e(self.verify_key)]
 
     @classmethod
-    def from_json(cls, data: Any) -> "RosterEntry":
+    def from_json(cls, data: Any) -> RosterEntry:
         if not (isinstance(data, list) and len(data) == 5):
             raise MalformedMessage("roster entry must be [index, c_pk, s_pk, sig, verify_key]")
         return cls(_int(data[0], "index", 1), _b64d(data[1], "c_pk", KEY_LEN), _b64d(data[2], "s_pk", KEY_LEN),
@@ -439,7 +440,7 @@ class RosterMessage:
                            "tag": _b64e(self.server_tag)})
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> "RosterMessage":
+    def from_bytes(cls, data: bytes) -> RosterMessage:
         o = _json_load(data, "roster")
         try:
             entries = o["entries"]
@@ -474,7 +475,7 @@ class ShareKeys:
                            "sig": _b64e(self.signature)})
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> "ShareKeys":
+    def from_bytes(cls, data: bytes) -> ShareKeys:
         o = _json_load(data, "share_keys")
         try:
             return cls(_int(o["sender"], "sender", 1), _pairs(o["cts"], "ciphertexts", CIPHERTEXT_LEN),
@@ -497,7 +498,7 @@ class ShareBundle:
                            "survivors": list(self.survivors), "cts": [[s, _b64e(c)] for s, c in self.ciphertexts]})
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> "ShareBundle":
+    def from_bytes(cls, data: bytes) -> ShareBundle:
         o = _json_load(data, "share_bundle")
         try:
             return cls(_int(o["recipient"], "recipient", 1), _index_list(o["survivors"], "survivors"),
@@ -539,7 +540,7 @@ class MaskedInput:
         return _MAGIC + struct.pack(">I", len(header)) + header + self.payload
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> "MaskedInput":
+    def from_bytes(cls, data: bytes) -> MaskedInput:
         data = bytes(data)
         if not data.startswith(_MAGIC) or len(data) < len(_MAGIC) + 4:
             raise MalformedMessage("masked_input: bad magic")
@@ -572,7 +573,7 @@ class UnmaskRequest:
                            "dropped": list(self.dropped)})
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> "UnmaskRequest":
+    def from_bytes(cls, data: bytes) -> UnmaskRequest:
         o = _json_load(data, "unmask_request")
         try:
             return cls(_index_list(o["survivors"], "survivors"), _index_list(o["dropped"], "dropped"))
@@ -599,7 +600,7 @@ class UnmaskResponse:
                            "key": [[v, _b64e(s)] for v, s in self.key_shares], "sig": _b64e(self.signature)})
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> "UnmaskResponse":
+    def from_bytes(cls, data: bytes) -> UnmaskResponse:
         o = _json_load(data, "unmask_response")
         try:
             return cls(_int(o["sender"], "sender", 1), _pairs(o["self"], "self shares", SHARE_LEN),

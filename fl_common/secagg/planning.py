@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import secrets
-from typing import Sequence
+from collections.abc import Sequence
 
 from fl_common.secagg.auth import ED25519
 from fl_common.secagg.encoding import LOSS_BOUND
@@ -87,7 +87,7 @@ def plan_params(*, round_number: int, client_ids: Sequence[str], vector_length: 
     bits = max(required_modulus_bits(s.bound, s.scale_bits, n) for s in segments)
     if with_loss:
         bits = max(bits, required_modulus_bits(LOSS_BOUND, 0, n))
-        loss_scale = max(s for s in range(0, scale_bits + 1) if required_modulus_bits(LOSS_BOUND, s, n) <= bits)
+        loss_scale = max(s for s in range(scale_bits + 1) if required_modulus_bits(LOSS_BOUND, s, n) <= bits)
         segments.append(Segment("loss", 1, LOSS_BOUND, loss_scale))
     if bits > MAX_MODULUS_BITS:
         raise FieldOverflowError(f"the sum needs {bits} bits (> {MAX_MODULUS_BITS}); lower the scale bits or the clip")

@@ -53,7 +53,7 @@ def expand_seed(seed: bytes, n: int, modulus_bits: int, *, label: bytes) -> np.n
     if n == 0:
         return out
     encryptor = Cipher(algorithms.ChaCha20(derive_prg_key(seed, label), _ZERO_NONCE), mode=None).encryptor()
-    view = memoryview(out).cast("B")
+    view = out.data.cast("B")
     encryptor.update_into(view, view)  # keystream XOR zeros == keystream
     if sys.byteorder == "big":  # pragma: no cover - the stream is defined as little-endian words
         out.byteswap(inplace=True)

@@ -24,9 +24,9 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Callable, Mapping
 
 import numpy as np
 
@@ -99,11 +99,13 @@ class SecAggServer:
         params.validate()
         self.params = params
         self._digest = params.digest()
-        self._verifiers = dict(verifiers)
+        self._verifiers: dict[int, Verifier] = dict(verifiers)
         for i, v in self._verifiers.items():
             if v.scheme != params.auth:
                 raise ValueError(f"client {i}'s verifier is {v.scheme}, the round signs with {params.auth}")
-        self._timeouts = {Phase(k): float(v) for k, v in {**DEFAULT_TIMEOUTS, **(timeouts or {})}.items()}
+        self._timeouts: dict[Phase, float] = dict(DEFAULT_TIMEOUTS)
+        for phase, seconds in (timeouts or {}).items():
+            self._timeouts[Phase(phase)] = float(seconds)
         self.phase = Phase.ADVERTISE_KEYS
         self.started = float(now)
         self.deadline = float(now) + self._timeouts[Phase.ADVERTISE_KEYS]
@@ -156,8 +158,9 @@ class SecAggServer:
     def expected(self) -> set[int]:
         """Clients the current phase still waits for."""
         live = self._live()
-        got: Mapping[int, object] = {Phase.ADVERTISE_KEYS: self._adverts, Phase.SHARE_KEYS: self._share_msgs,
-                                     Phase.MASKED_INPUT: self._masked, Phase.UNMASK: self._responses}.get(self.phase, {})
+        received: dict[Phase, Mapping[int, object]] = {Phase.ADVERTISE_KEYS: self._adverts, Phase.SHARE_KEYS: self._share_msgs,
+                                                       Phase.MASKED_INPUT: self._masked, Phase.UNMASK: self._responses}
+        got = received.get(self.phase, {})
         return {i for i in live if i not in got}
 
     def _live(self) -> set[int]:
@@ -278,7 +281,8 @@ class SecAggServer:
     def _close_advertise(self, now: float) -> None:
         u1 = tuple(sorted(i for i in self._adverts if i not in self.drops))
         if len(u1) < self.params.threshold:
-            return self._abort(f"only {len(u1)} clients advertised keys, fewer than the threshold t={self.params.threshold}", now)
+            self._abort(f"only {len(u1)} clients advertised keys, fewer than the threshold t={self.params.threshold}", now)
+            return
         entries = []
         for i in u1:
             a = self._adverts[i]
@@ -326,7 +330,8 @@ class SecAggServer:
         t = self.params.threshold
         u2 = {i for i in self._share_msgs if i not in self.drops}
         if len(u2) < t:
-            return self._abort(f"only {len(u2)} clients shared their keys, fewer than the threshold t={t}", now)
+            self._abort(f"only {len(u2)} clients shared their keys, fewer than the threshold t={t}", now)
+            return
         changed = True
         while changed:  # a client whose shares reach fewer than t live holders could never be unmasked
             changed = False
@@ -336,7 +341,8 @@ class SecAggServer:
                     self._drop(u, "too_few_neighbours", now)
                     changed = True
         if len(u2) < t:
-            return self._abort(f"only {len(u2)} clients shared their keys with at least t={t} live holders each", now)
+            self._abort(f"only {len(u2)} clients shared their keys with at least t={t} live holders each", now)
+            return
         self._u2 = tuple(sorted(u2))
         self._inbox = {w: [] for w in self._u2}
         for v in self._u2:
@@ -399,7 +405,8 @@ class SecAggServer:
         u3 = set(self._masked)
         t = self.params.threshold
         if len(u3) < t:
-            return self._abort(f"only {len(u3)} clients sent masked inputs, fewer than the threshold t={t}", now)
+            self._abort(f"only {len(u3)} clients sent masked inputs, fewer than the threshold t={t}", now)
+            return
         if not self._viable(u3, now, "after the masked-input phase"):
             return
         self._u3 = tuple(sorted(u3))
@@ -487,18 +494,24 @@ class SecAggServer:
         for v, shares in self_shares.items():
             commitment = self._share_msgs[v].commitment
             if len(shares) < t:
-                return self._abort(f"only {len(shares)} shares of client {v}'s self-mask seed arrived, fewer than t={t}", now)
-            seed = self._rebuild(v, "self_seed", shares,
-                                 lambda s, v=v, c=commitment: self_seed_commitment(self._digest, v, s) == c, now)
+                self._abort(f"only {len(shares)} shares of client {v}'s self-mask seed arrived, fewer than t={t}", now)
+                return
+
+            def committed(seed: bytes, v: int = v, c: bytes = commitment) -> bool:
+                return self_seed_commitment(self._digest, v, seed) == c
+
+            seed = self._rebuild(v, "self_seed", shares, committed, now)
             if seed is None:
-                return self._abort(f"the shares of client {v}'s self-mask seed do not rebuild its committed seed "
-                                   f"(tampered shares)", now)
+                self._abort(f"the shares of client {v}'s self-mask seed do not rebuild its committed seed "
+                            f"(tampered shares)", now)
+                return
             seeds[v] = seed
         dangling: list[tuple[int, int, bytes]] = []
         for v, shares in key_shares.items():
             s_pk = self._adverts[v].s_pk
             if len(shares) < t:
-                return self._abort(f"only {len(shares)} shares of dropped client {v}'s mask key arrived, fewer than t={t}", now)
+                self._abort(f"only {len(shares)} shares of dropped client {v}'s mask key arrived, fewer than t={t}", now)
+                return
 
             def matches(raw: bytes, s_pk: bytes = s_pk) -> bool:
                 try:
@@ -506,23 +519,26 @@ class SecAggServer:
                 except (KeyAgreementError, ValueError):
                     return False
 
-            raw = self._rebuild(v, "mask_key", shares, matches, now)
-            if raw is None:
-                return self._abort(f"the shares of dropped client {v}'s mask key do not rebuild its advertised key "
-                                   f"(tampered shares)", now)
-            key = KeyPair.from_private_bytes(raw)
+            key_raw = self._rebuild(v, "mask_key", shares, matches, now)
+            if key_raw is None:
+                self._abort(f"the shares of dropped client {v}'s mask key do not rebuild its advertised key "
+                            f"(tampered shares)", now)
+                return
+            key = KeyPair.from_private_bytes(key_raw)
             for w in sorted(self._graph[v] & survivors):
                 try:
                     dangling.append((w, v, x25519_shared_secret(key.private_key, self._adverts[w].s_pk)))
                 except KeyAgreementError:
-                    return self._abort(f"client {w}'s mask key is degenerate", now)
+                    self._abort(f"client {w}'s mask key is degenerate", now)
+                    return
         assert self._sum is not None
         total = unmask_sum(self._sum, self.params.modulus_bits, survivor_self_seeds=seeds, dangling_pairs=dangling,
                            context=self._digest)
         try:
             sums = decode_input_sum(self.params, total, len(self._u3))
         except FieldOverflowError as exc:
-            return self._abort(f"the unmasked sum does not decode ({exc})", now)
+            self._abort(f"the unmasked sum does not decode ({exc})", now)
+            return
         self._sum = None
         self.phase_closed_at[self.phase.value] = float(now)
         self.phase = Phase.DONE

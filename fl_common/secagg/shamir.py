@@ -17,8 +17,8 @@ clients (SecAgg's c_uv keys + ``Envelope``), and if more than t shares are avail
 from __future__ import annotations
 
 import secrets
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Sequence
 
 __all__ = ["PRIME", "MAX_SECRET_LEN", "ShareError", "Share", "split_secret", "reconstruct"]
 
@@ -52,7 +52,7 @@ class Share:
         return self.x.to_bytes(_X_LEN, "big") + self.y.to_bytes(_Y_LEN, "big")
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> "Share":
+    def from_bytes(cls, data: bytes) -> Share:
         if len(data) != SHARE_LEN:
             raise ShareError("share has the wrong length")
         return cls(int.from_bytes(data[:_X_LEN], "big"), int.from_bytes(data[_X_LEN:], "big"))

@@ -94,7 +94,7 @@ class ErrorFeedback:
         return pack(encoded, "zstd", {"kind": _KIND, "spec_key": self.key, "empty": self._residual is None})
 
     @classmethod
-    def from_bytes(cls, data: bytes, spec: ParamSpec) -> "ErrorFeedback":
+    def from_bytes(cls, data: bytes, spec: ParamSpec) -> ErrorFeedback:
         """Restore state saved by :meth:`to_bytes` for model ``spec``. A residual saved for a
         different layout is dropped (fresh instance); corrupt data raises WireFormatError."""
         ef = cls(spec)

@@ -8,8 +8,9 @@ makes a vector meaningful again, so it travels with the model and is checked on 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Any
 
 import torch
 
@@ -42,11 +43,11 @@ class ParamSpec:
     def names(self) -> list[str]:
         return [e.name for e in self.entries]
 
-    def to_json(self) -> list[dict]:
+    def to_json(self) -> list[dict[str, Any]]:
         return [{"name": e.name, "shape": list(e.shape), "dtype": e.dtype} for e in self.entries]
 
     @classmethod
-    def from_json(cls, items: list[dict]) -> "ParamSpec":
+    def from_json(cls, items: list[dict[str, Any]]) -> ParamSpec:
         return cls(tuple(ParamEntry(str(i["name"]), tuple(int(s) for s in i["shape"]), str(i["dtype"])) for i in items))
 
 

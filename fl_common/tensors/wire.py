@@ -199,6 +199,7 @@ def _decompress(payload: bytes, compression: str, raw_len: int) -> bytearray:
         return bytearray(payload)
     if compression == "zlib":
         d = zlib.decompressobj()
+        out: bytes | bytearray
         try:
             out = d.decompress(payload, raw_len + 1)
         except zlib.error as e:
@@ -292,7 +293,7 @@ def _unpack(data: bytes | bytearray | memoryview, max_bytes: int, max_numel: int
     compression = COMPRESSIONS[comp_id]
     raw = _decompress(data[_PREFIX.size + header_len :], compression, raw_len)
     arrays: dict[str, torch.Tensor] = {}
-    for name, np_dtype, torch_dtype, count, off in layout:
+    for name, np_dtype, _torch_dtype, count, off in layout:
         arr = np.frombuffer(raw, dtype=np_dtype, count=count, offset=off)
         if not arr.dtype.isnative:
             arr = arr.astype(arr.dtype.newbyteorder("="))

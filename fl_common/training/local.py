@@ -82,7 +82,7 @@ class LocalTrainer:
             raise ValueError(f"model expects {self.spec.numel} values, got {vector.numel()}")
         offset = 0
         with torch.no_grad():
-            for entry, tensor in zip(self.spec.entries, self._state.values()):
+            for entry, tensor in zip(self.spec.entries, self._state.values(), strict=True):
                 chunk = vector[offset : offset + entry.numel].view(entry.shape)
                 tensor.copy_(chunk.round() if not tensor.is_floating_point() else chunk)
                 offset += entry.numel
@@ -163,7 +163,7 @@ class LocalTrainer:
             def proximal() -> None:  # data-independent given w: post-processing of the noised gradient
                 if anchors is not None:
                     with torch.no_grad():
-                        for p, a in zip(params, anchors):
+                        for p, a in zip(params, anchors, strict=True):
                             if p.grad is not None:
                                 p.grad.add_(p - a, alpha=instr.proximal_mu)
                 _add_corrections(corrections)
@@ -183,7 +183,7 @@ class LocalTrainer:
                 loss.backward()
                 if anchors is not None:
                     with torch.no_grad():
-                        for p, a in zip(params, anchors):
+                        for p, a in zip(params, anchors, strict=True):
                             if p.grad is not None:
                                 p.grad.add_(p - a, alpha=instr.proximal_mu)
                 _add_corrections(corrections)
@@ -217,7 +217,8 @@ class LocalTrainer:
             if instr.report_clip_bit:
                 metrics["dp_unclipped"] = float(norm <= instr.update_clip)
         if instr.update_noise_std > 0:
-            delta = delta + gaussian_noise(delta.shape, instr.update_noise_std, self._dp_generator(instr, "dp-update-noise", cpu=True))
+            noise_gen = self._dp_generator(instr, "dp-update-noise", cpu=True)
+            delta = delta + gaussian_noise(delta.shape, instr.update_noise_std, noise_gen)
         if not private:
             # Under DP the wall-clock time would be a side channel on the realised Poisson batch sizes,
             # which no accountant covers: a private update says nothing beyond what DP accounts for.

@@ -16,6 +16,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from fl_common.protocol.rest import ENV_ENROLLMENT_TOKEN
 from tests.e2e.harness import threaded_server, token_env
 from tests.e2e.scripted_rounds import tiny_cfg
@@ -61,10 +63,12 @@ def _run_on_pty(cmd: list[str], env: dict[str, str], timeout: float = 180.0) -> 
     return rc, b"".join(chunks).decode("utf-8", "replace")
 
 
+@pytest.mark.slow
 def test_progress_bar_on_a_terminal(tmp_path: Path) -> None:
     env = token_env()
     with threaded_server(_cfg(), tmp_path / "srv", env) as (url, service):
-        rc, out = _run_on_pty(_client_cmd(url, tmp_path / "client"), {**os.environ, ENV_ENROLLMENT_TOKEN: env[ENV_ENROLLMENT_TOKEN]})
+        client_env = {**os.environ, ENV_ENROLLMENT_TOKEN: env[ENV_ENROLLMENT_TOKEN]}
+        rc, out = _run_on_pty(_client_cmd(url, tmp_path / "client"), client_env)
         assert service.coordinator.completed_rounds == 1
     assert rc == 0, out
     assert "\r" in out, "tqdm redraws its line with carriage returns on a terminal"
@@ -74,6 +78,7 @@ def test_progress_bar_on_a_terminal(tmp_path: Path) -> None:
     assert done == total == 10  # ceil(300 / 32) batches of the one local epoch
 
 
+@pytest.mark.slow
 def test_no_progress_bar_in_a_pipe_and_json_log_lines(tmp_path: Path) -> None:
     env = token_env()
     with threaded_server(_cfg(), tmp_path / "srv", env) as (url, service):

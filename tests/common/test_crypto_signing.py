@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from typing import Any
 
 import pytest
 
@@ -25,8 +26,8 @@ BODY = b'{"update": [1, 2, 3]}'
 PATH = "/api/v1/rounds/3/update?compress=zstd"
 
 
-def _sign(**over):
-    args = dict(method="POST", path=PATH, body=BODY, client_id="client-7", hmac_key=KEY, clock=lambda: NOW)
+def _sign(**over: Any):
+    args: dict[str, Any] = dict(method="POST", path=PATH, body=BODY, client_id="client-7", hmac_key=KEY, clock=lambda: NOW)
     args.update(over)
     method, path, body = args.pop("method"), args.pop("path"), args.pop("body")
     return sign_request(method, path, body, **args)

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import urllib.error
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import pytest
@@ -119,7 +120,7 @@ def test_truncated_gzip_is_a_clear_error(tmp_path):
 def test_image_label_count_mismatch_refused(tmp_path):
     write_split(tmp_path, "train", 3, gz=False)
     write_idx(tmp_path / "train-labels-idx1-ubyte", np.zeros(4, np.uint8), gz=False)
-    with pytest.raises(DatasetUnavailable, match="3 images but .* 4 labels"):
+    with pytest.raises(DatasetUnavailable, match=r"3 images but .* 4 labels"):
         load_dataset("fashion_mnist", "train", data_dir=tmp_path)
 
 
@@ -154,7 +155,7 @@ def test_missing_system_package_names_apt(monkeypatch, tmp_path):
 class _FakeTorchvisionMNIST:
     """Stands in for torchvision's downloader (no network here); records how it was called."""
 
-    calls: list[tuple[str, bool, bool]] = []
+    calls: ClassVar[list[tuple[str, bool, bool]]] = []
 
     def __init__(self, root: str, train: bool = True, download: bool = False) -> None:
         type(self).calls.append((root, train, download))
@@ -185,7 +186,7 @@ def test_failed_download_is_dataset_unavailable(monkeypatch, tmp_path):
         raise urllib.error.URLError("no route to host")
 
     monkeypatch.setattr(torchvision.datasets, "MNIST", offline)
-    with pytest.raises(DatasetUnavailable, match="could not download mnist .*no route to host.*--data-dir"):
+    with pytest.raises(DatasetUnavailable, match=r"could not download mnist .*no route to host.*--data-dir"):
         load_dataset("mnist", "train", data_dir=tmp_path, download=True)
 
 
@@ -228,12 +229,12 @@ def test_cifar_fake_files_are_refused_by_torchvision_md5(tmp_path):
     # torchvision's CIFAR10 md5-checks every batch file (and batches.meta) even with
     # download=False, so fake files cannot pass as the real set: we must report it clearly.
     write_fake_cifar(tmp_path, 2)
-    with pytest.raises(DatasetUnavailable, match="cifar10 test split not found or corrupt.*--data-dir"):
+    with pytest.raises(DatasetUnavailable, match=r"cifar10 test split not found or corrupt.*--data-dir"):
         load_dataset("cifar10", "test", data_dir=tmp_path)
 
 
 def test_cifar_missing_names_the_fix(tmp_path):
-    with pytest.raises(DatasetUnavailable, match="cifar-10-batches-py.*allow download"):
+    with pytest.raises(DatasetUnavailable, match=r"cifar-10-batches-py.*allow download"):
         load_dataset("cifar10", "train", data_dir=tmp_path / "nothing")
 
 

@@ -44,8 +44,8 @@ def test_deterministic_in_seed(labels, method):
     a = partition(labels, 20, method, seed=7)
     b = partition(labels, 20, method, seed=7)
     c = partition(labels, 20, method, seed=8)
-    assert all(np.array_equal(x, y) for x, y in zip(a, b))
-    assert not all(np.array_equal(x, y) for x, y in zip(a, c))
+    assert all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
+    assert not all(np.array_equal(x, y) for x, y in zip(a, c, strict=True))
 
 
 def test_does_not_touch_global_rng(labels):
@@ -125,7 +125,7 @@ def test_dirichlet_repair_path(monkeypatch, labels):
     assert min(len(p) for p in parts) == 20
     assert len(assert_disjoint_sorted(parts, len(labels))) == len(labels)
     again = partition(labels, 300, "dirichlet", seed=0, alpha=0.05, min_samples_per_client=20)
-    assert all(np.array_equal(x, y) for x, y in zip(parts, again))
+    assert all(np.array_equal(x, y) for x, y in zip(parts, again, strict=True))
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -148,9 +148,9 @@ def test_label_histograms(labels):
 
 
 def test_accepts_torch_labels(labels):
-    a = partition(torch.from_numpy(labels), 10, "dirichlet", seed=2)
+    a = partition(torch.from_numpy(labels), 10, "dirichlet", seed=2)  # type: ignore[arg-type]  # accepted at run time
     b = partition(labels.astype(np.int32), 10, "dirichlet", seed=2)
-    assert all(np.array_equal(x, y) for x, y in zip(a, b))
+    assert all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
 
 
 @pytest.mark.parametrize(

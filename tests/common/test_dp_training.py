@@ -113,8 +113,8 @@ def test_dp_sgd_learns_at_a_generous_budget() -> None:
     vec = trainer.vector()
     before = trainer.evaluate(vec, x, y).accuracy
     for r in range(1, 6):
-        up = trainer.train(vec, x, y, _instr(round=r, seed=r, epochs=2, dp_sample_level=True, dp_noise_multiplier=0.6, dp_clip=1.0,
-                                             learning_rate=0.5))
+        instr = _instr(round=r, seed=r, epochs=2, dp_sample_level=True, dp_noise_multiplier=0.6, dp_clip=1.0, learning_rate=0.5)
+        up = trainer.train(vec, x, y, instr)
         vec = vec + up.delta
     after = trainer.evaluate(vec, x, y).accuracy
     assert after > max(0.6, before + 0.2), (before, after)

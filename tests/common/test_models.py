@@ -15,7 +15,8 @@ def test_mcmahan_cnn_has_the_published_parameter_count() -> None:
     assert count_parameters(create_model("cnn", (1, 28, 28), 10)) == 1_663_370
 
 
-@pytest.mark.parametrize(("kind", "shape"), [("cnn", (3, 32, 32)), ("mlp", (1, 28, 28)), ("resnet", (3, 32, 32)), ("resnet", (1, 28, 28))])
+@pytest.mark.parametrize(("kind", "shape"),
+                         [("cnn", (3, 32, 32)), ("mlp", (1, 28, 28)), ("resnet", (3, 32, 32)), ("resnet", (1, 28, 28))])
 def test_models_take_the_dataset_shape(kind: str, shape: tuple[int, int, int]) -> None:
     model = create_model(kind, shape, 7, hidden_size=64)
     assert model(torch.zeros(2, *shape)).shape == (2, 7)
@@ -39,14 +40,15 @@ def test_custom_factory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None
     (tmp_path / "my_models.py").write_text(
         "import torch\n"
         "def tiny(input_shape, num_classes):\n"
-        "    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(input_shape[0]*input_shape[1]*input_shape[2], num_classes))\n"
+        "    return torch.nn.Sequential(torch.nn.Flatten(),\n"
+        "                               torch.nn.Linear(input_shape[0]*input_shape[1]*input_shape[2], num_classes))\n"
         "def not_a_model(input_shape, num_classes):\n"
         "    return 42\n"
     )
     monkeypatch.syspath_prepend(str(tmp_path))
     model = create_model("custom", (1, 28, 28), 10, custom_model="my_models:tiny")
     assert count_parameters(model) == 784 * 10 + 10
-    with pytest.raises(ValueError, match="not a torch.nn.Module"):
+    with pytest.raises(ValueError, match=r"not a torch\.nn\.Module"):
         create_model("custom", (1, 28, 28), 10, custom_model="my_models:not_a_model")
     with pytest.raises(ValueError, match="cannot be imported"):
         create_model("custom", (1, 28, 28), 10, custom_model="no_such_module_xyz:f")

@@ -51,6 +51,7 @@ def test_sum_of_many_clients_at_the_extremes_does_not_wrap() -> None:
     clip, s, n = 1.0, 10, 37
     bits = required_modulus_bits(clip, s, n)
     assert 2 ** (bits - 1) > n * max_level(clip, s)
+    acc = np.zeros(8, dtype=np.uint64)  # the check after the loop uses the last sign's sum
     for sign in (1.0, -1.0):
         x = np.full(8, sign * clip)
         acc = np.zeros(8, dtype=np.uint64)
@@ -90,7 +91,7 @@ def test_range_checks() -> None:
 def test_accepts_torch_tensor_and_mod_helpers() -> None:
     rng = np.random.default_rng(6)
     t = torch.linspace(-1, 1, 11)
-    q = encode(t, 1.0, 12, 16, rng)
+    q = encode(t, 1.0, 12, 16, rng)  # type: ignore[arg-type]  # a torch tensor is accepted as well
     assert q.dtype == np.uint64 and int(q.max()) < 2**16
     z = add_mod(q, neg_mod(q, 16), 16)
     assert not z.any()

@@ -12,6 +12,7 @@ from fl_common.crypto import KeyPair, x25519_shared_secret
 from fl_common.secagg import (
     FieldOverflowError,
     FixedPointSpec,
+    Share,
     ShareError,
     add_mod,
     build_graph,
@@ -82,7 +83,7 @@ def test_full_walkthrough_n6_t4_two_dropouts() -> None:
     self_seeds = {u: _det(f"b-{u}") for u in ids}
 
     # Round 1 (share keys): t-of-n shares of b_u and of s_u^SK to every other client.
-    held: dict[int, dict[str, dict[int, object]]] = {v: {"b": {}, "sk": {}} for v in ids}
+    held: dict[int, dict[str, dict[int, Share]]] = {v: {"b": {}, "sk": {}} for v in ids}
     for u in ids:
         b_shares = split_secret(self_seeds[u], t, ids)
         sk_shares = split_secret(mask_keys[u].private_bytes(), t, ids)

@@ -8,8 +8,10 @@ on them. Stochastic rounding is seeded, so the "plain" quantised inputs can be r
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from typing import Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import pytest
@@ -43,8 +45,8 @@ DIM = 500
 PHASE_ORDER = [Phase.ADVERTISE_KEYS, Phase.SHARE_KEYS, Phase.MASKED_INPUT, Phase.UNMASK]
 
 
-def _params(n: int, *, degree: int | None = None, auth: str = "ed25519", dim: int = DIM, **kw) -> SecAggParams:
-    base = dict(round_number=3, client_ids=[f"client-{i}" for i in range(n)], vector_length=dim, clip=4.0,
+def _params(n: int, *, degree: int | None = None, auth: str = "ed25519", dim: int = DIM, **kw: Any) -> SecAggParams:
+    base: dict[str, Any] = dict(round_number=3, client_ids=[f"client-{i}" for i in range(n)], vector_length=dim, clip=4.0,
                 scale_bits=16, degree=degree, auth=auth, weighted=True, weight_bound=50)
     base.update(kw)
     return plan_params(**base)
@@ -68,7 +70,7 @@ class Round:
     sent: dict[int, MaskedInput]
 
 
-Hook = Callable[[object, int], object]
+Hook = Callable[[Any, int], Any]  # each hook takes and returns one message type
 
 
 Drop = dict[Phase, "set[int] | Callable[[SecAggServer], set[int]]"]
@@ -90,7 +92,9 @@ def run_round(params: SecAggParams, *, drop: Drop | None = None, hooks: dict[str
     clients = {i: SecAggClient(params, i, identities[i], rng=np.random.default_rng(100 + i), **(client_kwargs or {}))
                for i in params.indices}
     rng = np.random.default_rng(7)
-    inputs = {i: PlainInput(rng.uniform(-0.2, 0.2, params.segment("delta").length), weight=int(rng.integers(1, 51)))
+    delta = params.segment("delta")
+    assert delta is not None
+    inputs = {i: PlainInput(rng.uniform(-0.2, 0.2, delta.length), weight=int(rng.integers(1, 51)))
               for i in params.indices}
     if make_input is not None:
         inputs = {i: make_input(i) for i in params.indices}
@@ -101,10 +105,8 @@ def run_round(params: SecAggParams, *, drop: Drop | None = None, hooks: dict[str
         return hooks[name](msg, i) if name in hooks else msg
 
     def deliver(receive, msg) -> None:
-        try:
+        with contextlib.suppress(SecAggRejected):
             receive(_wire(msg), now)
-        except SecAggRejected:
-            pass
 
     for now, phase in enumerate(PHASE_ORDER, start=1):
         chosen = drop.get(phase, set())
@@ -192,7 +194,7 @@ def test_below_threshold_the_round_aborts_and_releases_nothing(phase: Phase) -> 
     p = _params(7)
     r = run_round(p, drop={phase: set(range(1, p.n - p.threshold + 2))})  # n - t + 1 clients
     assert r.server.phase == Phase.ABORTED
-    assert "threshold" in r.server.abort_reason
+    assert "threshold" in (r.server.abort_reason or "")
     with pytest.raises(SecAggAborted, match="aborted"):
         r.server.result()
     assert r.server._sum is None  # the running sum is discarded
@@ -207,7 +209,7 @@ def test_secagg_plus_sparse_graph_with_dropouts() -> None:
         """``count`` more dropouts such that no client loses more than 2 of its 6 neighbours (the graph
         depends on the fresh keys, so the choice is made once it is known)."""
         def pick(server: SecAggServer) -> set[int]:
-            g, new = server.graph, set()
+            g, new = server.graph, set[int]()
             for c in sorted(g):
                 trial = chosen | new | {c}
                 if c not in chosen | new and all(len(g[u] & trial) <= 2 for u in g):
@@ -235,7 +237,7 @@ def test_secagg_plus_aborts_when_one_neighbourhood_loses_too_many() -> None:
     # at unmasking, 4 of client 1's 6 neighbours go silent: 2 + itself = 3 holders < t = 4
     r = run_round(p, drop={Phase.UNMASK: lambda server: set(sorted(server.graph[1])[:4])})
     assert r.server.phase == Phase.ABORTED
-    assert "client 1's self-mask seed has 3 live share holders, fewer than the threshold t=4" in r.server.abort_reason
+    assert "client 1's self-mask seed has 3 live share holders, fewer than the threshold t=4" in (r.server.abort_reason or "")
 
 
 def test_hmac_authentication_runs_a_full_round() -> None:
@@ -411,8 +413,8 @@ def test_a_tampered_unmask_share_is_outvoted_and_its_holder_recorded() -> None:
     r = run_round(p, hooks={"unmask": lie}, identities=ids)
     assert r.server.phase == Phase.DONE, r.server.abort_reason
     assert_exact(r)
-    assert {"event": "inconsistent_share", "owner": 2, "kind": "self_seed", "holder": 1} == \
-        {k: v for k, v in r.server.events[0].items() if k != "at"}
+    assert {k: v for k, v in r.server.events[0].items() if k != "at"} == \
+        {"event": "inconsistent_share", "owner": 2, "kind": "self_seed", "holder": 1}
 
 
 # --------------------------------------------------------------------------- client refusals
@@ -421,7 +423,7 @@ def _masked_clients(n: int = 5) -> tuple[SecAggParams, dict[int, SecAggClient], 
     ids = {i: _identity(p.auth, i) for i in p.indices}
     server = SecAggServer(p, {i: ids[i].verifier() for i in p.indices}, now=0.0)
     clients = {i: SecAggClient(p, i, ids[i]) for i in p.indices}
-    for i, c in clients.items():
+    for c in clients.values():
         server.receive_advertise(c.advertise(), 1.0)
     for i, c in clients.items():
         server.receive_share_keys(c.share_keys(server.roster_for(i)), 2.0)
@@ -431,7 +433,7 @@ def _masked_clients(n: int = 5) -> tuple[SecAggParams, dict[int, SecAggClient], 
 
 
 def test_a_client_never_reveals_both_shares_of_one_peer() -> None:
-    p, clients, _ = _masked_clients()
+    _p, clients, _ = _masked_clients()
     with pytest.raises(SecAggRefused) as err:
         clients[1].unmask(UnmaskRequest(survivors=(1, 2, 3, 4), dropped=(4, 5)))
     assert err.value.code == "both_shares_requested"
@@ -447,7 +449,7 @@ def test_a_client_refuses_inconsistent_unmask_requests() -> None:
         clients[2].unmask(UnmaskRequest(survivors=(1, 3, 4, 5), dropped=(2,)))
     assert err.value.code == "bad_unmask_request"
     with pytest.raises(SecAggRefused) as err:  # fewer than t survivors: the sum would hide too little
-        clients[2].unmask(UnmaskRequest(survivors=(2,) + tuple(range(3, 3 + p.threshold - 2)), dropped=()))
+        clients[2].unmask(UnmaskRequest(survivors=(2, *tuple(range(3, 3 + p.threshold - 2))), dropped=()))
     assert err.value.code == "too_few_survivors"
     response = clients[3].unmask(UnmaskRequest(survivors=(1, 2, 3, 4), dropped=(5,)))
     assert {v for v, _ in response.self_shares} == {1, 2, 3, 4} and {v for v, _ in response.key_shares} == {5}
@@ -634,11 +636,11 @@ def test_deadlines_close_phases_and_record_who_dropped_when() -> None:
     assert p.threshold == 3
     for i in (1, 2):
         server.receive_share_keys(clients[i].share_keys(server.roster_for(i)), 112.0)
-    late = clients[3].share_keys(server.roster_for(3))
+    late_keys = clients[3].share_keys(server.roster_for(3))
     with pytest.raises(SecAggRejected):  # after the deadline the message is late: the phase closed first
-        server.receive_share_keys(late, 116.0)
+        server.receive_share_keys(late_keys, 116.0)
     assert (server.drops[3].phase, server.drops[3].reason, server.drops[3].at) == ("share_keys", "no_response", 116.0)
-    assert server.phase == Phase.ABORTED and "only 2 clients shared their keys" in server.abort_reason
+    assert server.phase == Phase.ABORTED and "only 2 clients shared their keys" in (server.abort_reason or "")
 
 
 def test_messages_survive_the_wire_and_garbage_is_malformed() -> None:
@@ -656,7 +658,8 @@ def test_messages_survive_the_wire_and_garbage_is_malformed() -> None:
 
 def test_distributed_noise_beyond_its_bound_is_refused_not_wrapped() -> None:
     p = _params(5, l2_clip=False, noise_std=0.01, weighted=False, weight_bound=1)
-    assert p.segment("delta").l2_clip is None and p.segment("delta").bound == pytest.approx(4.1)
+    delta = p.segment("delta")
+    assert delta is not None and delta.l2_clip is None and delta.bound == pytest.approx(4.1)
     big = np.zeros(DIM)
     big[0] = 5.0
     with pytest.raises(FieldOverflowError):

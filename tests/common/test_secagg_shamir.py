@@ -89,14 +89,14 @@ def test_tampered_share_gives_wrong_secret_silently() -> None:
     shares = split_secret(SECRET, 4, IDS)
     subset = [shares[i] for i in (1, 2, 3, 4)]
     # Lagrange weight of x=1 at 0 for xs {1,2,3,4} is 4, so y1 + 1 shifts the secret by 4.
-    tampered = [Share(subset[0].x, (subset[0].y + 1) % PRIME)] + subset[1:]
+    tampered = [Share(subset[0].x, (subset[0].y + 1) % PRIME), *subset[1:]]
     wrong = reconstruct(tampered, 4)
     assert wrong != SECRET
     assert int.from_bytes(wrong, "big") == int.from_bytes(SECRET, "big") + 4
     # a targeted attacker can shift the secret by any chosen delta: y_i += delta / lambda_i
     delta, lam_inv = 12345, pow(4, -1, PRIME)
-    forged = [Share(subset[0].x, (subset[0].y + delta * lam_inv) % PRIME)] + subset[1:]
+    forged = [Share(subset[0].x, (subset[0].y + delta * lam_inv) % PRIME), *subset[1:]]
     assert int.from_bytes(reconstruct(forged, 4), "big") == int.from_bytes(SECRET, "big") + delta
     # with a spare share the inconsistency is detected
     with pytest.raises(ShareError):
-        reconstruct(tampered + [shares[5]], 4)
+        reconstruct([*tampered, shares[5]], 4)

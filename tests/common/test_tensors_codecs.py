@@ -197,7 +197,7 @@ def test_int8_check_rejects_tampering():
     bad_q[3] = -128
     bad_scales = enc.arrays["scales"].clone()
     bad_scales[0] = -1.0
-    for arrays, params in [
+    cases: list[tuple[dict[str, torch.Tensor], dict[str, int | float | str]]] = [
         ({"q": bad_q, "scales": enc.arrays["scales"]}, enc.params),
         ({"q": enc.arrays["q"], "scales": bad_scales}, enc.params),
         ({"q": enc.arrays["q"], "scales": enc.arrays["scales"][:1]}, enc.params),
@@ -205,7 +205,8 @@ def test_int8_check_rejects_tampering():
         (enc.arrays, {"chunk": 0}),
         (enc.arrays, {"chunk": 1024}),  # scales count no longer matches
         (enc.arrays, {}),
-    ]:
+    ]
+    for arrays, params in cases:
         with pytest.raises(ValueError):
             codec.check(EncodedUpdate("int8", enc.numel, arrays, params))
 
@@ -253,8 +254,9 @@ def test_topk_check_rejects_bad_indices():
     far = d.clone()
     far[-1] += 1000  # runs past the end
     for deltas in (dup, neg, far, d.to(torch.int64), d[:-1]):
+        arrays = {"index_deltas": deltas, "values": enc.arrays["values"][: deltas.numel()]}
         with pytest.raises(ValueError):
-            codec.check(EncodedUpdate(enc.codec, enc.numel, {"index_deltas": deltas, "values": enc.arrays["values"][: deltas.numel()]}))
+            codec.check(EncodedUpdate(enc.codec, enc.numel, arrays))
 
 
 # --- composition ---------------------------------------------------------------------------------
@@ -299,6 +301,7 @@ def _run_rounds(ef: ErrorFeedback | None, rounds: int, n: int) -> tuple[list[flo
     sum_true = torch.zeros(n)
     sum_dec = torch.zeros(n)
     gaps = []
+    update = torch.zeros(n)
     for _ in range(rounds):
         update = drift + torch.randn(n, generator=gen) * 0.01
         sent = ef.compensate(update) if ef else update
@@ -314,8 +317,9 @@ def _run_rounds(ef: ErrorFeedback | None, rounds: int, n: int) -> tuple[list[flo
 def test_error_feedback_tracks_the_sum_of_updates():
     n, rounds = 5000, 300
     ef = ErrorFeedback(_spec((n,)))
-    gaps, total, one = _run_rounds(ef, rounds, n)
+    gaps, total, _one = _run_rounds(ef, rounds, n)
     # identity: what has not arrived yet is exactly the residual
+    assert ef.residual is not None
     assert gaps[-1] == pytest.approx(float(ef.residual.norm()), rel=1e-3)
     # bounded: the gap stops growing (second half vs. first half) and stays a fraction of the sum
     assert max(gaps[rounds // 2 :]) < 1.3 * max(gaps[: rounds // 2])
@@ -339,7 +343,7 @@ def test_error_feedback_compensate_and_remember():
         ef.compensate(torch.zeros(9))
     with pytest.raises(ValueError):
         ef.remember(torch.full((10,), float("nan")), torch.zeros(10))
-    assert torch.equal(ef.residual, u)  # old residual kept after a refused update
+    assert ef.residual is not None and torch.equal(ef.residual, u)  # old residual kept after a refused update
     ef.reset()
     assert ef.residual is None
 
@@ -354,7 +358,7 @@ def test_error_feedback_serialisation_round_trip():
     blob = ef.to_bytes()
     assert b"pickle" not in blob and blob[:4] == b"FLUP"
     back = ErrorFeedback.from_bytes(blob, spec)
-    assert torch.equal(back.residual, v) and back.key == ef.key == spec_key(spec)
+    assert back.residual is not None and torch.equal(back.residual, v) and back.key == ef.key == spec_key(spec)
 
 
 def test_error_feedback_resets_on_spec_change():

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import tracemalloc
 import zlib
+from pathlib import Path
 
 import pytest
 import torch
@@ -262,7 +263,7 @@ def _bomb(compression: str, size: int = 64 << 20) -> bytes:
     fields, header, _ = _split(good)
     zeros = bytes(size)
     payload = zlib.compress(zeros, 9) if compression == "zlib" else zstandard.ZstdCompressor(level=1).compress(zeros)
-    return _forge(fields[:2] + (COMPRESSIONS.index(compression),) + fields[3:], header, payload)
+    return _forge((*fields[:2], COMPRESSIONS.index(compression), *fields[3:]), header, payload)
 
 
 @pytest.mark.parametrize("compression", ["zlib", "zstd"])
@@ -331,8 +332,11 @@ def test_no_pickle_and_no_web_stack():
         "assert not bad, bad\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
-    import fl_common.tensors.codecs as c, fl_common.tensors.error_feedback as e, fl_common.tensors.wire as w
+    import fl_common.tensors.codecs as c
+    import fl_common.tensors.error_feedback as e
+    import fl_common.tensors.wire as w
 
     for mod in (c, e, w):
-        src = open(mod.__file__, encoding="utf-8").read()
+        assert mod.__file__ is not None
+        src = Path(mod.__file__).read_text(encoding="utf-8")
         assert "import pickle" not in src and "torch.load" not in src and "np.load" not in src

@@ -84,6 +84,7 @@ def _daemons(url: str, env: dict[str, str], tmp: Path, n: int) -> tuple[list[Any
     return daemons, threads
 
 
+@pytest.mark.slow
 def test_dashboard_follows_a_training_federation(tmp_path: Path) -> None:
     chromium, sync_playwright = _chromium(), _playwright()
     env = token_env()
@@ -171,6 +172,7 @@ def test_dashboard_follows_a_training_federation(tmp_path: Path) -> None:
             ui.close()
 
 
+@pytest.mark.slow
 def test_dashboard_shows_the_privacy_budget(tmp_path: Path) -> None:
     """Client-level DP with central noise: the epsilon chart and meter hold /status's numbers."""
     chromium, sync_playwright = _chromium(), _playwright()

@@ -92,6 +92,7 @@ def _common_checks(ui: Browser, url: str) -> None:
     assert foreign == [], f"the dashboard must work offline; it requested {foreign}"
 
 
+@pytest.mark.slow
 def test_secure_aggregation_panel_shows_the_status_secagg_block(tmp_path: Path) -> None:
     chromium, sync_playwright = _chromium(), _playwright()
     env = token_env()

@@ -17,6 +17,7 @@ import pytest
 pytestmark = pytest.mark.usefixtures("small_config")
 
 
+@pytest.mark.slow
 def test_the_demo_trains_a_federation_and_leaves_its_results(tmp_path: Path) -> None:
     out = tmp_path / "demo"
     proc = subprocess.run([sys.executable, "-m", "fl_server", "demo", "--clients", "3", "--rounds", "2", "--output", str(out),

@@ -125,6 +125,7 @@ def exposed(tmp_path_factory: pytest.TempPathFactory) -> set[str]:
     return names
 
 
+@pytest.mark.slow
 def test_every_metric_the_dashboard_queries_is_exposed(exposed: set[str]) -> None:
     dash = json.loads(DASHBOARD_JSON.read_text(encoding="utf-8"))
     used = {m for p in dash["panels"] for t in p["targets"] for m in METRIC.findall(t["expr"])}

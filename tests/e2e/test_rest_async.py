@@ -45,6 +45,7 @@ def start_daemon(url: str, env: dict, name: str, state: Path, *extra: str) -> su
                             env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT)
 
 
+@pytest.mark.slow
 def test_fedbuff_with_daemons_of_different_speeds_completes_with_stale_updates(tmp_path: Path) -> None:
     # K=2, 3 server updates = 6 accepted updates. The slow daemon takes its job on model version 0
     # first and sleeps 15 s after training; the fast ones deliver two updates each (2 server
@@ -154,6 +155,7 @@ def test_async_uploads_retries_and_refusals(tmp_path: Path) -> None:
         assert st["state"] == "training" and st["model_version"] == 1 and st["history"][0]["clients"] == 2
 
 
+@pytest.mark.slow
 def test_kill_9_of_the_async_server_loses_no_accepted_update(tmp_path: Path) -> None:
     env = token_env()
     server = GunicornServer(make_cfg(num_clients=3, num_rounds=2, fedbuff_k=3, **ASYNC), tmp_path / "srv", env)
@@ -204,6 +206,7 @@ def test_an_update_committed_but_not_checkpointed_is_replayed(tmp_path: Path) ->
     ({"network_delay": 2.0}, "network_delay"),
     ({"attack": "gaussian_noise"}, "attack"),
 ])
+@pytest.mark.slow
 def test_the_rest_server_refuses_simulation_only_keys(tmp_path: Path, override: dict, words: str) -> None:
     cfg_path = tmp_path / "cfg.yaml"
     dump_config(make_cfg(**ASYNC, **override), cfg_path)

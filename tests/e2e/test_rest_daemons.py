@@ -36,6 +36,7 @@ def shutdown(server: GunicornServer, clients: list[subprocess.Popen]) -> None:
     server.stop()
 
 
+@pytest.mark.slow
 def test_daemons_train_a_federation_and_survive_a_restart(tmp_path: Path) -> None:
     env = token_env()
     server = GunicornServer(make_cfg(num_clients=4, num_rounds=3), tmp_path / "srv", env)
@@ -66,6 +67,7 @@ def test_daemons_train_a_federation_and_survive_a_restart(tmp_path: Path) -> Non
         shutdown(server, clients)
 
 
+@pytest.mark.slow
 def test_two_of_ten_clients_killed_mid_round(tmp_path: Path) -> None:
     env = token_env()
     cfg = make_cfg(num_clients=10, num_rounds=2, model_type="cnn", samples_per_client=200, max_train_samples=None,
@@ -115,31 +117,36 @@ def _self_signed(tmp_path: Path) -> tuple[str, str]:
     return str(cert_path), str(key_path)
 
 
+@pytest.mark.slow
 def test_https_with_a_self_signed_certificate(tmp_path: Path) -> None:
     cert, key = _self_signed(tmp_path)
     env = token_env()
     server = GunicornServer(make_cfg(num_clients=2, client_selection_ratio=0.5, num_rounds=1), tmp_path / "srv", env,
                             certfile=cert, keyfile=key)
     server.start(verify=cert)
+    clients: list[subprocess.Popen] = []
     try:
         assert server.url.startswith("https://")
         with pytest.raises(requests.exceptions.SSLError):
             requests.get(f"{server.url}/health", timeout=10)  # an unknown certificate is refused by default
         client = start_client(server, env, "tls0", tmp_path, verify=cert)
+        clients.append(client)
         status = wait_for(lambda: (s := server.status(verify=cert))["state"] == "finished" and s, timeout=240)
         assert client.wait(timeout=60) == 0 and status["completed_rounds"] == 1
         scripted = ScriptedClient(server.url, env[ENV_ENROLLMENT_TOKEN], "tls-scripted", verify=cert)
         assert scripted.status()["state"] == "finished"
     finally:
-        server.stop()
+        shutdown(server, clients)
 
 
+@pytest.mark.slow
 def test_topk_daemons_keep_their_error_feedback(tmp_path: Path) -> None:
     env = token_env()
     server = GunicornServer(make_cfg(num_clients=2, num_rounds=2, codec="topk:0.05"), tmp_path / "srv", env)
     server.start()
+    clients: list[subprocess.Popen] = []
     try:
-        clients = [start_client(server, env, f"t{i}", tmp_path) for i in range(2)]
+        clients += [start_client(server, env, f"t{i}", tmp_path) for i in range(2)]
         status = wait_for(lambda: (s := server.status())["state"] == "finished" and s, timeout=240)
         assert all(c.wait(timeout=60) == 0 for c in clients)
         assert status["codec"] == "topk:0.05"
@@ -151,9 +158,10 @@ def test_topk_daemons_keep_their_error_feedback(tmp_path: Path) -> None:
         rows = status["history"]
         assert all(r["bytes"] > 0 for r in rows)
     finally:
-        server.stop()
+        shutdown(server, clients)
 
 
+@pytest.mark.slow
 def test_daemons_ride_out_a_server_kill_9(tmp_path: Path) -> None:
     env = token_env()
     server = GunicornServer(make_cfg(num_clients=2, num_rounds=3), tmp_path / "srv", env)

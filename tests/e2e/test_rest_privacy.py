@@ -64,6 +64,7 @@ def run_round(clients: list[ScriptedClient], service, numel: int) -> None:
     wait_for(lambda: service.coordinator.completed_rounds >= round_number, timeout=60)
 
 
+@pytest.mark.slow
 def test_client_level_dp_over_rest_matches_the_closed_form_stops_at_the_budget_and_survives_a_restart(tmp_path: Path) -> None:
     sigma, delta = 2.0, 1e-5
     # With every client selected (q = 1) r rounds compose to a Gaussian mechanism with mu = sqrt(r)/sigma.
@@ -105,6 +106,7 @@ def test_client_level_dp_over_rest_matches_the_closed_form_stops_at_the_budget_a
         assert "privacy budget reached" in status["stop_reason"]
 
 
+@pytest.mark.slow
 def test_sample_level_dp_sgd_over_rest_accounts_what_each_daemon_ran(tmp_path: Path) -> None:
     cfg = make_cfg(num_clients=4, num_rounds=2, differential_privacy=True, dp_mode="sample", dp_epsilon=8.0, dp_delta=1e-5,
                    dp_accountant="rdp", clip_grad_norm=1.0, data_distribution="dirichlet", non_iid_alpha=0.5)

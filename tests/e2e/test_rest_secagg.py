@@ -380,6 +380,7 @@ def test_registration_needs_a_valid_key_and_a_new_key_mid_round_drops_the_client
         assert service.store.secagg_verify_key(again.id) is not None and again.id == clients[3].id
 
 
+@pytest.mark.slow
 def test_a_server_killed_mid_round_aborts_the_attempt_and_the_next_one_completes(tmp_path: Path) -> None:
     env = token_env()
     cfg = make_cfg(num_clients=4, num_rounds=1, **SECURE)
@@ -425,6 +426,7 @@ def test_a_server_killed_mid_round_aborts_the_attempt_and_the_next_one_completes
         server.stop()
 
 
+@pytest.mark.slow
 def test_eight_daemons_two_killed_after_their_masked_input(tmp_path: Path) -> None:
     """The end-to-end path: daemons train, mask and unmask; the two killed once the masked-input phase is over
     stay in round 1's sum (their self masks are rebuilt from their neighbours' shares); round 2 selects them
@@ -473,6 +475,7 @@ def test_eight_daemons_two_killed_after_their_masked_input(tmp_path: Path) -> No
 
 
 @pytest.mark.parametrize("variant", ["scaffold", "client_dp_distributed"])
+@pytest.mark.slow
 def test_daemons_run_scaffold_and_distributed_client_dp_under_secure_aggregation(tmp_path: Path, variant: str) -> None:
     extra: dict[str, Any] = {"aggregation_method": "scaffold", "momentum": 0.0, "codec": "none", "compression": False} \
         if variant == "scaffold" else {"differential_privacy": True, "dp_mode": "client", "dp_noise": "distributed",

@@ -48,6 +48,7 @@ def log_of(tmp_path: Path, name: str) -> str:
     return (tmp_path / f"{name}.log").read_text(errors="replace")
 
 
+@pytest.mark.slow
 def test_daemons_with_every_key_pinned_run_secure_rounds(tmp_path: Path) -> None:
     names = [f"d{i}" for i in range(3)]
     lines = print_verify_keys(tmp_path, names)
@@ -77,6 +78,7 @@ def test_daemons_with_every_key_pinned_run_secure_rounds(tmp_path: Path) -> None
         shutdown(server, clients)
 
 
+@pytest.mark.slow
 def test_a_daemon_missing_a_peers_key_refuses_each_roster_and_the_others_complete(tmp_path: Path) -> None:
     """Four daemons; d3's file lacks d0's key. n = 4 gives a complete graph with threshold t = 3
     (fl_common/secagg/planning.py), so the three others still hold t shares each and the rounds complete

@@ -238,6 +238,7 @@ def _capability(profile: dict[str, Any], epochs: int) -> float:
     return 1.0 / (epochs * profile["num_samples"] / cap["compute_speed"] + transfer)
 
 
+@pytest.mark.slow
 def test_adaptive_selection_with_real_daemons(tmp_path: Path) -> None:
     """p_k ~ (n_k / sum n) x staleness_k^-1 x capability_k, from what real daemons reported."""
     cfg = make_cfg(num_clients=4, client_selection_ratio=0.5, num_rounds=3, selection="adaptive",
@@ -325,6 +326,7 @@ def test_async_jobs_are_drawn_by_the_selection_policy(tmp_path: Path) -> None:
         assert status["selection"]["policy"] == "weighted"
 
 
+@pytest.mark.slow
 def test_under_sample_level_dp_the_profile_must_report_the_partitions_size(tmp_path: Path) -> None:
     """Sample-level DP plans each client's DP-SGD from its partition's size: a profile saying otherwise is
     refused, as registration refuses it."""

@@ -44,6 +44,7 @@ def run_federation(tmp_path: Path, **overrides: object) -> tuple[dict, GunicornS
         server.stop()
 
 
+@pytest.mark.slow
 def test_scaffold_over_rest_keeps_the_server_variate_equal_to_the_mean_of_the_clients(tmp_path: Path) -> None:
     status, _ = run_federation(tmp_path, num_rounds=3, aggregation_method="scaffold", momentum=0.0, learning_rate=0.05,
                                compression=False)
@@ -58,6 +59,7 @@ def test_scaffold_over_rest_keeps_the_server_variate_equal_to_the_mean_of_the_cl
         assert float((ci - c).abs().max()) > 0
 
 
+@pytest.mark.slow
 def test_qfedavg_over_rest_receives_the_pre_training_losses(tmp_path: Path) -> None:
     status, _ = run_federation(tmp_path, num_rounds=2, aggregation_method="qfedavg", qffl_q=0.5, momentum=0.0,
                                learning_rate=0.1)

@@ -28,12 +28,12 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from fl_common.data.datasets import load_dataset  # noqa: E402
-from fl_common.models.registry import create_model  # noqa: E402
-from fl_common.privacy import client_dp  # noqa: E402
-from fl_common.privacy.dpsgd import dp_sgd_gradients  # noqa: E402
-from fl_common.protocol import TrainInstructions  # noqa: E402
-from fl_common.training import LocalTrainer  # noqa: E402
+from fl_common.data.datasets import load_dataset
+from fl_common.models.registry import create_model
+from fl_common.privacy import client_dp
+from fl_common.privacy.dpsgd import dp_sgd_gradients
+from fl_common.protocol import TrainInstructions
+from fl_common.training import LocalTrainer
 
 
 def mcmahan_cnn() -> nn.Module:

@@ -148,7 +148,7 @@ class ClientDaemon:
         self.profile_due = True  # reported after loading the data, and again after registering anew
         self.identity: SigningIdentity | None = None  # long-term Ed25519 key for secure aggregation
         self._secagg_attempts: list[int] = []  # secure attempts already taken part in (never twice)
-        self.pending: Optional[PendingUpload] = None  # a finished update the server has not acknowledged yet
+        self.pending: PendingUpload | None = None  # a finished update the server has not acknowledged yet
 
     # ------------------------------------------------------------------ lifecycle
     def install_signal_handlers(self) -> None:

@@ -11,8 +11,9 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from fl_common.config import ConfigError, load_config
 from fl_common.data import DatasetUnavailable

@@ -168,7 +168,7 @@ def _plot_client_data(header: list[str], rows: list[dict[str, str]], path: Path)
     for k, c in enumerate(classes):
         heights = [_num(r.get(c)) or 0.0 for r in rows]
         ax.bar(positions, heights, bottom=bottom, color=cmap(k % cmap.N), label=c.removeprefix("class_"), width=0.8)
-        bottom = [b + h for b, h in zip(bottom, heights)]
+        bottom = [b + h for b, h in zip(bottom, heights, strict=False)]
     ax.set_xticks(positions)
     ax.set_xticklabels(clients, rotation=90 if len(rows) > 20 else 0, fontsize=8 if len(rows) > 20 else 10)
     ax.set(title="Training samples per client, by class", xlabel="client", ylabel="samples")
@@ -190,7 +190,7 @@ def _plot_participation(rows: list[dict[str, str]], path: Path) -> None:
     ax.set_xticks(positions)
     ax.set_xticklabels(clients, rotation=90 if len(rows) > 8 else 0, fontsize=7 if len(rows) > 20 else 9)
     ax.set(title="Participation per client", xlabel="client", ylabel="rounds")
-    ax.set_ylim(0, 1.3 * max([t + d for t, d in zip(took, dropped)] + [1.0]))  # room for the legend above the bars
+    ax.set_ylim(0, 1.3 * max([t + d for t, d in zip(took, dropped, strict=False)] + [1.0]))  # room for the legend above the bars
     ax.yaxis.get_major_locator().set_params(integer=True)
     ax.legend(loc="best", fontsize=8)
     _save(fig, path)
@@ -538,7 +538,7 @@ def write_report(run_dir: Path) -> dict[str, Path]:
     for name, alt, draw in plots:
         try:
             draw(run_dir / name)
-        except Exception as exc:  # noqa: BLE001 - a plot must never cost the run its report
+        except Exception as exc:
             log.warning("could not draw %s in %s: %s: %s", name, run_dir, type(exc).__name__, exc)
             continue
         written[name] = run_dir / name
@@ -601,7 +601,7 @@ def write_report_logged(run_dir: Path) -> dict[str, Path]:
     and returns ``{}`` so the run's saved results are never lost to reporting."""
     try:
         files = write_report(run_dir)
-    except Exception as exc:  # noqa: BLE001 - reporting must never cost the run its saved results
+    except Exception as exc:
         log.warning("could not write the report in %s: %s: %s", run_dir, type(exc).__name__, exc)
         return {}
     log.info("report: %s (plots: %s)", files.get(REPORT_HTML),

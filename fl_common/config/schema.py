@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 from dataclasses import dataclass, field
-from typing import Any, Optional, Union, get_args, get_origin, get_type_hints
+from typing import Any, Union, get_args, get_origin, get_type_hints
 
 from fl_common.plugins import SELECTION_GROUP, STRATEGY_GROUP, PluginError, check_reference
 
@@ -77,39 +77,39 @@ class FLConfig:
     # run to leave a usable model (the noise on the sum does not shrink with the cohort's data).
     dp_mode: str = _opt("sample", choices=DP_MODES, help="'sample': DP-SGD on each client (record-level); 'client': DP-FedAvg (client-level)")
     dp_accountant: str = _opt("prv", choices=DP_ACCOUNTANTS, help="privacy accountant: 'prv' (tight, Opacus' default) or 'rdp'")
-    dp_noise_multiplier: Optional[float] = _opt(None, lo=0.0, hi=1000.0, lo_open=True, help="noise multiplier override (default: calibrated from dp_epsilon, dp_delta, num_rounds)")
-    dp_client_rounds: Optional[int] = _opt(None, lo=1, hi=1000, help="sample level: rounds per client the noise is calibrated for (default: expected, ceil(num_rounds x selection ratio))")
+    dp_noise_multiplier: float | None = _opt(None, lo=0.0, hi=1000.0, lo_open=True, help="noise multiplier override (default: calibrated from dp_epsilon, dp_delta, num_rounds)")
+    dp_client_rounds: int | None = _opt(None, lo=1, hi=1000, help="sample level: rounds per client the noise is calibrated for (default: expected, ceil(num_rounds x selection ratio))")
     dp_noise_calibration: str = _opt("per_client", choices=DP_NOISE_CALIBRATIONS, help="sample level: 'per_client' calibrates each client's sigma for its own (q, steps) so every client spends the budget; 'uniform' gives every client the sigma of the worst-off one (ignored when dp_noise_multiplier is given)")
     dp_noise: str = _opt("central", choices=("central", "distributed"), help="client level: the server adds the noise, or each client adds its share")
     dp_adaptive_clipping: bool = _opt(False, help="client level: clip norm follows a quantile of update norms (Andrew et al. 2021)")
     dp_target_quantile: float = _opt(0.5, lo=0.0, hi=1.0, help="client level: target fraction of unclipped updates for adaptive clipping")
     # Secure aggregation (fl_common/secagg, fl_server/secagg): SecAgg with the SecAgg+ neighbour graph.
     # The field's width follows from the clip, the scale and the clients per round (bytes per value = ceil(bits/8)).
-    secagg_threshold: Optional[float] = _opt(None, lo=0.5, hi=1.0, lo_open=True, help="secure aggregation: Shamir threshold as a fraction of each client's share holders (its neighbours and itself); null: from the SecAgg+ failure bound (always a strict majority)")
+    secagg_threshold: float | None = _opt(None, lo=0.5, hi=1.0, lo_open=True, help="secure aggregation: Shamir threshold as a fraction of each client's share holders (its neighbours and itself); null: from the SecAgg+ failure bound (always a strict majority)")
     secagg_scale_bits: int = _opt(16, lo=1, hi=40, help="secure aggregation: fixed-point precision, values are rounded (stochastically) to multiples of 2^-scale_bits")
     secagg_clip_norm: float = _opt(10.0, lo=0.0, hi=1e6, lo_open=True, help="secure aggregation: L2 clip of each update (and SCAFFOLD variate delta) before encoding, the field's range; client-level DP uses clip_grad_norm instead")
-    secagg_graph_degree: Optional[int] = _opt(None, lo=2, hi=10000, help="secure aggregation: SecAgg+ neighbours per client (even; >= clients-1 is classic SecAgg); null: smallest degree meeting a 1e-6 failure bound")
+    secagg_graph_degree: int | None = _opt(None, lo=2, hi=10000, help="secure aggregation: SecAgg+ neighbours per client (even; >= clients-1 is classic SecAgg); null: smallest degree meeting a 1e-6 failure bound")
     secagg_phase_timeout: float = _opt(60.0, lo=1.0, hi=86400.0, help="secure aggregation: seconds the key-advertisement, key-sharing and unmasking phases wait (the masked input waits round_timeout)")
     secagg_dropout_rate: float = _opt(0.0, lo=0.0, hi=0.9, help="simulation only: probability that a client drops out in each secure-aggregation phase (see secagg_dropout_phase)")
     secagg_dropout_phase: str = _opt("all", choices=("all", "advertise_keys", "share_keys", "masked_input", "unmask"), help="simulation only: the phase(s) secagg_dropout_rate applies to")
 
     # --- data (seed names) ---
     dataset: str = _opt("fashion_mnist", choices=DATASET_NAMES, help="dataset")
-    data_dir: Optional[str] = _opt(None, help="folder with the dataset files (default: Debian's /usr/share/datasets/...)")
+    data_dir: str | None = _opt(None, help="folder with the dataset files (default: Debian's /usr/share/datasets/...)")
     download: bool = _opt(False, help="allow torchvision to download a missing dataset (needs internet)")
     data_distribution: str = _opt("iid", choices=DATA_DISTRIBUTIONS, help="client data split ('non-iid' = 'dirichlet')")
     non_iid_alpha: float = _opt(0.5, lo=0.1, hi=5.0, help="Dirichlet concentration for the non-IID split")
-    samples_per_client: Optional[int] = _opt(None, lo=1, hi=1_000_000, help="samples per client (default: all data split)")
+    samples_per_client: int | None = _opt(None, lo=1, hi=1_000_000, help="samples per client (default: all data split)")
     shards_per_client: int = _opt(2, lo=1, hi=100, help="label shards per client for data_distribution=shards")
-    max_test_samples: Optional[int] = _opt(None, lo=10, hi=10_000_000, help="evaluate on the first N test samples only")
-    max_train_samples: Optional[int] = _opt(None, lo=10, hi=10_000_000, help="use a seeded subset of N training samples")
+    max_test_samples: int | None = _opt(None, lo=10, hi=10_000_000, help="evaluate on the first N test samples only")
+    max_train_samples: int | None = _opt(None, lo=10, hi=10_000_000, help="use a seeded subset of N training samples")
 
     # --- model (seed names) ---
     model_type: str = _opt("cnn", choices=MODEL_TYPES, help="model architecture")
     num_classes: int = _opt(10, lo=2, hi=100000, help="output classes (must match the dataset)")
     hidden_size: int = _opt(256, lo=64, hi=1024, help="hidden layer width for the mlp")
     resnet_norm: str = _opt("group", choices=("group", "batch"), help="normalisation layers in the resnet")
-    custom_model: Optional[str] = _opt(None, help="'package.module:factory' for model_type=custom")
+    custom_model: str | None = _opt(None, help="'package.module:factory' for model_type=custom")
 
     # --- local optimisation ---
     optimizer: str = _opt("sgd", choices=OPTIMIZERS, help="client optimizer")
@@ -130,16 +130,16 @@ class FLConfig:
     qffl_q: float = _opt(1.0, lo=0.0, hi=50.0, help="q-FedAvg fairness q (aggregation_method=qfedavg; 0 = unweighted FedAvg, larger = fairer)")
     trim_ratio: float = _opt(0.2, lo=0.0, hi=0.5, help="trimmed_mean: fraction of updates dropped from each end of every coordinate")
     krum_byzantine: int = _opt(1, lo=0, hi=5000, help="krum/multikrum: number f of Byzantine clients tolerated (needs more than 2f + 2 updates per round)")
-    multikrum_m: Optional[int] = _opt(None, lo=1, hi=10000, help="multikrum: updates averaged (default: updates - krum_byzantine; a round with more than f attackers then averages one in, so set it to at most the honest updates of the worst round you expect)")
-    custom_strategy: Optional[str] = _opt(None, help="aggregation_method 'custom': the strategy plug-in, 'package.module:Class' (a subclass of fl_server.strategies.Strategy whose keyword constructor parameters are named after the config keys it reads) or a name an installed package registers under the entry-point group 'fl_hub.strategies'; see examples/plugins/README.md")
+    multikrum_m: int | None = _opt(None, lo=1, hi=10000, help="multikrum: updates averaged (default: updates - krum_byzantine; a round with more than f attackers then averages one in, so set it to at most the honest updates of the worst round you expect)")
+    custom_strategy: str | None = _opt(None, help="aggregation_method 'custom': the strategy plug-in, 'package.module:Class' (a subclass of fl_server.strategies.Strategy whose keyword constructor parameters are named after the config keys it reads) or a name an installed package registers under the entry-point group 'fl_hub.strategies'; see examples/plugins/README.md")
 
     # --- selection, rounds ---
     selection: str = _opt("uniform", choices=SELECTION_POLICIES, help="client selection policy (fl_server/selection): uniform, weighted (by records), stratified, capability (reported speeds), adaptive (the seed's p_k ~ n_k/sum n x 1/staleness_k x capability_k)")
     stratify_by: str = _opt("label", choices=("label", "size"), help="selection 'stratified': group clients by label distribution (k-means) or by number of records")
     num_strata: int = _opt(4, lo=1, hi=100, help="selection 'stratified': number of groups")
     selection_staleness_power: float = _opt(1.0, lo=-4.0, hi=4.0, help="selection 'adaptive': weight staleness_k^-power (1 = the seed's 1/staleness; negative favours clients that waited)")
-    custom_selection: Optional[str] = _opt(None, help="selection 'custom': the selection plug-in, 'package.module:Class' (a subclass of fl_server.selection.Selector; constructor parameters named after config keys, plus model_bytes) or a name an installed package registers under the entry-point group 'fl_hub.selection'; see examples/plugins/README.md")
-    label_histogram_epsilon: Optional[float] = _opt(None, lo=0.0, hi=10.0, lo_open=True, help="clients report label histograms with Laplace noise, pure epsilon-DP (null: exact; required when differential_privacy is on and stratify_by is label)")
+    custom_selection: str | None = _opt(None, help="selection 'custom': the selection plug-in, 'package.module:Class' (a subclass of fl_server.selection.Selector; constructor parameters named after config keys, plus model_bytes) or a name an installed package registers under the entry-point group 'fl_hub.selection'; see examples/plugins/README.md")
+    label_histogram_epsilon: float | None = _opt(None, lo=0.0, hi=10.0, lo_open=True, help="clients report label histograms with Laplace noise, pure epsilon-DP (null: exact; required when differential_privacy is on and stratify_by is label)")
     min_clients: int = _opt(1, lo=1, hi=10000, help="fewest updates that close a round")
 
     # --- communication (seed names) ---
@@ -160,7 +160,7 @@ class FLConfig:
     max_update_bytes: int = _opt(256 * 2**20, lo=1024, hi=2**34, help="largest request body the server reads (413 above)")
     audit_retention_days: float = _opt(90.0, lo=1.0, hi=3650.0, help="security audit events older than this are deleted (the REST server's SQLite store)")
     audit_max_events: int = _opt(100_000, lo=1000, hi=10**8, help="the audit log keeps at most this many events (the newest)")
-    shared_enrollment_max_clients: Optional[int] = _opt(None, lo=0, hi=10**7, help="clients the shared enrollment token may register (default: num_clients; 0 turns the shared token off, so only admin-issued per-client tokens enrol: python -m fl_server admin enrollments create)")
+    shared_enrollment_max_clients: int | None = _opt(None, lo=0, hi=10**7, help="clients the shared enrollment token may register (default: num_clients; 0 turns the shared token off, so only admin-issued per-client tokens enrol: python -m fl_server admin enrollments create)")
 
     # --- asynchronous mode (fl_server/asynchronous): no rounds, clients upload when they finish ---
     training_mode: str = _opt("sync", choices=TRAINING_MODES, help="'sync': rounds; 'async': FedAsync/FedBuff, num_rounds counts server model updates and evaluation_frequency is per server update")
@@ -170,8 +170,8 @@ class FLConfig:
     staleness_a: float = _opt(0.5, lo=0.0, hi=100.0, help="the staleness function's a (polynomial exponent, hinge slope)")
     staleness_b: float = _opt(4.0, lo=0.0, hi=100000.0, help="the hinge staleness function's b (staleness tolerated at full weight)")
     fedbuff_k: int = _opt(10, lo=1, hi=10000, help="fedbuff: client updates buffered per server update (K)")
-    async_max_staleness: Optional[int] = _opt(None, lo=0, hi=1000000, help="refuse updates trained on a model more than this many server updates old (null: no limit)")
-    async_concurrency: Optional[int] = _opt(None, lo=1, hi=10000, help="clients training at once in async mode (null: clients_per_round)")
+    async_max_staleness: int | None = _opt(None, lo=0, hi=1000000, help="refuse updates trained on a model more than this many server updates old (null: no limit)")
+    async_concurrency: int | None = _opt(None, lo=1, hi=10000, help="clients training at once in async mode (null: clients_per_round)")
 
     # --- simulated clients (simulation only): speeds that make staleness and capability real ---
     client_speed_distribution: str = _opt("constant", choices=("constant", "lognormal"), help="each client's simulated seconds per sample: all equal, or median x lognormal(0, client_speed_sigma), seeded")
@@ -195,13 +195,13 @@ class FLConfig:
     client_test_fraction: float = _opt(0.0, lo=0.0, hi=1.0, help="simulation only: fraction of each client's data held out (seeded by seed and client) for per-client evaluation; the federation trains on the rest (0: no split, per-client accuracy is measured on the training data)")
     finetune_epochs: int = _opt(0, lo=0, hi=100, help="simulation only: after training, fine-tune the final global model on each client's own training part for this many epochs and evaluate it on the held-out part (0: off; needs client_test_fraction > 0)")
     local_only_epochs: int = _opt(0, lo=0, hi=1000, help="simulation only: epochs of the local-only baseline, each client trained alone from the initial model (0: off; simulate --local-only needs it)")
-    local_only_test_samples: Optional[int] = _opt(None, lo=1, hi=10_000_000, help="simulate --local-only: evaluate each client's model on its own seeded random subset of this many test samples (null: the whole test set); the mean over clients stays an unbiased estimate of the mean test-set accuracy at a fraction of the cost")
+    local_only_test_samples: int | None = _opt(None, lo=1, hi=10_000_000, help="simulate --local-only: evaluate each client's model on its own seeded random subset of this many test samples (null: the whole test set); the mean over clients stays an unbiased estimate of the mean test-set accuracy at a fraction of the cost")
 
     # ------------------------------------------------------------------ helpers
     @property
     def clients_per_round(self) -> int:
         """Clients selected each round: ceil-free rounding as Flower does, at least one."""
-        return max(1, int(round(self.client_selection_ratio * self.num_clients)))
+        return max(1, round(self.client_selection_ratio * self.num_clients))
 
     @property
     def partition_method(self) -> str:
@@ -271,9 +271,8 @@ def coerce_value(name: str, value: Any) -> Any:
         value = float(value)
         if value != value or value in (float("inf"), float("-inf")):
             raise bad
-    elif base is str:
-        if not isinstance(value, str):
-            raise bad
+    elif base is str and not isinstance(value, str):
+        raise bad
     if meta.get("choices") and value not in meta["choices"]:
         raise bad
     lo, hi = meta.get("lo"), meta.get("hi")

@@ -67,7 +67,7 @@ class Accountant(Protocol):
         """An upper bound on ε at this δ for everything composed so far (0 if nothing)."""
         ...
 
-    def copy(self) -> "Accountant":
+    def copy(self) -> Accountant:
         """An independent accountant with the same history (for what-if questions)."""
         ...
 
@@ -102,7 +102,7 @@ class _HistoryAccountant:
     def _on_compose(self, sigma: float, q: float, steps: int) -> None:
         """Hook for incremental state (the RDP vector)."""
 
-    def copy(self) -> "_HistoryAccountant":
+    def copy(self) -> _HistoryAccountant:
         return copy.deepcopy(self)
 
     def __len__(self) -> int:

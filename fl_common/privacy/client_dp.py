@@ -180,7 +180,7 @@ def worst_case_epsilon(noise_multiplier: float, phases: Iterable[Phase], delta: 
 
 def _pareto(phases: Iterable[Phase]) -> list[Phase]:
     """Drops phases dominated by another with q' ≥ q and steps' ≥ steps (ε is monotone in both)."""
-    unique = sorted(set((float(q), int(s)) for q, s in phases), key=lambda p: (-p[0], -p[1]))
+    unique = sorted({(float(q), int(s)) for q, s in phases}, key=lambda p: (-p[0], -p[1]))
     front: list[Phase] = []
     best_steps = -1
     for q, s in unique:

@@ -183,7 +183,7 @@ def _per_example_losses(loss_fn: LossFn, out: torch.Tensor, y: torch.Tensor) -> 
         return sq.mean(1) if loss_fn.reduction == "mean" else sq.sum(1)
     try:
         return torch.vmap(lambda o, t: loss_fn(o.unsqueeze(0), t.unsqueeze(0)))(out, y)
-    except Exception:  # noqa: BLE001 - any tracing failure: the loop below is the definition itself
+    except Exception:
         return torch.stack([loss_fn(out[i : i + 1], y[i : i + 1]) for i in range(out.shape[0])])
 
 
@@ -430,7 +430,7 @@ def ghost_clipping(model: nn.Module, loss_fn: LossFn, x: torch.Tensor, y: torch.
         # parameter gradient is formed, and a layer's own backward node runs only if an
         # earlier layer needs its input gradient.
         grads = torch.autograd.grad(loss, [c.edge for c in calls], allow_unused=True)
-        for call, grad in zip(calls, grads):
+        for call, grad in zip(calls, grads, strict=False):
             call.grad = grad
 
     sq = torch.zeros(batch, dtype=torch.float64, device=out.device)

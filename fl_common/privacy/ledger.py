@@ -109,7 +109,7 @@ class PrivacyLedger:
         return json.dumps(self.to_dict(), indent=2, allow_nan=True)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "PrivacyLedger":
+    def from_dict(cls, data: dict[str, Any]) -> PrivacyLedger:
         version = data.get("format_version")
         if version != LEDGER_FORMAT_VERSION:
             raise ValueError(f"unsupported ledger format_version {version!r}; expected {LEDGER_FORMAT_VERSION}")
@@ -125,7 +125,7 @@ class PrivacyLedger:
         return ledger
 
     @classmethod
-    def from_json(cls, text: str) -> "PrivacyLedger":
+    def from_json(cls, text: str) -> PrivacyLedger:
         return cls.from_dict(json.loads(text))
 
     def __repr__(self) -> str:

@@ -146,10 +146,7 @@ def _rdp_single(q: float, sigma: float, alpha: float) -> float:
         return math.inf
     if q == 1.0:
         return alpha / (2.0 * sigma * sigma)
-    if float(alpha).is_integer():
-        log_a = _log_a_int(q, sigma, int(alpha))
-    else:
-        log_a = _log_a_frac(q, sigma, alpha)
+    log_a = _log_a_int(q, sigma, int(alpha)) if float(alpha).is_integer() else _log_a_frac(q, sigma, alpha)
     return max(log_a, 0.0) / (alpha - 1.0)  # A_α ≥ 1 in exact arithmetic; clamp rounding noise
 
 

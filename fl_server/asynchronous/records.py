@@ -23,7 +23,7 @@ from fl_server.store import HISTORY_COLUMNS
 
 __all__ = ["ASYNC_HISTORY_COLUMNS", "JOB_COLUMNS", "AsyncRecord", "JobRecord", "rows_to_csv"]
 
-ASYNC_HISTORY_COLUMNS = tuple(HISTORY_COLUMNS) + ("time", "staleness_mean", "staleness_max")
+ASYNC_HISTORY_COLUMNS = (*tuple(HISTORY_COLUMNS), "time", "staleness_mean", "staleness_max")
 
 
 def _opt_float(v: Any) -> float | None:

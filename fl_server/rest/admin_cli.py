@@ -21,7 +21,7 @@ import argparse
 import json
 import os
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 from urllib.parse import quote
 
 import requests
@@ -66,7 +66,7 @@ def _token(args: argparse.Namespace) -> str:
     return token
 
 
-def _call(args: argparse.Namespace, method: str, path: str, body: Optional[dict[str, Any]] = None) -> Any:
+def _call(args: argparse.Namespace, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
     url = args.server_url.rstrip("/") + path
     verify: bool | str = str(args.ca_file) if args.ca_file is not None else True
     try:
@@ -83,7 +83,7 @@ def _call(args: argparse.Namespace, method: str, path: str, body: Optional[dict[
     return data
 
 
-def _need(value: Optional[str], what: str) -> str:
+def _need(value: str | None, what: str) -> str:
     if not value:
         raise AdminError(f"this action needs {what}")
     return value

@@ -49,11 +49,11 @@ from fl_common.protocol.rest import (
 )
 from fl_server.rest.dashboard import OPENAPI_PATHS as MONITORING_PATHS
 from fl_server.rest.dashboard import dashboard_blueprint
+from fl_server.rest.gateway import ApiError, Authenticated, SignedRequest
+from fl_server.rest.json_provider import FiniteJSONProvider
 from fl_server.rest.metrics import install_metrics
 from fl_server.rest.openapi import openapi_document
 from fl_server.rest.run_report import RunReportWriter
-from fl_server.rest.gateway import ApiError, Authenticated, SignedRequest
-from fl_server.rest.json_provider import FiniteJSONProvider
 from fl_server.rest.service import FederationService
 
 log = logging.getLogger("fl_server.http")

@@ -46,8 +46,9 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any
 
 from cryptography.fernet import Fernet
 
@@ -88,7 +89,7 @@ class AsyncRoundDriver(RoundDriver):
         self.selection_problems = SelectionProblems(self.cfg.selection)
         self.updates_dir = ctx.updates_dir / "async"
         #: version -> (body, model key): one encrypted body per version a client may still download
-        self._models: dict[int, tuple[bytes, Optional[bytes]]] = {}
+        self._models: dict[int, tuple[bytes, bytes | None]] = {}
         self._mirrored: dict[int, str] = {}  # job -> status last written to the store's async_jobs
         self._results_written = False
         #: updates refused because the server step they caused was not finite (/status, /metrics)
@@ -231,7 +232,7 @@ class AsyncRoundDriver(RoundDriver):
             return RoundStatus(ROUND_SELECTED, task.version, coord.version, cfg.poll_interval, deadline,
                                task.instructions.to_json(), job=task.job)
 
-    def model_version(self, requested: Optional[int]) -> int:
+    def model_version(self, requested: int | None) -> int:
         """The version a download asks for (None: the current one), if the server still holds it."""
         coord = self.coordinator
         with self.ctx.lock:
@@ -279,7 +280,7 @@ class AsyncRoundDriver(RoundDriver):
                                                            f"upload is for version {version}")
         return task
 
-    def _answer_retry(self, client_id: str, version: int, idempotency_key: str) -> Optional[dict[str, Any]]:
+    def _answer_retry(self, client_id: str, version: int, idempotency_key: str) -> dict[str, Any] | None:
         """The answer to a retry of an accepted upload (same key), or None when the key is new."""
         row = self.ctx.store.async_update_by_key(client_id, idempotency_key)
         if row is None:
@@ -291,7 +292,7 @@ class AsyncRoundDriver(RoundDriver):
                 "staleness": row.staleness, "model_version": self.coordinator.version}
 
     def accept_update(self, auth: Authenticated, version: int, idempotency_key: str, body: bytes,
-                      attempt: Optional[str] = None) -> dict[str, Any]:
+                      attempt: str | None = None) -> dict[str, Any]:
         """An upload for the job on model ``version`` (``attempt`` is a secure round's and unused here)."""
         svc, coord = self.ctx, self.coordinator
         client_id = auth.client_id
@@ -397,7 +398,8 @@ class AsyncRoundDriver(RoundDriver):
             "mode": "rest", "training_mode": "async", "rounds_completed": coord.version, "server_updates": coord.version,
             **accuracy_summary(history),
             "wall_seconds": svc.clock() - svc.started_at, "total_bytes": sum(r.bytes for r in history),
-            "clients_registered": svc.store.count_clients(), "rejected": svc.gateway.refusals.rejections(), "encryption": self.cfg.encryption,
+            "clients_registered": svc.store.count_clients(), "rejected": svc.gateway.refusals.rejections(),
+            "encryption": self.cfg.encryption,
             "privacy": coord.privacy_status(), "stop_reason": coord.stop_reason, "asynchronous": self.async_block(),
             "staleness": coord.staleness_summary(), "selection": self.selection_summary(),
             "participation": self.participation_summary(), "config": self.cfg.to_dict(),

@@ -29,7 +29,8 @@ silently bias them. Under ``uniform`` the profile is optional and unused by the 
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping, Optional
+from collections.abc import Mapping
+from typing import Any
 
 from fl_common.config import FLConfig
 from fl_common.protocol.rest import (
@@ -62,7 +63,7 @@ def wants_label_histogram(cfg: FLConfig) -> bool:
     return cfg.selection == "stratified" and cfg.stratify_by == "label"
 
 
-def profile_spec(cfg: FLConfig, stored: Optional[Mapping[str, Any]] = None) -> ProfileSpec:
+def profile_spec(cfg: FLConfig, stored: Mapping[str, Any] | None = None) -> ProfileSpec:
     """The fields the configured selection policy reads, for ``GET /api/v1/profile``."""
     required = [PROFILE_NUM_SAMPLES]
     optional: list[str] = []
@@ -76,14 +77,14 @@ def profile_spec(cfg: FLConfig, stored: Optional[Mapping[str, Any]] = None) -> P
                        needed_for_selection=cfg.selection != "uniform", profile=dict(stored) if stored else None)
 
 
-def _number(value: Any) -> Optional[float]:
+def _number(value: Any) -> float | None:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return None
     value = float(value)
     return value if math.isfinite(value) else None
 
 
-def validate_profile(cfg: FLConfig, body: Any, *, partition_size: Optional[int] = None) -> dict[str, Any]:
+def validate_profile(cfg: FLConfig, body: Any, *, partition_size: int | None = None) -> dict[str, Any]:
     """The profile to store (num_samples, capability, label_histogram), or :class:`ProfileError`.
 
     ``partition_size``: the record count the server derived for the client's partition (sample-level
@@ -124,24 +125,23 @@ def validate_profile(cfg: FLConfig, body: Any, *, partition_size: Optional[int] 
                                                               f"a client does not disclose one here")
     if histogram is None and PROFILE_LABEL_HISTOGRAM in spec.required:
         raise ProfileError(422, "profile_incomplete", "selection 'stratified' by label needs the label_histogram")
-    counts: Optional[list[float]] = None
+    counts: list[float] | None = None
     if histogram is not None:
         if not isinstance(histogram, list) or len(histogram) != cfg.num_classes:
             raise ProfileError(400, "bad_label_histogram", f"label_histogram must be a list of num_classes={cfg.num_classes} counts")
         counts = [v for v in (_number(x) for x in histogram) if v is not None and 0.0 <= v <= MAX_HISTOGRAM_COUNT]
         if len(counts) != cfg.num_classes:
             raise ProfileError(400, "bad_label_histogram", f"label_histogram counts must be finite numbers in [0, {MAX_HISTOGRAM_COUNT:g}]")
-        if cfg.label_histogram_epsilon is None:
-            if any(c != int(c) for c in counts) or int(sum(counts)) != num_samples:
-                raise ProfileError(422, "label_histogram_mismatch", f"exact label counts must be whole numbers adding up to "
-                                                                    f"num_samples={num_samples}")
+        if cfg.label_histogram_epsilon is None and (any(c != int(c) for c in counts) or int(sum(counts)) != num_samples):
+            raise ProfileError(422, "label_histogram_mismatch", f"exact label counts must be whole numbers adding up to "
+                                                                f"num_samples={num_samples}")
     profile: dict[str, Any] = {PROFILE_NUM_SAMPLES: num_samples, "capability": checked}
     if counts is not None:
         profile[PROFILE_LABEL_HISTOGRAM] = counts
     return profile
 
 
-def client_info(client_id: str, profile: Optional[Mapping[str, Any]]) -> Optional[ClientInfo]:
+def client_info(client_id: str, profile: Mapping[str, Any] | None) -> ClientInfo | None:
     """The ClientInfo of a stored profile (None without one, or when it no longer reads as valid)."""
     if not profile:
         return None

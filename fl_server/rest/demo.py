@@ -18,7 +18,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import requests
 from tqdm import tqdm
@@ -71,7 +71,7 @@ def stop_process(proc: subprocess.Popen, timeout: float = 20.0) -> None:
             proc.wait()
 
 
-def run_demo(cfg: FLConfig, output: Path, clients: int, *, progress: Optional[bool] = None, threads: int = 1) -> dict[str, Any]:
+def run_demo(cfg: FLConfig, output: Path, clients: int, *, progress: bool | None = None, threads: int = 1) -> dict[str, Any]:
     output.mkdir(parents=True, exist_ok=True)
     (output / "logs").mkdir(exist_ok=True)
     config_path = output / "config.yaml"
@@ -108,7 +108,7 @@ def run_demo(cfg: FLConfig, output: Path, clients: int, *, progress: Optional[bo
         server_log.close()
 
 
-def _follow(url: str, rounds: int, server: subprocess.Popen, progress: Optional[bool]) -> dict[str, Any]:
+def _follow(url: str, rounds: int, server: subprocess.Popen, progress: bool | None) -> dict[str, Any]:
     bar = tqdm(total=rounds, desc="rounds", unit="round", file=sys.stderr, disable=None if progress is None else not progress)
     last = 0
     try:

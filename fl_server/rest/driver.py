@@ -19,9 +19,10 @@ import abc
 import logging
 import threading
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional, Protocol, Sequence
+from typing import Any, Protocol
 
 import torch
 
@@ -42,7 +43,7 @@ log = logging.getLogger("fl_server.rest.driver")
 PARTICIPATION_ROUNDS_CSV = "participation_rounds.csv"
 
 #: (version, body, wrapped model key or None) of one model download
-ModelPayload = tuple[int, bytes, Optional[bytes]]
+ModelPayload = tuple[int, bytes, bytes | None]
 
 
 class CoordinatorView(Protocol):
@@ -100,7 +101,7 @@ class DriverContext:
         return self.gateway.codec_name
 
     @property
-    def evaluator(self) -> Optional[Callable[[torch.Tensor], EvalResult]]:
+    def evaluator(self) -> Callable[[torch.Tensor], EvalResult] | None:
         """The coordinator's evaluator, or None when the service was built not to evaluate (tests)."""
         return self.evaluate if self.evaluate_rounds else None
 
@@ -156,7 +157,7 @@ class RoundDriver(abc.ABC):
         """A client's poll: what it should do now."""
 
     @abc.abstractmethod
-    def model_version(self, requested: Optional[int]) -> int:
+    def model_version(self, requested: int | None) -> int:
         """The model version a download gets (``requested``: the ``?version=`` a job trains on)."""
 
     @abc.abstractmethod
@@ -165,7 +166,7 @@ class RoundDriver(abc.ABC):
 
     @abc.abstractmethod
     def accept_update(self, auth: Authenticated, round_number: int, idempotency_key: str, body: bytes,
-                      attempt: Optional[str]) -> dict[str, Any]:
+                      attempt: str | None) -> dict[str, Any]:
         """An upload: durable, then aggregated, then acknowledged (or an ApiError)."""
 
     @abc.abstractmethod
@@ -184,7 +185,7 @@ class RoundDriver(abc.ABC):
     def client_left(self, client_id: str, why: str) -> None:
         """A client will not come back to its round or job (revoked, removed); called under the lock."""
 
-    def stalled(self, now: float) -> Optional[str]:
+    def stalled(self, now: float) -> str | None:
         """Why rounds cannot progress (e.g. far past a deadline), or None."""
         return None
 

@@ -25,9 +25,10 @@ import logging
 import math
 import secrets
 import threading
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional
+from typing import Any
 
 import torch
 
@@ -49,8 +50,8 @@ from fl_common.protocol import ClientUpdate
 from fl_common.protocol.rest import PROTOCOL_VERSION, DataAssignment, RegisterResponse
 from fl_common.tensors import wire
 from fl_common.tensors.codecs import Codec, make_codec
-from fl_server.rest.refusals import RefusalRecorder
 from fl_server.rest.client_profiles import ProfileError, client_info, profile_spec, validate_profile
+from fl_server.rest.refusals import RefusalRecorder
 from fl_server.rest.secrets import ServerSecrets
 from fl_server.selection import ClientInfo
 from fl_server.store.sqlite import ClientRow, ServerStore
@@ -79,7 +80,7 @@ class ApiError(Exception):
     """An error a client caused: HTTP status, machine code, one-line message, and ``extra`` fields for
     the JSON body (secure aggregation adds whether the client was dropped and the phase)."""
 
-    def __init__(self, status: int, code: str, message: str, *, extra: Optional[dict[str, Any]] = None) -> None:
+    def __init__(self, status: int, code: str, message: str, *, extra: dict[str, Any] | None = None) -> None:
         super().__init__(message)
         self.status, self.code, self.message = status, code, message
         self.extra = dict(extra or {})
@@ -111,7 +112,7 @@ class Registration:
 
     response: RegisterResponse
     client_id: str
-    partition_index: Optional[int]
+    partition_index: int | None
     reregistered: bool
     verify_key_changed: bool
 
@@ -127,7 +128,7 @@ class UploadLayout:
     def numel(self) -> int:
         return self.model_numel * (2 if self.carries_control else 1)
 
-    def split(self, vector: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    def split(self, vector: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(model delta, SCAFFOLD variate delta or None) of a decoded upload."""
         if not self.carries_control:
             return vector, None
@@ -165,7 +166,7 @@ def check_rest_config(cfg: FLConfig) -> None:
                           f"control-variate deltas too, which error feedback does not cover; use codec int8, float16 or none")
 
 
-def parse_verify_key(value: Any) -> Optional[str]:
+def parse_verify_key(value: Any) -> str | None:
     """A registration's ``secagg_verify_key``: None, or the canonical urlsafe base64 of a 32-byte Ed25519
     public key. Checked here so that a key the protocol could never verify is refused at registration
     (400), not discovered as a bad signature in the middle of a round."""
@@ -199,7 +200,7 @@ class ClientGateway:
 
     def __init__(self, cfg: FLConfig, store: ServerStore, secrets_: ServerSecrets, *, clock: Callable[[], float],
                  lock: threading.RLock, wake: threading.Event, model_info: dict[str, Any],
-                 partition_sizes: Optional[list[int]] = None, known_sizes: Optional[list[int]] = None,
+                 partition_sizes: list[int] | None = None, known_sizes: list[int] | None = None,
                  secagg_required: bool = False) -> None:
         self.cfg = cfg
         self.store = store
@@ -224,7 +225,7 @@ class ClientGateway:
         return self.codec.name if self.cfg.compression else "none"
 
     # ------------------------------------------------------------------ refusals
-    def refuse(self, reason: str, client_id: Optional[str], detail: str) -> None:
+    def refuse(self, reason: str, client_id: str | None, detail: str) -> None:
         """Count and audit a refused request: the only state a refusal may change (at a bounded cost:
         fl_server/rest/refusals.py)."""
         self.refusals.refuse(reason, client_id, detail)
@@ -233,7 +234,7 @@ class ClientGateway:
         self.refuse(f"update_{reason}", client_id, f"update refused: {reason}")
 
     # ------------------------------------------------------------------ registration and auth
-    def _enrollment(self, token: Any, remote: str) -> tuple[str, Optional[str]]:
+    def _enrollment(self, token: Any, remote: str) -> tuple[str, str | None]:
         """(enrolled_by, the name a per-client token is bound to) of a registration's enrollment token.
 
         The shared token (one per federation) enrols up to ``shared_enrollment_max_clients`` clients;
@@ -249,20 +250,20 @@ class ClientGateway:
         self.refuse("bad_enrollment_token", None, f"registration refused from {remote or 'unknown'}")
         raise ApiError(401, "bad_enrollment_token", "the enrollment token is missing, wrong, used up, expired or revoked")
 
-    def _prove_possession(self, existing: ClientRow, request: Optional[SignedRequest]) -> None:
+    def _prove_possession(self, existing: ClientRow, request: SignedRequest | None) -> None:
         """A known client name registers again only with a request signed by that client's current key
         (or after an admin removed it): a shared enrollment token alone must not take over an identity."""
         if existing.revoked_at is not None:
             self.refuse("revoked_client", existing.client_id, "registration of a revoked client's name refused")
             raise ApiError(403, "client_revoked", f"client '{existing.name}' was revoked by an admin; an admin must remove "
                            f"it before the name can register again")
-        if request is None or not any(k.lower() == "x-fl-signature" for k in request.headers.keys()):
+        if request is None or not any(k.lower() == "x-fl-signature" for k in request.headers):
             self.refuse("takeover_refused", existing.client_id, "unsigned registration of a known client name")
             raise ApiError(409, "client_exists", f"client '{existing.name}' is already registered: register again with a "
                            f"request signed by its current key, or ask an admin to remove it (python -m fl_server admin "
                            f"clients remove {existing.client_id})")
 
-        def only_this_client(client_id: str) -> Optional[bytes]:
+        def only_this_client(client_id: str) -> bytes | None:
             return self._keys_of(existing).hmac_key if client_id == existing.client_id else None
 
         try:
@@ -273,14 +274,14 @@ class ClientGateway:
             raise ApiError(401, f"signature_{exc.reason}", f"re-registration signature refused: "
                            f"{exc.reason.replace('_', ' ')}") from None
 
-    def bound_records(self, partition_index: Optional[int], reported: Optional[int]) -> int:
+    def bound_records(self, partition_index: int | None, reported: int | None) -> int:
         """The most records a client may claim: its partition's size when the server can derive it
         (it assigns the partitions), else what it reported at registration, else :data:`MAX_RECORDS`."""
         if self.known_sizes is not None and partition_index is not None and 0 <= partition_index < len(self.known_sizes):
             return self.known_sizes[partition_index]
         return reported if reported is not None else MAX_RECORDS
 
-    def register(self, body: Mapping[str, Any], remote: str = "", request: Optional[SignedRequest] = None) -> Registration:
+    def register(self, body: Mapping[str, Any], remote: str = "", request: SignedRequest | None = None) -> Registration:
         enrolled_by, bound_name = self._enrollment(body.get("enrollment_token"), remote)
         name = body.get("client_name")
         if name is not None and (not isinstance(name, str) or not (1 <= len(name) <= MAX_NAME)
@@ -365,7 +366,7 @@ class ClientGateway:
         )
         return Registration(response, client_id, index, reregistered=existing is not None, verify_key_changed=key_changed)
 
-    def _assign_partition(self, requested: Optional[int]) -> Optional[int]:
+    def _assign_partition(self, requested: int | None) -> int | None:
         used = self.store.used_partitions()
         if requested is not None:
             if requested in used:
@@ -376,7 +377,7 @@ class ClientGateway:
             raise ApiError(409, "federation_full", f"all {self.cfg.num_clients} partitions are assigned (num_clients)")
         return free[0]
 
-    def _assignment(self, index: Optional[int]) -> Optional[DataAssignment]:
+    def _assignment(self, index: int | None) -> DataAssignment | None:
         if index is None:
             return None
         c = self.cfg
@@ -411,12 +412,12 @@ class ClientGateway:
             self.refuse("revoked_client", row.client_id, "request of a revoked client")
             raise ApiError(403, "client_revoked", "this client was revoked by an admin")
 
-    def verify_signature(self, holder: Optional[ClientRow], method: str, path: str, body: bytes,
+    def verify_signature(self, holder: ClientRow | None, method: str, path: str, body: bytes,
                          headers: Mapping[str, str]) -> Authenticated:
         """The HMAC signature (freshness, no replay) of a request, by ``holder`` (its token checked) or, for
         the token refresh that needs no token, by whichever registered client the signature names."""
 
-        def key_lookup(client_id: str) -> Optional[bytes]:
+        def key_lookup(client_id: str) -> bytes | None:
             if holder is not None:
                 return self._keys_of(holder).hmac_key if holder.client_id == client_id else None
             r = self.store.client(client_id)
@@ -553,7 +554,7 @@ class ClientGateway:
     def live_clients(self) -> list[str]:
         return self.store.live_client_ids(self.clock() - self.cfg.client_liveness)
 
-    def selection_candidates(self, live: list[str]) -> tuple[list[str], Optional[dict[str, ClientInfo]]]:
+    def selection_candidates(self, live: list[str]) -> tuple[list[str], dict[str, ClientInfo] | None]:
         """The live clients the selection policy may draw, with what it knows of them.
 
         ``uniform`` draws among all live clients and reads nothing (infos None). Every other policy
@@ -637,7 +638,7 @@ class ClientGateway:
         return self.bound_records(row.partition_index, None) if self.known_sizes is not None else \
             min(MAX_RECORDS, row.num_samples or MAX_RECORDS)
 
-    def decode_stored(self, data: bytes, layout: UploadLayout) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    def decode_stored(self, data: bytes, layout: UploadLayout) -> tuple[torch.Tensor, torch.Tensor | None]:
         """A durable update's payload file, decoded again on recovery: (model delta, variate delta)."""
         vector, _ = wire.decode_update(data, layout.numel, max_bytes=self.cfg.max_update_bytes)
         return layout.split(vector)

@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Optional
 
 from fl_server.store.sqlite import ServerStore
 
@@ -53,7 +53,7 @@ class RefusalRecorder:
         self.max_events = max_events
         self._lock = threading.Lock()
         self._pending: dict[str, int] = {}
-        self._windows: dict[tuple[str, Optional[str]], _Window] = {}
+        self._windows: dict[tuple[str, str | None], _Window] = {}
         self._flushed_at = clock()
         self._pruned_at = float("-inf")
 
@@ -62,7 +62,7 @@ class RefusalRecorder:
         with self._lock:
             self._pending[reason] = self._pending.get(reason, 0) + 1
 
-    def refuse(self, reason: str, client_id: Optional[str], detail: str) -> None:
+    def refuse(self, reason: str, client_id: str | None, detail: str) -> None:
         """Count a refusal; audit and log it if it is the first of its kind in the current window."""
         now = self.clock()
         with self._lock:

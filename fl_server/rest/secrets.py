@@ -55,7 +55,7 @@ class ServerSecrets:
     key_wrapping_key: bytes  # a Fernet key (urlsafe base64)
 
     @classmethod
-    def load(cls, state_dir: Path) -> "ServerSecrets":
+    def load(cls, state_dir: Path) -> ServerSecrets:
         enrollment = _from_env_or_file(ENV_ENROLLMENT_TOKEN, state_dir / "enrollment_token")
         admin = _from_env_or_file(ENV_ADMIN_TOKEN, state_dir / "admin_token")
         master = _from_env_or_file(ENV_SERVER_SECRET, state_dir / "server_secret", min_len=32).encode("utf-8")

@@ -34,11 +34,13 @@ restart like the rest of the run's record.
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Optional
+from typing import Any
 
 import torch
 
@@ -124,7 +126,7 @@ class SecureRounds(RoundProtocol):
         self._history: dict[str, Any] = self._load_history()
 
     # ------------------------------------------------------------------ keys and candidates
-    def verifier(self, client_id: int | str) -> Optional[Verifier]:
+    def verifier(self, client_id: int | str) -> Verifier | None:
         """What the coordinator checks a selected client's messages against (its registered key)."""
         key = self.ctx.store.secagg_verify_key(str(client_id))
         if key is None:
@@ -157,8 +159,8 @@ class SecureRounds(RoundProtocol):
     def min_live_clients(self) -> int:
         return max(self.cfg.min_clients, MIN_SECURE_CLIENTS)
 
-    def candidates(self, live: list[str], infos: Optional[dict[str, ClientInfo]]
-                   ) -> tuple[list[str], Optional[dict[str, ClientInfo]]]:
+    def candidates(self, live: list[str], infos: dict[str, ClientInfo] | None
+                   ) -> tuple[list[str], dict[str, ClientInfo] | None]:
         """The live clients a secure round can include, with their record counts.
 
         A client needs a registered verifying key (without one it could never pass the signature
@@ -237,7 +239,7 @@ class SecureRounds(RoundProtocol):
             stats.aborted = "the unmasked aggregate is not finite"
             self._finish(row, stats, phase=Phase.UNMASK.value, auth=agg.params.auth)
 
-    def round_closed(self, row: RoundRow, secagg: Optional[SecureAggregator]) -> None:
+    def round_closed(self, row: RoundRow, secagg: SecureAggregator | None) -> None:
         """The driver applied the attempt's unmasked sum: add it to the history (summary, /status, /metrics)."""
         if secagg is not None:
             self._finish(row, secagg.stats(), auth=secagg.params.auth)
@@ -253,8 +255,8 @@ class SecureRounds(RoundProtocol):
                     "follows", row.round, row.round_id, phase, reason)
         self._finish(row, stats, phase=phase, auth=agg.params.auth)
 
-    def _finish(self, row: RoundRow, stats: SecAggRoundStats, *, phase: Optional[str] = None,
-                auth: Optional[str] = None) -> None:
+    def _finish(self, row: RoundRow, stats: SecAggRoundStats, *, phase: str | None = None,
+                auth: str | None = None) -> None:
         attempt = self._attempts.get(row.round_id)
         if attempt is not None:
             attempt.finished = True
@@ -287,10 +289,8 @@ class SecureRounds(RoundProtocol):
         if coord.privacy is not None and row.privacy is not None and updates:
             ctx = DPRound.from_json(row.privacy)
             for u in updates:
-                try:
+                with contextlib.suppress(UpdateRejected, KeyError):
                     coord.privacy.receive(ClientUpdate(u.client_id, u.round, torch.zeros(0), 1, dict(u.metrics)), ctx)
-                except (UpdateRejected, KeyError):
-                    pass
             self.driver.checkpoint()
         self.ctx.store.finish_round(row.round_id, "aborted", RESTART_REASON, self.ctx.clock(), [u.client_id for u in updates])
         log.warning("round %d (attempt %d): %s", row.round, row.round_id, RESTART_REASON)
@@ -326,7 +326,7 @@ class SecureRounds(RoundProtocol):
         return RoundStatus(state, row.round, version, poll, row.deadline, None, secagg=block)
 
     # ------------------------------------------------------------------ the protocol's endpoints
-    def _resolve(self, auth: Authenticated, round_number: int, attempt: Optional[str]) -> tuple[_Attempt, int]:
+    def _resolve(self, auth: Authenticated, round_number: int, attempt: str | None) -> tuple[_Attempt, int]:
         """The attempt a request is for and the client's index in it (service's lock held)."""
         if attempt is not None:
             if not attempt.isdigit() or len(attempt) > 12:
@@ -384,12 +384,12 @@ class SecureRounds(RoundProtocol):
         """A response body: Fernet-encrypted for the client when the server encrypts (roster, shares, requests)."""
         return self.ctx.gateway.seal_for(auth, data)
 
-    def _receive(self, auth: Authenticated, round_number: int, attempt: Optional[str], body: bytes, step: str,
+    def _receive(self, auth: Authenticated, round_number: int, attempt: str | None, body: bytes, step: str,
                  parse: Callable[[bytes], Any], receive: Callable[[Any, Any, float], None]) -> dict[str, Any]:
         """Decrypt, parse and hand one client message to the state machine; every refusal drops the sender."""
         try:
             msg: Any = parse(self._open_body(auth, body))
-            problem: Optional[MalformedMessage] = None
+            problem: MalformedMessage | None = None
         except MalformedMessage as exc:
             msg, problem = None, exc
         with self.ctx.lock:
@@ -407,22 +407,22 @@ class SecureRounds(RoundProtocol):
         self.ctx.wake.set()
         return answer
 
-    def advertise(self, auth: Authenticated, round_number: int, attempt: Optional[str], body: bytes) -> dict[str, Any]:
+    def advertise(self, auth: Authenticated, round_number: int, attempt: str | None, body: bytes) -> dict[str, Any]:
         """POST .../secagg/advertise: the client's two fresh public keys, signed."""
         return self._receive(auth, round_number, attempt, body, "advertise", AdvertiseKeys.from_bytes,
                              lambda s, m, now: s.receive_advertise(m, now))
 
-    def share_keys(self, auth: Authenticated, round_number: int, attempt: Optional[str], body: bytes) -> dict[str, Any]:
+    def share_keys(self, auth: Authenticated, round_number: int, attempt: str | None, body: bytes) -> dict[str, Any]:
         """POST .../secagg/shares: the client's encrypted shares, one per neighbour, signed."""
         return self._receive(auth, round_number, attempt, body, "shares", ShareKeys.from_bytes,
                              lambda s, m, now: s.receive_share_keys(m, now))
 
-    def unmask(self, auth: Authenticated, round_number: int, attempt: Optional[str], body: bytes) -> dict[str, Any]:
+    def unmask(self, auth: Authenticated, round_number: int, attempt: str | None, body: bytes) -> dict[str, Any]:
         """POST .../secagg/unmask: the shares the client reveals; the last one unmasks the sum (on the tick)."""
         return self._receive(auth, round_number, attempt, body, "unmask", UnmaskResponse.from_bytes,
                              lambda s, m, now: s.receive_unmask(m, now))
 
-    def _fetch(self, auth: Authenticated, round_number: int, attempt: Optional[str], step: str, until: Phase,
+    def _fetch(self, auth: Authenticated, round_number: int, attempt: str | None, step: str, until: Phase,
                get: Callable[[Any, int], Any]) -> bytes:
         with self.ctx.lock:
             entry, index = self._resolve(auth, round_number, attempt)
@@ -435,19 +435,19 @@ class SecureRounds(RoundProtocol):
                 raise ApiError(HTTP_STATUS.get(exc.code, 400), exc.code, str(exc), extra=self._extra(entry, index)) from None
         return self.seal(auth, data)
 
-    def roster(self, auth: Authenticated, round_number: int, attempt: Optional[str]) -> bytes:
+    def roster(self, auth: Authenticated, round_number: int, attempt: str | None) -> bytes:
         """GET .../secagg/roster: U1 with everyone's keys and signatures (409 until phase share_keys)."""
         return self._fetch(auth, round_number, attempt, "roster", Phase.SHARE_KEYS, lambda s, i: s.roster_for(i))
 
-    def bundle(self, auth: Authenticated, round_number: int, attempt: Optional[str]) -> bytes:
+    def bundle(self, auth: Authenticated, round_number: int, attempt: str | None) -> bytes:
         """GET .../secagg/shares: the ciphertexts addressed to the client, and U2 (409 until masked_input)."""
         return self._fetch(auth, round_number, attempt, "share bundle", Phase.MASKED_INPUT, lambda s, i: s.bundle_for(i))
 
-    def unmask_request(self, auth: Authenticated, round_number: int, attempt: Optional[str]) -> bytes:
+    def unmask_request(self, auth: Authenticated, round_number: int, attempt: str | None) -> bytes:
         """GET .../secagg/unmask: U3 and U2 minus U3 (409 until phase unmask)."""
         return self._fetch(auth, round_number, attempt, "unmask request", Phase.UNMASK, lambda s, i: s.unmask_request_for(i))
 
-    def outcome(self, auth: Authenticated, round_number: int, attempt: Optional[str]) -> dict[str, Any]:
+    def outcome(self, auth: Authenticated, round_number: int, attempt: str | None) -> dict[str, Any]:
         """GET .../secagg/outcome: how the attempt ended and whether this client's input is in the applied sum
         (a SCAFFOLD client moves its control variate only then, as in the simulation)."""
         if attempt is None or not attempt.isdigit() or len(attempt) > 12:
@@ -461,14 +461,14 @@ class SecureRounds(RoundProtocol):
         return {"round": row.round, "attempt": row.round_id, "state": row.state, "reason": row.reason,
                 "in_sum": row.state == "closed" and status == "submitted"}
 
-    def accept_update(self, auth: Authenticated, round_number: int, attempt: Optional[str], idempotency_key: str,
+    def accept_update(self, auth: Authenticated, round_number: int, attempt: str | None, idempotency_key: str,
                       body: bytes) -> dict[str, Any]:
         """POST .../rounds/{r}/update in a secure round: a masked input (no codec: masked values are uniform),
         with the clear metrics sample-level DP checks. Summed in memory, never written to disk."""
         self.ctx.gateway.check_idempotency_key(auth.client_id, idempotency_key)
-        problem: Optional[MalformedMessage] = None
+        problem: MalformedMessage | None = None
         metrics: dict[str, float] = {}
-        msg: Optional[MaskedInput] = None
+        msg: MaskedInput | None = None
         try:
             data = self.ctx.gateway.open_bytes(auth, body)
             metrics, raw = unpack_masked_upload(data)

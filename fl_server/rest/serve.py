@@ -4,8 +4,9 @@ a gthread pool, so slow uploads do not block polls. TLS via gunicorn's certfile/
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 from gunicorn.app.base import BaseApplication
 
@@ -30,7 +31,7 @@ class _GunicornApp(BaseApplication):
 
 
 def serve(cfg: FLConfig, state_dir: Path, *, host: str = "127.0.0.1", port: int = 8080, threads: int = 8,
-          certfile: Optional[str] = None, keyfile: Optional[str] = None, log_format: str = "text",
+          certfile: str | None = None, keyfile: str | None = None, log_format: str = "text",
           log_level: str = "INFO") -> None:
     def factory() -> Any:
         # Runs in the gunicorn worker (after fork): the service, its SQLite connection and its

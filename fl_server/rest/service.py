@@ -22,8 +22,9 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional
+from typing import Any
 
 import torch
 
@@ -80,7 +81,7 @@ class FederationService:
 
     def __init__(self, cfg: FLConfig, state_dir: str | Path, *, secrets_: ServerSecrets | None = None,
                  clock: Callable[[], float] = time.time, evaluate: bool = True,
-                 observers: Optional[list[ServiceObserver]] = None) -> None:
+                 observers: list[ServiceObserver] | None = None) -> None:
         check_rest_config(cfg)
         self.cfg = cfg
         self.state_dir = Path(state_dir)
@@ -97,10 +98,10 @@ class FederationService:
         self.lock = threading.RLock()
         self._wake = threading.Event()
         self._stop = threading.Event()
-        self._ticker: Optional[threading.Thread] = None
+        self._ticker: threading.Thread | None = None
         #: consecutive failures of the round ticker and the last one's message (/health reports them)
         self.ticker_failures = 0
-        self.ticker_error: Optional[str] = None
+        self.ticker_error: str | None = None
         self._ticker_logged_at = 0.0
         self.started_at = clock()
         #: told of evaluations, closed/aborted rounds and the end of the run (metrics, report; see observer.py)
@@ -129,7 +130,7 @@ class FederationService:
                                      observers=self.observers, trainer=LocalTrainer(model), test_x=test_set.x,
                                      test_y=test_set.y, started_at=self.started_at, evaluate_rounds=evaluate)
         #: secure aggregation's round protocol (its endpoints and /metrics collector), None when off
-        self.secure_rounds: Optional[SecureRounds] = None
+        self.secure_rounds: SecureRounds | None = None
         self.driver: RoundDriver
         if asynchronous:
             self.driver = AsyncRoundDriver(self.context)
@@ -174,7 +175,7 @@ class FederationService:
             try:
                 self.tick()
                 self.ticker_failures, self.ticker_error = 0, None
-            except Exception as exc:  # noqa: BLE001 - the ticker must survive and report, not die silently
+            except Exception as exc:
                 self.ticker_failures += 1
                 now = time.monotonic()
                 # the same failure every 0.5 s must not flood the log: the first with its traceback, then a line a minute
@@ -185,7 +186,7 @@ class FederationService:
             self._wake.wait(timeout=TICK_SECONDS)
             self._wake.clear()
 
-    def health_problem(self) -> Optional[str]:
+    def health_problem(self) -> str | None:
         """Why the federation cannot make progress, or None (``/health`` answers 503 with it)."""
         if self.ticker_failures >= TICKER_FAILURES_UNHEALTHY:
             return f"the round ticker failed {self.ticker_failures} times in a row: {self.ticker_error}"
@@ -196,7 +197,7 @@ class FederationService:
         self.gateway.refusals.flush()
 
     # ------------------------------------------------------------------ clients (gateway, then driver)
-    def register(self, body: Mapping[str, Any], remote: str = "", request: Optional[SignedRequest] = None) -> RegisterResponse:
+    def register(self, body: Mapping[str, Any], remote: str = "", request: SignedRequest | None = None) -> RegisterResponse:
         with self.lock:  # the driver hears of it in the same critical section as the credentials change
             registration = self.gateway.register(body, remote, request)
             self.driver.client_registered(registration)
@@ -252,7 +253,7 @@ class FederationService:
     def round_status(self, auth: Authenticated) -> RoundStatus:
         return self.driver.round_status(auth)
 
-    def model_version(self, requested: Optional[int]) -> int:
+    def model_version(self, requested: int | None) -> int:
         return self.driver.model_version(requested)
 
     def model_payload(self, auth: Authenticated, version: int) -> ModelPayload:
@@ -261,7 +262,7 @@ class FederationService:
         return payload
 
     def accept_update(self, auth: Authenticated, round_number: int, idempotency_key: str, body: bytes,
-                      attempt: Optional[str] = None) -> dict[str, Any]:
+                      attempt: str | None = None) -> dict[str, Any]:
         return self.driver.accept_update(auth, round_number, idempotency_key, body, attempt)
 
     def secure_protocol(self) -> SecureRounds:

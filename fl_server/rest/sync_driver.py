@@ -25,8 +25,9 @@ import hashlib
 import logging
 import math
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any
 
 import torch
 from cryptography.fernet import Fernet
@@ -72,7 +73,7 @@ class RoundProtocol(abc.ABC):
         """Called once by the driver it serves, after the coordinator exists."""
         self.driver = driver
 
-    def verifier(self, client_id: int | str) -> Optional[Verifier]:
+    def verifier(self, client_id: int | str) -> Verifier | None:
         """What the coordinator checks a selected client's signed messages against (secure rounds)."""
         return None
 
@@ -81,8 +82,8 @@ class RoundProtocol(abc.ABC):
         """Live candidates needed before a round may open."""
 
     @abc.abstractmethod
-    def candidates(self, live: list[str], infos: Optional[dict[str, ClientInfo]]
-                   ) -> tuple[list[str], Optional[dict[str, ClientInfo]]]:
+    def candidates(self, live: list[str], infos: dict[str, ClientInfo] | None
+                   ) -> tuple[list[str], dict[str, ClientInfo] | None]:
         """Of the selection candidates, those this protocol can include."""
 
     @abc.abstractmethod
@@ -109,11 +110,11 @@ class RoundProtocol(abc.ABC):
         """A selected client's poll in the open attempt."""
 
     @abc.abstractmethod
-    def accept_update(self, auth: Authenticated, round_number: int, attempt: Optional[str], idempotency_key: str,
+    def accept_update(self, auth: Authenticated, round_number: int, attempt: str | None, idempotency_key: str,
                       body: bytes) -> dict[str, Any]:
         """An upload in this protocol's form."""
 
-    def round_closed(self, row: RoundRow, secagg: Optional[SecureAggregator]) -> None:
+    def round_closed(self, row: RoundRow, secagg: SecureAggregator | None) -> None:
         """The attempt's aggregate was applied (before the summary of a finished run is written)."""
 
     def client_registered(self, registration: Registration, now: float) -> None:
@@ -139,8 +140,8 @@ class PlainRounds(RoundProtocol):
     def min_live_clients(self) -> int:
         return self.driver.cfg.min_clients
 
-    def candidates(self, live: list[str], infos: Optional[dict[str, ClientInfo]]
-                   ) -> tuple[list[str], Optional[dict[str, ClientInfo]]]:
+    def candidates(self, live: list[str], infos: dict[str, ClientInfo] | None
+                   ) -> tuple[list[str], dict[str, ClientInfo] | None]:
         return live, infos
 
     def recover_open(self, row: RoundRow) -> bool:
@@ -167,7 +168,7 @@ class PlainRounds(RoundProtocol):
             return RoundStatus(ROUND_SUBMITTED, row.round, version, cfg.poll_interval, row.deadline)
         return RoundStatus(ROUND_SELECTED, row.round, version, cfg.poll_interval, row.deadline, instructions)
 
-    def accept_update(self, auth: Authenticated, round_number: int, attempt: Optional[str], idempotency_key: str,
+    def accept_update(self, auth: Authenticated, round_number: int, attempt: str | None, idempotency_key: str,
                       body: bytes) -> dict[str, Any]:
         driver = self.driver
         ctx = driver.ctx
@@ -205,13 +206,13 @@ class SyncRoundDriver(RoundDriver):
     mode = "sync"
 
     def __init__(self, ctx: DriverContext, protocol: RoundProtocol, *,
-                 partition_sizes: Optional[list[int]] = None) -> None:
+                 partition_sizes: list[int] | None = None) -> None:
         super().__init__(ctx)
         self.protocol = protocol
         self.partition_sizes = partition_sizes
         self.selection_problems = SelectionProblems(self.cfg.selection)
         self._waiting_since: float | None = None
-        self._model_cache: tuple[int, bytes, Optional[bytes]] | None = None
+        self._model_cache: tuple[int, bytes, bytes | None] | None = None
         #: attempts whose aggregate was not finite (aborted, nothing applied); /status and /metrics show it
         self.unusable_aggregates = 0
         #: clients whose updates made an aggregate unusable: not selected again in this process's lifetime
@@ -332,7 +333,7 @@ class SyncRoundDriver(RoundDriver):
                 self._open_round(live, now, infos)
                 self._waiting_since = None
 
-    def _open_round(self, live: list[str], now: float, infos: Optional[dict[str, ClientInfo]]) -> None:
+    def _open_round(self, live: list[str], now: float, infos: dict[str, ClientInfo] | None) -> None:
         ctx = self.ctx
         k = min(len(live), math.ceil(self.cfg.clients_per_round * (1.0 + self.cfg.over_selection)))
         try:
@@ -372,7 +373,7 @@ class SyncRoundDriver(RoundDriver):
         log.info("round %d opened: %d of %d live clients selected, quorum %d, deadline in %.0f s", plan.round,
                  len(plan.selected), len(live), row.target, self.cfg.round_timeout)
 
-    def close_round(self, row: RoundRow, reason: str) -> Optional[RoundRecord]:
+    def close_round(self, row: RoundRow, reason: str) -> RoundRecord | None:
         """Aggregate, apply, evaluate, checkpoint and record the open attempt (lock held).
 
         An aggregate that is not finite is never applied: the attempt is aborted (None is returned),
@@ -437,7 +438,7 @@ class SyncRoundDriver(RoundDriver):
             broken += [cid for cid, n in norms.items() if median > 0 and n > 100 * median]
         return sorted(set(broken))
 
-    def stalled(self, now: float) -> Optional[str]:
+    def stalled(self, now: float) -> str | None:
         row = self.ctx.store.current_open_round() if self._coordinator.current_round is not None else None
         if row is not None and now > row.deadline + STALL_GRACE_SECONDS:
             return f"round {row.round} is {now - row.deadline:.0f} s past its deadline"
@@ -515,7 +516,7 @@ class SyncRoundDriver(RoundDriver):
                 if row is not None:
                     self.ctx.store.add_download_bytes(row.round_id, nbytes)
 
-    def model_version(self, requested: Optional[int]) -> int:
+    def model_version(self, requested: int | None) -> int:
         """Synchronous rounds serve the current model only (``?version=`` is an asynchronous job's)."""
         return self._coordinator.completed_rounds
 
@@ -547,7 +548,7 @@ class SyncRoundDriver(RoundDriver):
 
     # ------------------------------------------------------------------ updates
     def accept_update(self, auth: Authenticated, round_number: int, idempotency_key: str, body: bytes,
-                      attempt: Optional[str]) -> dict[str, Any]:
+                      attempt: str | None) -> dict[str, Any]:
         return self.protocol.accept_update(auth, round_number, attempt, idempotency_key, body)
 
     # ------------------------------------------------------------------ monitoring

@@ -30,8 +30,9 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 
@@ -59,7 +60,7 @@ VerifierLookup = Callable[[ClientId], "Verifier | None"]
 #: and timing. Training loss and the DP clipping bit travel masked; anything else is dropped.
 CLEAR_METRICS = ("dp_sample_rate", "dp_steps", "steps", "seconds")
 #: the phases a simulated client can drop out in (config key secagg_dropout_phase)
-DROPOUT_PHASES = ("all",) + tuple(p.value for p in (Phase.ADVERTISE_KEYS, Phase.SHARE_KEYS, Phase.MASKED_INPUT, Phase.UNMASK))
+DROPOUT_PHASES = ("all", *tuple(p.value for p in (Phase.ADVERTISE_KEYS, Phase.SHARE_KEYS, Phase.MASKED_INPUT, Phase.UNMASK)))
 
 
 @dataclass
@@ -72,7 +73,7 @@ class MaskedUpdate(ClientUpdate):
 
     @classmethod
     def wrap(cls, client_id: ClientId, round_number: int, masked: MaskedInput, *, metrics: Mapping[str, float] | None = None,
-             now: float = 0.0) -> "MaskedUpdate":
+             now: float = 0.0) -> MaskedUpdate:
         clear = {k: float(v) for k, v in (metrics or {}).items() if k in CLEAR_METRICS}
         # num_samples is not needed in the clear (the weight is masked); 1 keeps ClientUpdate's contract
         return cls(client_id=client_id, round=round_number, delta=torch.zeros(0), num_samples=1, metrics=clear,
@@ -207,7 +208,7 @@ class SecureAggregator(Aggregator):
                 self.inner.add(ClientUpdate(client_id=f"secagg-sum-{i}", round=self.params.round, delta=share,
                                             num_samples=1, metrics=metrics))
             return self.inner.result()
-        total_weight = int(round(sums.weight))
+        total_weight = round(sums.weight)
         if total_weight < count:
             raise RuntimeError(f"round {self.params.round}: the secure sum's weight {total_weight} is below its {count} "
                                f"inputs (each weighs at least 1)")

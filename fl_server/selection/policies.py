@@ -106,7 +106,7 @@ class Selector(ABC):
     def probabilities(self, round_number: int, clients: Sequence[ClientInfo | ClientId], k: int) -> dict[ClientId, float]:
         """Each candidate's inclusion probability in this round (no randomness used)."""
         pool = _sorted(clients)
-        return dict(zip([c.client_id for c in pool], self.pool_probabilities(round_number, pool, k).tolist()))
+        return dict(zip([c.client_id for c in pool], self.pool_probabilities(round_number, pool, k).tolist(), strict=False))
 
     @abstractmethod
     def sample_pool(self, round_number: int, pool: list[ClientInfo], k: int, rng: np.random.Generator) -> Selection:
@@ -132,7 +132,7 @@ class UniformSelector(Selector):
         return np.full(len(pool), min(1.0, k / len(pool)))
 
     def sample_pool(self, round_number: int, pool: list[ClientInfo], k: int, rng: np.random.Generator) -> Selection:
-        probs = dict(zip([c.client_id for c in pool], self.pool_probabilities(round_number, pool, k).tolist()))
+        probs = dict(zip([c.client_id for c in pool], self.pool_probabilities(round_number, pool, k).tolist(), strict=False))
         if len(pool) <= k:
             return Selection([c.client_id for c in pool], probs)
         chosen = rng.choice(len(pool), size=k, replace=False)
@@ -156,7 +156,7 @@ class ProportionalSelector(Selector):
     def sample_pool(self, round_number: int, pool: list[ClientInfo], k: int, rng: np.random.Generator) -> Selection:
         pi = self.pool_probabilities(round_number, pool, k)
         idx = systematic_sample(pi, rng)
-        return Selection([pool[i].client_id for i in idx.tolist()], dict(zip([c.client_id for c in pool], pi.tolist())))
+        return Selection([pool[i].client_id for i in idx.tolist()], dict(zip([c.client_id for c in pool], pi.tolist(), strict=False)))
 
 
 def _need(pool: list[ClientInfo], attr: str, policy: str) -> np.ndarray:
@@ -256,7 +256,7 @@ class StratifiedSelector(Selector):
             members = np.flatnonzero(groups == g)
             if s:
                 chosen.extend(members[rng.choice(len(members), size=s, replace=False)].tolist())
-        probs = dict(zip([c.client_id for c in pool], self.pool_probabilities(round_number, pool, k).tolist()))
+        probs = dict(zip([c.client_id for c in pool], self.pool_probabilities(round_number, pool, k).tolist(), strict=False))
         return Selection([pool[i].client_id for i in sorted(chosen)], probs)
 
     def describe(self) -> dict[str, object]:

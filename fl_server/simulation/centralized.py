@@ -46,7 +46,7 @@ class CentralizedBaseline:
         self.history: list[RoundRecord] = []
         self.run_dir = RunDirectory(output_dir) if output_dir is not None else None
         n = len(self.train_set)
-        self.samples_per_round = max(cfg.batch_size, int(round(cfg.clients_per_round * cfg.local_epochs * n / cfg.num_clients)))
+        self.samples_per_round = max(cfg.batch_size, round(cfg.clients_per_round * cfg.local_epochs * n / cfg.num_clients))
         self._stream = np.zeros(0, dtype=np.int64)
         self._epoch = 0
         self.startup_seconds = time.perf_counter() - t0

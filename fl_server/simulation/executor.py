@@ -13,13 +13,15 @@ and therefore the whole run are identical for any number of workers.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import os
 import queue
 import sys
 import traceback
-from typing import Any, Iterator, Protocol, Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -128,7 +130,7 @@ def _worker_main(worker_id: int, cfg_dict: dict[str, Any], input_shape: tuple[in
         codec = make_codec(cfg.codec) if cfg.compression else None
         worker_codec = codec if codec is not None and not codec.biased else None
         results.put(("ready", worker_id, None))
-    except BaseException:  # noqa: BLE001 - report any start-up failure to the parent
+    except BaseException:
         results.put(("error", worker_id, traceback.format_exc()))
         return
     parent = os.getppid()
@@ -154,7 +156,7 @@ def _worker_main(worker_id: int, cfg_dict: dict[str, Any], input_shape: tuple[in
             results.put(("ok", cid, (update.delta, update.num_samples, update.metrics, wire_bytes, update.control_delta)))
             del update, cx, cy
             release_free_memory()
-        except BaseException:  # noqa: BLE001
+        except BaseException:
             results.put(("error", cid, traceback.format_exc()))
 
 
@@ -251,10 +253,8 @@ class ProcessPoolExecutor:
 
     def close(self) -> None:
         for _ in self.procs:
-            try:
+            with contextlib.suppress(ValueError, OSError):
                 self.tasks.put(None)
-            except (ValueError, OSError):
-                pass
         for p in self.procs:
             p.join(timeout=5)
             if p.is_alive():

@@ -131,7 +131,7 @@ class LocalOnlyBaseline:
             bar.close()
         self.rows = [rows[c] for c in range(cfg.num_clients)]
         self.wall_seconds = time.perf_counter() - start
-        mean = lambda k: float(np.mean([r[k] for r in self.rows]))  # noqa: E731
+        mean = lambda k: float(np.mean([r[k] for r in self.rows]))
         # one row, so that the files (and benchmarks/run_grid.py) read like any run's: "test accuracy" is
         # the mean over clients of each client's model on the global test set
         self.history = [RoundRecord(1, mean("local_only_test_accuracy"), mean("local_only_test_loss"),

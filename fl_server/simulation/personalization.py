@@ -85,7 +85,7 @@ def split_client_data(indices: np.ndarray, fraction: float, seed: int, client: i
     if n < 2:
         raise ConfigError(f"config key 'client_test_fraction' has value {fraction:g}: client {client} holds {n} sample(s), "
                           f"too few to split into a training and a held-out part (each needs at least one)")
-    held = min(n - 1, max(1, int(round(fraction * n))))
+    held = min(n - 1, max(1, round(fraction * n)))
     perm = np.random.default_rng(derive_seed(seed, "client-test-split", client)).permutation(n)
     return np.sort(idx[perm[held:]]), np.sort(idx[perm[:held]])
 
@@ -181,7 +181,7 @@ def distribution(values: Sequence[float]) -> dict[str, Any]:
 
 def gain_distribution(after: Sequence[float], before: Sequence[float]) -> dict[str, Any]:
     """The per-client differences after - before: their distribution and how many clients gained or lost."""
-    gains = [a - b for a, b in zip(after, before)]
+    gains = [a - b for a, b in zip(after, before, strict=False)]
     out = distribution(gains)
     out.update(clients_improved=sum(g > 0 for g in gains), clients_worse=sum(g < 0 for g in gains))
     return out
@@ -217,8 +217,8 @@ def personalize(cfg: FLConfig, *, global_vector: torch.Tensor, initial_vector: t
         raise ConfigError("per-client personalization results need a held-out part: set client_test_fraction (e.g. 0.2)")
     clients = len(train_parts)
     held = [_take(x, y, part) for part in heldout_parts]
-    rows: list[dict[str, Any]] = [{"client": cid, "train_samples": int(len(train_parts[cid])),
-                                   "heldout_samples": int(len(heldout_parts[cid]))} for cid in range(clients)]
+    rows: list[dict[str, Any]] = [{"client": cid, "train_samples": len(train_parts[cid]),
+                                   "heldout_samples": len(heldout_parts[cid])} for cid in range(clients)]
 
     def evaluate(vector: torch.Tensor, cid: int) -> EvalResult:
         return evaluator.evaluate(vector, held[cid][0], held[cid][1], cfg.eval_batch_size)

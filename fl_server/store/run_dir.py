@@ -20,9 +20,10 @@ import io
 import json
 import os
 import tempfile
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Protocol, Sequence
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -63,7 +64,7 @@ class RoundRecord:
         return {k: ("" if v is None else v) for k, v in row.items()}
 
     @classmethod
-    def from_row(cls, row: dict[str, Any]) -> "RoundRecord":
+    def from_row(cls, row: dict[str, Any]) -> RoundRecord:
         def opt(v: Any) -> float | None:
             return None if v in ("", None) else float(v)
 
@@ -141,7 +142,7 @@ class RunDirectory:
         w = csv.writer(buf, lineterminator="\n")
         w.writerow(["client"] + [f"class_{c}" for c in range(histograms.shape[1])] + ["total"])
         for k, row in enumerate(histograms.tolist()):
-            w.writerow([k] + row + [sum(row)])
+            w.writerow([k, *row, sum(row)])
         self.write_text("label_histograms.csv", buf.getvalue())
 
     def save_checkpoint(self, state: dict[str, Any]) -> None:

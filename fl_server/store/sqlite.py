@@ -27,7 +27,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -137,12 +137,12 @@ _ASYNC_JOB_PARTICIPATION = {"training": "selected", "accepted": "submitted", "re
 @dataclass
 class ClientRow:
     client_id: str
-    name: Optional[str]
+    name: str | None
     token_hash: str
     token_expires: float
     wrapped_keys: bytes
-    partition_index: Optional[int]
-    num_samples: Optional[int]
+    partition_index: int | None
+    num_samples: int | None
     capability: dict[str, float]
     registered_at: float
     last_seen: float
@@ -150,12 +150,12 @@ class ClientRow:
     last_metrics: dict[str, float]
     #: what the client reported at POST /api/v1/profile (num_samples, capability, label_histogram,
     #: reported_at); None until it has, and again after it registers anew
-    profile: Optional[dict[str, Any]] = None
+    profile: dict[str, Any] | None = None
     #: the client's long-term Ed25519 verifying key (urlsafe base64 of 32 bytes), sent at registration:
     #: secure aggregation checks every protocol message of the client against it (fl_common/secagg/auth.py)
-    secagg_verify_key: Optional[str] = None
+    secagg_verify_key: str | None = None
     #: when an admin revoked the client (it can no longer authenticate or re-register by name), else None
-    revoked_at: Optional[float] = None
+    revoked_at: float | None = None
 
 
 @dataclass
@@ -171,15 +171,15 @@ class RoundRow:
     target: int
     started_at: float
     deadline: float
-    closed_at: Optional[float]
-    reason: Optional[str]
+    closed_at: float | None
+    reason: str | None
     #: the round's DP parameters (``RoundPlan.privacy``): needed to reopen the round after a restart
-    privacy: Optional[dict[str, Any]] = None
+    privacy: dict[str, Any] | None = None
     #: each selected client's inclusion probability (``RoundPlan.probabilities``), for participation records
-    probabilities: Optional[dict[str, float]] = None
+    probabilities: dict[str, float] | None = None
     #: the attempt's public secure-aggregation parameters (``RoundPlan.secagg``); an open attempt that has
     #: them cannot be resumed after a restart (the protocol state is in memory only) and is aborted
-    secagg: Optional[dict[str, Any]] = None
+    secagg: dict[str, Any] | None = None
     #: bytes of model downloads served while the attempt was open (a restart keeps counting from here)
     download_bytes: int = 0
 
@@ -258,10 +258,10 @@ class ServerStore:
             self._db.close()
 
     # ------------------------------------------------------------------ transactions
-    def _tx(self) -> "_Tx":
+    def _tx(self) -> _Tx:
         return _Tx(self)
 
-    def _one(self, sql: str, args: tuple = ()) -> Optional[tuple]:
+    def _one(self, sql: str, args: tuple = ()) -> tuple | None:
         with self._lock:
             return self._db.execute(sql, args).fetchone()
 
@@ -270,7 +270,7 @@ class ServerStore:
             return self._db.execute(sql, args).fetchall()
 
     # ------------------------------------------------------------------ meta
-    def get_meta(self, key: str, default: Optional[str] = None) -> Optional[str]:
+    def get_meta(self, key: str, default: str | None = None) -> str | None:
         row = self._one("SELECT value FROM meta WHERE key=?", (key,))
         return row[0] if row else default
 
@@ -289,8 +289,8 @@ class ServerStore:
             )
 
     def replace_client_credentials(self, client_id: str, token_hash: str, token_expires: float, wrapped_keys: bytes,
-                                   capability: dict[str, float], num_samples: Optional[int], now: float,
-                                   secagg_verify_key: Optional[str] = None) -> None:
+                                   capability: dict[str, float], num_samples: int | None, now: float,
+                                   secagg_verify_key: str | None = None) -> None:
         """A client registering again starts afresh: new keys, and no profile until it reports one again
         (what it reported before may not hold for the state it comes back with)."""
         with self._tx() as db:
@@ -314,7 +314,7 @@ class ServerStore:
         with self._tx() as db:
             db.execute("UPDATE clients SET last_seen=? WHERE client_id=?", (now, client_id))
 
-    def _client(self, row: Optional[tuple]) -> Optional[ClientRow]:
+    def _client(self, row: tuple | None) -> ClientRow | None:
         if row is None:
             return None
         return ClientRow(row[0], row[1], row[2], row[3], bytes(row[4]), row[5], row[6], json.loads(row[7]), row[8], row[9],
@@ -323,13 +323,13 @@ class ServerStore:
     _CLIENT_COLS = ("client_id, name, token_hash, token_expires, wrapped_keys, partition_index, num_samples, capability,"
                     " registered_at, last_seen, rounds_participated, last_metrics, profile, secagg_verify_key, revoked_at")
 
-    def client(self, client_id: str) -> Optional[ClientRow]:
+    def client(self, client_id: str) -> ClientRow | None:
         return self._client(self._one(f"SELECT {self._CLIENT_COLS} FROM clients WHERE client_id=?", (client_id,)))
 
-    def client_by_name(self, name: str) -> Optional[ClientRow]:
+    def client_by_name(self, name: str) -> ClientRow | None:
         return self._client(self._one(f"SELECT {self._CLIENT_COLS} FROM clients WHERE name=?", (name,)))
 
-    def client_by_token_hash(self, token_hash: str) -> Optional[ClientRow]:
+    def client_by_token_hash(self, token_hash: str) -> ClientRow | None:
         return self._client(self._one(f"SELECT {self._CLIENT_COLS} FROM clients WHERE token_hash=?", (token_hash,)))
 
     def clients(self) -> list[ClientRow]:
@@ -343,7 +343,7 @@ class ServerStore:
     def client_ids(self) -> list[str]:
         return [r[0] for r in self._all("SELECT client_id FROM clients ORDER BY registered_at")]
 
-    def secagg_verify_key(self, client_id: str) -> Optional[str]:
+    def secagg_verify_key(self, client_id: str) -> str | None:
         """The Ed25519 verifying key a client registered (urlsafe base64), or None."""
         row = self._one("SELECT secagg_verify_key FROM clients WHERE client_id=?", (client_id,))
         return None if row is None else row[0]
@@ -377,13 +377,13 @@ class ServerStore:
         row = self._one("SELECT COUNT(*) FROM clients WHERE enrolled_by=?", (enrollment,))
         return int(row[0]) if row else 0
 
-    def add_enrollment(self, enrollment_id: str, token_hash: str, client_name: Optional[str], max_uses: int, now: float,
-                       expires_at: Optional[float]) -> None:
+    def add_enrollment(self, enrollment_id: str, token_hash: str, client_name: str | None, max_uses: int, now: float,
+                       expires_at: float | None) -> None:
         with self._tx() as db:
             db.execute("INSERT INTO enrollments(enrollment_id, token_hash, client_name, max_uses, created_at, expires_at)"
                        " VALUES(?,?,?,?,?,?)", (enrollment_id, token_hash, client_name, max_uses, now, expires_at))
 
-    def enrollment_by_hash(self, token_hash: str) -> Optional[dict[str, Any]]:
+    def enrollment_by_hash(self, token_hash: str) -> dict[str, Any] | None:
         row = self._one("SELECT enrollment_id, client_name, max_uses, uses, created_at, expires_at, revoked_at FROM enrollments"
                         " WHERE token_hash=?", (token_hash,))
         return None if row is None else self._enrollment(row)
@@ -417,7 +417,7 @@ class ServerStore:
                              (now, client_id))
             return cur.rowcount == 1
 
-    def client_revoked_at(self, client_id: str) -> Optional[float]:
+    def client_revoked_at(self, client_id: str) -> float | None:
         row = self._one("SELECT revoked_at FROM clients WHERE client_id=?", (client_id,))
         return None if row is None else row[0]
 
@@ -449,7 +449,7 @@ class ServerStore:
         row.round_id = round_id
         return round_id
 
-    def _round(self, row: Optional[tuple]) -> Optional[RoundRow]:
+    def _round(self, row: tuple | None) -> RoundRow | None:
         if row is None:
             return None
         return RoundRow(row[0], row[1], row[2], json.loads(row[3]), json.loads(row[4]), row[5], row[6], row[7], row[8], row[9],
@@ -463,10 +463,10 @@ class ServerStore:
         with self._tx() as db:
             db.execute("UPDATE rounds SET download_bytes = COALESCE(download_bytes, 0) + ? WHERE round_id=?", (nbytes, round_id))
 
-    def current_open_round(self) -> Optional[RoundRow]:
+    def current_open_round(self) -> RoundRow | None:
         return self._round(self._one(f"SELECT {self._ROUND_COLS} FROM rounds WHERE state='open' ORDER BY round_id DESC LIMIT 1"))
 
-    def round_attempt(self, round_id: int) -> Optional[RoundRow]:
+    def round_attempt(self, round_id: int) -> RoundRow | None:
         """One attempt by its id (open, closed or aborted)."""
         return self._round(self._one(f"SELECT {self._ROUND_COLS} FROM rounds WHERE round_id=?", (round_id,)))
 
@@ -495,7 +495,7 @@ class ServerStore:
             mine[key] = mine.get(key, 0) + int(n)
         return out
 
-    def participant_status(self, round_id: int, client_id: str) -> Optional[str]:
+    def participant_status(self, round_id: int, client_id: str) -> str | None:
         """selected / submitted / dropped for one client of one attempt, None if it was not selected."""
         row = self._one("SELECT status FROM participants WHERE round_id=? AND client_id=?", (round_id, client_id))
         return None if row is None else str(row[0])
@@ -519,11 +519,11 @@ class ServerStore:
     def _update(r: tuple) -> UpdateRow:
         return UpdateRow(r[0], r[1], r[2], r[3], r[4], r[5], r[6], json.loads(r[7]), r[8], r[9])
 
-    def update(self, round_id: int, client_id: str) -> Optional[UpdateRow]:
+    def update(self, round_id: int, client_id: str) -> UpdateRow | None:
         row = self._one(f"SELECT {self._UPDATE_COLS} FROM updates WHERE round_id=? AND client_id=?", (round_id, client_id))
         return None if row is None else self._update(row)
 
-    def accepted_update(self, round_number: int, client_id: str) -> Optional[UpdateRow]:
+    def accepted_update(self, round_number: int, client_id: str) -> UpdateRow | None:
         """The update a client got accepted for round ``round_number`` in its open or closed attempt
         (an aborted attempt's updates do not count: the client trains for the next attempt anew)."""
         cols = ", ".join(f"u.{c.strip()}" for c in self._UPDATE_COLS.split(","))
@@ -544,7 +544,7 @@ class ServerStore:
                    " status")
 
     @staticmethod
-    def _async_update(r: Optional[tuple]) -> Optional[AsyncUpdateRow]:
+    def _async_update(r: tuple | None) -> AsyncUpdateRow | None:
         if r is None:
             return None
         return AsyncUpdateRow(r[0], r[1], r[2], r[3], r[4], r[5], r[6], json.loads(r[7]), r[8], r[9], r[10], r[11])
@@ -558,11 +558,11 @@ class ServerStore:
             db.execute("UPDATE clients SET last_metrics=?, rounds_participated = rounds_participated + 1 WHERE client_id=?",
                        (json.dumps(row.metrics), row.client_id))
 
-    def async_update_by_key(self, client_id: str, idempotency_key: str) -> Optional[AsyncUpdateRow]:
+    def async_update_by_key(self, client_id: str, idempotency_key: str) -> AsyncUpdateRow | None:
         return self._async_update(self._one(f"SELECT {self._ASYNC_COLS} FROM async_updates WHERE client_id=? AND idempotency_key=?",
                                             (client_id, idempotency_key)))
 
-    def async_update_for_job(self, job: int) -> Optional[AsyncUpdateRow]:
+    def async_update_for_job(self, job: int) -> AsyncUpdateRow | None:
         return self._async_update(self._one(f"SELECT {self._ASYNC_COLS} FROM async_updates WHERE job=?", (job,)))
 
     def async_update_metrics(self) -> list[dict[str, float]]:
@@ -591,7 +591,7 @@ class ServerStore:
         return False
 
     # ------------------------------------------------------------------ audit and counters
-    def security_event(self, kind: str, client_id: Optional[str], detail: str, now: Optional[float] = None) -> None:
+    def security_event(self, kind: str, client_id: str | None, detail: str, now: float | None = None) -> None:
         with self._tx() as db:
             db.execute("INSERT INTO security_events(at, kind, client_id, detail) VALUES(?,?,?,?)",
                        (time.time() if now is None else now, kind, client_id, detail[:500]))

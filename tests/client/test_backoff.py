@@ -14,7 +14,7 @@ def test_delays_double_up_to_the_cap_and_stay_in_the_upper_half() -> None:
     b = Backoff(1.0, 8.0, rng=random.Random(1))
     delays = [b.next_delay() for _ in range(8)]
     ceilings = [1.0, 2.0, 4.0, 8.0, 8.0, 8.0, 8.0, 8.0]
-    for d, c in zip(delays, ceilings):
+    for d, c in zip(delays, ceilings, strict=False):
         assert c / 2 <= d <= c
     b.reset()
     assert b.next_delay() <= 1.0

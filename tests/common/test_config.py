@@ -75,7 +75,8 @@ def test_features_not_built_are_refused_not_skipped() -> None:
     ("overrides", "fragment"),
     [
         # DP settings that would silently do nothing with differential privacy off
-        ({"differential_privacy": False, "dp_noise_multiplier": 1.0}, "'dp_noise_multiplier' has value 1.0 but differential_privacy is false"),
+        ({"differential_privacy": False, "dp_noise_multiplier": 1.0},
+         "'dp_noise_multiplier' has value 1.0 but differential_privacy is false"),
         ({"differential_privacy": False, "dp_adaptive_clipping": True}, "'dp_adaptive_clipping' has value True but differential_privacy"),
         ({"differential_privacy": False, "dp_noise": "distributed"}, "'dp_noise' has value 'distributed' but differential_privacy"),
         ({"dp_noise_multiplier": 0}, "'dp_noise_multiplier' has value 0"),
@@ -135,7 +136,7 @@ def test_cli_refuses_with_one_line_and_exit_2(args: list[str], tmp_path: Path) -
     proc = subprocess.run([sys.executable, "-m", "fl_server", "simulate", "--output", str(tmp_path / "o"), *args],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
-    lines = [l for l in proc.stderr.splitlines() if l.strip()]
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
     assert not (tmp_path / "o").exists()
 

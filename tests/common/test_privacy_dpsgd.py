@@ -38,7 +38,7 @@ def _manual_clipped_mean(model: nn.Module, loss_fn, x, y, max_norm: float, denom
         grads = torch.autograd.grad(loss_fn(model(x[i : i + 1]), y[i : i + 1]), params)
         norm = torch.sqrt(sum(g.pow(2).sum() for g in grads))
         factor = min(1.0, max_norm / float(norm))
-        for t, g in zip(total, grads):
+        for t, g in zip(total, grads, strict=False):
             t += g * factor
     return [t / denom for t in total]
 
@@ -50,7 +50,7 @@ def test_per_sample_gradients_match_autograd_loop() -> None:
     params = dict(model.named_parameters())
     for i in range(x.shape[0]):
         ref = torch.autograd.grad(loss_fn(model(x[i : i + 1]), y[i : i + 1]), list(params.values()))
-        for (name, _), r in zip(params.items(), ref):
+        for (name, _), r in zip(params.items(), ref, strict=False):
             torch.testing.assert_close(grads[name][i], r, rtol=1e-5, atol=1e-6)
 
 
@@ -61,7 +61,7 @@ def test_clipped_sum_equals_manual_loop(max_norm: float) -> None:
     expected_batch = 10.0  # Poisson: the expected size, not the realised 12
     stats = dp_sgd_gradients(model, loss_fn, x, y, max_norm, 0.0, torch.Generator().manual_seed(0), expected_batch)
     reference = _manual_clipped_mean(model, loss_fn, x, y, max_norm, expected_batch)
-    for p, r in zip(model.parameters(), reference):
+    for p, r in zip(model.parameters(), reference, strict=False):
         torch.testing.assert_close(p.grad, r, rtol=1e-5, atol=1e-5)
     assert stats.batch_size == 12
     if max_norm == 2.0:
@@ -77,7 +77,7 @@ def test_noise_std_is_sigma_c_over_expected_batch() -> None:
     dp_sgd_gradients(model, loss_fn, x, y, c, 0.0, None, b)
     clean = [p.grad.clone() for p in model.parameters()]
     dp_sgd_gradients(model, loss_fn, x, y, c, sigma, torch.Generator().manual_seed(9), b)
-    noise = torch.cat([(p.grad - g).flatten() for p, g in zip(model.parameters(), clean)]).double()
+    noise = torch.cat([(p.grad - g).flatten() for p, g in zip(model.parameters(), clean, strict=False)]).double()
     n, std = noise.numel(), sigma * c / b
     se = std / math.sqrt(2 * (n - 1))
     assert abs(float(noise.std()) - std) <= 4 * se <= 0.01 * std
@@ -140,7 +140,7 @@ def test_poisson_batches_are_independent_bernoulli_draws() -> None:
     batches = list(poisson_batches(n, q, torch.Generator().manual_seed(3)))
     assert len(batches) == 20  # round(1/q): one expected epoch
     again = list(poisson_batches(n, q, torch.Generator().manual_seed(3)))
-    assert all(torch.equal(a, b) for a, b in zip(batches, again))
+    assert all(torch.equal(a, b) for a, b in zip(batches, again, strict=False))
     sizes = torch.tensor([len(b) for b in batches], dtype=torch.float64)
     assert sizes.var() > 0  # not fixed-size batches
     # Mean batch size: Binomial(n, q) over 20 batches.

@@ -16,9 +16,9 @@ from torch.nn import functional as F
 
 from fl_common.models.registry import create_model
 from fl_common.privacy import dp_sgd_gradients
-from fl_common.privacy.losses import per_example_cross_entropy
 from fl_common.privacy.dpsgd import _per_sample_norms, per_sample_gradients
 from fl_common.privacy.ghost import GhostUnsupportedError, _im2col, ghost_clipping, unsupported_reason
+from fl_common.privacy.losses import per_example_cross_entropy
 
 
 # --------------------------------------------------------------------------- models
@@ -107,7 +107,7 @@ def test_dp_gradient_matches_reference_with_mixed_clipping(kind: str) -> None:
     assert 0.0 < fast.fraction_clipped < 1.0 and fast.fraction_clipped == ref.fraction_clipped
     assert fast.batch_size == ref.batch_size == 12
     torch.testing.assert_close(fast.per_sample_norms, ref.per_sample_norms, rtol=1e-5, atol=0.0)
-    for g, r in zip(_grads(model), ref_grads):
+    for g, r in zip(_grads(model), ref_grads, strict=False):
         torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-5 * float(r.abs().max()))
 
 
@@ -195,7 +195,7 @@ def test_empty_batch_is_pure_noise_bit_identical_to_reference() -> None:
     fast = dp_sgd_gradients(model, per_example_cross_entropy, x, y, 1.0, 1.1, torch.Generator().manual_seed(5), 4.0)
     assert fast.batch_size == ref.batch_size == 0 and fast.fraction_clipped == 0.0
     assert fast.per_sample_norms.shape == (0,)
-    assert all(torch.equal(g, r) for g, r in zip(_grads(model), ref_grads))
+    assert all(torch.equal(g, r) for g, r in zip(_grads(model), ref_grads, strict=False))
     assert all(float(g.abs().sum()) > 0 for g in ref_grads)
 
 
@@ -209,7 +209,7 @@ def test_batch_of_one(kind: str) -> None:
         fast = dp_sgd_gradients(model, per_example_cross_entropy, x, y, clip, 0.0, None, 2.0)
         assert fast.method == "ghost" and fast.fraction_clipped == ref.fraction_clipped
         torch.testing.assert_close(fast.per_sample_norms, ref.per_sample_norms, rtol=1e-5, atol=0.0)
-        for g, r in zip(_grads(model), ref_grads):
+        for g, r in zip(_grads(model), ref_grads, strict=False):
             torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-5 * float(r.abs().max()))
     # Clipped to C: the one example's whole gradient has norm <= C (times 1/expected batch).
     dp_sgd_gradients(model, per_example_cross_entropy, x, y, 1e-3, 0.0, None, 1.0)
@@ -226,9 +226,9 @@ def test_seeded_noise_is_the_same_draws_as_the_reference() -> None:
         clean = _grads(model)
         dp_sgd_gradients(model, per_example_cross_entropy, x, y, clip, sigma, torch.Generator().manual_seed(11), b,
                          method=method)
-        runs[method] = [g - c for g, c in zip(_grads(model), clean)]
+        runs[method] = [g - c for g, c in zip(_grads(model), clean, strict=False)]
     std = sigma * clip / b
-    for nf, ng in zip(runs["func"], runs["ghost"]):
+    for nf, ng in zip(runs["func"], runs["ghost"], strict=False):
         torch.testing.assert_close(ng, nf, rtol=0.0, atol=1e-5 * std)  # same draws up to float32 rounding
 
 
@@ -241,7 +241,7 @@ def test_noise_std_is_sigma_c_over_expected_batch_on_the_fast_path() -> None:
     clean = _grads(model)
     stats = dp_sgd_gradients(model, nn.MSELoss(), x, y, c, sigma, torch.Generator().manual_seed(9), b)
     assert stats.method == "ghost"
-    noise = torch.cat([(g - r).flatten() for g, r in zip(_grads(model), clean)]).double()
+    noise = torch.cat([(g - r).flatten() for g, r in zip(_grads(model), clean, strict=False)]).double()
     n, std = noise.numel(), sigma * c / b
     se = std / math.sqrt(2 * (n - 1))
     assert abs(float(noise.std()) - std) <= 4 * se <= 0.01 * std
@@ -304,7 +304,7 @@ def test_unsupported_models_fall_back_to_torch_func(case: int) -> None:
     auto = dp_sgd_gradients(model, per_example_cross_entropy, x, y, 0.5, 0.0, None, 6.0)
     assert auto.method == "func"
     assert torch.equal(auto.per_sample_norms, ref.per_sample_norms)
-    assert all(torch.equal(g, r) for g, r in zip(_grads(model), ref_grads))
+    assert all(torch.equal(g, r) for g, r in zip(_grads(model), ref_grads, strict=False))
     with pytest.raises(GhostUnsupportedError):
         dp_sgd_gradients(model, per_example_cross_entropy, x, y, 0.5, 0.0, None, 6.0, method="ghost")
     with pytest.raises(ValueError, match="method"):
@@ -335,14 +335,14 @@ def test_dropout_uses_the_forward_masks_in_the_per_example_maths() -> None:
     ordered = norms.sort().values
     clip = float(ordered[4] + ordered[5]) / 2
     expected = [torch.zeros_like(p) for p in params]
-    for gs, norm in zip(per_example, norms):
+    for gs, norm in zip(per_example, norms, strict=False):
         f = min(1.0, clip / float(norm))
-        for e, g in zip(expected, gs):
+        for e, g in zip(expected, gs, strict=False):
             e += f * g
 
     torch.manual_seed(123)
     stats = dp_sgd_gradients(model, per_example_cross_entropy, x, y, clip, 0.0, None, 1.0)
     assert stats.method == "ghost" and 0.0 < stats.fraction_clipped < 1.0
     torch.testing.assert_close(stats.per_sample_norms, norms, rtol=1e-5, atol=0.0)
-    for p, e in zip(params, expected):
+    for p, e in zip(params, expected, strict=False):
         torch.testing.assert_close(p.grad, e, rtol=1e-5, atol=1e-5 * float(e.abs().max()))

@@ -11,9 +11,10 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any
 
 import requests
 import torch
@@ -74,8 +75,8 @@ def threaded_server(cfg: FLConfig, state_dir: Path, env: dict[str, str],
 class GunicornServer:
     """``python -m fl_server serve`` as a child process that a test can kill -9 and restart."""
 
-    def __init__(self, cfg: FLConfig, state_dir: Path, env: dict[str, str], *, certfile: Optional[str] = None,
-                 keyfile: Optional[str] = None) -> None:
+    def __init__(self, cfg: FLConfig, state_dir: Path, env: dict[str, str], *, certfile: str | None = None,
+                 keyfile: str | None = None) -> None:
         self.state_dir = state_dir
         self.env = {**os.environ, **env}
         self.port = free_port()
@@ -85,7 +86,7 @@ class GunicornServer:
         state_dir.mkdir(parents=True, exist_ok=True)
         dump_config(cfg, self.config_path)
         self.tls = ["--certfile", certfile, "--keyfile", keyfile] if certfile and keyfile else []
-        self.proc: Optional[subprocess.Popen] = None
+        self.proc: subprocess.Popen | None = None
         self.log = state_dir.parent / f"{state_dir.name}-server.log"
 
     def start(self, verify: bool | str = True) -> None:
@@ -123,8 +124,8 @@ class ScriptedClient:
     def status(self) -> dict[str, Any]:
         return self.api.round_status()
 
-    def upload(self, round_number: int, vector: torch.Tensor, num_samples: int = 10, key: Optional[str] = None,
-               meta: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+    def upload(self, round_number: int, vector: torch.Tensor, num_samples: int = 10, key: str | None = None,
+               meta: dict[str, Any] | None = None) -> dict[str, Any]:
         packed = wire.encode_update(vector, "none", "zstd", meta=meta or {"num_samples": num_samples, "metrics": {"train_loss": 1.0}})
         return self.api.upload_update(round_number, packed, key or f"k-{round_number}-{self.id}", encrypted=True)
 

@@ -15,9 +15,9 @@ import shlex
 import shutil
 import subprocess
 import sys
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import pytest
 import yaml
@@ -31,7 +31,7 @@ DUMMY_ENV = {"FL_ENROLLMENT_TOKEN": "e" * 32, "FL_ADMIN_TOKEN": "a" * 32, "FL_SE
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?[-?])([^}]*))?\}")
 
 
-@lru_cache(maxsize=None)
+@cache
 def compose() -> dict[str, Any]:
     return yaml.safe_load(COMPOSE.read_text(encoding="utf-8"))
 
@@ -81,7 +81,7 @@ def flags(args: list[str]) -> list[str]:
     return [a.split("=", 1)[0] for a in args if a.startswith("--")]
 
 
-def option(args: list[str], name: str) -> Optional[str]:
+def option(args: list[str], name: str) -> str | None:
     for i, a in enumerate(args):
         if a == name:
             return args[i + 1]
@@ -90,7 +90,7 @@ def option(args: list[str], name: str) -> Optional[str]:
     return None
 
 
-@lru_cache(maxsize=None)
+@cache
 def help_text(*module_args: str) -> str:
     out = subprocess.run([sys.executable, "-m", *module_args, "--help"], cwd=ROOT, capture_output=True, text=True,
                          timeout=120)
@@ -252,7 +252,7 @@ def test_smoke_test_script_parses() -> None:
 
 
 # ----------------------------------------------------------------------------- the real compose tool
-def _compose_cmd() -> Optional[list[str]]:
+def _compose_cmd() -> list[str] | None:
     if shutil.which("docker"):
         probe = subprocess.run(["docker", "compose", "version"], capture_output=True, text=True)
         if probe.returncode == 0:
@@ -267,7 +267,7 @@ def test_docker_compose_config() -> None:
     if cmd is None:
         pytest.skip("neither 'docker compose' nor 'docker-compose' is installed; the YAML checks above still ran")
     base = {k: v for k, v in os.environ.items() if not k.startswith("FL_")}
-    run = lambda env: subprocess.run([*cmd, "-f", str(COMPOSE), "config", "-q"], cwd=ROOT, env=env,  # noqa: E731
+    run = lambda env: subprocess.run([*cmd, "-f", str(COMPOSE), "config", "-q"], cwd=ROOT, env=env,
                                      capture_output=True, text=True, timeout=120)
     ok = run({**base, **DUMMY_ENV})
     assert ok.returncode == 0, ok.stderr

@@ -136,7 +136,7 @@ def test_secure_aggregation_panel_shows_the_status_secagg_block(tmp_path: Path) 
             wait_for(lambda: _secagg_shown(ui) == _secagg_expected(_status(url)["secagg"]), timeout=120)
             shown = _secagg_shown(ui)
             assert shown == _secagg_expected(held)  # nothing moved while the page caught up
-            assert dict((p, c["clients"]) for p, c, _ in shown["rows"]) == \
+            assert {p: c["clients"] for p, c, _ in shown["rows"]} == \
                 {"advertise_keys": "4", "share_keys": "2", "masked_input": "0", "unmask": "0"}
             text = ui.page.inner_text("#secagg-panel")
             assert f"attempt {cur['attempt']}: phase share keys" in text and "Threshold 3" in text
@@ -163,7 +163,7 @@ def test_secure_aggregation_panel_shows_the_status_secagg_block(tmp_path: Path) 
             shown = _secagg_shown(ui)
             assert shown == _secagg_expected(final)
             assert shown["data"]["phase"] == "none" and shown["data"]["threshold"] == "3"
-            assert dict((p, c["dropped_total"]) for p, c, _ in shown["rows"]) == \
+            assert {p: c["dropped_total"] for p, c, _ in shown["rows"]} == \
                 {"advertise_keys": "1", "share_keys": "3", "masked_input": "0", "unmask": "0"}
             assert "No secure attempt is open" in ui.page.inner_text("#secagg-panel")
             _common_checks(ui, url)

@@ -145,7 +145,7 @@ def test_async_uploads_retries_and_refusals(tmp_path: Path) -> None:
         jobs_now = {cl: cl.status() for cl in (a, b, c)}  # the freed slots: new jobs on version 1
         assert sorted(s["state"] for s in jobs_now.values()).count("selected") == 2
         assert all(s["round"] == 1 for s in jobs_now.values() if s["state"] == "selected")
-        cl, s1 = next((k, v) for k, v in jobs_now.items() if v["state"] == "selected")
+        cl, _s1 = next((k, v) for k, v in jobs_now.items() if v["state"] == "selected")
         payload, etag = cl.api.download_model(None, encrypted=True, version=1)
         assert payload is not None and etag == '"v1"'
         assert cl.api.download_model(etag, encrypted=True, version=1) == (None, etag)  # 304
@@ -223,6 +223,5 @@ def test_an_async_state_dir_is_not_continued_synchronously(tmp_path: Path) -> No
         pass
     from fl_common.config import ConfigError
 
-    with pytest.raises(ConfigError, match="asynchronous run"):
-        with threaded_server(make_cfg(num_clients=2), tmp_path / "srv", env):
-            pass
+    with pytest.raises(ConfigError, match="asynchronous run"), threaded_server(make_cfg(num_clients=2), tmp_path / "srv", env):
+        pass

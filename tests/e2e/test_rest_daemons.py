@@ -95,11 +95,12 @@ def test_two_of_ten_clients_killed_mid_round(tmp_path: Path) -> None:
 
 
 def _self_signed(tmp_path: Path) -> tuple[str, str]:
+    import ipaddress
+
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.x509.oid import NameOID
-    import ipaddress
 
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])

@@ -93,7 +93,7 @@ def test_num_samples_is_bounded_by_the_partition_and_nothing_is_written_first(tm
 
 def test_a_known_name_cannot_be_taken_over_with_the_shared_token(tmp_path: Path) -> None:
     env = token_env()
-    with threaded_server(tiny_cfg(num_clients=3), tmp_path / "srv", env) as (url, service):
+    with threaded_server(tiny_cfg(num_clients=3), tmp_path / "srv", env) as (url, _service):
         alice = ScriptedClient(url, env[ENV_ENROLLMENT_TOKEN], "alice")
         intruder = ServerApi(url, timeout=10, max_retries=0)
         with pytest.raises(ApiRefused) as err:
@@ -164,7 +164,7 @@ def test_per_client_enrollment_tokens_limits_and_erasure(tmp_path: Path) -> None
 
 def test_no_body_is_read_before_the_token_and_small_routes_take_small_bodies(tmp_path: Path) -> None:
     env = token_env()
-    with threaded_server(tiny_cfg(), tmp_path / "srv", env) as (url, service):
+    with threaded_server(tiny_cfg(), tmp_path / "srv", env) as (url, _service):
         host, port = url.removeprefix("http://").split(":")
         with socket.create_connection((host, int(port)), timeout=10) as sock:
             # 200 MB announced, nothing sent: the answer comes from the headers alone
@@ -184,7 +184,7 @@ def test_no_body_is_read_before_the_token_and_small_routes_take_small_bodies(tmp
 
 def test_state_files_are_private(tmp_path: Path) -> None:
     env = token_env()
-    with threaded_server(tiny_cfg(), tmp_path / "srv", env) as (url, service):
+    with threaded_server(tiny_cfg(), tmp_path / "srv", env) as (url, _service):
         ScriptedClient(url, env[ENV_ENROLLMENT_TOKEN], "a")
         assert stat.S_IMODE((tmp_path / "srv" / "server.db").stat().st_mode) == 0o600
         assert stat.S_IMODE((tmp_path / "srv").stat().st_mode) == 0o700

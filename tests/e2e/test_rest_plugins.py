@@ -30,7 +30,7 @@ def test_the_example_plugins_run_a_round_over_rest(tmp_path: Path) -> None:
     with threaded_server(cfg, tmp_path / "srv", env) as (url, service):
         clients = [ScriptedClient(url, env[ENV_ENROLLMENT_TOKEN], f"p{i}") for i in range(3)]
         sizes = [10, 40, 90]
-        for c, n in zip(clients, sizes):
+        for c, n in zip(clients, sizes, strict=False):
             c.api.send_profile({"num_samples": n})
         wait_for(lambda: all(c.status()["state"] == "selected" for c in clients), timeout=60)
         assert service.status()["selection"]["policy"] == "sqrt_size"

@@ -30,7 +30,8 @@ def _state(service) -> dict:
 
 
 def _same(a: dict, b: dict) -> bool:
-    return {k: v for k, v in a.items() if k != "global"} == {k: v for k, v in b.items() if k != "global"} and torch.equal(a["global"], b["global"])
+    same_rest = {k: v for k, v in a.items() if k != "global"} == {k: v for k, v in b.items() if k != "global"}
+    return same_rest and torch.equal(a["global"], b["global"])
 
 
 @pytest.fixture
@@ -44,7 +45,7 @@ def federation(tmp_path: Path):
 
 
 def test_scripted_round_aggregates_exactly_and_retries_count_once(federation) -> None:
-    url, service, clients, env = federation
+    _url, service, clients, _env = federation
     start = service.coordinator.global_vector.clone()
     r = clients[0].status()["round"]
     assert clients[0].upload(r, torch.full((NUMEL,), 1.0), num_samples=10, key="same-key")["duplicate"] is False
@@ -65,7 +66,7 @@ def test_scripted_round_aggregates_exactly_and_retries_count_once(federation) ->
                                   "garbage_ciphertext", "bad_payload", "wrong_shape", "nan", "inf", "bad_samples",
                                   "oversized", "no_idempotency_key"])
 def test_bad_requests_are_refused_and_change_nothing(federation, case: str) -> None:
-    url, service, clients, env = federation
+    url, service, clients, _env = federation
     c = clients[0]
     r = c.status()["round"]
     before = _state(service)
@@ -119,10 +120,12 @@ def test_bad_requests_are_refused_and_change_nothing(federation, case: str) -> N
     elif case == "wrong_shape":
         resp, status = raw_post(path, sealed(torch.zeros(NUMEL - 1))), 422
     elif case == "nan":
-        v = good.clone(); v[7] = float("nan")
+        v = good.clone()
+        v[7] = float("nan")
         resp, status = raw_post(path, sealed_nan(creds, v)), 422
     elif case == "inf":
-        v = good.clone(); v[3] = float("inf")
+        v = good.clone()
+        v[3] = float("inf")
         resp, status = raw_post(path, sealed_nan(creds, v)), 422
     elif case == "bad_samples":
         resp, status = raw_post(path, sealed(good, meta={"num_samples": -3, "metrics": {}})), 422
@@ -156,7 +159,7 @@ def sealed_nan(creds, vec: torch.Tensor) -> bytes:
 
 
 def test_admin_endpoints_need_the_admin_token(federation) -> None:
-    url, service, clients, env = federation
+    url, _service, _clients, env = federation
     assert requests.get(f"{url}/api/v1/clients", timeout=10).status_code == 401
     assert requests.get(f"{url}/api/v1/clients", headers={"Authorization": "Bearer nope"}, timeout=10).status_code == 401
     ok = requests.get(f"{url}/api/v1/clients", headers={"Authorization": f"Bearer {env[ENV_ADMIN_TOKEN]}"}, timeout=10)
@@ -243,7 +246,7 @@ def test_an_aborted_round_is_retried_and_only_the_new_attempt_counts(tmp_path: P
 
 
 def test_model_download_uses_etags_and_is_encrypted_per_client(federation) -> None:
-    url, service, clients, env = federation
+    url, service, clients, _env = federation
     payload, etag = clients[0].api.download_model(None, encrypted=True)
     assert payload is not None and etag == '"v0"'
     assert clients[0].api.download_model(etag, encrypted=True) == (None, etag)  # 304: unchanged

@@ -101,7 +101,7 @@ def inputs(n: int, numel: int, seed: int) -> tuple[list[np.ndarray], list[int]]:
 
 def weighted_mean(xs: list[np.ndarray], ws: list[int]) -> torch.Tensor:
     """What an unprotected FedAvg server computes from the same inputs (server learning rate 1)."""
-    return torch.from_numpy(sum(w * x for x, w in zip(xs, ws)) / sum(ws))
+    return torch.from_numpy(sum(w * x for x, w in zip(xs, ws, strict=False)) / sum(ws))
 
 
 def refused(call: Any, status: int, code: str) -> dict[str, Any]:
@@ -136,7 +136,7 @@ def test_a_secure_round_applies_the_exact_mean_whoever_drops_after_or_before_the
         for s in sessions:
             s.share_keys()
         xs, ws = inputs(8, numel, seed=1)
-        for c, x, w in zip(clients, xs, ws):
+        for c, x, w in zip(clients, xs, ws, strict=False):
             c.s.masked_input(c.plain(x, w), {"dp_steps": 3.0, "train_loss": 9.0})
         assert service.status()["secagg"]["current"]["phase"] == "unmask"
         for s in sessions[:6]:
@@ -158,7 +158,7 @@ def test_a_secure_round_applies_the_exact_mean_whoever_drops_after_or_before_the
         for s in sessions2:
             s.share_keys()
         xs2, ws2 = inputs(8, numel, seed=2)
-        for c, x, w in list(zip(clients, xs2, ws2))[:6]:
+        for c, x, w in list(zip(clients, xs2, ws2, strict=False))[:6]:
             c.s.masked_input(c.plain(x, w), {})
         for s in sessions2[:6]:
             s.unmask()  # waits for the masked-input deadline (round_timeout) first
@@ -182,7 +182,7 @@ def test_a_secure_round_applies_the_exact_mean_whoever_drops_after_or_before_the
     # What the server stored (SQLite, WAL, checkpoints, run folder) never holds any client's update, in any encoding.
     stored = files_under(tmp_path / "srv")
     assert any(p.name == "server.db" for p in stored)
-    for k, (x, w) in enumerate(zip(xs, ws)):
+    for k, (x, w) in enumerate(zip(xs, ws, strict=False)):
         encoded, _ = encode_input(params, plain_input(params, x, w, {}), np.random.default_rng(100 + k))
         mid = len(x) // 2
         scaled = w * x / params.weight_bound
@@ -220,12 +220,12 @@ def test_bad_input_in_every_phase_is_refused_and_drops_its_sender_while_the_roun
         assert service.status()["secagg"]["current"]["u1"] == 8
         roster = RosterMessage.from_bytes(c[2].fetch("roster"))
         msg = c[2].s.client.share_keys(roster)  # a share for a client that is not its neighbour (re-signed: not a forgery)
-        cts = msg.ciphertexts + ((99, msg.ciphertexts[0][1]),)
+        cts = (*msg.ciphertexts, (99, msg.ciphertexts[0][1]))
         bad = ShareKeys(msg.sender, cts, msg.commitment, c[2].identity.sign(ShareKeys.signing_bytes(digest, msg.sender, cts,
                                                                                                      msg.commitment)))
         assert refused(lambda: c[2].send("shares", bad.to_bytes()), 400, "unknown_neighbour")["dropped"] is True
         msg = c[3].s.client.share_keys(RosterMessage.from_bytes(c[3].fetch("roster")))  # the same share twice
-        cts = msg.ciphertexts + (msg.ciphertexts[0],)
+        cts = (*msg.ciphertexts, msg.ciphertexts[0])
         bad = ShareKeys(msg.sender, cts, msg.commitment, c[3].identity.sign(ShareKeys.signing_bytes(digest, msg.sender, cts,
                                                                                                      msg.commitment)))
         assert refused(lambda: c[3].send("shares", bad.to_bytes()), 400, "duplicate_share")["dropped"] is True
@@ -251,7 +251,7 @@ def test_bad_input_in_every_phase_is_refused_and_drops_its_sender_while_the_roun
             x.s.advertise()
         msg = c[4].s.client.share_keys(RosterMessage.from_bytes(c[4].fetch("roster")))  # a ciphertext tampered in transit
         recipient, ct = msg.ciphertexts[0]
-        tampered = ShareKeys(msg.sender, ((recipient, ct[:20] + bytes([ct[20] ^ 1]) + ct[21:]),) + msg.ciphertexts[1:],
+        tampered = ShareKeys(msg.sender, ((recipient, ct[:20] + bytes([ct[20] ^ 1]) + ct[21:]), *msg.ciphertexts[1:]),
                              msg.commitment, msg.signature)
         assert refused(lambda: c[4].send("shares", tampered.to_bytes()), 403, "bad_signature")["dropped"] is True
         for k in (0, 1, 2, 3, 5, 6, 7, 8, 9):
@@ -334,7 +334,7 @@ def test_below_the_threshold_the_attempt_aborts_applies_nothing_and_the_next_att
         for s in second:
             s.share_keys()
         xs, ws = inputs(5, numel, seed=5)
-        for c, x, w in zip(clients, xs, ws):
+        for c, x, w in zip(clients, xs, ws, strict=False):
             c.s.masked_input(c.plain(x, w), {})
         for s in second:
             s.unmask()
@@ -370,7 +370,7 @@ def test_registration_needs_a_valid_key_and_a_new_key_mid_round_drops_the_client
         for s in sessions[:3]:
             s.share_keys()
         xs, ws = inputs(3, numel, seed=6)
-        for c, x, w in zip(clients, xs, ws):
+        for c, x, w in zip(clients, xs, ws, strict=False):
             c.s.masked_input(c.plain(x, w), {})
         for s in sessions[:3]:
             s.unmask()
@@ -396,7 +396,7 @@ def test_a_server_killed_mid_round_aborts_the_attempt_and_the_next_one_completes
         for s in sessions:
             s.share_keys()
         xs, ws = inputs(4, start.numel(), seed=8)
-        for c, x, w in list(zip(clients, xs, ws))[:2]:
+        for c, x, w in list(zip(clients, xs, ws, strict=False))[:2]:
             c.s.masked_input(c.plain(x, w), {})
         assert server.status()["secagg"]["current"]["u3"] == 2
         server.kill9()
@@ -414,7 +414,7 @@ def test_a_server_killed_mid_round_aborts_the_attempt_and_the_next_one_completes
             s.advertise()
         for s in second:
             s.share_keys()
-        for c, x, w in zip(clients, xs, ws):
+        for c, x, w in zip(clients, xs, ws, strict=False):
             c.s.masked_input(c.plain(x, w), {})
         for s in second:
             s.unmask()

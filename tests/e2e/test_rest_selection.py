@@ -17,9 +17,10 @@ import os
 import subprocess
 import sys
 import threading
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import pytest
@@ -35,8 +36,8 @@ from fl_common.data.assignment import partition_sizes, training_subset
 from fl_common.protocol.rest import ENV_ADMIN_TOKEN, ENV_ENROLLMENT_TOKEN, PATH_PROFILE
 from fl_server.rest.app import create_app
 from fl_server.rest.secrets import ServerSecrets
-from fl_server.selection import inclusion_probabilities
 from fl_server.rest.service import FederationService
+from fl_server.selection import inclusion_probabilities
 from tests.e2e.harness import GunicornServer, ScriptedClient, make_cfg, threaded_server, token_env, wait_for
 
 pytestmark = pytest.mark.usefixtures("small_config")
@@ -82,7 +83,7 @@ def test_weighted_selection_records_its_probabilities_and_keeps_them_across_a_re
         clients = [ScriptedClient(url, env[ENV_ENROLLMENT_TOKEN], f"w{i}") for i in range(5)]
         spec = clients[4].api.profile_spec()
         assert spec["required"] == ["num_samples"] and spec["needed_for_selection"] and spec["profile"] is None
-        for c, n in zip(clients, sizes):
+        for c, n in zip(clients, sizes, strict=False):
             assert c.api.send_profile({"num_samples": n})["profile"]["num_samples"] == n
         with pytest.raises(ApiRefused) as err:  # weighted selection reads no label histogram: none is taken
             clients[4].api.send_profile({"num_samples": 50, "label_histogram": [5] * 10})
@@ -91,8 +92,8 @@ def test_weighted_selection_records_its_probabilities_and_keeps_them_across_a_re
         assert service.status()["clients"] == {"registered": 5, "online": 5, "profiled": 4}
         service.start()
         row = wait_for(lambda: service.store.current_open_round(), timeout=30)
-        by_id = {c.id: n for c, n in zip(clients, sizes)}
-        pi = dict(zip(by_id, inclusion_probabilities(np.array(sizes, dtype=float), 2).tolist()))
+        by_id = {c.id: n for c, n in zip(clients, sizes, strict=False)}
+        pi = dict(zip(by_id, inclusion_probabilities(np.array(sizes, dtype=float), 2).tolist(), strict=False))
         assert len(row.selected) == 2 and clients[4].id not in row.selected, "a client without a profile was selected"
         assert row.probabilities == {cid: pi[cid] for cid in row.selected}
         first, second = (next(c for c in clients if c.id == cid) for cid in row.selected)
@@ -294,7 +295,7 @@ def test_adaptive_selection_with_real_daemons(tmp_path: Path) -> None:
                 n = np.array([profiles[c]["num_samples"] for c in cand], dtype=float)
                 stale = np.maximum(1.0, rnd - np.array([last[c] for c in cand], dtype=float))
                 weight = n / n.sum() * stale ** -1.0 * np.array([capability[c] for c in cand])
-                pi = dict(zip(cand, inclusion_probabilities(weight, min(2, m)).tolist()))
+                pi = dict(zip(cand, inclusion_probabilities(weight, min(2, m)).tolist(), strict=False))
                 matches = matches or all(abs(pi[c] - p) <= 1e-9 * max(1.0, p) for c, p in got.items())
         assert matches, f"round {rnd}: recorded probabilities {got} are not the adaptive policy's"
     summary = json.loads((tmp_path / "srv" / "run" / "summary.json").read_text())

@@ -114,12 +114,12 @@ def test_per_client_calibration_gives_every_client_the_budget_for_its_own_q_and_
     assert fresh.sigma_by_size == engine.sigma_by_size and fresh.epsilon_spent() == engine.epsilon_spent()
     summary = engine.summary()
     assert summary["noise_calibration"] == "per_client"
-    assert dict((n, s) for n, s in summary["noise_multiplier_by_size"]) == {sizes[c]: sigmas[c] for c in sizes}
+    assert dict(summary["noise_multiplier_by_size"]) == {sizes[c]: sigmas[c] for c in sizes}
 
 
 def test_a_uniform_checkpoint_resumes_with_one_sigma() -> None:
     """A checkpoint written before per-client calibration existed (no table) keeps its single σ."""
-    sizes = {c: n for c, n in enumerate([40, 300, 1000, 90])}
+    sizes = dict(enumerate([40, 300, 1000, 90]))
     kw = dict(client_sizes=sizes, num_clients=4, client_selection_ratio=0.5, num_rounds=10, dp_mode="sample", dp_epsilon=3.0,
               batch_size=16)
     coord = _coordinator(**kw, dp_noise_calibration="uniform")
@@ -136,8 +136,8 @@ def test_a_uniform_checkpoint_resumes_with_one_sigma() -> None:
 
 def test_delta_must_be_below_one_over_the_records_and_models_must_suit_dp_sgd(small_config: dict) -> None:
     with pytest.raises(ConfigError, match=r"'dp_delta' has value 0.0001: it must be below 1/20000 = 5e-05 for 20000 training"):
-        _coordinator(client_sizes={c: 1000 for c in range(20)}, dp_mode="sample", dp_delta=1e-4)
-    _coordinator(client_sizes={c: 100 for c in range(20)}, dp_mode="sample", dp_delta=1e-4)  # 2000 records: fine
+        _coordinator(client_sizes=dict.fromkeys(range(20), 1000), dp_mode="sample", dp_delta=1e-4)
+    _coordinator(client_sizes=dict.fromkeys(range(20), 100), dp_mode="sample", dp_delta=1e-4)  # 2000 records: fine
     with pytest.raises(ConfigError, match="needs every client's number of records"):
         _coordinator(dp_mode="sample")
     # a BatchNorm model that slipped past the config check (as a custom model can) is refused before training
@@ -211,7 +211,7 @@ def test_the_budget_stops_a_run_at_the_right_round(small_config: dict, tmp_path:
 
 
 def test_sample_level_clients_drop_out_at_their_own_budget() -> None:
-    sizes = {c: n for c, n in enumerate([32, 48, 64, 96, 128, 200, 320, 640])}
+    sizes = dict(enumerate([32, 48, 64, 96, 128, 200, 320, 640]))
     coord = _coordinator(client_sizes=sizes, num_clients=8, client_selection_ratio=0.5, num_rounds=40, dp_mode="sample",
                          dp_epsilon=4.0, dp_noise_multiplier=1.1, batch_size=16, local_epochs=1, min_clients=2)
     with pytest.raises(BudgetExhausted, match="fewer than min_clients=2"):
@@ -240,7 +240,7 @@ def test_sample_level_clients_drop_out_at_their_own_budget() -> None:
 
 
 def test_sample_level_update_with_wrong_steps_is_rejected_but_charged() -> None:
-    coord = _coordinator(client_sizes={c: 100 for c in range(20)}, dp_mode="sample", dp_epsilon=5.0)
+    coord = _coordinator(client_sizes=dict.fromkeys(range(20), 100), dp_mode="sample", dp_epsilon=5.0)
     plan = coord.plan_round(list(range(20)))
     cid = plan.selected[0]
     with pytest.raises(UpdateRejected) as err:
@@ -324,7 +324,7 @@ def test_a_resumed_dp_run_keeps_its_epsilon(small_config: dict, tmp_path: Path) 
         assert second.coordinator.privacy.epsilon_spent() == spent > 0
         assert second.coordinator.privacy.client_records == first.coordinator.privacy.client_records
         second.train()
-    strip = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
     assert strip(_rows(tmp_path / "part")) == strip(_rows(tmp_path / "full"))
 
 

@@ -50,11 +50,11 @@ def test_split_is_deterministic_disjoint_and_covers_the_partition() -> None:
     idx = parts[0]
     assert not np.array_equal(split_client_data(idx, 0.2, 7, 0)[1], split_client_data(idx, 0.2, 8, 0)[1])
     assert not np.array_equal(split_client_data(idx, 0.2, 7, 0)[1], split_client_data(idx, 0.2, 7, 1)[1])
-    trains, helds = split_partitions(parts, 0.2, 7)
+    _trains, helds = split_partitions(parts, 0.2, 7)
     assert all(np.array_equal(helds[c], split_client_data(parts[c], 0.2, 7, c)[1]) for c in range(len(parts)))
     # fraction 0: the partitions themselves, and no held-out part
     same, empty = split_partitions(parts, 0.0, 7)
-    assert all(a is b for a, b in zip(same, parts)) and all(e.size == 0 for e in empty)
+    assert all(a is b for a, b in zip(same, parts, strict=False)) and all(e.size == 0 for e in empty)
     # tiny clients still keep one sample on each side; a one-sample client cannot be split
     assert [len(p) for p in split_client_data(np.array([4, 9]), 0.01, 0, 0)] == [1, 1]
     with pytest.raises(ConfigError, match="client 3 holds 1 sample"):
@@ -84,7 +84,7 @@ def test_fraction_zero_leaves_the_run_unchanged(tmp_path: Path) -> None:
         b = keyed.train()
         per_b = keyed.evaluate_clients()
         assert torch.equal(plain.coordinator.global_vector, keyed.coordinator.global_vector)
-    strip = lambda h: [(r.round, r.test_accuracy, r.test_loss, r.train_loss, r.clients, r.bytes) for r in h]  # noqa: E731
+    strip = lambda h: [(r.round, r.test_accuracy, r.test_loss, r.train_loss, r.clients, r.bytes) for r in h]
     assert strip(a) == strip(b)
     assert per_a == per_b and sum(r["num_samples"] for r in per_a) == 2000  # measured on all the training data
     assert summary_a["measure"] == "global model on each client's training data"

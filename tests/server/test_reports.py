@@ -196,10 +196,9 @@ def test_simulation_writes_its_report(tmp_path: Path, caplog: pytest.LogCaptureF
            "differential_privacy": False, "secure_aggregation": False, "compression": False,
            "max_train_samples": 400, "max_test_samples": 200, "seed": 3}
     out = tmp_path / "run"
-    with caplog.at_level(logging.INFO, logger="fl_server.reports"):
-        with Simulation(cfg, out, progress=False) as sim:
-            sim.train()
-            sim.save_results()
+    with caplog.at_level(logging.INFO, logger="fl_server.reports"), Simulation(cfg, out, progress=False) as sim:
+        sim.train()
+        sim.save_results()
     for name in ("accuracy_loss.png", "client_data.png", "report.md", "report.html"):
         assert (out / name).is_file(), name
     _assert_png(out / "accuracy_loss.png")

@@ -53,7 +53,7 @@ def test_rest_run_writes_its_report_with_the_numbers_of_history_csv(tmp_path: Pa
     assert len(history) == 3 and [h["round"] for h in history] == ["1", "2", "3"]
     # every cell of history.csv, exactly, in the report's per-round table; and the status history agrees
     header = list(history[0])
-    for row, live in zip(history, st["history"]):
+    for row, live in zip(history, st["history"], strict=False):
         cells = _md_row(md, row["round"])
         assert cells == [row[c] or T.EMPTY_CELL for c in header]
         assert float(row["test_accuracy"]) == live["test_accuracy"] and int(row["bytes"]) == live["bytes"]

@@ -4,7 +4,6 @@ the fixed-point rounding (bounded), with FedAvg, SCAFFOLD and client-level DP; d
 from __future__ import annotations
 
 import dataclasses
-
 import math
 
 import numpy as np
@@ -221,7 +220,7 @@ def test_drivers_without_the_protocol_refuse_secure_aggregation() -> None:
                     driver_features=("secure_aggregation",))
     with pytest.raises(ConfigError, match="registered no client keys"):
         c = Coordinator(cfg, torch.zeros(4), spec_of({"w": torch.zeros(4)}), driver_features=("secure_aggregation",),
-                        client_sizes={i: 5 for i in range(12)})
+                        client_sizes=dict.fromkeys(range(12), 5))
         c.plan_round(list(range(12)))
 
 

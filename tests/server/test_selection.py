@@ -165,7 +165,7 @@ def test_stratified_selection_allocates_each_stratum_in_proportion() -> None:
     selector = StratifiedSelector(8, stratify_by="label", num_strata=3)
     strata = selector.strata(clients)
     # k-means recovers the planted groups (up to renumbering)
-    assert len({(a, b) for a, b in zip(planted.tolist(), strata.tolist())}) == 3
+    assert len({(a, b) for a, b in zip(planted.tolist(), strata.tolist(), strict=False)}) == 3
     k, rounds = 5, 3000
     sizes = np.bincount(strata)
     expected = k * sizes / len(clients)  # 2.5, 1.5, 1.0 slots in some order
@@ -325,7 +325,7 @@ def test_coordinator_uses_client_infos_records_participation_and_resumes_exactly
 def test_rest_style_call_without_infos_still_selects_uniformly() -> None:
     coord = _coordinator(features=())
     plan = coord.plan_round(["alice", "bob", "carol", "dave", "erin"], k=2)
-    assert len(plan.selected) == 2 and plan.probabilities == {c: 0.4 for c in plan.selected}
+    assert len(plan.selected) == 2 and plan.probabilities == dict.fromkeys(plan.selected, 0.4)
     # a driver that passes no client reports is refused a policy that needs them, before any round
     with pytest.raises(ConfigError, match="selection 'weighted' draws on what each client reports"):
         _coordinator(features=(), selection="weighted")

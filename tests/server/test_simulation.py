@@ -15,8 +15,8 @@ import psutil
 import pytest
 import torch
 
-from fl_server.simulation import CentralizedBaseline, Simulation
 from fl_common.config import config_from_dict
+from fl_server.simulation import CentralizedBaseline, Simulation
 
 
 def _history_rows(path: Path) -> list[dict[str, str]]:
@@ -109,7 +109,7 @@ def test_killed_cli_run_resumes_to_the_uninterrupted_history(small_config: dict,
     workers = psutil.Process(victim.pid).children(recursive=True)
     os.kill(victim.pid, signal.SIGKILL)  # only the driver: its worker processes must notice and exit
     victim.wait(timeout=30)
-    gone, alive = psutil.wait_procs(workers, timeout=20)
+    _gone, alive = psutil.wait_procs(workers, timeout=20)
     for p in alive:
         p.kill()
     assert not alive, "client workers outlived their killed driver"
@@ -126,7 +126,8 @@ def test_centralized_baseline_writes_the_same_files(small_config: dict, tmp_path
     assert summary["mode"] == "centralized" and len(history) == 2
     assert summary["samples_per_round"] == 5 * 1 * 200  # clients per round x epochs x mean client size
     assert history[-1].test_accuracy > 0.5
-    assert list(_history_rows(tmp_path / "c")[0]) == ["round", "test_accuracy", "test_loss", "train_loss", "clients", "seconds", "bytes", "epsilon"]
+    assert list(_history_rows(tmp_path / "c")[0]) == ["round", "test_accuracy", "test_loss", "train_loss", "clients", "seconds", "bytes",
+                                                      "epsilon"]
 
 
 @pytest.mark.parametrize("codec", ["int8", "topk:0.05"])

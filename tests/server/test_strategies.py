@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from fl_common.config import FLConfig, config_from_dict
+from fl_common.config.schema import AGGREGATION_METHODS
 from fl_common.protocol import ClientUpdate, TrainInstructions
 from fl_server.strategies import STRATEGIES, UpdateRejected, build_strategy
-from fl_common.config.schema import AGGREGATION_METHODS
 
 OFF = {"differential_privacy": False, "secure_aggregation": False}
 

@@ -50,7 +50,7 @@ def _adaptive(method: str):
 
 
 def _expected_step(m: list[float], v: list[float]) -> torch.Tensor:
-    return torch.tensor([ETA * mi / (math.sqrt(vi) + TAU) for mi, vi in zip(m, v)])
+    return torch.tensor([ETA * mi / (math.sqrt(vi) + TAU) for mi, vi in zip(m, v, strict=False)])
 
 
 def test_fedadam_one_step_by_hand() -> None:

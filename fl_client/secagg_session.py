@@ -214,9 +214,11 @@ class SecureRoundSession:
         until = max(self._deadline, self._round_deadline) + max(DEADLINE_GRACE, 2 * self.poll)
         wait = ServerWait(f"round {self.round}: masked input", self._sleep, log, base=self.poll,
                           cap=max(self.poll, MASKED_RETRY_CAP), clock=self._clock)
+        answer: dict[str, Any] = {}
         while True:
             try:  # every retry sends the same bytes under the same key: the server counts the input once
                 answer = self._call(self.api.upload_update, self.round, body, key, self.encrypted, self.attempt)
+                break
             except ServerUnreachable as exc:
                 if not wait.failed(exc, until=until):
                     raise SessionEnded(f"masked input: server unreachable until the phase's deadline ({exc})") from None

@@ -24,7 +24,7 @@ import logging
 import math
 import warnings
 from collections.abc import Iterable
-from typing import Protocol, runtime_checkable
+from typing import Protocol, cast, runtime_checkable
 
 import numpy as np
 
@@ -139,14 +139,15 @@ class RDPAccountant(_HistoryAccountant):
     @property
     def rdp(self) -> np.ndarray:
         """The composed RDP at each of :attr:`orders`."""
-        return self._rdp.copy()
+        out: np.ndarray = self._rdp.copy()
+        return out
 
     def get_privacy_spent(self, delta: float) -> tuple[float, float]:
         """(ε, optimal order α); α is NaN when nothing has been composed."""
         delta = _check_delta(delta)
         if not self._history:
             return 0.0, float("nan")
-        return rdp_to_epsilon(self.orders, self._rdp, delta)
+        return rdp_to_epsilon(self.orders, [float(v) for v in self._rdp], delta)
 
     def epsilon(self, delta: float) -> float:
         return self.get_privacy_spent(delta)[0]
@@ -260,4 +261,4 @@ def make_accountant(kind: str = "rdp", history: Iterable[HistoryEntry] = (), **k
         cls = ACCOUNTANT_KINDS[kind.lower()]
     except (KeyError, AttributeError):
         raise ValueError(f"accountant must be one of {sorted(ACCOUNTANT_KINDS)}; got {kind!r}") from None
-    return cls(history, **kwargs)  # type: ignore[arg-type]
+    return cast("Accountant", cls(history, **kwargs))  # kwargs: each kind's own options (e.g. eps_error)

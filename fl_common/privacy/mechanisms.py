@@ -162,7 +162,7 @@ def adaptive_clip_noise_multiplier(noise_multiplier: float, count_noise_std: flo
             f"count_noise_std must exceed noise_multiplier/2 = {z / 2:g} for the adaptive clipping "
             f"count to fit in the budget; got {count_noise_std!r} (Andrew et al. suggest expected_clients/20)"
         )
-    return (z**-2 - (2.0 * sb) ** -2) ** -0.5
+    return float((z**-2 - (2.0 * sb) ** -2) ** -0.5)
 
 
 @dataclass

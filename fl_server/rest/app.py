@@ -25,7 +25,8 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, cast
 
 from flask import Flask, Response, g, jsonify, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
@@ -93,9 +94,10 @@ def create_app(service: FederationService, *, start_ticker: bool = True) -> Flas
 
     def signed(require_token: bool = True) -> Authenticated:
         """Token from the headers first (no body is read for a caller without one), then the signature."""
-        holder = service.gateway.token_holder(request.method, signed_path(), request.headers) if require_token else None
+        headers = cast("Mapping[str, str]", request.headers)  # werkzeug's Headers: case-insensitive get, items
+        holder = service.gateway.token_holder(request.method, signed_path(), headers) if require_token else None
         body = request.get_data(cache=True)
-        return service.gateway.verify_signature(holder, request.method, signed_path(), body, request.headers)
+        return service.gateway.verify_signature(holder, request.method, signed_path(), body, headers)
 
     def json_body() -> dict[str, Any]:
         data = request.get_json(silent=True)
@@ -177,7 +179,8 @@ def create_app(service: FederationService, *, start_ticker: bool = True) -> Flas
     # ------------------------------------------------------------------ clients
     @app.post(PATH_REGISTER)
     def register() -> Response:
-        proof = SignedRequest(request.method, signed_path(), request.get_data(cache=True), request.headers)
+        proof = SignedRequest(request.method, signed_path(), request.get_data(cache=True),
+                              cast("Mapping[str, str]", request.headers))
         resp = jsonify(service.register(json_body(), remote=request.remote_addr or "", request=proof).to_json())
         resp.status_code = 201
         return resp

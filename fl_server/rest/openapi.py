@@ -22,7 +22,7 @@ from fl_common.protocol.rest import (
     QUERY_SECAGG_ATTEMPT,
 )
 
-_SIGNED = [{"session": [], "signature": []}]
+_SIGNED: list[dict[str, list[str]]] = [{"session": [], "signature": []}]
 _CLIENT_ID = {"name": "client_id", "in": "path", "required": True, "schema": {"type": "string", "maxLength": 64}}
 _ERR = {"description": "error", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
 

@@ -266,9 +266,12 @@ class SyncRoundDriver(RoundDriver):
             return
         if self.protocol.recover_open(open_row):
             return
+        probabilities: dict[int | str, float] | None = None
+        if open_row.probabilities:
+            probabilities = dict(open_row.probabilities.items())
         plan = RoundPlan(open_row.round, list(open_row.selected),
                          {c: TrainInstructions.from_json(i) for c, i in open_row.instructions.items()}, privacy=open_row.privacy,
-                         probabilities=open_row.probabilities)
+                         probabilities=probabilities)
         # the round's history row counts the whole round: its time and downloads before the restart too
         self._coordinator.restore_round(plan, elapsed_s=ctx.clock() - open_row.started_at,
                                         bytes_so_far=open_row.download_bytes)
@@ -337,7 +340,10 @@ class SyncRoundDriver(RoundDriver):
         ctx = self.ctx
         k = min(len(live), math.ceil(self.cfg.clients_per_round * (1.0 + self.cfg.over_selection)))
         try:
-            plan = self._coordinator.plan_round(live, k=k, infos=infos, now=now)
+            known: dict[int | str, ClientInfo] | None = None
+            if infos is not None:
+                known = dict(infos.items())
+            plan = self._coordinator.plan_round(list(live), k=k, infos=known, now=now)
         except BudgetExhausted as exc:
             # The budget is checked before anything is spent: the run ends here, with its message,
             # and its final model is evaluated if the last round was not.
@@ -381,7 +387,7 @@ class SyncRoundDriver(RoundDriver):
         senders are left out of later rounds, and the run goes on with a new attempt."""
         ctx = self.ctx
         coord = self._coordinator
-        arrived = sorted(coord.arrived)
+        arrived = sorted(str(c) for c in coord.arrived)
         secagg = coord.secagg
         t0 = time.perf_counter()
         try:
@@ -448,7 +454,7 @@ class SyncRoundDriver(RoundDriver):
         """Drop the open attempt, applying nothing; a new attempt of the same round follows (lock held)."""
         ctx = self.ctx
         coord = self._coordinator
-        arrived = sorted(coord.arrived)
+        arrived = sorted(str(c) for c in coord.arrived)
         coord.abort_round()
         if coord.privacy is not None:
             # sample-level DP charged the clients whose updates arrived: make that durable now, since
@@ -543,8 +549,8 @@ class SyncRoundDriver(RoundDriver):
                     self._model_cache = (version, Envelope(model_key).seal(packed), model_key)
                 else:
                     self._model_cache = (version, packed, None)
-            _, body, model_key = self._model_cache
-        return version, body, (Envelope(auth.keys).seal(model_key) if model_key is not None else None)
+            _, body, cached_key = self._model_cache
+        return version, body, (Envelope(auth.keys).seal(cached_key) if cached_key is not None else None)
 
     # ------------------------------------------------------------------ updates
     def accept_update(self, auth: Authenticated, round_number: int, idempotency_key: str, body: bytes,

@@ -443,6 +443,7 @@ class ServerStore:
                               row.started_at, row.deadline, None if row.privacy is None else json.dumps(row.privacy),
                               None if row.probabilities is None else json.dumps(row.probabilities),
                               None if row.secagg is None else json.dumps(row.secagg)))
+            assert cur.lastrowid is not None  # an INSERT into a rowid table
             round_id = int(cur.lastrowid)
             db.executemany("INSERT INTO participants(round_id, client_id, status) VALUES(?,?,'selected')",
                            [(round_id, c) for c in row.selected])

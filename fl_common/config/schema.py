@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import types
 from dataclasses import dataclass, field
 from typing import Any, Union, get_args, get_origin, get_type_hints
 
@@ -233,7 +234,8 @@ def _type_name(typ: Any) -> str:
 
 
 def _unwrap_optional(typ: Any) -> tuple[Any, bool]:
-    if get_origin(typ) is Union:
+    """(base type, optional) of ``X``, ``Optional[X]`` or ``X | None`` (PEP 604 unions have their own origin)."""
+    if get_origin(typ) in (Union, types.UnionType):
         args = [a for a in get_args(typ) if a is not type(None)]
         return args[0], True
     return typ, False

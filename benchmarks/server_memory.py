@@ -213,13 +213,17 @@ def plot(samples: list[Sample], path: Path, title: str) -> None:
 
 
 def summary(samples: list[Sample], warmup: int) -> str:
+    """Per variant: start-up, round 1, and medians of rounds warmup-2..warmup+2 and of the five rounds before the
+    last (the last round also writes the end-of-run report, whose plots are a one-off allocation)."""
     lines = []
     for variant in dict.fromkeys(s.variant for s in samples):
         mine = {s.round: s.rss_mib for s in samples if s.variant == variant}
         last = max(mine)
-        lines.append(f"{variant:15s} start {mine[0]:7.1f}  round 1 {mine.get(1, float('nan')):7.1f}  round {warmup} "
-                     f"{mine.get(warmup, float('nan')):7.1f}  round {last} {mine[last]:7.1f}  peak {max(mine.values()):7.1f} MiB  "
-                     f"growth after warm-up {mine[last] - mine.get(warmup, float('nan')):+7.1f} MiB")
+        warm = statistics.median(mine[r] for r in range(max(1, warmup - 2), min(last, warmup + 2) + 1))
+        late = statistics.median(mine[r] for r in range(max(1, last - 5), last))
+        lines.append(f"{variant:15s} start {mine[0]:7.1f}  round 1 {mine.get(1, float('nan')):7.1f}  ~round {warmup} "
+                     f"{warm:7.1f}  ~round {last - 3} {late:7.1f}  round {last} {mine[last]:7.1f}  "
+                     f"growth after warm-up {late - warm:+7.1f} MiB")
     return "\n".join(lines)
 
 

@@ -53,7 +53,7 @@ from fl_server.rest.dashboard import dashboard_blueprint
 from fl_server.rest.gateway import ApiError, Authenticated, SignedRequest
 from fl_server.rest.json_provider import FiniteJSONProvider
 from fl_server.rest.metrics import install_metrics
-from fl_server.rest.openapi import openapi_document
+from fl_server.rest.openapi import MAX_ROUND_IN_PATH, openapi_document
 from fl_server.rest.run_report import RunReportWriter
 from fl_server.rest.service import FederationService
 
@@ -64,6 +64,11 @@ def _error(status: int, code: str, message: str, extra: dict[str, Any] | None = 
     resp = jsonify({**(extra or {}), "error": code, "message": message})
     resp.status_code = status
     return resp
+
+
+def is_decimal(raw: str) -> bool:
+    """ASCII digits only: ``str.isdigit`` also accepts '²' and other digits ``int()`` refuses (a 500)."""
+    return raw.isascii() and raw.isdigit()
 
 
 #: the largest body of a route that takes a small JSON document (registration, token, admin requests)
@@ -110,9 +115,20 @@ def create_app(service: FederationService, *, start_ticker: bool = True) -> Flas
         g.t0 = time.perf_counter()
 
     @app.before_request
+    def _bound_round() -> None:
+        """A 23-digit round number reached SQLite (OverflowError, a 500): no round is that large, so such a
+        path names nothing (404). Not ``int(max=...)`` in the rule: werkzeug then answers 405 on some paths."""
+        if (request.view_args or {}).get("round_number", 0) > MAX_ROUND_IN_PATH:
+            raise ApiError(404, "unknown_round", f"round numbers go up to {MAX_ROUND_IN_PATH}")
+
+    @app.before_request
     def _body_limit() -> None:
         """Content-Length checked against the route's own limit before any body is read: four concurrent
-        unauthenticated 200 MB posts must not cost the server 800 MB (the global limit is for uploads)."""
+        unauthenticated 200 MB posts must not cost the server 800 MB (the global limit is for uploads).
+        A request that matched no route (404) or not this method (405 with Allow) gets that answer: reading
+        no body, it is as cheap, and it says what is wrong (a GET with a body to a POST route is a 405)."""
+        if request.routing_exception is not None:
+            return
         if request.method in ("GET", "HEAD", "OPTIONS"):
             if (request.content_length or 0) > NO_BODY_BYTES:
                 service.gateway.refusals.count("body_too_large")
@@ -207,7 +223,7 @@ def create_app(service: FederationService, *, start_ticker: bool = True) -> Flas
         """The global model (synchronous rounds), or the version a job trains on (``?version=V``, asynchronous)."""
         auth = signed()
         raw = request.args.get(QUERY_MODEL_VERSION)
-        if raw is not None and (not raw.isdigit() or len(raw) > 9):
+        if raw is not None and (not is_decimal(raw) or len(raw) > 9):
             raise ApiError(400, "bad_version", "version must be a non-negative integer")
         version = service.model_version(None if raw is None else int(raw))
         etag = f'"v{version}"'
@@ -321,7 +337,7 @@ def create_app(service: FederationService, *, start_ticker: bool = True) -> Flas
         signatures, replays, refused updates, bad admin tokens). ``?limit=N`` (1-10000, default 200)."""
         require_admin()
         raw = request.args.get("limit", "200")
-        if not raw.isdigit() or not 1 <= int(raw) <= 10000:
+        if not is_decimal(raw) or len(raw) > 5 or not 1 <= int(raw) <= 10000:
             raise ApiError(400, "bad_limit", "limit must be an integer from 1 to 10000")
         return jsonify({"events": service.store.security_events(limit=int(raw))})
 

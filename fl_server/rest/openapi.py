@@ -35,12 +35,19 @@ def _errors(*codes: int) -> dict[str, Any]:
     return {str(c): _ERR for c in codes}
 
 
+#: the largest round number a path takes (fits SQLite's integers with room to spare)
+MAX_ROUND_IN_PATH = 2**31 - 1
+#: a round number in a path; anything else there (a sign, letters, a larger number) matches no route: 404
+_ROUND = {"name": "round", "in": "path", "required": True,
+          "schema": {"type": "integer", "minimum": 0, "maximum": MAX_ROUND_IN_PATH}}
+
+
 def _secagg_params() -> list[dict[str, Any]]:
-    return [{"name": "round", "in": "path", "required": True, "schema": {"type": "integer"}},
+    return [_ROUND,
             {"name": QUERY_SECAGG_ATTEMPT, "in": "query", "required": False,
              "description": "the attempt id from the round status's secagg block (an aborted attempt is followed by a new "
                             "one with the same round number); a message for an attempt that is not open gets 409 "
-                            "attempt_closed and changes nothing", "schema": {"type": "integer", "minimum": 1}}]
+                            "attempt_closed and changes nothing", "schema": {"type": "integer", "minimum": 1, "maximum": 10**12 - 1}}]
 
 
 _PROTOCOL_BODY = {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}
@@ -115,7 +122,8 @@ def openapi_document() -> dict[str, Any]:
                                  "parameters": [{"name": "If-None-Match", "in": "header", "schema": {"type": "string"}},
                                                 {"name": QUERY_MODEL_VERSION, "in": "query", "required": False,
                                                  "description": "training_mode async: the model version the client's job trains on "
-                                                                "(default: the current one)", "schema": {"type": "integer", "minimum": 0}}],
+                                                                "(default: the current one)",
+                                                 "schema": {"type": "integer", "minimum": 0, "maximum": 10**9 - 1}}],
                                  "responses": {"200": {"description": "model", "content": {"application/octet-stream": {}}},
                                                "304": {"description": "unchanged since the given ETag"},
                                                **_errors(400, 401, 409)}}},
@@ -123,12 +131,12 @@ def openapi_document() -> dict[str, Any]:
                 "summary": "Upload an update for a round (encrypted wire format); in training_mode async {round} is the model "
                            "version the job trained on and the 202 body says applied or buffered, with the staleness",
                 "security": _SIGNED,
-                "parameters": [{"name": "round", "in": "path", "required": True, "schema": {"type": "integer"}},
+                "parameters": [_ROUND,
                                {"name": "Idempotency-Key", "in": "header", "required": True,
                                 "schema": {"type": "string", "maxLength": 128}}],
                 "requestBody": {"required": True, "content": {"application/octet-stream": {}}},
                 "responses": {"202": {"description": "accepted (also for a retry with the same Idempotency-Key)"},
-                              **_errors(400, 401, 403, 409, 411, 413, 422)}}},
+                              **_errors(400, 401, 403, 404, 409, 411, 413, 422)}}},
             **_secagg_paths(),
             "/status": {"get": {"summary": "Run summary (public, no secrets)", "responses": {"200": {"description": "status"}}}},
             "/health": {"get": {"summary": "Whether the federation can make progress",
@@ -155,8 +163,11 @@ def openapi_document() -> dict[str, Any]:
                 "summary": "Revoke an enrollment token (admin)", "security": [{"admin": []}],
                 "parameters": [{"name": "enrollment_id", "in": "path", "required": True, "schema": {"type": "string"}}],
                 "responses": {"200": {"description": "revoked"}, **_errors(401, 404, 413)}}},
-            "/api/v1/audit": {"get": {"summary": "Security audit log (admin)", "security": [{"admin": []}],
-                                      "responses": {"200": {"description": "events"}, **_errors(401)}}},
+            "/api/v1/audit": {"get": {"summary": "Security audit log (admin), newest first", "security": [{"admin": []}],
+                                      "parameters": [{"name": "limit", "in": "query", "required": False,
+                                                      "schema": {"type": "integer", "minimum": 1, "maximum": 10000,
+                                                                 "default": 200}}],
+                                      "responses": {"200": {"description": "events"}, **_errors(400, 401)}}},
             PATH_OPENAPI: {"get": {"summary": "This document", "responses": {"200": {"description": "OpenAPI"}}}},
         },
         "components": {
@@ -193,7 +204,8 @@ def openapi_document() -> dict[str, Any]:
                     "deadline": {"type": "number"}, "deadline_in_s": {"type": "number"}, "poll_after": {"type": "number"},
                     "dropped": {"type": "boolean"}, "done": {"type": "boolean"}}},
                 "EnrollmentRequest": {"type": "object", "additionalProperties": False, "properties": {
-                    "client_name": {"type": "string", "maxLength": 64, "description": "bind the token to this name"},
+                    "client_name": {"type": "string", "maxLength": 64, "nullable": True,
+                                    "description": "bind the token to this name (absent or null: any name)"},
                     "uses": {"type": "integer", "minimum": 1, "maximum": 100000, "description": "registrations it allows "
                              "(1 when bound to a name)"},
                     "expires_in_s": {"type": "number", "minimum": 60, "maximum": 31536000}}},
@@ -229,8 +241,9 @@ def openapi_document() -> dict[str, Any]:
                         name: {"type": "number", "minimum": 0, "exclusiveMinimum": True, "maximum": MAX_CAPABILITY_VALUE,
                                "description": "samples per second of local training" if name == "compute_speed"
                                else "bytes per second of the client's link"} for name in CAPABILITY_NAMES}},
-                    "label_histogram": {"type": "array", "items": {"type": "number", "minimum": 0},
-                                        "description": "num_classes counts; only when ProfileSpec asks for it"}}},
+                    "label_histogram": {"type": "array", "items": {"type": "number", "minimum": 0}, "nullable": True,
+                                        "description": "num_classes counts; only when ProfileSpec asks for it (null: "
+                                                       "not sent)"}}},
             },
         },
     }

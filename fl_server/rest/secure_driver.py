@@ -329,7 +329,7 @@ class SecureRounds(RoundProtocol):
     def _resolve(self, auth: Authenticated, round_number: int, attempt: str | None) -> tuple[_Attempt, int]:
         """The attempt a request is for and the client's index in it (service's lock held)."""
         if attempt is not None:
-            if not attempt.isdigit() or len(attempt) > 12:
+            if not (attempt.isascii() and attempt.isdigit()) or len(attempt) > 12:
                 raise ApiError(400, "bad_attempt", "attempt must be a positive integer")
             entry = self._attempts.get(int(attempt))
             if entry is None:
@@ -450,7 +450,7 @@ class SecureRounds(RoundProtocol):
     def outcome(self, auth: Authenticated, round_number: int, attempt: str | None) -> dict[str, Any]:
         """GET .../secagg/outcome: how the attempt ended and whether this client's input is in the applied sum
         (a SCAFFOLD client moves its control variate only then, as in the simulation)."""
-        if attempt is None or not attempt.isdigit() or len(attempt) > 12:
+        if attempt is None or not (attempt.isascii() and attempt.isdigit()) or len(attempt) > 12:
             raise ApiError(400, "bad_attempt", "outcome needs ?attempt=ID")
         row = self.ctx.store.round_attempt(int(attempt))
         if row is None or row.round != round_number or row.secagg is None:

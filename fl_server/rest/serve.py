@@ -37,9 +37,12 @@ def serve(cfg: FLConfig, state_dir: Path, *, host: str = "127.0.0.1", port: int 
         # Runs in the gunicorn worker (after fork): the service, its SQLite connection and its
         # round ticker thread belong to the process that serves requests.
         from fl_server.rest.app import create_app
+        from fl_server.rest.memory import ReleaseAfterRound, limit_arenas
         from fl_server.rest.service import FederationService
 
+        limit_arenas()  # before the ticker and the request threads exist (fl_server/rest/memory.py)
         service = FederationService(cfg, state_dir)
+        service.observers.add(ReleaseAfterRound())
         return create_app(service)
 
     def worker_exit(server: Any, worker: Any) -> None:

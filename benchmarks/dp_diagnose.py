@@ -136,7 +136,7 @@ def dp_client_round(trainer: LocalTrainer, arm: ArmStats, global_vec: torch.Tens
                 p.grad.add_(noise[offset: offset + p.numel()].view_as(p))
                 offset += p.numel()
             # weight of step s's gradient in the final displacement: lr (1 - mu^(T-s+1)) / (1 - mu)
-            weight = arm.lr * (steps - s + 1 if mu == 0 else (1 - mu ** (steps - s + 1)) / (1 - mu))
+            weight = arm.lr * (1 - mu ** (steps - s + 1)) / (1 - mu)  # 1 x lr for plain SGD (mu = 0)
             noise_part -= weight * noise
         opt.step()
     delta = trainer.vector() - global_vec

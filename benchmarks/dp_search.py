@@ -52,6 +52,10 @@ TABLE_KEYS = ("model_type", "hidden_size", "learning_rate", "clip_grad_norm", "b
               "local_epochs", "num_rounds")
 
 
+#: Marks a common setting an experiment removes (``unset: [key, ...]`` in the search file).
+UNSET = object()
+
+
 def run_name(settings: dict[str, Any]) -> str:
     parts = []
     for key, value in settings.items():
@@ -78,7 +82,10 @@ def load_search(path: Path) -> tuple[str, str, dict[str, Any], list[tuple[str, d
     for exp in data.get("experiments") or []:
         if "set" not in exp:
             raise SystemExit(f"{path}: every experiment needs 'set' (its settings)")
-        runs.append((exp.get("name") or run_name(exp["set"]), dict(exp["set"])))
+        settings = dict(exp["set"])
+        for key in exp.get("unset") or []:  # a common key this run must not have (a non-private twin: no dp_* keys)
+            settings[key] = UNSET
+        runs.append((exp.get("name") or run_name({k: v for k, v in settings.items() if v is not UNSET}), settings))
     names = [n for n, _ in runs]
     dupes = {n for n in names if names.count(n) > 1}
     if dupes:
@@ -203,7 +210,7 @@ def main() -> None:
     if args.list:
         for name, settings in runs:
             status = "done" if is_finished(results / name) else "partial" if (WORK / search / name / "checkpoint.pt").is_file() else "todo"
-            print(f"{name}: {status}  {settings}")
+            print(f"{name}: {status}  {({k: v for k, v in settings.items() if v is not UNSET})}")
         return
     if not args.collect:
         torch.set_num_threads(1)
@@ -217,9 +224,10 @@ def main() -> None:
         for name in order:
             if is_finished(results / name):
                 continue
-            settings = {**common, "workers": 0, "threads_per_worker": 1, **by_name[name]}
+            merged = {**common, "workers": 0, "threads_per_worker": 1, **by_name[name]}
+            settings = {k: v for k, v in merged.items() if v is not UNSET}
             t0 = time.time()
-            print(f"[{time.strftime('%H:%M:%S')}] {name}: {by_name[name]}", flush=True)
+            print(f"[{time.strftime('%H:%M:%S')}] {name}: {settings}", flush=True)
             run_one(base_config, settings, WORK / search / name, results / name)
             rows = collect(search, runs, common, results)
             done = next(r for r in rows if r["run"] == name)

@@ -47,9 +47,10 @@ RESULTS = ROOT / "benchmarks" / "results" / "privacy_search"
 
 #: Short names for the keys a run name is built from (grid expansion).
 ABBREVIATIONS = {"model_type": "", "hidden_size": "h", "learning_rate": "lr", "clip_grad_norm": "C", "batch_size": "B",
-                 "momentum": "m", "dp_epsilon": "eps", "lr_schedule": "", "local_epochs": "E", "differential_privacy": "dp"}
+                 "momentum": "m", "dp_epsilon": "eps", "lr_schedule": "", "local_epochs": "E", "differential_privacy": "dp",
+                 "aggregation_method": "", "server_momentum": "sm", "server_learning_rate": "slr"}
 TABLE_KEYS = ("model_type", "hidden_size", "learning_rate", "clip_grad_norm", "batch_size", "momentum", "lr_schedule",
-              "local_epochs", "num_rounds")
+              "local_epochs", "num_rounds", "aggregation_method", "server_momentum")
 
 
 #: Marks a common setting an experiment removes (``unset: [key, ...]`` in the search file).
@@ -179,16 +180,17 @@ def collect(search: str, runs: list[tuple[str, dict[str, Any]]], common: dict[st
         w.writerows(rows)
     common_text = ", ".join(f"{k}={v}" for k, v in common.items())
     lines = [f"# privacy search: {search}", "", f"Common settings: {common_text or '(base config only)'}.", "",
-             "| run | model | hidden | params | lr | C | B | momentum | schedule | epsilon (target / spent) | sigma range "
-             "| rounds | final acc | best acc | final test loss | hours |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| run | model | hidden | params | lr | C | B | momentum | schedule | server | epsilon (target / spent) | sigma range "
+             "| rounds | final acc | best acc | final test loss | hours |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         pct = lambda v: "" if v is None else f"{100 * v:.2f} %"  # noqa: E731
         eps = "non-private" if not r["dp"] else f"{r['epsilon_target']:g} / {r['epsilon_spent']:.3f}"
         sig = "" if r["sigma_max"] is None else f"{r['sigma_min']:.2f}-{r['sigma_max']:.2f}"
         hidden = r["hidden_size"] if r["model_type"] not in ("cnn", "resnet") else ""
         loss = "" if r["final_test_loss"] is None else f"{r['final_test_loss']:.3f}"
+        server = r["aggregation_method"] + (f" (momentum {r['server_momentum']:g})" if r["aggregation_method"] == "fedavgm" else "")
         lines.append(f"| {r['run']} | {r['model_type']} | {hidden} | {r['parameters']:,} | {r['learning_rate']:g} | "
-                     f"{r['clip_grad_norm']:g} | {r['batch_size']} | {r['momentum']:g} | {r['lr_schedule']} | {eps} | {sig} | "
+                     f"{r['clip_grad_norm']:g} | {r['batch_size']} | {r['momentum']:g} | {r['lr_schedule']} | {server} | {eps} | {sig} | "
                      f"{r['rounds']} | {pct(r['final_accuracy'])} | {pct(r['best_accuracy'])} | {loss} | {r['hours']:.2f} |"
                      + (f" stopped: {r['stop_reason']}" if r["stop_reason"] else ""))
     lines += ["", f"_Written by benchmarks/dp_search.py at {time.strftime('%Y-%m-%d %H:%M:%S')}; one run at a time, "

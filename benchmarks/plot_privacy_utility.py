@@ -71,7 +71,7 @@ def write_table(rows: list[dict], path: Path) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
-def plot(rows: list[dict], path: Path) -> None:
+def plot(rows: list[dict], path: Path, title: str = "Fashion-MNIST, cnn, 100 clients, Dirichlet(0.5), 100 rounds") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -104,7 +104,7 @@ def plot(rows: list[dict], path: Path) -> None:
     ax.minorticks_off()
     ax.set_xlabel("epsilon budget of the run (delta = 1e-5); each point says the epsilon actually spent")
     ax.set_ylabel("final test accuracy (%)")
-    ax.set_title("Privacy-utility: Fashion-MNIST, cnn, 100 clients, Dirichlet(0.5), 100 rounds")
+    ax.set_title(f"Privacy-utility: {title}", fontsize=10)
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -115,12 +115,13 @@ def plot(rows: list[dict], path: Path) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results" / "privacy")
+    ap.add_argument("--title", default="Fashion-MNIST, cnn, 100 clients, Dirichlet(0.5), 100 rounds")
     args = ap.parse_args()
     rows = load_rows(args.results)
     if not rows:
         raise SystemExit(f"no */summary.json under {args.results}")
     write_table(rows, args.results / "privacy_utility.md")
-    plot(rows, args.results / "privacy_utility.png")
+    plot(rows, args.results / "privacy_utility.png", args.title)
     print(f"wrote {args.results / 'privacy_utility.md'} and privacy_utility.png ({len(rows)} runs)")
 
 

@@ -190,7 +190,7 @@ def collect(search: str, runs: list[tuple[str, dict[str, Any]]], common: dict[st
         loss = "" if r["final_test_loss"] is None else f"{r['final_test_loss']:.3f}"
         server = r["aggregation_method"] + (f" (momentum {r['server_momentum']:g})" if r["aggregation_method"] == "fedavgm" else "")
         lines.append(f"| {r['run']} | {r['model_type']} | {hidden} | {r['parameters']:,} | {r['learning_rate']:g} | "
-                     f"{r['clip_grad_norm']:g} | {r['batch_size']} | {r['momentum']:g} | {r['lr_schedule']} | {server} | {eps} | {sig} | "
+                     f"{r['clip_grad_norm'] if r['dp'] else '-'} | {r['batch_size']} | {r['momentum']:g} | {r['lr_schedule']} | {server} | {eps} | {sig} | "
                      f"{r['rounds']} | {pct(r['final_accuracy'])} | {pct(r['best_accuracy'])} | {loss} | {r['hours']:.2f} |"
                      + (f" stopped: {r['stop_reason']}" if r["stop_reason"] else ""))
     lines += ["", f"_Written by benchmarks/dp_search.py at {time.strftime('%Y-%m-%d %H:%M:%S')}; one run at a time, "

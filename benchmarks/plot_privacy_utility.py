@@ -71,7 +71,9 @@ def write_table(rows: list[dict], path: Path) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
-def plot(rows: list[dict], path: Path) -> None:
+def plot(rows: list[dict], path: Path, title: str = "Fashion-MNIST, cnn, 100 clients, Dirichlet(0.5), 100 rounds",
+         compare: list[dict] | None = None, compare_label: str = "") -> None:
+    """``compare``: another grid's rows, its sample-level series and non-private run drawn grey beside these."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -93,6 +95,15 @@ def plot(rows: list[dict], path: Path) -> None:
             ax.annotate(f"spent {r['epsilon']:.2g}" + (f", ended r{r['rounds']}" if early else ""),
                         (r["budget"], 100 * r["accuracy"]), textcoords="offset points", xytext=(4, 6), fontsize=7,
                         color=line.get_color())
+    if compare:
+        pts = sorted((r for r in compare if r["budget"] and r["accuracy"] is not None),
+                     key=lambda r: r["budget"])
+        ax.plot([r["budget"] for r in pts], [100 * r["accuracy"] for r in pts], marker="s", color="silver",
+                label=f"{compare_label}: sample-level DP-SGD")
+        for r in compare:
+            if r["name"] == "nonprivate" and r["accuracy"] is not None:
+                ax.axhline(100 * r["accuracy"], color="silver", linestyle=":",
+                           label=f"{compare_label}: non-private ({100 * r['accuracy']:.2f} %)")
     for r in rows:
         if r["series"] == "nonprivate" and r["accuracy"] is not None:
             ax.axhline(100 * r["accuracy"], color="grey", linestyle="--" if r["name"] == "nonprivate" else "-.",
@@ -104,7 +115,7 @@ def plot(rows: list[dict], path: Path) -> None:
     ax.minorticks_off()
     ax.set_xlabel("epsilon budget of the run (delta = 1e-5); each point says the epsilon actually spent")
     ax.set_ylabel("final test accuracy (%)")
-    ax.set_title("Privacy-utility: Fashion-MNIST, cnn, 100 clients, Dirichlet(0.5), 100 rounds")
+    ax.set_title(f"Privacy-utility: {title}", fontsize=10)
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -115,12 +126,19 @@ def plot(rows: list[dict], path: Path) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results" / "privacy")
+    ap.add_argument("--title", default="Fashion-MNIST, cnn, 100 clients, Dirichlet(0.5), 100 rounds")
+    ap.add_argument("--compare", type=Path, help="another results folder whose sample-level series is drawn beside (grey)")
+    ap.add_argument("--compare-label", default="before")
+    ap.add_argument("--compare-series", default="sample_cosine", help="which of its series (run names <series>_eps<E>[_<variant>])")
     args = ap.parse_args()
     rows = load_rows(args.results)
     if not rows:
         raise SystemExit(f"no */summary.json under {args.results}")
     write_table(rows, args.results / "privacy_utility.md")
-    plot(rows, args.results / "privacy_utility.png")
+    compare = None
+    if args.compare:
+        compare = [r for r in load_rows(args.compare) if r["series"] == args.compare_series or r["name"] == "nonprivate"]
+    plot(rows, args.results / "privacy_utility.png", args.title, compare, args.compare_label)
     print(f"wrote {args.results / 'privacy_utility.md'} and privacy_utility.png ({len(rows)} runs)")
 
 

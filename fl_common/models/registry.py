@@ -3,17 +3,29 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Literal, cast
 
 import torch
 from torch import nn
 
 from fl_common.models.cnn import McMahanCNN
+from fl_common.models.dp_cnn import TemperedSigmoidCNN
 from fl_common.models.mlp import MLP
 from fl_common.plugins import load_object
 
 if TYPE_CHECKING:
     from fl_common.config import FLConfig
+
+
+#: The DP-suited family (fl_common/models/dp_cnn.py): model_type -> (activation, GroupNorm after each convolution).
+#: ``tanh_cnn`` is Papernot et al. 2021's tempered-sigmoid model, ``relu_cnn`` their ReLU control.
+DP_CNN_VARIANTS: dict[str, tuple[Literal["tanh", "relu"], bool]] = {
+    "tanh_cnn": ("tanh", False),
+    "tanh_cnn_gn": ("tanh", True),
+    "relu_cnn": ("relu", False),
+}
+#: Every model_type create_model builds (fl_common/config/schema.py keeps the same list; a test checks).
+MODEL_TYPES = ("cnn", "mlp", *DP_CNN_VARIANTS, "resnet", "custom")
 
 
 def _load_factory(spec: str) -> Callable[..., nn.Module]:
@@ -36,6 +48,10 @@ def create_model(model_type: str, input_shape: tuple[int, int, int], num_classes
         model: nn.Module = McMahanCNN(input_shape, num_classes)
     elif model_type == "mlp":
         model = MLP(input_shape, num_classes, hidden_size)
+    elif model_type in DP_CNN_VARIANTS:
+        activation, group_norm = DP_CNN_VARIANTS[model_type]
+        model = TemperedSigmoidCNN(input_shape, num_classes, hidden_size=hidden_size, activation=activation,
+                                   group_norm=group_norm)
     elif model_type == "resnet":
         from fl_common.models.resnet import small_image_resnet18  # torchvision is only needed here
 
@@ -47,7 +63,7 @@ def create_model(model_type: str, input_shape: tuple[int, int, int], num_classes
         if not isinstance(model, nn.Module):
             raise ValueError(f"custom model factory '{custom_model}' returned {type(model).__name__}, not a torch.nn.Module")
     else:
-        raise ValueError(f"unknown model_type {model_type!r}: allowed cnn, mlp, resnet, custom")
+        raise ValueError(f"unknown model_type {model_type!r}: allowed {', '.join(MODEL_TYPES)}")
     return model
 
 

@@ -25,7 +25,7 @@ import ctypes
 import logging
 import os
 import sys
-from typing import Any, Optional
+from typing import Any
 
 from fl_server.rest.observer import FinishedRun, ServiceObserver
 from fl_server.store import HistoryRecord
@@ -39,7 +39,7 @@ _M_ARENA_MAX = -8
 SERVER_ARENAS = 2
 
 
-def _libc() -> Optional[Any]:
+def _libc() -> Any | None:
     if os.environ.get(ENV_SERVER_MALLOC, "1").strip() == "0" or not sys.platform.startswith("linux"):
         return None
     try:

@@ -18,8 +18,8 @@ shrinking database, so the whole module takes about a minute on a loaded 2-core 
 from __future__ import annotations
 
 import os
-from pathlib import Path
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import requests

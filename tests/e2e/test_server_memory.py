@@ -54,7 +54,7 @@ def play_concurrently(clients: list[ScriptedClient], numel: int, round_number: i
         except BaseException as exc:  # re-raised in the test's thread
             errors.append(exc)
 
-    threads = [threading.Thread(target=play, args=(c, v)) for c, v in zip(clients, vectors)]
+    threads = [threading.Thread(target=play, args=(c, v)) for c, v in zip(clients, vectors, strict=False)]
     for t in threads:
         t.start()
     for t in threads:
@@ -81,7 +81,7 @@ def rss_per_round(tmp_path: Path, extra_env: dict[str, str]) -> list[float]:
         rss = [worker_rss_mib(master)]
         for r in range(1, ROUNDS + 1):
             play_concurrently(clients, numel, r, gen)
-            wait_for(lambda: server.status()["completed_rounds"] >= r, timeout=120)
+            wait_for(lambda: server.status()["completed_rounds"] >= r, timeout=120)  # noqa: B023 - called at once
             rss.append(worker_rss_mib(master))
         return rss
     finally:

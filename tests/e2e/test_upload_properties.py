@@ -11,8 +11,8 @@ skipped, so that hypothesis can send a few hundred bodies in seconds.
 from __future__ import annotations
 
 import math
-from pathlib import Path
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import torch
@@ -48,7 +48,7 @@ class Gateway:
         try:
             return self.service.gateway.open_update(self.auth, 1, sealed, self.layout)
         except ApiError as exc:
-            assert 400 <= exc.status < 500 and exc.code and exc.message, (exc.status, exc.code, exc.message)
+            assert 400 <= exc.status < 500 and exc.code and exc.message, (exc.status, exc.code, exc.message)  # noqa: PT017
             return None
 
 

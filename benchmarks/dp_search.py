@@ -1,0 +1,243 @@
+"""A short, resumable hyper-parameter search for sample-level DP-SGD at a fixed epsilon.
+
+A search file (``benchmarks/grids/privacy_search_*.yaml``) names a base config, settings common to
+every run, and either a ``grid`` (key -> list of values, expanded as a cartesian product: lr, clip
+norm, batch, model...) or explicit ``experiments`` (name + settings), or both. Every run is a real
+simulation through the project's Python API (``fl_server.simulation.Simulation``: the same
+coordinator, privacy engine, accountant and trainer as ``python -m fl_server simulate``), one at a
+time, in this process, on one thread.
+
+Resumable: a run's checkpoints live in ``benchmarks/work/privacy_search/<search>/<run>/``
+(git-ignored); a finished run writes ``summary.json`` and ``history.csv`` to
+``benchmarks/results/privacy_search/<search>/<run>/`` and is skipped next time; an interrupted one
+continues from its last checkpoint. After every run the table of all runs of the search is
+rewritten (``results.md`` and ``results.csv`` beside the run folders), so whatever finished before
+a session ended is on disk to commit.
+
+Why the calibration cache: under per-client calibration (the default) the privacy engine calibrates
+sigma for each distinct shard size by bisection over the accountant (100 sizes x ~1-3 s on this
+machine: more than a 20-round run of a small model takes to train). sigma depends only on
+(epsilon, delta, q, steps, accountant), not on the learning rate, the clip norm or the model, so the
+search memoises ``calibrate_noise_multiplier`` (a pure function) in
+``benchmarks/work/privacy_search/calibration_cache.json``: the values are identical, only computed
+once per setting. (A persistent cache in the engine itself would give every run this speed.)
+
+    OMP_NUM_THREADS=1 nice python benchmarks/dp_search.py benchmarks/grids/privacy_search_eps1.yaml [--list] [--only NAME ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import itertools
+import json
+import logging
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+WORK = ROOT / "benchmarks" / "work" / "privacy_search"
+RESULTS = ROOT / "benchmarks" / "results" / "privacy_search"
+
+#: Short names for the keys a run name is built from (grid expansion).
+ABBREVIATIONS = {"model_type": "", "hidden_size": "h", "learning_rate": "lr", "clip_grad_norm": "C", "batch_size": "B",
+                 "momentum": "m", "dp_epsilon": "eps", "lr_schedule": "", "local_epochs": "E", "differential_privacy": "dp",
+                 "aggregation_method": "", "server_momentum": "sm", "server_learning_rate": "slr"}
+TABLE_KEYS = ("model_type", "hidden_size", "learning_rate", "clip_grad_norm", "batch_size", "momentum", "lr_schedule",
+              "local_epochs", "num_rounds", "aggregation_method", "server_momentum")
+
+
+#: Marks a common setting an experiment removes (``unset: [key, ...]`` in the search file).
+UNSET = object()
+
+
+def run_name(settings: dict[str, Any]) -> str:
+    parts = []
+    for key, value in settings.items():
+        short = ABBREVIATIONS.get(key, key)
+        text = str(value).lower() if isinstance(value, bool) else f"{value:g}" if isinstance(value, float) else str(value)
+        parts.append(f"{short}{text}")
+    return "_".join(parts)
+
+
+def load_search(path: Path) -> tuple[str, str, dict[str, Any], list[tuple[str, dict[str, Any]]]]:
+    """(search name, base config path, common settings, [(run name, its settings)])."""
+    data = yaml.safe_load(path.read_text())
+    if not isinstance(data, dict) or "config" not in data:
+        raise SystemExit(f"{path}: a search file needs 'config' (the base config file) and 'grid' and/or 'experiments'")
+    name = data.get("name") or path.stem
+    common = dict(data.get("common") or {})
+    runs: list[tuple[str, dict[str, Any]]] = []
+    grid = data.get("grid") or {}
+    if grid:
+        keys = list(grid)
+        for values in itertools.product(*(grid[k] if isinstance(grid[k], list) else [grid[k]] for k in keys)):
+            settings = dict(zip(keys, values, strict=False))
+            runs.append((run_name(settings), settings))
+    for exp in data.get("experiments") or []:
+        if "set" not in exp:
+            raise SystemExit(f"{path}: every experiment needs 'set' (its settings)")
+        settings = dict(exp["set"])
+        for key in exp.get("unset") or []:  # a common key this run must not have (a non-private twin: no dp_* keys)
+            settings[key] = UNSET
+        runs.append((exp.get("name") or run_name({k: v for k, v in settings.items() if v is not UNSET}), settings))
+    names = [n for n, _ in runs]
+    dupes = {n for n in names if names.count(n) > 1}
+    if dupes:
+        raise SystemExit(f"{path}: run names repeat: {', '.join(sorted(dupes))}")
+    if not runs:
+        raise SystemExit(f"{path}: no runs (give 'grid' or 'experiments')")
+    return name, str(data["config"]), common, runs
+
+
+def cached_calibration(cache_path: Path) -> Callable[[Callable[..., float]], Callable[..., float]]:
+    """Wraps a pure calibration function with a JSON file cache keyed on its arguments."""
+    cache: dict[str, float] = json.loads(cache_path.read_text()) if cache_path.is_file() else {}
+
+    def wrap(fn: Callable[..., float]) -> Callable[..., float]:
+        def cached(*args: Any, **kwargs: Any) -> float:
+            key = json.dumps([fn.__name__, [repr(a) for a in args], sorted((k, repr(v)) for k, v in kwargs.items())])
+            if key not in cache:
+                cache[key] = fn(*args, **kwargs)
+                cache_path.parent.mkdir(parents=True, exist_ok=True)
+                cache_path.write_text(json.dumps(cache, indent=0))
+            return cache[key]
+
+        return cached
+
+    return wrap
+
+
+def install_calibration_cache() -> None:
+    """Memoise the engine's sigma calibration (see the module docstring: same values, computed once)."""
+    import fl_server.privacy_engine as engine
+
+    engine.calibrate_noise_multiplier = cached_calibration(WORK / "calibration_cache.json")(engine.calibrate_noise_multiplier)
+
+
+def is_finished(result_dir: Path) -> bool:
+    return (result_dir / "summary.json").is_file() and (result_dir / "history.csv").is_file()
+
+
+def run_one(base_config: Path, settings: dict[str, Any], work: Path, result_dir: Path) -> None:
+    from fl_common.config import load_config
+    from fl_server.simulation import Simulation
+
+    cfg = load_config(base_config, settings)
+    resume = (work / "checkpoint.pt").is_file()
+    sim = Simulation(cfg, output_dir=work, resume=resume, progress=False)
+    try:
+        sim.train()
+        sim.save_results()
+    finally:
+        sim.close()
+    result_dir.mkdir(parents=True, exist_ok=True)
+    for f in ("history.csv", "summary.json", "config.yaml"):
+        if (work / f).is_file():
+            shutil.copy2(work / f, result_dir / f)
+
+
+def collect(search: str, runs: list[tuple[str, dict[str, Any]]], common: dict[str, Any], results: Path) -> list[dict[str, Any]]:
+    """One row per finished run; writes results.md and results.csv (sorted by final accuracy within an epsilon)."""
+    rows = []
+    for name, _ in runs:
+        d = results / name
+        if not is_finished(d):
+            continue
+        summary = json.loads((d / "summary.json").read_text())
+        cfg = summary["config"]
+        with open(d / "history.csv") as f:
+            hist = list(csv.DictReader(f))
+        evaluated = [float(r["test_accuracy"]) for r in hist if r["test_accuracy"]]
+        privacy = summary.get("privacy") or {}
+        dp = bool(privacy.get("differential_privacy"))
+        rows.append({
+            "run": name, **{k: cfg.get(k) for k in TABLE_KEYS},
+            "parameters": summary.get("model_parameters"),
+            "dp": dp, "epsilon_target": cfg.get("dp_epsilon") if dp else None,
+            "epsilon_spent": round(privacy["epsilon_spent"], 4) if dp else None,
+            "sigma_min": min(s for _, s in privacy["noise_multiplier_by_size"]) if dp and privacy.get("noise_multiplier_by_size") else None,
+            "sigma_max": privacy.get("noise_multiplier") if dp else None,
+            "rounds": int(summary.get("rounds_completed") or 0),
+            "final_accuracy": round(evaluated[-1], 4) if evaluated else None,
+            "best_accuracy": round(max(evaluated), 4) if evaluated else None,
+            "final_test_loss": float(hist[-1]["test_loss"]) if hist and hist[-1].get("test_loss") else None,
+            "hours": round(float(summary.get("wall_seconds") or 0.0) / 3600, 3),
+            "stop_reason": summary.get("stop_reason") or "",
+        })
+    rows.sort(key=lambda r: (r["epsilon_target"] is None, r["epsilon_target"] or 0, -(r["final_accuracy"] or 0)))
+    results.mkdir(parents=True, exist_ok=True)
+    columns = list(rows[0]) if rows else ["run"]
+    with open(results / "results.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=columns)
+        w.writeheader()
+        w.writerows(rows)
+    common_text = ", ".join(f"{k}={v}" for k, v in common.items())
+    lines = [f"# privacy search: {search}", "", f"Common settings: {common_text or '(base config only)'}.", "",
+             "| run | model | hidden | params | lr | C | B | momentum | schedule | server | epsilon (target / spent) | sigma range "
+             "| rounds | final acc | best acc | final test loss | hours |", "|" + "---|" * 17]
+    for r in rows:
+        pct = lambda v: "" if v is None else f"{100 * v:.2f} %"
+        eps = "non-private" if not r["dp"] else f"{r['epsilon_target']:g} / {r['epsilon_spent']:.3f}"
+        sig = "" if r["sigma_max"] is None else f"{r['sigma_min']:.2f}-{r['sigma_max']:.2f}"
+        hidden = r["hidden_size"] if r["model_type"] not in ("cnn", "resnet") else ""
+        loss = "" if r["final_test_loss"] is None else f"{r['final_test_loss']:.3f}"
+        server = r["aggregation_method"] + (f" (momentum {r['server_momentum']:g})" if r["aggregation_method"] == "fedavgm" else "")
+        lines.append(f"| {r['run']} | {r['model_type']} | {hidden} | {r['parameters']:,} | {r['learning_rate']:g} | "
+                     f"{r['clip_grad_norm'] if r['dp'] else '-'} | {r['batch_size']} | {r['momentum']:g} | {r['lr_schedule']} | "
+                     f"{server} | {eps} | {sig} | "
+                     f"{r['rounds']} | {pct(r['final_accuracy'])} | {pct(r['best_accuracy'])} | {loss} | {r['hours']:.2f} |"
+                     + (f" stopped: {r['stop_reason']}" if r["stop_reason"] else ""))
+    lines += ["", f"_Written by benchmarks/dp_search.py at {time.strftime('%Y-%m-%d %H:%M:%S')}; one run at a time, "
+                  f"one thread, on a 2-core machine shared with other jobs (hours are wall time, read them as rough)._"]
+    (results / "results.md").write_text("\n".join(lines) + "\n")
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("search", type=Path)
+    ap.add_argument("--only", nargs="*", help="run only these runs, in this order")
+    ap.add_argument("--list", action="store_true", help="show each run's status and exit")
+    ap.add_argument("--collect", action="store_true", help="only rewrite the table from the finished runs")
+    args = ap.parse_args()
+    search, base, common, runs = load_search(args.search)
+    base_config = ROOT / base
+    results = RESULTS / search
+    if args.list:
+        for name, settings in runs:
+            status = "done" if is_finished(results / name) else "partial" if (WORK / search / name / "checkpoint.pt").is_file() else "todo"
+            print(f"{name}: {status}  {({k: v for k, v in settings.items() if v is not UNSET})}")
+        return
+    if not args.collect:
+        torch.set_num_threads(1)
+        logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+        install_calibration_cache()
+        by_name = dict(runs)
+        order = args.only or [n for n, _ in runs]
+        unknown = [n for n in order if n not in by_name]
+        if unknown:
+            raise SystemExit(f"error: {args.search} has no run named {', '.join(unknown)}")
+        for name in order:
+            if is_finished(results / name):
+                continue
+            merged = {**common, "workers": 0, "threads_per_worker": 1, **by_name[name]}
+            settings = {k: v for k, v in merged.items() if v is not UNSET}
+            t0 = time.time()
+            print(f"[{time.strftime('%H:%M:%S')}] {name}: {settings}", flush=True)
+            run_one(base_config, settings, WORK / search / name, results / name)
+            rows = collect(search, runs, common, results)
+            done = next(r for r in rows if r["run"] == name)
+            print(f"[{time.strftime('%H:%M:%S')}] {name}: final {done['final_accuracy']}, best {done['best_accuracy']}, "
+                  f"epsilon {done['epsilon_spent']}, {time.time() - t0:.0f} s", flush=True)
+    collect(search, runs, common, results)
+
+
+if __name__ == "__main__":
+    main()

@@ -189,6 +189,9 @@ class ClientDaemon:
         new_identity = self._load_identity()
         if self._creds_path.is_file() and (new_identity or self._registered_other_key()):
             log.info("the signing key for secure aggregation is new to the server: registering again so that it knows it")
+            # the registration is signed with the saved keys: the server lets a known name register again only so
+            saved = json.loads(self._creds_path.read_text(encoding="utf-8"))
+            self.api.creds = Credentials.from_json(saved["credentials"])
             self._register()
             return
         if self._creds_path.is_file():

@@ -257,7 +257,9 @@ class ClientGateway:
             self.refuse("revoked_client", existing.client_id, "registration of a revoked client's name refused")
             raise ApiError(403, "client_revoked", f"client '{existing.name}' was revoked by an admin; an admin must remove "
                            f"it before the name can register again")
-        if request is None or not any(k.lower() == "x-fl-signature" for k in request.headers):
+        # .keys(): werkzeug's Headers iterates (name, value) pairs, not names
+        names = {str(k).lower() for k in request.headers.keys()} if request is not None else set()  # noqa: SIM118
+        if request is None or "x-fl-signature" not in names:
             self.refuse("takeover_refused", existing.client_id, "unsigned registration of a known client name")
             raise ApiError(409, "client_exists", f"client '{existing.name}' is already registered: register again with a "
                            f"request signed by its current key, or ask an admin to remove it (python -m fl_server admin "

@@ -234,8 +234,6 @@ def test_a_valid_update_for_another_model_is_refused(packed: tuple[bytes, int], 
         wire.decode_update(blob, other, max_bytes=MAX_BYTES)
 
 
-@pytest.mark.xfail(strict=True, reason="Int8Codec.decode pads to nch * chunk values: a 203-byte upload with chunk "
-                   "2**24 and numel 1 allocates 128 MiB (fl_common/tensors/codecs.py; reported to the lead)")
 def test_int8_decoding_allocates_no_more_than_the_vector() -> None:
     """The decoded vector is the receiver's length; a sender's chunk parameter must not multiply it."""
     chunk = Int8Codec.MAX_CHUNK
@@ -293,8 +291,6 @@ def test_int8_is_within_one_step_of_its_chunk(vec: torch.Tensor, chunk: int, see
         assert bool(((vec.double() - out.double()).abs() <= int8_steps(vec, chunk) * (1 + 1e-5) + 1e-30).all())
 
 
-@pytest.mark.xfail(strict=True, reason="Int8Codec: max|chunk| = float32 max gives a scale whose product with 127 "
-                   "rounds to Inf; check() passes it, decode returns Inf (fl_common/tensors/codecs.py; reported)")
 @pytest.mark.parametrize("x", [float(torch.finfo(torch.float32).max), -float(torch.finfo(torch.float32).max)])
 def test_int8_of_the_largest_float32_decodes_finite(x: float) -> None:
     """check() promises a result that is finite; the wire would hand the server an Inf (refused later, as

@@ -50,7 +50,6 @@ from fl_common.models import count_parameters, model_from_config
 from fl_common.privacy import dp_sgd_gradients, poisson_batches
 from fl_common.privacy.client_dp import per_example_cross_entropy, sample_level_schedule
 from fl_common.protocol import TrainInstructions
-from fl_common.tensors import flatten
 from fl_common.training import LocalTrainer
 from fl_server.simulation.runner import client_partitions, load_training_data
 
@@ -240,12 +239,12 @@ def _med(xs: list[float]) -> str:
 
 def write_markdown(result: dict, path: Path) -> None:
     lines = [f"# DP diagnosis: {result['model']} ({result['parameters']:,} parameters)", "",
-             f"Reference setting, {result['rounds']} rounds, B {result['batch']}, lr {result['lr']}, momentum "
+             (f"Reference setting, {result['rounds']} rounds, B {result['batch']}, lr {result['lr']}, momentum "
              f"{result['momentum']}, C {result['clip']}; accuracy on the first {result['test_samples']} test images. "
-             f"Medians over all steps / client updates of all rounds unless marked. Written by benchmarks/dp_diagnose.py.", "",
-             "| arm | acc per round (%) | clipped (mean) | sample norm p10 / p50 / p90 / max (last round) | effective step "
+             f"Medians over all steps / client updates of all rounds unless marked. Written by benchmarks/dp_diagnose.py."), "",
+             ("| arm | acc per round (%) | clipped (mean) | sample norm p10 / p50 / p90 / max (last round) | effective step "
              "‖clip‖ / ‖raw‖ | cos(clip, raw) | ‖noise‖ / ‖clipped mean‖ per step | client update noise share | "
-             "aggregate noise share |",
+             "aggregate noise share |"),
              "|---|---|---|---|---|---|---|---|---|"]
     for arm in result["arms"]:
         acc = " / ".join(f"{100 * a:.1f}" for a in arm["accuracy"])

@@ -180,10 +180,10 @@ def collect(search: str, runs: list[tuple[str, dict[str, Any]]], common: dict[st
         w.writerows(rows)
     common_text = ", ".join(f"{k}={v}" for k, v in common.items())
     lines = [f"# privacy search: {search}", "", f"Common settings: {common_text or '(base config only)'}.", "",
-             "| run | model | hidden | params | lr | C | B | momentum | schedule | server | epsilon (target / spent) | sigma range "
-             "| rounds | final acc | best acc | final test loss | hours |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             ("| run | model | hidden | params | lr | C | B | momentum | schedule | server | epsilon (target / spent) | sigma range "
+             "| rounds | final acc | best acc | final test loss | hours |"), "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        pct = lambda v: "" if v is None else f"{100 * v:.2f} %"  # noqa: E731
+        pct = lambda v: "" if v is None else f"{100 * v:.2f} %"
         eps = "non-private" if not r["dp"] else f"{r['epsilon_target']:g} / {r['epsilon_spent']:.3f}"
         sig = "" if r["sigma_max"] is None else f"{r['sigma_min']:.2f}-{r['sigma_max']:.2f}"
         hidden = r["hidden_size"] if r["model_type"] not in ("cnn", "resnet") else ""
@@ -193,8 +193,8 @@ def collect(search: str, runs: list[tuple[str, dict[str, Any]]], common: dict[st
                      f"{r['clip_grad_norm'] if r['dp'] else '-'} | {r['batch_size']} | {r['momentum']:g} | {r['lr_schedule']} | {server} | {eps} | {sig} | "
                      f"{r['rounds']} | {pct(r['final_accuracy'])} | {pct(r['best_accuracy'])} | {loss} | {r['hours']:.2f} |"
                      + (f" stopped: {r['stop_reason']}" if r["stop_reason"] else ""))
-    lines += ["", f"_Written by benchmarks/dp_search.py at {time.strftime('%Y-%m-%d %H:%M:%S')}; one run at a time, "
-                  f"one thread, on a 2-core machine shared with other jobs (hours are wall time, read them as rough)._"]
+    lines += ["", (f"_Written by benchmarks/dp_search.py at {time.strftime('%Y-%m-%d %H:%M:%S')}; one run at a time, "
+                  f"one thread, on a 2-core machine shared with other jobs (hours are wall time, read them as rough)._")]
     (results / "results.md").write_text("\n".join(lines) + "\n")
     return rows
 

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING, Callable, Literal
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from torch import nn
@@ -56,7 +57,9 @@ def create_model(model_type: str, input_shape: tuple[int, int, int], num_classes
         model = TemperedSigmoidCNN(input_shape, num_classes, hidden_size=hidden_size, activation=activation,
                                    group_norm=group_norm)
     elif model_type == "resnet":
-        from fl_common.models.resnet import small_image_resnet18  # torchvision is only needed here
+        from fl_common.models.resnet import (
+            small_image_resnet18,  # torchvision is only needed here
+        )
 
         model = small_image_resnet18(input_shape, num_classes, resnet_norm)
     elif model_type == "custom":
@@ -70,7 +73,7 @@ def create_model(model_type: str, input_shape: tuple[int, int, int], num_classes
     return model
 
 
-def model_from_config(cfg: "FLConfig", input_shape: tuple[int, int, int], num_classes: int) -> nn.Module:
+def model_from_config(cfg: FLConfig, input_shape: tuple[int, int, int], num_classes: int) -> nn.Module:
     if num_classes != cfg.num_classes:
         raise ValueError(f"config num_classes={cfg.num_classes} but dataset '{cfg.dataset}' has {num_classes} classes")
     return create_model(cfg.model_type, input_shape, num_classes, hidden_size=cfg.hidden_size,

@@ -239,12 +239,12 @@ def _med(xs: list[float]) -> str:
 
 def write_markdown(result: dict, path: Path) -> None:
     lines = [f"# DP diagnosis: {result['model']} ({result['parameters']:,} parameters)", "",
-             f"Reference setting, {result['rounds']} rounds, B {result['batch']}, lr {result['lr']}, momentum "
+             (f"Reference setting, {result['rounds']} rounds, B {result['batch']}, lr {result['lr']}, momentum "
              f"{result['momentum']}, C {result['clip']}; accuracy on the first {result['test_samples']} test images. "
-             f"Medians over all steps / client updates of all rounds unless marked. Written by benchmarks/dp_diagnose.py.", "",
-             "| arm | acc per round (%) | clipped (mean) | sample norm p10 / p50 / p90 / max (last round) | effective step "
+             f"Medians over all steps / client updates of all rounds unless marked. Written by benchmarks/dp_diagnose.py."), "",
+             ("| arm | acc per round (%) | clipped (mean) | sample norm p10 / p50 / p90 / max (last round) | effective step "
              "‖clip‖ / ‖raw‖ | cos(clip, raw) | ‖noise‖ / ‖clipped mean‖ per step | client update noise share | "
-             "aggregate noise share |",
+             "aggregate noise share |"),
              "|---|---|---|---|---|---|---|---|---|"]
     for arm in result["arms"]:
         acc = " / ".join(f"{100 * a:.1f}" for a in arm["accuracy"])

@@ -116,9 +116,12 @@ def cached_calibration(cache_path: Path) -> Callable[[Callable[..., float]], Cal
 
 def install_calibration_cache() -> None:
     """Memoise the engine's sigma calibration (see the module docstring: same values, computed once)."""
-    import fl_server.privacy_engine as engine
+    import fl_server.privacy.client_level as client_level
+    import fl_server.privacy.sample_level as sample_level
 
-    engine.calibrate_noise_multiplier = cached_calibration(WORK / "calibration_cache.json")(engine.calibrate_noise_multiplier)
+    cached = cached_calibration(WORK / "calibration_cache.json")(sample_level.calibrate_noise_multiplier)
+    for module in (sample_level, client_level):  # each imported the function by name
+        module.calibrate_noise_multiplier = cached
 
 
 def is_finished(result_dir: Path) -> bool:
@@ -194,8 +197,8 @@ def collect(search: str, runs: list[tuple[str, dict[str, Any]]], common: dict[st
                      f"{server} | {eps} | {sig} | "
                      f"{r['rounds']} | {pct(r['final_accuracy'])} | {pct(r['best_accuracy'])} | {loss} | {r['hours']:.2f} |"
                      + (f" stopped: {r['stop_reason']}" if r["stop_reason"] else ""))
-    lines += ["", f"_Written by benchmarks/dp_search.py at {time.strftime('%Y-%m-%d %H:%M:%S')}; one run at a time, "
-                  f"one thread, on a 2-core machine shared with other jobs (hours are wall time, read them as rough)._"]
+    lines += ["", (f"_Written by benchmarks/dp_search.py at {time.strftime('%Y-%m-%d %H:%M:%S')}; one run at a time, "
+                  f"one thread, on a 2-core machine shared with other jobs (hours are wall time, read them as rough)._")]
     (results / "results.md").write_text("\n".join(lines) + "\n")
     return rows
 

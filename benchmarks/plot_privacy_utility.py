@@ -110,7 +110,7 @@ def plot(rows: list[dict], path: Path, title: str = "Fashion-MNIST, cnn, 100 cli
                        label=f"{r['name'].replace('_', ', ')} ({100 * r['accuracy']:.2f} %)")
     ax.axhline(10, color="lightgrey", linestyle=":", label="chance (10 %)")
     ax.set_xscale("log")
-    budgets = sorted({r["budget"] for r in rows if r["budget"]})
+    budgets = sorted({r["budget"] for r in rows + (compare or []) if r["budget"]})
     ax.set_xticks(budgets, [f"{b:g}" for b in budgets])
     ax.minorticks_off()
     ax.set_xlabel("epsilon budget of the run (delta = 1e-5); each point says the epsilon actually spent")

@@ -1,6 +1,12 @@
 """Model registry: ``create_model(model_type, input_shape, num_classes, ...)``."""
 
 from fl_common.models.dp_cnn import TemperedSigmoidCNN
-from fl_common.models.registry import DP_CNN_VARIANTS, MODEL_TYPES, count_parameters, create_model, model_from_config
+from fl_common.models.registry import (
+    DP_CNN_VARIANTS,
+    MODEL_TYPES,
+    count_parameters,
+    create_model,
+    model_from_config,
+)
 
-__all__ = ["create_model", "count_parameters", "model_from_config", "MODEL_TYPES", "DP_CNN_VARIANTS", "TemperedSigmoidCNN"]
+__all__ = ["DP_CNN_VARIANTS", "MODEL_TYPES", "TemperedSigmoidCNN", "count_parameters", "create_model", "model_from_config"]

@@ -53,7 +53,9 @@ def create_model(model_type: str, input_shape: tuple[int, int, int], num_classes
         model = TemperedSigmoidCNN(input_shape, num_classes, hidden_size=hidden_size, activation=activation,
                                    group_norm=group_norm)
     elif model_type == "resnet":
-        from fl_common.models.resnet import small_image_resnet18  # torchvision is only needed here
+        from fl_common.models.resnet import (
+            small_image_resnet18,  # torchvision is only needed here
+        )
 
         model = small_image_resnet18(input_shape, num_classes, resnet_norm)
     elif model_type == "custom":

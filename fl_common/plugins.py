@@ -60,6 +60,10 @@ class PluginError(ValueError):
     """A plug-in that cannot be found, loaded or used; the message is one line for the user."""
 
 
+#: the value of aggregation_method / selection that names a plug-in (custom_strategy / custom_selection)
+CUSTOM = "custom"
+
+
 def registered(group: str) -> dict[str, str]:
     """Entry-point names of ``group`` -> their ``module:attr`` value (reads metadata, imports nothing)."""
     return {ep.name: ep.value for ep in entry_points(group=group)}
@@ -126,6 +130,20 @@ def load_class(value: str, base: type, *, what: str, group: str | None = None) -
         missing = ", ".join(sorted(getattr(cls, "__abstractmethods__", ())))
         raise PluginError(f"{what}: {cls.__name__} does not implement {missing}")
     return cls
+
+
+def configured_class(key: str, value: str, builtins: Mapping[str, type], *, custom_key: str, custom_value: str | None,
+                     base: type, group: str) -> type:
+    """The class a configuration names: a built-in by name, or for ``custom`` the plug-in ``custom_key`` names
+    (imported and checked against ``base``). One rule for every plug-in point (strategies, selection);
+    PluginError (a ValueError) with a one-line message otherwise."""
+    if value != CUSTOM:
+        if value not in builtins:
+            raise PluginError(f"config key '{key}' has value {value!r}: allowed {', '.join([*builtins, CUSTOM])}")
+        return builtins[value]
+    if not custom_value:
+        raise PluginError(f"config key '{custom_key}' must name the plug-in when {key} is '{CUSTOM}'")
+    return load_class(custom_value, base, what=f"config key '{custom_key}' ({custom_value!r})", group=group)
 
 
 def config_kwargs(cls: type, cfg: Any, *, what: str, provided: Mapping[str, Any] | None = None) -> dict[str, Any]:

@@ -9,7 +9,7 @@ only the running driver knows; :func:`build_selection` passes exactly those, bui
 from __future__ import annotations
 
 from fl_common.config import ConfigError, FLConfig
-from fl_common.plugins import SELECTION_GROUP, PluginError, instantiate, load_class
+from fl_common.plugins import CUSTOM, SELECTION_GROUP, PluginError, configured_class, instantiate
 from fl_server.selection.policies import (
     AdaptiveSelector,
     CapabilitySelector,
@@ -22,7 +22,6 @@ from fl_server.selection.policies import (
 __all__ = ["CUSTOM", "SELECTORS", "build_selection", "selection_class"]
 
 #: the ``selection`` value that names a plug-in through ``custom_selection``
-CUSTOM = "custom"
 
 #: The built-in policies by name; fl_common/config/schema.py's SELECTION_POLICIES lists exactly
 #: these plus "custom" (a test checks it).
@@ -38,16 +37,9 @@ def _what(cfg: FLConfig) -> str:
 
 def selection_class(cfg: FLConfig) -> type[Selector]:
     """The configured policy's class; a plug-in is imported and checked here (ConfigError, one line)."""
-    if cfg.selection != CUSTOM:
-        try:
-            return SELECTORS[cfg.selection]
-        except KeyError:
-            raise ConfigError(f"config key 'selection' has value {cfg.selection!r}: allowed "
-                              f"{', '.join([*SELECTORS, CUSTOM])}") from None
-    if not cfg.custom_selection:
-        raise ConfigError("config key 'custom_selection' must name the plug-in when selection is 'custom'")
     try:
-        cls = load_class(cfg.custom_selection, Selector, what=_what(cfg), group=SELECTION_GROUP)
+        cls = configured_class("selection", cfg.selection, SELECTORS, custom_key="custom_selection",
+                               custom_value=cfg.custom_selection, base=Selector, group=SELECTION_GROUP)
     except PluginError as exc:
         raise ConfigError(str(exc)) from None
     if not isinstance(getattr(cls, "name", None), str):

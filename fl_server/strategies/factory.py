@@ -8,7 +8,7 @@ built-in or not, so the path a plug-in takes is the one every run takes.
 from __future__ import annotations
 
 from fl_common.config import ConfigError, FLConfig
-from fl_common.plugins import STRATEGY_GROUP, PluginError, instantiate, load_class
+from fl_common.plugins import CUSTOM, STRATEGY_GROUP, PluginError, configured_class, instantiate
 from fl_server.strategies.adaptive import FedAdagrad, FedAdam, FedYogi
 from fl_server.strategies.base import Strategy
 from fl_server.strategies.fedavg import FedAvg
@@ -21,7 +21,6 @@ from fl_server.strategies.scaffold import Scaffold
 __all__ = ["CUSTOM", "STRATEGIES", "build_strategy", "strategy_class", "strategy_label"]
 
 #: the ``aggregation_method`` that names a plug-in through ``custom_strategy``
-CUSTOM = "custom"
 
 #: The built-in strategies by name; fl_common/config/schema.py's AGGREGATION_METHODS lists exactly
 #: these plus "custom" (a test checks it).
@@ -46,16 +45,9 @@ def _what(cfg: FLConfig) -> str:
 
 def strategy_class(cfg: FLConfig) -> type[Strategy]:
     """The configured strategy's class; a plug-in is imported and checked here (ConfigError, one line)."""
-    if cfg.aggregation_method != CUSTOM:
-        try:
-            return STRATEGIES[cfg.aggregation_method]
-        except KeyError:
-            raise ConfigError(f"config key 'aggregation_method' has value {cfg.aggregation_method!r}: allowed "
-                              f"{', '.join([*STRATEGIES, CUSTOM])}") from None
-    if not cfg.custom_strategy:
-        raise ConfigError("config key 'custom_strategy' must name the plug-in when aggregation_method is 'custom'")
     try:
-        return load_class(cfg.custom_strategy, Strategy, what=_what(cfg), group=STRATEGY_GROUP)
+        return configured_class("aggregation_method", cfg.aggregation_method, STRATEGIES, custom_key="custom_strategy",
+                                custom_value=cfg.custom_strategy, base=Strategy, group=STRATEGY_GROUP)
     except PluginError as exc:
         raise ConfigError(str(exc)) from None
 

@@ -63,6 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     demo.add_argument("--output", type=Path, help="demo folder (default: runs/demo-<time>)")
     demo.add_argument("--no-progress", action="store_true")
+    demo.add_argument("--no-privacy", action="store_true",
+                      help="turn differential privacy and secure aggregation off (for comparison; Fernet + HMAC stay)")
 
     audit = sub.add_parser("audit", help="print the security audit log of a server's state directory")
     audit.add_argument("--state-dir", type=Path, default=Path("fl-server-state"), help="the server's --state-dir")
@@ -112,25 +114,18 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from fl_common.config import config_from_dict
-    from fl_common.config.loading import parse_overrides, read_yaml
-    from fl_server.rest.demo import DEMO_DEFAULTS, demo_summary, run_demo
+    from fl_server.rest.demo import demo_config, demo_summary, run_demo
 
     if not 1 <= args.clients <= 200:
         raise ConfigError(f"--clients must be in 1..200, got {args.clients}")
-    values = {**DEMO_DEFAULTS, "num_clients": args.clients, "samples_per_client": min(600, 60000 // args.clients)}
-    if args.config:
-        values.update(read_yaml(args.config))
-    if args.rounds is not None:
-        values["num_rounds"] = args.rounds
-    values.update(parse_overrides(args.overrides))
-    cfg = config_from_dict(values)
+    cfg = demo_config(args.clients, config=args.config, rounds=args.rounds, overrides=args.overrides,
+                      private=not args.no_privacy)
     from fl_server.rest.gateway import check_rest_config
 
     check_rest_config(cfg)
     output = args.output or Path("runs") / time.strftime("demo-%Y%m%d-%H%M%S")
     status = run_demo(cfg, output, args.clients, progress=False if args.no_progress else None)
-    print(demo_summary(output, status))
+    print(demo_summary(output, status, cfg.label_histogram_epsilon))
     return 0
 
 

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from fl_server import report_template as T
+from fl_server.privacy.statement import statement_lines
 from fl_server.store.run_dir import atomic_write_bytes
 
 log = logging.getLogger("fl_server.reports")
@@ -342,7 +343,24 @@ def _results_rows(summary: dict[str, Any], history_rows: int) -> list[list[str]]
     return rows
 
 
-def _privacy_section(doc: _Doc, summary: dict[str, Any], config: dict[str, Any]) -> None:
+#: files a simulation writes that a deployed server would never hold (the simulator has every client's data)
+SIMULATOR_ONLY_FILES = {
+    "label_histograms.csv": "the exact label counts of each client",
+    CLIENT_ACCURACY_CSV: "the accuracy of each client, measured by the simulator on the data of that client",
+    PERSONALIZATION_CSV: "per-client accuracies of the federated, fine-tuned and local-only models on the data of each client",
+}
+
+
+def _simulator_files_sentence(present: Sequence[str]) -> str:
+    what = "; ".join(f"{name} ({SIMULATOR_ONLY_FILES[name]})" for name in present)
+    return (f"This run was simulated: the simulator held the data of every client and wrote files that a deployed server "
+            f"never receives: {what}. They are not covered by differential privacy or secure aggregation; the "
+            f"statements above are about what the simulated protocol exchanged. Keep this run folder as protected as "
+            f"the dataset itself.")
+
+
+def _privacy_section(doc: _Doc, summary: dict[str, Any], config: dict[str, Any],
+                     simulator_files: Sequence[str] = ()) -> None:
     privacy = summary.get("privacy")
     mode = summary.get("mode")
     dp_on = isinstance(privacy, dict) and privacy.get("differential_privacy") is True
@@ -369,6 +387,9 @@ def _privacy_section(doc: _Doc, summary: dict[str, Any], config: dict[str, Any])
             statements.append(spent + ".")
         else:
             statements.append("summary.json does not record both epsilon spent and delta: no (epsilon, delta) value is stated.")
+        hist_eps = config.get("label_histogram_epsilon")
+        statements.extend(line for line in statement_lines(privacy, float(hist_eps) if _num(str(hist_eps)) is not None else None)
+                          if not line.startswith("Noise multiplier per client"))  # the mechanism line above says it
     elif config.get("differential_privacy") is True:
         statements.append(T.DP_UNRECORDED_SENTENCE)  # configured on but not accounted: claim nothing either way
     else:
@@ -399,6 +420,8 @@ def _privacy_section(doc: _Doc, summary: dict[str, Any], config: dict[str, Any])
         statements.append(T.UNKNOWN_MODE_SENTENCE)
     else:
         statements.append(T.FEDERATED_DATA_SENTENCE)
+    if simulator_files and mode in ("federated", "local_only"):
+        statements.append(_simulator_files_sentence(simulator_files))
 
     doc.heading("Privacy statement")
     doc.bullets(statements)
@@ -551,7 +574,7 @@ def write_report(run_dir: Path) -> dict[str, Path]:
         if name == ACCURACY_LOSS_PNG:
             doc.image(name, alt)
 
-    _privacy_section(doc, summary, config)
+    _privacy_section(doc, summary, config, [name for name in SIMULATOR_ONLY_FILES if (run_dir / name).is_file()])
     for name, alt in made:
         if name == PRIVACY_BUDGET_PNG:
             doc.image(name, alt)

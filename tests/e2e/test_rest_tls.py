@@ -1,0 +1,77 @@
+"""HTTPS by default: a real gunicorn server on loopback with the CA and certificate of ``tls-init``.
+
+One server for the module: a scripted client verifying against the generated CA registers and
+polls; a client holding another CA is refused at the handshake; ``serve`` on a non-loopback
+address without a certificate exits with one line before it binds anything.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import requests
+
+from fl_common.crypto.tls import TlsFiles, ensure_tls
+from fl_common.protocol.rest import ENV_ENROLLMENT_TOKEN
+from tests.e2e.harness import GunicornServer, ScriptedClient, token_env
+from tests.e2e.scripted_rounds import tiny_cfg
+
+
+def _tls_init(out: Path, hosts: str) -> dict:
+    done = subprocess.run([sys.executable, "-m", "fl_server", "tls-init", "--out", str(out), "--hosts", hosts],
+                          capture_output=True, text=True, timeout=120, check=True)
+    return json.loads(done.stdout)
+
+
+@pytest.fixture(scope="module")
+def https_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[GunicornServer, TlsFiles, dict[str, str]]]:
+    root = tmp_path_factory.mktemp("tls")
+    made = _tls_init(root / "tls", "127.0.0.1,localhost")
+    assert made["ca_created"] and made["server_created"] and made["hosts"] == ["127.0.0.1", "localhost"]
+    files = TlsFiles.in_dir(root / "tls")
+    env = token_env()
+    server = GunicornServer(tiny_cfg(num_clients=2), root / "srv", env, certfile=str(files.server_cert),
+                            keyfile=str(files.server_key))
+    server.start(verify=str(files.ca_cert))
+    try:
+        yield server, files, env
+    finally:
+        server.stop()
+
+
+def test_clients_trusting_the_generated_ca_talk_https(https_server: tuple[GunicornServer, TlsFiles, dict[str, str]]) -> None:
+    server, files, env = https_server
+    assert server.url.startswith("https://127.0.0.1:")
+    client = ScriptedClient(server.url, env[ENV_ENROLLMENT_TOKEN], "tls-a", verify=str(files.ca_cert))
+    assert "state" in client.status()  # a signed, authenticated call over the verified connection
+    assert server.status(verify=str(files.ca_cert))["clients"]["registered"] >= 1
+    # the host name in the certificate works too (SAN "localhost")
+    assert requests.get(f"https://localhost:{server.port}/health", verify=str(files.ca_cert), timeout=10).status_code == 200
+
+
+def test_a_client_with_another_ca_or_none_is_refused(https_server: tuple[GunicornServer, TlsFiles, dict[str, str]],
+                                                     tmp_path: Path) -> None:
+    server, _, env = https_server
+    other_ca = str(ensure_tls(tmp_path / "other", "127.0.0.1").files.ca_cert)  # same host, another CA
+    for verify in (other_ca, True):
+        with pytest.raises(requests.exceptions.SSLError):
+            requests.get(f"{server.url}/health", verify=verify, timeout=10)
+    with pytest.raises(Exception, match="SSL|certificate"):
+        ScriptedClient(server.url, env[ENV_ENROLLMENT_TOKEN], "tls-b", verify=other_ca)
+    # plain http to the https port gets no answer a client could mistake for the server's
+    with pytest.raises(requests.exceptions.ConnectionError):
+        requests.get(f"http://127.0.0.1:{server.port}/health", timeout=10)
+
+
+def test_serve_on_all_interfaces_without_a_certificate_is_refused(tmp_path: Path) -> None:
+    cmd = [sys.executable, "-m", "fl_server", "serve", "--host", "0.0.0.0", "--port", "1", "--state-dir", str(tmp_path / "s")]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env={**os.environ})
+    assert out.returncode == 2
+    assert out.stderr.count("\n") == 1 and "--host 0.0.0.0 is reachable from other machines" in out.stderr
+    assert "--insecure-http" in out.stderr and not (tmp_path / "s").exists()

@@ -123,6 +123,9 @@ def _serve(args: argparse.Namespace) -> int:
     from fl_server.rest.gateway import check_rest_config
 
     check_rest_config(cfg)
+    from fl_server.compliance import write_transport_record
+
+    write_transport_record(args.state_dir, host=args.host, port=args.port, certfile=args.certfile)  # the compliance record's TLS
     serve(cfg, args.state_dir, host=args.host, port=args.port, threads=args.threads, log_format=args.log_format,
           log_level=args.log_level, certfile=args.certfile,
           keyfile=args.keyfile)

@@ -213,9 +213,11 @@ class FederationService:
     def remove_client(self, client_id: str) -> dict[str, Any]:
         """Admin: revoke, then erase every stored row and payload file of the client (its contribution to
         models already aggregated cannot be erased); its name and partition become free."""
+        from fl_server.rest.erasure import erase_client
+
         with self.lock:
             self.driver.client_left(client_id, "removed by an admin")
-            return self.gateway.erase_client(client_id)
+            return erase_client(self.context, self.driver.coordinator, self.state_dir, client_id).to_json()
 
     def authenticate(self, method: str, path: str, body: bytes, headers: Mapping[str, str], *,
                      require_token: bool = True) -> Authenticated:

@@ -9,7 +9,9 @@ What is erased (fl_server/compliance.py ``ERASURE_SCOPE`` says it in the record'
 * its update payload files (and any stray file under ``updates/`` named after it);
 * every exact mention of its id or name in the run folder: CSV cells, JSON values, the checkpoint,
   and the coordinator's in-memory participation log (else the next checkpoint would write it back);
-  the report and compliance record are written again when the run has finished.
+  the report and compliance record are written again when the run has finished. A client erased
+  while a round it sent an update to is open is swept again after that round closes
+  (:class:`ErasureSweeper`), since the round still counts it.
 
 What is not, and cannot be: its contribution to every global model aggregated before the erasure.
 
@@ -35,6 +37,8 @@ from typing import Any
 from fl_server.compliance import ERASURE_EVENT, ERASURE_LIMIT, ERASURE_SCOPE, erasure_detail
 from fl_server.rest.driver import CoordinatorView, DriverContext
 from fl_server.rest.gateway import ApiError
+from fl_server.rest.observer import FinishedRun, ServiceObserver
+from fl_server.store import HistoryRecord
 from fl_server.store.scrub import contains_exact, replace_csv_cells, replace_exact
 
 log = logging.getLogger("fl_server.rest.erasure")
@@ -100,16 +104,72 @@ def _leftovers(state_dir: Path, db: Path, targets: set[str]) -> list[str]:
     return found
 
 
+class ErasureSweeper(ServiceObserver):
+    """Keeps erased clients out of durable state for the rest of the process's life.
+
+    A client erased while a round it sent an update to is open still counts in that round (its
+    contribution cannot be taken out), so closing the round writes its id again: into the checkpoint
+    (the coordinator's participation log and, under DP, its privacy ledger), ``participation_rounds.csv``
+    and the round's participant rows. After every round close or abort (observers are called once those
+    files are written, under the same lock) the sweeper replaces the id again with the same placeholder;
+    at the end of the run it writes the report again if anything changed. A restarted server loads the
+    swept checkpoint and store, so it never holds the id again."""
+
+    def __init__(self, ctx: DriverContext, coordinator: CoordinatorView) -> None:
+        self.ctx = ctx
+        self.coordinator = coordinator
+        #: client id -> (the id and name to replace, the placeholder)
+        self.erased: dict[str, tuple[frozenset[str], str]] = {}
+
+    def add(self, client_id: str, targets: frozenset[str], placeholder: str) -> None:
+        self.erased[client_id] = (targets, placeholder)
+
+    def sweep(self) -> tuple[int, list[str]]:
+        """Replace every erased client again in the store, the in-memory participation log and the run
+        folder; returns (rows deleted, run files rewritten)."""
+        rows, rewritten = 0, []
+        for client_id, (targets, placeholder) in self.erased.items():
+            deleted, _ = self.ctx.store.erase_client(client_id, placeholder)
+            rows += deleted
+            log_ = self.coordinator.participation
+            if contains_exact(log_.state_dict(), targets):
+                log_.load_state_dict(replace_exact(log_.state_dict(), targets, placeholder))
+            rewritten += [f for f in _scrub_run_folder(self.ctx, set(targets), placeholder) if f not in rewritten]
+        return rows, rewritten
+
+    def round_closed(self, record: HistoryRecord, *, reason: str, selected: int, arrived: int,
+                     close_seconds: float) -> None:
+        self.sweep()
+
+    def round_aborted(self, round_number: int, arrived: int) -> None:
+        self.sweep()
+
+    def run_finished(self, run: FinishedRun) -> None:
+        if self.sweep()[1]:
+            from fl_server.rest.run_report import write_rest_report
+
+            write_rest_report(run)
+
+
+def _sweeper(ctx: DriverContext, coordinator: CoordinatorView) -> ErasureSweeper:
+    for observer in ctx.observers:
+        if isinstance(observer, ErasureSweeper):
+            return observer
+    sweeper = ErasureSweeper(ctx, coordinator)
+    ctx.observers.add(sweeper)
+    return sweeper
+
+
 def erase_client(ctx: DriverContext, coordinator: CoordinatorView, state_dir: Path, client_id: str) -> ErasureResult:
     """Erase ``client_id`` (see the module docstring); the caller holds the service lock and has told the
     driver the client left. Raises ApiError 404 for an unknown client."""
     row = ctx.store.client(client_id) if isinstance(client_id, str) and len(client_id) <= 64 else None
     if row is None:
         raise ApiError(404, "unknown_client", f"no client {client_id!r} is registered")
-    targets = {client_id} | ({row.name} if row.name else set())
+    targets = frozenset({client_id} | ({row.name} if row.name else set()))
     receipt = f"er-{secrets.token_hex(6)}"
     placeholder = f"erased-{secrets.token_hex(6)}"  # not the receipt: nothing stored links the two
-    rows, paths = ctx.store.erase_client(client_id, placeholder)
+    deleted, paths = ctx.store.erase_client(client_id)  # its own rows and the paths of its payload files
     files = 0
     for path in [*map(Path, paths), *(p for p in ctx.updates_dir.rglob("*") if p.is_file() and client_id in p.name)]:
         try:
@@ -117,9 +177,10 @@ def erase_client(ctx: DriverContext, coordinator: CoordinatorView, state_dir: Pa
             files += 1
         except FileNotFoundError:
             pass
-    log_ = coordinator.participation
-    log_.load_state_dict(replace_exact(log_.state_dict(), targets, placeholder))
-    rewritten = _scrub_run_folder(ctx, targets, placeholder)
+    sweeper = _sweeper(ctx, coordinator)
+    sweeper.add(client_id, targets, placeholder)
+    swept, rewritten = sweeper.sweep()  # the rows shared with other clients, the run folder, the participation log
+    rows = deleted + swept
     ctx.store.security_event(ERASURE_EVENT, None, erasure_detail(receipt, rows, files, len(rewritten)))
     if (ctx.run_dir.path / "report.md").is_file():  # the run has finished: its report and compliance record again
         from fl_server.rest.run_report import write_rest_report
@@ -133,4 +194,4 @@ def erase_client(ctx: DriverContext, coordinator: CoordinatorView, state_dir: Pa
     return ErasureResult(receipt, rows, files, tuple(rewritten), tuple(remaining))
 
 
-__all__ = ["ErasureResult", "erase_client"]
+__all__ = ["ErasureResult", "ErasureSweeper", "erase_client"]

@@ -69,7 +69,7 @@ def _csv_cells(text: str) -> list[dict[str, str]]:
 def test_all_files_written_and_every_history_number_is_in_the_report(tmp_path: Path) -> None:
     d = _run_dir(tmp_path, HISTORY_PLAIN, _summary())
     files = write_report(d)
-    assert set(files) == {"accuracy_loss.png", "client_data.png", "report.md", "report.html"}
+    assert set(files) == {"accuracy_loss.png", "client_data.png", "report.md", "report.html", "compliance.json"}
     assert not (d / "privacy_budget.png").exists(), "no epsilon in history.csv: no privacy plot"
     for name, path in files.items():
         assert path == d / name and path.is_file()

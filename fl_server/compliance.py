@@ -224,7 +224,8 @@ def _participation(run_dir: Path, history: list[dict[str, str]], deployment: Dep
 
 
 def _dp(summary: dict[str, Any], config: dict[str, Any]) -> dict[str, Any]:
-    privacy = summary.get("privacy") if isinstance(summary.get("privacy"), dict) else {}
+    raw = summary.get("privacy")
+    privacy: dict[str, Any] = raw if isinstance(raw, dict) else {}
     if not privacy.get("differential_privacy"):
         if config.get("differential_privacy") is True:
             return {"on": None, "statement": "configured on, but summary.json records no accounting: no guarantee is claimed"}
@@ -333,7 +334,8 @@ def build_record(run_dir: Path, deployment: DeploymentFacts | None = None) -> di
     summary: dict[str, Any] = {}
     if (run_dir / "summary.json").is_file():
         summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
-    config = summary.get("config") if isinstance(summary.get("config"), dict) else {}
+    raw = summary.get("config")
+    config: dict[str, Any] = raw if isinstance(raw, dict) else {}
     history = _read_csv(run_dir / "history.csv")
     mode = summary.get("mode")
     secagg = _secagg(summary, config, mode)

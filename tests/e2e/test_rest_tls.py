@@ -7,10 +7,9 @@ address without a certificate exits with one line before it binds anything.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
-import os
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,15 +17,19 @@ import pytest
 import requests
 
 from fl_common.crypto.tls import TlsFiles, ensure_tls
-from fl_common.protocol.rest import ENV_ENROLLMENT_TOKEN
+from fl_common.protocol.rest import ENV_ADMIN_TOKEN, ENV_ENROLLMENT_TOKEN
+from fl_server.__main__ import main as server_main
+from fl_server.compliance import read_transport_record
 from tests.e2e.harness import GunicornServer, ScriptedClient, token_env
 from tests.e2e.scripted_rounds import tiny_cfg
 
 
 def _tls_init(out: Path, hosts: str) -> dict:
-    done = subprocess.run([sys.executable, "-m", "fl_server", "tls-init", "--out", str(out), "--hosts", hosts],
-                          capture_output=True, text=True, timeout=120, check=True)
-    return json.loads(done.stdout)
+    """``python -m fl_server tls-init`` (its main(), in this process: the CLI is the same code, a new interpreter costs ~10 s)."""
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert server_main(["tls-init", "--out", str(out), "--hosts", hosts]) == 0
+    return json.loads(printed.getvalue())
 
 
 @pytest.fixture(scope="module")
@@ -53,6 +56,10 @@ def test_clients_trusting_the_generated_ca_talk_https(https_server: tuple[Gunico
     assert server.status(verify=str(files.ca_cert))["clients"]["registered"] >= 1
     # the host name in the certificate works too (SAN "localhost")
     assert requests.get(f"https://localhost:{server.port}/health", verify=str(files.ca_cert), timeout=10).status_code == 200
+    # what the run's compliance record will say about the transport (fl_server/compliance.py)
+    transport = read_transport_record(server.state_dir)
+    assert transport is not None and transport.scheme == "https" and transport.bind == f"127.0.0.1:{server.port}"
+    assert transport.certificate_hosts == ("127.0.0.1", "localhost")
 
 
 def test_a_client_with_another_ca_or_none_is_refused(https_server: tuple[GunicornServer, TlsFiles, dict[str, str]],
@@ -69,9 +76,17 @@ def test_a_client_with_another_ca_or_none_is_refused(https_server: tuple[Gunicor
         requests.get(f"http://127.0.0.1:{server.port}/health", timeout=10)
 
 
-def test_serve_on_all_interfaces_without_a_certificate_is_refused(tmp_path: Path) -> None:
-    cmd = [sys.executable, "-m", "fl_server", "serve", "--host", "0.0.0.0", "--port", "1", "--state-dir", str(tmp_path / "s")]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env={**os.environ})
-    assert out.returncode == 2
-    assert out.stderr.count("\n") == 1 and "--host 0.0.0.0 is reachable from other machines" in out.stderr
-    assert "--insecure-http" in out.stderr and not (tmp_path / "s").exists()
+def test_serve_on_all_interfaces_without_a_certificate_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    for host in ("0.0.0.0", "::", "10.0.0.5"):
+        assert server_main(["serve", "--host", host, "--port", "1", "--state-dir", str(tmp_path / "s")]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"--host {host} is reachable from other machines" in err and "--insecure-http" in err
+    assert not (tmp_path / "s").exists(), "refused before anything was created or bound"
+
+
+def test_the_admin_cli_refuses_plain_http_to_another_host(monkeypatch: pytest.MonkeyPatch,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv(ENV_ADMIN_TOKEN, "not-sent-anywhere")
+    assert server_main(["admin", "--server-url", "http://10.255.255.1:8080", "clients", "list"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "refusing plain http to 10.255.255.1" in err and "admin token" in err

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from fl_client.__main__ import main as client_main
 from fl_client.tls import ENV_CA_FILE, TransportRefused, transport_security
 from fl_common.crypto.tls import ensure_tls
 
@@ -32,9 +31,13 @@ def test_https_verifies_against_the_ca_file_from_the_flag_or_the_environment(tmp
         transport_security("https://fl.example.org", str(tmp_path / "server-key.pem"), environ={})
 
 
-def test_the_daemon_refuses_plain_http_to_another_host_with_one_line(tmp_path: Path) -> None:
-    out = subprocess.run([sys.executable, "-m", "fl_client", "--server-url", "http://10.255.255.1:8080", "--state-dir",
-                          str(tmp_path / "state")], capture_output=True, text=True, timeout=120)
-    assert out.returncode == 2
-    assert out.stderr.strip().count("\n") == 0 and "refusing plain http to 10.255.255.1" in out.stderr
+def test_the_daemon_refuses_plain_http_to_another_host_with_one_line(tmp_path: Path,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["--server-url", "http://10.255.255.1:8080", "--state-dir", str(tmp_path / "state")]
+    assert client_main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "refusing plain http to 10.255.255.1" in err
     assert not (tmp_path / "state").exists(), "nothing was set up before the refusal"
+    # a CA file that is not one is refused the same way, before anything starts
+    assert client_main(["--server-url", "https://10.255.255.1:8080", "--ca-file", str(tmp_path / "none.pem")]) == 2
+    assert "cannot read the CA file" in capsys.readouterr().err

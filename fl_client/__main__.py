@@ -1,4 +1,6 @@
 """``python -m fl_client --server-url URL [--client-id NAME] [--data-dir DIR | --partition auto|K] [--state-dir DIR]``
+``[--ca-file CA.pem]``: an https server is verified against this CA (or ``$FL_CA_FILE``, or the system's
+trust store); plain http is for a loopback server only, unless ``--insecure-http`` (fl_client/tls.py).
 
 ``python -m fl_client --print-verify-key [--client-id NAME | --state-dir DIR]`` prints this client's
 secure-aggregation verifying key (made in the state dir if there is none yet) and exits, without a

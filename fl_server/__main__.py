@@ -125,7 +125,14 @@ def _serve(args: argparse.Namespace) -> int:
     check_rest_config(cfg)
     from fl_server.compliance import write_transport_record
 
-    write_transport_record(args.state_dir, host=args.host, port=args.port, certfile=args.certfile)  # the compliance record's TLS
+    try:  # what the run's compliance record says about TLS
+        write_transport_record(args.state_dir, host=args.host, port=args.port, certfile=args.certfile)
+    except OSError as exc:
+        raise ConfigError(f"cannot write to --state-dir {args.state_dir}: {exc.strerror or exc}") from None
+    if not args.certfile and not is_loopback_host(args.host):
+        logging.getLogger("fl_server").warning("serving plain http on %s (--insecure-http): session tokens and request "
+                                               "metadata cross the network unencrypted unless a TLS proxy is in front",
+                                               args.host)
     serve(cfg, args.state_dir, host=args.host, port=args.port, threads=args.threads, log_format=args.log_format,
           log_level=args.log_level, certfile=args.certfile,
           keyfile=args.keyfile)

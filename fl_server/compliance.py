@@ -174,7 +174,6 @@ class DeploymentFacts:
     audit_retention_days: float
     audit_max_events: int
     session_ttl_s: float
-    signed_requests: bool = True
     notes: tuple[str, ...] = field(default_factory=tuple)
 
 

@@ -268,6 +268,9 @@ def _left_clients(summary: dict[str, Any], history: list[dict[str, str]], config
     if mode == "local_only":
         return {"raw_training_data": "stayed with each client", "model_updates": "none (local-only baseline)",
                 "traffic_bytes_per_round": traffic}
+    if mode is None:
+        return {"raw_training_data": "not stated: summary.json does not record the run's mode",
+                "traffic_bytes_per_round": traffic}
     out: dict[str, Any] = {
         "raw_training_data": "never left the clients: only model updates (with a sample count and per-update metrics) did",
         "codec": summary.get("codec", config.get("codec")),

@@ -107,3 +107,11 @@ def test_baselines_and_runs_without_dp_claim_nothing(tmp_path: Path) -> None:
     assert "pooled" in central["left_the_clients"]["raw_training_data"]
     assert central["protections"]["differential_privacy"] == {"on": None, "statement": "configured on, but summary.json "
                                                               "records no accounting: no guarantee is claimed"}
+
+
+def test_a_folder_without_a_mode_claims_nothing_about_the_data(tmp_path: Path) -> None:
+    d = _folder(tmp_path)
+    summary = json.loads((d / "summary.json").read_text())
+    del summary["mode"]
+    (d / "summary.json").write_text(json.dumps(summary))
+    assert build_record(d)["left_the_clients"]["raw_training_data"].startswith("not stated")

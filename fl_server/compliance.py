@@ -215,7 +215,7 @@ def _participation(run_dir: Path, history: list[dict[str, str]], deployment: Dep
                 "names chosen at registration are not part of this record")
         known = list(deployment.client_ids)
     else:
-        kind = "simulated clients, numbered by their data partition (no person is behind them in a simulation)"
+        kind = "simulated clients, numbered by their data partition"
         known = ids
     return {"pseudonymous_ids": known, "id_kind": kind, "clients": len(known),
             "took_part": sorted(ids, key=str) if deployment is not None else ids,
@@ -272,7 +272,9 @@ def _left_clients(summary: dict[str, Any], history: list[dict[str, str]], config
         return {"raw_training_data": "not stated: summary.json does not record the run's mode",
                 "traffic_bytes_per_round": traffic}
     out: dict[str, Any] = {
-        "raw_training_data": "never left the clients: only model updates (with a sample count and per-update metrics) did",
+        "raw_training_data": ("never left the clients: only model updates (with a sample count and per-update metrics) did"
+                              if deployment is not None else "the aggregation received only model updates; in a "
+                              "simulation every client's data is read by this one process"),
         "codec": summary.get("codec", config.get("codec")),
         "traffic_bytes_total": summary.get("total_bytes"),
         "traffic_bytes_per_round": traffic,
@@ -358,8 +360,8 @@ def build_record(run_dir: Path, deployment: DeploymentFacts | None = None) -> di
             "digest_of": "SHA-256 of the events kept at the end of the run, oldest first, one compact JSON array "
                          "[id, at, kind, client_id, detail] per line, lines joined by newlines",
         },
-        "data_subject_requests": _na("simulation: no personal data is stored beyond the run folder; there is no admin "
-                                     "interface") if deployment is None else {
+        "data_subject_requests": _na("simulation: there is no client registry and no admin interface; the run folder "
+                                     "is the operator's to keep or delete") if deployment is None else {
             "erasures": len(deployment.erasure_receipts), "erasure_receipts": list(deployment.erasure_receipts),
             "how": "python -m fl_server admin ... clients remove CLIENT_ID (DELETE /api/v1/clients/CLIENT_ID)",
             "erased": ERASURE_SCOPE, "cannot_be_erased": ERASURE_LIMIT,
@@ -383,7 +385,17 @@ def _text(value: Any) -> str:
         return f"not applicable: {value.get('why')}"
     if isinstance(value, str):
         return value
+    if isinstance(value, list) and all(isinstance(v, (str, int, float)) and not isinstance(v, bool) for v in value):
+        return ", ".join(str(v) for v in value) or "none"
     return json.dumps(value, default=str)
+
+
+def _flat(key: str, value: Any) -> list[tuple[str, str]]:
+    """A record entry as table rows: a nested block (not a 'not applicable' one) one row per key, "block: key"."""
+    label = key.replace("_", " ")
+    if isinstance(value, dict) and value and value.get("applies") is not False:
+        return [(f"{label}: {str(k).replace('_', ' ')}", _text(v)) for k, v in value.items()]
+    return [(label, _text(value))]
 
 
 def section_rows(record: dict[str, Any]) -> list[tuple[str, list[tuple[str, str]]]]:
@@ -404,7 +416,7 @@ def section_rows(record: dict[str, Any]) -> list[tuple[str, list[tuple[str, str]
                 items = [*items, ("pseudonymous ids", shown or "none"),
                          *[(f"round {r['round']}", f"selected {r['selected']}, arrived {r['arrived']}, aggregated "
                                                    f"{r['aggregated']}") for r in value.get("per_round", [])]]
-            groups.append((title, [(str(k).replace("_", " "), _text(v)) for k, v in items]))
+            groups.append((title, [row for k, v in items for row in _flat(str(k), v)]))
         else:
             groups.append((title, [("status", _text(value))]))
     return groups

@@ -34,7 +34,7 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 CA_CERT = "ca.pem"
@@ -51,6 +51,9 @@ CLOCK_SKEW = datetime.timedelta(minutes=5)
 MAX_HOSTS = 100
 #: environment variable naming the CA file clients and admin commands verify the server with (as --ca-file)
 ENV_CA_FILE = "FL_CA_FILE"
+
+#: keys this module makes (EC P-256) and keys it accepts in files it keeps (an operator's RSA pair too)
+PrivateKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
 
 _LABEL = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
 
@@ -146,16 +149,16 @@ def _write_public(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+def _key_pem(key: PrivateKey) -> bytes:
     return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
 
 
-def _load_key(path: Path) -> ec.EllipticCurvePrivateKey | None:
+def _load_key(path: Path) -> PrivateKey | None:
     try:
         key = serialization.load_pem_private_key(path.read_bytes(), password=None)
     except (OSError, ValueError, TypeError):
         return None
-    return key if isinstance(key, ec.EllipticCurvePrivateKey) else None
+    return key if isinstance(key, (ec.EllipticCurvePrivateKey, rsa.RSAPrivateKey)) else None
 
 
 def _load_cert(path: Path) -> x509.Certificate | None:
@@ -165,7 +168,7 @@ def _load_cert(path: Path) -> x509.Certificate | None:
         return None
 
 
-def _same_public_key(cert: x509.Certificate, key: ec.EllipticCurvePrivateKey) -> bool:
+def _same_public_key(cert: x509.Certificate, key: PrivateKey) -> bool:
     fmt = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
     return bool(cert.public_key().public_bytes(*fmt) == key.public_key().public_bytes(*fmt))
 
@@ -190,7 +193,7 @@ def _fresh(cert: x509.Certificate, now: datetime.datetime) -> bool:
         cert.not_valid_after_utc > now + datetime.timedelta(days=RENEW_BEFORE_DAYS)
 
 
-def _usable_ca(files: TlsFiles, now: datetime.datetime) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey] | None:
+def _usable_ca(files: TlsFiles, now: datetime.datetime) -> tuple[x509.Certificate, PrivateKey] | None:
     cert, key = _load_cert(files.ca_cert), _load_key(files.ca_key)
     if cert is None or key is None or not _same_public_key(cert, key) or not _fresh(cert, now):
         return None
@@ -215,7 +218,7 @@ def _usable_server(files: TlsFiles, ca: x509.Certificate, hosts: tuple[str, ...]
     return cert
 
 
-def _make_ca(now: datetime.datetime) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+def _make_ca(now: datetime.datetime) -> tuple[x509.Certificate, PrivateKey]:
     key = ec.generate_private_key(ec.SECP256R1())
     serial = x509.random_serial_number()
     name = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Federated Learning Hub"),
@@ -244,12 +247,16 @@ def _san(hosts: Sequence[str]) -> x509.SubjectAlternativeName:
     return x509.SubjectAlternativeName(names)
 
 
-def _make_server(ca: x509.Certificate, ca_key: ec.EllipticCurvePrivateKey, hosts: tuple[str, ...],
-                 now: datetime.datetime) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+def _make_server(ca: x509.Certificate, ca_key: PrivateKey, hosts: tuple[str, ...],
+                 now: datetime.datetime) -> tuple[x509.Certificate, PrivateKey]:
     key = ec.generate_private_key(ec.SECP256R1())
     subject = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Federated Learning Hub"),
                          x509.NameAttribute(NameOID.COMMON_NAME, hosts[0][:64])])
-    ca_ski = ca.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+    try:
+        aki = x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(
+            ca.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value)
+    except x509.ExtensionNotFound:  # a CA the operator brought, without the extension
+        aki = x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key())
     cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(ca.subject).public_key(key.public_key())
             .serial_number(x509.random_serial_number()).not_valid_before(now - CLOCK_SKEW)
             .not_valid_after(min(now + datetime.timedelta(days=SERVER_VALIDITY_DAYS), ca.not_valid_after_utc))
@@ -260,7 +267,7 @@ def _make_server(ca: x509.Certificate, ca_key: ec.EllipticCurvePrivateKey, hosts
             .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
             .add_extension(_san(hosts), critical=False)
             .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski), critical=False)
+            .add_extension(aki, critical=False)
             .sign(ca_key, hashes.SHA256()))
     return cert, key
 

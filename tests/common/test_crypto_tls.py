@@ -90,3 +90,25 @@ def test_bad_hosts_and_mismatched_files_are_refused_with_one_line(tmp_path: Path
                                                 ("fl.example.org", False), ("localhost.example.org", False)])
 def test_loopback_hosts(host: str, loopback: bool) -> None:
     assert is_loopback_host(host) is loopback
+
+
+def test_an_operators_own_rsa_ca_is_kept_and_signs_the_server_certificate(tmp_path: Path) -> None:
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    name = x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, "operator CA")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    ca = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+          .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(days=1))
+          .not_valid_after(now + datetime.timedelta(days=1000))
+          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)  # and no key identifier
+          .sign(key, hashes.SHA256()))
+    (tmp_path / "ca.pem").write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    (tmp_path / "ca-key.pem").write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                            serialization.NoEncryption()))
+    result = ensure_tls(tmp_path, "fl.example.org")
+    assert not result.ca_created and result.server_created
+    _cert(result.files.server_cert).verify_directly_issued_by(ca)
+    assert (tmp_path / "ca-key.pem").stat().st_mode & 0o777 == 0o600  # tightened
+    assert not ensure_tls(tmp_path, "fl.example.org").server_created

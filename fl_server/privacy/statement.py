@@ -15,12 +15,14 @@ from typing import Any
 __all__ = ["GUARANTEES", "guarantee", "label_histogram_note", "noise_multiplier_range", "statement_lines"]
 
 GUARANTEES = {
-    "sample": ("record-level: adding or removing one training record of a client changes what the server sees by at "
-               "most (epsilon, delta); accounted per client, the figure is the maximum over clients; each client's "
-               "record count is treated as public (per-client noise calibration reads it)"),
-    "client": ("client-level: adding or removing one client's whole data changes the released models by at most "
-               "(epsilon, delta); clients are Poisson-sampled at q = clients_per_round / num_clients per round, as "
-               "the accountant assumes"),
+    "sample": ("record-level: adding or removing any one training record of any one client changes the probability of "
+               "anything the server (or anyone holding the released models) could observe by at most a factor e^epsilon "
+               "plus delta, over the whole run; accounted per client, the figure is the maximum over clients; each "
+               "client's record count is treated as public (per-client noise calibration reads it). It does not bound "
+               "what can be learned about a client as a whole"),
+    "client": ("client-level: whether any one client took part with all of its data or not changes the probability of "
+               "any released model by at most a factor e^epsilon plus delta, over the whole run; clients are "
+               "Poisson-sampled at q = clients_per_round / num_clients per round, as the accountant assumes"),
 }
 
 

@@ -3,7 +3,9 @@
 Starts the REST server (gunicorn) and N client daemon processes on loopback, each client with
 its own state folder and data partition, shows round progress from ``/status``, and stops
 everything cleanly. Secrets (enrollment and admin tokens) are generated for the demo, handed to
-the processes through their environment and never printed.
+the processes through their environment and never printed. The server speaks HTTPS even on
+loopback: a private CA and a server certificate for 127.0.0.1 are made in its state folder
+(``server/tls``, fl_common/crypto/tls.py) and the clients verify the server against that CA.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from tqdm import tqdm
 
 from fl_common.config import FLConfig, dump_config, load_config
 from fl_common.config.loading import parse_overrides, read_yaml
+from fl_common.crypto.tls import ensure_tls
 from fl_common.protocol.rest import ENV_ADMIN_TOKEN, ENV_ENROLLMENT_TOKEN
 from fl_server.privacy.statement import guarantee, label_histogram_note, noise_multiplier_range
 from fl_server.rest.secrets import ENV_SERVER_SECRET
@@ -101,24 +104,28 @@ def run_demo(cfg: FLConfig, output: Path, clients: int, *, progress: bool | None
     config_path = output / "config.yaml"
     dump_config(cfg, config_path)
     port = free_port()
-    url = f"http://127.0.0.1:{port}"
+    url = f"https://127.0.0.1:{port}"
+    tls = ensure_tls(output / "server" / "tls", ["127.0.0.1"]).files
+    ca = str(tls.ca_cert)
     env = {**os.environ, ENV_ENROLLMENT_TOKEN: secrets.token_urlsafe(24), ENV_ADMIN_TOKEN: secrets.token_urlsafe(24),
            ENV_SERVER_SECRET: secrets.token_urlsafe(32), "PYTHONUNBUFFERED": "1"}
     procs: list[subprocess.Popen] = []
     server_log = open(output / "logs" / "server.log", "ab")
     server = subprocess.Popen([sys.executable, "-m", "fl_server", "serve", "--config", str(config_path), "--state-dir",
-                               str(output / "server"), "--host", "127.0.0.1", "--port", str(port)],
+                               str(output / "server"), "--host", "127.0.0.1", "--port", str(port),
+                               "--certfile", str(tls.server_cert), "--keyfile", str(tls.server_key)],
                               env=env, stdout=server_log, stderr=subprocess.STDOUT)
     try:
-        wait_healthy(url, server)
+        wait_healthy(url, server, verify=ca)
         log.info("server up at %s; starting %d clients (logs in %s)", url, clients, output / "logs")
         for i in range(clients):
             name = f"demo-client-{i:02d}"
             out = open(output / "logs" / f"{name}.log", "ab")
             procs.append(subprocess.Popen([sys.executable, "-m", "fl_client", "--server-url", url, "--client-id", name,
-                                           "--state-dir", str(output / "clients" / name), "--threads", str(threads)],
+                                           "--state-dir", str(output / "clients" / name), "--threads", str(threads),
+                                           "--ca-file", ca],
                                           env=env, stdout=out, stderr=subprocess.STDOUT))
-        status = _follow(url, cfg.num_rounds, server, progress)
+        status = _follow(url, cfg.num_rounds, server, progress, ca)
         for p in procs:
             try:
                 p.wait(timeout=60)
@@ -132,7 +139,7 @@ def run_demo(cfg: FLConfig, output: Path, clients: int, *, progress: bool | None
         server_log.close()
 
 
-def _follow(url: str, rounds: int, server: subprocess.Popen, progress: bool | None) -> dict[str, Any]:
+def _follow(url: str, rounds: int, server: subprocess.Popen, progress: bool | None, ca: str) -> dict[str, Any]:
     bar = tqdm(total=rounds, desc="rounds", unit="round", file=sys.stderr, disable=None if progress is None else not progress)
     last = 0
     try:
@@ -140,7 +147,7 @@ def _follow(url: str, rounds: int, server: subprocess.Popen, progress: bool | No
             if server.poll() is not None:
                 raise RuntimeError(f"the server exited with status {server.returncode}; see its log")
             try:
-                status = requests.get(f"{url}/status", timeout=10).json()
+                status = requests.get(f"{url}/status", timeout=10, verify=ca).json()
             except requests.RequestException:
                 time.sleep(1)
                 continue

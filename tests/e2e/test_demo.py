@@ -41,6 +41,9 @@ def test_the_demo_trains_a_federation_and_leaves_its_results(tmp_path: Path) -> 
     for name in ("summary.json", "model.pt", "report.html", "accuracy_loss.png"):
         assert (run / name).is_file(), name
     assert len(list((out / "logs").glob("demo-client-*.log"))) == 3
+    # https on loopback: the clients verified the server against the CA the demo made in its state folder
+    assert (out / "server" / "tls" / "ca.pem").is_file() and (out / "server" / "tls" / "server-key.pem").stat().st_mode & 0o077 == 0
+    assert "https to 127.0.0.1, verified against" in (out / "logs" / "demo-client-00.log").read_text()
 
 
 def test_the_demo_line_states_a_dp_guarantee_exactly() -> None:

@@ -69,7 +69,7 @@ def _csv_cells(text: str) -> list[dict[str, str]]:
 def test_all_files_written_and_every_history_number_is_in_the_report(tmp_path: Path) -> None:
     d = _run_dir(tmp_path, HISTORY_PLAIN, _summary())
     files = write_report(d)
-    assert set(files) == {"accuracy_loss.png", "client_data.png", "report.md", "report.html"}
+    assert set(files) == {"accuracy_loss.png", "client_data.png", "report.md", "report.html", "compliance.json"}
     assert not (d / "privacy_budget.png").exists(), "no epsilon in history.csv: no privacy plot"
     for name, path in files.items():
         assert path == d / name and path.is_file()
@@ -145,7 +145,7 @@ def test_per_client_noise_is_stated_as_its_range(tmp_path: Path) -> None:
     assert "noise multiplier calibrated per client for its own sampling rate and steps, 3.0 to 6.8125" in md
     assert "noise multiplier 6.8125" not in md, "the largest sigma alone would misstate what most clients ran"
     # what the number means, where users read it
-    assert "Meaning: record-level: adding or removing one training record" in md
+    assert "Meaning: record-level: adding or removing any one training record" in md
     assert "the figure is the maximum over clients" in md and "record count is treated as public" in md
     assert "label histogram" not in md  # no policy read label histograms in this run
 

@@ -45,7 +45,8 @@ ROUNDS = 2
 CLIENTS = 2
 EPSILON = 3.0
 
-pytestmark = pytest.mark.slow
+# one worker runs the whole module: the live federation and its Prometheus are set up once
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("monitoring_live")]
 
 if shutil.which("prometheus") is None:
     pytest.skip("prometheus is not installed (Debian package prometheus; scripts/setup.sh installs it)", allow_module_level=True)

@@ -17,7 +17,9 @@ module is skipped with that reason.
 
 from __future__ import annotations
 
+import base64
 import copy
+import os
 import re
 import shlex
 import shutil
@@ -506,3 +508,42 @@ def test_readme_commands_name_real_paths() -> None:
         assert (ROOT / path).is_dir(), path
     for target in OVERLAYS:
         assert f"kubectl apply -k kubernetes/{target}" in text, f"the README does not say how to apply {target}"
+
+
+def test_the_readme_secret_commands_make_the_secrets_the_pods_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Section 2 of the README run as written, with `kubectl` answering offline (`create secret ... --dry-run=client`)."""
+    from fl_server.rest.secrets import ServerSecrets
+
+    text = (K8S / "README.md").read_text(encoding="utf-8")
+    (block,) = [b for b in re.findall(r"```bash\n(.*?)```", text, re.S) if "create secret generic fl-secrets" in b]
+    real = shutil.which("kubectl")
+    out = tmp_path / "rendered.yaml"
+    fake = tmp_path / "bin" / "kubectl"
+    fake.parent.mkdir()
+    fake.write_text(f"""#!/usr/bin/env bash
+case "$*" in
+  *"create namespace"*) exit 0 ;;
+  *"create secret generic"*) "{real}" "$@" --dry-run=client -o yaml >> "{out}" && echo --- >> "{out}" ;;
+  *) echo "the README runs an unexpected kubectl $*" >&2; exit 1 ;;
+esac
+""", encoding="utf-8")
+    fake.chmod(0o755)
+    env = {**os.environ, "PATH": f"{fake.parent}:{os.environ['PATH']}"}
+    run = subprocess.run(["bash", "-euo", "pipefail", "-c", block], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    folder = tmp_path / "fl-secrets"
+    assert folder.stat().st_mode & 0o077 == 0 and all(f.stat().st_mode & 0o077 == 0 for f in folder.iterdir()), \
+        "the secret files must be readable by their owner only"
+    (secret,) = [d for d in yaml.safe_load_all(out.read_text(encoding="utf-8")) if d]
+    kubernetes_validate.validate(secret, kubernetes_validate.latest_version(), strict=True)
+    assert (secret["metadata"]["name"], secret["metadata"]["namespace"]) == ("fl-secrets", namespace_of("overlays/dev"))
+    values = {k: base64.b64decode(v).decode() for k, v in secret["data"].items()}
+    refs = {e["name"]: e["valueFrom"]["secretKeyRef"]["key"] for e in container("overlays/dev", "fl-server", "server")["env"]
+            if "valueFrom" in e and "secretKeyRef" in e["valueFrom"]}
+    assert set(values) == set(refs.values())
+    # the server accepts them as they are (its own length rules), and uses them rather than generating its own
+    for env_name, key in refs.items():
+        monkeypatch.setenv(env_name, values[key])
+    loaded = ServerSecrets.load(tmp_path / "state")
+    assert loaded.enrollment_token == values["enrollment-token"] and loaded.admin_token == values["admin-token"]
+    assert not (tmp_path / "state").exists()

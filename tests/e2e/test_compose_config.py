@@ -481,3 +481,29 @@ def test_build_script_parses_and_is_executable() -> None:
     assert os.access(BUILD_SCRIPT, os.X_OK), "docker/build-image.sh must be executable"
     out = subprocess.run(["bash", "-n", str(BUILD_SCRIPT)], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
+
+
+def test_readme_secrets_command_makes_an_env_file_compose_and_the_server_accept(tmp_path: Path,
+                                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """docker/README.md's Secrets block run as written; its .env passes compose's checks and the server's own."""
+    from fl_server.rest.secrets import ServerSecrets
+
+    text = DOCKER_README.read_text(encoding="utf-8")
+    (block,) = [b for b in re.findall(r"```bash\n(.*?)```", text, re.S) if "done > .env" in b]
+    run = subprocess.run(["bash", "-euo", "pipefail", "-c", block], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    env_file = tmp_path / ".env"
+    assert env_file.stat().st_mode & 0o077 == 0, "the .env holds secrets: owner only"
+    values = dict(line.split("=", 1) for line in env_file.read_text(encoding="utf-8").splitlines())
+    assert set(values) == set(SECRET_VARS)
+    for name, value in values.items():
+        monkeypatch.setenv(name, value)
+    loaded = ServerSecrets.load(tmp_path / "state")  # raises on a value the server would refuse
+    assert loaded.enrollment_token == values["FL_ENROLLMENT_TOKEN"] and not (tmp_path / "state").exists()
+    cmd = _compose_cmd()
+    if cmd is None:
+        pytest.skip("neither 'docker compose' nor 'docker-compose' is installed; the .env was checked against the server")
+    base = {k: v for k, v in os.environ.items() if not k.startswith("FL_")}
+    out = subprocess.run([*cmd, "-f", str(COMPOSE), "--env-file", str(env_file), "config", "-q"], cwd=ROOT, env=base,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr

@@ -108,16 +108,21 @@ def parse_overrides(pairs: Iterable[str]) -> dict[str, Any]:
 
 
 def load_config(path: str | os.PathLike[str] | None = None, overrides: Iterable[str] | Mapping[str, Any] = (),
-                *, check: bool = True, defaults: Mapping[str, Any] | None = None) -> FLConfig:
+                *, check: bool = True, defaults: Mapping[str, Any] | None = None,
+                dp_recipe: tuple[Mapping[str, Any], str] | None = None) -> FLConfig:
     """Schema defaults <- ``defaults`` (a driver's embedded ones) <- YAML file <- overrides, validated as a whole.
 
     Under sample-level DP with no model chosen by the user (file or overrides), the DP recipe of
-    :mod:`fl_common.config.recipes` fills the training keys the user left open, and the log says so."""
+    :mod:`fl_common.config.recipes` fills the training keys the user left open, and the log says so;
+    ``dp_recipe`` (settings, where they were measured) replaces it for a driver that measured its own."""
     values: dict[str, Any] = read_yaml(path) if path is not None else {}
     extra = dict(overrides) if isinstance(overrides, Mapping) else parse_overrides(overrides)
     values.update(extra)
     merged = {**(defaults or {}), **values}
-    merged, note = apply_dp_recipe(merged, given=set(values))
+    if dp_recipe is None:
+        merged, note = apply_dp_recipe(merged, given=set(values))
+    else:
+        merged, note = apply_dp_recipe(merged, given=set(values), recipe=dp_recipe[0], source=dp_recipe[1])
     cfg = config_from_dict(merged, check=check)
     if note is not None:  # only for a configuration that is used: a refused one says its error alone
         log.info("%s", note)

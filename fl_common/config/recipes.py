@@ -48,12 +48,15 @@ def _default(name: str) -> Any:
     return FLConfig.__dataclass_fields__[name].default
 
 
-def apply_dp_recipe(values: Mapping[str, Any], given: Collection[str]) -> tuple[dict[str, Any], str | None]:
+def apply_dp_recipe(values: Mapping[str, Any], given: Collection[str], *, recipe: Mapping[str, Any] | None = None,
+                    source: str = "the DP recipe measured best at epsilon {band} (benchmarks/results/privacy_search)",
+                    ) -> tuple[dict[str, Any], str | None]:
     """``values`` with the DP recipe filled in where it applies, and a sentence for the log (or None).
 
     ``values`` are the merged settings so far (a driver's embedded defaults included); ``given`` the
-    keys the user set. Applies when differential privacy is on at sample level, the user did not
-    choose ``model_type``, and the model is not a custom one."""
+    keys the user set. Applies when differential privacy is on at sample level and the user did not
+    choose ``model_type``. ``recipe`` replaces the epsilon-chosen one where a driver measured its own
+    for its run length (the demo's five rounds: fl_server/rest/demo.py), ``source`` names it in the log."""
     out = dict(values)
     dp_on = out.get("differential_privacy", _default("differential_privacy")) is True
     mode = out.get("dp_mode", _default("dp_mode"))
@@ -62,16 +65,15 @@ def apply_dp_recipe(values: Mapping[str, Any], given: Collection[str]) -> tuple[
     epsilon = out.get("dp_epsilon", _default("dp_epsilon"))
     if isinstance(epsilon, bool) or not isinstance(epsilon, (int, float)):
         return out, None  # validation refuses it later with its own message
-    recipe = dp_recipe(float(epsilon))
-    applied = {k: v for k, v in recipe.items() if k not in given}
+    chosen = dict(recipe) if recipe is not None else dp_recipe(float(epsilon))
+    applied = {k: v for k, v in chosen.items() if k not in given}
     if not applied:
         return out, None
     out.update(applied)
-    kept = sorted(k for k in recipe if k in given)
+    kept = sorted(k for k in chosen if k in given)
     settings = ", ".join(f"{k}={v}" for k, v in applied.items())
-    note = (f"differential privacy is on and no model was chosen: using the DP recipe measured best at epsilon "
-            f"{'>= ' if float(epsilon) >= LARGE_EPSILON_FROM else '< '}{LARGE_EPSILON_FROM:g} "
-            f"(benchmarks/results/privacy_search): {settings}"
+    band = f"{'>= ' if float(epsilon) >= LARGE_EPSILON_FROM else '< '}{LARGE_EPSILON_FROM:g}"
+    note = (f"differential privacy is on and no model was chosen: using {source.format(band=band)}: {settings}"
             + (f"; kept your {', '.join(kept)}" if kept else "")
             + "; set model_type to choose the model and settings yourself")
     return out, note

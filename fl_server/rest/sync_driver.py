@@ -482,6 +482,16 @@ class SyncRoundDriver(RoundDriver):
         ctx.observers.run_finished(ctx)
 
     # ------------------------------------------------------------------ polling and model download
+    def state_key(self) -> tuple[object, ...]:
+        """What every client's poll answer depends on beyond the client itself (lock held): the run's end, the
+        model version, the open attempt and, in a secure attempt, its phase and the clients it dropped. The
+        service wakes parked long-polls when it changes (fl_server/rest/state_changes.py)."""
+        coord = self._coordinator
+        row = self.ctx.store.current_open_round() if coord.current_round is not None else None
+        agg = coord.secagg
+        phase = None if agg is None else (agg.server.phase.value, len(agg.server.drops))
+        return (coord.finished, coord.completed_rounds, coord.current_round, None if row is None else row.round_id, phase)
+
     def check_expected(self, client_id: str, round_number: int) -> RoundRow:
         """The open attempt's row if ``client_id`` may upload for ``round_number`` (else ApiError, audited)."""
         ctx = self.ctx

@@ -25,6 +25,7 @@ import hashlib
 import logging
 import math
 import time
+import uuid
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -182,20 +183,32 @@ class PlainRounds(RoundProtocol):
             gateway.reject_update("duplicate", auth.client_id)
             raise ApiError(409, "duplicate", f"an update for round {round_number} was already accepted from this client")
         # 2. is this client expected in this round?
-        driver.check_expected(auth.client_id, round_number)  # cheap early refusal; re-checked under the lock
+        with ctx.lock:  # cheap early refusal; re-checked under the lock below
+            expected = driver.check_expected(auth.client_id, round_number)
         # 3. decrypt and decode outside the lock (the expensive part)
         packed, update = gateway.open_update(auth, round_number, body, driver.layout)
-        # 4. durable, then aggregated, then acknowledged
-        with ctx.lock:
-            row = driver.check_expected(auth.client_id, round_number)
-            if ctx.store.update(row.round_id, auth.client_id) is not None:
-                raise ApiError(409, "duplicate", f"an update for round {round_number} was already accepted from this client")
-            path = ctx.updates_dir / f"attempt{row.round_id:06d}-r{round_number:05d}" / f"{auth.client_id}.bin"
-            fsync_write(path, packed)
-            ctx.store.add_update(UpdateRow(row.round_id, round_number, auth.client_id, idempotency_key, str(path),
-                                           hashlib.sha256(packed).hexdigest(), update.num_samples, update.metrics, len(body),
-                                           ctx.clock()))
-            driver.coordinator.submit(update)
+        # 4. durable, then aggregated, then acknowledged. The payload's write and fsync happen outside the lock,
+        # under a name of its own (two uploads of one client never share a file); under the lock only the checks,
+        # the row and the aggregate's sum. A payload that is not kept is deleted.
+        path = (ctx.updates_dir / f"attempt{expected.round_id:06d}-r{round_number:05d}"
+                / f"{auth.client_id}-{uuid.uuid4().hex[:12]}.bin")
+        fsync_write(path, packed)
+        recorded = False
+        try:
+            with ctx.lock:
+                row = driver.check_expected(auth.client_id, round_number)
+                if row.round_id != expected.round_id:
+                    raise ApiError(409, "round_closed", f"the attempt of round {round_number} this update was sent to ended")
+                if ctx.store.update(row.round_id, auth.client_id) is not None:
+                    raise ApiError(409, "duplicate", f"an update for round {round_number} was already accepted from this client")
+                ctx.store.add_update(UpdateRow(row.round_id, round_number, auth.client_id, idempotency_key, str(path),
+                                               hashlib.sha256(packed).hexdigest(), update.num_samples, update.metrics,
+                                               len(body), ctx.clock()))
+                recorded = True
+                driver.coordinator.submit(update)
+        finally:
+            if not recorded:
+                path.unlink(missing_ok=True)
         ctx.wake.set()
         return {"accepted": True, "round": round_number, "duplicate": False}
 

@@ -12,7 +12,8 @@ file exists, so an interrupted invocation resumes; ``--force`` runs again):
 - ``secure10_poll`` / ``secure10_push``: the same with secure aggregation on;
 - ``daemons50_poll`` / ``daemons50_push``: 50 daemons, the lighter model (mlp, hidden 64, 200 samples each);
 - ``dropout10_push``: secure rounds, 10 clients, 20 % of each attempt's selected daemons killed by SIGKILL at a
-  random phase (restarted once the attempt ends), over_selection 0.25 over a quorum of 8.
+  random phase (restarted once the attempt ends), over_selection 0.25 over a quorum of 8; ``dropout10_none`` is
+  the same configuration without kills.
 
 Then ``README.md`` there is rebuilt from every JSON present.
 
@@ -50,15 +51,18 @@ RUNS: dict[str, dict[str, Any]] = {
                                                   "secure_aggregation": True}},
     "plain10_poll": {"clients": 10, "push": False, "cfg": {}},
     "plain10_push": {"clients": 10, "push": True, "cfg": {}},
-    "secure10_poll": {"clients": 10, "push": False, "cfg": {"secure_aggregation": True}},
     "secure10_push": {"clients": 10, "push": True, "cfg": {"secure_aggregation": True}},
-    "daemons50_poll": {"clients": 50, "push": False, "cfg": {"model_type": "mlp", "hidden_size": 64,
-                                                             "samples_per_client": 200}},
-    "daemons50_push": {"clients": 50, "push": True, "cfg": {"model_type": "mlp", "hidden_size": 64,
-                                                            "samples_per_client": 200}},
+    "secure10_poll": {"clients": 10, "push": False, "cfg": {"secure_aggregation": True}},
+    "dropout10_none": {"clients": 10, "push": True,
+                       "cfg": {"secure_aggregation": True, "client_selection_ratio": 0.8, "over_selection": 0.25,
+                               "secagg_phase_timeout": 20.0, "round_timeout": 120.0}},
     "dropout10_push": {"clients": 10, "push": True, "kill_fraction": 0.2,
                        "cfg": {"secure_aggregation": True, "client_selection_ratio": 0.8, "over_selection": 0.25,
                                "secagg_phase_timeout": 20.0, "round_timeout": 120.0}},
+    "daemons50_push": {"clients": 50, "push": True, "cfg": {"model_type": "mlp", "hidden_size": 64,
+                                                            "samples_per_client": 200}},
+    "daemons50_poll": {"clients": 50, "push": False, "cfg": {"model_type": "mlp", "hidden_size": 64,
+                                                             "samples_per_client": 200}},
 }
 
 
@@ -102,19 +106,19 @@ class Stack:
 
         port = free_port()
         self.url = f"http://127.0.0.1:{port}"
-        log = open(self.out / "server.log", "ab")
-        self.server = subprocess.Popen([sys.executable, "-m", "fl_server", "serve", "--config", str(cfg_path), "--state-dir",
-                                        str(self.out / "server"), "--port", str(port)], env=self.env, stdout=log,
-                                       stderr=subprocess.STDOUT)
+        with open(self.out / "server.log", "ab") as log:  # the child keeps its own copy of the descriptor
+            self.server = subprocess.Popen([sys.executable, "-m", "fl_server", "serve", "--config", str(cfg_path),
+                                            "--state-dir", str(self.out / "server"), "--port", str(port)], env=self.env,
+                                           stdout=log, stderr=subprocess.STDOUT)
         wait_healthy(self.url, self.server, timeout=300)
         self.server_up_at = time.time()
 
     def start_daemon(self, name: str) -> None:
-        log = open(self.out / f"{name}.log", "ab")
         cmd = [sys.executable, str(Path(__file__).resolve()), "--daemon", "--server-url", self.url, "--name", name,
                "--state-dir", str(self.out / "clients" / name)]
-        self.daemons[name] = subprocess.Popen(cmd + ([] if self.push else ["--poll"]), env=self.env, stdout=log,
-                                              stderr=subprocess.STDOUT)
+        with open(self.out / f"{name}.log", "ab") as log:
+            self.daemons[name] = subprocess.Popen(cmd + ([] if self.push else ["--poll"]), env=self.env, stdout=log,
+                                                  stderr=subprocess.STDOUT)
 
     def status(self) -> dict[str, Any]:
         return requests.get(f"{self.url}/status", timeout=30).json()
@@ -289,7 +293,7 @@ def write_readme() -> None:
                      f"{r['server_up_to_first_round_open_s']} / {r['server_up_to_first_round_closed_s']} | "
                      f"{', '.join(f'{x:.1f}' for x in r['load_average_after'])} |")
     pairs = [("secure10_push", "plain10_push"), ("secure10_poll", "plain10_poll"), ("plain10_push", "plain10_poll"),
-             ("daemons50_push", "daemons50_poll"), ("dropout10_push", "secure10_push")]
+             ("daemons50_push", "daemons50_poll"), ("dropout10_push", "dropout10_none")]
     lines += ["", "## Ratios (median round time, same invocation)", ""]
     for a, b in pairs:
         if a in results and b in results and results[a]["median_round_s"] and results[b]["median_round_s"]:

@@ -15,6 +15,12 @@ an update is never sent into another attempt of its round. A daemon killed after
 before the server acknowledged the upload sends the kept update after its restart instead of
 training the round again.
 
+Push, not poll: with nothing to do the daemon long-polls (``GET /api/v1/round?wait=S`` with the last answer's
+ETag, fl_server/rest/state_changes.py): the server answers the moment a round opens or a secure phase changes,
+so selected clients start at once instead of at their next poll; the secure-aggregation GETs wait for their
+phase the same way (``ServerApi.secagg_wait``). A server that sends no ETag (an older one, or asynchronous
+mode) is polled every ``poll_after`` as before, and a long-poll that fails is answered by a plain poll at once.
+
 Profile (client selection): once its data is loaded the daemon asks the server what its
 selection policy reads (``GET /api/v1/profile``) and reports it: ``num_samples``; capability
 ``compute_speed`` in samples/s (``--compute-speed``, else measured by training a few batches of its

@@ -14,7 +14,7 @@ import requests
 from flask import Flask, jsonify, request
 from werkzeug.serving import make_server
 
-from fl_client.api import Credentials, ServerApi
+from fl_client.api import ApiRefused, Credentials, ServerApi
 from fl_common.crypto import sign_request
 from fl_common.crypto.keys import SessionKeys
 from fl_common.protocol.rest import ENV_ENROLLMENT_TOKEN, PATH_ROUND
@@ -120,3 +120,30 @@ def test_client_polls_a_server_that_does_not_long_poll(refuse_wait: bool, tmp_pa
             assert "wait" not in app.config["seen"][-1]  # refused once, then a plain poll
     finally:
         server.shutdown()
+
+
+# ------------------------------------------------------------------ secure-aggregation phases
+def test_a_secure_phase_get_waits_for_its_phase_instead_of_409(tmp_path: Path) -> None:
+    from fl_common.secagg import RosterMessage
+    from tests.e2e.test_rest_secagg import SECURE, register
+
+    env = token_env()
+    with threaded_server(make_cfg(num_clients=3, **SECURE), tmp_path / "srv", env) as (url, service):
+        clients = register(url, env, 3, prefix="ph")
+        sessions = [c.join(1) for c in clients]
+        sessions[0].advertise()
+        sessions[1].advertise()
+        with pytest.raises(ApiRefused) as early:  # a plain GET before the phase: 409 wrong_phase, as before
+            clients[1].fetch("roster")
+        assert early.value.code == "wrong_phase"
+        clients[0].api.secagg_wait = 25.0
+        got: dict[str, Any] = {}
+        waiter = threading.Thread(target=lambda: got.setdefault("roster", clients[0].fetch("roster")))
+        waiter.start()
+        wait_for(lambda: service.changes.waiting == 1, timeout=30, interval=0.02)  # parked on the server
+        assert "roster" not in got
+        sessions[2].advertise()  # the last advertisement: the phase moves to share_keys and the parked GET answers
+        waiter.join(timeout=60)
+        assert not waiter.is_alive()
+        roster = RosterMessage.from_bytes(got["roster"])
+        assert sorted(e.index for e in roster.entries) == [1, 2, 3]

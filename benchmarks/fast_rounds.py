@@ -89,6 +89,88 @@ def daemon_main(argv: list[str]) -> int:
     return daemon.run()
 
 
+# ------------------------------------------------------------------ notification latency, no training
+def notify_run(name: str, clients: int, rounds: int, push: bool) -> dict[str, Any]:
+    """``clients`` scripted clients (threads of this process, the real ServerApi: signing, encryption) against the real
+    gunicorn server; each uploads a zero update the moment it learns it is selected, so rounds follow each other
+    as fast as the protocol allows. Measured: round open (server clock) -> each client's receipt of 'selected'."""
+    import threading
+
+    import torch
+
+    from fl_client.api import ServerApi
+    from fl_common.config import config_from_dict, dump_config
+    from fl_common.protocol.rest import ENV_ADMIN_TOKEN, ENV_ENROLLMENT_TOKEN
+    from fl_common.tensors import wire
+    from fl_server.rest.secrets import ENV_SERVER_SECRET
+
+    cfg = config_from_dict({**_config({"clients": clients, "cfg": {"model_type": "mlp", "hidden_size": 16,
+                                                                   "samples_per_client": 50}}, rounds),
+                            "evaluation_frequency": 10**6, "round_start_wait": 600.0})
+    env = {**os.environ, "PYTHONPATH": str(ROOT), ENV_ENROLLMENT_TOKEN: secrets.token_urlsafe(24),
+           ENV_ADMIN_TOKEN: secrets.token_urlsafe(24), ENV_SERVER_SECRET: secrets.token_urlsafe(32)}
+    received: list[tuple[int, float]] = []
+    lock = threading.Lock()
+    with tempfile.TemporaryDirectory(prefix=f"fast_rounds_{name}_") as tmp:
+        out = Path(tmp)
+        dump_config(cfg, out / "config.yaml")
+        stack = Stack(out, clients, push, env)
+        stack.start_server(out / "config.yaml")
+        numel = 784 * 16 + 16 + 16 * 10 + 10
+        zero = wire.encode_update(torch.zeros(numel), "none", "zstd", meta={"num_samples": 1, "metrics": {"seconds": 0.0}})
+        stop = threading.Event()
+
+        def client(i: int) -> None:
+            api = ServerApi(stack.url, timeout=60, max_retries=3)
+            api.register(env[ENV_ENROLLMENT_TOKEN], client_name=f"n{i:03d}", partition=None, num_samples=None,
+                         capability={})
+            etag: str | None = None
+            done: set[int] = set()
+            while not stop.is_set():
+                status, etag = api.poll_round(etag, 20.0 if push else 0.0)
+                if status["state"] == "finished":
+                    return
+                if status["state"] == "selected" and int(status["round"]) not in done:
+                    r = int(status["round"])
+                    with lock:
+                        received.append((r, time.time()))
+                    done.add(r)
+                    api.upload_update(r, zero, f"{r}-{i}", True)
+                    continue
+                if not push:
+                    time.sleep(0.2 * (0.75 + 0.5 * random.random()))
+
+        t0 = time.perf_counter()
+        threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(clients)]
+        try:
+            for t in threads:
+                t.start()
+            deadline = time.time() + 120.0 * rounds + 300.0
+            while time.time() < deadline and stack.status()["state"] != "finished":
+                time.sleep(0.5)
+        finally:
+            stop.set()
+            stack.stop()
+        db = sqlite3.connect(out / "server" / "server.db")
+        opened = {r: s for r, s, st in db.execute("SELECT round, started_at, state FROM rounds").fetchall() if st == "closed"}
+        rows = db.execute("SELECT round, started_at, closed_at FROM rounds WHERE state='closed' ORDER BY round").fetchall()
+    lat: dict[int, list[float]] = {}
+    for r, at in received:
+        if r in opened:
+            lat.setdefault(r, []).append(at - opened[r])
+    steady = [r for r in sorted(lat) if r > 1] or sorted(lat)
+    last = [max(lat[r]) for r in steady]
+    allv = sorted(v for r in steady for v in lat[r])
+    return {"run": name, "clients": clients, "push": push, "model": "mlp (hidden 16), no training: scripted clients",
+            "rounds_planned": rounds, "rounds_completed": len(rows),
+            "open_to_selected_median_s": round(statistics.median(allv), 4) if allv else None,
+            "open_to_last_selected_median_s": round(statistics.median(last), 4) if last else None,
+            "open_to_last_selected_max_s": round(max(last), 4) if last else None,
+            "median_round_s": round(statistics.median(c - s for _, s, c in rows[1:] or rows), 4) if rows else None,
+            "total_wall_s": round(time.perf_counter() - t0, 1), "cores": os.cpu_count(),
+            "load_average_after": os.getloadavg(), "measured_at": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+
 # ------------------------------------------------------------------ the orchestrator
 @dataclass
 class Stack:
@@ -243,7 +325,12 @@ def _measure(stack: Stack, rounds_planned: int, extra: dict[str, Any]) -> dict[s
     }
 
 
+NOTIFY_RUNS = {"notify50_push": True, "notify50_poll": False}
+
+
 def run_one(name: str, rounds: int, seed: int) -> dict[str, Any]:
+    if name in NOTIFY_RUNS:
+        return notify_run(name, 50, max(rounds, 6), NOTIFY_RUNS[name])
     from fl_common.config import config_from_dict, dump_config
     from fl_common.protocol.rest import ENV_ADMIN_TOKEN, ENV_ENROLLMENT_TOKEN
     from fl_server.rest.secrets import ENV_SERVER_SECRET
@@ -279,7 +366,9 @@ def run_one(name: str, rounds: int, seed: int) -> dict[str, Any]:
 
 def write_readme() -> None:
     """The README's tables from every result present (the prose around them is kept in README.head.md)."""
-    results = {p.stem: json.loads(p.read_text()) for p in sorted(RESULTS.glob("*.json"))}
+    everything = {p.stem: json.loads(p.read_text()) for p in sorted(RESULTS.glob("*.json"))}
+    notify = {k: v for k, v in everything.items() if k in NOTIFY_RUNS}
+    results = {k: v for k, v in everything.items() if k not in NOTIFY_RUNS}
     head = (RESULTS / "README.head.md").read_text() if (RESULTS / "README.head.md").is_file() else "# fast rounds\n"
     lines = [head.rstrip(), "", "## Runs", "",
              "| run | clients | model | push | rounds done/planned | median round s | median slowest training s | "
@@ -292,6 +381,14 @@ def write_readme() -> None:
                      f"{r['open_to_last_training_median_s']} / {r['open_to_last_training_max_s']} | "
                      f"{r['server_up_to_first_round_open_s']} / {r['server_up_to_first_round_closed_s']} | "
                      f"{', '.join(f'{x:.1f}' for x in r['load_average_after'])} |")
+    if notify:
+        lines += ["", "## Notification latency, 50 scripted clients, no training", "",
+                  "| run | rounds done/planned | open -> 'selected' received, median s | open -> last client, median / max s |"
+                  " median round s | load avg after |", "|---|---|---|---|---|---|"]
+        for name, r in notify.items():
+            lines.append(f"| {name} | {r['rounds_completed']}/{r['rounds_planned']} | {r['open_to_selected_median_s']} | "
+                         f"{r['open_to_last_selected_median_s']} / {r['open_to_last_selected_max_s']} | "
+                         f"{r['median_round_s']} | {', '.join(f'{x:.1f}' for x in r['load_average_after'])} |")
     pairs = [("secure10_push", "plain10_push"), ("secure10_poll", "plain10_poll"), ("plain10_push", "plain10_poll"),
              ("daemons50_push", "daemons50_poll"), ("dropout10_push", "dropout10_none")]
     lines += ["", "## Ratios (median round time, same invocation)", ""]
@@ -311,13 +408,13 @@ def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--daemon":
         sys.exit(daemon_main(sys.argv[2:]))
     ap = argparse.ArgumentParser()
-    ap.add_argument("--only", nargs="*", choices=sorted(RUNS), help="runs to do (default: all)")
+    ap.add_argument("--only", nargs="*", choices=sorted([*RUNS, *NOTIFY_RUNS]), help="runs to do (default: all)")
     ap.add_argument("--rounds", type=int, default=4, help="rounds per run (the first is a warm-up, left out of medians)")
     ap.add_argument("--force", action="store_true", help="run again even when the run's JSON exists")
     ap.add_argument("--seed", type=int, default=12)
     args = ap.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
-    for name in args.only or [r for r in RUNS if r != "smoke"]:
+    for name in args.only or [*NOTIFY_RUNS, *(r for r in RUNS if r != "smoke")]:
         dest = RESULTS / f"{name}.json"
         if dest.is_file() and not args.force:
             print(f"{name}: kept ({dest})", flush=True)

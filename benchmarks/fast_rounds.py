@@ -106,7 +106,7 @@ def notify_run(name: str, clients: int, rounds: int, push: bool) -> dict[str, An
 
     cfg = config_from_dict({**_config({"clients": clients, "cfg": {"model_type": "mlp", "hidden_size": 16,
                                                                    "samples_per_client": 50}}, rounds),
-                            "evaluation_frequency": 10**6, "round_start_wait": 600.0})
+                            "evaluation_frequency": 1000, "round_start_wait": 600.0})
     env = {**os.environ, "PYTHONPATH": str(ROOT), ENV_ENROLLMENT_TOKEN: secrets.token_urlsafe(24),
            ENV_ADMIN_TOKEN: secrets.token_urlsafe(24), ENV_SERVER_SECRET: secrets.token_urlsafe(32)}
     received: list[tuple[int, float]] = []
@@ -116,14 +116,17 @@ def notify_run(name: str, clients: int, rounds: int, push: bool) -> dict[str, An
         dump_config(cfg, out / "config.yaml")
         stack = Stack(out, clients, push, env)
         stack.start_server(out / "config.yaml")
-        numel = 784 * 16 + 16 + 16 * 10 + 10
-        zero = wire.encode_update(torch.zeros(numel), "none", "zstd", meta={"num_samples": 1, "metrics": {"seconds": 0.0}})
         stop = threading.Event()
 
         def client(i: int) -> None:
             api = ServerApi(stack.url, timeout=60, max_retries=3)
             api.register(env[ENV_ENROLLMENT_TOKEN], client_name=f"n{i:03d}", partition=None, num_samples=None,
                          capability={})
+            model, _ = api.download_model(None, True)
+            assert model is not None
+            numel = wire.unpack(model, 2**30, max_numel=2**30)[0].numel  # the server's model, whatever its layers
+            zero = wire.encode_update(torch.zeros(numel), "none", "zstd", meta={"num_samples": 1,
+                                                                                 "metrics": {"seconds": 0.0}})
             etag: str | None = None
             done: set[int] = set()
             while not stop.is_set():

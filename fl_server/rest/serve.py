@@ -12,6 +12,7 @@ gthread thread costs only its stack; see benchmarks/results/fast_rounds/README.m
 from __future__ import annotations
 
 import logging
+import signal
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -48,6 +49,19 @@ class _GunicornApp(BaseApplication):
         return self._factory()
 
 
+def answer_parked_on_stop(close: Callable[[], None]) -> None:
+    """In the gunicorn worker: on SIGTERM, answer parked long-polls at once, then let gunicorn stop as it does.
+    Without it a graceful stop waits for every parked request (up to graceful_timeout) before the worker exits."""
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def on_term(signum: int, frame: Any) -> None:
+        close()
+        if callable(previous):
+            previous(signum, frame)
+
+    signal.signal(signal.SIGTERM, on_term)
+
+
 def serve(cfg: FLConfig, state_dir: Path, *, host: str = "127.0.0.1", port: int = 8080, threads: int = 8,
           certfile: str | None = None, keyfile: str | None = None, log_format: str = "text",
           log_level: str = "INFO") -> None:
@@ -63,6 +77,7 @@ def serve(cfg: FLConfig, state_dir: Path, *, host: str = "127.0.0.1", port: int 
         limit_arenas()  # before the ticker and the request threads exist (fl_server/rest/memory.py)
         service = FederationService(cfg, state_dir)
         service.changes.max_waiters = max(1, threads - SPARE_THREADS)  # an upload always finds a free thread
+        answer_parked_on_stop(service.changes.close)
         service.observers.add(ReleaseAfterRound())
         return create_app(service)
 

@@ -185,6 +185,8 @@ class Stack:
     server: subprocess.Popen | None = None
     daemons: dict[str, subprocess.Popen] = field(default_factory=dict)
     server_up_at: float = 0.0
+    #: /status requests that timed out (the server was busy past 30 s)
+    slow_status: int = 0
 
     def start_server(self, cfg_path: Path) -> None:
         from fl_server.rest.demo import free_port, wait_healthy
@@ -206,7 +208,14 @@ class Stack:
                                                   stderr=subprocess.STDOUT)
 
     def status(self) -> dict[str, Any]:
-        return requests.get(f"{self.url}/status", timeout=30).json()
+        """/status, asked again while the server is too busy to answer (e.g. unmasking under the lock)."""
+        for _ in range(20):
+            try:
+                return requests.get(f"{self.url}/status", timeout=30).json()
+            except requests.RequestException as exc:
+                self.slow_status += 1
+                print(f"/status did not answer ({type(exc).__name__}); asking again", flush=True)
+        raise RuntimeError("/status did not answer 20 times in a row")
 
     def stop(self) -> None:
         for proc in [*self.daemons.values(), self.server]:
@@ -360,7 +369,7 @@ def run_one(name: str, rounds: int, seed: int) -> dict[str, Any]:
         finally:
             stack.stop()
         result = _measure(stack, rounds, extra)
-        result.update({"run": name, "clients": run["clients"], "push": run["push"], "config": run["cfg"],
+        result.update({"status_timeouts": stack.slow_status, "run": name, "clients": run["clients"], "push": run["push"], "config": run["cfg"],
                        "model": cfg.model_type, "samples_per_client": cfg.samples_per_client,
                        "total_wall_s": round(time.perf_counter() - t0, 1), "cores": os.cpu_count(),
                        "load_average_after": os.getloadavg(), "measured_at": time.strftime("%Y-%m-%d %H:%M:%S")})
@@ -369,7 +378,8 @@ def run_one(name: str, rounds: int, seed: int) -> dict[str, Any]:
 
 def write_readme() -> None:
     """The README's tables from every result present (the prose around them is kept in README.head.md)."""
-    everything = {p.stem: json.loads(p.read_text()) for p in sorted(RESULTS.glob("*.json"))}
+    everything = {p.stem: json.loads(p.read_text()) for p in sorted(RESULTS.glob("*.json"))
+                  if p.stem in RUNS or p.stem in NOTIFY_RUNS}  # not download_codec.json (its own script)
     notify = {k: v for k, v in everything.items() if k in NOTIFY_RUNS}
     results = {k: v for k, v in everything.items() if k not in NOTIFY_RUNS}
     head = (RESULTS / "README.head.md").read_text() if (RESULTS / "README.head.md").is_file() else "# fast rounds\n"

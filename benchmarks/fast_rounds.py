@@ -369,7 +369,8 @@ def run_one(name: str, rounds: int, seed: int) -> dict[str, Any]:
         finally:
             stack.stop()
         result = _measure(stack, rounds, extra)
-        result.update({"status_timeouts": stack.slow_status, "run": name, "clients": run["clients"], "push": run["push"], "config": run["cfg"],
+        result.update({"status_timeouts": stack.slow_status, "run": name,
+                       "clients": run["clients"], "push": run["push"], "config": run["cfg"],
                        "model": cfg.model_type, "samples_per_client": cfg.samples_per_client,
                        "total_wall_s": round(time.perf_counter() - t0, 1), "cores": os.cpu_count(),
                        "load_average_after": os.getloadavg(), "measured_at": time.strftime("%Y-%m-%d %H:%M:%S")})

@@ -196,9 +196,14 @@ class PlainRounds(RoundProtocol):
         recorded = False
         try:
             with ctx.lock:
-                row = driver.check_expected(auth.client_id, round_number)
-                if row.round_id != expected.round_id:
-                    raise ApiError(409, "round_closed", f"the attempt of round {round_number} this update was sent to ended")
+                try:
+                    row = driver.check_expected(auth.client_id, round_number)
+                    if row.round_id != expected.round_id:
+                        raise ApiError(409, "round_closed", f"the attempt of round {round_number} this update was sent "
+                                       f"to ended")
+                except ApiError:  # the round closed meanwhile, but the server has decrypted the update: DP charges it
+                    driver.coordinator.charge_refused_update(auth.client_id, round_number)
+                    raise
                 if ctx.store.update(row.round_id, auth.client_id) is not None:
                     raise ApiError(409, "duplicate", f"an update for round {round_number} was already accepted from this client")
                 ctx.store.add_update(UpdateRow(row.round_id, round_number, auth.client_id, idempotency_key, str(path),

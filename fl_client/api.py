@@ -34,6 +34,9 @@ from fl_common.protocol.rest import (
     QUERY_SECAGG_ATTEMPT,
 )
 
+#: ``?wait=S``: a long-poll (the server's fl_server/rest/state_changes.py QUERY_WAIT)
+QUERY_WAIT = "wait"
+
 log = logging.getLogger("fl_client.api")
 
 
@@ -82,10 +85,17 @@ class ServerApi:
         self.creds: Credentials | None = None
         self._sleep = sleep
         self._stop = stop
+        #: whether to long-poll at all (turned off for good when the server refuses a ``wait``)
+        self.long_poll = True
+        #: seconds a secure-aggregation GET may wait on the server for its phase (0: poll; the daemon sets it)
+        self.secagg_wait = 0.0
 
     # ------------------------------------------------------------------ transport
     def _send(self, method: str, path: str, *, body: bytes = b"", headers: dict[str, str] | None = None,
-              signed: bool = True, bearer: bool = True, json_body: Any = None) -> requests.Response:
+              signed: bool = True, bearer: bool = True, json_body: Any = None, timeout: float | None = None,
+              retries: int | None = None) -> requests.Response:
+        """``timeout`` and ``retries`` default to the client's own (a long-poll needs a longer one and no retry)."""
+        max_retries = self.max_retries if retries is None else retries
         attempt = 0
         while True:
             req = requests.Request(method, self.base_url + path, data=body if json_body is None else None, json=json_body,
@@ -99,7 +109,7 @@ class ServerApi:
                 if bearer:
                     prepared.headers["Authorization"] = f"Bearer {self.creds.session_token}"
             try:
-                resp = self.session.send(prepared, timeout=self.timeout)
+                resp = self.session.send(prepared, timeout=self.timeout if timeout is None else timeout)
             except (requests.ConnectionError, requests.Timeout) as exc:
                 error: str = type(exc).__name__
             else:
@@ -115,7 +125,7 @@ class ServerApi:
                     return resp
                 error = f"HTTP {resp.status_code}"
             attempt += 1
-            if attempt > self.max_retries or self._stop():
+            if attempt > max_retries or self._stop():
                 raise ServerUnreachable(f"{method} {path} failed after {attempt} attempt(s): {error}")
             delay = min(30.0, 0.5 * 2 ** (attempt - 1)) * (0.5 + random.random())
             # DEBUG: the caller says once that the server is unreachable (fl_client/backoff.py), not once per try
@@ -150,6 +160,44 @@ class ServerApi:
 
     def round_status(self) -> dict[str, Any]:
         return self._send("GET", PATH_ROUND).json()
+
+    # ------------------------------------------------------------------ push: long-polls (fl_server/rest/state_changes.py)
+    def poll_round(self, etag: str | None, wait: float) -> tuple[dict[str, Any], str | None]:
+        """The round status and its state ETag (None: the server does not long-poll, e.g. an older one).
+
+        With ``etag`` (the last answer's) and ``wait`` > 0 the server holds the request until the state moves
+        or ``wait`` s pass. A long-poll that fails (a proxy that cuts idle requests, a refused ``wait``) falls
+        back to a plain poll at once, so a long-poll never costs more than one missed push."""
+        if etag is None or wait <= 0 or not self.long_poll:
+            resp = self._send("GET", PATH_ROUND)
+            return resp.json(), resp.headers.get("ETag")
+        try:
+            resp = self._send("GET", f"{PATH_ROUND}?{QUERY_WAIT}={wait:g}", headers={"If-None-Match": etag},
+                              timeout=wait + self.timeout, retries=0)
+        except (ServerUnreachable, ApiRefused) as exc:
+            if isinstance(exc, ApiRefused) and exc.status != 400:
+                raise  # 401 and the like: the caller renews its token, as for any poll
+            log.info("long-poll failed (%s): polling instead", exc)
+            self.long_poll = not isinstance(exc, ApiRefused)  # a refused wait will be refused again: stop asking
+            resp = self._send("GET", PATH_ROUND)
+        return resp.json(), resp.headers.get("ETag")
+
+    def _secagg_waited(self, round_number: int, attempt: int, step: str) -> requests.Response:
+        """GET a secure-aggregation step, parked on the server until its phase begins (``secagg_wait`` s, 0:
+        a plain GET); a failed long-poll is tried again at once as a plain GET."""
+        path = self._secagg_path(round_number, attempt, step)
+        wait = self.secagg_wait if self.long_poll else 0.0
+        if wait <= 0:
+            return self._send("GET", path)
+        try:
+            return self._send("GET", f"{path}&{QUERY_WAIT}={wait:g}", timeout=wait + self.timeout, retries=0)
+        except ServerUnreachable as exc:
+            log.info("long-poll of %s failed (%s): polling instead", step, exc)
+        except ApiRefused as exc:
+            if exc.status != 400 or exc.code != "bad_wait":
+                raise
+            self.long_poll = False
+        return self._send("GET", path)
 
     def profile_spec(self) -> dict[str, Any]:
         """What the server's selection policy reads from this client's profile (ProfileSpec)."""
@@ -205,9 +253,9 @@ class ServerApi:
     def secagg_fetch(self, round_number: int, attempt: int, step: str, encrypted: bool) -> bytes:
         """GET one protocol message (``step``: roster, shares or unmask), decrypted; ApiRefused (409) before its phase."""
         assert self.creds is not None
-        resp = self._send("GET", self._secagg_path(round_number, attempt, step))
+        resp = self._secagg_waited(round_number, attempt, step)
         return Envelope(self.creds.keys).open(resp.content) if encrypted else resp.content
 
     def secagg_outcome(self, round_number: int, attempt: int) -> dict[str, Any]:
         """How a secure attempt ended: state open/closed/aborted, and whether this client's input is in the sum."""
-        return self._send("GET", self._secagg_path(round_number, attempt, "outcome")).json()
+        return self._secagg_waited(round_number, attempt, "outcome").json()

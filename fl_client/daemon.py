@@ -15,6 +15,12 @@ an update is never sent into another attempt of its round. A daemon killed after
 before the server acknowledged the upload sends the kept update after its restart instead of
 training the round again.
 
+Push, not poll: with nothing to do the daemon long-polls (``GET /api/v1/round?wait=S`` with the last answer's
+ETag, fl_server/rest/state_changes.py): the server answers the moment a round opens or a secure phase changes,
+so selected clients start at once instead of at their next poll; the secure-aggregation GETs wait for their
+phase the same way (``ServerApi.secagg_wait``). A server that sends no ETag (an older one, or asynchronous
+mode) is polled every ``poll_after`` as before, and a long-poll that fails is answered by a plain poll at once.
+
 Profile (client selection): once its data is loaded the daemon asks the server what its
 selection policy reads (``GET /api/v1/profile``) and reports it: ``num_samples``; capability
 ``compute_speed`` in samples/s (``--compute-speed``, else measured by training a few batches of its
@@ -115,6 +121,9 @@ class DaemonOptions:
     #: the peers' pinned Ed25519 verifying keys (--secagg-trusted-keys, fl_client/trusted_keys.py): a roster with a
     #: neighbour whose key is not among them is refused; None trusts the keys the server ships
     secagg_trusted_keys: frozenset[bytes] | None = None
+    #: wait on the server for the round's state to move (long-poll) instead of polling every poll_interval; the
+    #: daemon polls anyway when the server does not long-poll or a long-poll fails
+    long_poll: bool = True
 
 
 #: where a SCAFFOLD client keeps its control variate c_i between rounds
@@ -127,6 +136,12 @@ SPEED_SAMPLES = 256
 #: not to miss a round's selection or deadline once it is back
 POLL_RETRY_CAP = 10.0
 UPLOAD_RETRY_CAP = 10.0
+#: seconds a round long-poll may wait on the server (it caps it at half its client liveness); a poll every
+#: this many seconds also keeps the client live for selection
+LONG_POLL_WAIT = 20.0
+#: seconds a secure-aggregation GET waits on the server for its phase: short, so the session still looks at its
+#: phase deadlines between two waits
+SECAGG_LONG_POLL_WAIT = 10.0
 
 
 class ClientDaemon:
@@ -149,6 +164,10 @@ class ClientDaemon:
         self.identity: SigningIdentity | None = None  # long-term Ed25519 key for secure aggregation
         self._secagg_attempts: list[int] = []  # secure attempts already taken part in (never twice)
         self.pending: PendingUpload | None = None  # a finished update the server has not acknowledged yet
+        self.round_etag: str | None = None  # the state version of the last round status (None: poll, do not park)
+        self._poll_was_short = False
+        # secure rounds: a step asked for before its phase waits on the server instead of polling
+        self.api.secagg_wait = SECAGG_LONG_POLL_WAIT if opts.long_poll else 0.0
 
     # ------------------------------------------------------------------ lifecycle
     def install_signal_handlers(self) -> None:
@@ -257,7 +276,7 @@ class ClientDaemon:
                 try:
                     if self.profile_due:
                         self._report_profile()
-                    status = self._call(self.api.round_status)
+                    status = self._poll()
                 except ServerUnreachable as exc:
                     polls.failed(exc)
                     continue
@@ -281,13 +300,32 @@ class ClientDaemon:
                 except ServerUnreachable as exc:  # e.g. the server restarts mid-download: poll again, never die
                     polls.failed(exc)
                     continue
-                interval = float(status.get("poll_after") or self.registration.get("poll_interval", 2.0))
-                self._sleep(interval * (0.75 + 0.5 * random.random()))  # jitter keeps clients from polling in lockstep
+                if not self._parks_next_poll():
+                    interval = float(status.get("poll_after") or self.registration.get("poll_interval", 2.0))
+                    self._sleep(interval * (0.75 + 0.5 * random.random()))  # jitter keeps clients from polling in lockstep
             log.info("stopped")
             return 0
         except ApiRefused as exc:
             log.error("the server refused this client: %s", exc)
             return 1
+
+    # ------------------------------------------------------------------ push: long-polls (fl_server/rest/state_changes.py)
+    def _poll(self) -> dict[str, Any]:
+        """One look at the round: a long-poll parked on the server until the state moves past the last answer's
+        ETag (a round opens, a secure phase changes), or a plain poll when the server sends no ETag (an older
+        server, asynchronous mode) or when there is no answer yet to compare with."""
+        wait = LONG_POLL_WAIT if self.opts.long_poll else 0.0
+        sent = self.round_etag
+        t0 = time.monotonic()
+        status, self.round_etag = self._call(self.api.poll_round, sent, wait)
+        # the server answered at once with nothing new (it parks only so many requests): do not ask again at once
+        self._poll_was_short = (sent is not None and self.round_etag == sent and wait > 0
+                                and time.monotonic() - t0 < wait / 2)
+        return status
+
+    def _parks_next_poll(self) -> bool:
+        """Whether the next poll waits on the server (so the daemon need not sleep before it)."""
+        return self.opts.long_poll and self.api.long_poll and self.round_etag is not None and not self._poll_was_short
 
     def _start_up(self) -> bool:
         """Load the credentials or register, waiting (with backoff) for a server that is not up yet; False when

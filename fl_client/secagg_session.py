@@ -28,6 +28,7 @@ the masked-input phase can no longer take it (the round's deadline bounds it) or
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 import uuid
@@ -52,6 +53,7 @@ from fl_common.secagg import (
     SigningIdentity,
     UnmaskRequest,
 )
+from fl_common.secagg.precompute import MaskPrecompute
 
 log = logging.getLogger("fl_client.secagg")
 
@@ -197,6 +199,8 @@ class SecureRoundSession:
             log.warning("round %d: refusing the roster of secure attempt %d (%s): %s; leaving the attempt without "
                         "sending shares, the server counts this client as dropped", self.round, self.attempt, exc.code, exc)
             raise SessionEnded(f"refused the roster ({exc.code}: {exc})") from None
+        with contextlib.suppress(SecAggError, ValueError):  # masks expanded while training runs; on a failure, at upload
+            self.client.precomputed = MaskPrecompute(self.client.mask_material()).start()
         self._send("shares", msg.to_bytes())
 
     def masked_input(self, plain: PlainInput, metrics: dict[str, float]) -> dict[str, Any]:

@@ -52,6 +52,7 @@ from fl_common.secagg.messages import (
     UnmaskRequest,
     UnmaskResponse,
 )
+from fl_common.secagg.precompute import MaskMaterial, MaskPrecompute
 from fl_common.secagg.prg import SEED_LEN
 from fl_common.secagg.shamir import Share, ShareError, split_secret
 
@@ -151,6 +152,8 @@ class SecAggClient:
         self.rejected: tuple[int, ...] = ()
         #: did the secagg clip change this client's vectors (set in masked_input)
         self.clipped = False
+        #: the masks expanded early (precompute.py; set by the caller once keys are shared), None: expand at upload
+        self.precomputed: MaskPrecompute | None = None
 
     def __repr__(self) -> str:
         return f"SecAggClient(round={self.params.round}, index={self.index}, phase={self.phase.value})"
@@ -264,6 +267,13 @@ class SecAggClient:
         self.phase = ClientPhase.SHARED
         return ShareKeys(self.index, tuple(cts), commitment, sig)
 
+    def mask_material(self) -> MaskMaterial:
+        """This attempt's mask secrets once keys are shared, to expand the masks during training (precompute.py)."""
+        self._expect(ClientPhase.SHARED, "expand its masks")
+        assert self._b is not None
+        pairwise = {v: x25519_shared_secret(self._s.private_key, self._peer_keys[v][1]) for v in sorted(self.neighbours)}
+        return MaskMaterial(self.index, self._b, pairwise, self.params.modulus_bits, self._digest, self.params.vector_length)
+
     # ------------------------------------------------------------------ phase 2
     def _open(self, sender: int, ct: bytes) -> tuple[Share, Share] | None:
         try:
@@ -316,7 +326,9 @@ class SecAggClient:
                 pairwise[v] = x25519_shared_secret(self._s.private_key, self._peer_keys[v][1])
             except KeyAgreementError:
                 raise SecAggRefused(f"client {v}'s mask key is degenerate", "bad_roster") from None
-        y = mask_input(x, self.index, self._b, pairwise, p.modulus_bits, context=self._digest)
+        y = self.precomputed.mask(x, expected) if self.precomputed is not None else None
+        if y is None:
+            y = mask_input(x, self.index, self._b, pairwise, p.modulus_bits, context=self._digest)
         payload = pack(y, p.modulus_bits)
         digest = hashlib.sha256(payload).digest()
         sig = self._identity.sign(MaskedInput.signing_bytes(self._digest, self.index, digest, self.rejected))
@@ -364,3 +376,4 @@ class SecAggClient:
         self._own_b_share = None
         self._held.clear()
         self._c = self._s = None  # type: ignore[assignment]
+        self.precomputed = None

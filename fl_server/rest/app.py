@@ -56,6 +56,7 @@ from fl_server.rest.metrics import install_metrics
 from fl_server.rest.openapi import MAX_ROUND_IN_PATH, openapi_document
 from fl_server.rest.run_report import RunReportWriter
 from fl_server.rest.service import FederationService
+from fl_server.rest.state_changes import QUERY_WAIT, WaitValueError, parse_wait
 
 log = logging.getLogger("fl_server.http")
 
@@ -205,9 +206,26 @@ def create_app(service: FederationService, *, start_ticker: bool = True) -> Flas
     def token() -> Response:
         return jsonify(service.refresh_token(signed(require_token=False)))
 
+    def wait_seconds() -> float:
+        """``?wait=S`` checked (400 ``bad_wait``): seconds this request may be parked (0: a plain poll)."""
+        try:
+            return parse_wait(request.args.get(QUERY_WAIT), liveness=service.cfg.client_liveness)
+        except WaitValueError as exc:
+            raise ApiError(400, "bad_wait", str(exc)) from None
+
     @app.get(PATH_ROUND)
     def round_status() -> Response:
-        return jsonify(service.round_status(signed()).to_json())
+        """A poll; with ``?wait=S`` and ``If-None-Match: <the ETag of the last answer>`` a long-poll, answered
+        as soon as the round's state moves (a round opens or closes, a secure phase changes) or after S s."""
+        auth = signed()
+        wait = wait_seconds()
+        status, etag = service.long_poll(lambda: service.round_status(auth), wait=wait,
+                                         known=request.headers.get("If-None-Match"))
+        resp = jsonify(status.to_json())
+        if etag is not None:
+            resp.headers["ETag"] = etag
+        resp.headers["Cache-Control"] = "no-store"
+        return resp
 
     @app.get(PATH_PROFILE)
     def profile_spec() -> Response:
@@ -263,10 +281,25 @@ def create_app(service: FederationService, *, start_ticker: bool = True) -> Flas
         return secagg_post(round_number, "advertise")
 
     def secagg_get(round_number: int, step: str) -> Response:
-        """The GET side of a phase: what this client must read before its next message."""
+        """The GET side of a phase: what this client must read before its next message. With ``?wait=S`` a
+        request that comes before the phase (409 ``wrong_phase``) is parked until the phase begins or S s pass."""
         rounds = service.secure_protocol()
         reader = {"roster": rounds.roster, "shares": rounds.bundle, "unmask": rounds.unmask_request}[step]
-        return protocol_bytes(reader(signed(), round_number, request.args.get(QUERY_SECAGG_ATTEMPT)))
+        auth = signed()
+        attempt = request.args.get(QUERY_SECAGG_ATTEMPT)
+
+        def read() -> bytes | ApiError:
+            try:
+                return reader(auth, round_number, attempt)
+            except ApiError as exc:
+                if exc.code != "wrong_phase":
+                    raise
+                return exc
+
+        answer, _ = service.long_poll(read, wait=wait_seconds(), ready=lambda a: not isinstance(a, ApiError))
+        if isinstance(answer, ApiError):
+            raise answer
+        return protocol_bytes(answer)
 
     @app.get("/api/v1/rounds/<int:round_number>/secagg/roster")
     def secagg_roster(round_number: int) -> Response:
@@ -290,8 +323,13 @@ def create_app(service: FederationService, *, start_ticker: bool = True) -> Flas
 
     @app.get("/api/v1/rounds/<int:round_number>/secagg/outcome")
     def secagg_outcome(round_number: int) -> Response:
+        """How an attempt ended; with ``?wait=S`` an attempt still open is waited for (at most S s)."""
         rounds = service.secure_protocol()
-        return jsonify(rounds.outcome(signed(), round_number, request.args.get(QUERY_SECAGG_ATTEMPT)))
+        auth = signed()
+        attempt = request.args.get(QUERY_SECAGG_ATTEMPT)
+        answer, _ = service.long_poll(lambda: rounds.outcome(auth, round_number, attempt), wait=wait_seconds(),
+                                      ready=lambda a: a.get("state") != "open")
+        return jsonify(answer)
 
     # ------------------------------------------------------------------ admin
     def require_admin() -> None:

@@ -21,6 +21,7 @@ from fl_common.protocol.rest import (
     QUERY_MODEL_VERSION,
     QUERY_SECAGG_ATTEMPT,
 )
+from fl_server.rest.state_changes import MAX_WAIT_SECONDS, QUERY_WAIT
 
 _SIGNED: list[dict[str, list[str]]] = [{"session": [], "signature": []}]
 _CLIENT_ID = {"name": "client_id", "in": "path", "required": True, "schema": {"type": "string", "maxLength": 64}}
@@ -40,6 +41,15 @@ MAX_ROUND_IN_PATH = 2**31 - 1
 #: a round number in a path; anything else there (a sign, letters, a larger number) matches no route: 404
 _ROUND = {"name": "round", "in": "path", "required": True,
           "schema": {"type": "integer", "minimum": 0, "maximum": MAX_ROUND_IN_PATH}}
+
+
+def _wait_param(what: str) -> dict[str, Any]:
+    """``?wait=S`` (fl_server/rest/state_changes.py): park the request until there is news, at most S seconds."""
+    return {"name": QUERY_WAIT, "in": "query", "required": False,
+            "description": f"long-poll: seconds (decimal, 0 to {MAX_WAIT_SECONDS:g}; at most half the server's "
+                           f"client_liveness is used) the server may hold the request until {what}; any other value "
+                           "is refused with 400 bad_wait. A server that does not long-poll answers at once.",
+            "schema": {"type": "number", "minimum": 0, "maximum": MAX_WAIT_SECONDS}}
 
 
 def _secagg_params() -> list[dict[str, Any]]:
@@ -63,7 +73,9 @@ def _secagg_paths() -> dict[str, Any]:
                                       "content": _json("SecAggAccepted")}, **_errors(400, 401, 403, 404, 409, 411, 413)}}
 
     def get(summary: str) -> dict[str, Any]:
-        return {"summary": summary, "security": _SIGNED, "parameters": _secagg_params(),
+        return {"summary": summary, "security": _SIGNED,
+                "parameters": [*_secagg_params(), _wait_param("the phase that serves this message begins (instead of "
+                                                              "409 wrong_phase)")],
                 "responses": {"200": {"description": f"the message: {_PROTOCOL_BODY_DOC}", "content": _PROTOCOL_BODY},
                               **_errors(400, 401, 404, 409)}}
 
@@ -82,7 +94,8 @@ def _secagg_paths() -> dict[str, Any]:
                          "post": post("Phase 3: UnmaskResponse (shares of survivors' self-mask seeds and of dropped "
                                       "clients' mask keys, signed)")},
         path("outcome"): {"get": {"summary": "How a secure attempt ended, and whether this client's input is in the applied "
-                                             "sum", "security": _SIGNED, "parameters": _secagg_params(),
+                                             "sum", "security": _SIGNED,
+                                  "parameters": [*_secagg_params(), _wait_param("the attempt is no longer open")],
                                   "responses": {"200": {"description": "outcome", "content": _json("SecAggOutcome")},
                                                 **_errors(400, 401, 404, 409)}}},
     }
@@ -105,9 +118,19 @@ def openapi_document() -> dict[str, Any]:
                               **_errors(400, 401, 403, 409, 411, 413, 422)}}},
             PATH_TOKEN: {"post": {"summary": "Renew the session token (signature only)", "security": [{"signature": []}],
                                   "responses": {"200": {"description": "new token"}, **_errors(401)}}},
-            PATH_ROUND: {"get": {"summary": "Poll the current round", "security": _SIGNED,
-                                 "responses": {"200": {"description": "round status", "content": _json("RoundStatus")},
-                                               **_errors(401)}}},
+            PATH_ROUND: {"get": {"summary": "Poll the current round; with ?wait=S and If-None-Match a long-poll",
+                                 "security": _SIGNED,
+                                 "parameters": [_wait_param("the state clients see (a round opens or closes, a secure "
+                                                            "phase changes) moves past the version in If-None-Match; "
+                                                            "without If-None-Match the poll is answered at once"),
+                                                {"name": "If-None-Match", "in": "header", "required": False,
+                                                 "description": "the ETag of the last round status this client read",
+                                                 "schema": {"type": "string"}}],
+                                 "responses": {"200": {"description": "round status; its ETag header is the state version "
+                                                                      "(synchronous rounds only)",
+                                                       "headers": {"ETag": {"schema": {"type": "string"}}},
+                                                       "content": _json("RoundStatus")},
+                                               **_errors(400, 401)}}},
             PATH_PROFILE: {
                 "get": {"summary": "What the selection policy reads from a client's profile, and what this client reported",
                         "security": _SIGNED,

@@ -1,9 +1,18 @@
 """Serving the Flask app with gunicorn: one worker process (the coordinator is one process) with
-a gthread pool, so slow uploads do not block polls. TLS via gunicorn's certfile/keyfile."""
+a gthread pool, so slow uploads do not block polls. TLS via gunicorn's certfile/keyfile.
+
+Long-polls (fl_server/rest/state_changes.py) park one request thread each while they wait, so the pool
+is sized for the federation: at least one thread per configured client plus :data:`SPARE_THREADS` for
+uploads, downloads and monitoring, and at most that many minus the spare are ever parked (beyond it a
+long-poll is answered at once and the client simply polls). Why gthread and not gevent: the worker
+must also run the round ticker and the aggregation (torch, CPU bound, GIL released): under gevent's
+monkey-patching they would block the event loop and every parked request with it, while a parked
+gthread thread costs only its stack; see benchmarks/results/fast_rounds/README.md for the measurement."""
 
 from __future__ import annotations
 
 import logging
+import signal
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -13,6 +22,16 @@ from gunicorn.app.base import BaseApplication
 from fl_common.config import FLConfig
 
 log = logging.getLogger("fl_server.rest.serve")
+
+#: request threads never parked by a long-poll (uploads, model downloads, /status, /metrics)
+SPARE_THREADS = 8
+#: the most request threads the pool is sized to, however many clients are configured
+MAX_THREADS = 512
+
+
+def request_threads(requested: int, num_clients: int) -> int:
+    """The gthread pool: what was asked for, raised to one thread per client plus the spare (bounded)."""
+    return max(requested, min(MAX_THREADS, num_clients + SPARE_THREADS))
 
 
 class _GunicornApp(BaseApplication):
@@ -30,9 +49,24 @@ class _GunicornApp(BaseApplication):
         return self._factory()
 
 
+def answer_parked_on_stop(close: Callable[[], None]) -> None:
+    """In the gunicorn worker: on SIGTERM, answer parked long-polls at once, then let gunicorn stop as it does.
+    Without it a graceful stop waits for every parked request (up to graceful_timeout) before the worker exits."""
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def on_term(signum: int, frame: Any) -> None:
+        close()
+        if callable(previous):
+            previous(signum, frame)
+
+    signal.signal(signal.SIGTERM, on_term)
+
+
 def serve(cfg: FLConfig, state_dir: Path, *, host: str = "127.0.0.1", port: int = 8080, threads: int = 8,
           certfile: str | None = None, keyfile: str | None = None, log_format: str = "text",
           log_level: str = "INFO") -> None:
+    threads = request_threads(threads, cfg.num_clients)
+
     def factory() -> Any:
         # Runs in the gunicorn worker (after fork): the service, its SQLite connection and its
         # round ticker thread belong to the process that serves requests.
@@ -42,6 +76,8 @@ def serve(cfg: FLConfig, state_dir: Path, *, host: str = "127.0.0.1", port: int 
 
         limit_arenas()  # before the ticker and the request threads exist (fl_server/rest/memory.py)
         service = FederationService(cfg, state_dir)
+        service.changes.max_waiters = max(1, threads - SPARE_THREADS)  # an upload always finds a free thread
+        answer_parked_on_stop(service.changes.close)
         service.observers.add(ReleaseAfterRound())
         return create_app(service)
 
@@ -62,5 +98,5 @@ def serve(cfg: FLConfig, state_dir: Path, *, host: str = "127.0.0.1", port: int 
 
         options["logconfig_dict"] = gunicorn_json_logconfig(log_level)
     scheme = "https" if certfile else "http"
-    log.info("serving on %s://%s:%d (state in %s)", scheme, host, port, state_dir)
+    log.info("serving on %s://%s:%d (state in %s, %d request threads)", scheme, host, port, state_dir, threads)
     _GunicornApp(factory, options).run()

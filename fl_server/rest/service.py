@@ -24,7 +24,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -40,6 +40,7 @@ from fl_server.rest.gateway import ApiError, Authenticated, ClientGateway, Signe
 from fl_server.rest.observer import Observers, ServiceObserver
 from fl_server.rest.secrets import ServerSecrets
 from fl_server.rest.secure_driver import SecureRounds
+from fl_server.rest.state_changes import StateChanges
 from fl_server.rest.sync_driver import PlainRounds, SyncRoundDriver
 from fl_server.store import RunDirectory
 from fl_server.store.sqlite import ServerStore
@@ -50,6 +51,8 @@ log = logging.getLogger("fl_server.rest.service")
 TICK_SECONDS = 0.5
 #: consecutive ticker failures after which /health says the federation cannot progress
 TICKER_FAILURES_UNHEALTHY = 3
+
+T = TypeVar("T")
 
 
 def partition_sizes_for(cfg: FLConfig) -> list[int]:
@@ -99,6 +102,8 @@ class FederationService:
         self.lock = threading.RLock()
         self._wake = threading.Event()
         self._stop = threading.Event()
+        #: the version long-polls wait on (fl_server/rest/state_changes.py); bumped by the ticker, never under the lock
+        self.changes = StateChanges()
         self._ticker: threading.Thread | None = None
         #: consecutive failures of the round ticker and the last one's message (/health reports them)
         self.ticker_failures = 0
@@ -162,6 +167,7 @@ class FederationService:
     def stop(self) -> None:
         self._stop.set()
         self._wake.set()
+        self.changes.close()  # parked long-polls answer now instead of holding the shutdown
         if self._ticker is not None:
             self._ticker.join(timeout=30)
             self._ticker = None
@@ -173,6 +179,8 @@ class FederationService:
 
     def _tick_loop(self) -> None:
         while not self._stop.is_set():
+            # cleared before the tick, not after it: a wake-up that comes during a tick is never lost
+            self._wake.clear()
             try:
                 self.tick()
                 self.ticker_failures, self.ticker_error = 0, None
@@ -185,7 +193,6 @@ class FederationService:
                     self._ticker_logged_at = now
                 self.ticker_error = str(exc)
             self._wake.wait(timeout=TICK_SECONDS)
-            self._wake.clear()
 
     def health_problem(self) -> str | None:
         """Why the federation cannot make progress, or None (``/health`` answers 503 with it)."""
@@ -195,7 +202,47 @@ class FederationService:
 
     def tick(self) -> None:
         self.driver.tick()
+        self.observe_state()
         self.gateway.refusals.flush()
+
+    # ------------------------------------------------------------------ push: long-polls (fl_server/rest/state_changes.py)
+    @property
+    def long_polls(self) -> bool:
+        """Whether this driver says what clients see as a state key (synchronous rounds, plain or secure); the
+        asynchronous driver hands out jobs per poll, so its ``wait`` is a plain poll and no state ETag is sent."""
+        return isinstance(self.driver, SyncRoundDriver)
+
+    def observe_state(self) -> None:
+        """After anything that may have moved the round (the ticker's tick): wake parked long-polls if it did."""
+        if isinstance(self.driver, SyncRoundDriver):
+            with self.lock:
+                key = self.driver.state_key()
+            self.changes.observe(key)
+
+    def long_poll(self, read: Callable[[], T], *, wait: float, known: str | None = None,
+                  ready: Callable[[T], bool] | None = None) -> tuple[T, str | None]:
+        """``read()``, answered once there is news for the client or ``wait`` seconds passed, with the ETag of
+        the version it was read at (None: this driver does not long-poll, the answer is a plain poll's).
+
+        Two kinds of news: with ``ready`` (a secure-aggregation phase's message, an attempt's outcome) the
+        answer is what the client waits for; without it, the version moved past the client's ``known`` ETag
+        (no ETag known: the first poll, answered at once). The version is taken *before* each read, so a
+        change during a read leaves the client's ETag stale and its next long-poll answers at once: no change
+        is ever missed. The service lock is held only inside ``read``, never while waiting."""
+        if not self.long_polls:
+            return read(), None
+        deadline = time.monotonic() + wait
+        while True:
+            version = self.changes.version
+            answer = read()
+            etag = self.changes.etag(version)
+            news = ready(answer) if ready is not None else known != etag
+            left = deadline - time.monotonic()
+            if news or left <= 0:
+                return answer, etag
+            if not self.changes.wait_past(version, left):  # timed out, the server stops, or too many are parked
+                version = self.changes.version
+                return read(), self.changes.etag(version)
 
     # ------------------------------------------------------------------ clients (gateway, then driver)
     def register(self, body: Mapping[str, Any], remote: str = "", request: SignedRequest | None = None) -> RegisterResponse:

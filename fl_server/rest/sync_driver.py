@@ -25,6 +25,7 @@ import hashlib
 import logging
 import math
 import time
+import uuid
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -182,24 +183,37 @@ class PlainRounds(RoundProtocol):
             gateway.reject_update("duplicate", auth.client_id)
             raise ApiError(409, "duplicate", f"an update for round {round_number} was already accepted from this client")
         # 2. is this client expected in this round?
-        driver.check_expected(auth.client_id, round_number)  # cheap early refusal; re-checked under the lock
+        with ctx.lock:  # cheap early refusal; re-checked under the lock below
+            expected = driver.check_expected(auth.client_id, round_number)
         # 3. decrypt and decode outside the lock (the expensive part)
         packed, update = gateway.open_update(auth, round_number, body, driver.layout)
-        # 4. durable, then aggregated, then acknowledged
-        with ctx.lock:
-            try:
-                row = driver.check_expected(auth.client_id, round_number)
-            except ApiError:  # the round closed meanwhile, but the server has decrypted the update: DP charges it
-                driver.coordinator.charge_refused_update(auth.client_id, round_number)
-                raise
-            if ctx.store.update(row.round_id, auth.client_id) is not None:
-                raise ApiError(409, "duplicate", f"an update for round {round_number} was already accepted from this client")
-            path = ctx.updates_dir / f"attempt{row.round_id:06d}-r{round_number:05d}" / f"{auth.client_id}.bin"
-            fsync_write(path, packed)
-            ctx.store.add_update(UpdateRow(row.round_id, round_number, auth.client_id, idempotency_key, str(path),
-                                           hashlib.sha256(packed).hexdigest(), update.num_samples, update.metrics, len(body),
-                                           ctx.clock()))
-            driver.coordinator.submit(update)
+        # 4. durable, then aggregated, then acknowledged. The payload's write and fsync happen outside the lock,
+        # under a name of its own (two uploads of one client never share a file); under the lock only the checks,
+        # the row and the aggregate's sum. A payload that is not kept is deleted.
+        path = (ctx.updates_dir / f"attempt{expected.round_id:06d}-r{round_number:05d}"
+                / f"{auth.client_id}-{uuid.uuid4().hex[:12]}.bin")
+        fsync_write(path, packed)
+        recorded = False
+        try:
+            with ctx.lock:
+                try:
+                    row = driver.check_expected(auth.client_id, round_number)
+                    if row.round_id != expected.round_id:
+                        raise ApiError(409, "round_closed", f"the attempt of round {round_number} this update was sent "
+                                       f"to ended")
+                except ApiError:  # the round closed meanwhile, but the server has decrypted the update: DP charges it
+                    driver.coordinator.charge_refused_update(auth.client_id, round_number)
+                    raise
+                if ctx.store.update(row.round_id, auth.client_id) is not None:
+                    raise ApiError(409, "duplicate", f"an update for round {round_number} was already accepted from this client")
+                ctx.store.add_update(UpdateRow(row.round_id, round_number, auth.client_id, idempotency_key, str(path),
+                                               hashlib.sha256(packed).hexdigest(), update.num_samples, update.metrics,
+                                               len(body), ctx.clock()))
+                recorded = True
+                driver.coordinator.submit(update)
+        finally:
+            if not recorded:
+                path.unlink(missing_ok=True)
         ctx.wake.set()
         return {"accepted": True, "round": round_number, "duplicate": False}
 
@@ -486,6 +500,16 @@ class SyncRoundDriver(RoundDriver):
         ctx.observers.run_finished(ctx)
 
     # ------------------------------------------------------------------ polling and model download
+    def state_key(self) -> tuple[object, ...]:
+        """What every client's poll answer depends on beyond the client itself (lock held): the run's end, the
+        model version, the open attempt and, in a secure attempt, its phase and the clients it dropped. The
+        service wakes parked long-polls when it changes (fl_server/rest/state_changes.py)."""
+        coord = self._coordinator
+        row = self.ctx.store.current_open_round() if coord.current_round is not None else None
+        agg = coord.secagg
+        phase = None if agg is None else (agg.server.phase.value, len(agg.server.drops))
+        return (coord.finished, coord.completed_rounds, coord.current_round, None if row is None else row.round_id, phase)
+
     def check_expected(self, client_id: str, round_number: int) -> RoundRow:
         """The open attempt's row if ``client_id`` may upload for ``round_number`` (else ApiError, audited)."""
         ctx = self.ctx

@@ -1,0 +1,100 @@
+"""Masks ready before the update is: expand a client's self and pairwise masks while it still trains.
+
+Why: a client's masked input is ``y = x + PRG(b_u) + sum_v +-PRG(s_uv)`` (fl_common/secagg/masks.py).
+Expanding the ChaCha20 streams costs one pass over the model per neighbour plus one, and it depends only
+on secrets the client holds once keys are shared (phase 1), never on the update. Done at upload time it
+sits between the end of training and the masked input, on the round's critical path; done here, in a
+background thread from the moment keys are shared, it overlaps local training and the upload is one
+vector add.
+
+Exactness: the masks are summed over *every* neighbour in the roster's graph. At upload only the
+neighbours that shared keys (``neighbours & U2``, from the share bundle) may be masked with; the mask of
+any other is subtracted again (expanded then, a rare case: a neighbour that dropped in phase 1). All of it is
+uint64 arithmetic that wraps mod 2^64, and 2^b divides 2^64, so the result equals
+:func:`~fl_common.secagg.masks.mask_input` bit for bit (tests/common/test_secagg_precompute.py).
+
+The secrets never leave the object; a failure in the background (a degenerate peer key) makes
+:meth:`MaskPrecompute.mask` return None and the caller masks the ordinary way, which refuses with the
+state machine's own error.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Mapping, Set
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from fl_common.secagg.masks import pairwise_mask, self_mask
+
+__all__ = ["MaskMaterial", "MaskPrecompute"]
+
+
+@dataclass(frozen=True, repr=False)
+class MaskMaterial:
+    """What one client's masks in one attempt are made of (secret: never logged, never sent)."""
+
+    index: int
+    self_seed: bytes
+    #: neighbour index -> raw X25519 shared secret of the mask key pairs
+    pairwise_secrets: Mapping[int, bytes]
+    modulus_bits: int
+    context: bytes
+    length: int
+
+    def __repr__(self) -> str:
+        return f"MaskMaterial(index={self.index}, neighbours={sorted(self.pairwise_secrets)}, <secrets redacted>)"
+
+    def pairwise(self, peer: int) -> np.ndarray:
+        return pairwise_mask(self.pairwise_secrets[peer], self.index, peer, self.length, self.modulus_bits,
+                             context=self.context)
+
+
+@dataclass
+class MaskPrecompute:
+    """The sum of a client's self mask and its pairwise masks for every neighbour, expanded in a thread.
+
+    ``start()`` returns at once; :meth:`mask` waits for the expansion (it normally finished during
+    training) and applies it to an encoded input."""
+
+    material: MaskMaterial
+    _total: np.ndarray | None = field(default=None, init=False)
+    _failed: BaseException | None = field(default=None, init=False)
+    _thread: threading.Thread | None = field(default=None, init=False)
+
+    def start(self) -> MaskPrecompute:
+        self._thread = threading.Thread(target=self._expand, name="fl-secagg-masks", daemon=True)
+        self._thread.start()
+        return self
+
+    def _expand(self) -> None:
+        m = self.material
+        try:
+            total = self_mask(m.self_seed, m.length, m.modulus_bits, context=m.context)
+            for peer in sorted(m.pairwise_secrets):
+                total += m.pairwise(peer)  # uint64 wraps mod 2^64; 2^b divides it
+            self._total = total
+        except (ValueError, ArithmeticError) as exc:
+            self._failed = exc
+
+    def ready(self) -> bool:
+        """Whether the expansion has finished (successfully or not)."""
+        return self._thread is not None and not self._thread.is_alive()
+
+    def mask(self, x_encoded: np.ndarray, neighbours_in_sum: Set[int]) -> np.ndarray | None:
+        """``x + PRG(b_u) + sum over neighbours_in_sum of +-PRG(s_uv) mod 2^b``, or None when the masks could
+        not be expanded (or ``neighbours_in_sum`` names a peer outside the graph): mask the ordinary way then."""
+        if self._thread is None:
+            self._expand()
+        else:
+            self._thread.join()
+        m = self.material
+        if self._total is None or x_encoded.size != m.length or not set(neighbours_in_sum) <= set(m.pairwise_secrets):
+            return None
+        y = np.array(x_encoded, dtype=np.uint64)
+        y += self._total
+        for peer in sorted(set(m.pairwise_secrets) - set(neighbours_in_sum)):  # shared no keys: not masked with
+            y -= m.pairwise(peer)
+        y &= np.uint64((1 << m.modulus_bits) - 1)
+        return y

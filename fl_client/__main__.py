@@ -102,6 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="allow a plain http:// server URL that is not loopback (tokens and metadata travel unencrypted)")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     p.add_argument("--log-format", default="text", choices=["text", "json"], help="text, or json: one JSON object per line")
+    p.add_argument("--no-long-poll", action="store_true",
+                   help="poll the server at its suggested interval instead of waiting for it to push round changes "
+                        "(long-polling; the daemon falls back to polling by itself where the server does not offer it)")
     p.add_argument("--no-progress", action="store_true",
                    help="no progress bar for local training (it is also off when stderr is not a terminal)")
     return p
@@ -189,7 +192,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         max_rounds=args.max_rounds, threads=args.threads, capability=dict(args.capability),
         verify_tls=transport.verify, progress=False if args.no_progress else None,
         compute_speed=args.compute_speed, bandwidth=args.bandwidth, train_delay=args.train_delay,
-        secagg_unmask_delay=args.secagg_unmask_delay, secagg_trusted_keys=trusted))
+        secagg_unmask_delay=args.secagg_unmask_delay, secagg_trusted_keys=trusted,
+        long_poll=not args.no_long_poll))
     daemon.install_signal_handlers()
     try:
         return daemon.run()

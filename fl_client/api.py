@@ -32,10 +32,8 @@ from fl_common.protocol.rest import (
     PATH_UPDATE,
     QUERY_MODEL_VERSION,
     QUERY_SECAGG_ATTEMPT,
+    QUERY_WAIT,
 )
-
-#: ``?wait=S``: a long-poll (the server's fl_server/rest/state_changes.py QUERY_WAIT)
-QUERY_WAIT = "wait"
 
 log = logging.getLogger("fl_client.api")
 

@@ -28,10 +28,11 @@ import threading
 import time
 from collections.abc import Hashable
 
+from fl_common.protocol.rest import QUERY_WAIT
+
 #: the longest ``wait`` a request may ask for (seconds)
 MAX_WAIT_SECONDS = 30.0
 #: ``?wait=S``: a long-poll of the round or of a secure-aggregation step
-QUERY_WAIT = "wait"
 #: what a ``wait`` value may look like: plain decimal seconds (no sign, exponent, spaces, nan or inf)
 _WAIT = re.compile(r"[0-9]{1,6}(\.[0-9]{0,24})?", re.ASCII)
 

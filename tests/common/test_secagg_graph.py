@@ -60,7 +60,9 @@ def test_chosen_params_meet_stated_failure_probability() -> None:
         # minimal: the next smaller even degree misses the target for every threshold
         k = p.degree - 2
         assert all(failure_bound(n, k, t, 0.1, 0.1) > 1e-6 for t in range(k // 2 + 1, k + 1))
-        assert p.degree >= prev and p.degree <= 60  # grows like log n
+        # grows like log n; against a lying server with 10 % colluders the constant is about 2.5x the
+        # honest-but-curious one (2t > k + 1 + c, not t > c): 84 at n = 100, 106 at n = 10^4
+        assert p.degree >= prev and p.degree <= 130
         prev = p.degree
 
 

@@ -207,7 +207,7 @@ def test_below_threshold_the_round_aborts_and_releases_nothing(phase: Phase) -> 
 
 def test_secagg_plus_sparse_graph_with_dropouts() -> None:
     p = _params(30, degree=6)
-    assert p.degree == 6 and p.threshold == 4
+    assert p.degree == 6 and p.threshold == 5  # 7 holders: 2t > 7 + 1 withstands one colluding holder
     chosen: set[int] = set()
 
     def spread(count: int) -> Callable[[SecAggServer], set[int]]:
@@ -239,10 +239,10 @@ def test_secagg_plus_sparse_graph_with_dropouts() -> None:
 
 def test_secagg_plus_aborts_when_one_neighbourhood_loses_too_many() -> None:
     p = _params(20, degree=6)
-    # at unmasking, 4 of client 1's 6 neighbours go silent: 2 + itself = 3 holders < t = 4
+    # at unmasking, 4 of client 1's 6 neighbours go silent: 2 + itself = 3 holders < t = 5
     r = run_round(p, drop={Phase.UNMASK: lambda server: set(sorted(server.graph[1])[:4])})
     assert r.server.phase == Phase.ABORTED
-    assert "client 1's self-mask seed has 3 live share holders, fewer than the threshold t=4" in (r.server.abort_reason or "")
+    assert "client 1's self-mask seed has 3 live share holders, fewer than the threshold t=5" in (r.server.abort_reason or "")
 
 
 def test_hmac_authentication_runs_a_full_round() -> None:
@@ -653,7 +653,7 @@ def test_deadlines_close_phases_and_record_who_dropped_when() -> None:
     with pytest.raises(SecAggRejected) as err:
         server.receive_advertise(late, 111.0)
     assert err.value.dropped
-    assert p.threshold == 3
+    assert p.threshold == 4  # 5 holders: 2t > 5 + 1 withstands one colluding holder
     for i in (1, 2):
         server.receive_share_keys(clients[i].share_keys(server.roster_for(i)), 112.0)
     late_keys = clients[3].share_keys(server.roster_for(3))

@@ -152,6 +152,8 @@ def test_secure_aggregation_panel_shows_the_status_secagg_block(tmp_path: Path) 
             for k, c in enumerate(clients[:4]):
                 c.s.masked_input(c.plain(rng.normal(0.0, 0.01, numel), 10 + 5 * k), {})
             for c in clients[:4]:
+                c.s.consistency()
+            for c in clients[:4]:
                 c.s.unmask()
             assert clients[0].s.outcome()["state"] == "closed"
             ui.page.wait_for_selector("body[data-state='finished']", timeout=PAGE_MS)

@@ -75,3 +75,35 @@ def test_sparse_graph_survives_random_removals() -> None:
         removed = set(rnd.sample(range(1, n + 1), n // 5))  # 20% dropped or corrupted
         assert _connected(g, removed)
         assert all(len(g[u] - removed) >= p.threshold for u in g if u not in removed)
+
+
+def test_the_graph_seed_is_bound_to_every_advertised_key_and_the_round() -> None:
+    """The server must not choose the neighbour graph after it has seen who advertised (it could grind seeds until a
+    target is surrounded by colluders): the seed is a hash of the round's parameters and of every advertised key, so
+    changing any one key, or the round, changes the graph that the clients (and the server) compute."""
+    import hashlib
+
+    from fl_common.secagg.messages import RosterEntry, RosterMessage
+
+    n, k = 24, 6
+
+    def key(i: int, kind: str) -> bytes:
+        return hashlib.sha256(f"{kind}{i}".encode()).digest()
+
+    entries = tuple(RosterEntry(i, key(i, "c"), key(i, "s"), b"sig", b"") for i in range(1, n + 1))
+    roster = RosterMessage(entries)
+    digest = hashlib.sha256(b"round 1 parameters").digest()
+    seed = roster.graph_seed(digest)
+    graph = build_graph(range(1, n + 1), k, seed)
+    assert roster.graph_seed(digest) == seed  # deterministic: every client recomputes it
+    assert roster.graph_seed(hashlib.sha256(b"round 2 parameters").digest()) != seed
+    for i, kind in ((1, "c"), (n, "s"), (n // 2, "c")):
+        changed = tuple(RosterEntry(e.index, key(i, "x") if (e.index == i and kind == "c") else e.c_pk,
+                                    key(i, "y") if (e.index == i and kind == "s") else e.s_pk, e.signature, e.verify_key)
+                        for e in entries)
+        other = RosterMessage(changed).graph_seed(digest)
+        assert other != seed
+        assert build_graph(range(1, n + 1), k, other) != graph  # 24!/... ring orders: equal by chance ~ never
+    # what is not a key does not move the graph: the signatures and verifying keys are bound by the roster digest
+    resigned = RosterMessage(tuple(RosterEntry(e.index, e.c_pk, e.s_pk, b"other", b"") for e in entries))
+    assert resigned.graph_seed(digest) == seed

@@ -188,3 +188,28 @@ def test_masked_vector_is_uniform_and_uncorrelated_with_input() -> None:
     # y - x is the mask itself: independent of x as well
     r_mask = np.corrcoef(x.astype(np.float64), sub_mod(y, x, bits).astype(np.float64))[0, 1]
     assert abs(r_mask) < 4 / np.sqrt(dim)
+
+
+def test_the_self_mask_hides_a_client_declared_dropped_after_its_masked_input_arrived() -> None:
+    """Why the self mask exists: a server that claims u dropped (after u's masked input reached it) collects shares
+    of u's mask key, rebuilds it and removes every pairwise mask from y_u. What is left must still be uniform
+    noise - x_u + PRG(b_u) - not x_u. (Without the self mask, on both sides, the remainder would be x_u exactly.)"""
+    bits, n = 32, 2000
+    u, peers = 1, [2, 3, 4, 5]
+    keys = {i: KeyPair.generate() for i in [u, *peers]}
+    secrets_ = {v: x25519_shared_secret(keys[u].private_key, keys[v].public_bytes) for v in peers}
+    x = np.random.default_rng(3).integers(0, 1000, size=n, dtype=np.uint64)  # small, very non-uniform values
+    b_u = hashlib.sha256(b"self seed").digest()
+    y = mask_input(x, u, b_u, secrets_, bits, context=b"round-7")
+    # the lying server: it holds u's rebuilt mask key, so it recomputes every pairwise secret of u
+    stolen = KeyPair.from_private_bytes(keys[u].private_bytes())
+    rest = y.copy()
+    for v in peers:
+        rest = sub_mod(rest, pairwise_mask(x25519_shared_secret(stolen.private_key, keys[v].public_bytes), u, v, n, bits,
+                                           context=b"round-7"), bits)
+    assert np.count_nonzero(rest == x) <= 2  # each coordinate equal by chance with probability 2^-32
+    assert np.count_nonzero(rest < 1000) <= 2  # and nothing of x's range shows: the remainder is spread over 2^32
+    # with b_u (only t share holders can give it), the remainder is x exactly: the self mask is all that stood between
+    from fl_common.secagg import self_mask
+
+    np.testing.assert_array_equal(sub_mod(rest, self_mask(b_u, n, bits, context=b"round-7"), bits), x)

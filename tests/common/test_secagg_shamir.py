@@ -100,3 +100,34 @@ def test_tampered_share_gives_wrong_secret_silently() -> None:
     # with a spare share the inconsistency is detected
     with pytest.raises(ShareError):
         reconstruct([*tampered, shares[5]], 4)
+
+
+def test_fewer_than_t_shares_are_consistent_with_every_secret() -> None:
+    """Perfect secrecy, checked on the shares split_secret really makes (not on the algebra alone): for t - 1
+    shares of one secret and ANY candidate secret there is exactly one degree t - 1 polynomial through both,
+    and it hands out t - 1 shares indistinguishable from the real ones. So the real shares must look like
+    fresh field elements: never the secret itself, never repeating across splits, and the same distribution
+    for two very different secrets (a sharing whose higher coefficients were 0 gives y = secret everywhere)."""
+    t, ids, splits = 3, [1, 2, 3, 4, 5], 64
+    zero, ones = bytes(32), b"\xff" * 32
+    top_bits = {}
+    for secret in (zero, ones):
+        value = int.from_bytes(secret, "big")
+        shares = [split_secret(secret, t, ids) for _ in range(splits)]
+        for x in ids:
+            ys = [s[x].y for s in shares]
+            assert value not in ys and len(set(ys)) == splits  # uniform over 2^521: a repeat has probability ~2^-509
+        top_bits[secret] = sum(s[1].y >> 520 for s in shares)  # the highest bit of a uniform element of Z_p: p ~ 2^521
+    for count in top_bits.values():  # Bin(64, 1/2): within 32 +- 20 with probability 1 - 4e-7
+        assert 12 <= count <= 52
+    # every candidate secret is consistent with two of the shares: the line through (0, s') and (1, y1) meets (2, y2)
+    # for exactly one s' per polynomial of degree 2 - so t - 1 = 2 shares plus any s' rebuild a valid sharing of s'
+    real = split_secret(SECRET, t, ids)
+    for candidate in (bytes(32), b"\x01" * 32, hashlib.sha256(b"other").digest()):
+        c = int.from_bytes(candidate, "big")
+        # the degree-2 polynomial f with f(0) = c, f(1) = y1, f(2) = y2; its third share is f(3)
+        y1, y2 = real[1].y, real[2].y
+        a2 = (y2 - 2 * y1 + c) * pow(2, -1, PRIME) % PRIME
+        a1 = (y1 - c - a2) % PRIME
+        fake3 = Share(3, (c + 3 * a1 + 9 * a2) % PRIME)
+        assert reconstruct([real[1], real[2], fake3], t) == candidate

@@ -56,6 +56,7 @@ from fl_common.secagg import (
     SigningIdentity,
     UnmaskRequest,
 )
+from fl_common.secagg.encoding import CLEAR_METRICS
 
 log = logging.getLogger("fl_client.secagg")
 
@@ -83,9 +84,11 @@ class SessionResult:
 
 
 def clear_metrics(metrics: dict[str, float]) -> dict[str, float]:
-    """The metrics that may travel next to a masked input (see MASKED_UPLOAD_METRICS): nothing per-client
-    about the data (a training loss or accuracy would leak what the masking hides)."""
-    return {k: float(metrics[k]) for k in MASKED_UPLOAD_METRICS if k in metrics}
+    """The metrics that travel next to a masked input: only the DP-SGD plan the server told this client
+    (fl_common.secagg.encoding.CLEAR_METRICS, a subset of what the upload format allows). Nothing about the
+    data: a training loss or accuracy would leak what the masking hides, a step count or the training time
+    the record count and the hardware."""
+    return {k: float(metrics[k]) for k in CLEAR_METRICS if k in MASKED_UPLOAD_METRICS and k in metrics}
 
 
 def plain_input(params: SecAggParams, delta: Any, num_samples: int, metrics: dict[str, float],

@@ -184,7 +184,7 @@ def _pairs(value: Any, what: str, length: int) -> tuple[tuple[int, bytes], ...]:
 
 def payload_bytes(length: int, modulus_bits: int) -> int:
     """Bytes of a packed masked vector: ``length`` values of b bits each, as one bit stream (the values
-    are uniform in the field, so no codec can do better than b bits)."""
+    are uniform in Z_{2^b}, so no codec can do better than b bits)."""
     return (length * modulus_bits + 7) // 8
 
 

@@ -67,6 +67,7 @@ from fl_common.secagg import (
     UnmaskResponse,
     Verifier,
 )
+from fl_common.secagg.encoding import IN_CLEAR
 from fl_server.privacy import DPRound
 from fl_server.rest.driver import DriverContext
 from fl_server.rest.gateway import SECURE_FEATURES, ApiError, Authenticated, Registration
@@ -199,7 +200,7 @@ class SecureRounds(RoundProtocol):
         for attempt_id in [a for a, att in self._attempts.items() if att.finished]:
             del self._attempts[attempt_id]  # only the last finished attempt answers retries
         self._attempts[row.round_id] = _Attempt(row.round_id, row.round, agg)
-        log.info("round %d (attempt %d): secure aggregation over %d clients, threshold %d, degree %d, %d-bit field; "
+        log.info("round %d (attempt %d): secure aggregation over %d clients, threshold %d, degree %d, ring Z/2^%d; "
                  "withstands %d colluding share holder(s) per client, failure bound %.2g (target %.0e)",
                  row.round, row.round_id, agg.params.n, agg.params.threshold, min(agg.params.degree, agg.params.n - 1),
                  agg.params.modulus_bits, agg.report.tolerated_corrupt, agg.report.failure_bound, agg.report.failure_target)
@@ -594,10 +595,13 @@ class SecureRounds(RoundProtocol):
             "bytes_per_client_per_phase": bytes_pp,
             "mean_dropouts_per_round": drops,
             "dropouts_by_phase": dict(self._history.get("dropouts_by_phase", {})),
+            "in_clear_per_client": list(IN_CLEAR),
+            "threshold_bound": "2t > h + c (h share holders per client, c colluding among them): a client reveals shares "
+                               "only for the survivor set it signed, once t of its holders signed the same set",
             "clipped_updates": sum(int(a.get("clipped", 0)) for a in done),
             "integrity_events": sum(int(a.get("events", 0)) for a in done),
-            "wire": "masked inputs are uniform in the field: the codec setting is not applied to them; b bits per value "
-                    f"(last round: {last['params'].get('modulus_bits') if last else '-'}-bit field)",
+            "wire": "masked inputs are uniform in the ring Z/2^b: the codec setting is not applied to them; b bits per value "
+                    f"(last round: {last['params'].get('modulus_bits') if last else '-'}-bit ring Z/2^b)",
         }
 
 

@@ -46,6 +46,7 @@ from fl_common.secagg import (
     SecAggServer,
     Verifier,
 )
+from fl_common.secagg.encoding import CLEAR_METRICS as SECAGG_CLEAR_METRICS
 from fl_common.secagg.planning import PlanReport, plan_params, plan_report
 from fl_server.privacy import DPFedAvgAggregator
 from fl_server.strategies.base import AggregateResult, Aggregator, UpdateRejected, WeightedMeanAggregator
@@ -56,9 +57,9 @@ log = logging.getLogger("fl_server.secagg")
 ClientId = int | str
 VerifierLookup = Callable[[ClientId], "Verifier | None"]
 
-#: metrics a masked update may carry in the clear: the DP plan numbers the privacy engine checks,
-#: and timing. Training loss and the DP clipping bit travel masked; anything else is dropped.
-CLEAR_METRICS = ("dp_sample_rate", "dp_steps", "steps", "seconds")
+#: metrics a masked update may carry in the clear: the DP plan numbers the privacy engine checks (the server
+#: computed them itself). Training loss and the DP clipping bit travel masked; anything else is dropped.
+CLEAR_METRICS = SECAGG_CLEAR_METRICS
 #: the phases a simulated client can drop out in (config key secagg_dropout_phase)
 DROPOUT_PHASES = ("all", *tuple(p.value for p in (Phase.ADVERTISE_KEYS, Phase.SHARE_KEYS, Phase.MASKED_INPUT, Phase.UNMASK)))
 

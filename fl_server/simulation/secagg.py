@@ -45,6 +45,7 @@ from fl_common.secagg import (
     UnmaskResponse,
     Verifier,
 )
+from fl_common.secagg.encoding import IN_CLEAR
 from fl_common.secagg.field import FieldOverflowError
 from fl_common.secagg.server import PHASES
 from fl_server.coordinator import Coordinator, RoundPlan
@@ -244,7 +245,7 @@ class SecAggSimulation:
         if not self.rounds:
             return "secagg fixed point"
         p = self.rounds[-1].params
-        return (f"secagg fixed point 2^-{self.cfg.secagg_scale_bits}, {p['modulus_bits']}-bit field "
+        return (f"secagg fixed point 2^-{self.cfg.secagg_scale_bits}, {p['modulus_bits']}-bit ring Z/2^b "
                 f"(b bits per value on the wire)")
 
     def summary(self) -> dict[str, Any]:
@@ -270,7 +271,10 @@ class SecAggSimulation:
             "client_cpu_seconds_per_client_round": self.client_cpu_seconds / max(1, self.client_rounds),
             "server_cpu_seconds_per_round": self.server_cpu_seconds / max(1, len(done) + len(self.aborted)),
             "dropout_simulation": {"rate": self.cfg.secagg_dropout_rate, "phase": self.cfg.secagg_dropout_phase},
-            "wire": "masked inputs are uniform in the field: the codec setting is not applied; " + self.codec_name(),
+            "in_clear_per_client": list(IN_CLEAR),
+            "threshold_bound": "2t > h + c (h share holders per client, c colluding among them): a client reveals shares "
+                               "only for the survivor set it signed, once t of its holders signed the same set",
+            "wire": "masked inputs are uniform in the ring Z/2^b: the codec setting is not applied; " + self.codec_name(),
         }
 
 

@@ -313,7 +313,7 @@
         : `SecAgg+ (neighbour graph of degree ${params.degree})`;
       const signed = SECAGG_AUTH[auth] || (auth ? `key advertisements signed with ${auth}` : "signature scheme not recorded");
       const feeds = cur && cur.aggregation ? `; the unmasked sum feeds the ${cur.aggregation} aggregator` : "";
-      box.append(h("p", { "data-field": "mode" }, `${graph}; ${signed}${feeds}; ${params.modulus_bits}-bit field.`));
+      box.append(h("p", { "data-field": "mode" }, `${graph}; ${signed}${feeds}; integers mod 2^${params.modulus_bits} (a ring, not a field: uniform masks hide each input all the same).`));
       box.append(h("p", { "data-field": "threshold" }, `Threshold ${params.threshold}: ${cur ? "this" : "the last"} attempt ` +
                                                       `over ${n} clients unmasks only while at least ${params.threshold} ` +
                                                       `of a client's share holders remain.`));

@@ -167,3 +167,68 @@ def test_where_one_view_reaches_t_the_target_still_stays_hidden() -> None:
     x, _ = encode_input(f.p, f.inputs[TARGET], np.random.default_rng(TARGET))
     # the remainder is x + PRG(b) mod 2^b: no coordinate left equal to the input (2^-b chance each)
     assert np.count_nonzero(y == x) <= 1
+
+
+def test_the_server_refuses_a_signature_on_another_set_and_drops_its_sender() -> None:
+    """Server side of the check: a signature that is not on the set the server showed (or not by the sender) is a
+    bad signature - the sender is dropped from the attempt, its input stays in the sum and is unmasked through its
+    neighbours, and only the clients that signed are asked to unmask."""
+    f = Federation(_params(8, 0.625))
+    for msg in f.masked.values():
+        f.server.receive_masked_input(msg, 3.0)
+    assert f.server.phase.value == "consistency_check"
+    check = f.server.consistency_check_for(2)
+    assert check == ConsistencyCheck(tuple(f.p.indices), ())
+    other = ConsistencyCheck(tuple(i for i in f.p.indices if i != 3), (3,))
+    from fl_common.secagg import ConsistencySignature, SecAggRejected
+
+    forged = ConsistencySignature(2, f.ids[2].sign(ConsistencyCheck.signing_bytes(
+        f.p.digest(), f.p.session, f.p.round, 2, other.survivors, other.dropped)))
+    with pytest.raises(SecAggRejected) as err:
+        f.server.receive_consistency(forged, 4.0)
+    assert err.value.code == "bad_signature" and err.value.dropped
+    for i in f.p.indices:
+        if i != 2:
+            f.server.receive_consistency(f.clients[i].consistency_check(f.server.consistency_check_for(i)), 4.0)
+    assert f.server.phase.value == "unmask" and f.server.u4 == (1, 3, 4, 5, 6, 7, 8)
+    for i in f.server.u4:
+        request = f.server.unmask_request_for(i)
+        assert [s for s, _ in request.signatures] == list(f.server.u4)
+        f.server.receive_unmask(f.clients[i].unmask(request), 5.0)
+    result = f.server.result()
+    assert result.summed == tuple(f.p.indices)  # client 2's input is in, its self mask rebuilt from its holders
+    want = sum(f.inputs[i].delta for i in f.p.indices)
+    assert result.sums.count == 8 and np.max(np.abs(result.sums.delta - want)) <= 8 * 2.0 ** -16
+
+
+def test_a_signed_set_is_bound_to_the_round_and_the_attempt() -> None:
+    """A signature from one attempt (its fresh session) or round does not verify in another: the server cannot
+    replay signatures it collected earlier into a request for a set the clients never signed this time."""
+    p = _params(6, 0.7)
+    other_attempt = SecAggParams(**{**p.__dict__, "session": bytes(24)})
+    other_round = SecAggParams(**{**p.__dict__, "round": p.round + 1})
+    identity = SigningIdentity.generate_ed25519()
+    args = (1, (1, 2, 3, 4, 5, 6), ())
+    sig = identity.sign(ConsistencyCheck.signing_bytes(p.digest(), p.session, p.round, *args))
+    verifier = identity.verifier()
+    assert verifier.verify(ConsistencyCheck.signing_bytes(p.digest(), p.session, p.round, *args), sig)
+    for q in (other_attempt, other_round):
+        assert not verifier.verify(ConsistencyCheck.signing_bytes(q.digest(), q.session, q.round, *args), sig)
+    assert not verifier.verify(ConsistencyCheck.signing_bytes(p.digest(), p.session, p.round, 2, *args[1:]), sig)
+
+
+def test_a_client_signs_once_and_answers_only_the_set_it_signed() -> None:
+    f = Federation(_params(6, 0.7))
+    everyone = tuple(f.p.indices)
+    signed = {i: f.clients[i].consistency_check(ConsistencyCheck(everyone, ())).signature for i in everyone}
+    with pytest.raises(SecAggRefused, match="one set per round"):
+        f.clients[1].consistency_check(ConsistencyCheck(everyone[1:], (1,)))
+    request = UnmaskRequest(everyone[:-1], (everyone[-1],), tuple(sorted(signed.items())))
+    with pytest.raises(SecAggRefused) as err:  # a different set than the one it signed, whatever it carries
+        f.clients[1].unmask(request)
+    assert err.value.code == "set_mismatch"
+    with pytest.raises(SecAggRefused) as err:  # a signer repeated to reach t
+        f.clients[2].unmask(UnmaskRequest(everyone, (), ((1, signed[1]), (1, signed[1]), (2, signed[2]))))
+    assert err.value.code == "bad_consistency_signature"
+    response = f.clients[3].unmask(UnmaskRequest(everyone, (), tuple(sorted(signed.items()))))
+    assert {v for v, _ in response.self_shares} == set(everyone) and not response.key_shares

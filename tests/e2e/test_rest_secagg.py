@@ -417,15 +417,19 @@ def test_a_server_killed_mid_round_aborts_the_attempt_and_the_next_one_completes
         for s in sessions:
             s.share_keys()
         xs, ws = inputs(4, start.numel(), seed=8)
-        for c, x, w in list(zip(clients, xs, ws, strict=False))[:2]:
+        for c, x, w in zip(clients, xs, ws, strict=False):
             c.s.masked_input(c.plain(x, w), {})
-        assert server.status()["secagg"]["current"]["u3"] == 2
+        for s in sessions[:2]:  # killed in the consistency check, with two of the four signatures in
+            s.consistency()
+        current = server.status()["secagg"]["current"]
+        assert (current["phase"], current["u3"], current["signed"]) == ("consistency_check", 4, 2)
         server.kill9()
         server.start()
         status = wait_for(lambda: (s := server.status())["secagg"]["current"] is not None and s, timeout=60)
         assert status["completed_rounds"] == 0 and status["secagg"]["aborted_attempts"] == 1
         assert "restarted" in status["secagg"]["abort_reasons"][-1]
         refused(lambda: clients[0].fetch("unmask"), 409, "attempt_closed")
+        refused(lambda: clients[2].fetch("consistency"), 409, "attempt_closed")
         assert clients[0].api.secagg_outcome(1, sessions[0].attempt)["state"] == "aborted"
         second = [c.join(1) for c in clients]
         assert second[0].attempt != sessions[0].attempt

@@ -271,7 +271,7 @@ def _run_tests(sandbox: Path, tests: tuple[str, ...], timeout_s: float) -> tuple
     return {0: "survived", 5: "no tests"}.get(code, "killed"), time.monotonic() - t0
 
 
-def run_target(target: Target, sandbox: Path, *, limit: int | None = None) -> dict[str, object]:
+def run_target(target: Target, sandbox: Path, *, limit: int | None = None, recheck: bool = False) -> dict[str, object]:
     path = ROOT / target.module
     source = path.read_text()
     source_sha = hashlib.sha256(source.encode()).hexdigest()
@@ -288,7 +288,7 @@ def run_target(target: Target, sandbox: Path, *, limit: int | None = None) -> di
     dest = sandbox / target.module
     try:
         for n, (mutant, text) in enumerate(mutants, start=1):
-            if mutant.id in results:
+            if mutant.id in results and not (recheck and results[mutant.id]["status"] == "survived"):
                 continue
             dest.write_text(text)
             status, seconds = _run_tests(sandbox, target.tests, target.timeout_s)
@@ -321,6 +321,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("targets", nargs="*", help="run only targets whose name contains one of these words")
     ap.add_argument("--list", action="store_true", help="list the targets and their tests, and the mutant counts")
     ap.add_argument("--limit", type=int, default=None, help="at most this many mutants per target (a smoke run)")
+    ap.add_argument("--recheck", action="store_true", help="run the surviving mutants again (after adding tests)")
     args = ap.parse_args(argv)
     chosen = [t for t in TARGETS if not args.targets or any(w in t.name for w in args.targets)]
     if args.list:
@@ -332,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
     sandbox = _sandbox()
     try:
         for t in chosen:
-            run_target(t, sandbox, limit=args.limit)
+            run_target(t, sandbox, limit=args.limit, recheck=args.recheck)
     finally:
         shutil.rmtree(sandbox, ignore_errors=True)
     done = {}

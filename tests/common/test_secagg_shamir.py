@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from itertools import combinations
 
@@ -120,6 +121,14 @@ def test_fewer_than_t_shares_are_consistent_with_every_secret() -> None:
         top_bits[secret] = sum(s[1].y >> 520 for s in shares)  # the highest bit of a uniform element of Z_p: p ~ 2^521
     for count in top_bits.values():  # Bin(64, 1/2): within 32 +- 20 with probability 1 - 4e-7
         assert 12 <= count <= 52
+    # the polynomial really has degree t - 1: any t - 1 shares, read as a sharing of threshold t - 1, give a
+    # value unrelated to the secret (a sharing one coefficient short would hand the secret to t - 1 holders)
+    for t_ in (2, 3, 4):
+        for _ in range(8):
+            shares = split_secret(SECRET, t_ + 1, ids)
+            for subset in combinations(ids, t_):
+                with contextlib.suppress(ShareError):  # a value that does not even fit 64 bytes: certainly not it
+                    assert reconstruct([shares[x] for x in subset], t_, secret_len=64) != SECRET.rjust(64, b"\0")
     # every candidate secret is consistent with two of the shares: the line through (0, s') and (1, y1) meets (2, y2)
     # for exactly one s' per polynomial of degree 2 - so t - 1 = 2 shares plus any s' rebuild a valid sharing of s'
     real = split_secret(SECRET, t, ids)
@@ -131,3 +140,21 @@ def test_fewer_than_t_shares_are_consistent_with_every_secret() -> None:
         a1 = (y1 - c - a2) % PRIME
         fake3 = Share(3, (c + 3 * a1 + 9 * a2) % PRIME)
         assert reconstruct([real[1], real[2], fake3], t) == candidate
+
+
+def test_split_secret_refuses_out_of_range_input_exactly_at_the_boundaries() -> None:
+    """Each bound is checked where it lies (one byte, 64 bytes, ids 1 and 2^32 - 1 are fine; one past is refused
+    with the reason), not left to a later, vaguer error."""
+    for secret in (b"\x01", b"\xff" * 64):
+        shares = split_secret(secret, 2, [1, 2 ** 32 - 1])
+        assert reconstruct(list(shares.values()), 2, secret_len=len(secret)) == secret
+    for secret in (b"", b"\x00" * 65):
+        with pytest.raises(ValueError, match="secret must be 1..64 bytes"):
+            split_secret(secret, 2, [1, 2])
+    for ids in ([0, 1], [1, 2 ** 32], [1, "2"]):
+        with pytest.raises(ValueError, match="share ids must be integers"):
+            split_secret(SECRET, 2, ids)  # type: ignore[arg-type]
+    for threshold, ids in ((1, [1, 2]), (3, [1, 2])):
+        with pytest.raises(ValueError, match="need 2 <= threshold"):
+            split_secret(SECRET, threshold, ids)
+    assert len(split_secret(SECRET, 2, [1, 2])) == 2

@@ -60,6 +60,8 @@ VerifierLookup = Callable[[ClientId], "Verifier | None"]
 #: metrics a masked update may carry in the clear: the DP plan numbers the privacy engine checks (the server
 #: computed them itself). Training loss and the DP clipping bit travel masked; anything else is dropped.
 CLEAR_METRICS = SECAGG_CLEAR_METRICS
+#: (n, degree, threshold) of round shapes whose missed failure target was already logged at WARNING
+_WARNED_BOUNDS: set[tuple[int, int, int]] = set()
 #: the phases a simulated client can drop out in (config key secagg_dropout_phase)
 DROPOUT_PHASES = ("all", *tuple(p.value for p in (Phase.ADVERTISE_KEYS, Phase.SHARE_KEYS, Phase.MASKED_INPUT, Phase.UNMASK)))
 
@@ -274,15 +276,18 @@ def open_secure_round(cfg: FLConfig, round_number: int, selected: Sequence[Clien
     registered = {i: v for i, v in registered.items() if v.scheme == params.auth}
     server = SecAggServer(params, registered, now=now, timeouts=timeouts)
     report = plan_report(params, dropout_rate=design_dropout_rate(cfg))
-    log.debug("round %d: secure aggregation over %d clients, threshold %d, degree %d, %d-bit field", round_number,
+    log.debug("round %d: secure aggregation over %d clients, threshold %d, degree %d, ring Z/2^%d", round_number,
               params.n, params.threshold, min(params.degree, params.n - 1), params.modulus_bits)
+    shape = (params.n, min(params.degree, params.n - 1), params.threshold)
     if not report.meets_target:
-        log.warning("round %d: secure aggregation over %d clients (threshold %d, degree %d) has a failure bound of %.2g "
-                    "(abort, or a lying server with colluders rebuilding one input), above the target %.0e at %.0f %% "
-                    "dropouts and %.0f %% colluding clients: it withstands %d colluding share holder(s) per client; more "
-                    "clients per round lower the bound", round_number, params.n, params.threshold,
-                    min(params.degree, params.n - 1), report.failure_bound, report.failure_target,
-                    100 * report.dropout_rate, 100 * report.corrupt_rate, report.tolerated_corrupt)
+        emit = log.warning if shape not in _WARNED_BOUNDS else log.debug
+        emit("round %d: secure aggregation over %d clients (threshold %d, degree %d) has a failure bound of %.2g (abort, "
+             "or a lying server with colluders rebuilding one input), above the target %.0e at %.0f %% dropouts and "
+             "%.0f %% colluding clients: it withstands %d colluding share holder(s) per client; more clients per round "
+             "lower the bound", round_number, params.n, params.threshold, min(params.degree, params.n - 1),
+             report.failure_bound, report.failure_target, 100 * report.dropout_rate, 100 * report.corrupt_rate,
+             report.tolerated_corrupt)
+        _WARNED_BOUNDS.add(shape)  # once per process and round shape at WARNING (every round repeats it at DEBUG)
     return SecureAggregator(inner, server, numel, report=report)
 
 

@@ -232,3 +232,18 @@ def test_a_client_signs_once_and_answers_only_the_set_it_signed() -> None:
     assert err.value.code == "bad_consistency_signature"
     response = f.clients[3].unmask(UnmaskRequest(everyone, (), tuple(sorted(signed.items()))))
     assert {v for v, _ in response.self_shares} == set(everyone) and not response.key_shares
+
+
+def test_the_planner_reports_its_failure_bound_and_meets_the_target_where_it_can() -> None:
+    """Small rounds cannot meet 1e-6 (the issue's n = 10: the bound is reported, not hidden); large ones do."""
+    from fl_common.secagg.planning import plan_report
+
+    small = plan_params(round_number=1, client_ids=[f"c{i}" for i in range(10)], vector_length=8, clip=1.0, scale_bits=8)
+    report = plan_report(small, dropout_rate=0.1)
+    assert not report.meets_target and 0.1 < report.failure_bound <= 1.0
+    assert report.tolerated_corrupt == small.tolerated_corrupt() >= 1
+    assert report.to_json()["meets_target"] is False and report.to_json()["failure_target"] == 1e-6
+    large = plan_params(round_number=1, client_ids=[f"c{i}" for i in range(200)], vector_length=8, clip=1.0, scale_bits=8)
+    big = plan_report(large, dropout_rate=0.1)
+    assert big.meets_target and big.failure_bound <= 1e-6 and large.degree < 199  # a sparse SecAgg+ graph
+    assert big.tolerated_corrupt == 2 * large.threshold - (large.degree + 1) - 1

@@ -114,7 +114,7 @@ def refused(call: Any, status: int, code: str) -> dict[str, Any]:
 
 
 def history(url: str) -> list[dict[str, Any]]:
-    return requests.get(f"{url}/status", timeout=10).json()["history"]
+    return requests.get(f"{url}/status", timeout=60).json()["history"]  # the last round writes the run report first
 
 
 def files_under(root: Path) -> dict[Path, bytes]:

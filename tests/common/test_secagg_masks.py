@@ -18,6 +18,7 @@ from fl_common.secagg import (
     build_graph,
     mask_input,
     pairwise_mask,
+    pairwise_seed,
     reconstruct,
     split_secret,
     sub_mod,
@@ -213,3 +214,15 @@ def test_the_self_mask_hides_a_client_declared_dropped_after_its_masked_input_ar
     from fl_common.secagg import self_mask
 
     np.testing.assert_array_equal(sub_mod(rest, self_mask(b_u, n, bits, context=b"round-7"), bits), x)
+
+
+def test_pair_ids_are_checked_before_any_mask_is_derived() -> None:
+    """Ids are the Shamir x-coordinates and the order of the sign convention: 0, negatives, non-integers and a
+    client paired with itself are refused with the reason, on both sides of the pair."""
+    secret = bytes(32)
+    for u, v in ((0, 2), (2, 0), (-1, 2), (2, -1), ("1", 2), (2, "1"), (1.0, 2), (2, 1.0)):
+        with pytest.raises(ValueError, match="positive integers"):
+            pairwise_seed(secret, u, v)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="itself"):
+        pairwise_seed(secret, 3, 3)
+    assert pairwise_seed(secret, 1, 2) == pairwise_seed(secret, 2, 1) != pairwise_seed(secret, 1, 3)

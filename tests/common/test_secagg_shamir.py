@@ -158,3 +158,13 @@ def test_split_secret_refuses_out_of_range_input_exactly_at_the_boundaries() -> 
         with pytest.raises(ValueError, match="need 2 <= threshold"):
             split_secret(SECRET, threshold, ids)
     assert len(split_secret(SECRET, 2, [1, 2])) == 2
+
+
+def test_a_rebuilt_value_one_past_the_secret_length_is_refused() -> None:
+    """2^(8 L) itself does not fit L bytes: the check is >=, with a ShareError (not an OverflowError later)."""
+    value, slope = 1 << 256, 12345
+    shares = [Share(x, (value + slope * x) % PRIME) for x in (1, 2)]
+    with pytest.raises(ShareError, match="does not fit"):
+        reconstruct(shares, 2, secret_len=32)
+    below = [Share(x, (value - 1 + slope * x) % PRIME) for x in (1, 2)]
+    assert reconstruct(below, 2, secret_len=32) == b"\xff" * 32

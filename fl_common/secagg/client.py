@@ -33,7 +33,7 @@ c the corrupt holders. Both secrets of the target are out of reach while
 
 i.e. the round tolerates c = 2t - h - 1 corrupt holders per neighbourhood
 (:meth:`SecAggParams.tolerated_corrupt`; in the complete graph a fraction (2t - n - 1)/n of all
-clients, just under 1/3 at t = ceil(2n/3) + 1, Bonawitz et al.'s choice). The threshold is
+clients: about a third at t = floor(2n/3) + 1, Bonawitz et al.'s choice). The threshold is
 what carries this bound; the signed set adds that every honest client that reveals acted on a
 set t of its holders endorsed, and that no request can be replayed into another round or attempt.
 

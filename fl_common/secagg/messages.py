@@ -285,7 +285,7 @@ class SecAggParams:
         Why: an honest holder reveals one kind of share of a client, for the one set it signed, and only once t
         holders signed that set; a server that shows two sets (target alive / target dropped) needs t shares of
         each, i.e. t - c honest holders in each group, 2(t - c) <= h - c. So c = 2t - h - 1 colluders are safe;
-        in the complete graph that is the fraction (2t - n - 1)/n of all clients (t = ceil(2n/3) + 1: about 1/3)."""
+        in the complete graph that is the fraction (2t - n - 1)/n of all clients (t = floor(2n/3) + 1: about a third)."""
         return max(0, 2 * self.threshold - self.max_holders() - 1)
 
     def validate(self) -> None:

@@ -168,3 +168,23 @@ def test_a_rebuilt_value_one_past_the_secret_length_is_refused() -> None:
         reconstruct(shares, 2, secret_len=32)
     below = [Share(x, (value - 1 + slope * x) % PRIME) for x in (1, 2)]
     assert reconstruct(below, 2, secret_len=32) == b"\xff" * 32
+
+
+def test_share_and_reconstruct_arguments_are_checked_at_their_bounds() -> None:
+    """A share is (x, y) with x in [1, 2^32) and y in [0, p): both ends of each range are valid, one past is a
+    ShareError at construction (never an OverflowError on the wire); reconstruct needs t >= 2 and 1..64 bytes."""
+    for x, y in ((1, 0), (2 ** 32 - 1, PRIME - 1)):
+        share = Share(x, y)
+        assert Share.from_bytes(share.to_bytes()) == share
+    for x, y in ((0, 1), (2 ** 32, 1), (1, PRIME), (1, -1), ("1", 1), (1, "1"), (1.0, 1)):
+        with pytest.raises(ShareError):
+            Share(x, y)  # type: ignore[arg-type]
+    shares = list(split_secret(SECRET, 2, IDS).values())
+    with pytest.raises(ShareError, match="not enough shares"):
+        reconstruct(shares[:1], 1)
+    with pytest.raises(ShareError, match="not enough shares"):
+        reconstruct(shares[:1], 2)
+    for length in (0, 65):
+        with pytest.raises(ValueError, match="secret_len must be 1..64"):
+            reconstruct(shares, 2, secret_len=length)
+    assert reconstruct(shares, 2, secret_len=64) == SECRET.rjust(64, b"\0")

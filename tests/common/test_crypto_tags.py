@@ -77,3 +77,27 @@ def test_the_server_roster_tag_verifies_only_in_full() -> None:
         assert not check(bad), name
     # the tag is the server's, never a client's message signature over the same bytes (domain separated)
     assert not check(identity.sign(roster_digest))
+
+
+def test_a_nonce_is_remembered_for_as_long_as_its_timestamp_is_accepted() -> None:
+    """Replay protection at the edge of the freshness window: a request is accepted while |now - ts| <= window, so its
+    nonce must still be remembered at now = ts + window exactly (and may be forgotten after)."""
+    from fl_common.crypto.signing import DEFAULT_WINDOW_S
+
+    now = [float(NOW)]
+    cache = InMemoryNonceCache(clock=lambda: now[0])
+    headers = sign_request("GET", "/api/v1/round", b"", client_id="c1", hmac_key=KEY, timestamp=NOW, nonce="e" * 20)
+
+    def verify() -> str:
+        return verify_request("GET", "/api/v1/round", b"", headers, hmac_key=KEY, nonce_cache=cache, clock=lambda: now[0])
+
+    assert verify() == "c1"
+    for later in (1.0, DEFAULT_WINDOW_S - 1.0, float(DEFAULT_WINDOW_S)):
+        now[0] = NOW + later
+        with pytest.raises(SignatureError) as err:
+            verify()
+        assert err.value.reason == "replayed_nonce", later
+    now[0] = NOW + DEFAULT_WINDOW_S + 1.0  # past the window: the timestamp refuses it, whatever the cache holds
+    with pytest.raises(SignatureError) as err:
+        verify()
+    assert err.value.reason == "stale_timestamp"

@@ -1,7 +1,7 @@
 """The client's side of one secure-aggregation attempt over REST.
 
 :class:`SecureRoundSession` drives the transport-free :class:`~fl_common.secagg.SecAggClient` (the
-same state machine the simulation runs) through the four phases by polling the server:
+same state machine the simulation runs) through the five phases by polling the server:
 
 1. advertise two fresh public keys (signed with the client's long-term Ed25519 identity);
 2. wait for the roster (409 ``wrong_phase`` until every selected client advertised or the phase's
@@ -11,8 +11,11 @@ same state machine the simulation runs) through the four phases by polling the s
 3. wait for the share bundle, mask the plain input (the trained update, its weight, SCAFFOLD's
    variate delta, the DP clipping bit: whatever the round's layout has) and upload it through the
    update route, with only the clear metrics the server may see;
-4. wait for the unmask request, reveal the shares it asks for (the state machine refuses a request
-   that would reveal both secrets of one peer), then wait for the outcome.
+4. wait for the consistency check (the set of clients whose masked inputs the server holds) and sign
+   it: once per attempt, so a server that shows two sets gets each signed by disjoint honest clients;
+5. wait for the unmask request, reveal the shares it asks for only if it is the set this client
+   signed and carries at least t valid signatures on it from this client's share holders (the state
+   machine also refuses a request that would reveal both secrets of one peer), then wait for the outcome.
 
 Why the steps are separate methods: the daemon overlaps local training with phases 1 and 2 (it
 starts training once it has advertised, so the key exchange costs almost no round time), and
@@ -43,6 +46,7 @@ from fl_client.backoff import ServerWait
 from fl_client.trusted_keys import IDENTITY_FILE
 from fl_common.protocol.rest import MASKED_UPLOAD_METRICS, pack_masked_upload
 from fl_common.secagg import (
+    ConsistencyCheck,
     MaskedInput,
     PlainInput,
     RosterMessage,
@@ -53,11 +57,12 @@ from fl_common.secagg import (
     SigningIdentity,
     UnmaskRequest,
 )
+from fl_common.secagg.encoding import CLEAR_METRICS
 from fl_common.secagg.precompute import MaskPrecompute
 
 log = logging.getLogger("fl_client.secagg")
 
-PHASES = ("advertise_keys", "share_keys", "masked_input", "unmask", "done", "aborted")
+PHASES = ("advertise_keys", "share_keys", "masked_input", "consistency_check", "unmask", "done", "aborted")
 #: seconds a client keeps waiting past a phase's deadline for the server's ticker to close it
 DEADLINE_GRACE = 5.0
 #: longest wait between two tries of the masked input while the server is unreachable (seconds)
@@ -81,9 +86,11 @@ class SessionResult:
 
 
 def clear_metrics(metrics: dict[str, float]) -> dict[str, float]:
-    """The metrics that may travel next to a masked input (see MASKED_UPLOAD_METRICS): nothing per-client
-    about the data (a training loss or accuracy would leak what the masking hides)."""
-    return {k: float(metrics[k]) for k in MASKED_UPLOAD_METRICS if k in metrics}
+    """The metrics that travel next to a masked input: only the DP-SGD plan the server told this client
+    (fl_common.secagg.encoding.CLEAR_METRICS, a subset of what the upload format allows). Nothing about the
+    data: a training loss or accuracy would leak what the masking hides, a step count or the training time
+    the record count and the hardware."""
+    return {k: float(metrics[k]) for k in CLEAR_METRICS if k in MASKED_UPLOAD_METRICS and k in metrics}
 
 
 def plain_input(params: SecAggParams, delta: Any, num_samples: int, metrics: dict[str, float],
@@ -184,7 +191,7 @@ class SecureRoundSession:
                     raise SessionEnded(f"{step}: phase {self.phase} did not end by its deadline") from None
             self._wait()
 
-    # ------------------------------------------------------------------ the four phases
+    # ------------------------------------------------------------------ the five phases
     def advertise(self) -> None:
         """Phase 0: send the two fresh public keys."""
         self._send("advertise", self.client.advertise().to_bytes())
@@ -241,12 +248,27 @@ class SecureRoundSession:
                         self.round, len(self.client.rejected))
         return answer
 
+    def consistency(self) -> None:
+        """Phase 3: sign the set of clients whose masked inputs the server says it holds (one set per attempt)."""
+        check = ConsistencyCheck.from_bytes(self._fetch("consistency", "consistency_check"))
+        try:
+            msg = self.client.consistency_check(check)
+        except SecAggError as exc:
+            log.warning("round %d: refusing to sign the survivor set of secure attempt %d (%s): %s", self.round,
+                        self.attempt, exc.code, exc)
+            raise SessionEnded(f"refused the consistency check ({exc.code})") from None
+        self._send("consistency", msg.to_bytes())
+
     def unmask(self) -> None:
-        """Phase 3: reveal, per neighbour, the share the server is entitled to (never both)."""
+        """Phase 4: once t of this client's share holders signed the same set, reveal per neighbour the share the
+        server is entitled to (never both)."""
         request = UnmaskRequest.from_bytes(self._fetch("unmask", "unmask"))
         try:
             msg = self.client.unmask(request)
         except SecAggError as exc:
+            # a lying server (two survivor sets, missing signatures) or too many dropouts: nothing is revealed
+            log.warning("round %d: refusing the unmask request of secure attempt %d (%s): %s", self.round, self.attempt,
+                        exc.code, exc)
             raise SessionEnded(f"refused the unmask request ({exc.code})") from None
         self._send("unmask", msg.to_bytes())
 
@@ -268,7 +290,7 @@ class SecureRoundSession:
     def run(self, make_input: Callable[[], tuple[PlainInput, dict[str, float]]], *,
             after_advertise: Callable[[], None] | None = None,
             before_unmask: Callable[[], None] | None = None) -> SessionResult:
-        """All four phases. ``make_input()`` returns the plain input and its metrics; it is called once the
+        """All five phases. ``make_input()`` returns the plain input and its metrics; it is called once the
         keys are shared (``after_advertise`` runs right after the advertisement: the daemon starts training
         there; ``before_unmask`` right after the masked input was accepted). A step the attempt cannot
         survive ends the session with its reason, never with a secret."""
@@ -279,6 +301,9 @@ class SecureRoundSession:
             self.share_keys()
             plain, metrics = make_input()
             self.masked_input(plain, metrics)
+            if self._stop():
+                raise SessionEnded("stopped before the consistency check")
+            self.consistency()
             if before_unmask is not None:
                 before_unmask()
             if self._stop():

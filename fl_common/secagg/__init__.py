@@ -7,7 +7,8 @@ seeds and keys), ``graph`` (the SecAgg+ neighbour graph and its parameters).
 The protocol on top of them, transport free: ``auth`` (Ed25519 / HMAC message signatures),
 ``messages`` (round parameters and the messages of the four phases, with byte encodings),
 ``encoding`` (a client's update, weight and counters <-> one field vector), ``client`` and
-``server`` (the two state machines: advertise keys, share keys, masked input, unmask).
+``server`` (the two state machines: advertise keys, share keys, masked input, consistency check,
+unmask).
 """
 
 from fl_common.secagg.auth import ED25519, HMAC_SHA256, SigningIdentity, Verifier
@@ -39,6 +40,8 @@ from fl_common.secagg.masks import (
 )
 from fl_common.secagg.messages import (
     AdvertiseKeys,
+    ConsistencyCheck,
+    ConsistencySignature,
     MalformedMessage,
     MaskedInput,
     RosterMessage,
@@ -70,6 +73,8 @@ __all__ = [
     "PlainInput",
     "DecodedSum",
     "AdvertiseKeys",
+    "ConsistencyCheck",
+    "ConsistencySignature",
     "MalformedMessage",
     "MaskedInput",
     "RosterMessage",

@@ -8,15 +8,34 @@ methods are called in order, each consuming what the server relayed and returnin
     adv    = client.advertise()                      # phase 0
     shares = client.share_keys(roster)               # phase 1
     masked = client.masked_input(bundle, plain)      # phase 2
-    resp   = client.unmask(request)                  # phase 3
+    signed = client.consistency_check(check)         # phase 3 (against an active server)
+    resp   = client.unmask(request)                  # phase 4
 
 Whatever the server sends is checked before it is used, and the client *refuses*
 (:class:`SecAggRefused`) rather than continue in a way that could expose its input: a roster
 with a bad signature, a substituted own key, one verifying key for two members or (with pinned
 keys) a neighbour whose key is not pinned, a threshold that is not a strict majority, a
-bundle that withholds a neighbour's ciphertext, an unmask request that names a client both as
-survivor and as dropped (revealing both shares of one client reveals its input), a request for
-the shares twice, or one with fewer than t survivors among its own neighbours.
+bundle that withholds a neighbour's ciphertext, a consistency check or unmask request that names
+a client both as survivor and as dropped (revealing both shares of one client reveals its input),
+an unmask request for any set other than the one it signed, or one carrying fewer than t valid
+signatures on that set from its own share holders (itself and its neighbours), a request for the
+shares twice, or one with fewer than t survivors among its own neighbours.
+
+Why the consistency check (Bonawitz et al. 2017, the active-adversary variant): a lying server
+can tell some of a target's share holders "the target is alive" (they reveal shares of its
+self-mask seed) and others "the target dropped" (they reveal shares of its mask key). Each
+honest client here signs one set per attempt and reveals only for a set that at least t of its
+share holders signed, so the honest holders that reveal for "alive" and those that reveal for
+"dropped" are disjoint and each group needs t - c signatures of its own from honest clients,
+c the corrupt holders. Both secrets of the target are out of reach while
+
+    2t > h + c        (h = k + 1 share holders per client, c colluding among them)
+
+i.e. the round tolerates c = 2t - h - 1 corrupt holders per neighbourhood
+(:meth:`SecAggParams.tolerated_corrupt`; in the complete graph a fraction (2t - n - 1)/n of all
+clients: about a third at t = floor(2n/3) + 1, Bonawitz et al.'s choice). The threshold is
+what carries this bound; the signed set adds that every honest client that reveals acted on a
+set t of its holders endorsed, and that no request can be replayed into another round or attempt.
 
 Secrets (the two private keys, b_u, the shares held for neighbours) never appear in a repr or
 an exception message, and are dropped once the client has answered the unmask request.
@@ -42,6 +61,8 @@ from fl_common.secagg.graph import build_graph
 from fl_common.secagg.masks import mask_input
 from fl_common.secagg.messages import (
     AdvertiseKeys,
+    ConsistencyCheck,
+    ConsistencySignature,
     MaskedInput,
     RosterEntry,
     RosterMessage,
@@ -64,6 +85,7 @@ class ClientPhase(str, Enum):
     ADVERTISED = "advertised"
     SHARED = "shared"
     MASKED = "masked"
+    CHECKED = "checked"
     DONE = "done"
 
 
@@ -146,6 +168,8 @@ class SecAggClient:
         self.phase = ClientPhase.NEW
         self.neighbours: frozenset[int] = frozenset()
         self._peer_keys: dict[int, tuple[bytes, bytes]] = {}  # v -> (c_pk, s_pk) from the verified roster
+        self._peer_verify: dict[int, bytes] = {}  # v -> the Ed25519 key v's roster signature was checked against
+        self._signed_set: tuple[tuple[int, ...], tuple[int, ...]] | None = None  # the one set this client signed
         self._held: dict[int, tuple[Share, Share]] = {}  # v -> (share of b_v, share of s_sk_v), held for v
         self._share_survivors: frozenset[int] = frozenset()
         #: senders whose ciphertext failed authentication (their shares were never used)
@@ -197,6 +221,7 @@ class SecAggClient:
             if p.auth != ED25519:
                 continue  # HMAC: peers cannot check each other; the server tag vouched for the roster
             key = self._verify_key_for(e)
+            self._peer_verify[e.index] = key
             try:
                 ok = Verifier(ED25519, key).verify(AdvertiseKeys.signing_bytes(self._digest, e.index, e.c_pk, e.s_pk),
                                                    e.signature)
@@ -336,25 +361,85 @@ class SecAggClient:
         return MaskedInput(self.index, payload, self.rejected, sig, digest)
 
     # ------------------------------------------------------------------ phase 3
-    def unmask(self, request: UnmaskRequest) -> UnmaskResponse:
-        """Reveal, per neighbour, the share of b_v (v survived) or of s_sk_v (v dropped) - never both."""
-        self._expect(ClientPhase.MASKED, "reveal shares (it answers one unmask request per round)")
+    def _check_set(self, survivors: tuple[int, ...], dropped: tuple[int, ...], what: str) -> frozenset[int]:
+        """The checks a set must pass before this client signs it or answers for it; returns its local survivors."""
         p = self.params
-        alive, dropped = set(request.survivors), set(request.dropped)
-        both = alive & dropped
+        alive, gone = set(survivors), set(dropped)
+        both = alive & gone
         if both:
-            raise SecAggRefused(f"asked for both shares of clients {sorted(both)}: that would reveal their inputs",
-                                "both_shares_requested")
+            raise SecAggRefused(f"{what} names clients {sorted(both)} both as survivors and as dropped: that would reveal "
+                                f"their inputs", "both_shares_requested")
         if self.index not in alive:
-            raise SecAggRefused("the server lists this client as dropped although it sent its masked input", "bad_unmask_request")
-        if not (alive | dropped) <= self._share_survivors:
-            raise SecAggRefused("the unmask request names clients that never shared keys", "bad_unmask_request")
+            raise SecAggRefused(f"{what} lists this client as dropped although it sent its masked input",
+                                "bad_unmask_request")
+        if not (alive | gone) <= self._share_survivors:
+            raise SecAggRefused(f"{what} names clients that never shared keys", "bad_unmask_request")
         local = (self.neighbours & self._share_survivors) | {self.index}
         if len(alive & local) < p.threshold:
             raise SecAggRefused(f"only {len(alive & local)} survivors among this client's share holders, fewer than the "
                                 f"threshold {p.threshold}", "too_few_survivors")
-        assert self._own_b_share is not None
-        self_shares = [(self.index, self._own_b_share.to_bytes())] if self.index in alive else []
+        return frozenset(alive & local)
+
+    def consistency_check(self, check: ConsistencyCheck) -> ConsistencySignature:
+        """Sign the set of clients whose masked inputs the server says it holds: once per attempt."""
+        self._expect(ClientPhase.MASKED, "sign a survivor set (it signs one set per round)")
+        self._check_set(check.survivors, check.dropped, "the consistency check")
+        sig = self._identity.sign(ConsistencyCheck.signing_bytes(self._digest, self.params.session, self.params.round,
+                                                                 self.index, check.survivors, check.dropped))
+        self._signed_set = (tuple(check.survivors), tuple(check.dropped))
+        self.phase = ClientPhase.CHECKED
+        return ConsistencySignature(self.index, sig)
+
+    def _valid_signers(self, request: UnmaskRequest, local: frozenset[int]) -> set[int]:
+        """The holders (itself and its neighbours) whose signature on exactly this set verifies.
+
+        A signature that does not verify, or one from a client that is not a survivor, is a server
+        that lied about who signed: refused outright rather than skipped. HMAC rounds cannot check peers'
+        signatures (their keys are the server's too): there the server's word is all there is (auth.py)."""
+        signers = [i for i, _ in request.signatures]
+        if len(set(signers)) != len(signers):
+            raise SecAggRefused("the unmask request repeats a signer", "bad_consistency_signature")
+        if not set(signers) <= set(request.survivors):
+            raise SecAggRefused("the unmask request carries signatures of clients outside its survivor set",
+                                "bad_consistency_signature")
+        valid: set[int] = set()
+        for i, sig in request.signatures:
+            if i not in local:
+                continue  # not one of this client's share holders: not counted (no key checked for it)
+            if self.params.auth != ED25519:
+                valid.add(i)
+                continue
+            key = self._identity.verify_key if i == self.index else self._peer_verify.get(i)
+            data = ConsistencyCheck.signing_bytes(self._digest, self.params.session, self.params.round, i,
+                                                  request.survivors, request.dropped)
+            try:
+                ok = key is not None and Verifier(ED25519, key).verify(data, sig)
+            except ValueError:
+                ok = False
+            if not ok:
+                raise SecAggRefused(f"client {i}'s signature on the survivor set does not verify",
+                                    "bad_consistency_signature")
+            valid.add(i)
+        return valid
+
+    # ------------------------------------------------------------------ phase 4
+    def unmask(self, request: UnmaskRequest) -> UnmaskResponse:
+        """Reveal, per neighbour, the share of b_v (v survived) or of s_sk_v (v dropped) - never both, and only for
+        the set this client signed, once t of its share holders have signed that same set."""
+        self._expect(ClientPhase.CHECKED, "reveal shares (it answers one unmask request per round, after signing the set)")
+        p = self.params
+        if (tuple(request.survivors), tuple(request.dropped)) != self._signed_set:
+            raise SecAggRefused("the unmask request is for a set other than the one this client signed",
+                                "set_mismatch")
+        local = self._check_set(request.survivors, request.dropped, "the unmask request")
+        holders = (self.neighbours & self._share_survivors) | {self.index}
+        valid = self._valid_signers(request, frozenset(holders))
+        if len(valid) < p.threshold:
+            raise SecAggRefused(f"only {len(valid)} of this client's share holders signed the survivor set, fewer than "
+                                f"the threshold {p.threshold}", "too_few_signatures")
+        alive, dropped = set(request.survivors), set(request.dropped)
+        assert local and self._own_b_share is not None
+        self_shares = [(self.index, self._own_b_share.to_bytes())]
         key_shares = []
         for v in sorted(self.neighbours):
             held = self._held.get(v)
@@ -364,6 +449,7 @@ class SecAggClient:
                 self_shares.append((v, held[0].to_bytes()))
             elif v in dropped:
                 key_shares.append((v, held[1].to_bytes()))
+        assert not {v for v, _ in self_shares} & {v for v, _ in key_shares}  # never both shares of one client
         self_shares.sort()
         sig = self._identity.sign(UnmaskResponse.signing_bytes(self._digest, self.index, self_shares, key_shares))
         self.phase = ClientPhase.DONE

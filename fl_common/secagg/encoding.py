@@ -1,4 +1,4 @@
-"""A client's plain contribution <-> one vector of field elements, and the server's sum back to floats.
+"""A client's plain contribution <-> one vector of elements of the ring Z_{2^b}, and the server's sum back to floats.
 
 Layout (``SecAggParams.segments``, in order): ``delta`` (the model update), optionally ``control``
 (SCAFFOLD's variate delta), then scalars: ``weight`` (integer n_k, capped at ``weight_bound``),
@@ -26,10 +26,26 @@ import numpy as np
 from fl_common.secagg.field import FieldOverflowError, decode_sum, encode
 from fl_common.secagg.messages import SecAggParams, Segment
 
-__all__ = ["PlainInput", "DecodedSum", "LOSS_BOUND", "encode_input", "decode_input_sum", "pack", "unpack"]
+__all__ = ["PlainInput", "DecodedSum", "LOSS_BOUND", "CLEAR_METRICS", "IN_CLEAR", "encode_input", "decode_input_sum", "pack",
+           "unpack"]
 
 #: training losses are clamped to this before encoding (cross-entropy of a sane model is far below it)
 LOSS_BOUND = 100.0
+#: the only per-client numbers that travel in the clear next to a masked input: the DP-SGD plan (q, steps) the
+#: server itself computed for that client from its record count and told it (sample-level accounting checks the
+#: client ran it). Everything the aggregate needs (the update, its weight n_k, the count, SCAFFOLD's variate
+#: delta, the training loss, the DP clipping bit) is inside the masked vector; local step counts and training
+#: time are not sent at all (they would tell the record count and the hardware of each client).
+CLEAR_METRICS = ("dp_sample_rate", "dp_steps")
+#: what the server sees per client under secure aggregation, for the README and the run report
+IN_CLEAR = (
+    "the record count n_k each client reports in its profile (selection needs it; the masked weights' public bound "
+    "W is the largest n_k among the selected)",
+    "under sample-level DP only: the (sample rate, steps) plan the server computed from n_k and told the client",
+    "participation: which clients advertised keys, shared them, sent a masked input, signed the survivor set and "
+    "answered the unmask request, and when",
+    "message sizes (a masked input is b bits per value for every client: its size says nothing of the update)",
+)
 
 
 @dataclass

@@ -13,6 +13,15 @@ systematic bias. Its randomness is not security relevant (it is not the mask), s
 
 Why the scale is a power of two: ``x * 2^s`` is exact in float64, so the only error is the
 rounding step itself (< 1 unit = 2^-s per coordinate).
+
+A ring, not a field: Z_{2^b} (the integers mod 2^b) is a ring - 2 has no inverse, so nothing here
+ever divides mod 2^b (the division by the scale happens on the centred integer sum, in floats).
+The masking needs only addition: (Z_{2^b}, +) is a group, and for any fixed input x the map
+m -> x + m mod 2^b is a bijection of it, so a mask m uniform on Z_{2^b} makes x + m uniform on
+Z_{2^b} whatever x is (the one-time pad over that group). The masks are uniform because the PRG
+takes the low b bits of uniform 64-bit words and 2^b divides 2^64 (prg.py). Only Shamir sharing
+needs a field (Lagrange interpolation divides): it works mod the prime 2^521 - 1 (shamir.py).
+The names ``FieldOverflowError`` and "field width" are historical: read "ring Z_{2^b}".
 """
 
 from __future__ import annotations

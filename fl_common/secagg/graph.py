@@ -18,7 +18,11 @@ client independently drops with probability ``dropout_rate`` and is corrupted (c
 the server) with probability ``corrupt_rate``:
 
 * correctness: some client has fewer than t surviving neighbours: n * P[Bin(k, 1-dropout) < t]
-* privacy (shares): some client has >= t corrupted neighbours:     n * P[Bin(k, corrupt) >= t]
+* privacy (shares), against a server that lies about who dropped (the active adversary of
+  Bonawitz et al. 2017): each client's secrets have h = k + 1 holders; the server gets both of
+  some client's secrets only if c >= 2t - h of its neighbours collude (client.py derives the
+  bound 2t > h + c):                                               n * P[Bin(k, corrupt) >= 2t - k - 1]
+  (this dominates the honest-but-curious term n * P[Bin(k, corrupt) >= t], since 2t - k - 1 < t)
 * privacy (connectivity): the honest survivors split apart, which in a ring lattice needs k/2
   consecutive bad (dropped or corrupted) clients somewhere: n * (dropout + corrupt)^(k/2)
 
@@ -71,11 +75,12 @@ def _bounds_by_threshold(n: int, k: int, dropout_rate: float, corrupt_rate: floa
     below = [0.0] * (k + 2)  # below[t] = P[survivors < t]
     for i in range(k + 1):
         below[i + 1] = below[i] + survive[i]
-    at_least = [0.0] * (k + 2)  # at_least[t] = P[corrupted >= t], summed from the tail for precision
+    at_least = [0.0] * (k + 2)  # at_least[c] = P[corrupted >= c], summed from the tail for precision
     for i in range(k, -1, -1):
         at_least[i] = at_least[i + 1] + corrupt[i]
     connectivity = 0.0 if complete else n * (dropout_rate + corrupt_rate) ** (k // 2)
-    return [min(1.0, n * below[t] + n * at_least[t] + connectivity) for t in range(k + 1)]
+    # active adversary: c >= 2t - (k + 1) colluding neighbours of a client can collect both of its secrets
+    return [min(1.0, n * below[t] + n * at_least[min(k + 1, max(0, 2 * t - k - 1))] + connectivity) for t in range(k + 1)]
 
 
 def failure_bound(n: int, k: int, t: int, dropout_rate: float, corrupt_rate: float, complete: bool = False) -> float:
@@ -87,7 +92,8 @@ def failure_bound(n: int, k: int, t: int, dropout_rate: float, corrupt_rate: flo
 
 def _best_threshold(n: int, k: int, dropout_rate: float, corrupt_rate: float, complete: bool) -> tuple[int, float]:
     """The t > k/2 with the smallest bound (t > k/2 so that honest neighbours' answers can never
-    hand a malicious server t shares of both a client's self seed and its mask key)."""
+    hand a malicious server t shares of both a client's self seed and its mask key; each colluding
+    neighbour costs one more, see the privacy term above)."""
     bounds = _bounds_by_threshold(n, k, dropout_rate, corrupt_rate, complete)
     t = min(range(k // 2 + 1, k + 1), key=lambda i: (bounds[i], i))
     return t, bounds[t]

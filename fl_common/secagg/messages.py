@@ -14,8 +14,10 @@ Flow of one round (server S, client u; indices 1..n are the Shamir x-coordinates
  1    u -> S              :class:`ShareKeys` (encrypted shares of b_u and s_sk_u, one per neighbour)
       S -> u              :class:`ShareBundle` (the ciphertexts addressed to u, and U2)
  2    u -> S              :class:`MaskedInput` (y_u, packed)
-      S -> u              :class:`UnmaskRequest` (U3 = survivors, U2 \\ U3 = dropped)
- 3    u -> S              :class:`UnmaskResponse` (shares of b_v for survivors, of s_sk_v for dropped)
+      S -> u              :class:`ConsistencyCheck` (U3 = survivors, U2 \\ U3 = dropped)
+ 3    u -> S              :class:`ConsistencySignature` (u's signature on that set, bound to round and attempt)
+      S -> u              :class:`UnmaskRequest` (the same set, and every survivor's signature on it)
+ 4    u -> S              :class:`UnmaskResponse` (shares of b_v for survivors, of s_sk_v for dropped)
 ====  ==================  =============================================================
 
 Every client message is signed (see ``auth.py``) over a domain-separated byte string that binds
@@ -53,6 +55,8 @@ __all__ = [
     "ShareKeys",
     "ShareBundle",
     "MaskedInput",
+    "ConsistencyCheck",
+    "ConsistencySignature",
     "UnmaskRequest",
     "UnmaskResponse",
     "CIPHERTEXT_LEN",
@@ -180,7 +184,7 @@ def _pairs(value: Any, what: str, length: int) -> tuple[tuple[int, bytes], ...]:
 
 def payload_bytes(length: int, modulus_bits: int) -> int:
     """Bytes of a packed masked vector: ``length`` values of b bits each, as one bit stream (the values
-    are uniform in the field, so no codec can do better than b bits)."""
+    are uniform in Z_{2^b}, so no codec can do better than b bits)."""
     return (length * modulus_bits + 7) // 8
 
 
@@ -273,6 +277,16 @@ class SecAggParams:
 
     def max_holders(self) -> int:
         return min(self.degree, self.n - 1) + 1
+
+    def tolerated_corrupt(self) -> int:
+        """Colluding share holders per client the round withstands against a server that lies about who dropped:
+        the largest c with 2t > h + c (h = :meth:`max_holders`; Bonawitz et al. 2017, active adversary).
+
+        Why: an honest holder reveals one kind of share of a client, for the one set it signed, and only once t
+        holders signed that set; a server that shows two sets (target alive / target dropped) needs t shares of
+        each, i.e. t - c honest holders in each group, 2(t - c) <= h - c. So c = 2t - h - 1 colluders are safe;
+        in the complete graph that is the fraction (2t - n - 1)/n of all clients (t = floor(2n/3) + 1: about a third)."""
+        return max(0, 2 * self.threshold - self.max_holders() - 1)
 
     def validate(self) -> None:
         """Refuse parameters that would be insecure or could not decode; clients call this too, so
@@ -559,24 +573,104 @@ class MaskedInput:
             raise MalformedMessage(f"masked_input lacks {exc}") from None
 
 
-# --------------------------------------------------------------------------- phase 3
+# --------------------------------------------------------------------------- phase 3 (consistency check)
+def _set_bytes(survivors: Sequence[int], dropped: Sequence[int]) -> bytes:
+    return (_u32(len(survivors)) + b"".join(_u32(i) for i in survivors)
+            + _u32(len(dropped)) + b"".join(_u32(i) for i in dropped))
+
+
+def _check_set(survivors: tuple[int, ...], dropped: tuple[int, ...], kind: str) -> None:
+    """Sets travel sorted and disjoint: one canonical byte string per set, so that one signature means one set."""
+    if list(survivors) != sorted(survivors) or list(dropped) != sorted(dropped):
+        raise MalformedMessage(f"{kind}: survivors and dropped must be sorted")
+
+
 @dataclass(frozen=True)
-class UnmaskRequest:
-    """U3 (their masked inputs are in the sum: reveal shares of their self-mask seeds) and U2 \\ U3
-    (shared keys but sent no input: reveal shares of their mask keys). Disjoint, or clients refuse."""
+class ConsistencyCheck:
+    """S -> u in the consistency-check phase (Bonawitz et al. 2017, the round added against an active server):
+    the set of clients whose masked input the server holds (U3, ``survivors``) and those that shared keys but
+    sent none (U2 \\ U3, ``dropped``). Every survivor signs it; the unmask request later carries the signatures."""
 
     survivors: tuple[int, ...]
     dropped: tuple[int, ...]
 
+    def __post_init__(self) -> None:
+        _check_set(self.survivors, self.dropped, "consistency_check")
+
+    @staticmethod
+    def signing_bytes(params_digest: bytes, session: bytes, round_number: int, signer: int, survivors: Sequence[int],
+                      dropped: Sequence[int]) -> bytes:
+        """What a survivor signs: the set, bound to the round, the attempt (its fresh session id) and the signer.
+        (The parameter digest binds both too; they are repeated so the binding is visible where it is checked.)"""
+        return (b"fl-hub/v1/secagg/consistency|" + params_digest + _u32(len(session)) + bytes(session)
+                + _u32(round_number) + _u32(signer) + _set_bytes(survivors, dropped))
+
+    def to_bytes(self) -> bytes:
+        return _canonical({"type": "consistency_check", "v": PROTOCOL_VERSION, "survivors": list(self.survivors),
+                           "dropped": list(self.dropped)})
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> ConsistencyCheck:
+        o = _json_load(data, "consistency_check")
+        try:
+            return cls(_index_list(o["survivors"], "survivors"), _index_list(o["dropped"], "dropped"))
+        except KeyError as exc:
+            raise MalformedMessage(f"consistency_check lacks {exc}") from None
+
+
+@dataclass(frozen=True)
+class ConsistencySignature:
+    """u -> S: u's signature on the one set it was shown (a client signs at most one set per attempt)."""
+
+    sender: int
+    signature: bytes
+
+    def to_bytes(self) -> bytes:
+        return _canonical({"type": "consistency_signature", "v": PROTOCOL_VERSION, "sender": self.sender,
+                           "sig": _b64e(self.signature)})
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> ConsistencySignature:
+        o = _json_load(data, "consistency_signature")
+        try:
+            return cls(_int(o["sender"], "sender", 1), _b64d(o["sig"], "signature", max_len=MAX_SIGNATURE_LEN))
+        except KeyError as exc:
+            raise MalformedMessage(f"consistency_signature lacks {exc}") from None
+
+
+# --------------------------------------------------------------------------- phase 4 (unmask)
+@dataclass(frozen=True)
+class UnmaskRequest:
+    """U3 (their masked inputs are in the sum: reveal shares of their self-mask seeds) and U2 \\ U3
+    (shared keys but sent no input: reveal shares of their mask keys), with the survivors' signatures on
+    exactly this set from the consistency check (``signatures``: (signer, signature), by signer). A client
+    answers only the set it signed itself, and only with at least t valid signatures from its share holders;
+    the two sets are disjoint, or clients refuse."""
+
+    survivors: tuple[int, ...]
+    dropped: tuple[int, ...]
+    signatures: tuple[tuple[int, bytes], ...] = ()
+
+    def __post_init__(self) -> None:
+        _check_set(self.survivors, self.dropped, "unmask_request")
+
     def to_bytes(self) -> bytes:
         return _canonical({"type": "unmask_request", "v": PROTOCOL_VERSION, "survivors": list(self.survivors),
-                           "dropped": list(self.dropped)})
+                           "dropped": list(self.dropped), "sigs": [[i, _b64e(s)] for i, s in self.signatures]})
 
     @classmethod
     def from_bytes(cls, data: bytes) -> UnmaskRequest:
         o = _json_load(data, "unmask_request")
         try:
-            return cls(_index_list(o["survivors"], "survivors"), _index_list(o["dropped"], "dropped"))
+            sigs = o["sigs"]
+            if not isinstance(sigs, list):
+                raise MalformedMessage("signatures must be a list")
+            pairs = []
+            for item in sigs:
+                if not (isinstance(item, list) and len(item) == 2):
+                    raise MalformedMessage("signatures must be [index, signature] pairs")
+                pairs.append((_int(item[0], "signer", 1), _b64d(item[1], "signature", max_len=MAX_SIGNATURE_LEN)))
+            return cls(_index_list(o["survivors"], "survivors"), _index_list(o["dropped"], "dropped"), tuple(pairs))
         except KeyError as exc:
             raise MalformedMessage(f"unmask_request lacks {exc}") from None
 

@@ -6,7 +6,10 @@ whose inputs are in the sum (U3), and the pairwise masks that survivors added fo
 shared keys but sent no input (U2 \\ U3). What it learns is the sum over U3, nothing per client.
 
 Sets, as in the paper: U1 advertised keys, U2 shared keys, U3 sent a masked input (these are
-summed), U4 answered the unmask request. Each phase ends when every client still expected has
+summed), U4 signed U3 in the consistency check (Bonawitz et al. 2017's round against an
+active server: every survivor signs the set once, and the unmask request carries those
+signatures, which each client checks before it reveals anything), U5 answered the unmask request.
+Each phase ends when every client still expected has
 answered or at its deadline, whichever comes first; there is no clock inside: every method
 takes ``now`` (seconds, any monotone clock the driver likes) and the driver calls
 :meth:`SecAggServer.advance` when it wants deadlines to be looked at.
@@ -39,6 +42,8 @@ from fl_common.secagg.graph import build_graph
 from fl_common.secagg.masks import unmask_sum
 from fl_common.secagg.messages import (
     AdvertiseKeys,
+    ConsistencyCheck,
+    ConsistencySignature,
     MaskedInput,
     RosterEntry,
     RosterMessage,
@@ -59,14 +64,16 @@ class Phase(str, Enum):
     ADVERTISE_KEYS = "advertise_keys"
     SHARE_KEYS = "share_keys"
     MASKED_INPUT = "masked_input"
+    CONSISTENCY_CHECK = "consistency_check"
     UNMASK = "unmask"
     DONE = "done"
     ABORTED = "aborted"
 
 
-PHASES = (Phase.ADVERTISE_KEYS, Phase.SHARE_KEYS, Phase.MASKED_INPUT, Phase.UNMASK)
+PHASES = (Phase.ADVERTISE_KEYS, Phase.SHARE_KEYS, Phase.MASKED_INPUT, Phase.CONSISTENCY_CHECK, Phase.UNMASK)
 #: seconds each phase waits for the clients still expected (the masked input includes local training)
-DEFAULT_TIMEOUTS = {Phase.ADVERTISE_KEYS: 60.0, Phase.SHARE_KEYS: 60.0, Phase.MASKED_INPUT: 600.0, Phase.UNMASK: 60.0}
+DEFAULT_TIMEOUTS = {Phase.ADVERTISE_KEYS: 60.0, Phase.SHARE_KEYS: 60.0, Phase.MASKED_INPUT: 600.0,
+                    Phase.CONSISTENCY_CHECK: 60.0, Phase.UNMASK: 60.0}
 #: subsets of shares tried when the first t do not rebuild a secret that matches its commitment
 MAX_RECONSTRUCTION_TRIES = 256
 
@@ -119,10 +126,12 @@ class SecAggServer:
         self._adverts: dict[int, AdvertiseKeys] = {}
         self._share_msgs: dict[int, ShareKeys] = {}
         self._masked: dict[int, bytes] = {}  # sender -> sha256 of its payload (idempotent retries)
+        self._signatures: dict[int, bytes] = {}  # consistency check: signer -> its signature on (U3, U2 minus U3)
         self._responses: dict[int, UnmaskResponse] = {}
         self._u1: tuple[int, ...] = ()
         self._u2: tuple[int, ...] = ()
         self._u3: tuple[int, ...] = ()
+        self._u4: tuple[int, ...] = ()
         self._graph: dict[int, frozenset[int]] = {}
         self._roster: RosterMessage | None = None
         self._inbox: dict[int, list[tuple[int, bytes]]] = {}
@@ -143,6 +152,11 @@ class SecAggServer:
         return self._u3
 
     @property
+    def u4(self) -> tuple[int, ...]:
+        """The survivors that signed U3 in the consistency check (only they are asked to unmask)."""
+        return self._u4
+
+    @property
     def num_inputs(self) -> int:
         """Masked inputs accepted so far (they are in the running sum)."""
         return len(self._masked)
@@ -159,13 +173,15 @@ class SecAggServer:
         """Clients the current phase still waits for."""
         live = self._live()
         received: dict[Phase, Mapping[int, object]] = {Phase.ADVERTISE_KEYS: self._adverts, Phase.SHARE_KEYS: self._share_msgs,
-                                                       Phase.MASKED_INPUT: self._masked, Phase.UNMASK: self._responses}
+                                                       Phase.MASKED_INPUT: self._masked,
+                                                       Phase.CONSISTENCY_CHECK: self._signatures, Phase.UNMASK: self._responses}
         got = received.get(self.phase, {})
         return {i for i in live if i not in got}
 
     def _live(self) -> set[int]:
         base = {Phase.ADVERTISE_KEYS: set(self.params.indices), Phase.SHARE_KEYS: set(self._u1),
-                Phase.MASKED_INPUT: set(self._u2), Phase.UNMASK: set(self._u3)}.get(self.phase, set())
+                Phase.MASKED_INPUT: set(self._u2), Phase.CONSISTENCY_CHECK: set(self._u3),
+                Phase.UNMASK: set(self._u4)}.get(self.phase, set())
         return {i for i in base if i not in self.drops}
 
     def result(self) -> SecAggResult:
@@ -255,7 +271,8 @@ class SecAggServer:
         for i in sorted(self.expected()):
             self._drop(i, "no_response", now)
         {Phase.ADVERTISE_KEYS: self._close_advertise, Phase.SHARE_KEYS: self._close_share_keys,
-         Phase.MASKED_INPUT: self._close_masked_input, Phase.UNMASK: self._close_unmask}[self.phase](now)
+         Phase.MASKED_INPUT: self._close_masked_input, Phase.CONSISTENCY_CHECK: self._close_consistency_check,
+         Phase.UNMASK: self._close_unmask}[self.phase](now)
         return self.phase
 
     # ------------------------------------------------------------------ phase 0
@@ -410,17 +427,55 @@ class SecAggServer:
         if not self._viable(u3, now, "after the masked-input phase"):
             return
         self._u3 = tuple(sorted(u3))
+        self._enter(Phase.CONSISTENCY_CHECK, now)
+
+    def _survivor_set(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        return self._u3, tuple(i for i in self._u2 if i not in set(self._u3))
+
+    def consistency_check_for(self, index: int) -> ConsistencyCheck:
+        """U3 and U2 \\ U3, the same for every survivor (an honest server never shows two sets)."""
+        if self.phase != Phase.CONSISTENCY_CHECK or index not in self._u3:
+            raise SecAggRejected(f"no consistency check for client {index} in phase {self.phase.value}", "not_in_phase",
+                                 dropped=index in self.drops)
+        check = ConsistencyCheck(*self._survivor_set())
+        self.bytes_out[Phase.CONSISTENCY_CHECK.value].setdefault(index, len(check.to_bytes()))
+        return check
+
+    # ------------------------------------------------------------------ phase 3
+    def receive_consistency(self, msg: ConsistencySignature, now: float) -> None:
+        if self._gate(Phase.CONSISTENCY_CHECK, msg.sender, now, lambda: self._signatures.get(msg.sender) == msg.signature):
+            return
+        u = msg.sender
+        if u in self._signatures:
+            raise self._reject(u, "conflicting_duplicate", f"client {u} sent two different signatures on the set", now)
+        survivors, dropped = self._survivor_set()
+        self._verify(u, ConsistencyCheck.signing_bytes(self._digest, self.params.session, self.params.round, u, survivors,
+                                                       dropped), msg.signature, now)
+        self._signatures[u] = msg.signature
+        self.bytes_in[Phase.CONSISTENCY_CHECK.value][u] = len(msg.to_bytes())
+        self.advance(now)
+
+    def _close_consistency_check(self, now: float) -> None:
+        signers = {i for i in self._signatures if i not in self.drops}
+        t = self.params.threshold
+        if len(signers) < t:
+            self._abort(f"only {len(signers)} survivors signed the consistency check, fewer than the threshold t={t}", now)
+            return
+        if not self._viable(signers, now, "after the consistency check"):
+            return
+        self._u4 = tuple(sorted(signers))
         self._enter(Phase.UNMASK, now)
 
     def unmask_request_for(self, index: int) -> UnmaskRequest:
-        if self.phase != Phase.UNMASK or index not in self._u3:
+        if self.phase != Phase.UNMASK or index not in self._u4:
             raise SecAggRejected(f"no unmask request for client {index} in phase {self.phase.value}", "not_in_phase",
                                  dropped=index in self.drops)
-        request = UnmaskRequest(self._u3, tuple(i for i in self._u2 if i not in set(self._u3)))
+        sigs = tuple((i, self._signatures[i]) for i in self._u4)
+        request = UnmaskRequest(*self._survivor_set(), sigs)
         self.bytes_out[Phase.UNMASK.value].setdefault(index, len(request.to_bytes()))
         return request
 
-    # ------------------------------------------------------------------ phase 3
+    # ------------------------------------------------------------------ phase 4
     def receive_unmask(self, msg: UnmaskResponse, now: float) -> None:
         if self._gate(Phase.UNMASK, msg.sender, now, lambda: self._responses.get(msg.sender) == msg):
             return

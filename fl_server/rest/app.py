@@ -16,7 +16,7 @@ Client selection: ``GET/POST /api/v1/profile`` (signed) let a client learn what 
 policy reads and report it (fl_server/rest/client_profiles.py). Asynchronous mode: the same endpoints,
 with ``GET /api/v1/model?version=V`` naming the version a job trains on (fl_server/rest/async_driver.py).
 
-Secure aggregation: ``/api/v1/rounds/<r>/secagg/{advertise,roster,shares,unmask,outcome}`` (signed,
+Secure aggregation: ``/api/v1/rounds/<r>/secagg/{advertise,roster,shares,consistency,unmask,outcome}`` (signed,
 ``?attempt=ID``) move the protocol's bytes to and from ``fl_server.rest.secure_driver``; the masked input
 goes through the update route. A refusal there also says ``dropped`` and ``phase``.
 """
@@ -86,7 +86,7 @@ def create_app(service: FederationService, *, start_ticker: bool = True) -> Flas
     secagg_limit = (MAX_SECAGG_MESSAGE_BYTES, "secagg_body_too_large")
     body_limits = {"upload": (service.cfg.max_update_bytes, "body_too_large"),
                    "profile_report": (MAX_PROFILE_BYTES, "profile_body_too_large"), "secagg_advertise": secagg_limit,
-                   "secagg_share_keys": secagg_limit, "secagg_unmask": secagg_limit}
+                   "secagg_share_keys": secagg_limit, "secagg_consistency": secagg_limit, "secagg_unmask": secagg_limit}
     app.extensions["fl_service"] = service
     install_metrics(app, service)
     app.register_blueprint(dashboard_blueprint(service))
@@ -273,7 +273,8 @@ def create_app(service: FederationService, *, start_ticker: bool = True) -> Flas
     def secagg_post(round_number: int, step: str) -> Response:
         rounds = service.secure_protocol()
         auth = signed()
-        handler = {"advertise": rounds.advertise, "shares": rounds.share_keys, "unmask": rounds.unmask}[step]
+        handler = {"advertise": rounds.advertise, "shares": rounds.share_keys, "consistency": rounds.consistency,
+                   "unmask": rounds.unmask}[step]
         return jsonify(handler(auth, round_number, request.args.get(QUERY_SECAGG_ATTEMPT), request.get_data(cache=True)))
 
     @app.post("/api/v1/rounds/<int:round_number>/secagg/advertise")
@@ -284,7 +285,8 @@ def create_app(service: FederationService, *, start_ticker: bool = True) -> Flas
         """The GET side of a phase: what this client must read before its next message. With ``?wait=S`` a
         request that comes before the phase (409 ``wrong_phase``) is parked until the phase begins or S s pass."""
         rounds = service.secure_protocol()
-        reader = {"roster": rounds.roster, "shares": rounds.bundle, "unmask": rounds.unmask_request}[step]
+        reader = {"roster": rounds.roster, "shares": rounds.bundle, "consistency": rounds.consistency_check,
+                  "unmask": rounds.unmask_request}[step]
         auth = signed()
         attempt = request.args.get(QUERY_SECAGG_ATTEMPT)
 
@@ -312,6 +314,14 @@ def create_app(service: FederationService, *, start_ticker: bool = True) -> Flas
     @app.get("/api/v1/rounds/<int:round_number>/secagg/shares")
     def secagg_bundle(round_number: int) -> Response:
         return secagg_get(round_number, "shares")
+
+    @app.get("/api/v1/rounds/<int:round_number>/secagg/consistency")
+    def secagg_consistency_check(round_number: int) -> Response:
+        return secagg_get(round_number, "consistency")
+
+    @app.post("/api/v1/rounds/<int:round_number>/secagg/consistency")
+    def secagg_consistency(round_number: int) -> Response:
+        return secagg_post(round_number, "consistency")
 
     @app.get("/api/v1/rounds/<int:round_number>/secagg/unmask")
     def secagg_unmask_request(round_number: int) -> Response:

@@ -90,8 +90,13 @@ def _secagg_paths() -> dict[str, Any]:
                          "get": get("The ShareBundle addressed to this client, and U2; 409 wrong_phase until phase "
                                     "masked_input. The masked input itself goes to /api/v1/rounds/{round}/update as a "
                                     "MaskedUpload (FLMU1 header with the clear DP metrics, then MaskedInput bytes)")},
-        path("unmask"): {"get": get("The UnmaskRequest (U3, and U2 minus U3); 409 wrong_phase until phase unmask"),
-                         "post": post("Phase 3: UnmaskResponse (shares of survivors' self-mask seeds and of dropped "
+        path("consistency"): {"get": get("The ConsistencyCheck (U3, and U2 minus U3) to sign; 409 wrong_phase until phase "
+                                         "consistency_check"),
+                              "post": post("Phase 3: ConsistencySignature (the client's Ed25519 signature on that set, "
+                                           "bound to round and attempt; one set per attempt)")},
+        path("unmask"): {"get": get("The UnmaskRequest (U3, U2 minus U3, and the survivors' signatures on them); 409 "
+                                    "wrong_phase until phase unmask"),
+                         "post": post("Phase 4: UnmaskResponse (shares of survivors' self-mask seeds and of dropped "
                                       "clients' mask keys, signed)")},
         path("outcome"): {"get": {"summary": "How a secure attempt ended, and whether this client's input is in the applied "
                                              "sum", "security": _SIGNED,
@@ -223,7 +228,7 @@ def openapi_document() -> dict[str, Any]:
                                  "open attempt", "properties": {
                     "attempt": {"type": "integer"}, "params": {"type": "object", "description": "SecAggParams.to_json()"},
                     "index": {"type": "integer", "minimum": 1}, "phase": {"type": "string", "enum": [
-                        "advertise_keys", "share_keys", "masked_input", "unmask", "done", "aborted"]},
+                        "advertise_keys", "share_keys", "masked_input", "consistency_check", "unmask", "done", "aborted"]},
                     "deadline": {"type": "number"}, "deadline_in_s": {"type": "number"}, "poll_after": {"type": "number"},
                     "dropped": {"type": "boolean"}, "done": {"type": "boolean"}}},
                 "EnrollmentRequest": {"type": "object", "additionalProperties": False, "properties": {

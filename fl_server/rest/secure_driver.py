@@ -57,6 +57,7 @@ from fl_common.protocol.rest import (
 from fl_common.secagg import (
     ED25519,
     AdvertiseKeys,
+    ConsistencySignature,
     MalformedMessage,
     MaskedInput,
     Phase,
@@ -66,6 +67,7 @@ from fl_common.secagg import (
     UnmaskResponse,
     Verifier,
 )
+from fl_common.secagg.encoding import IN_CLEAR
 from fl_server.privacy import DPRound
 from fl_server.rest.driver import DriverContext
 from fl_server.rest.gateway import SECURE_FEATURES, ApiError, Authenticated, Registration
@@ -78,7 +80,7 @@ from fl_server.strategies import UpdateRejected
 log = logging.getLogger("fl_server.rest.secure_driver")
 
 #: the protocol's phases, in order (the state machine's Phase values)
-PHASE_ORDER = (Phase.ADVERTISE_KEYS, Phase.SHARE_KEYS, Phase.MASKED_INPUT, Phase.UNMASK)
+PHASE_ORDER = (Phase.ADVERTISE_KEYS, Phase.SHARE_KEYS, Phase.MASKED_INPUT, Phase.CONSISTENCY_CHECK, Phase.UNMASK)
 #: refusal code -> HTTP status: a message that came at the wrong time is a conflict; a signature that
 #: does not verify is forbidden; everything else is a bad request
 HTTP_STATUS = {"wrong_phase": 409, "not_in_phase": 409, "conflicting_duplicate": 409, "attempt_closed": 409,
@@ -198,9 +200,10 @@ class SecureRounds(RoundProtocol):
         for attempt_id in [a for a, att in self._attempts.items() if att.finished]:
             del self._attempts[attempt_id]  # only the last finished attempt answers retries
         self._attempts[row.round_id] = _Attempt(row.round_id, row.round, agg)
-        log.info("round %d (attempt %d): secure aggregation over %d clients, threshold %d, degree %d, %d-bit field",
+        log.info("round %d (attempt %d): secure aggregation over %d clients, threshold %d, degree %d, ring Z/2^%d; "
+                 "withstands %d colluding share holder(s) per client, failure bound %.2g (target %.0e)",
                  row.round, row.round_id, agg.params.n, agg.params.threshold, min(agg.params.degree, agg.params.n - 1),
-                 agg.params.modulus_bits)
+                 agg.params.modulus_bits, agg.report.tolerated_corrupt, agg.report.failure_bound, agg.report.failure_target)
 
     def tick(self, row: RoundRow, now: float) -> None:
         """Look at the deadlines; close the attempt when unmasked, abort it when the protocol aborted."""
@@ -213,7 +216,7 @@ class SecureRounds(RoundProtocol):
             server.close_phase(now)
         else:
             server.advance(now)
-        if server.phase == Phase.UNMASK and len(server.u3) < self.cfg.min_clients:
+        if server.phase in (Phase.CONSISTENCY_CHECK, Phase.UNMASK) and len(server.u3) < self.cfg.min_clients:
             self._abort(row, agg, f"only {len(server.u3)} masked inputs arrived, fewer than min_clients="
                         f"{self.cfg.min_clients}", now)
         elif server.phase == Phase.DONE:
@@ -417,6 +420,11 @@ class SecureRounds(RoundProtocol):
         return self._receive(auth, round_number, attempt, body, "shares", ShareKeys.from_bytes,
                              lambda s, m, now: s.receive_share_keys(m, now))
 
+    def consistency(self, auth: Authenticated, round_number: int, attempt: str | None, body: bytes) -> dict[str, Any]:
+        """POST .../secagg/consistency: the client's signature on the survivor set it was shown (once per attempt)."""
+        return self._receive(auth, round_number, attempt, body, "consistency", ConsistencySignature.from_bytes,
+                             lambda s, m, now: s.receive_consistency(m, now))
+
     def unmask(self, auth: Authenticated, round_number: int, attempt: str | None, body: bytes) -> dict[str, Any]:
         """POST .../secagg/unmask: the shares the client reveals; the last one unmasks the sum (on the tick)."""
         return self._receive(auth, round_number, attempt, body, "unmask", UnmaskResponse.from_bytes,
@@ -443,8 +451,13 @@ class SecureRounds(RoundProtocol):
         """GET .../secagg/shares: the ciphertexts addressed to the client, and U2 (409 until masked_input)."""
         return self._fetch(auth, round_number, attempt, "share bundle", Phase.MASKED_INPUT, lambda s, i: s.bundle_for(i))
 
+    def consistency_check(self, auth: Authenticated, round_number: int, attempt: str | None) -> bytes:
+        """GET .../secagg/consistency: U3 and U2 minus U3, for the client to sign (409 until phase consistency_check)."""
+        return self._fetch(auth, round_number, attempt, "consistency check", Phase.CONSISTENCY_CHECK,
+                           lambda s, i: s.consistency_check_for(i))
+
     def unmask_request(self, auth: Authenticated, round_number: int, attempt: str | None) -> bytes:
-        """GET .../secagg/unmask: U3 and U2 minus U3 (409 until phase unmask)."""
+        """GET .../secagg/unmask: U3 and U2 minus U3 with every survivor's signature on it (409 until phase unmask)."""
         return self._fetch(auth, round_number, attempt, "unmask request", Phase.UNMASK, lambda s, i: s.unmask_request_for(i))
 
     def outcome(self, auth: Authenticated, round_number: int, attempt: str | None) -> dict[str, Any]:
@@ -543,10 +556,13 @@ class SecureRounds(RoundProtocol):
                        "threshold": agg.params.threshold, "degree": min(agg.params.degree, agg.params.n - 1),
                        "modulus_bits": agg.params.modulus_bits, "auth": agg.params.auth,
                        "complete_graph": agg.params.degree >= agg.params.n - 1, "aggregation": agg.mode,
+                       **agg.report.to_json(),
                        "deadline_in_s": round(max(0.0, s.deadline - self.ctx.clock()), 1),
                        "u1": len(s.u1) if Phase.ADVERTISE_KEYS.value in passed else received[Phase.ADVERTISE_KEYS.value],
                        "u2": len(s.u2) if Phase.SHARE_KEYS.value in passed else received[Phase.SHARE_KEYS.value],
                        "u3": len(s.u3) if Phase.MASKED_INPUT.value in passed else s.num_inputs,
+                       "signed": len(s.u4) if Phase.CONSISTENCY_CHECK.value in passed
+                       else received[Phase.CONSISTENCY_CHECK.value],
                        "u4": received[Phase.UNMASK.value], "received": received, "dropouts_by_phase": drops}
         h = self._history
         attempts = h.get("attempts", [])
@@ -569,7 +585,8 @@ class SecureRounds(RoundProtocol):
         last = done[-1] if done else None
         return {
             "enabled": True,
-            "protocol": "SecAgg (Bonawitz et al. 2017) with the SecAgg+ neighbour graph (Bell et al. 2020), over REST",
+            "protocol": "SecAgg (Bonawitz et al. 2017) with the SecAgg+ neighbour graph (Bell et al. 2020) and the "
+                        "consistency check against an active server, over REST",
             "authentication": "ed25519 per client (verifying keys registered with the server at enrollment)",
             "rounds_completed": int(self._history.get("completed", 0)),
             "aborted_attempts": int(self._history.get("aborted", 0)),
@@ -578,10 +595,13 @@ class SecureRounds(RoundProtocol):
             "bytes_per_client_per_phase": bytes_pp,
             "mean_dropouts_per_round": drops,
             "dropouts_by_phase": dict(self._history.get("dropouts_by_phase", {})),
+            "in_clear_per_client": list(IN_CLEAR),
+            "threshold_bound": "2t > h + c (h share holders per client, c colluding among them): a client reveals shares "
+                               "only for the survivor set it signed, once t of its holders signed the same set",
             "clipped_updates": sum(int(a.get("clipped", 0)) for a in done),
             "integrity_events": sum(int(a.get("events", 0)) for a in done),
-            "wire": "masked inputs are uniform in the field: the codec setting is not applied to them; b bits per value "
-                    f"(last round: {last['params'].get('modulus_bits') if last else '-'}-bit field)",
+            "wire": "masked inputs are uniform in the ring Z/2^b: the codec setting is not applied to them; b bits per value "
+                    f"(last round: {last['params'].get('modulus_bits') if last else '-'}-bit ring Z/2^b)",
         }
 
 

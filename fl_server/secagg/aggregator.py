@@ -46,7 +46,8 @@ from fl_common.secagg import (
     SecAggServer,
     Verifier,
 )
-from fl_common.secagg.planning import plan_params
+from fl_common.secagg.encoding import CLEAR_METRICS as SECAGG_CLEAR_METRICS
+from fl_common.secagg.planning import PlanReport, plan_params, plan_report
 from fl_server.privacy import DPFedAvgAggregator
 from fl_server.strategies.base import AggregateResult, Aggregator, UpdateRejected, WeightedMeanAggregator
 from fl_server.strategies.scaffold import ScaffoldAggregator
@@ -56,9 +57,11 @@ log = logging.getLogger("fl_server.secagg")
 ClientId = int | str
 VerifierLookup = Callable[[ClientId], "Verifier | None"]
 
-#: metrics a masked update may carry in the clear: the DP plan numbers the privacy engine checks,
-#: and timing. Training loss and the DP clipping bit travel masked; anything else is dropped.
-CLEAR_METRICS = ("dp_sample_rate", "dp_steps", "steps", "seconds")
+#: metrics a masked update may carry in the clear: the DP plan numbers the privacy engine checks (the server
+#: computed them itself). Training loss and the DP clipping bit travel masked; anything else is dropped.
+CLEAR_METRICS = SECAGG_CLEAR_METRICS
+#: (n, degree, threshold) of round shapes whose missed failure target was already logged at WARNING
+_WARNED_BOUNDS: set[tuple[int, int, int]] = set()
 #: the phases a simulated client can drop out in (config key secagg_dropout_phase)
 DROPOUT_PHASES = ("all", *tuple(p.value for p in (Phase.ADVERTISE_KEYS, Phase.SHARE_KEYS, Phase.MASKED_INPUT, Phase.UNMASK)))
 
@@ -158,7 +161,9 @@ class SecAggRoundStats:
 class SecureAggregator(Aggregator):
     """The round's aggregator under secure aggregation (see the module docstring)."""
 
-    def __init__(self, inner: Aggregator, server: SecAggServer, numel: int) -> None:
+    def __init__(self, inner: Aggregator, server: SecAggServer, numel: int, *, report: PlanReport | None = None) -> None:
+        """``report``: what the planned parameters withstand (failure bound, colluders tolerated); computed for the
+        default design rates when not given."""
         self.inner = inner
         self.mode = secagg_mode(inner)
         self.server = server
@@ -166,6 +171,7 @@ class SecureAggregator(Aggregator):
         self.numel = numel
         self._index = {cid: i + 1 for i, cid in enumerate(self.params.client_ids)}
         self.clipped = 0
+        self.report = report if report is not None else plan_report(self.params, dropout_rate=0.1)
 
     def index_of(self, client_id: ClientId) -> int:
         """The client's SecAgg index (1..n), which its messages carry."""
@@ -239,7 +245,7 @@ class SecureAggregator(Aggregator):
             params={"clients": p.n, "threshold": p.threshold, "degree": min(p.degree, p.n - 1),
                     "complete_graph": p.degree >= p.n - 1, "modulus_bits": p.modulus_bits,
                     "bytes_per_value": p.modulus_bits / 8, "vector_length": p.vector_length,
-                    "segments": [s.name for s in p.segments]},
+                    "segments": [s.name for s in p.segments], **self.report.to_json()},
             phase_bytes=s.bytes_per_client(), drops=drops, summed=s.num_inputs if s.phase.value == "done" else 0,
             clipped=self.clipped, aborted=s.abort_reason, events=list(s.events))
 
@@ -265,12 +271,24 @@ def open_secure_round(cfg: FLConfig, round_number: int, selected: Sequence[Clien
     if auth is not None and auth != params.auth:
         params = dataclasses.replace(params, auth=auth)
     timeouts = {Phase.ADVERTISE_KEYS: cfg.secagg_phase_timeout, Phase.SHARE_KEYS: cfg.secagg_phase_timeout,
-                Phase.MASKED_INPUT: cfg.round_timeout, Phase.UNMASK: cfg.secagg_phase_timeout}
+                Phase.MASKED_INPUT: cfg.round_timeout, Phase.CONSISTENCY_CHECK: cfg.secagg_phase_timeout,
+                Phase.UNMASK: cfg.secagg_phase_timeout}
     registered = {i: v for i, v in registered.items() if v.scheme == params.auth}
     server = SecAggServer(params, registered, now=now, timeouts=timeouts)
-    log.debug("round %d: secure aggregation over %d clients, threshold %d, degree %d, %d-bit field", round_number,
+    report = plan_report(params, dropout_rate=design_dropout_rate(cfg))
+    log.debug("round %d: secure aggregation over %d clients, threshold %d, degree %d, ring Z/2^%d", round_number,
               params.n, params.threshold, min(params.degree, params.n - 1), params.modulus_bits)
-    return SecureAggregator(inner, server, numel)
+    shape = (params.n, min(params.degree, params.n - 1), params.threshold)
+    if not report.meets_target:
+        emit = log.warning if shape not in _WARNED_BOUNDS else log.debug
+        emit("round %d: secure aggregation over %d clients (threshold %d, degree %d) has a failure bound of %.2g (abort, "
+             "or a lying server with colluders rebuilding one input), above the target %.0e at %.0f %% dropouts and "
+             "%.0f %% colluding clients: it withstands %d colluding share holder(s) per client; more clients per round "
+             "lower the bound", round_number, params.n, params.threshold, min(params.degree, params.n - 1),
+             report.failure_bound, report.failure_target, 100 * report.dropout_rate, 100 * report.corrupt_rate,
+             report.tolerated_corrupt)
+        _WARNED_BOUNDS.add(shape)  # once per process and round shape at WARNING (every round repeats it at DEBUG)
+    return SecureAggregator(inner, server, numel, report=report)
 
 
 def quantization_bound(params: SecAggParams, weights: Sequence[int]) -> float:

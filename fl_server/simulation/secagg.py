@@ -30,6 +30,8 @@ from fl_common.config import FLConfig
 from fl_common.protocol import ClientUpdate, derive_seed
 from fl_common.secagg import (
     AdvertiseKeys,
+    ConsistencyCheck,
+    ConsistencySignature,
     MaskedInput,
     Phase,
     PlainInput,
@@ -43,7 +45,9 @@ from fl_common.secagg import (
     UnmaskResponse,
     Verifier,
 )
+from fl_common.secagg.encoding import IN_CLEAR
 from fl_common.secagg.field import FieldOverflowError
+from fl_common.secagg.server import PHASES
 from fl_server.coordinator import Coordinator, RoundPlan
 from fl_server.secagg.aggregator import MaskedUpdate, SecAggRoundStats
 from fl_server.selection import ClientInfo
@@ -186,9 +190,21 @@ class SecAggSimulation:
                 except UpdateRejected as exc:
                     log.warning("round %d: masked input of client %s refused (%s)", plan.round, cid, exc)
             self._close(server, Phase.MASKED_INPUT, 3.0)
+        if server.phase == Phase.CONSISTENCY_CHECK:
+            # phase 3: every survivor signs the set of clients whose masked inputs the server holds (no simulated
+            # dropouts here: a client that drops after its masked input is drawn at unmasking, as before this phase)
+            for cid in [c for c in plan.selected if index[c] in server.u3 and c not in gone]:
+                check = ConsistencyCheck.from_bytes(self._server_call(server.consistency_check_for, index[cid]).to_bytes())
+                try:
+                    signed = self._client_call(clients[cid].consistency_check, check)
+                except SecAggError as exc:
+                    log.warning("round %d: client %s refused to sign the survivor set: %s", plan.round, cid, exc)
+                    continue
+                self._deliver(server.receive_consistency, ConsistencySignature.from_bytes(signed.to_bytes()), 3.5)
+            self._close(server, Phase.CONSISTENCY_CHECK, 3.5)
         if server.phase == Phase.UNMASK:
-            # phase 3: unmask
-            for cid in live(Phase.UNMASK, server.u3):
+            # phase 4: unmask (the request carries every signer's signature; each client checks t of its holders')
+            for cid in live(Phase.UNMASK, server.u4):
                 request = UnmaskRequest.from_bytes(self._server_call(server.unmask_request_for, index[cid]).to_bytes())
                 try:
                     msg = self._client_call(clients[cid].unmask, request)
@@ -229,19 +245,20 @@ class SecAggSimulation:
         if not self.rounds:
             return "secagg fixed point"
         p = self.rounds[-1].params
-        return (f"secagg fixed point 2^-{self.cfg.secagg_scale_bits}, {p['modulus_bits']}-bit field "
+        return (f"secagg fixed point 2^-{self.cfg.secagg_scale_bits}, {p['modulus_bits']}-bit ring Z/2^b "
                 f"(b bits per value on the wire)")
 
     def summary(self) -> dict[str, Any]:
         """The secure_aggregation block of summary.json."""
         done = self.rounds
-        phases = [p.value for p in (Phase.ADVERTISE_KEYS, Phase.SHARE_KEYS, Phase.MASKED_INPUT, Phase.UNMASK)]
+        phases = [p.value for p in PHASES]
         bytes_pp = {ph: {k: (sum(r.phase_bytes[ph][k] for r in done) / len(done) if done else 0.0) for k in ("up", "down")}
                     for ph in phases}
         drops = {ph: (sum(r.drops.get(ph, 0) for r in done) / len(done) if done else 0.0) for ph in phases}
         return {
             "enabled": True,
-            "protocol": "SecAgg (Bonawitz et al. 2017) with the SecAgg+ neighbour graph (Bell et al. 2020), in process",
+            "protocol": "SecAgg (Bonawitz et al. 2017) with the SecAgg+ neighbour graph (Bell et al. 2020) and the "
+                        "consistency check against an active server, in process",
             "authentication": "ed25519 per simulated client (verifying keys registered with the server)",
             "rounds_completed": len(done),
             "aborted_attempts": len(self.aborted),
@@ -254,7 +271,10 @@ class SecAggSimulation:
             "client_cpu_seconds_per_client_round": self.client_cpu_seconds / max(1, self.client_rounds),
             "server_cpu_seconds_per_round": self.server_cpu_seconds / max(1, len(done) + len(self.aborted)),
             "dropout_simulation": {"rate": self.cfg.secagg_dropout_rate, "phase": self.cfg.secagg_dropout_phase},
-            "wire": "masked inputs are uniform in the field: the codec setting is not applied; " + self.codec_name(),
+            "in_clear_per_client": list(IN_CLEAR),
+            "threshold_bound": "2t > h + c (h share holders per client, c colluding among them): a client reveals shares "
+                               "only for the survivor set it signed, once t of its holders signed the same set",
+            "wire": "masked inputs are uniform in the ring Z/2^b: the codec setting is not applied; " + self.codec_name(),
         }
 
 

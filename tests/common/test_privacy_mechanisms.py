@@ -148,3 +148,11 @@ def test_noisy_fraction_is_exact_without_noise() -> None:
     assert frac == pytest.approx(0.5)
     with pytest.raises(ValueError, match="clip_norm"):
         AdaptiveClipState(clip_norm=-1.0)
+
+
+def test_clip_l2_keeps_an_exact_scaling_that_lands_on_the_bound() -> None:
+    """When scaling lands exactly on C (3-4-5 halves: norm 2.5), the result is that scaling, not one nudged below it
+    (the nudge is only for float rounding that lands above C)."""
+    clipped, norm = clip_l2(torch.tensor([3.0, 4.0], dtype=torch.float64), 2.5)
+    assert norm == 5.0
+    assert clipped.tolist() == [1.5, 2.0]

@@ -18,6 +18,7 @@ from fl_common.secagg import (
     build_graph,
     mask_input,
     pairwise_mask,
+    pairwise_seed,
     reconstruct,
     split_secret,
     sub_mod,
@@ -188,3 +189,70 @@ def test_masked_vector_is_uniform_and_uncorrelated_with_input() -> None:
     # y - x is the mask itself: independent of x as well
     r_mask = np.corrcoef(x.astype(np.float64), sub_mod(y, x, bits).astype(np.float64))[0, 1]
     assert abs(r_mask) < 4 / np.sqrt(dim)
+
+
+def test_the_self_mask_hides_a_client_declared_dropped_after_its_masked_input_arrived() -> None:
+    """Why the self mask exists: a server that claims u dropped (after u's masked input reached it) collects shares
+    of u's mask key, rebuilds it and removes every pairwise mask from y_u. What is left must still be uniform
+    noise - x_u + PRG(b_u) - not x_u. (Without the self mask, on both sides, the remainder would be x_u exactly.)"""
+    bits, n = 32, 2000
+    u, peers = 1, [2, 3, 4, 5]
+    keys = {i: KeyPair.generate() for i in [u, *peers]}
+    secrets_ = {v: x25519_shared_secret(keys[u].private_key, keys[v].public_bytes) for v in peers}
+    x = np.random.default_rng(3).integers(0, 1000, size=n, dtype=np.uint64)  # small, very non-uniform values
+    b_u = hashlib.sha256(b"self seed").digest()
+    y = mask_input(x, u, b_u, secrets_, bits, context=b"round-7")
+    # the lying server: it holds u's rebuilt mask key, so it recomputes every pairwise secret of u
+    stolen = KeyPair.from_private_bytes(keys[u].private_bytes())
+    rest = y.copy()
+    for v in peers:
+        rest = sub_mod(rest, pairwise_mask(x25519_shared_secret(stolen.private_key, keys[v].public_bytes), u, v, n, bits,
+                                           context=b"round-7"), bits)
+    assert np.count_nonzero(rest == x) <= 2  # each coordinate equal by chance with probability 2^-32
+    assert np.count_nonzero(rest < 1000) <= 2  # and nothing of x's range shows: the remainder is spread over 2^32
+    # with b_u (only t share holders can give it), the remainder is x exactly: the self mask is all that stood between
+    from fl_common.secagg import self_mask
+
+    np.testing.assert_array_equal(sub_mod(rest, self_mask(b_u, n, bits, context=b"round-7"), bits), x)
+
+
+def test_pair_ids_are_checked_before_any_mask_is_derived() -> None:
+    """Ids are the Shamir x-coordinates and the order of the sign convention: 0, negatives, non-integers and a
+    client paired with itself are refused with the reason, on both sides of the pair."""
+    secret = bytes(32)
+    for u, v in ((0, 2), (2, 0), (-1, 2), (2, -1), ("1", 2), (2, "1"), (1.0, 2), (2, 1.0)):
+        with pytest.raises(ValueError, match="positive integers"):
+            pairwise_seed(secret, u, v)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="itself"):
+        pairwise_seed(secret, 3, 3)
+    assert pairwise_seed(secret, 1, 2) == pairwise_seed(secret, 2, 1) != pairwise_seed(secret, 1, 3)
+
+
+def test_pairwise_seed_and_masks_match_the_documented_derivation() -> None:
+    """Known answers, re-derived here from the documented construction (HKDF-SHA256, info = domain || lo (8 bytes) ||
+    hi (8 bytes) || len(context) (4 bytes) || context; ChaCha20 keystream as little-endian words, low b bits).
+    Both ends of a pair run the same code, so a change to the encoding would still cancel in every round-trip
+    test - but two implementations (or versions) of the protocol would no longer agree."""
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
+    from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+    secret = bytes(range(32))
+    for u, v, ctx in ((1, 2, b"round-1"), (300, 7, b"")):
+        lo, hi = min(u, v), max(u, v)
+        info = b"fl-hub/v1/secagg/pairwise-seed|" + lo.to_bytes(8, "big") + hi.to_bytes(8, "big") + len(ctx).to_bytes(4, "big") + ctx
+        want = HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=info).derive(secret)
+        assert pairwise_seed(secret, u, v, context=ctx) == want
+    assert pairwise_seed(secret, 1, 2, context=b"round-1").hex() == \
+        "94b5555ade2b155103374d61f058c039bcde6efcee55395fa3ecb3f1786a1fa8"
+    from fl_common.secagg import self_mask
+
+    key = HKDF(algorithm=hashes.SHA256(), length=32, salt=None,
+               info=b"fl-hub/v1/secagg/prg|" + b"self|" + b"round-1").derive(bytes(32))
+    stream = Cipher(algorithms.ChaCha20(key, bytes(16)), mode=None).encryptor().update(bytes(24))
+    words = [int.from_bytes(stream[8 * i:8 * i + 8], "little") & 0xFFFFFFFF for i in range(3)]
+    assert [int(w) for w in self_mask(bytes(32), 3, 32, context=b"round-1")] == words == [3826432369, 1023207075, 2850401503]
+    # the pair's sign: the lower id adds PRG(s_uv), the higher subtracts it
+    up, down = pairwise_mask(secret, 1, 2, 3, 32, context=b"round-1"), pairwise_mask(secret, 2, 1, 3, 32, context=b"round-1")
+    assert [int(w) for w in up] == [4055211878, 116584369, 1239155355]
+    assert [int(w) for w in add_mod(up, down, 32)] == [0, 0, 0]

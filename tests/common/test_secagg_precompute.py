@@ -56,6 +56,10 @@ def test_precomputed_masks_are_bit_identical_and_the_round_unmasks_exactly() -> 
         server.receive_masked_input(_wire(sent), 3.0)
     if server.phase == Phase.MASKED_INPUT:
         server.close_phase(3.0)
+    for i in material:  # the survivors sign the set the server holds (the consistency check), then unmask
+        server.receive_consistency(_wire(clients[i].consistency_check(_wire(server.consistency_check_for(i)))), 3.5)
+    if server.phase == Phase.CONSISTENCY_CHECK:
+        server.close_phase(3.5)
     for i in material:
         server.receive_unmask(_wire(clients[i].unmask(_wire(server.unmask_request_for(i)))), 4.0)
     if server.phase == Phase.UNMASK:

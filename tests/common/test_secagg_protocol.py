@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import numpy as np
@@ -19,6 +19,8 @@ import pytest
 from fl_common.secagg import (
     HMAC_SHA256,
     AdvertiseKeys,
+    ConsistencyCheck,
+    ConsistencySignature,
     MalformedMessage,
     MaskedInput,
     Phase,
@@ -42,7 +44,7 @@ from fl_common.secagg.planning import plan_params
 from fl_common.secagg.shamir import PRIME, Share
 
 DIM = 500
-PHASE_ORDER = [Phase.ADVERTISE_KEYS, Phase.SHARE_KEYS, Phase.MASKED_INPUT, Phase.UNMASK]
+PHASE_ORDER = [Phase.ADVERTISE_KEYS, Phase.SHARE_KEYS, Phase.MASKED_INPUT, Phase.CONSISTENCY_CHECK, Phase.UNMASK]
 
 
 def _params(n: int, *, degree: int | None = None, auth: str = "ed25519", dim: int = DIM, **kw: Any) -> SecAggParams:
@@ -82,7 +84,7 @@ def run_round(params: SecAggParams, *, drop: Drop | None = None, hooks: dict[str
     """One full round. ``drop[phase]``: clients that go silent in that phase (they send nothing from
     it on), or a function of the server choosing them when the phase starts. ``hooks[name](msg, index)``
     may replace a message in flight ("advertise", "roster",
-    "share_keys", "bundle", "masked", "request", "unmask"); an exception it raises is propagated.
+    "share_keys", "bundle", "masked", "check", "signature", "request", "unmask"); an exception it raises is propagated.
     ``client_kwargs`` go to every SecAggClient (e.g. ``trusted_verify_keys``)."""
     drop = drop or {}
     hooks = hooks or {}
@@ -126,7 +128,10 @@ def run_round(params: SecAggParams, *, drop: Drop | None = None, hooks: dict[str
                 msg = hook("masked", c.masked_input(bundle, inputs[i]), i)
                 sent[i] = msg
                 deliver(server.receive_masked_input, msg)
-            elif phase == Phase.UNMASK and i in server.u3 and i not in server.drops:
+            elif phase == Phase.CONSISTENCY_CHECK and i in server.u3 and i not in server.drops:
+                check = hook("check", _wire(server.consistency_check_for(i)), i)
+                deliver(server.receive_consistency, hook("signature", c.consistency_check(check), i))
+            elif phase == Phase.UNMASK and i in server.u4 and i not in server.drops:
                 request = hook("request", _wire(server.unmask_request_for(i)), i)
                 deliver(server.receive_unmask, hook("unmask", c.unmask(request), i))
         if server.phase == phase:  # the phase closes by itself once everyone expected has answered
@@ -172,7 +177,7 @@ def test_up_to_n_minus_t_dropouts_in_any_phase_still_give_the_exact_sum(phase: P
     assert r.server.phase == Phase.DONE, r.server.abort_reason
     assert_exact(r)
     summed = set(r.server.result().summed)
-    if phase == Phase.UNMASK:  # their masked inputs are in; their masks are removed through neighbours
+    if phase in (Phase.CONSISTENCY_CHECK, Phase.UNMASK):  # their masked inputs are in: masks removed through neighbours
         assert summed == set(p.indices)
     else:
         assert summed == set(p.indices) - gone
@@ -202,7 +207,7 @@ def test_below_threshold_the_round_aborts_and_releases_nothing(phase: Phase) -> 
 
 def test_secagg_plus_sparse_graph_with_dropouts() -> None:
     p = _params(30, degree=6)
-    assert p.degree == 6 and p.threshold == 4
+    assert p.degree == 6 and p.threshold == 5  # 7 holders: 2t > 7 + 1 withstands one colluding holder
     chosen: set[int] = set()
 
     def spread(count: int) -> Callable[[SecAggServer], set[int]]:
@@ -234,10 +239,10 @@ def test_secagg_plus_sparse_graph_with_dropouts() -> None:
 
 def test_secagg_plus_aborts_when_one_neighbourhood_loses_too_many() -> None:
     p = _params(20, degree=6)
-    # at unmasking, 4 of client 1's 6 neighbours go silent: 2 + itself = 3 holders < t = 4
+    # at unmasking, 4 of client 1's 6 neighbours go silent: 2 + itself = 3 holders < t = 5
     r = run_round(p, drop={Phase.UNMASK: lambda server: set(sorted(server.graph[1])[:4])})
     assert r.server.phase == Phase.ABORTED
-    assert "client 1's self-mask seed has 3 live share holders, fewer than the threshold t=4" in (r.server.abort_reason or "")
+    assert "client 1's self-mask seed has 3 live share holders, fewer than the threshold t=5" in (r.server.abort_reason or "")
 
 
 def test_hmac_authentication_runs_a_full_round() -> None:
@@ -432,26 +437,41 @@ def _masked_clients(n: int = 5) -> tuple[SecAggParams, dict[int, SecAggClient], 
     return p, clients, server
 
 
+def signed_request(clients: dict[int, SecAggClient], survivors: tuple[int, ...], dropped: tuple[int, ...],
+                   signers: Iterable[int] | None = None) -> UnmaskRequest:
+    """What an (honest or lying) server builds: the set shown to ``signers`` (default: every survivor), each of
+    whom signs it, and the unmask request carrying their signatures."""
+    check = ConsistencyCheck(survivors, dropped)
+    sigs = tuple((i, clients[i].consistency_check(check).signature) for i in (survivors if signers is None else signers))
+    return UnmaskRequest(survivors, dropped, sigs)
+
+
 def test_a_client_never_reveals_both_shares_of_one_peer() -> None:
     _p, clients, _ = _masked_clients()
-    with pytest.raises(SecAggRefused) as err:
-        clients[1].unmask(UnmaskRequest(survivors=(1, 2, 3, 4), dropped=(4, 5)))
+    with pytest.raises(SecAggRefused) as err:  # refused when asked to sign such a set ...
+        clients[1].consistency_check(ConsistencyCheck(survivors=(1, 2, 3, 4), dropped=(4, 5)))
     assert err.value.code == "both_shares_requested"
-    # answering once, then being asked again with 2 "dropped", is refused too
-    clients[1].unmask(UnmaskRequest(survivors=(1, 2, 3, 4), dropped=(5,)))
+    with pytest.raises(SecAggRefused):  # ... which it did not sign, and a set it did not sign is never answered
+        clients[1].unmask(UnmaskRequest(survivors=(1, 2, 3, 4), dropped=(4, 5)))
+    request = signed_request(clients, (1, 2, 3, 4), (5,))
+    response = clients[1].unmask(request)
+    assert {v for v, _ in response.self_shares} == {1, 2, 3, 4} and {v for v, _ in response.key_shares} == {5}
+    # answering once, then being asked again with 2 "dropped", is refused too: one set, one answer per attempt
     with pytest.raises(SecAggRefused, match="one unmask request"):
-        clients[1].unmask(UnmaskRequest(survivors=(1, 3, 4), dropped=(2, 5)))
+        clients[1].unmask(UnmaskRequest(survivors=(1, 3, 4), dropped=(2, 5), signatures=request.signatures))
+    with pytest.raises(SecAggRefused, match="one set per round"):
+        clients[2].consistency_check(ConsistencyCheck(survivors=(1, 3, 4), dropped=(2, 5)))
 
 
 def test_a_client_refuses_inconsistent_unmask_requests() -> None:
     p, clients, _ = _masked_clients()
     with pytest.raises(SecAggRefused) as err:
-        clients[2].unmask(UnmaskRequest(survivors=(1, 3, 4, 5), dropped=(2,)))
+        clients[2].consistency_check(ConsistencyCheck(survivors=(1, 3, 4, 5), dropped=(2,)))
     assert err.value.code == "bad_unmask_request"
     with pytest.raises(SecAggRefused) as err:  # fewer than t survivors: the sum would hide too little
-        clients[2].unmask(UnmaskRequest(survivors=(2, *tuple(range(3, 3 + p.threshold - 2))), dropped=()))
+        clients[2].consistency_check(ConsistencyCheck(survivors=(2, *tuple(range(3, 3 + p.threshold - 2))), dropped=()))
     assert err.value.code == "too_few_survivors"
-    response = clients[3].unmask(UnmaskRequest(survivors=(1, 2, 3, 4), dropped=(5,)))
+    response = clients[3].unmask(signed_request(clients, (1, 2, 3, 4), (5,)))
     assert {v for v, _ in response.self_shares} == {1, 2, 3, 4} and {v for v, _ in response.key_shares} == {5}
 
 
@@ -633,7 +653,7 @@ def test_deadlines_close_phases_and_record_who_dropped_when() -> None:
     with pytest.raises(SecAggRejected) as err:
         server.receive_advertise(late, 111.0)
     assert err.value.dropped
-    assert p.threshold == 3
+    assert p.threshold == 4  # 5 holders: 2t > 5 + 1 withstands one colluding holder
     for i in (1, 2):
         server.receive_share_keys(clients[i].share_keys(server.roster_for(i)), 112.0)
     late_keys = clients[3].share_keys(server.roster_for(3))
@@ -648,7 +668,8 @@ def test_messages_survive_the_wire_and_garbage_is_malformed() -> None:
     msg = r.sent[1]
     assert MaskedInput.from_bytes(msg.to_bytes()) == msg and msg.wire_size() == len(msg.to_bytes())
     assert SecAggParams.from_bytes(r.params.to_bytes()) == r.params
-    for cls in (AdvertiseKeys, ShareKeys, UnmaskResponse, RosterMessage, ShareBundle, UnmaskRequest, MaskedInput):
+    for cls in (AdvertiseKeys, ShareKeys, UnmaskResponse, RosterMessage, ShareBundle, ConsistencyCheck, ConsistencySignature,
+                UnmaskRequest, MaskedInput):
         for garbage in (b"", b"{}", b"not json", b'{"type": "x", "v": 1}', b"FLSA1\n\xff\xff\xff\xff"):
             with pytest.raises(MalformedMessage):
                 cls.from_bytes(garbage)
@@ -682,6 +703,6 @@ def test_clipping_is_counted_in_the_sum() -> None:
 def test_bytes_per_client_are_reported_per_phase() -> None:
     r = run_round(_params(6, dim=10000))
     per = r.server.bytes_per_client()
-    assert set(per) == {"advertise_keys", "share_keys", "masked_input", "unmask"}
+    assert set(per) == {"advertise_keys", "share_keys", "masked_input", "consistency_check", "unmask"}
     assert per["masked_input"]["up"] == pytest.approx(10004 * r.params.modulus_bits / 8, rel=0.05)
     assert per["share_keys"]["up"] > 5 * 176  # one ciphertext per neighbour

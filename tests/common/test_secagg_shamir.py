@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from itertools import combinations
 
@@ -100,3 +101,90 @@ def test_tampered_share_gives_wrong_secret_silently() -> None:
     # with a spare share the inconsistency is detected
     with pytest.raises(ShareError):
         reconstruct([*tampered, shares[5]], 4)
+
+
+def test_fewer_than_t_shares_are_consistent_with_every_secret() -> None:
+    """Perfect secrecy, checked on the shares split_secret really makes (not on the algebra alone): for t - 1
+    shares of one secret and ANY candidate secret there is exactly one degree t - 1 polynomial through both,
+    and it hands out t - 1 shares indistinguishable from the real ones. So the real shares must look like
+    fresh field elements: never the secret itself, never repeating across splits, and the same distribution
+    for two very different secrets (a sharing whose higher coefficients were 0 gives y = secret everywhere)."""
+    t, ids, splits = 3, [1, 2, 3, 4, 5], 64
+    zero, ones = bytes(32), b"\xff" * 32
+    top_bits = {}
+    for secret in (zero, ones):
+        value = int.from_bytes(secret, "big")
+        shares = [split_secret(secret, t, ids) for _ in range(splits)]
+        for x in ids:
+            ys = [s[x].y for s in shares]
+            assert value not in ys and len(set(ys)) == splits  # uniform over 2^521: a repeat has probability ~2^-509
+        top_bits[secret] = sum(s[1].y >> 520 for s in shares)  # the highest bit of a uniform element of Z_p: p ~ 2^521
+    for count in top_bits.values():  # Bin(64, 1/2): within 32 +- 20 with probability 1 - 4e-7
+        assert 12 <= count <= 52
+    # the polynomial really has degree t - 1: any t - 1 shares, read as a sharing of threshold t - 1, give a
+    # value unrelated to the secret (a sharing one coefficient short would hand the secret to t - 1 holders)
+    for t_ in (2, 3, 4):
+        for _ in range(8):
+            shares = split_secret(SECRET, t_ + 1, ids)
+            for subset in combinations(ids, t_):
+                with contextlib.suppress(ShareError):  # a value that does not even fit 64 bytes: certainly not it
+                    assert reconstruct([shares[x] for x in subset], t_, secret_len=64) != SECRET.rjust(64, b"\0")
+    # every candidate secret is consistent with two of the shares: the line through (0, s') and (1, y1) meets (2, y2)
+    # for exactly one s' per polynomial of degree 2 - so t - 1 = 2 shares plus any s' rebuild a valid sharing of s'
+    real = split_secret(SECRET, t, ids)
+    for candidate in (bytes(32), b"\x01" * 32, hashlib.sha256(b"other").digest()):
+        c = int.from_bytes(candidate, "big")
+        # the degree-2 polynomial f with f(0) = c, f(1) = y1, f(2) = y2; its third share is f(3)
+        y1, y2 = real[1].y, real[2].y
+        a2 = (y2 - 2 * y1 + c) * pow(2, -1, PRIME) % PRIME
+        a1 = (y1 - c - a2) % PRIME
+        fake3 = Share(3, (c + 3 * a1 + 9 * a2) % PRIME)
+        assert reconstruct([real[1], real[2], fake3], t) == candidate
+
+
+def test_split_secret_refuses_out_of_range_input_exactly_at_the_boundaries() -> None:
+    """Each bound is checked where it lies (one byte, 64 bytes, ids 1 and 2^32 - 1 are fine; one past is refused
+    with the reason), not left to a later, vaguer error."""
+    for secret in (b"\x01", b"\xff" * 64):
+        shares = split_secret(secret, 2, [1, 2 ** 32 - 1])
+        assert reconstruct(list(shares.values()), 2, secret_len=len(secret)) == secret
+    for secret in (b"", b"\x00" * 65):
+        with pytest.raises(ValueError, match="secret must be 1..64 bytes"):
+            split_secret(secret, 2, [1, 2])
+    for ids in ([0, 1], [1, 2 ** 32], [1, "2"]):
+        with pytest.raises(ValueError, match="share ids must be integers"):
+            split_secret(SECRET, 2, ids)  # type: ignore[arg-type]
+    for threshold, ids in ((1, [1, 2]), (3, [1, 2])):
+        with pytest.raises(ValueError, match="need 2 <= threshold"):
+            split_secret(SECRET, threshold, ids)
+    assert len(split_secret(SECRET, 2, [1, 2])) == 2
+
+
+def test_a_rebuilt_value_one_past_the_secret_length_is_refused() -> None:
+    """2^(8 L) itself does not fit L bytes: the check is >=, with a ShareError (not an OverflowError later)."""
+    value, slope = 1 << 256, 12345
+    shares = [Share(x, (value + slope * x) % PRIME) for x in (1, 2)]
+    with pytest.raises(ShareError, match="does not fit"):
+        reconstruct(shares, 2, secret_len=32)
+    below = [Share(x, (value - 1 + slope * x) % PRIME) for x in (1, 2)]
+    assert reconstruct(below, 2, secret_len=32) == b"\xff" * 32
+
+
+def test_share_and_reconstruct_arguments_are_checked_at_their_bounds() -> None:
+    """A share is (x, y) with x in [1, 2^32) and y in [0, p): both ends of each range are valid, one past is a
+    ShareError at construction (never an OverflowError on the wire); reconstruct needs t >= 2 and 1..64 bytes."""
+    for x, y in ((1, 0), (2 ** 32 - 1, PRIME - 1)):
+        share = Share(x, y)
+        assert Share.from_bytes(share.to_bytes()) == share
+    for x, y in ((0, 1), (2 ** 32, 1), (1, PRIME), (1, -1), ("1", 1), (1, "1"), (1.0, 1)):
+        with pytest.raises(ShareError):
+            Share(x, y)  # type: ignore[arg-type]
+    shares = list(split_secret(SECRET, 2, IDS).values())
+    with pytest.raises(ShareError, match="not enough shares"):
+        reconstruct(shares[:1], 1)
+    with pytest.raises(ShareError, match="not enough shares"):
+        reconstruct(shares[:1], 2)
+    for length in (0, 65):
+        with pytest.raises(ValueError, match="secret_len must be 1..64"):
+            reconstruct(shares, 2, secret_len=length)
+    assert reconstruct(shares, 2, secret_len=64) == SECRET.rjust(64, b"\0")

@@ -37,7 +37,8 @@ from tests.e2e.test_rest_secagg import SecureClient
 SECURE: dict[str, Any] = {"secure_aggregation": True, "poll_interval": 0.05, "secagg_phase_timeout": 300.0,
                           "round_timeout": 300.0, "over_selection": 0.0, "client_selection_ratio": 1.0,
                           "secagg_threshold": 0.6}
-PHASES = (("advertise_keys", "u1"), ("share_keys", "u2"), ("masked_input", "u3"), ("unmask", "u4"))
+PHASES = (("advertise_keys", "u1"), ("share_keys", "u2"), ("masked_input", "u3"), ("consistency_check", "signed"),
+          ("unmask", "u4"))
 #: the page's timeouts, in ms: generous, only ever reached when something is broken
 PAGE_MS = 120_000
 
@@ -108,9 +109,10 @@ def test_secure_aggregation_panel_shows_the_status_secagg_block(tmp_path: Path) 
             clients = [SecureClient(url, env, f"s{i}", seed=200 + i) for i in range(5)]
 
             # attempt 1: everyone advertises, three send garbage instead of their shares (a refusal is a
-            # drop): 2 shares < threshold 3, so the attempt aborts and applies nothing
+            # drop): 2 shares < threshold 4 (0.6 x 5 holders, raised to withstand one colluding holder), so the
+            # attempt aborts and applies nothing
             first = [c.join(1) for c in clients]
-            assert first[0].params.threshold == 3
+            assert first[0].params.threshold == 4
             for s in first:
                 s.advertise()
             for c in clients[:2]:
@@ -132,14 +134,15 @@ def test_secure_aggregation_panel_shows_the_status_secagg_block(tmp_path: Path) 
             cur = held["current"]
             assert (cur["phase"], cur["u1"], cur["u2"], cur["dropouts_by_phase"]) == ("share_keys", 4, 2, {"advertise_keys": 1})
             assert held["dropouts_by_phase"] == {"share_keys": 3} and held["aborted_attempts"] == 1
-            assert cur["auth"] == "ed25519" and cur["threshold"] == 3 and cur["complete_graph"] is True
+            assert cur["auth"] == "ed25519" and cur["threshold"] == 4 and cur["complete_graph"] is True
             wait_for(lambda: _secagg_shown(ui) == _secagg_expected(_status(url)["secagg"]), timeout=120)
             shown = _secagg_shown(ui)
             assert shown == _secagg_expected(held)  # nothing moved while the page caught up
             assert {p: c["clients"] for p, c, _ in shown["rows"]} == \
-                {"advertise_keys": "4", "share_keys": "2", "masked_input": "0", "unmask": "0"}
+                {"advertise_keys": "4", "share_keys": "2", "masked_input": "0", "consistency_check": "0", "unmask": "0"}
             text = ui.page.inner_text("#secagg-panel")
-            assert f"attempt {cur['attempt']}: phase share keys" in text and "Threshold 3" in text
+            assert f"attempt {cur['attempt']}: phase share keys" in text and "Threshold 4" in text
+            assert "tolerates 2 colluding client(s)" in text  # 2t > h + c: 8 > 5 + 2
             assert "classic SecAgg" in text and "Ed25519" in text and "1 attempt(s) aborted" in text
             assert "threshold" in ui.page.inner_text("#secagg-panel .abort-reasons")
             ui.page.screenshot(path=str(tmp_path / "dashboard-secagg.png"), full_page=True)
@@ -152,6 +155,8 @@ def test_secure_aggregation_panel_shows_the_status_secagg_block(tmp_path: Path) 
             for k, c in enumerate(clients[:4]):
                 c.s.masked_input(c.plain(rng.normal(0.0, 0.01, numel), 10 + 5 * k), {})
             for c in clients[:4]:
+                c.s.consistency()
+            for c in clients[:4]:
                 c.s.unmask()
             assert clients[0].s.outcome()["state"] == "closed"
             ui.page.wait_for_selector("body[data-state='finished']", timeout=PAGE_MS)
@@ -159,12 +164,12 @@ def test_secure_aggregation_panel_shows_the_status_secagg_block(tmp_path: Path) 
             final = _status(url)["secagg"]
             assert final["current"] is None and final["rounds_completed"] == 1 and final["aborted_attempts"] == 1
             assert final["dropouts_by_phase"] == {"share_keys": 3, "advertise_keys": 1}
-            assert final["last_round"]["params"]["threshold"] == 3 and final["last_round"]["auth"] == "ed25519"
+            assert final["last_round"]["params"]["threshold"] == 4 and final["last_round"]["auth"] == "ed25519"
             shown = _secagg_shown(ui)
             assert shown == _secagg_expected(final)
-            assert shown["data"]["phase"] == "none" and shown["data"]["threshold"] == "3"
+            assert shown["data"]["phase"] == "none" and shown["data"]["threshold"] == "4"
             assert {p: c["dropped_total"] for p, c, _ in shown["rows"]} == \
-                {"advertise_keys": "1", "share_keys": "3", "masked_input": "0", "unmask": "0"}
+                {"advertise_keys": "1", "share_keys": "3", "masked_input": "0", "consistency_check": "0", "unmask": "0"}
             assert "No secure attempt is open" in ui.page.inner_text("#secagg-panel")
             _common_checks(ui, url)
         finally:

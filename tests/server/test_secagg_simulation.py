@@ -294,7 +294,8 @@ def test_simulation_with_secure_aggregation_matches_the_plain_run(small_config: 
     assert float((got - want).abs().max()) > 0  # it did go through the fixed point
     sa = summary["secure_aggregation"]
     assert sa["enabled"] and sa["rounds_completed"] == 1 and sa["aborted_attempts"] == 0
-    assert set(sa["bytes_per_client_per_phase"]) == {"advertise_keys", "share_keys", "masked_input", "unmask"}
+    assert set(sa["bytes_per_client_per_phase"]) == {"advertise_keys", "share_keys", "masked_input", "consistency_check",
+                                                     "unmask"}
     up = sa["bytes_per_client_per_phase"]["masked_input"]["up"]
     assert up == pytest.approx(params["vector_length"] * params["bytes_per_value"], rel=0.01)
     assert summary["codec"].startswith("secagg fixed point")

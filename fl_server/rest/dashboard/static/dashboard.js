@@ -270,10 +270,12 @@
   }
 
   // ------------------------------------------------------------------ secure aggregation
-  // The protocol's phases in order, with the set of clients /status counts for each (U1..U4: those
-  // whose message of that phase was accepted; while the phase is open, so far).
+  // The protocol's phases in order, with the set of clients /status counts for each (U1..U3, the
+  // survivors that signed U3 in the consistency check, U4 the unmask answers: those whose message of
+  // that phase was accepted; while the phase is open, so far).
   const SECAGG_PHASES = [["advertise_keys", "u1", "advertise keys"], ["share_keys", "u2", "share keys"],
-                         ["masked_input", "u3", "masked input"], ["unmask", "u4", "unmask"]];
+                         ["masked_input", "u3", "masked input"],
+                         ["consistency_check", "signed", "consistency check"], ["unmask", "u4", "unmask"]];
   const SECAGG_AUTH = {
     "ed25519": "key advertisements signed with Ed25519 (each client checks its neighbours' signatures)",
     "hmac-sha256": "key advertisements authenticated with HMAC-SHA256 (the server vouches for them: assumes an " +
@@ -311,10 +313,20 @@
         : `SecAgg+ (neighbour graph of degree ${params.degree})`;
       const signed = SECAGG_AUTH[auth] || (auth ? `key advertisements signed with ${auth}` : "signature scheme not recorded");
       const feeds = cur && cur.aggregation ? `; the unmasked sum feeds the ${cur.aggregation} aggregator` : "";
-      box.append(h("p", { "data-field": "mode" }, `${graph}; ${signed}${feeds}; ${params.modulus_bits}-bit field.`));
+      box.append(h("p", { "data-field": "mode" }, `${graph}; ${signed}${feeds}; integers mod 2^${params.modulus_bits} (a ring, not a field: uniform masks hide each input all the same).`));
       box.append(h("p", { "data-field": "threshold" }, `Threshold ${params.threshold}: ${cur ? "this" : "the last"} attempt ` +
                                                       `over ${n} clients unmasks only while at least ${params.threshold} ` +
                                                       `of a client's share holders remain.`));
+      if (params.tolerated_corrupt !== undefined) {
+        const bound = params.failure_bound === undefined ? "" : ` Planned failure bound ${Number(params.failure_bound)
+          .toExponential(1)} (target ${Number(params.failure_target).toExponential(0)}` +
+          `${params.failure_bound <= params.failure_target ? ", met" : ", NOT met"}).`;
+        box.append(h("p", { "data-field": "active" }, `Against a server that lies about who dropped: every survivor signs ` +
+                                                     `the survivor set, and a client reveals shares only once ${params.threshold} ` +
+                                                     `of its share holders signed the same set; tolerates ` +
+                                                     `${params.tolerated_corrupt} colluding client(s) per neighbourhood ` +
+                                                     `(2t > holders + colluders).${bound}`));
+      }
     } else {
       box.append(h("p", { class: "empty" }, "Secure aggregation is on; no attempt has been planned yet."));
     }

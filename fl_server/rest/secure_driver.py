@@ -211,6 +211,7 @@ class SecureRounds(RoundProtocol):
         if agg is None:
             return
         server = agg.server
+        self._drop_gone(agg, now)
         if server.phase == Phase.MASKED_INPUT and server.num_inputs >= row.target and server.expected():
             # quorum, as in plain rounds: the stragglers are dropped and their masks removed through their neighbours
             server.close_phase(now)
@@ -223,6 +224,20 @@ class SecureRounds(RoundProtocol):
             self._close(row, agg, now)
         elif server.phase == Phase.ABORTED:
             self._abort(row, agg, server.abort_reason or "aborted", now)
+
+    def _drop_gone(self, agg: SecureAggregator, now: float) -> None:
+        """Clients the phase waits for that the server has not heard from for ``client_liveness`` s are
+        dropped now: a killed daemon would otherwise hold its phase until the phase's deadline (the
+        masked input waits round_timeout) even where the others could finish the round without it.
+        Dropping is what the deadline would do later; the protocol recovers their masks as usual."""
+        waiting = agg.server.expected()
+        if not waiting or agg.server.finished:
+            return
+        live = set(self.driver.ctx.gateway.live_clients())
+        for index in sorted(waiting):
+            client_id = agg.params.client_ids[index - 1]
+            if client_id not in live:
+                self._drop(client_id, "not_live", now)
 
     def _close(self, row: RoundRow, agg: SecureAggregator, now: float) -> None:
         server = agg.server

@@ -33,7 +33,8 @@ from fl_common.protocol import ClientUpdate, TrainInstructions, derive_seed
 from fl_common.tensors.codecs import Codec, make_codec
 from fl_common.tensors.error_feedback import ErrorFeedback
 from fl_common.tensors.pipeline import PackedUpdate, pack_update
-from fl_common.training import ControlVariates, LocalTrainer
+from fl_common.training import ControlVariates, EvalResult, LocalTrainer
+from fl_common.training import resolve_device as resolve_torch_device
 from fl_server.strategies import STRATEGIES
 
 log = logging.getLogger("fl_server.simulation")
@@ -45,6 +46,12 @@ class ClientExecutor(Protocol):
                   client_controls: dict[int, torch.Tensor] | None = None) -> Iterator[ClientUpdate]:
         """Train the planned clients; for SCAFFOLD, ``server_control`` is c (the same for all) and
         ``client_controls`` each client's c_i, which the driver keeps between rounds."""
+        ...
+
+    def evaluate(self, global_vector: torch.Tensor, parts: dict[int, np.ndarray],
+                 batch_size: int) -> Iterator[tuple[int, EvalResult]]:
+        """``global_vector``'s loss and accuracy on each client's records (indices into the training
+        set), yielded in ``parts``' order: per-client evaluation runs where the clients train."""
         ...
 
     def close(self) -> None: ...
@@ -74,6 +81,13 @@ class InProcessExecutor:
             cx, cy = _client_tensors(self.x, self.y, self.partitions[cid])
             yield self.trainer.train(global_vector, cx, cy, instr, client_id=cid,
                                      control=_control_for(cid, server_control, client_controls))
+
+    def evaluate(self, global_vector: torch.Tensor, parts: dict[int, np.ndarray],
+                 batch_size: int) -> Iterator[tuple[int, EvalResult]]:
+        self.trainer.load_vector(global_vector.to(self.trainer.device, torch.float32))
+        for cid, idx in parts.items():
+            cx, cy = _client_tensors(self.x, self.y, idx)
+            yield cid, self.trainer.evaluate(None, cx, cy, batch_size)
 
     def close(self) -> None:
         return None
@@ -110,10 +124,9 @@ def release_free_memory() -> None:
 
 
 def resolve_device(cfg: FLConfig) -> str:
-    """The torch device the simulation trains on: ``device``, with "auto" meaning CUDA when available."""
-    if cfg.device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return cfg.device
+    """The torch device the simulation trains on: ``device``, with "auto" meaning CUDA when available
+    (ConfigError for a GPU this machine does not have)."""
+    return str(resolve_torch_device(cfg.device))
 
 
 def _worker_main(worker_id: int, cfg_dict: dict[str, Any], input_shape: tuple[int, int, int], num_classes: int,
@@ -143,7 +156,16 @@ def _worker_main(worker_id: int, cfg_dict: dict[str, Any], input_shape: tuple[in
             continue
         if task is None:
             return
-        cid, instr_json, client_control = task
+        if task[0] == "eval":  # per-client evaluation of the model in the shared buffer
+            _, cid, indices, batch_size = task
+            try:
+                cx, cy = _client_tensors(x, y, indices)
+                results.put(("ok", cid, trainer.evaluate(global_buf, cx, cy, batch_size)))
+                del cx, cy
+            except BaseException:
+                results.put(("error", cid, traceback.format_exc()))
+            continue
+        _, cid, instr_json, client_control = task
         try:
             instr = TrainInstructions.from_json(instr_json)
             cx, cy = _client_tensors(x, y, partitions[cid])
@@ -237,7 +259,7 @@ class ProcessPoolExecutor:
         order = sorted(instructions, key=lambda c: -len(self.partitions[c]))
         for cid in order:
             control = _control_for(cid, server_control, client_controls)
-            self.tasks.put((cid, instructions[cid].to_json(), None if control is None else control.client))
+            self.tasks.put(("train", cid, instructions[cid].to_json(), None if control is None else control.client))
         pending: dict[int, ClientUpdate] = {}
         for cid in instructions:  # yield in plan order, buffering early finishers
             while cid not in pending:
@@ -250,6 +272,21 @@ class ProcessPoolExecutor:
                                             num_samples=n, metrics=metrics, wire_bytes=wire_bytes,
                                             control_delta=None if control_delta is None else control_delta.clone())
             yield pending.pop(cid)
+
+    def evaluate(self, global_vector: torch.Tensor, parts: dict[int, np.ndarray],
+                 batch_size: int) -> Iterator[tuple[int, EvalResult]]:
+        self.global_buf.copy_(global_vector)
+        for cid in sorted(parts, key=lambda c: -len(parts[c])):  # largest first, as for training
+            self.tasks.put(("eval", cid, np.asarray(parts[cid], dtype=np.int64), batch_size))
+        done: dict[int, EvalResult] = {}
+        for cid in parts:
+            while cid not in done:
+                kind, who, payload = self._get(timeout=3600.0)
+                if kind == "error":
+                    self.close()
+                    raise WorkerFailed(f"evaluating client {who} failed:\n{payload}")
+                done[who] = payload
+            yield cid, done.pop(cid)
 
     def close(self) -> None:
         for _ in self.procs:

@@ -219,8 +219,9 @@ class Simulation(SimulationBase[Coordinator]):
 
     def save_results(self) -> dict[str, Any]:
         summary = self.summary()
-        per_client = self.evaluate_clients()
-        summary["client_accuracy"] = self.client_accuracy_summary(per_client)
+        per_client = self.evaluate_clients() if self.wants_client_evaluation() else None
+        if per_client is not None:
+            summary["client_accuracy"] = self.client_accuracy_summary(per_client)
         personal = None
         if self.cfg.finetune_epochs > 0 or self.cfg.local_only_epochs > 0:
             personal = self.personalization()
@@ -244,7 +245,7 @@ class Simulation(SimulationBase[Coordinator]):
             write_client_tables(self.run_dir.path, participation=[
                 {"client": cid, "selected": log_.selected_counts.get(cid, 0), "participated": log_.arrived_counts.get(cid, 0),
                  "dropped": log_.selected_counts.get(cid, 0) - log_.arrived_counts.get(cid, 0)}
-                for cid in range(self.cfg.num_clients)], accuracy=[
+                for cid in range(self.cfg.num_clients)], accuracy=None if per_client is None else [
                 {"client": r["client"], "accuracy": r["accuracy"],
                  "measure": ("final global model on the client's training data (simulation)" if self.cfg.client_test_fraction == 0
                              else f"final global model on {heldout_measure(self.cfg)} (simulation)")} for r in per_client])

@@ -48,6 +48,7 @@ from fl_server.coordinator import Coordinator
 from fl_server.selection import selection_summary
 from fl_server.simulation.attacks import attack_summary, make_attack
 from fl_server.simulation.client_speeds import client_speeds, simulated_client_infos
+from fl_server.simulation.client_state import ClientVariates
 from fl_server.simulation.executor import (
     ClientExecutor,
     InProcessExecutor,
@@ -171,7 +172,11 @@ class SimulationBase(ABC, Generic[CoordinatorT]):
         self.wall_seconds_before = 0.0
         self._executor: ClientExecutor | None = None
         self._codec = make_codec(cfg.codec) if cfg.compression else None
-        self._error_feedback: dict[Any, ErrorFeedback] = {}
+        # biased codecs' error-feedback residuals, one model-sized vector per client that has sent an
+        # update: in the run folder (read and written for the round's clients only) when there is one
+        self._residuals = ClientVariates(self.spec.numel, self.run_dir.path / "client_state" / "error_feedback"
+                                         if self.run_dir is not None else None)
+        self._residual_writes = 0  # the residual files' version counter (a client may encode twice per model version)
         self.startup_seconds = 0.0  # measured by finish_setup
         self.ready_seconds: float | None = None  # process start -> first round (imports, data, workers)
 
@@ -220,8 +225,9 @@ class SimulationBase(ABC, Generic[CoordinatorT]):
     def through_codec(self, update: ClientUpdate, round_number: int) -> None:
         """With ``compression`` on, send the update through the same codec and wire format as the
         client daemon and aggregate what the server would decode: the run then sees the codec's
-        real information loss and counts its real bytes. (Error-feedback residuals of biased
-        codecs live in memory here and are not checkpointed: a resumed top-k run restarts them at zero.)"""
+        real information loss and counts its real bytes. Error-feedback residuals of biased codecs
+        live in the run folder, versioned like SCAFFOLD's variates, so a resumed top-k run continues
+        with them (:meth:`residual_state`)."""
         if self._codec is None:
             update.wire_bytes = 4 * update.delta.numel()
             return
@@ -229,10 +235,29 @@ class SimulationBase(ABC, Generic[CoordinatorT]):
             return  # a worker process already encoded it (unbiased codecs)
         ef = None
         if self._codec.biased:
-            ef = self._error_feedback.setdefault(update.client_id, ErrorFeedback(self.spec))
+            ef = ErrorFeedback(self.spec)
+            stored = self._residuals.get(update.client_id)  # zeros before its first update: compensate adds nothing
+            ef.remember(stored, torch.zeros_like(stored))
         packed = encode_for_wire(update.delta, self._codec, self.cfg, round_number, update.client_id, update.num_samples, ef)
         update.delta = packed.decoded
         update.wire_bytes = len(packed.data)
+        if ef is not None and ef.residual is not None:
+            self._residual_writes += 1
+            self._residuals.put(update.client_id, ef.residual, self._residual_writes)
+
+    def residual_state(self) -> dict[str, Any]:
+        """The error-feedback residuals' part of a checkpoint (file versions, or tensors without a run folder)."""
+        return {"store": self._residuals.state_dict(), "writes": self._residual_writes}
+
+    def load_residual_state(self, state: dict[str, Any] | None) -> None:
+        """Restore :meth:`residual_state` (None: a checkpoint from before residuals were kept: they start at zero)."""
+        self._residuals.load_state_dict(None if state is None else state["store"])
+        self._residual_writes = 0 if state is None else int(state["writes"])
+        self._residuals.prune()
+
+    def prune_residuals(self) -> None:
+        """Delete residual files no checkpoint names (call after the checkpoint is durable)."""
+        self._residuals.prune()
 
     # ------------------------------------------------------------------ public API
     @abstractmethod

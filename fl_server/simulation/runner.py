@@ -79,6 +79,7 @@ class Simulation(SimulationBase[Coordinator]):
         self.coordinator.load_state_dict(state["coordinator"])
         self._variates.load_state_dict(state.get("client_state"))
         self._variates.prune()  # files of a round interrupted before its checkpoint
+        self.load_residual_state(state.get("error_feedback"))
         self.wall_seconds_before = float(state.get("wall_seconds", 0.0))
         log.info("resumed %s after round %d", self.run_dir.path, self.coordinator.completed_rounds)
 
@@ -90,8 +91,10 @@ class Simulation(SimulationBase[Coordinator]):
         if self.run_dir is None:
             return
         self.run_dir.save_checkpoint({"config": self.cfg.to_dict(), "coordinator": self.coordinator.state_dict(),
-                                      "client_state": self._variates.state_dict(), "wall_seconds": wall_seconds})
+                                      "client_state": self._variates.state_dict(), "error_feedback": self.residual_state(),
+                                      "wall_seconds": wall_seconds})
         self._variates.prune()  # only now that the checkpoint naming the new versions is durable
+        self.prune_residuals()
         self.run_dir.write_history(self.coordinator.history)
 
     # ------------------------------------------------------------------ public API

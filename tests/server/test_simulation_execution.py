@@ -86,3 +86,19 @@ def test_ray_keys_need_backend_ray() -> None:
 def test_backend_ray_without_ray_is_refused_with_the_install_command() -> None:
     with pytest.raises(ConfigError, match=r"pip install"):
         config_from_dict({"backend": "ray"})
+
+
+def test_topk_error_feedback_lives_in_the_run_folder_and_resumes_exactly(tmp_path: Path) -> None:
+    """Residuals are kept per client on disk (not in memory) and checkpointed: 1 + 2 rounds = 3 rounds."""
+    cfg = {**SYNTH, "workers": 0, "num_rounds": 3, "compression": True, "codec": "topk:0.1"}
+    with Simulation(cfg, tmp_path / "full", progress=False) as full:
+        full.train()
+        want = full.coordinator.global_vector.clone()
+    with Simulation(cfg, tmp_path / "part", progress=False) as first:
+        first.train(rounds=1)
+    with Simulation(cfg, tmp_path / "part", resume=True, progress=False) as second:
+        second.train()
+        assert torch.equal(second.coordinator.global_vector, want)
+    files = sorted(p.name for p in (tmp_path / "full" / "client_state" / "error_feedback").iterdir())
+    assert files and all(name.startswith("client") and name.endswith(".pt") for name in files)
+    assert len(files) == len({name.split("-")[0] for name in files})  # one current version per client, older ones pruned

@@ -213,7 +213,12 @@ class SimulationBase(ABC, Generic[CoordinatorT]):
         """The pool that trains the simulated clients (in process for one worker), started on first use."""
         if self._executor is None:
             n = default_workers(self.cfg)
-            if n <= 1:
+            if self.cfg.backend == "ray":
+                from fl_server.simulation.ray_backend import RayExecutor  # lazily: Ray is an optional extra
+
+                self._executor = RayExecutor(self.cfg, self.train_set.input_shape, self.train_set.num_classes,
+                                             self.train_set.x, self.train_set.y, self.partitions)
+            elif n <= 1:
                 self._executor = InProcessExecutor(self.cfg, self.train_set.input_shape, self.train_set.num_classes,
                                                    self.train_set.x, self.train_set.y, self.partitions)
             else:

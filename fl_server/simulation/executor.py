@@ -61,7 +61,7 @@ class WorkerFailed(RuntimeError):
     pass
 
 
-def _client_tensors(x: torch.Tensor, y: torch.Tensor, indices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+def client_tensors(x: torch.Tensor, y: torch.Tensor, indices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
     idx = torch.from_numpy(np.asarray(indices, dtype=np.int64))
     return x.index_select(0, idx), y.index_select(0, idx)
 
@@ -78,7 +78,7 @@ class InProcessExecutor:
                   server_control: torch.Tensor | None = None,
                   client_controls: dict[int, torch.Tensor] | None = None) -> Iterator[ClientUpdate]:
         for cid, instr in instructions.items():
-            cx, cy = _client_tensors(self.x, self.y, self.partitions[cid])
+            cx, cy = client_tensors(self.x, self.y, self.partitions[cid])
             yield self.trainer.train(global_vector, cx, cy, instr, client_id=cid,
                                      control=_control_for(cid, server_control, client_controls))
 
@@ -86,7 +86,7 @@ class InProcessExecutor:
                  batch_size: int) -> Iterator[tuple[int, EvalResult]]:
         self.trainer.load_vector(global_vector.to(self.trainer.device, torch.float32))
         for cid, idx in parts.items():
-            cx, cy = _client_tensors(self.x, self.y, idx)
+            cx, cy = client_tensors(self.x, self.y, idx)
             yield cid, self.trainer.evaluate(None, cx, cy, batch_size)
 
     def close(self) -> None:
@@ -108,6 +108,45 @@ def encode_for_wire(delta: torch.Tensor, codec: Codec, cfg: FLConfig, round_numb
     rng = torch.Generator().manual_seed(derive_seed(cfg.seed, round_number, client_id, "codec"))
     return pack_update(delta, codec, cfg.wire_compression, rng=rng, error_feedback=error_feedback,
                        meta={"num_samples": num_samples})
+
+
+#: what a worker sends back for one trained client: delta, samples, metrics, wire bytes, variate delta
+TaskResult = tuple[torch.Tensor, int, dict[str, float], int, "torch.Tensor | None"]
+
+
+class ClientWorker:
+    """What one worker holds and does, whatever runs it (a pool process, a Ray worker): one trainer,
+    and the codec it encodes unbiased updates with. The process pool and the Ray backend both call
+    this, so a client's update is computed by the same code, with the same seeds, on either."""
+
+    def __init__(self, cfg: FLConfig, input_shape: tuple[int, int, int], num_classes: int) -> None:
+        self.cfg = cfg
+        self.trainer = LocalTrainer(model_from_config(cfg, input_shape, num_classes), device=resolve_device(cfg),
+                                    seeded_noise=True)
+        # Unbiased codecs are stateless, so the worker (the client's side) encodes in parallel; biased
+        # ones need each client's error-feedback residual, which the driver keeps.
+        codec = make_codec(cfg.codec) if cfg.compression else None
+        self.codec = codec if codec is not None and not codec.biased else None
+
+    def train(self, global_vector: torch.Tensor, cid: int, x: torch.Tensor, y: torch.Tensor, instr: TrainInstructions,
+              server_control: torch.Tensor | None, client_control: torch.Tensor | None) -> TaskResult:
+        control = None if client_control is None else ControlVariates(server=server_control, client=client_control)
+        update = self.trainer.train(global_vector, x, y, instr, client_id=cid, control=control)
+        wire_bytes = 0
+        if self.codec is not None:
+            packed = encode_for_wire(update.delta, self.codec, self.cfg, instr.round, cid, update.num_samples)
+            update.delta, wire_bytes = packed.decoded, len(packed.data)
+        return update.delta, update.num_samples, update.metrics, wire_bytes, update.control_delta
+
+    def evaluate(self, global_vector: torch.Tensor, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> EvalResult:
+        return self.trainer.evaluate(global_vector, x, y, batch_size)
+
+
+def update_from_result(cid: int, instr: TrainInstructions, result: TaskResult) -> ClientUpdate:
+    """The driver's ClientUpdate from a worker's TaskResult (tensors copied out of shared or transport memory)."""
+    delta, n, metrics, wire_bytes, control_delta = result
+    return ClientUpdate(client_id=cid, round=instr.round, delta=delta.clone(), num_samples=n, metrics=metrics,
+                        wire_bytes=wire_bytes, control_delta=None if control_delta is None else control_delta.clone())
 
 
 def release_free_memory() -> None:
@@ -136,12 +175,7 @@ def _worker_main(worker_id: int, cfg_dict: dict[str, Any], input_shape: tuple[in
     try:
         from fl_common.config import config_from_dict
 
-        cfg = config_from_dict(cfg_dict, check=False)
-        trainer = LocalTrainer(model_from_config(cfg, input_shape, num_classes), device=resolve_device(cfg), seeded_noise=True)
-        # Unbiased codecs are stateless, so the worker (the client's side) encodes in parallel; biased
-        # ones need each client's error-feedback residual, which the driver keeps.
-        codec = make_codec(cfg.codec) if cfg.compression else None
-        worker_codec = codec if codec is not None and not codec.biased else None
+        worker = ClientWorker(config_from_dict(cfg_dict, check=False), input_shape, num_classes)
         results.put(("ready", worker_id, None))
     except BaseException:
         results.put(("error", worker_id, traceback.format_exc()))
@@ -159,8 +193,8 @@ def _worker_main(worker_id: int, cfg_dict: dict[str, Any], input_shape: tuple[in
         if task[0] == "eval":  # per-client evaluation of the model in the shared buffer
             _, cid, indices, batch_size = task
             try:
-                cx, cy = _client_tensors(x, y, indices)
-                results.put(("ok", cid, trainer.evaluate(global_buf, cx, cy, batch_size)))
+                cx, cy = client_tensors(x, y, indices)
+                results.put(("ok", cid, worker.evaluate(global_buf, cx, cy, batch_size)))
                 del cx, cy
             except BaseException:
                 results.put(("error", cid, traceback.format_exc()))
@@ -168,15 +202,9 @@ def _worker_main(worker_id: int, cfg_dict: dict[str, Any], input_shape: tuple[in
         _, cid, instr_json, client_control = task
         try:
             instr = TrainInstructions.from_json(instr_json)
-            cx, cy = _client_tensors(x, y, partitions[cid])
-            control = None if client_control is None else ControlVariates(server=control_buf, client=client_control)
-            update = trainer.train(global_buf, cx, cy, instr, client_id=cid, control=control)
-            wire_bytes = 0
-            if worker_codec is not None:
-                packed = encode_for_wire(update.delta, worker_codec, cfg, instr.round, cid, update.num_samples)
-                update.delta, wire_bytes = packed.decoded, len(packed.data)
-            results.put(("ok", cid, (update.delta, update.num_samples, update.metrics, wire_bytes, update.control_delta)))
-            del update, cx, cy
+            cx, cy = client_tensors(x, y, partitions[cid])
+            results.put(("ok", cid, worker.train(global_buf, cid, cx, cy, instr, control_buf, client_control)))
+            del cx, cy
             release_free_memory()
         except BaseException:
             results.put(("error", cid, traceback.format_exc()))
@@ -267,10 +295,7 @@ class ProcessPoolExecutor:
                 if kind == "error":
                     self.close()
                     raise WorkerFailed(f"training client {who} failed:\n{payload}")
-                delta, n, metrics, wire_bytes, control_delta = payload
-                pending[who] = ClientUpdate(client_id=who, round=instructions[who].round, delta=delta.clone(),
-                                            num_samples=n, metrics=metrics, wire_bytes=wire_bytes,
-                                            control_delta=None if control_delta is None else control_delta.clone())
+                pending[who] = update_from_result(who, instructions[who], payload)
             yield pending.pop(cid)
 
     def evaluate(self, global_vector: torch.Tensor, parts: dict[int, np.ndarray],

@@ -1,4 +1,6 @@
 """``python -m fl_client --server-url URL [--client-id NAME] [--data-dir DIR | --partition auto|K] [--state-dir DIR]``
+``[--ca-file CA.pem]``: an https server is verified against this CA (or ``$FL_CA_FILE``, or the system's
+trust store); plain http is for a loopback server only, unless ``--insecure-http`` (fl_client/tls.py).
 
 ``python -m fl_client --print-verify-key [--client-id NAME | --state-dir DIR]`` prints this client's
 secure-aggregation verifying key (made in the state dir if there is none yet) and exits, without a
@@ -95,7 +97,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--print-verify-key", action="store_true",
                    help="print this client's secure-aggregation verifying key (made in the state dir if there is none) "
                         "with the state dir as its label, and exit without contacting a server")
-    p.add_argument("--ca-cert", help="CA bundle to verify an https server (e.g. a self-signed certificate)")
+    p.add_argument("--ca-file", "--ca-cert", dest="ca_file", metavar="FILE",
+                   help="CA certificate(s) to verify an https server with, e.g. the ca.pem of python -m fl_server tls-init "
+                        "(default: $FL_CA_FILE, else the system's trust store)")
+    p.add_argument("--insecure-http", action="store_true",
+                   help="allow a plain http:// server URL that is not loopback (tokens and metadata travel unencrypted)")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     p.add_argument("--log-format", default="text", choices=["text", "json"], help="text, or json: one JSON object per line")
     p.add_argument("--no-progress", action="store_true",
@@ -166,11 +172,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not 0 <= value <= 3600:
             print(f"error: {flag} must be between 0 and 3600 seconds", file=sys.stderr)
             return 2
+    from fl_client.tls import TransportRefused, transport_security
+
+    try:
+        transport = transport_security(args.server_url, args.ca_file, insecure_http=args.insecure_http)
+    except TransportRefused as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     from fl_common.logs import configure_logging
 
     configure_logging(args.log_level, args.log_format,
                       text_format=f"%(asctime)s %(levelname)s fl_client[{args.client_name or os.getpid()}]: %(message)s")
     logging.getLogger("urllib3").setLevel(logging.WARNING)
+    logging.getLogger("fl_client").info("transport: %s", transport.description)
     if trusted is not None:
         logging.getLogger("fl_client").info("secure aggregation: %d pinned verifying keys from %s", len(trusted),
                                             args.secagg_trusted_keys)
@@ -183,7 +197,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         enrollment_token=args.enrollment_token or os.environ.get(ENV_ENROLLMENT_TOKEN), client_name=args.client_name,
         partition=args.partition, data_dir=args.data_dir, timeout=args.timeout, max_retries=args.max_retries,
         max_rounds=args.max_rounds, threads=args.threads, device=args.device, capability=dict(args.capability),
-        verify_tls=args.ca_cert or True, progress=False if args.no_progress else None,
+        verify_tls=transport.verify, progress=False if args.no_progress else None,
         compute_speed=args.compute_speed, bandwidth=args.bandwidth, train_delay=args.train_delay,
         secagg_unmask_delay=args.secagg_unmask_delay, secagg_trusted_keys=trusted))
     daemon.install_signal_handlers()

@@ -54,11 +54,19 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--config", type=Path, help="YAML config file")
     srv.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     srv.add_argument("--state-dir", type=Path, default=Path("fl-server-state"), help="SQLite store, updates, checkpoints")
-    srv.add_argument("--host", default="127.0.0.1", help="bind address (0.0.0.0 to listen on all interfaces)")
+    srv.add_argument("--host", default="127.0.0.1", help="bind address (0.0.0.0 to listen on all interfaces: needs "
+                     "--certfile/--keyfile, see tls-init, or --insecure-http)")
     srv.add_argument("--port", type=int, default=8080)
     srv.add_argument("--threads", type=int, default=8, help="request threads in the gthread worker")
     srv.add_argument("--certfile", help="TLS certificate (PEM); with --keyfile the server speaks https")
     srv.add_argument("--keyfile", help="TLS private key (PEM)")
+    srv.add_argument("--insecure-http", action="store_true",
+                     help="serve plain http on a non-loopback --host (only behind a TLS-terminating proxy on a trusted network)")
+
+    tls = sub.add_parser("tls-init", help="make a private CA and a server certificate for serve --certfile/--keyfile")
+    tls.add_argument("--out", type=Path, required=True, help="folder for ca.pem, ca-key.pem, server.pem, server-key.pem")
+    tls.add_argument("--hosts", required=True, metavar="HOST[,HOST...]",
+                     help="DNS names and IP addresses clients reach the server by (the certificate's subjectAltName)")
 
     demo = sub.add_parser("demo", help="server + N client processes on loopback, trained end to end")
     demo.add_argument("--clients", type=int, default=10)
@@ -67,6 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     demo.add_argument("--output", type=Path, help="demo folder (default: runs/demo-<time>)")
     demo.add_argument("--no-progress", action="store_true")
+    demo.add_argument("--no-privacy", action="store_true",
+                      help="turn differential privacy and secure aggregation off (for comparison; Fernet + HMAC stay)")
 
     audit = sub.add_parser("audit", help="print the security audit log of a server's state directory")
     audit.add_argument("--state-dir", type=Path, default=Path("fl-server-state"), help="the server's --state-dir")
@@ -76,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     from fl_server.rest.admin_cli import add_admin_parser
 
     admin = add_admin_parser(sub)
-    for p in (sim, srv, demo, audit, admin):  # `serve --log-format json` as well as `--log-format json serve`
+    for p in (sim, srv, tls, demo, audit, admin):  # `serve --log-format json` as well as `--log-format json serve`
         p.add_argument("--log-format", choices=["text", "json"], default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return parser
 
@@ -100,41 +110,71 @@ def _serve(args: argparse.Namespace) -> int:
 
     if not 0 < args.port < 65536:
         raise ConfigError(f"--port must be in 1..65535, got {args.port}")
+    from fl_common.crypto.tls import TlsError, check_server_pair, is_loopback_host
+
     if bool(args.certfile) != bool(args.keyfile):
         raise ConfigError("--certfile and --keyfile go together")
     for f in (args.certfile, args.keyfile):
         if f and not Path(f).is_file():
             raise ConfigError(f"TLS file '{f}' does not exist")
+    if args.certfile:
+        try:
+            check_server_pair(args.certfile, args.keyfile)
+        except TlsError as exc:
+            raise ConfigError(str(exc)) from None
+    elif not is_loopback_host(args.host) and not args.insecure_http:
+        raise ConfigError(f"--host {args.host} is reachable from other machines: serve https with --certfile/--keyfile "
+                          f"(python -m fl_server tls-init makes them) or pass --insecure-http")
     cfg = load_config(args.config, args.overrides)
     from fl_server.rest.gateway import check_rest_config
 
     check_rest_config(cfg)
+    from fl_server.compliance import write_transport_record
+
+    try:  # what the run's compliance record says about TLS
+        write_transport_record(args.state_dir, host=args.host, port=args.port, certfile=args.certfile)
+    except OSError as exc:
+        raise ConfigError(f"cannot write to --state-dir {args.state_dir}: {exc.strerror or exc}") from None
+    if not args.certfile and not is_loopback_host(args.host):
+        logging.getLogger("fl_server").warning("serving plain http on %s (--insecure-http): session tokens and request "
+                                               "metadata cross the network unencrypted unless a TLS proxy is in front",
+                                               args.host)
     serve(cfg, args.state_dir, host=args.host, port=args.port, threads=args.threads, log_format=args.log_format,
           log_level=args.log_level, certfile=args.certfile,
           keyfile=args.keyfile)
     return 0
 
 
+def _tls_init(args: argparse.Namespace) -> int:
+    from fl_common.crypto.tls import TlsError, ensure_tls
+
+    try:
+        result = ensure_tls(args.out, args.hosts)
+    except TlsError as exc:
+        raise ConfigError(str(exc)) from None
+    except OSError as exc:
+        raise ConfigError(f"cannot write the TLS files in {args.out}: {exc.strerror or exc}") from None
+    files = result.files
+    print(json.dumps({"ca_cert": str(files.ca_cert), "ca_key": str(files.ca_key), "server_cert": str(files.server_cert),
+                      "server_key": str(files.server_key), "hosts": list(result.hosts), "ca_created": result.ca_created,
+                      "server_created": result.server_created, "server_not_after": result.server_not_after.isoformat(),
+                      "ca_sha256": result.ca_fingerprint_sha256}))
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
-    from fl_common.config import config_from_dict
-    from fl_common.config.loading import parse_overrides, read_yaml
-    from fl_server.rest.demo import DEMO_DEFAULTS, demo_summary, run_demo
+    from fl_server.rest.demo import demo_config, demo_summary, run_demo
 
     if not 1 <= args.clients <= 200:
         raise ConfigError(f"--clients must be in 1..200, got {args.clients}")
-    values = {**DEMO_DEFAULTS, "num_clients": args.clients, "samples_per_client": min(600, 60000 // args.clients)}
-    if args.config:
-        values.update(read_yaml(args.config))
-    if args.rounds is not None:
-        values["num_rounds"] = args.rounds
-    values.update(parse_overrides(args.overrides))
-    cfg = config_from_dict(values)
+    cfg = demo_config(args.clients, config=args.config, rounds=args.rounds, overrides=args.overrides,
+                      private=not args.no_privacy)
     from fl_server.rest.gateway import check_rest_config
 
     check_rest_config(cfg)
     output = args.output or Path("runs") / time.strftime("demo-%Y%m%d-%H%M%S")
     status = run_demo(cfg, output, args.clients, progress=False if args.no_progress else None)
-    print(demo_summary(output, status))
+    print(demo_summary(output, status, cfg.label_histogram_epsilon))
     return 0
 
 
@@ -203,6 +243,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _simulate(args)
         if args.command == "serve":
             return _serve(args)
+        if args.command == "tls-init":
+            return _tls_init(args)
         if args.command == "demo":
             return _demo(args)
         if args.command == "audit":

@@ -12,11 +12,13 @@ uninterrupted one would have.
 from __future__ import annotations
 
 import logging
+import secrets
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+import numpy as np
 import torch
 
 from fl_common.config import ConfigError, FLConfig
@@ -26,7 +28,7 @@ from fl_common.tensors import ParamSpec
 from fl_common.training import EvalResult, learning_rate_at
 from fl_server.privacy import BudgetExhausted, DPRound, ServerDP, make_server_dp
 from fl_server.secagg import SecureAggregator, open_secure_round
-from fl_server.selection import ClientInfo, ParticipationLog, build_selection, client_infos_for
+from fl_server.selection import ClientInfo, ParticipationLog, build_selection, client_infos_for, poisson_sample
 from fl_server.store import RoundRecord
 from fl_server.strategies import Aggregator, Strategy, UpdateRejected, build_strategy, check_strategy_features
 
@@ -52,6 +54,10 @@ class RoundPlan:
     #: the round's public secure-aggregation parameters (``SecAggParams.to_json()``) when it is on; every
     #: selected client needs them, and its index ``client_ids.index(str(cid)) + 1``
     secagg: dict[str, Any] | None = None
+
+
+#: closed or aborted rounds whose DP plans stay known (an update refused just after its round closed)
+RECENT_DP_ROUNDS = 2
 
 
 @dataclass
@@ -100,6 +106,7 @@ class Coordinator:
         self.completed_rounds = 0
         self.history: list[RoundRecord] = []
         self._open: _OpenRound | None = None
+        self._recent_dp: dict[int, DPRound] = {}
         self.privacy: ServerDP | None = None
         if cfg.differential_privacy:
             self.privacy = make_server_dp(cfg, client_sizes, seeded_noise=privacy_seeded_noise,
@@ -164,8 +171,12 @@ class Coordinator:
                                         f"round {round_number} within their privacy budgets (min_clients="
                                         f"{self.cfg.min_clients})")
         k = min(self.cfg.clients_per_round if k is None else k, len(available))
-        drawn = self.selector.draw(round_number, client_infos_for(available, infos, sizes=self._client_sizes,
-                                                                  last_rounds=self.participation.last_round), k)
+        poisson_rate = self.privacy.poisson_sampling_rate() if self.privacy is not None else None
+        if poisson_rate is not None:  # client-level DP: the draw the accountant assumes (over-selection does not apply)
+            drawn = poisson_sample(available, poisson_rate, self._poisson_rng(round_number))
+        else:
+            drawn = self.selector.draw(round_number, client_infos_for(available, infos, sizes=self._client_sizes,
+                                                                      last_rounds=self.participation.last_round), k)
         selected = drawn.selected
         base = self.base_instructions(round_number)
         instructions = {
@@ -191,6 +202,13 @@ class Coordinator:
         self._open = _OpenRound(plan, aggregator, time.perf_counter(), dp=dp)
         log.debug("round %d: selected %d clients", round_number, len(selected))
         return plan
+
+    def _poisson_rng(self, round_number: int) -> np.random.Generator:
+        """Seeded where the server's DP noise is (the simulation, reproducible), from the OS otherwise:
+        under client-level DP the draw is part of the mechanism and must not be predictable."""
+        if self.privacy is not None and self.privacy.seeded_noise:
+            return np.random.default_rng(derive_seed(self.cfg.seed, round_number, "poisson-clients"))
+        return np.random.default_rng(secrets.randbits(128))
 
     def restore_round(self, plan: RoundPlan, *, elapsed_s: float = 0.0, bytes_so_far: int = 0) -> None:
         """Reopen a round planned before a restart (its durable updates are then re-submitted).
@@ -255,7 +273,8 @@ class Coordinator:
         op = self._open
         if op is None:
             raise RuntimeError("no round is open")
-        if op.aggregator.num_updates < self.cfg.min_clients:
+        poisson = self.privacy is not None and self.privacy.poisson_sampling_rate() is not None
+        if op.aggregator.num_updates < self.cfg.min_clients and not poisson:
             raise RuntimeError(f"round {op.plan.round} has {op.aggregator.num_updates} updates, "
                                f"fewer than min_clients={self.cfg.min_clients}")
         aggregate = op.aggregator.result()
@@ -280,7 +299,7 @@ class Coordinator:
         self.history.append(record)
         self.participation.record_round(op.plan.round, op.plan.selected, op.arrived, op.plan.probabilities)
         self.completed_rounds = op.plan.round
-        self._open = None
+        self._forget_open_round()
         return record
 
     def evaluate_final_model(self) -> RoundRecord | None:
@@ -293,7 +312,33 @@ class Coordinator:
         return self.history[-1]
 
     def abort_round(self) -> None:
+        self._forget_open_round()
+
+    def _forget_open_round(self) -> None:
+        """Ends the open round, keeping its DP plan a little while for :meth:`charge_refused_update`."""
+        if self._open is not None and self._open.dp is not None:
+            self._recent_dp[self._open.plan.round] = self._open.dp
+            for old in sorted(self._recent_dp)[:-RECENT_DP_ROUNDS]:
+                del self._recent_dp[old]
         self._open = None
+
+    def charge_refused_update(self, client_id: int | str, round_number: int) -> bool:
+        """Charges a client whose update the server decrypted and then refused (its round closed, or
+        aborted, between the early check and the lock): the server has seen that DP-SGD output, so
+        under sample-level DP it counts, whether or not it was aggregated. True when a charge was added.
+        The charge is in the privacy state from now on and in the checkpoint written after the next round."""
+        if self.privacy is None:
+            return False
+        if self._open is not None and self._open.plan.round == round_number:
+            dp = self._open.dp
+        else:
+            dp = self._recent_dp.get(round_number)
+        if dp is None:
+            return False
+        charged = self.privacy.charge_release(client_id, dp)
+        if charged:
+            log.info("client %s charged for round %d: its update was decrypted, then refused", client_id, round_number)
+        return charged
 
     # ------------------------------------------------------------------ persistence
     def state_dict(self) -> dict[str, Any]:

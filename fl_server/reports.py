@@ -16,7 +16,9 @@
                           split write): mean, median and worst-10 % of the federated, fine-tuned and local-only
                           accuracies over clients, and of the per-client gains;
 * ``report.md`` and ``report.html``  configuration, results, the per-round table (cells exactly as
-                          in history.csv) and a privacy statement that claims only what the files say.
+                          in history.csv) and a privacy statement that claims only what the files say;
+* ``compliance.json``     the run's compliance record (fl_server/compliance.py), rendered as the report's
+                          "Compliance record" section; the REST server adds its deployment facts.
 
 The HTML page is self-contained (inline CSS, images by relative file name, no scripts) and every
 value in it is HTML-escaped; the markdown escapes the same way, since markdown viewers render HTML.
@@ -36,6 +38,8 @@ from pathlib import Path
 from typing import Any
 
 from fl_server import report_template as T
+from fl_server.compliance import COMPLIANCE_JSON, DeploymentFacts, section_rows, write_compliance
+from fl_server.privacy.statement import statement_lines
 from fl_server.store.run_dir import atomic_write_bytes
 
 log = logging.getLogger("fl_server.reports")
@@ -380,7 +384,24 @@ def _results_rows(summary: dict[str, Any], history_rows: int) -> list[list[str]]
     return rows
 
 
-def _privacy_section(doc: _Doc, summary: dict[str, Any], config: dict[str, Any]) -> None:
+#: files a simulation writes that a deployed server would never hold (the simulator has every client's data)
+SIMULATOR_ONLY_FILES = {
+    "label_histograms.csv": "the exact label counts of each client",
+    CLIENT_ACCURACY_CSV: "the accuracy of each client, measured by the simulator on the data of that client",
+    PERSONALIZATION_CSV: "per-client accuracies of the federated, fine-tuned and local-only models on the data of each client",
+}
+
+
+def _simulator_files_sentence(present: Sequence[str]) -> str:
+    what = "; ".join(f"{name} ({SIMULATOR_ONLY_FILES[name]})" for name in present)
+    return (f"This run was simulated: the simulator held the data of every client and wrote files that a deployed server "
+            f"never receives: {what}. They are not covered by differential privacy or secure aggregation; the "
+            f"statements above are about what the simulated protocol exchanged. Keep this run folder as protected as "
+            f"the dataset itself.")
+
+
+def _privacy_section(doc: _Doc, summary: dict[str, Any], config: dict[str, Any],
+                     simulator_files: Sequence[str] = ()) -> None:
     privacy = summary.get("privacy")
     mode = summary.get("mode")
     dp_on = isinstance(privacy, dict) and privacy.get("differential_privacy") is True
@@ -407,6 +428,9 @@ def _privacy_section(doc: _Doc, summary: dict[str, Any], config: dict[str, Any])
             statements.append(spent + ".")
         else:
             statements.append("summary.json does not record both epsilon spent and delta: no (epsilon, delta) value is stated.")
+        hist_eps = config.get("label_histogram_epsilon")
+        statements.extend(line for line in statement_lines(privacy, float(hist_eps) if _num(str(hist_eps)) is not None else None)
+                          if not line.startswith("Noise multiplier per client"))  # the mechanism line above says it
     elif config.get("differential_privacy") is True:
         statements.append(T.DP_UNRECORDED_SENTENCE)  # configured on but not accounted: claim nothing either way
     else:
@@ -437,6 +461,8 @@ def _privacy_section(doc: _Doc, summary: dict[str, Any], config: dict[str, Any])
         statements.append(T.UNKNOWN_MODE_SENTENCE)
     else:
         statements.append(T.FEDERATED_DATA_SENTENCE)
+    if simulator_files and mode in ("federated", "local_only"):
+        statements.append(_simulator_files_sentence(simulator_files))
 
     doc.heading("Privacy statement")
     doc.bullets(statements)
@@ -513,11 +539,30 @@ def _personalization_section(doc: _Doc, rows: list[dict[str, str]]) -> None:
 
 
 # -------------------------------------------------------------------------------------------- entry
-def write_report(run_dir: Path) -> dict[str, Path]:
-    """Write the plots and ``report.md``/``report.html`` into ``run_dir``; return name -> path of each file written."""
+def _compliance_section(doc: _Doc, record: dict[str, Any]) -> None:
+    doc.heading("Compliance record")
+    doc.para(f"The facts of {COMPLIANCE_JSON} (written beside this report): what left the clients, the protections in "
+             "force, who took part, where state is kept and for how long, the audit log's digest and the data-subject "
+             "requests handled. They are recorded by the software; they are not legal advice.")
+    for title, rows in section_rows(record):
+        if title == "Who took part" and len(rows) > MAX_CLIENT_ROWS + 8:
+            rows = [*rows[:MAX_CLIENT_ROWS + 8], ("...", f"{len(rows) - MAX_CLIENT_ROWS - 8} more rows in {COMPLIANCE_JSON}")]
+        doc.para(title)
+        doc.table(["item", "record"], [[k, v] for k, v in rows])
+
+
+def write_report(run_dir: Path, deployment: DeploymentFacts | None = None) -> dict[str, Path]:
+    """Write the plots, ``compliance.json`` and ``report.md``/``report.html`` into ``run_dir``; return name -> path
+    of each file written. ``deployment``: what a REST server adds to the compliance record (None: a simulation)."""
     run_dir = Path(run_dir)
     written: dict[str, Path] = {}
     sources: list[str] = []
+    compliance: dict[str, Any] | None = None
+    try:
+        compliance = write_compliance(run_dir, deployment)
+        written[COMPLIANCE_JSON] = run_dir / COMPLIANCE_JSON
+    except Exception as exc:  # the report must still be written; the log says why the record is missing
+        log.warning("could not write %s in %s: %s: %s", COMPLIANCE_JSON, run_dir, type(exc).__name__, exc)
 
     summary: dict[str, Any] = {}
     if (run_dir / "summary.json").is_file():
@@ -589,7 +634,7 @@ def write_report(run_dir: Path) -> dict[str, Path]:
         if name == ACCURACY_LOSS_PNG:
             doc.image(name, alt)
 
-    _privacy_section(doc, summary, config)
+    _privacy_section(doc, summary, config, [name for name in SIMULATOR_ONLY_FILES if (run_dir / name).is_file()])
     for name, alt in made:
         if name == PRIVACY_BUDGET_PNG:
             doc.image(name, alt)
@@ -620,6 +665,9 @@ def write_report(run_dir: Path) -> dict[str, Path]:
     if PERSONALIZATION_CSV in sources:
         _personalization_section(doc, personal_rows)
 
+    if compliance is not None:
+        _compliance_section(doc, compliance)
+
     doc.heading("Configuration")
     if config:
         doc.table(["key", "value"], [[str(k), _fmt(v)] for k, v in config.items()])
@@ -634,11 +682,11 @@ def write_report(run_dir: Path) -> dict[str, Path]:
     return written
 
 
-def write_report_logged(run_dir: Path) -> dict[str, Path]:
+def write_report_logged(run_dir: Path, deployment: DeploymentFacts | None = None) -> dict[str, Path]:
     """``write_report`` for the end of a run: logs where the report is; on any failure logs a warning
     and returns ``{}`` so the run's saved results are never lost to reporting."""
     try:
-        files = write_report(run_dir)
+        files = write_report(run_dir, deployment)
     except Exception as exc:
         log.warning("could not write the report in %s: %s: %s", run_dir, type(exc).__name__, exc)
         return {}

@@ -6,6 +6,7 @@ Everything is validated once, after merging, so an override can fix a file's bad
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from collections.abc import Iterable, Mapping
@@ -14,7 +15,10 @@ from typing import Any
 
 import yaml
 
+from fl_common.config.recipes import apply_dp_recipe
 from fl_common.config.schema import ConfigError, FLConfig, check_consistency, coerce_value, field_names
+
+log = logging.getLogger("fl_common.config")
 
 
 def config_from_dict(values: Mapping[str, Any], *, check: bool = True) -> FLConfig:
@@ -104,12 +108,19 @@ def parse_overrides(pairs: Iterable[str]) -> dict[str, Any]:
 
 
 def load_config(path: str | os.PathLike[str] | None = None, overrides: Iterable[str] | Mapping[str, Any] = (),
-                *, check: bool = True) -> FLConfig:
-    """Defaults <- YAML file <- overrides, validated as a whole."""
+                *, check: bool = True, defaults: Mapping[str, Any] | None = None) -> FLConfig:
+    """Schema defaults <- ``defaults`` (a driver's embedded ones) <- YAML file <- overrides, validated as a whole.
+
+    Under sample-level DP with no model chosen by the user (file or overrides), the DP recipe of
+    :mod:`fl_common.config.recipes` fills the training keys the user left open, and the log says so."""
     values: dict[str, Any] = read_yaml(path) if path is not None else {}
     extra = dict(overrides) if isinstance(overrides, Mapping) else parse_overrides(overrides)
     values.update(extra)
-    return config_from_dict(values, check=check)
+    merged = {**(defaults or {}), **values}
+    merged, note = apply_dp_recipe(merged, given=set(values))
+    if note is not None:
+        log.info("%s", note)
+    return config_from_dict(merged, check=check)
 
 
 def dump_config(cfg: FLConfig, path: str | os.PathLike[str]) -> None:

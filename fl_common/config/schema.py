@@ -512,8 +512,8 @@ def _check_selection(cfg: FLConfig) -> None:
         raise ConfigError(f"config key 'num_strata' has value {cfg.num_strata}: allowed at most num_clients={cfg.num_clients}")
     if cfg.differential_privacy and cfg.dp_mode == "client" and cfg.selection != "uniform":
         raise ConfigError(f"selection '{cfg.selection}' with dp_mode 'client': client-level DP-FedAvg's accountant assumes "
-                          f"every client is selected with the same probability (clients_per_round / available), so a client "
-                          f"selected more often would get less privacy than reported; use selection: uniform")
+                          f"Poisson sampling of every client with the same probability (clients_per_round / num_clients), which "
+                          f"the coordinator then draws itself; another policy would be ignored, so say selection: uniform")
     if cfg.client_speed_distribution == "constant":
         _refuse_stray(cfg, ("client_speed_sigma",), "client_speed_distribution is 'constant'")
 

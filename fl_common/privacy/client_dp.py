@@ -57,9 +57,10 @@ SAMPLING_NOTES = {
         "by client selection is claimed (each client is accounted over the rounds it actually took part in)"
     ),
     "client": (
-        "clients: fixed-size uniform selection without replacement of clients_per_round out of the available "
-        "clients; the RDP/PRV analysis assumes Poisson sampling with q = selected / available (as Opacus does "
-        "for its shuffled batches), so the epsilon is that of the Poisson-subsampled Gaussian mechanism"
+        "clients: Poisson sampling, each of the num_clients clients in a round independently with q = "
+        "clients_per_round / num_clients (an offline client drawn does not take part), the mechanism the RDP/PRV "
+        "analysis of the subsampled Gaussian assumes; the mean divides by the expected count, and every round "
+        "is released whatever the draw (empty included)"
     ),
 }
 

@@ -67,8 +67,8 @@ class DPFedAvgAggregator(Aggregator):
         return self.full_noise_std * math.sqrt(missing / self.denominator)
 
     def result(self) -> AggregateResult:
-        if self._count == 0:
-            raise ValueError("no updates to aggregate")
+        """Runs with no update too: under Poisson client sampling a round releases its noise whatever
+        the draw gave (skipping empty rounds would make the release depend on who was drawn)."""
         std = self.noise_std_to_add()
         self.server_noise_std = std
         noisy = self._sum + gaussian_noise(self._sum.shape, std, self.generator, dtype=torch.float64)

@@ -129,6 +129,13 @@ class ServerDP(ABC):
         self.client_sizes[cid] = int(num_samples)
 
     # ------------------------------------------------------------------ the round
+    def poisson_sampling_rate(self) -> float | None:
+        """The rate at which this granularity's accountant assumes clients are Poisson-sampled, or None
+        when the selection policy draws the round (sample level: each client accounts its own records,
+        so who is selected does not enter its epsilon). With a rate the coordinator samples the round
+        itself, runs it whatever the draw gave (empty included) and ignores min_clients for it."""
+        return None
+
     @abstractmethod
     def eligible(self, round_number: int, available: Sequence[ClientId], k: int | None = None) -> list[ClientId]:
         """The clients that may be selected for this round of ``k``; raises :class:`BudgetExhausted`."""
@@ -151,6 +158,12 @@ class ServerDP(ABC):
 
         Called after the coordinator has checked round and selection, before aggregation.
         """
+
+    def charge_release(self, cid: ClientId, ctx: DPRound) -> bool:
+        """Charges ``cid`` for ``ctx``'s round because the server has seen its output (once per round);
+        True when that added a charge. Only a granularity that releases per update charges here (sample
+        level); client level releases the noised aggregate and charges the round when it closes."""
+        return False
 
     @abstractmethod
     def end_round(self, ctx: DPRound) -> float:

@@ -3,14 +3,26 @@
 Every update is clipped to C on the client (and again here when the noise is central:
 clipping is idempotent, so an honest client loses nothing and a faulty one cannot exceed the
 sensitivity); the server adds N(0, (zC)²) to the *sum* of clipped updates and divides by the
-number of *selected* clients m, fixed when the round is planned: an unweighted mean with a
-fixed denominator, so one client moves the output by at most C / m whatever the sample counts
-clients report (weighting by n_k would make the sensitivity n_max / Σn · C and trust a
-client-reported number). With ``dp_noise: distributed`` each client adds N(0, (zC)²/m) itself
-and the server tops up the share of clients that dropped out. q = selected / available, one
-step per round; the round is charged when it closes (central DP: only the noised aggregate is
-released). Adaptive clipping (Andrew et al. 2021) moves C towards a quantile of the update
-norms from a noised count of unclipped updates.
+*expected* number of clients per round m = clients_per_round: an unweighted mean with a fixed
+denominator, so one client moves the output by at most C / m whatever the sample counts clients
+report (weighting by n_k would make the sensitivity n_max / Σn · C and trust a client-reported
+number). With ``dp_noise: distributed`` each client adds N(0, (zC)²/m) itself and the server tops
+up the share of the m expected clients that did not arrive.
+
+Sampling is what the accountant assumes. The accountants (PRV, RDP) bound the *Poisson*
+subsampled Gaussian under add/remove-one-client adjacency, so this mode draws the round's
+clients by Poisson sampling: each client of the population of ``num_clients`` is in the round
+independently with probability q = clients_per_round / num_clients (one not online when drawn
+simply does not take part, which only lowers its chance). A fixed-size draw of m without
+replacement, what the selection policies do, is a different mechanism whose bound (Wang, Balle
+and Kasiviswanathan 2019) holds for replace-one adjacency; accounting it as Poisson, as this
+code did before, was not exact. The round count varies around m (binomial), the denominator
+does not, and a round runs whatever the draw gave, even empty (then it releases noise only):
+running it only when enough clients were drawn would make the release depend on who was drawn.
+Over-selection does not apply here (it would raise q). One step per round; the round is charged
+when it closes (central DP: only the noised aggregate is released). Adaptive clipping (Andrew
+et al. 2021) moves C towards a quantile of the update norms from a noised count of unclipped
+updates.
 """
 
 from __future__ import annotations
@@ -48,7 +60,7 @@ ADAPTIVE_CLIP_LEARNING_RATE = 0.2
 
 
 class ClientLevelDP(ServerDP):
-    """One ledger for the run: each closed round is one step of the subsampled Gaussian at q = m / available."""
+    """One ledger for the run: each closed round is one step of the Poisson-subsampled Gaussian at q = m / num_clients."""
 
     mode: ClassVar[str] = "client"
 
@@ -57,7 +69,7 @@ class ClientLevelDP(ServerDP):
         super().__init__(settings, client_sizes, seeded_noise=seeded_noise)
         check_delta(self.delta, settings.num_clients, "clients")
         self.planned_rounds = settings.num_rounds
-        q = settings.clients_per_round / settings.num_clients
+        q = self.sampling_rate
         self.ledger = PrivacyLedger(self.epsilon_budget, self.delta, self.accountant, num_records=settings.num_clients)
         if settings.noise_multiplier is not None:
             self.noise_multiplier = float(settings.noise_multiplier)
@@ -71,6 +83,15 @@ class ClientLevelDP(ServerDP):
         if settings.adaptive_clipping:
             self.count_noise_std = adaptive_count_noise_std(self.noise_multiplier, settings.clients_per_round)
         self.rounds_within_budget = self._rounds_within_budget(q)
+
+    @property
+    def sampling_rate(self) -> float:
+        """q = clients_per_round / num_clients: each client's chance to be in a round (Poisson sampling)."""
+        return self.settings.clients_per_round / self.settings.num_clients
+
+    def poisson_sampling_rate(self) -> float | None:
+        """Client-level DP draws its rounds by Poisson sampling at this rate (see the module docstring)."""
+        return self.sampling_rate
 
     def _rounds_within_budget(self, q: float) -> int:
         """How many rounds at (z, q) fit the budget (bisection, ε is monotone in rounds)."""
@@ -92,7 +113,7 @@ class ClientLevelDP(ServerDP):
     def eligible(self, round_number: int, available: Sequence[ClientId], k: int | None = None) -> list[ClientId]:
         if self.stop_reason is not None:
             raise BudgetExhausted(self.stop_reason)
-        q = min(self.settings.clients_per_round if k is None else k, len(available)) / len(available)
+        q = self.sampling_rate
         if self.ledger.would_exceed(self.noise_multiplier, q, 1):
             after = self.ledger.epsilon_if(self.noise_multiplier, q, 1)
             self.stop_reason = (f"privacy budget reached: round {round_number} would take epsilon from "
@@ -104,7 +125,7 @@ class ClientLevelDP(ServerDP):
 
     def begin_round(self, round_number: int, selected: Sequence[ClientId], available: int) -> DPRound:
         ctx = DPRound(round=round_number, selected=list(selected), available=int(available), clip_norm=self.clip_norm)
-        ctx.sample_rate = len(selected) / available
+        ctx.sample_rate = self.sampling_rate
         z = self.noise_multiplier
         ctx.update_noise_multiplier = (adaptive_clip_noise_multiplier(z, self.count_noise_std)
                                        if self.settings.adaptive_clipping else z)
@@ -113,14 +134,15 @@ class ClientLevelDP(ServerDP):
     def configure(self, instr: TrainInstructions, cid: ClientId, ctx: DPRound) -> TrainInstructions:
         noise = 0.0
         if self.settings.noise == "distributed":
-            noise = ctx.update_noise_multiplier * ctx.clip_norm / math.sqrt(len(ctx.selected))
+            noise = ctx.update_noise_multiplier * ctx.clip_norm / math.sqrt(self.settings.clients_per_round)
         return replace(instr, update_clip=ctx.clip_norm, update_noise_std=noise, report_clip_bit=self.settings.adaptive_clipping)
 
     def new_aggregator(self, ctx: DPRound, numel: int, strategy_aggregator: Aggregator) -> Aggregator:
         """The DP-FedAvg aggregator (the strategy's own is not used: the mean must have a fixed denominator)."""
         distributed = self.settings.noise == "distributed"
         ctx.aggregator = DPFedAvgAggregator(
-            numel, ctx.clip_norm, ctx.update_noise_multiplier * ctx.clip_norm, len(ctx.selected), distributed=distributed,
+            numel, ctx.clip_norm, ctx.update_noise_multiplier * ctx.clip_norm, self.settings.clients_per_round,
+            distributed=distributed,
             clip_on_server=not distributed, generator=self._generator(ctx.round, "dp-central-noise"),
             collect_bits=self.settings.adaptive_clipping)
         return ctx.aggregator
@@ -141,7 +163,7 @@ class ClientLevelDP(ServerDP):
     def _adapt_clip(self, ctx: DPRound) -> None:
         """C ← C·exp(−η(b̄ − γ)) from the noised fraction of unclipped updates (Andrew et al. 2021)."""
         assert ctx.aggregator is not None
-        m = len(ctx.selected)
+        m = self.settings.clients_per_round
         centred = sum(b - 0.5 for b in ctx.aggregator.bits)
         noise = float(gaussian_noise((), self.count_noise_std, self._generator(ctx.round, "dp-count-noise"), dtype=torch.float64))
         fraction = (centred + noise) / m + 0.5
@@ -159,7 +181,8 @@ class ClientLevelDP(ServerDP):
         short = ("" if self.rounds_within_budget >= s.num_rounds else
                  f"; the budget allows only {self.rounds_within_budget} of the {s.num_rounds} rounds")
         return (f"client-level DP-FedAvg ({s.noise} noise{extra}): noise multiplier z={self.noise_multiplier:.4f} "
-                f"({how}), clip C={self.clip_norm:g}, q={s.clients_per_round}/{s.num_clients}, {s.num_rounds} rounds "
+                f"({how}), clip C={self.clip_norm:g}, Poisson client sampling q={s.clients_per_round}/{s.num_clients}, "
+                f"{s.num_rounds} rounds "
                 f"-> expected final epsilon {self.expected_epsilon:.4f} of dp_epsilon={self.epsilon_budget:g} at "
                 f"delta={self.delta:g} ({self.accountant}){short}")
 
@@ -168,7 +191,8 @@ class ClientLevelDP(ServerDP):
         s = self.settings
         out.update({
             "noise": s.noise,
-            "aggregation": "unweighted sum of clipped updates + N(0,(zC)^2), divided by the number of selected clients",
+            "aggregation": "unweighted sum of clipped updates + N(0,(zC)^2), divided by the expected clients per round",
+            "client_sampling": f"Poisson, q = {s.clients_per_round}/{s.num_clients} per client per round",
             "clip_norm_initial": s.clip_norm,
             "adaptive_clipping": s.adaptive_clipping,
             "rounds_accounted": len(self.ledger.records),
@@ -197,7 +221,7 @@ class ClientLevelDP(ServerDP):
             raise ValueError("the checkpoint's client-level privacy state has no ledger: its rounds were not accounted")
         self.ledger = PrivacyLedger.from_dict(state["ledger"])
         # what the stored z promises for this configuration's num_rounds
-        q = self.settings.clients_per_round / self.settings.num_clients
+        q = self.sampling_rate
         self.expected_epsilon = make_accountant(self.accountant, [(self.noise_multiplier, q, self.settings.num_rounds)]
                                                 ).epsilon(self.delta)
         self.rounds_within_budget = self._rounds_within_budget(q)

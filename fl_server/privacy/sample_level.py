@@ -226,13 +226,20 @@ class SampleLevelDP(ServerDP):
         """Charges the client (once per round) and checks it ran the (q, steps) it was told."""
         cid = update.client_id
         q, steps = ctx.plans[cid]
-        if cid not in ctx.charged:  # its DP-SGD output has reached the server: that is the release
-            self.client_records.setdefault(cid, []).append((ctx.round, self.client_noise_multiplier(cid), q, steps))
-            ctx.charged.add(cid)
+        self.charge_release(cid, ctx)  # its DP-SGD output has reached the server: that is the release
         got_q, got_steps = update.metrics.get("dp_sample_rate"), update.metrics.get("dp_steps")
         if got_q is None or got_steps is None or abs(float(got_q) - q) > 1e-12 or int(got_steps) != steps:
             raise UpdateRejected("dp_mismatch", f"update from client {cid} reports DP-SGD with q={got_q}, steps={got_steps}; "
                                  f"it was instructed q={q}, steps={steps}")
+
+    def charge_release(self, cid: ClientId, ctx: DPRound) -> bool:
+        """Charges ``cid`` for its planned (q, steps) of ``ctx``'s round, once; False when it was not in the plan."""
+        if cid not in ctx.plans or cid in ctx.charged:
+            return False
+        q, steps = ctx.plans[cid]
+        self.client_records.setdefault(cid, []).append((ctx.round, self.client_noise_multiplier(cid), q, steps))
+        ctx.charged.add(cid)
+        return True
 
     def end_round(self, ctx: DPRound) -> float:
         """The clients were charged as their updates arrived; returns ε after the round."""

@@ -22,10 +22,11 @@ import json
 import os
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, urlparse
 
 import requests
 
+from fl_common.crypto.tls import ENV_CA_FILE, is_loopback_host
 from fl_common.protocol.rest import ENV_ADMIN_TOKEN, PATH_CLIENTS, PATH_ENROLLMENTS
 
 
@@ -38,7 +39,10 @@ def add_admin_parser(sub: Any) -> argparse.ArgumentParser:
     admin.add_argument("--server-url", required=True, help="e.g. http://127.0.0.1:8080")
     admin.add_argument("--admin-token-file", type=Path, help="file holding the admin token (the server's STATE_DIR/admin_token); "
                        f"default: ${ENV_ADMIN_TOKEN}")
-    admin.add_argument("--ca-file", type=Path, help="CA certificate to verify an https server with")
+    admin.add_argument("--ca-file", type=Path, help="CA certificate to verify an https server with (the ca.pem of tls-init; "
+                       f"default: ${ENV_CA_FILE}, else the system's trust store)")
+    admin.add_argument("--insecure-http", action="store_true",
+                       help="allow a plain http:// server URL that is not loopback (the admin token would travel unencrypted)")
     admin.add_argument("--json", action="store_true", help="print the server's JSON answer")
     what = admin.add_subparsers(dest="admin_target", required=True)
     clients = what.add_parser("clients", help="list, revoke or remove (erase) clients")
@@ -66,9 +70,22 @@ def _token(args: argparse.Namespace) -> str:
     return token
 
 
+def _verify(args: argparse.Namespace) -> bool | str:
+    """requests' ``verify`` for the server URL; plain http only to loopback unless --insecure-http (the admin
+    token must not cross a network in the clear)."""
+    parsed = urlparse(args.server_url)
+    if parsed.scheme not in ("http", "https") or not parsed.hostname:
+        raise AdminError(f"--server-url must be an http:// or https:// URL, not {args.server_url!r}")
+    if parsed.scheme == "http" and not is_loopback_host(parsed.hostname) and not args.insecure_http:
+        raise AdminError(f"refusing plain http to {parsed.hostname}, which is not loopback: the admin token would travel "
+                         f"unencrypted; use https (with --ca-file) or pass --insecure-http")
+    ca = str(args.ca_file) if args.ca_file is not None else os.environ.get(ENV_CA_FILE) or None
+    return ca if ca is not None else True
+
+
 def _call(args: argparse.Namespace, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
     url = args.server_url.rstrip("/") + path
-    verify: bool | str = str(args.ca_file) if args.ca_file is not None else True
+    verify = _verify(args)
     try:
         resp = requests.request(method, url, json=body, headers={"Authorization": f"Bearer {_token(args)}"}, timeout=30,
                                 verify=verify)

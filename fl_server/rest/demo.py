@@ -3,7 +3,9 @@
 Starts the REST server (gunicorn) and N client daemon processes on loopback, each client with
 its own state folder and data partition, shows round progress from ``/status``, and stops
 everything cleanly. Secrets (enrollment and admin tokens) are generated for the demo, handed to
-the processes through their environment and never printed.
+the processes through their environment and never printed. The server speaks HTTPS even on
+loopback: a private CA and a server certificate for 127.0.0.1 are made in its state folder
+(``server/tls``, fl_common/crypto/tls.py) and the clients verify the server against that CA.
 """
 
 from __future__ import annotations
@@ -17,28 +19,53 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import requests
 from tqdm import tqdm
 
-from fl_common.config import FLConfig, dump_config
+from fl_common.config import FLConfig, dump_config, load_config
+from fl_common.config.loading import parse_overrides, read_yaml
+from fl_common.crypto.tls import ensure_tls
 from fl_common.protocol.rest import ENV_ADMIN_TOKEN, ENV_ENROLLMENT_TOKEN
+from fl_server.privacy.statement import guarantee, label_histogram_note, noise_multiplier_range
 from fl_server.rest.secrets import ENV_SERVER_SECRET
 
 log = logging.getLogger("fl_server.rest.demo")
 
-#: Embedded defaults of the demo; any key can be overridden with --config / --set.
+#: Embedded defaults of the demo; any key can be overridden with --config / --set. Private by
+#: default, as the card asks: sample-level DP-SGD at the seed's (epsilon, delta) = (1, 1e-5), with
+#: the training settings of the DP recipe (fl_common/config/recipes.py) unless the config chooses a
+#: model; secure aggregation (SecAgg+ masking); int8 where a codec applies; Fernet + HMAC.
 DEMO_DEFAULTS: dict[str, Any] = {
     "dataset": "fashion_mnist", "model_type": "cnn", "num_rounds": 5, "local_epochs": 1, "batch_size": 32,
     "learning_rate": 0.05, "momentum": 0.9, "client_selection_ratio": 1.0, "data_distribution": "iid",
-    "evaluation_frequency": 1, "differential_privacy": False, "secure_aggregation": False, "compression": True,
+    "evaluation_frequency": 1, "differential_privacy": True, "dp_mode": "sample", "dp_epsilon": 1.0, "dp_delta": 1e-5,
+    "secure_aggregation": True, "compression": True,
     "codec": "int8", "encryption": True, "poll_interval": 0.5, "round_timeout": 600.0, "over_selection": 0.0,
     # 600 samples per client (McMahan et al.'s 100-client split of 60k) and a 2,000-image test
     # subset keep a 10-client round to ~20 s on two cores; the full test set costs ~9 s per evaluation.
     "samples_per_client": 600, "max_test_samples": 2000,
 }
+
+#: ``demo --no-privacy``: the same federation without DP and masking, for comparison.
+NO_PRIVACY: dict[str, Any] = {"differential_privacy": False, "secure_aggregation": False}
+
+
+def demo_config(clients: int, *, config: Path | None = None, rounds: int | None = None, overrides: Sequence[str] = (),
+                private: bool = True) -> FLConfig:
+    """The demo's configuration: embedded defaults (``NO_PRIVACY`` over them unless ``private``), then the
+    user's file, ``--rounds`` and ``--set``; under DP with no model chosen by the user, the DP recipe."""
+    defaults = {**DEMO_DEFAULTS, "num_clients": clients, "samples_per_client": min(600, 60000 // clients)}
+    if not private:
+        defaults.update(NO_PRIVACY)
+    given = dict(read_yaml(config)) if config is not None else {}
+    if rounds is not None:
+        given["num_rounds"] = rounds
+    given.update(parse_overrides(overrides))
+    return load_config(None, given, defaults=defaults)
 
 
 def free_port() -> int:
@@ -77,24 +104,28 @@ def run_demo(cfg: FLConfig, output: Path, clients: int, *, progress: bool | None
     config_path = output / "config.yaml"
     dump_config(cfg, config_path)
     port = free_port()
-    url = f"http://127.0.0.1:{port}"
+    url = f"https://127.0.0.1:{port}"
+    tls = ensure_tls(output / "server" / "tls", ["127.0.0.1"]).files
+    ca = str(tls.ca_cert)
     env = {**os.environ, ENV_ENROLLMENT_TOKEN: secrets.token_urlsafe(24), ENV_ADMIN_TOKEN: secrets.token_urlsafe(24),
            ENV_SERVER_SECRET: secrets.token_urlsafe(32), "PYTHONUNBUFFERED": "1"}
     procs: list[subprocess.Popen] = []
     server_log = open(output / "logs" / "server.log", "ab")
     server = subprocess.Popen([sys.executable, "-m", "fl_server", "serve", "--config", str(config_path), "--state-dir",
-                               str(output / "server"), "--host", "127.0.0.1", "--port", str(port)],
+                               str(output / "server"), "--host", "127.0.0.1", "--port", str(port),
+                               "--certfile", str(tls.server_cert), "--keyfile", str(tls.server_key)],
                               env=env, stdout=server_log, stderr=subprocess.STDOUT)
     try:
-        wait_healthy(url, server)
+        wait_healthy(url, server, verify=ca)
         log.info("server up at %s; starting %d clients (logs in %s)", url, clients, output / "logs")
         for i in range(clients):
             name = f"demo-client-{i:02d}"
             out = open(output / "logs" / f"{name}.log", "ab")
             procs.append(subprocess.Popen([sys.executable, "-m", "fl_client", "--server-url", url, "--client-id", name,
-                                           "--state-dir", str(output / "clients" / name), "--threads", str(threads)],
+                                           "--state-dir", str(output / "clients" / name), "--threads", str(threads),
+                                           "--ca-file", ca],
                                           env=env, stdout=out, stderr=subprocess.STDOUT))
-        status = _follow(url, cfg.num_rounds, server, progress)
+        status = _follow(url, cfg.num_rounds, server, progress, ca)
         for p in procs:
             try:
                 p.wait(timeout=60)
@@ -108,7 +139,7 @@ def run_demo(cfg: FLConfig, output: Path, clients: int, *, progress: bool | None
         server_log.close()
 
 
-def _follow(url: str, rounds: int, server: subprocess.Popen, progress: bool | None) -> dict[str, Any]:
+def _follow(url: str, rounds: int, server: subprocess.Popen, progress: bool | None, ca: str) -> dict[str, Any]:
     bar = tqdm(total=rounds, desc="rounds", unit="round", file=sys.stderr, disable=None if progress is None else not progress)
     last = 0
     try:
@@ -116,7 +147,7 @@ def _follow(url: str, rounds: int, server: subprocess.Popen, progress: bool | No
             if server.poll() is not None:
                 raise RuntimeError(f"the server exited with status {server.returncode}; see its log")
             try:
-                status = requests.get(f"{url}/status", timeout=10).json()
+                status = requests.get(f"{url}/status", timeout=10, verify=ca).json()
             except requests.RequestException:
                 time.sleep(1)
                 continue
@@ -138,16 +169,7 @@ def _follow(url: str, rounds: int, server: subprocess.Popen, progress: bool | No
 
 
 #: what one (epsilon, delta) of each DP granularity protects, in the words the report uses
-GUARANTEES = {
-    "sample": "record-level: adding or removing one training record of a client changes what the server sees by "
-              "at most (epsilon, delta); per client, the maximum over clients; each client's record count is "
-              "treated as public (per-client noise calibration reads it)",
-    "client": "client-level: adding or removing one client's whole data changes the released models by at most "
-              "(epsilon, delta)",
-}
-
-
-def privacy_line(status: dict[str, Any]) -> dict[str, Any]:
+def privacy_line(status: dict[str, Any], label_histogram_epsilon: float | None = None) -> dict[str, Any]:
     """What the run protected and how, from /status: the demo's last line says it, not only the accuracy."""
     dp = status.get("privacy") or {}
     out: dict[str, Any] = {"secure_aggregation": bool(status.get("secure_aggregation")),
@@ -156,14 +178,24 @@ def privacy_line(status: dict[str, Any]) -> dict[str, Any]:
     if not dp.get("differential_privacy"):
         return {"differential_privacy": False,
                 "guarantee": "none: updates are protected in transit, not differentially private", **out}
-    return {"differential_privacy": True, "guarantee": GUARANTEES.get(str(dp.get("mode")), str(dp.get("mode"))),
-            "epsilon_spent": dp.get("epsilon_spent"), "delta": dp.get("delta"), "epsilon_budget": dp.get("epsilon_budget"),
-            "accountant": dp.get("accountant"),
-            "stop_reason": status.get("stop_reason") or f"all {status.get('num_rounds')} rounds done", **out}
+    line: dict[str, Any] = {
+        "differential_privacy": True, "guarantee": guarantee(dp.get("mode")),
+        "epsilon_spent": dp.get("epsilon_spent"), "delta": dp.get("delta"), "epsilon_budget": dp.get("epsilon_budget"),
+        "accountant": dp.get("accountant"),
+        "stop_reason": status.get("stop_reason") or f"all {status.get('num_rounds')} rounds done"}
+    sigmas = noise_multiplier_range(dp)
+    if sigmas is not None:
+        line["noise_multiplier_range"] = [round(sigmas[0], 4), round(sigmas[1], 4)]
+    else:
+        line["noise_multiplier"] = dp.get("noise_multiplier")
+    hist = label_histogram_note(label_histogram_epsilon)
+    if hist is not None:
+        line["label_histograms"] = hist
+    return {**line, **out}
 
 
-def demo_summary(output: Path, status: dict[str, Any]) -> str:
+def demo_summary(output: Path, status: dict[str, Any], label_histogram_epsilon: float | None = None) -> str:
     run = output / "server" / "run"
     return json.dumps({"output": str(run), "final_accuracy": status.get("accuracy"),
                        "rounds": status.get("completed_rounds"), "history": str(run / "history.csv"),
-                       "privacy": privacy_line(status)})
+                       "privacy": privacy_line(status, label_histogram_epsilon)})

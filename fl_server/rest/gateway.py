@@ -27,7 +27,6 @@ import secrets
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -469,23 +468,6 @@ class ClientGateway:
             self.store.security_event("client_revoked", client_id, f"revoked by an admin (name {row.name or '-'})")
             log.warning("client %s revoked by an admin", client_id)
         return {"client_id": client_id, "revoked": True, "already": not revoked}
-
-    def erase_client(self, client_id: str) -> dict[str, Any]:
-        """Every row naming the client, and its stored update payloads, are deleted."""
-        self._client_or_404(client_id)
-        rows, paths = self.store.erase_client(client_id)
-        files = 0
-        for path in paths:
-            try:
-                Path(path).unlink()
-                files += 1
-            except FileNotFoundError:
-                pass
-        # the audit keeps that an erasure happened, not whom it concerned (its id would be a row of the client)
-        self.store.security_event("client_erased", None, f"a client was erased by an admin: {rows} row(s), {files} file(s)")
-        log.warning("a client was erased by an admin: %d row(s), %d update file(s)", rows, files)
-        return {"erased": True, "rows": rows, "files": files,
-                "kept": "its contribution to global models already aggregated (it cannot be taken out of them)"}
 
     def create_enrollment(self, body: Mapping[str, Any]) -> dict[str, Any]:
         """An admin-issued enrollment token: shown once, stored as a keyed hash, optionally bound to a name."""

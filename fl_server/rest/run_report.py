@@ -11,8 +11,11 @@ then adds, from the server's store:
 * two keys in ``summary.json`` the report states exactly: ``codec`` (when the service did not record
   it) and ``client_metrics_sent``, the names of every metric any client sent with an update;
 
-and calls :func:`fl_server.reports.write_report`, which draws the plots and writes ``report.md``
-and ``report.html``. A failure is logged and never costs the run its results.
+and calls :func:`fl_server.reports.write_report`, which draws the plots and writes ``report.md``,
+``report.html`` and ``compliance.json``, the latter with the :class:`~fl_server.compliance.DeploymentFacts`
+built here from the store (pseudonymous ids, uploaded bytes per round, the audit log's digest, the
+erasures handled, retention settings) and from ``STATE_DIR/transport.json`` (TLS, written by ``serve``).
+A failure is logged and never costs the run its results.
 """
 
 from __future__ import annotations
@@ -22,6 +25,14 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from fl_server.compliance import (
+    ERASURE_EVENT,
+    AuditDigest,
+    AuditEvent,
+    DeploymentFacts,
+    read_transport_record,
+    receipt_of,
+)
 from fl_server.rest.observer import FinishedRun, ServiceObserver
 from fl_server.store.sqlite import ServerStore
 
@@ -60,6 +71,35 @@ def metrics_sent(store: ServerStore) -> list[str]:
     return sorted(names)
 
 
+def audit_events(store: ServerStore) -> list[AuditEvent]:
+    """Every event the audit log keeps, oldest first."""
+    rows = store.security_events(limit=2**62)
+    return [AuditEvent(int(r["id"]), float(r["at"]), str(r["kind"]), r["client_id"], str(r["detail"])) for r in reversed(rows)]
+
+
+def update_bytes_per_round(store: ServerStore) -> dict[int, int]:
+    """Bytes of the accepted updates (as uploaded) per round number, over all attempts of a round."""
+    out: dict[int, int] = {}
+    for row in store.round_rows(limit=1_000_000):
+        for update in store.updates_for_round(row.round_id):
+            out[update.round] = out.get(update.round, 0) + int(update.nbytes)
+    return out
+
+
+def deployment_facts(run: FinishedRun) -> DeploymentFacts:
+    """What the compliance record of a REST run adds to the run folder's files (see fl_server/compliance.py)."""
+    state_dir = run.run_dir.path.parent  # the service keeps its run folder in STATE_DIR/run
+    events = audit_events(run.store)
+    receipts = tuple(r for r in (receipt_of(e.detail) for e in events if e.kind == ERASURE_EVENT) if r)
+    cfg = run.cfg
+    notes = ("asynchronous mode: uploaded bytes are not broken down per round",) if cfg.training_mode == "async" else ()
+    return DeploymentFacts(state_dir=state_dir, transport=read_transport_record(state_dir),
+                           client_ids=tuple(run.store.client_ids()), update_bytes_per_round=update_bytes_per_round(run.store),
+                           audit=AuditDigest.of(events), erasure_receipts=receipts,
+                           audit_retention_days=cfg.audit_retention_days, audit_max_events=cfg.audit_max_events,
+                           session_ttl_s=cfg.session_ttl, notes=notes)
+
+
 def write_rest_report(run: FinishedRun) -> dict[str, Path]:
     from fl_server.reports import (  # lazily: matplotlib only at the end
         write_client_tables,
@@ -75,7 +115,7 @@ def write_rest_report(run: FinishedRun) -> dict[str, Path]:
         summary.setdefault("codec", f"{run.codec_name} + {cfg.wire_compression}" if cfg.compression else "none")
         summary["client_metrics_sent"] = metrics_sent(run.store)
         run.run_dir.write_json("summary.json", summary)
-    return write_report_logged(run_dir)
+    return write_report_logged(run_dir, deployment_facts(run))
 
 
 class RunReportWriter(ServiceObserver):
@@ -85,4 +125,5 @@ class RunReportWriter(ServiceObserver):
         write_rest_report(run)
 
 
-__all__ = ["ACCURACY_MEASURE", "RunReportWriter", "client_accuracy_rows", "participation_rows", "write_rest_report"]
+__all__ = ["ACCURACY_MEASURE", "RunReportWriter", "audit_events", "client_accuracy_rows", "deployment_facts", "participation_rows",
+           "update_bytes_per_round", "write_rest_report"]

@@ -35,6 +35,7 @@ from fl_common.protocol.rest import RegisterResponse, RoundStatus
 from fl_common.training import LocalTrainer
 from fl_server.rest.async_driver import AsyncRoundDriver
 from fl_server.rest.driver import CoordinatorView, DriverContext, ModelPayload, RoundDriver
+from fl_server.rest.erasure import erase_client
 from fl_server.rest.gateway import ApiError, Authenticated, ClientGateway, SignedRequest, check_rest_config
 from fl_server.rest.observer import Observers, ServiceObserver
 from fl_server.rest.secrets import ServerSecrets
@@ -215,7 +216,7 @@ class FederationService:
         models already aggregated cannot be erased); its name and partition become free."""
         with self.lock:
             self.driver.client_left(client_id, "removed by an admin")
-            return self.gateway.erase_client(client_id)
+            return erase_client(self.context, self.driver.coordinator, self.state_dir, client_id).to_json()
 
     def authenticate(self, method: str, path: str, body: bytes, headers: Mapping[str, str], *,
                      require_token: bool = True) -> Authenticated:

@@ -187,7 +187,11 @@ class PlainRounds(RoundProtocol):
         packed, update = gateway.open_update(auth, round_number, body, driver.layout)
         # 4. durable, then aggregated, then acknowledged
         with ctx.lock:
-            row = driver.check_expected(auth.client_id, round_number)
+            try:
+                row = driver.check_expected(auth.client_id, round_number)
+            except ApiError:  # the round closed meanwhile, but the server has decrypted the update: DP charges it
+                driver.coordinator.charge_refused_update(auth.client_id, round_number)
+                raise
             if ctx.store.update(row.round_id, auth.client_id) is not None:
                 raise ApiError(409, "duplicate", f"an update for round {round_number} was already accepted from this client")
             path = ctx.updates_dir / f"attempt{row.round_id:06d}-r{round_number:05d}" / f"{auth.client_id}.bin"

@@ -35,6 +35,7 @@ from fl_server.selection.policies import (
     UniformSelector,
     WeightedSelector,
     expected_round_seconds,
+    poisson_sample,
 )
 from fl_server.selection.sampling import inclusion_probabilities, systematic_sample
 from fl_server.selection.strata import STRATIFY_BY
@@ -53,6 +54,7 @@ def selection_summary(cfg: Any, selector: Selector) -> dict[str, Any]:
 
 
 __all__ = [
+    "poisson_sample",
     "SELECTORS",
     "STRATIFY_BY",
     "AdaptiveSelector",

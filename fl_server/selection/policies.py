@@ -42,6 +42,7 @@ from fl_server.selection.sampling import inclusion_probabilities, systematic_sam
 from fl_server.selection.strata import assign_strata
 
 __all__ = [
+    "poisson_sample",
     "AdaptiveSelector",
     "CapabilitySelector",
     "ProportionalSelector",
@@ -70,6 +71,17 @@ def _sorted(clients: Sequence[ClientInfo | ClientId]) -> list[ClientInfo]:
         raise ValueError("a client is listed twice among the candidates")
     as_str = any(isinstance(i, str) for i in ids)
     return sorted(infos, key=(lambda c: str(c.client_id)) if as_str else (lambda c: c.client_id))
+
+
+def poisson_sample(clients: Sequence[ClientId], rate: float, rng: np.random.Generator) -> Selection:
+    """Each client independently with probability ``rate`` (Poisson sampling): the draw that
+    client-level DP's accountant assumes. The count varies (binomial) and may be 0; callers run the
+    round whatever it is. Clients are visited in sorted order so a seeded draw is reproducible."""
+    if not 0.0 < rate <= 1.0:
+        raise ValueError(f"a Poisson sampling rate must lie in (0, 1], not {rate!r}")
+    pool = [c.client_id for c in _sorted(clients)]
+    hits = rng.random(len(pool)) < rate
+    return Selection([cid for cid, hit in zip(pool, hits.tolist(), strict=True) if hit], dict.fromkeys(pool, float(rate)))
 
 
 class Selector(ABC):

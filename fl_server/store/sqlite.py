@@ -29,6 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fl_server.store.scrub import contains_exact, replace_exact
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS clients (
@@ -421,16 +423,34 @@ class ServerStore:
         row = self._one("SELECT revoked_at FROM clients WHERE client_id=?", (client_id,))
         return None if row is None else row[0]
 
-    def erase_client(self, client_id: str) -> tuple[int, list[str]]:
+    def erase_client(self, client_id: str, placeholder: str | None = None) -> tuple[int, list[str]]:
         """Delete every row that names the client (its record, updates, participation, nonces, jobs and audit
-        events) and return (rows deleted, payload files the caller must delete). What cannot be erased is its
+        events) and return (rows deleted, payload files the caller must delete). With ``placeholder``, the rows
+        it shares with other clients (a round's selection, instructions, inclusion probabilities and secure-
+        aggregation roster) keep their shape with the id replaced by it. What cannot be erased is its
         contribution to models already aggregated."""
         tables = ("updates", "async_updates", "async_jobs", "participants", "nonces", "security_events")
+        shared = ("selected", "instructions", "probabilities", "secagg")
+        with self._lock:  # deleted and rewritten cells are zeroed in the file, not left in free space
+            self._db.execute("PRAGMA secure_delete=ON")
         with self._tx() as db:
             paths = [r[0] for r in db.execute("SELECT path FROM updates WHERE client_id=? AND path != ''", (client_id,))]
             paths += [r[0] for r in db.execute("SELECT path FROM async_updates WHERE client_id=?", (client_id,))]
             deleted = sum(db.execute(f"DELETE FROM {t} WHERE client_id=?", (client_id,)).rowcount for t in tables)
             deleted += db.execute("DELETE FROM clients WHERE client_id=?", (client_id,)).rowcount
+            if placeholder is not None:
+                like = f"%{client_id}%"
+                rows = db.execute(f"SELECT round_id, {', '.join(shared)} FROM rounds WHERE "
+                                  + " OR ".join(f"{c} LIKE ?" for c in shared), (like,) * len(shared)).fetchall()
+                for round_id, *columns in rows:
+                    values = [None if v is None else json.loads(v) for v in columns]
+                    if any(contains_exact(v, {client_id}) for v in values):
+                        db.execute(f"UPDATE rounds SET {', '.join(f'{c}=?' for c in shared)} WHERE round_id=?",
+                                   (*[None if v is None else json.dumps(replace_exact(v, {client_id}, placeholder))
+                                      for v in values], round_id))
+        with self._lock:  # and the old pages leave the write-ahead log now, not at some later checkpoint
+            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            self._db.execute("PRAGMA secure_delete=OFF")
         return deleted, paths
 
     # ------------------------------------------------------------------ rounds

@@ -49,8 +49,9 @@ def token_env() -> dict[str, str]:
 
 
 @contextmanager
-def threaded_server(cfg: FLConfig, state_dir: Path, env: dict[str, str],
-                    clock: Any = time.time) -> Iterator[tuple[str, FederationService]]:
+def threaded_server(cfg: FLConfig, state_dir: Path, env: dict[str, str], clock: Any = time.time,
+                    tls: tuple[str, str] | None = None) -> Iterator[tuple[str, FederationService]]:
+    """``tls``: (certificate, key) PEM files: the server speaks https (the URL says so)."""
     old = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     try:
@@ -62,11 +63,11 @@ def threaded_server(cfg: FLConfig, state_dir: Path, env: dict[str, str],
             else:
                 os.environ[k] = v
     app = create_app(service)
-    server = make_server("127.0.0.1", 0, app, threaded=True)
+    server = make_server("127.0.0.1", 0, app, threaded=True, ssl_context=tls)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
-        yield f"http://127.0.0.1:{server.server_port}", service
+        yield f"{'https' if tls else 'http'}://127.0.0.1:{server.server_port}", service
     finally:
         server.shutdown()
         service.close()

@@ -25,10 +25,15 @@ def test_the_demo_trains_a_federation_and_leaves_its_results(tmp_path: Path) -> 
                            "--set", "num_clients=3"], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     printed = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert printed["rounds"] == 2 and printed["final_accuracy"] > 0.3
-    # the last line says what was protected and how (the demo defaults; DP off here)
-    assert printed["privacy"]["differential_privacy"] is False and "not differentially private" in printed["privacy"]["guarantee"]
-    assert printed["privacy"]["encryption"] == "Fernet + HMAC-SHA256"
+    assert printed["rounds"] == 2 and printed["final_accuracy"] > 0.2  # DP-SGD at epsilon 1 for 2 rounds: above chance
+    # the last line says what was protected and how: the demo's defaults are the card's private pipeline
+    privacy = printed["privacy"]
+    assert privacy["differential_privacy"] is True and privacy["guarantee"].startswith("record-level")
+    assert 0 < privacy["epsilon_spent"] <= privacy["epsilon_budget"] == 1.0 and privacy["delta"] == 1e-5
+    assert privacy["secure_aggregation"] is True and privacy["encryption"] == "Fernet + HMAC-SHA256"
+    assert privacy["stop_reason"] == "all 2 rounds done"
+    summary = json.loads((out / "server" / "run" / "summary.json").read_text())
+    assert summary["privacy"]["epsilon_spent"] == privacy["epsilon_spent"]  # the line is the accountant's number
     run = out / "server" / "run"
     with open(run / "history.csv") as f:
         rows = list(csv.DictReader(f))
@@ -36,6 +41,9 @@ def test_the_demo_trains_a_federation_and_leaves_its_results(tmp_path: Path) -> 
     for name in ("summary.json", "model.pt", "report.html", "accuracy_loss.png"):
         assert (run / name).is_file(), name
     assert len(list((out / "logs").glob("demo-client-*.log"))) == 3
+    # https on loopback: the clients verified the server against the CA the demo made in its state folder
+    assert (out / "server" / "tls" / "ca.pem").is_file() and (out / "server" / "tls" / "server-key.pem").stat().st_mode & 0o077 == 0
+    assert "https to 127.0.0.1, verified against" in (out / "logs" / "demo-client-00.log").read_text()
 
 
 def test_the_demo_line_states_a_dp_guarantee_exactly() -> None:
@@ -48,3 +56,35 @@ def test_the_demo_line_states_a_dp_guarantee_exactly() -> None:
     assert (line["epsilon_spent"], line["delta"], line["epsilon_budget"]) == (0.97, 1e-5, 1.0)
     assert line["guarantee"].startswith("record-level") and "maximum over clients" in line["guarantee"]
     assert line["stop_reason"] == "all 5 rounds done" and line["secure_aggregation"] is True
+
+
+def test_the_demo_line_without_privacy_says_so() -> None:
+    from fl_server.rest.demo import privacy_line
+
+    line = privacy_line({"privacy": {"differential_privacy": False}, "secure_aggregation": False, "encryption": True,
+                         "codec": "int8"})
+    assert line["differential_privacy"] is False and "not differentially private" in line["guarantee"]
+    assert line["secure_aggregation"] is False and line["encryption"] == "Fernet + HMAC-SHA256"
+
+
+def test_the_demo_is_private_by_default_and_no_privacy_turns_it_off(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from fl_common.config.recipes import SMALL_EPSILON_RECIPE
+    from fl_server.rest.demo import demo_config
+
+    with caplog.at_level("INFO", logger="fl_common.config"):
+        cfg = demo_config(10)
+    assert (cfg.differential_privacy, cfg.dp_mode, cfg.dp_epsilon, cfg.dp_delta) == (True, "sample", 1.0, 1e-5)
+    assert cfg.secure_aggregation and cfg.encryption and cfg.compression and cfg.codec == "int8"
+    assert {k: getattr(cfg, k) for k in SMALL_EPSILON_RECIPE} == SMALL_EPSILON_RECIPE  # no model chosen: the recipe
+    assert any("DP recipe" in r.getMessage() for r in caplog.records)
+    plain = demo_config(10, private=False)
+    assert not plain.differential_privacy and not plain.secure_aggregation and plain.encryption
+    assert (plain.model_type, plain.batch_size, plain.lr_schedule) == ("cnn", 32, "constant")  # the demo's own settings
+    # a user who chooses the model keeps every setting they gave, and the recipe stays out
+    mine = demo_config(10, overrides=["model_type=mlp", "learning_rate=0.2"])
+    assert (mine.model_type, mine.learning_rate, mine.batch_size, mine.lr_schedule) == ("mlp", 0.2, 32, "constant")
+    # a user who does not choose the model but sets the lr keeps the lr; the rest comes from the recipe
+    config = tmp_path / "c.yaml"
+    config.write_text("learning_rate: 0.02\ndp_epsilon: 8\n")
+    big = demo_config(10, config=config)
+    assert (big.model_type, big.hidden_size, big.batch_size, big.learning_rate) == ("tanh_cnn", 128, 128, 0.02)

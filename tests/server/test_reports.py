@@ -69,7 +69,7 @@ def _csv_cells(text: str) -> list[dict[str, str]]:
 def test_all_files_written_and_every_history_number_is_in_the_report(tmp_path: Path) -> None:
     d = _run_dir(tmp_path, HISTORY_PLAIN, _summary())
     files = write_report(d)
-    assert set(files) == {"accuracy_loss.png", "client_data.png", "report.md", "report.html"}
+    assert set(files) == {"accuracy_loss.png", "client_data.png", "report.md", "report.html", "compliance.json"}
     assert not (d / "privacy_budget.png").exists(), "no epsilon in history.csv: no privacy plot"
     for name, path in files.items():
         assert path == d / name and path.is_file()
@@ -144,6 +144,38 @@ def test_per_client_noise_is_stated_as_its_range(tmp_path: Path) -> None:
     md = (d / "report.md").read_text()
     assert "noise multiplier calibrated per client for its own sampling rate and steps, 3.0 to 6.8125" in md
     assert "noise multiplier 6.8125" not in md, "the largest sigma alone would misstate what most clients ran"
+    # what the number means, where users read it
+    assert "Meaning: record-level: adding or removing any one training record" in md
+    assert "the figure is the maximum over clients" in md and "record count is treated as public" in md
+    assert "label histogram" not in md  # no policy read label histograms in this run
+
+
+def test_the_label_histogram_release_is_listed_beside_epsilon(tmp_path: Path) -> None:
+    privacy = {"differential_privacy": True, "mode": "sample", "epsilon_spent": 0.9, "epsilon_budget": 1.0, "delta": 1e-05,
+               "accountant": "prv", "noise_multiplier": 3.0, "clip_norm": 1.0}
+    cfg = {**CONFIG, "differential_privacy": True, "selection": "stratified", "label_histogram_epsilon": 0.5}
+    d = _run_dir(tmp_path, HISTORY_DP, _summary(privacy=privacy, config=cfg))
+    write_report(d)
+    md = (d / "report.md").read_text()
+    assert "label histogram once, with Laplace noise (pure epsilon = 0.5)" in md and "(epsilon + 0.5, delta)" in md
+
+
+def test_simulator_only_files_are_named_and_not_claimed_private(tmp_path: Path) -> None:
+    d = _run_dir(tmp_path, HISTORY_PLAIN, _summary())
+    (d / "client_accuracy.csv").write_text("client,accuracy,measure\n0,0.5,train\n")
+    write_report(d)
+    md = (d / "report.md").read_text()
+    assert T.FEDERATED_DATA_SENTENCE in md and "This run was simulated" in md
+    assert "label_histograms.csv (the exact label counts of each client)" in md
+    assert "client_accuracy.csv (the accuracy of each client, measured by the simulator" in md
+    assert "personalization.csv" not in md  # only the files that are there
+    # a run folder without such files carries no such sentence
+    d2 = tmp_path / "bare"
+    d2.mkdir()
+    (d2 / "history.csv").write_text(HISTORY_PLAIN)
+    (d2 / "summary.json").write_text(json.dumps(_summary()))
+    write_report(d2)
+    assert "This run was simulated" not in (d2 / "report.md").read_text()
 
 
 def test_centralized_wording(tmp_path: Path) -> None:

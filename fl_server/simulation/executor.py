@@ -325,9 +325,12 @@ class ProcessPoolExecutor:
 
 
 def default_workers(cfg: FLConfig) -> int:
-    """workers=-1 means one single-threaded worker per core (capped by clients per round)."""
+    """workers=-1 means one single-threaded worker per core (capped by clients per round); on a GPU it means
+    in-process: one process owns the device (several would each hold a CUDA context and contend for it)."""
     if cfg.workers >= 0:
         return min(cfg.workers, cfg.clients_per_round)
+    if resolve_device(cfg) != "cpu":
+        return 0
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     n = max(1, cores // cfg.threads_per_worker)
     return min(n, cfg.clients_per_round)

@@ -1,47 +1,33 @@
 #!/usr/bin/env bash
 # Smoke test of the container deployment, with no image registry and no PyPI at build time:
 #
-#   1. a Debian base image made locally with debootstrap (bookworm, minbase, python3 + venv + pip)
-#      and `docker import`ed as fl-base:local (reused when it exists);
-#   2. a local wheel folder (torch CPU wheel + the project's requirements + build backend), made
-#      with `pip download` from whatever this host's pip is configured with (reused when present);
-#   3. `docker build` of docker/Dockerfile with BASE_IMAGE=fl-base:local and WHEELS=wheels;
-#   4. docker-compose.yml brought up with 3 clients for 2 rounds (server overrides on the command
-#      line: num_clients=3, num_rounds=2, a 6000-sample training subset), /status polled until
-#      `finished`, what happened printed, and everything torn down (trap), volumes included.
+#   1. docker/build-image.sh --tag federated-learning-hub:smoke: the documented build without a registry
+#      (a debootstrap base image fl-base:local and a local wheel folder, both reused when present);
+#   2. docker-compose.yml brought up as it is (TLS included: tls-init, https, clients verifying the CA) with
+#      3 clients for 2 rounds (FL_SERVER_ARGS: num_clients=3, num_rounds=2, a 6000-sample training subset),
+#      /status polled over https with the CA from the fl-ca volume until `finished`, what happened printed,
+#      and everything torn down (trap), volumes included.
 #
 # Usage: docker/smoke-test.sh [--clean]      (run as root, or as a user allowed to use docker;
 #                                            debootstrap needs root when the base image is missing)
 #   --clean   also remove the images (base, smoke image, builder-stage cache) and the wheel cache
 #             afterwards (the next run starts from scratch)
-# Environment (all optional):
-#   FL_SMOKE_WORK=/var/tmp/fl-smoke    cache (wheels/) and temporary folders
-#   FL_SMOKE_WHEELS=DIR                use this ready wheel folder instead of `pip download`
-#   FL_SMOKE_TORCH=torch==2.13.0+cpu   torch requirement for the wheel folder and the image (no torchvision, see Dockerfile)
-#   FL_SMOKE_EXTRA_PACKAGES=scipy      requirements missing from pyproject.toml (build arg EXTRA_PACKAGES)
-#   FL_SMOKE_MIRROR=http://deb.debian.org/debian   FL_SMOKE_SUITE=bookworm   (debootstrap)
-#   FL_SMOKE_REBUILD_BASE=1            debootstrap again even if fl-base:local exists
+# Environment (all optional): the FL_BUILD_* variables of docker/build-image.sh (wheel cache, torch
+# requirement, Debian mirror, ...), and
 #   FL_SMOKE_TIMEOUT=1800              seconds to wait for the 2 rounds
-#   FL_SMOKE_NETWORK=host              docker build --network (e.g. host when the daemon runs with --bridge=none)
+#   FL_SMOKE_NETWORK=host              docker build --network (default: build-image.sh's choice)
 #
-# Idempotent: leftovers of an interrupted run (compose project "flsmoke", its volume) are removed
+# Idempotent: leftovers of an interrupted run (compose project "flsmoke", its volumes) are removed
 # first; the base image and the wheel cache are reused. CPU: everything started from here runs
 # under `nice -n 19`, and the containers' processes are reniced to 19 once they are up.
 set -Eeuo pipefail
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-WORK=${FL_SMOKE_WORK:-/var/tmp/fl-smoke}
-BASE_TAG=fl-base:local
+WORK=${FL_BUILD_WORK:-/var/tmp/fl-build}
 IMAGE=federated-learning-hub:smoke
 PROJECT=flsmoke
 CLIENTS=3
 ROUNDS=2
-TORCH_SPEC=${FL_SMOKE_TORCH:-torch==2.13.0+cpu}
-# scipy: imported by fl_common/privacy/rdp.py (so by the server and the client at start-up) but
-# not declared in pyproject.toml yet; harmless once it is.
-EXTRA=${FL_SMOKE_EXTRA_PACKAGES-scipy}
-MIRROR=${FL_SMOKE_MIRROR:-http://deb.debian.org/debian}
-SUITE=${FL_SMOKE_SUITE:-bookworm}
 TIMEOUT=${FL_SMOKE_TIMEOUT:-1800}
 CLEAN=0
 [[ "${1:-}" == "--clean" ]] && CLEAN=1
@@ -55,39 +41,28 @@ docker info >/dev/null 2>&1 || die "cannot reach the Docker daemon (is dockerd r
 if docker compose version >/dev/null 2>&1; then COMPOSE=(docker compose)
 elif command -v docker-compose >/dev/null; then COMPOSE=(docker-compose)
 else die "neither 'docker compose' nor 'docker-compose' is installed"; fi
-# The classic builder when the CLI has no buildx (a Docker 23+ CLI refuses to build otherwise).
-docker buildx version >/dev/null 2>&1 || export DOCKER_BUILDKIT=0
 
 mkdir -p "$WORK"
-TMP=$(mktemp -d "$WORK/run.XXXXXX")
-OVERRIDE="$TMP/smoke.override.yml"
-DC=("${COMPOSE[@]}" -p "$PROJECT" -f "$REPO/docker-compose.yml" -f "$OVERRIDE")
+TMP=$(mktemp -d "$WORK/smoke.XXXXXX")
+DC=("${COMPOSE[@]}" -p "$PROJECT" -f "$REPO/docker-compose.yml")
 
 # Secrets for this run only: random, exported to compose, never printed or written to the repo.
 rand() { python3 -c 'import secrets; print(secrets.token_urlsafe(32))'; }
 FL_ENROLLMENT_TOKEN=$(rand) FL_ADMIN_TOKEN=$(rand) FL_SERVER_SECRET=$(rand)
 export FL_ENROLLMENT_TOKEN FL_ADMIN_TOKEN FL_SERVER_SECRET
 export FL_IMAGE=$IMAGE FL_SERVER_BIND=127.0.0.1
+export FL_SERVER_ARGS="--set num_clients=$CLIENTS --set num_rounds=$ROUNDS --set max_train_samples=6000 --set max_test_samples=2000"
 FL_SERVER_PORT=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 export FL_SERVER_PORT
-cat > "$OVERRIDE" <<EOF
-services:
-  server:
-    command: [python, -m, fl_server, serve, --config, /etc/fl/server.yaml, --state-dir, /var/lib/fl-server,
-              --host, 0.0.0.0, --port, "8080", --set, num_clients=$CLIENTS, --set, num_rounds=$ROUNDS,
-              --set, max_train_samples=6000, --set, max_test_samples=2000]
-EOF
 
-ROOTFS=""
 cleanup() {
     local rc=$?
     set +e
     log "teardown"
     "${DC[@]}" down --volumes --remove-orphans --timeout 20 >/dev/null 2>&1
-    [[ -n "$ROOTFS" && -d "$ROOTFS" ]] && rm -rf --one-file-system "$ROOTFS"
     rm -rf "$TMP"
     if (( CLEAN )); then
-        docker image rm -f "$IMAGE" "$BASE_TAG" >/dev/null 2>&1
+        docker image rm -f "$IMAGE" fl-base:local >/dev/null 2>&1
         docker image prune -f --filter label=io.github.federated-learning-hub.builder=1 >/dev/null 2>&1
         rm -rf "$WORK/wheels"
         rmdir "$WORK" 2>/dev/null
@@ -101,83 +76,14 @@ trap 'exit 130' INT TERM
 log "removing leftovers of an earlier run (project $PROJECT)"
 "${DC[@]}" down --volumes --remove-orphans --timeout 5 >/dev/null 2>&1 || true
 
-# ----------------------------------------------------------------------------- 1. base image
-if [[ "${FL_SMOKE_REBUILD_BASE:-0}" != 1 ]] && docker image inspect "$BASE_TAG" >/dev/null 2>&1; then
-    log "base image $BASE_TAG exists; reusing it (FL_SMOKE_REBUILD_BASE=1 makes it again)"
-else
-    command -v debootstrap >/dev/null || die "debootstrap is not installed (apt-get install debootstrap)"
-    (( EUID == 0 )) || die "debootstrap needs root to make $BASE_TAG"
-    ROOTFS="$TMP/rootfs"
-    log "debootstrap $SUITE (minbase + python3, python3-venv, python3-pip) from $MIRROR"
-    start=$SECONDS
-    "${NICE[@]}" debootstrap --variant=minbase --include=python3,python3-venv,python3-pip \
-        "$SUITE" "$ROOTFS" "$MIRROR" > "$TMP/debootstrap.log" 2>&1 \
-        || { tail -20 "$TMP/debootstrap.log" >&2; die "debootstrap failed (log above)"; }
-    rm -rf "$ROOTFS"/var/cache/apt/archives/*.deb "$ROOTFS"/var/lib/apt/lists/* "$ROOTFS"/tmp/*
-    tar -C "$ROOTFS" -c . | docker import \
-        --change 'ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
-        --change 'ENV LANG=C.UTF-8' --change 'CMD ["/bin/bash"]' - "$BASE_TAG" >/dev/null
-    rm -rf --one-file-system "$ROOTFS"; ROOTFS=""
-    log "made $BASE_TAG in $((SECONDS - start)) s: $(docker run --rm "$BASE_TAG" python3 --version)"
-fi
-BASE_PY=$(docker run --rm "$BASE_TAG" python3 -c 'import sys; print("%d.%d" % sys.version_info[:2])')
-
-# ----------------------------------------------------------------------------- 2. wheel folder
-if [[ -n "${FL_SMOKE_WHEELS:-}" ]]; then
-    WHEELS_SRC=$FL_SMOKE_WHEELS
-    log "using the wheel folder $WHEELS_SRC"
-else
-    WHEELS_SRC="$WORK/wheels"
-    log "wheel folder $WHEELS_SRC for CPython $BASE_PY ($TORCH_SPEC + requirements + build backend)"
-    mapfile -t REQS < <(python3 - "$REPO/pyproject.toml" <<'PY'
-import re, sys
-try:
-    import tomllib
-except ModuleNotFoundError:  # Python < 3.11 on the host
-    import tomli as tomllib
-deps = tomllib.load(open(sys.argv[1], "rb"))["project"]["dependencies"]
-for d in deps:
-    if re.split(r"[\s<>=!~;\[]", d, maxsplit=1)[0].lower() not in ("torch", "torchvision"):
-        print(d)
-PY
-)
-    mkdir -p "$WHEELS_SRC"
-    # Binary wheels for the base image's interpreter (not necessarily this host's).
-    "${NICE[@]}" python3 -m pip download --quiet --dest "$WHEELS_SRC" --only-binary=:all: \
-        --python-version "$BASE_PY" --implementation cp \
-        --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-        --platform linux_x86_64 \
-        "$TORCH_SPEC" "${REQS[@]}" $EXTRA "setuptools>=68" wheel > "$TMP/pip-download.log" 2>&1 \
-        || { grep -v "is ignored: it is neither" "$TMP/pip-download.log" | tail -20 >&2
-             die "pip download failed: is '$TORCH_SPEC' reachable from this host's pip (pip config list)?"; }
-fi
-ls "$WHEELS_SRC"/torch-*.whl >/dev/null 2>&1 || die "no torch wheel in $WHEELS_SRC"
-echo "$(ls "$WHEELS_SRC" | wc -l) wheels, $(du -sh "$WHEELS_SRC" | cut -f1): $(cd "$WHEELS_SRC" && ls torch-*.whl)"
-
-# ----------------------------------------------------------------------------- 3. image
-# A small build context: what docker/Dockerfile copies, plus the wheels (hard links, no copy).
-CTX="$TMP/context"
-mkdir -p "$CTX"
-tar -C "$REPO" --exclude=__pycache__ --exclude='*.pyc' -c pyproject.toml README.md fl_common fl_server fl_client docker \
-    | tar -C "$CTX" -x
-cp -al "$WHEELS_SRC" "$CTX/wheels" 2>/dev/null || cp -a "$WHEELS_SRC" "$CTX/wheels"
-log "docker build $IMAGE (BASE_IMAGE=$BASE_TAG, WHEELS=wheels, TORCH_PACKAGES=$TORCH_SPEC, EXTRA_PACKAGES=$EXTRA)"
-OLD_ID=$(docker image inspect -f '{{.Id}}' "$IMAGE" 2>/dev/null || true)
+# ----------------------------------------------------------------------------- 1. image (the documented route)
 start=$SECONDS
-"${NICE[@]}" docker build -f "$CTX/docker/Dockerfile" -t "$IMAGE" \
-    ${FL_SMOKE_NETWORK:+--network "$FL_SMOKE_NETWORK"} \
-    --build-arg BASE_IMAGE="$BASE_TAG" --build-arg WHEELS=wheels --build-arg TORCH_PACKAGES="$TORCH_SPEC" \
-    --build-arg EXTRA_PACKAGES="$EXTRA" \
-    "$CTX" > "$TMP/build.log" 2>&1 || { tail -40 "$TMP/build.log" >&2; die "docker build failed (log above)"; }
+"$REPO/docker/build-image.sh" --tag "$IMAGE" ${FL_SMOKE_NETWORK:+--network "$FL_SMOKE_NETWORK"} \
+    || die "docker/build-image.sh failed"
 BUILD_S=$((SECONDS - start))
-NEW_ID=$(docker image inspect -f '{{.Id}}' "$IMAGE")
-# The image this build replaced (untagged now); builder-stage images stay: they are the layer cache.
-[[ -n "$OLD_ID" && "$OLD_ID" != "$NEW_ID" ]] && { docker image rm "$OLD_ID" >/dev/null 2>&1 || true; }
 SIZE=$(docker image inspect -f '{{.Size}}' "$IMAGE")
-echo "built in ${BUILD_S} s; image size $((SIZE / 1000000)) MB"
-rm -rf "$CTX"
 
-# ----------------------------------------------------------------------------- 4. the stack
+# ----------------------------------------------------------------------------- 2. the stack
 renice_project() {  # best effort: every thread of every process of the project's containers
     local c pid tid
     for c in $("${DC[@]}" ps -q 2>/dev/null); do
@@ -196,9 +102,13 @@ if ! "${NICE[@]}" "${DC[@]}" up -d --no-build --scale client="$CLIENTS" 2>&1 | s
 fi
 renice_project
 
-status() { python3 -c 'import json, sys, urllib.request
-with urllib.request.urlopen(sys.argv[1], timeout=5) as r: print(json.dumps(json.load(r)))' \
-    "http://127.0.0.1:$FL_SERVER_PORT/status" 2>/dev/null; }
+# /status over https, verified with the CA the server put in the fl-ca volume (fetched once it is there).
+CA="$TMP/ca.pem"
+fetch_ca() { [[ -s "$CA" ]] || "${DC[@]}" exec -T server cat /var/lib/fl-ca/ca.pem > "$CA" 2>/dev/null || rm -f "$CA"; [[ -s "$CA" ]]; }
+status() { fetch_ca && python3 -c 'import json, ssl, sys, urllib.request
+ctx = ssl.create_default_context(cafile=sys.argv[2])
+with urllib.request.urlopen(sys.argv[1], timeout=5, context=ctx) as r: print(json.dumps(json.load(r)))' \
+    "https://localhost:$FL_SERVER_PORT/status" "$CA" 2>/dev/null; }
 field() { python3 -c 'import json, sys; s = json.loads(sys.argv[1]); a = s.get("accuracy")
 print("state=%s rounds=%s/%s registered=%s online=%s accuracy=%s" % (s["state"], s["completed_rounds"], s["num_rounds"],
       s["clients"]["registered"], s["clients"]["online"], "-" if a is None else "%.4f" % a))' "$1"; }
@@ -240,5 +150,5 @@ assert s["clients"]["registered"] == clients, s["clients"]
 assert s["accuracy"] is not None and s["accuracy"] > 0.1, s["accuracy"]
 assert [int(r["clients"]) for r in s["history"]] == [clients] * rounds, s["history"]  # every client in every round
 PY
-echo "summary: base $BASE_TAG (python $BASE_PY), image $IMAGE $((SIZE / 1000000)) MB built in ${BUILD_S} s," \
+echo "summary: image $IMAGE $((SIZE / 1000000)) MB built in ${BUILD_S} s (docker/build-image.sh), over https," \
      "$ROUNDS rounds with $CLIENTS clients in ${STACK_S} s"

@@ -30,6 +30,21 @@ if ! command -v chromium >/dev/null && [ ! -x /usr/bin/chromium ]; then
   fi
 fi
 
+# Debian's kubectl (kustomize built in) renders kubernetes/ in tests/deploy/test_kubernetes.py, and Debian's
+# prometheus scrapes a live server in tests/deploy/test_monitoring_live.py; both run offline. Each test is
+# skipped with the reason where its package is missing.
+for pkg in kubectl prometheus; do
+  if ! command -v "$pkg" >/dev/null; then
+    if command -v apt-get >/dev/null; then
+      echo "setup: installing Debian package $pkg (deployment tests)" >&2
+      (as_root apt-get update -qq && DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq "$pkg" >/dev/null) \
+        || echo "setup: $pkg could not be installed; the tests that need it are skipped" >&2
+    else
+      echo "setup: no apt-get here; install $pkg for the deployment tests (they are skipped without it)" >&2
+    fi
+  fi
+done
+
 if ! "$PY" -c "import torch, torchvision" 2>/dev/null; then
   echo "setup: installing torch and torchvision" >&2
   "$PY" -m pip install -q "torch==2.14.1" "torchvision==0.29.1"

@@ -118,9 +118,10 @@ def load_config(path: str | os.PathLike[str] | None = None, overrides: Iterable[
     values.update(extra)
     merged = {**(defaults or {}), **values}
     merged, note = apply_dp_recipe(merged, given=set(values))
-    if note is not None:
+    cfg = config_from_dict(merged, check=check)
+    if note is not None:  # only for a configuration that is used: a refused one says its error alone
         log.info("%s", note)
-    return config_from_dict(merged, check=check)
+    return cfg
 
 
 def dump_config(cfg: FLConfig, path: str | os.PathLike[str]) -> None:

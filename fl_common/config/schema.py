@@ -513,7 +513,7 @@ def _check_selection(cfg: FLConfig) -> None:
     if cfg.differential_privacy and cfg.dp_mode == "client" and cfg.selection != "uniform":
         raise ConfigError(f"selection '{cfg.selection}' with dp_mode 'client': client-level DP-FedAvg's accountant assumes "
                           f"Poisson sampling of every client with the same probability (clients_per_round / num_clients), which "
-                          f"the coordinator then draws itself; another policy would be ignored, so say selection: uniform")
+                          f"the coordinator then draws itself; another policy would be ignored, so use selection: uniform")
     if cfg.client_speed_distribution == "constant":
         _refuse_stray(cfg, ("client_speed_sigma",), "client_speed_distribution is 'constant'")
 

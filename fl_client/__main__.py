@@ -76,6 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-retries", type=int, default=3, help="retries per request on transport errors and 5xx (1-10)")
     p.add_argument("--max-rounds", type=int, help="exit after taking part in this many rounds")
     p.add_argument("--threads", type=int, default=1, help="torch threads for local training")
+    p.add_argument("--device", default="cpu", metavar="cpu|cuda|cuda:N|auto",
+                   help="torch device for local training and DP-SGD (auto: the GPU when there is one)")
     p.add_argument("--capability", type=_capability, action="append", default=[], metavar="NAME=NUMBER",
                    help="capability sent at registration, e.g. --capability gpu=1 (repeatable; shown in the client table)")
     p.add_argument("--compute-speed", type=float, metavar="SAMPLES_PER_S",
@@ -157,6 +159,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.threads < 1 or (args.max_rounds is not None and args.max_rounds < 1):
         print("error: --threads and --max-rounds must be at least 1", file=sys.stderr)
         return 2
+    from fl_common.config import ConfigError
+    from fl_common.training import resolve_device
+
+    try:
+        resolve_device(args.device)  # refused now, not after registering: a GPU that is not there, a misspelling
+    except ConfigError as exc:
+        print(f"error: --device: {exc}", file=sys.stderr)
+        return 2
     for flag, value, top in (("--compute-speed", args.compute_speed, 1e15), ("--bandwidth", args.bandwidth, 1e15)):
         if value is not None and not (0 < value <= top):
             print(f"error: {flag} must be a number in (0, {top:g}]", file=sys.stderr)
@@ -189,7 +199,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         server_url=args.server_url, state_dir=state_dir,
         enrollment_token=args.enrollment_token or os.environ.get(ENV_ENROLLMENT_TOKEN), client_name=args.client_name,
         partition=args.partition, data_dir=args.data_dir, timeout=args.timeout, max_retries=args.max_retries,
-        max_rounds=args.max_rounds, threads=args.threads, capability=dict(args.capability),
+        max_rounds=args.max_rounds, threads=args.threads, device=args.device, capability=dict(args.capability),
         verify_tls=transport.verify, progress=False if args.no_progress else None,
         compute_speed=args.compute_speed, bandwidth=args.bandwidth, train_delay=args.train_delay,
         secagg_unmask_delay=args.secagg_unmask_delay, secagg_trusted_keys=trusted,

@@ -91,7 +91,7 @@ from fl_common.tensors import wire
 from fl_common.tensors.codecs import make_codec
 from fl_common.tensors.error_feedback import ErrorFeedback
 from fl_common.tensors.pipeline import pack_update
-from fl_common.training import LocalTrainer
+from fl_common.training import LocalTrainer, resolve_device
 from fl_common.training.scaffold import ControlVariates, updated_client_control
 
 log = logging.getLogger("fl_client")
@@ -109,6 +109,7 @@ class DaemonOptions:
     max_retries: int = 3
     max_rounds: int | None = None  # stop after taking part in this many rounds
     threads: int = 1
+    device: str = "cpu"  # torch device of local training (fl_common.training.resolve_device)
     capability: dict[str, float] = field(default_factory=dict)
     verify_tls: bool | str = True
     progress: bool | None = None  # local-training progress bar: None = only when stderr is a terminal
@@ -252,7 +253,7 @@ class ClientDaemon:
         m = reg["model"]
         model = create_model(m["model_type"], tuple(m["input_shape"]), m["num_classes"], hidden_size=m["hidden_size"],
                              resnet_norm=m["resnet_norm"], custom_model=m["custom_model"], seed=m["seed"])
-        self.trainer = LocalTrainer(model)
+        self.trainer = LocalTrainer(model, device=resolve_device(self.opts.device))
         ef_path = self.state_dir / "error_feedback.bin"
         if make_codec(reg["codec"]).biased:
             self.error_feedback = (ErrorFeedback.from_bytes(ef_path.read_bytes(), self.trainer.spec) if ef_path.is_file()

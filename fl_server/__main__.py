@@ -40,6 +40,10 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                      help="override one config key (repeatable), e.g. --set num_rounds=5")
     sim.add_argument("--data-dir", type=Path, help="folder with the dataset files (same as --set data_dir=DIR)")
+    sim.add_argument("--backend", choices=("process", "ray"), help="where clients train (same as --set backend=...): "
+                     "a process pool here, or Ray tasks on a Ray cluster (pip install '.[ray]')")
+    sim.add_argument("--ray-address", metavar="ADDR", help="with --backend ray: the Ray cluster to join, e.g. 10.0.0.1:6379 "
+                     "or auto (same as --set ray_address=ADDR; default: a private one-node Ray)")
     sim.add_argument("--centralized", action="store_true", help="train the same model on the pooled data instead (baseline)")
     sim.add_argument("--local-only", action="store_true",
                      help="train every client alone for local_only_epochs epochs, no communication (baseline)")
@@ -186,6 +190,7 @@ def _simulate(args: argparse.Namespace) -> int:
     if args.resume and args.config is None and (args.output / "config.yaml").is_file():
         args.config = args.output / "config.yaml"
     overrides = list(args.overrides) + ([f"data_dir={args.data_dir}"] if args.data_dir else [])
+    overrides += ([f"backend={args.backend}"] if args.backend else []) + ([f"ray_address={args.ray_address}"] if args.ray_address else [])
     cfg = load_config(args.config, overrides)
     kind = "centralized" if args.centralized else "local-only" if args.local_only else "sim"
     output = args.output or Path("runs") / time.strftime(f"{kind}-%Y%m%d-%H%M%S")

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.util
+import re
 import types
 from dataclasses import dataclass, field
 from typing import Any, Union, get_args, get_origin, get_type_hints
@@ -45,6 +47,8 @@ LR_SCHEDULES = ("constant", "step", "exponential", "cosine")
 #: "custom" is a plug-in: the class named by ``custom_selection`` (fl_server/selection/factory.py).
 SELECTION_POLICIES = ("uniform", "weighted", "stratified", "capability", "adaptive", "custom")
 TRAINING_MODES = ("sync", "async")
+#: where simulated clients train (fl_server/simulation/executor.py, ray_backend.py)
+BACKENDS = ("process", "ray")
 ASYNC_ALGORITHMS = ("fedasync", "fedbuff")
 STALENESS_FUNCTIONS = ("constant", "polynomial", "hinge")
 DP_MODES = ("sample", "client")
@@ -182,7 +186,12 @@ class FLConfig:
 
     # --- execution ---
     seed: int = _opt(0, lo=0, hi=2**31 - 1, help="seed for partitions, selection, initialisation and local shuffles")
-    device: str = _opt("cpu", choices=("cpu", "cuda", "auto"), help="torch device")
+    device: str = _opt("cpu", help="torch device for training, evaluation, DP-SGD and aggregation: cpu, cuda (GPU 0), cuda:N (GPU N) or auto (cuda when available, else cpu)")
+    backend: str = _opt("process", choices=BACKENDS, help="simulation only: where clients train: 'process' (a pool of worker processes on this machine) or 'ray' (Ray tasks on a Ray cluster; pip install '.[ray]')")
+    ray_address: str | None = _opt(None, help="backend ray: the cluster to join (e.g. 10.0.0.1:6379, or 'auto' for the one started with ray start on this node); null: start a private one-node Ray")
+    ray_num_cpus: float = _opt(1.0, lo=0.0, hi=1024.0, help="backend ray: CPUs reserved per client task")
+    ray_num_gpus: float = _opt(0.0, lo=0.0, hi=64.0, help="backend ray: GPUs reserved per client task (fractions share a GPU)")
+    client_evaluation: str = _opt("auto", choices=("auto", "on", "off"), help="simulation only: after the last round, evaluate the final global model on every client's data (client_accuracy.csv, summary client_accuracy); auto: only with a held-out part (client_test_fraction > 0) or for qfedavg, whose fairness it measures")
     workers: int = _opt(-1, lo=-1, hi=256, help="parallel client workers in simulation (-1: one per core, 0: in-process)")
     threads_per_worker: int = _opt(1, lo=1, hi=256, help="torch threads in each client worker")
     eval_batch_size: int = _opt(1000, lo=1, hi=100000, help="batch size for evaluation (no gradients)")
@@ -312,12 +321,32 @@ def check_consistency(cfg: FLConfig) -> None:
             make_codec(cfg.codec)
         except ValueError as exc:
             raise ConfigError(f"config key 'codec' has value {cfg.codec!r}: {exc}") from None
+    _check_execution(cfg)
     _check_aggregation(cfg)
     _check_privacy(cfg)
     _check_selection(cfg)
     _check_async(cfg)
     _check_personalization(cfg)
     _check_secure_aggregation(cfg)
+
+
+#: the device spellings (the same pattern as fl_common.training.device, which imports config, not the reverse)
+_DEVICE = re.compile(r"cpu|auto|cuda(:\d{1,3})?")
+
+
+def _check_execution(cfg: FLConfig) -> None:
+    """The device's spelling, and the Ray backend's keys (ray is an optional extra: refused with the
+    install command when missing, rather than failing at the first round)."""
+    if not _DEVICE.fullmatch(cfg.device):
+        raise ConfigError(f"config key 'device' has value {cfg.device!r}: allowed 'cpu', 'cuda', 'cuda:N' (N a GPU index) or 'auto'")
+    if cfg.backend != "ray":
+        _refuse_stray(cfg, ("ray_address", "ray_num_cpus", "ray_num_gpus"), "backend is not 'ray'")
+        return
+    if importlib.util.find_spec("ray") is None:
+        raise ConfigError("config key 'backend' has value 'ray' but Ray is not installed: pip install 'ray>=2.9' "
+                          "(or pip install '.[ray]' in this project), or set backend: process")
+    if cfg.training_mode == "async":
+        raise ConfigError("backend 'ray' runs synchronous rounds only: set training_mode: sync, or backend: process")
 
 
 #: secagg keys a run without secure aggregation must leave at their defaults (they would do nothing)

@@ -1,5 +1,6 @@
 """Local training on a client (shared by the simulation workers and the client daemon)."""
 
+from fl_common.training.device import resolve_device
 from fl_common.training.local import EvalResult, LocalTrainer, make_optimizer
 from fl_common.training.scaffold import (
     ControlVariates,
@@ -9,4 +10,4 @@ from fl_common.training.scaffold import (
 from fl_common.training.schedule import learning_rate_at
 
 __all__ = ["ControlVariates", "EvalResult", "LocalTrainer", "control_delta", "learning_rate_at", "make_optimizer",
-           "updated_client_control"]
+           "resolve_device", "updated_client_control"]

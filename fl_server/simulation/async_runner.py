@@ -88,6 +88,7 @@ class AsyncSimulation(SimulationBase[AsyncCoordinator]):
         self.check_resumable(state["config"])
         self.coordinator.load_state_dict(state["coordinator"])
         self.clock = float(state["driver"]["clock"])
+        self.load_residual_state(state.get("error_feedback"))
         self.wall_seconds_before = float(state.get("wall_seconds", 0.0))
         self._schedule(self.coordinator.leases.values())  # finish times follow from dispatch times
         log.info("resumed %s after server update %d (virtual time %.1f s)", self.run_dir.path, self.coordinator.version,
@@ -97,7 +98,9 @@ class AsyncSimulation(SimulationBase[AsyncCoordinator]):
         if self.run_dir is None:
             return
         self.run_dir.save_checkpoint({"config": self.cfg.to_dict(), "coordinator": self.coordinator.state_dict(),
-                                      "driver": {"clock": self.clock}, "wall_seconds": wall_seconds})
+                                      "driver": {"clock": self.clock}, "error_feedback": self.residual_state(),
+                                      "wall_seconds": wall_seconds})
+        self.prune_residuals()
         self.run_dir.write_text("history.csv", self.coordinator.history_csv())
 
     # ------------------------------------------------------------------ the event loop

@@ -48,6 +48,7 @@ from fl_server.coordinator import Coordinator
 from fl_server.selection import selection_summary
 from fl_server.simulation.attacks import attack_summary, make_attack
 from fl_server.simulation.client_speeds import client_speeds, simulated_client_infos
+from fl_server.simulation.client_state import ClientVariates
 from fl_server.simulation.executor import (
     ClientExecutor,
     InProcessExecutor,
@@ -76,7 +77,8 @@ __all__ = ["RESUMABLE_CHANGES", "SimulationBase", "changed_config_keys", "client
 #: Keys that may differ between a run and its resumption (they change how, not what, is computed;
 #: finetune_epochs and local_only_epochs only change what is measured after the last round).
 RESUMABLE_CHANGES = {"num_rounds", "workers", "threads_per_worker", "device", "eval_batch_size", "evaluation_frequency",
-                     "finetune_epochs", "local_only_epochs"}
+                     "finetune_epochs", "local_only_epochs", "client_evaluation", "backend", "ray_address", "ray_num_cpus",
+                     "ray_num_gpus"}
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(FLConfig)}
 
 #: the coordinator a driver runs: every method of the base type-checks against both
@@ -170,7 +172,11 @@ class SimulationBase(ABC, Generic[CoordinatorT]):
         self.wall_seconds_before = 0.0
         self._executor: ClientExecutor | None = None
         self._codec = make_codec(cfg.codec) if cfg.compression else None
-        self._error_feedback: dict[Any, ErrorFeedback] = {}
+        # biased codecs' error-feedback residuals, one model-sized vector per client that has sent an
+        # update: in the run folder (read and written for the round's clients only) when there is one
+        self._residuals = ClientVariates(self.spec.numel, self.run_dir.path / "client_state" / "error_feedback"
+                                         if self.run_dir is not None else None)
+        self._residual_writes = 0  # the residual files' version counter (a client may encode twice per model version)
         self.startup_seconds = 0.0  # measured by finish_setup
         self.ready_seconds: float | None = None  # process start -> first round (imports, data, workers)
 
@@ -207,7 +213,12 @@ class SimulationBase(ABC, Generic[CoordinatorT]):
         """The pool that trains the simulated clients (in process for one worker), started on first use."""
         if self._executor is None:
             n = default_workers(self.cfg)
-            if n <= 1:
+            if self.cfg.backend == "ray":
+                from fl_server.simulation.ray_backend import RayExecutor  # lazily: Ray is an optional extra
+
+                self._executor = RayExecutor(self.cfg, self.train_set.input_shape, self.train_set.num_classes,
+                                             self.train_set.x, self.train_set.y, self.partitions)
+            elif n <= 1:
                 self._executor = InProcessExecutor(self.cfg, self.train_set.input_shape, self.train_set.num_classes,
                                                    self.train_set.x, self.train_set.y, self.partitions)
             else:
@@ -219,8 +230,9 @@ class SimulationBase(ABC, Generic[CoordinatorT]):
     def through_codec(self, update: ClientUpdate, round_number: int) -> None:
         """With ``compression`` on, send the update through the same codec and wire format as the
         client daemon and aggregate what the server would decode: the run then sees the codec's
-        real information loss and counts its real bytes. (Error-feedback residuals of biased
-        codecs live in memory here and are not checkpointed: a resumed top-k run restarts them at zero.)"""
+        real information loss and counts its real bytes. Error-feedback residuals of biased codecs
+        live in the run folder, versioned like SCAFFOLD's variates, so a resumed top-k run continues
+        with them (:meth:`residual_state`)."""
         if self._codec is None:
             update.wire_bytes = 4 * update.delta.numel()
             return
@@ -228,10 +240,29 @@ class SimulationBase(ABC, Generic[CoordinatorT]):
             return  # a worker process already encoded it (unbiased codecs)
         ef = None
         if self._codec.biased:
-            ef = self._error_feedback.setdefault(update.client_id, ErrorFeedback(self.spec))
+            ef = ErrorFeedback(self.spec)
+            stored = self._residuals.get(update.client_id)  # zeros before its first update: compensate adds nothing
+            ef.remember(stored, torch.zeros_like(stored))
         packed = encode_for_wire(update.delta, self._codec, self.cfg, round_number, update.client_id, update.num_samples, ef)
         update.delta = packed.decoded
         update.wire_bytes = len(packed.data)
+        if ef is not None and ef.residual is not None:
+            self._residual_writes += 1
+            self._residuals.put(update.client_id, ef.residual, self._residual_writes)
+
+    def residual_state(self) -> dict[str, Any]:
+        """The error-feedback residuals' part of a checkpoint (file versions, or tensors without a run folder)."""
+        return {"store": self._residuals.state_dict(), "writes": self._residual_writes}
+
+    def load_residual_state(self, state: dict[str, Any] | None) -> None:
+        """Restore :meth:`residual_state` (None: a checkpoint from before residuals were kept: they start at zero)."""
+        self._residuals.load_state_dict(None if state is None else state["store"])
+        self._residual_writes = 0 if state is None else int(state["writes"])
+        self._residuals.prune()
+
+    def prune_residuals(self) -> None:
+        """Delete residual files no checkpoint names (call after the checkpoint is durable)."""
+        self._residuals.prune()
 
     # ------------------------------------------------------------------ public API
     @abstractmethod
@@ -247,16 +278,24 @@ class SimulationBase(ABC, Generic[CoordinatorT]):
 
     def evaluate_clients(self) -> list[dict[str, float]]:
         """The global model's loss and accuracy on each client's held-out part when client_test_fraction > 0,
-        otherwise on each client's training data (what ``client_accuracy_summary``'s "measure" says)."""
-        out = []
-        vec = self.coordinator.global_vector
-        self.evaluator_trainer.load_vector(vec)
-        for cid, idx in enumerate(self.heldout if self.cfg.client_test_fraction > 0 else self.partitions):
-            ix = torch.from_numpy(np.asarray(idx, dtype=np.int64))
-            r = self.evaluator_trainer.evaluate(None, self.train_set.x.index_select(0, ix), self.train_set.y.index_select(0, ix),
-                                                self.cfg.eval_batch_size)
-            out.append({"client": cid, "num_samples": r.num_samples, "accuracy": r.accuracy, "loss": r.loss})
-        return out
+        otherwise on each client's training data (what ``client_accuracy_summary``'s "measure" says).
+
+        Runs in the client workers (in parallel, results in client order), not serially in the driver:
+        on the reference run it is a pass over all 60,000 training records."""
+        parts = self.heldout if self.cfg.client_test_fraction > 0 else self.partitions
+        results = self.executor().evaluate(self.coordinator.global_vector, dict(enumerate(parts)), self.cfg.eval_batch_size)
+        return [{"client": cid, "num_samples": r.num_samples, "accuracy": r.accuracy, "loss": r.loss} for cid, r in results]
+
+    def wants_client_evaluation(self) -> bool:
+        """Whether save_results measures the final model per client (config key client_evaluation).
+
+        auto measures it where it means something and is asked for: on held-out parts
+        (client_test_fraction > 0), and for qfedavg, whose point is the worst clients' accuracy. On
+        training data alone it is a full pass over the training set (18 s of the reference run's
+        24 s end of run, serial) that most runs never read."""
+        if self.cfg.client_evaluation != "auto":
+            return self.cfg.client_evaluation == "on"
+        return self.cfg.client_test_fraction > 0 or self.cfg.aggregation_method == "qfedavg"
 
     def client_accuracy_summary(self, per_client: list[dict[str, float]] | None = None) -> dict[str, Any]:
         """How evenly the final global model serves the clients: the fairness numbers q-FedAvg is judged

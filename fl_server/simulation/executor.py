@@ -33,7 +33,8 @@ from fl_common.protocol import ClientUpdate, TrainInstructions, derive_seed
 from fl_common.tensors.codecs import Codec, make_codec
 from fl_common.tensors.error_feedback import ErrorFeedback
 from fl_common.tensors.pipeline import PackedUpdate, pack_update
-from fl_common.training import ControlVariates, LocalTrainer
+from fl_common.training import ControlVariates, EvalResult, LocalTrainer
+from fl_common.training import resolve_device as resolve_torch_device
 from fl_server.strategies import STRATEGIES
 
 log = logging.getLogger("fl_server.simulation")
@@ -47,6 +48,12 @@ class ClientExecutor(Protocol):
         ``client_controls`` each client's c_i, which the driver keeps between rounds."""
         ...
 
+    def evaluate(self, global_vector: torch.Tensor, parts: dict[int, np.ndarray],
+                 batch_size: int) -> Iterator[tuple[int, EvalResult]]:
+        """``global_vector``'s loss and accuracy on each client's records (indices into the training
+        set), yielded in ``parts``' order: per-client evaluation runs where the clients train."""
+        ...
+
     def close(self) -> None: ...
 
 
@@ -54,7 +61,7 @@ class WorkerFailed(RuntimeError):
     pass
 
 
-def _client_tensors(x: torch.Tensor, y: torch.Tensor, indices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+def client_tensors(x: torch.Tensor, y: torch.Tensor, indices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
     idx = torch.from_numpy(np.asarray(indices, dtype=np.int64))
     return x.index_select(0, idx), y.index_select(0, idx)
 
@@ -71,9 +78,16 @@ class InProcessExecutor:
                   server_control: torch.Tensor | None = None,
                   client_controls: dict[int, torch.Tensor] | None = None) -> Iterator[ClientUpdate]:
         for cid, instr in instructions.items():
-            cx, cy = _client_tensors(self.x, self.y, self.partitions[cid])
+            cx, cy = client_tensors(self.x, self.y, self.partitions[cid])
             yield self.trainer.train(global_vector, cx, cy, instr, client_id=cid,
                                      control=_control_for(cid, server_control, client_controls))
+
+    def evaluate(self, global_vector: torch.Tensor, parts: dict[int, np.ndarray],
+                 batch_size: int) -> Iterator[tuple[int, EvalResult]]:
+        self.trainer.load_vector(global_vector.to(self.trainer.device, torch.float32))
+        for cid, idx in parts.items():
+            cx, cy = client_tensors(self.x, self.y, idx)
+            yield cid, self.trainer.evaluate(None, cx, cy, batch_size)
 
     def close(self) -> None:
         return None
@@ -96,6 +110,45 @@ def encode_for_wire(delta: torch.Tensor, codec: Codec, cfg: FLConfig, round_numb
                        meta={"num_samples": num_samples})
 
 
+#: what a worker sends back for one trained client: delta, samples, metrics, wire bytes, variate delta
+TaskResult = tuple[torch.Tensor, int, dict[str, float], int, "torch.Tensor | None"]
+
+
+class ClientWorker:
+    """What one worker holds and does, whatever runs it (a pool process, a Ray worker): one trainer,
+    and the codec it encodes unbiased updates with. The process pool and the Ray backend both call
+    this, so a client's update is computed by the same code, with the same seeds, on either."""
+
+    def __init__(self, cfg: FLConfig, input_shape: tuple[int, int, int], num_classes: int) -> None:
+        self.cfg = cfg
+        self.trainer = LocalTrainer(model_from_config(cfg, input_shape, num_classes), device=resolve_device(cfg),
+                                    seeded_noise=True)
+        # Unbiased codecs are stateless, so the worker (the client's side) encodes in parallel; biased
+        # ones need each client's error-feedback residual, which the driver keeps.
+        codec = make_codec(cfg.codec) if cfg.compression else None
+        self.codec = codec if codec is not None and not codec.biased else None
+
+    def train(self, global_vector: torch.Tensor, cid: int, x: torch.Tensor, y: torch.Tensor, instr: TrainInstructions,
+              server_control: torch.Tensor | None, client_control: torch.Tensor | None) -> TaskResult:
+        control = None if client_control is None else ControlVariates(server=server_control, client=client_control)
+        update = self.trainer.train(global_vector, x, y, instr, client_id=cid, control=control)
+        wire_bytes = 0
+        if self.codec is not None:
+            packed = encode_for_wire(update.delta, self.codec, self.cfg, instr.round, cid, update.num_samples)
+            update.delta, wire_bytes = packed.decoded, len(packed.data)
+        return update.delta, update.num_samples, update.metrics, wire_bytes, update.control_delta
+
+    def evaluate(self, global_vector: torch.Tensor, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> EvalResult:
+        return self.trainer.evaluate(global_vector, x, y, batch_size)
+
+
+def update_from_result(cid: int, instr: TrainInstructions, result: TaskResult) -> ClientUpdate:
+    """The driver's ClientUpdate from a worker's TaskResult (tensors copied out of shared or transport memory)."""
+    delta, n, metrics, wire_bytes, control_delta = result
+    return ClientUpdate(client_id=cid, round=instr.round, delta=delta.clone(), num_samples=n, metrics=metrics,
+                        wire_bytes=wire_bytes, control_delta=None if control_delta is None else control_delta.clone())
+
+
 def release_free_memory() -> None:
     """Hand memory that glibc's allocator keeps after large frees back to the OS (Linux only).
 
@@ -110,10 +163,9 @@ def release_free_memory() -> None:
 
 
 def resolve_device(cfg: FLConfig) -> str:
-    """The torch device the simulation trains on: ``device``, with "auto" meaning CUDA when available."""
-    if cfg.device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return cfg.device
+    """The torch device the simulation trains on: ``device``, with "auto" meaning CUDA when available
+    (ConfigError for a GPU this machine does not have)."""
+    return str(resolve_torch_device(cfg.device))
 
 
 def _worker_main(worker_id: int, cfg_dict: dict[str, Any], input_shape: tuple[int, int, int], num_classes: int,
@@ -123,12 +175,7 @@ def _worker_main(worker_id: int, cfg_dict: dict[str, Any], input_shape: tuple[in
     try:
         from fl_common.config import config_from_dict
 
-        cfg = config_from_dict(cfg_dict, check=False)
-        trainer = LocalTrainer(model_from_config(cfg, input_shape, num_classes), device=resolve_device(cfg), seeded_noise=True)
-        # Unbiased codecs are stateless, so the worker (the client's side) encodes in parallel; biased
-        # ones need each client's error-feedback residual, which the driver keeps.
-        codec = make_codec(cfg.codec) if cfg.compression else None
-        worker_codec = codec if codec is not None and not codec.biased else None
+        worker = ClientWorker(config_from_dict(cfg_dict, check=False), input_shape, num_classes)
         results.put(("ready", worker_id, None))
     except BaseException:
         results.put(("error", worker_id, traceback.format_exc()))
@@ -143,18 +190,21 @@ def _worker_main(worker_id: int, cfg_dict: dict[str, Any], input_shape: tuple[in
             continue
         if task is None:
             return
-        cid, instr_json, client_control = task
+        if task[0] == "eval":  # per-client evaluation of the model in the shared buffer
+            _, cid, indices, batch_size = task
+            try:
+                cx, cy = client_tensors(x, y, indices)
+                results.put(("ok", cid, worker.evaluate(global_buf, cx, cy, batch_size)))
+                del cx, cy
+            except BaseException:
+                results.put(("error", cid, traceback.format_exc()))
+            continue
+        _, cid, instr_json, client_control = task
         try:
             instr = TrainInstructions.from_json(instr_json)
-            cx, cy = _client_tensors(x, y, partitions[cid])
-            control = None if client_control is None else ControlVariates(server=control_buf, client=client_control)
-            update = trainer.train(global_buf, cx, cy, instr, client_id=cid, control=control)
-            wire_bytes = 0
-            if worker_codec is not None:
-                packed = encode_for_wire(update.delta, worker_codec, cfg, instr.round, cid, update.num_samples)
-                update.delta, wire_bytes = packed.decoded, len(packed.data)
-            results.put(("ok", cid, (update.delta, update.num_samples, update.metrics, wire_bytes, update.control_delta)))
-            del update, cx, cy
+            cx, cy = client_tensors(x, y, partitions[cid])
+            results.put(("ok", cid, worker.train(global_buf, cid, cx, cy, instr, control_buf, client_control)))
+            del cx, cy
             release_free_memory()
         except BaseException:
             results.put(("error", cid, traceback.format_exc()))
@@ -237,7 +287,7 @@ class ProcessPoolExecutor:
         order = sorted(instructions, key=lambda c: -len(self.partitions[c]))
         for cid in order:
             control = _control_for(cid, server_control, client_controls)
-            self.tasks.put((cid, instructions[cid].to_json(), None if control is None else control.client))
+            self.tasks.put(("train", cid, instructions[cid].to_json(), None if control is None else control.client))
         pending: dict[int, ClientUpdate] = {}
         for cid in instructions:  # yield in plan order, buffering early finishers
             while cid not in pending:
@@ -245,11 +295,23 @@ class ProcessPoolExecutor:
                 if kind == "error":
                     self.close()
                     raise WorkerFailed(f"training client {who} failed:\n{payload}")
-                delta, n, metrics, wire_bytes, control_delta = payload
-                pending[who] = ClientUpdate(client_id=who, round=instructions[who].round, delta=delta.clone(),
-                                            num_samples=n, metrics=metrics, wire_bytes=wire_bytes,
-                                            control_delta=None if control_delta is None else control_delta.clone())
+                pending[who] = update_from_result(who, instructions[who], payload)
             yield pending.pop(cid)
+
+    def evaluate(self, global_vector: torch.Tensor, parts: dict[int, np.ndarray],
+                 batch_size: int) -> Iterator[tuple[int, EvalResult]]:
+        self.global_buf.copy_(global_vector)
+        for cid in sorted(parts, key=lambda c: -len(parts[c])):  # largest first, as for training
+            self.tasks.put(("eval", cid, np.asarray(parts[cid], dtype=np.int64), batch_size))
+        done: dict[int, EvalResult] = {}
+        for cid in parts:
+            while cid not in done:
+                kind, who, payload = self._get(timeout=3600.0)
+                if kind == "error":
+                    self.close()
+                    raise WorkerFailed(f"evaluating client {who} failed:\n{payload}")
+                done[who] = payload
+            yield cid, done.pop(cid)
 
     def close(self) -> None:
         for _ in self.procs:
@@ -263,9 +325,12 @@ class ProcessPoolExecutor:
 
 
 def default_workers(cfg: FLConfig) -> int:
-    """workers=-1 means one single-threaded worker per core (capped by clients per round)."""
+    """workers=-1 means one single-threaded worker per core (capped by clients per round); on a GPU it means
+    in-process: one process owns the device (several would each hold a CUDA context and contend for it)."""
     if cfg.workers >= 0:
         return min(cfg.workers, cfg.clients_per_round)
+    if resolve_device(cfg) != "cpu":
+        return 0
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     n = max(1, cores // cfg.threads_per_worker)
     return min(n, cfg.clients_per_round)

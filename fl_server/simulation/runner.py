@@ -79,6 +79,7 @@ class Simulation(SimulationBase[Coordinator]):
         self.coordinator.load_state_dict(state["coordinator"])
         self._variates.load_state_dict(state.get("client_state"))
         self._variates.prune()  # files of a round interrupted before its checkpoint
+        self.load_residual_state(state.get("error_feedback"))
         self.wall_seconds_before = float(state.get("wall_seconds", 0.0))
         log.info("resumed %s after round %d", self.run_dir.path, self.coordinator.completed_rounds)
 
@@ -90,8 +91,10 @@ class Simulation(SimulationBase[Coordinator]):
         if self.run_dir is None:
             return
         self.run_dir.save_checkpoint({"config": self.cfg.to_dict(), "coordinator": self.coordinator.state_dict(),
-                                      "client_state": self._variates.state_dict(), "wall_seconds": wall_seconds})
+                                      "client_state": self._variates.state_dict(), "error_feedback": self.residual_state(),
+                                      "wall_seconds": wall_seconds})
         self._variates.prune()  # only now that the checkpoint naming the new versions is durable
+        self.prune_residuals()
         self.run_dir.write_history(self.coordinator.history)
 
     # ------------------------------------------------------------------ public API
@@ -219,8 +222,9 @@ class Simulation(SimulationBase[Coordinator]):
 
     def save_results(self) -> dict[str, Any]:
         summary = self.summary()
-        per_client = self.evaluate_clients()
-        summary["client_accuracy"] = self.client_accuracy_summary(per_client)
+        per_client = self.evaluate_clients() if self.wants_client_evaluation() else None
+        if per_client is not None:
+            summary["client_accuracy"] = self.client_accuracy_summary(per_client)
         personal = None
         if self.cfg.finetune_epochs > 0 or self.cfg.local_only_epochs > 0:
             personal = self.personalization()
@@ -244,7 +248,7 @@ class Simulation(SimulationBase[Coordinator]):
             write_client_tables(self.run_dir.path, participation=[
                 {"client": cid, "selected": log_.selected_counts.get(cid, 0), "participated": log_.arrived_counts.get(cid, 0),
                  "dropped": log_.selected_counts.get(cid, 0) - log_.arrived_counts.get(cid, 0)}
-                for cid in range(self.cfg.num_clients)], accuracy=[
+                for cid in range(self.cfg.num_clients)], accuracy=None if per_client is None else [
                 {"client": r["client"], "accuracy": r["accuracy"],
                  "measure": ("final global model on the client's training data (simulation)" if self.cfg.client_test_fraction == 0
                              else f"final global model on {heldout_measure(self.cfg)} (simulation)")} for r in per_client])

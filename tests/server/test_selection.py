@@ -346,7 +346,7 @@ SYNTH = {"dataset": "synthetic", "model_type": "mlp", "hidden_size": 64, "num_cl
 
 
 def test_simulation_writes_participation_and_fairness_and_resumes_it(tmp_path: Path) -> None:
-    cfg = {**SYNTH, "selection": "adaptive", "client_speed_distribution": "lognormal"}
+    cfg = {**SYNTH, "selection": "adaptive", "client_speed_distribution": "lognormal", "client_evaluation": "on"}
     with Simulation(cfg, tmp_path / "full", progress=False) as full:
         full.train()
         summary = full.save_results()

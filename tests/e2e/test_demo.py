@@ -68,23 +68,22 @@ def test_the_demo_line_without_privacy_says_so() -> None:
 
 
 def test_the_demo_is_private_by_default_and_no_privacy_turns_it_off(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    from fl_common.config.recipes import SMALL_EPSILON_RECIPE
-    from fl_server.rest.demo import demo_config
+    from fl_server.rest.demo import DEMO_DP_RECIPE, demo_config
 
     with caplog.at_level("INFO", logger="fl_common.config"):
         cfg = demo_config(10)
     assert (cfg.differential_privacy, cfg.dp_mode, cfg.dp_epsilon, cfg.dp_delta) == (True, "sample", 1.0, 1e-5)
     assert cfg.secure_aggregation and cfg.encryption and cfg.compression and cfg.codec == "int8"
-    assert {k: getattr(cfg, k) for k in SMALL_EPSILON_RECIPE} == SMALL_EPSILON_RECIPE  # no model chosen: the recipe
-    assert any("DP recipe" in r.getMessage() for r in caplog.records)
+    assert {k: getattr(cfg, k) for k in DEMO_DP_RECIPE} == DEMO_DP_RECIPE  # no model chosen: the demo's DP settings
+    assert any("the demo's DP settings" in r.getMessage() for r in caplog.records)
     plain = demo_config(10, private=False)
     assert not plain.differential_privacy and not plain.secure_aggregation and plain.encryption
     assert (plain.model_type, plain.batch_size, plain.lr_schedule) == ("cnn", 32, "constant")  # the demo's own settings
     # a user who chooses the model keeps every setting they gave, and the recipe stays out
     mine = demo_config(10, overrides=["model_type=mlp", "learning_rate=0.2"])
     assert (mine.model_type, mine.learning_rate, mine.batch_size, mine.lr_schedule) == ("mlp", 0.2, 32, "constant")
-    # a user who does not choose the model but sets the lr keeps the lr; the rest comes from the recipe
+    # a user who does not choose the model but sets the lr keeps the lr; the rest comes from the demo's settings
     config = tmp_path / "c.yaml"
-    config.write_text("learning_rate: 0.02\ndp_epsilon: 8\n")
-    big = demo_config(10, config=config)
-    assert (big.model_type, big.hidden_size, big.batch_size, big.learning_rate) == ("tanh_cnn", 128, 128, 0.02)
+    config.write_text("learning_rate: 0.02\n")
+    mixed = demo_config(10, config=config)
+    assert (mixed.model_type, mixed.batch_size, mixed.learning_rate) == ("cnn", 128, 0.02)

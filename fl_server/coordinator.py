@@ -24,8 +24,8 @@ from fl_common.protocol import ClientUpdate, TrainInstructions, derive_seed
 from fl_common.secagg import Verifier
 from fl_common.tensors import ParamSpec
 from fl_common.training import EvalResult, learning_rate_at
-from fl_server.privacy import BudgetExhausted, DPRound, ServerDP, make_server_dp
 from fl_server.he import CKKSAggregator, open_ckks_round
+from fl_server.privacy import BudgetExhausted, DPRound, ServerDP, make_server_dp
 from fl_server.secagg import SecureAggregator, open_secure_round
 from fl_server.selection import ClientInfo, ParticipationLog, build_selection, client_infos_for
 from fl_server.store import RoundRecord

@@ -29,7 +29,8 @@ def tenseal() -> types.ModuleType:
     except ImportError as exc:
         raise HEUnavailable(f"secure_aggregation_method 'ckks' needs the optional HE backend TenSEAL, which is not installed "
                             f"({exc}): {INSTALL_COMMAND}; or set secure_aggregation_method: masking") from None
-    return ts
+    module: types.ModuleType = ts
+    return module
 
 
 def available() -> bool:

@@ -89,9 +89,9 @@ class CKKSParams:
         1/2 (at most N/2 in the embedding); adding n ciphertexts adds their noises, and decoding divides
         by the scale. The bound holds with overwhelming probability (six-sigma tails per coefficient),
         and is ~25x above what is measured (tests/common/test_he.py)."""
-        N, s = self.ring_dimension, ERROR_STD
-        b_clean = 8 * math.sqrt(2) * s * N + 6 * s * math.sqrt(N) + 16 * s * math.sqrt(N * N)
-        return n * (b_clean + N / 2) / 2.0 ** self.scale_bits
+        ring, s = self.ring_dimension, ERROR_STD
+        b_clean = 8 * math.sqrt(2) * s * ring + 6 * s * math.sqrt(ring) + 16 * s * math.sqrt(ring * ring)
+        return n * (b_clean + ring / 2) / 2.0 ** self.scale_bits
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)

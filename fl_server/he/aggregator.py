@@ -187,10 +187,10 @@ class CKKSAggregator(Aggregator):
         r = self.params.round
         if self.mode == "dp":
             share = delta / count
-            ones = None if sums.unclipped is None else int(round(sums.unclipped))
+            ones = None if sums.unclipped is None else round(sums.unclipped)
             for i in range(count):
-                metrics = {} if ones is None else {"dp_unclipped": 1.0 if i < ones else 0.0}
-                self.inner.add(ClientUpdate(client_id=f"ckks-sum-{i}", round=r, delta=share, num_samples=1, metrics=metrics))
+                bit = {} if ones is None else {"dp_unclipped": 1.0 if i < ones else 0.0}
+                self.inner.add(ClientUpdate(client_id=f"ckks-sum-{i}", round=r, delta=share, num_samples=1, metrics=bit))
             return self.inner.result()
         total_weight = round(sums.weight)
         if total_weight < count:

@@ -51,7 +51,7 @@ log = logging.getLogger("fl_server.he")
 #: consecutive aborted attempts of one round before the run stops with the reasons
 MAX_ATTEMPTS = 20
 #: the driver features the simulation declares for CKKS
-SIMULATION_FEATURES = ("ckks",)
+SIMULATION_FEATURES = ("ckks", "secagg_dropouts")
 
 
 class CKKSSimulation:

@@ -35,11 +35,11 @@ from fl_common.training import updated_client_control
 from fl_server.coordinator import Coordinator, RoundPlan
 from fl_server.privacy import BudgetExhausted
 from fl_server.simulation.base import SimulationBase
+from fl_server.simulation.ckks import SIMULATION_FEATURES as CKKS_FEATURES
+from fl_server.simulation.ckks import CKKSSimulation
 from fl_server.simulation.client_state import ClientVariates
 from fl_server.simulation.executor import WorkerFailed
 from fl_server.simulation.personalization import PERSONALIZATION_CSV, heldout_measure, write_personalization_csv
-from fl_server.simulation.ckks import SIMULATION_FEATURES as CKKS_FEATURES
-from fl_server.simulation.ckks import CKKSSimulation
 from fl_server.simulation.secagg import SIMULATION_FEATURES, SecAggSimulation
 from fl_server.store import RoundRecord
 

@@ -84,7 +84,7 @@ def _check_driver_features(cfg: FLConfig, cls: type[Strategy], label: str, featu
     if cfg.secure_aggregation and cfg.secure_aggregation_method == "ckks" and "ckks" not in features:
         raise ConfigError("config key 'secure_aggregation_method' is 'ckks', but this driver does not run CKKS rounds yet "
                           "(the simulation does: python -m fl_server simulate); set secure_aggregation_method: masking")
-    if cfg.secure_aggregation and "secure_aggregation" not in features:
+    if cfg.secure_aggregation and cfg.secure_aggregation_method == "masking" and "secure_aggregation" not in features:
         raise ConfigError("config key 'secure_aggregation' is true, but this driver does not run the secure aggregation "
                           "protocol yet (the simulation does: python -m fl_server simulate); set secure_aggregation: false")
     if cfg.secagg_dropout_rate > 0 and "secagg_dropouts" not in features:

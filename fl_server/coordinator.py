@@ -186,7 +186,7 @@ class Coordinator:
                      for cid in selected}
             if self.cfg.secure_aggregation_method == "ckks":
                 ckks = open_ckks_round(self.cfg, round_number, selected, instructions, aggregator, self.global_vector.numel(),
-                                       sizes=sizes)
+                                       sizes=sizes, now=now)
                 aggregator, secagg = ckks, {"method": "ckks", **ckks.params.to_json()}
             else:
                 aggregator = open_secure_round(self.cfg, round_number, selected, instructions, aggregator,

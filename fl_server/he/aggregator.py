@@ -216,14 +216,16 @@ class CKKSAggregator(Aggregator):
                                       "error_bound_per_slot": p.error_bound(len(p.clients))})
 
 
-def pick_decryptor(seed: int, round_number: int, selected: Sequence[ClientId]) -> str:
-    """The round's decryptor: one selected client, drawn from (seed, round) so every run agrees on it."""
-    return str(selected[derive_seed(seed, round_number, "ckks-decryptor") % len(selected)])
+def pick_decryptor(seed: int, round_number: int, selected: Sequence[ClientId], now: float = 0.0) -> str:
+    """The round's decryptor: one selected client, drawn from (seed, round, the driver's clock at planning). The
+    simulation plans at now = 0 (reproducible runs); over REST a new attempt of the same round (after a decryptor
+    that never answered) draws again instead of waiting on the same silent client."""
+    return str(selected[derive_seed(seed, round_number, repr(float(now)), "ckks-decryptor") % len(selected)])
 
 
 def open_ckks_round(cfg: FLConfig, round_number: int, selected: Sequence[ClientId],
                     instructions: Mapping[ClientId, TrainInstructions], inner: Aggregator, numel: int, *,
-                    sizes: Mapping[ClientId, int | None]) -> CKKSAggregator:
+                    sizes: Mapping[ClientId, int | None], now: float = 0.0) -> CKKSAggregator:
     """What the coordinator calls when it plans a round with ``secure_aggregation_method: ckks``."""
     mode = secagg_mode(inner)
     if mode == "scaffold":
@@ -233,7 +235,7 @@ def open_ckks_round(cfg: FLConfig, round_number: int, selected: Sequence[ClientI
         raise ConfigError(f"CKKS aggregation needs at least 2 clients per round (the decryptor refuses a sum of one), round "
                           f"{round_number} selected {len(selected)}")
     common: dict[str, Any] = dict(round=round_number, clients=tuple(str(c) for c in selected),
-                                  decryptor=pick_decryptor(cfg.seed, round_number, selected), vector_length=numel)
+                                  decryptor=pick_decryptor(cfg.seed, round_number, selected, now), vector_length=numel)
     if mode == "dp":
         first = next(iter(instructions.values()))
         clip, noise = float(first.update_clip), float(first.update_noise_std)

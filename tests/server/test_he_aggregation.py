@@ -97,8 +97,8 @@ def test_the_ckks_model_is_the_plain_model_within_the_error_bound(over: dict) ->
     assert s["max_error_bound_per_slot"] > 0
 
 
-def test_clients_dropping_after_encrypting_are_left_out_and_a_silent_decryptor_aborts_the_attempt() -> None:
-    cfg = _cfg(secagg_dropout_rate=0.3, num_rounds=4)
+def test_clients_dropping_after_encrypting_are_left_out() -> None:
+    cfg = _cfg(secagg_dropout_rate=0.3, secagg_dropout_phase="masked_input", num_rounds=4)
     driver = CKKSSimulation(cfg)
     coord = _coordinator(cfg)
     rounds = []
@@ -106,16 +106,26 @@ def test_clients_dropping_after_encrypting_are_left_out_and_a_silent_decryptor_a
         _, plan, summed = driver.run_round(coord, {}, _train)
         rounds.append((list(plan.selected), summed))
     assert any(len(s) < len(sel) for sel, s in rounds)  # some clients dropped and the rounds still closed
-    assert driver.aborted and all("decryptor" in r.aborted or "fewer than" in r.aborted for r in driver.aborted)
     # the survivors' weighted mean, as if the dropped clients had never been selected
     plain = _coordinator(config_from_dict({**cfg.to_dict(), "secure_aggregation": False, "secure_aggregation_method": "masking",
-                                           "secagg_dropout_rate": 0.0}), features=())
+                                           "secagg_dropout_rate": 0.0, "secagg_dropout_phase": "all"}), features=())
     for _, summed in rounds:
         plan = plain.plan_round(sorted(summed), k=len(summed))
         for u in _train(plan, sorted(summed)):
             plain.submit(u)
         plain.close_round()
     assert float((coord.global_vector - plain.global_vector).abs().max()) <= 1e-5
+
+
+def test_a_silent_decryptor_aborts_the_attempt_and_the_round_is_planned_again() -> None:
+    cfg = _cfg(secagg_dropout_rate=0.6, secagg_dropout_phase="unmask", num_rounds=3)
+    driver = CKKSSimulation(cfg)
+    coord = _coordinator(cfg)
+    for _ in range(3):
+        record, plan, summed = driver.run_round(coord, {}, _train)
+        assert record.clients == len(summed) == len(plan.selected)  # every input of the attempt that closed counts
+    assert driver.aborted and all("decryptor" in (r.aborted or "") for r in driver.aborted)
+    assert coord.completed_rounds == 3 and driver.summary()["aborted_attempts"] == len(driver.aborted)
 
 
 def test_the_coordinator_refuses_plain_forged_and_early_updates() -> None:

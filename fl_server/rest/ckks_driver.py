@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -51,6 +52,9 @@ PHASE_KEY, PHASE_INPUTS, PHASE_DECRYPT, PHASE_DONE, PHASE_ABORTED = "public_key"
 PHASES = (PHASE_KEY, PHASE_INPUTS, PHASE_DECRYPT, PHASE_DONE)
 #: the poll interval a client uses between the phases (at most; cfg.poll_interval when lower)
 CKKS_POLL_MAX = 1.0
+#: meta-table key of the finished attempts (completed count, abort reasons) and how many reasons it keeps
+META_KEY = "ckks_history"
+HISTORY_LIMIT = 500
 RESTART_REASON = ("the server restarted during the CKKS round: the ciphertext sum lives in memory only, so the attempt "
                   "is aborted and nothing of it is applied")
 
@@ -79,8 +83,26 @@ class CKKSRounds(RoundProtocol):
         self.ctx = ctx
         self.cfg = ctx.cfg
         self._attempts: dict[int, _Attempt] = {}
-        self.completed = 0
-        self.aborted: list[str] = []
+        # completed rounds and abort reasons, kept in the store's meta table so they survive a restart
+        history = self._load_history()
+        self.completed = int(history.get("completed", 0))
+        self.aborted: list[str] = [str(r) for r in history.get("aborted", [])]
+
+    def _load_history(self) -> dict[str, Any]:
+        raw = self.ctx.store.get_meta(META_KEY)
+        try:
+            data = json.loads(raw) if raw else {}
+        except json.JSONDecodeError:
+            data = {}
+        return data if isinstance(data, dict) else {}
+
+    def _save_history(self) -> None:
+        self.aborted = self.aborted[-HISTORY_LIMIT:]
+        self.ctx.store.set_meta(META_KEY, json.dumps({"completed": self.completed, "aborted": self.aborted}))
+
+    def _aborted(self, reason: str) -> None:
+        self.aborted.append(reason)
+        self._save_history()
 
     # ------------------------------------------------------------------ candidates and recovery
     def min_live_clients(self) -> int:
@@ -122,7 +144,7 @@ class CKKSRounds(RoundProtocol):
                     coord.privacy.receive(ClientUpdate(u.client_id, u.round, torch.zeros(0), 1, dict(u.metrics)), ctx)
             self.driver.checkpoint()
         self.ctx.store.finish_round(row.round_id, "aborted", RESTART_REASON, self.ctx.clock(), [u.client_id for u in updates])
-        self.aborted.append(RESTART_REASON)
+        self._aborted(RESTART_REASON)
         log.warning("round %d (attempt %d): %s", row.round, row.round_id, RESTART_REASON)
         return True
 
@@ -165,18 +187,19 @@ class CKKSRounds(RoundProtocol):
                 att.phase = PHASE_DONE if closed is not None else PHASE_ABORTED
                 if closed is None:
                     att.reason = "the decrypted aggregate is not finite"
-                    self.aborted.append(att.reason)
+                    self._aborted(att.reason)
             elif now > att.deadline:
                 self._abort(row, att, f"the decryptor (client {agg.params.decryptor}) did not decrypt the sum", now)
 
     def round_closed(self, row: RoundRow, secagg: SecureAggregator | None) -> None:
         self.completed += 1
+        self._save_history()
 
     def _abort(self, row: RoundRow, att: _Attempt, reason: str, now: float) -> None:
         phase = att.phase
         att.phase, att.reason = PHASE_ABORTED, reason
         att.agg.abort(reason)
-        self.aborted.append(reason)
+        self._aborted(reason)
         self.driver.abort_round(row, f"CKKS aggregation aborted in phase {phase}: {reason}", now, warn=False)
         log.warning("round %d (attempt %d): CKKS aggregation aborted in phase %s: %s; a new attempt follows", row.round,
                     row.round_id, phase, reason)

@@ -254,6 +254,28 @@ class ServerApi:
         resp = self._secagg_waited(round_number, attempt, step)
         return Envelope(self.creds.keys).open(resp.content) if encrypted else resp.content
 
+    # ------------------------------------------------------------------ CKKS aggregation (fl_client/ckks_session.py)
+    def _ckks_path(self, round_number: int, attempt: int, step: str) -> str:
+        return PATH_SECAGG.format(round=int(round_number), step=step).replace("/secagg/", "/ckks/") \
+            + f"?{QUERY_SECAGG_ATTEMPT}={int(attempt)}"
+
+    def ckks_send(self, round_number: int, attempt: int, step: str, message: bytes, encrypted: bool) -> dict[str, Any]:
+        """POST one CKKS message (``step``: key or decrypted); identical retries are safe."""
+        assert self.creds is not None
+        body = Envelope(self.creds.keys).seal(message) if encrypted else message
+        return self._send("POST", self._ckks_path(round_number, attempt, step), body=body,
+                          headers={"Content-Type": "application/octet-stream"}).json()
+
+    def ckks_fetch(self, round_number: int, attempt: int, step: str, encrypted: bool) -> bytes:
+        """GET one CKKS message (``step``: key or sum), decrypted; ApiRefused (409 wrong_phase) before it exists."""
+        assert self.creds is not None
+        resp = self._send("GET", self._ckks_path(round_number, attempt, step))
+        return Envelope(self.creds.keys).open(resp.content) if encrypted else resp.content
+
+    def ckks_outcome(self, round_number: int, attempt: int) -> dict[str, Any]:
+        """How a CKKS attempt ended: state open/closed/aborted, and whether this client's input is in the sum."""
+        return self._send("GET", self._ckks_path(round_number, attempt, "outcome")).json()
+
     def secagg_outcome(self, round_number: int, attempt: int) -> dict[str, Any]:
         """How a secure attempt ended: state open/closed/aborted, and whether this client's input is in the sum."""
         return self._secagg_waited(round_number, attempt, "outcome").json()

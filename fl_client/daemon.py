@@ -68,6 +68,7 @@ import torch
 
 from fl_client.api import ApiRefused, Credentials, ServerApi, ServerUnreachable
 from fl_client.backoff import ServerWait
+from fl_client.ckks_session import CKKSRoundSession, CKKSSessionEnded
 from fl_client.pending import PendingFileError, PendingUpload
 from fl_client.progress import training_progress
 from fl_client.secagg_session import SecureRoundSession, SessionEnded, plain_input
@@ -293,7 +294,8 @@ class ClientDaemon:
                         self._drop_pending(f"the server no longer expects it (state {status['state']}, round "
                                            f"{status.get('round')})")
                     if status["state"] == ROUND_SELECTED and status.get("secagg") is not None:
-                        if self._take_part_secure(status):
+                        ckks = status["secagg"].get("method") == "ckks"  # CKKS rounds: fl_client/ckks_session.py
+                        if (self._take_part_ckks if ckks else self._take_part_secure)(status):
                             continue
                     elif status["state"] == ROUND_SELECTED:
                         self._take_part(status)
@@ -653,6 +655,44 @@ class ClientDaemon:
         else:
             log.warning("%s: secure attempt %d ended for this client: %s%s", what, attempt, result.state,
                         f" ({result.reason})" if result.reason else "")
+        return True
+
+    def _take_part_ckks(self, status: dict[str, Any]) -> bool:
+        """Take part in the CKKS attempt of this poll (fl_client/ckks_session.py); False when there is nothing to do
+        in it (already done, or past the phases this client can still join), so the caller sleeps before polling."""
+        block = status["secagg"]
+        attempt, round_number = int(block["attempt"]), int(status["round"])
+        if attempt in self._secagg_attempts:
+            return False
+        self._secagg_attempts = ([*self._secagg_attempts, attempt])[-64:]
+        if block.get("phase") not in ("public_key", "inputs"):
+            log.info("round %d: selected for CKKS attempt %d, but it is already in phase %s: waiting for the next round",
+                     round_number, attempt, block.get("phase"))
+            return False
+        what = f"round {round_number}"
+        instr = TrainInstructions.from_json(status["instructions"])
+        try:
+            session = CKKSRoundSession(self.api, status, encrypted=bool(self.registration.get("encryption", True)),
+                                       sleep=self._sleep, stop=self.stop_event.is_set, call=self._call)
+        except (CKKSSessionEnded, ValueError) as exc:
+            log.warning("%s: cannot take part in CKKS attempt %d: %s", what, attempt, exc)
+            return False
+        log.info("%s: CKKS aggregation, attempt %d%s", what, attempt, " (this client decrypts the sum)" if session.decryptor else "")
+
+        def make_update() -> tuple[Any, int, dict[str, float]]:
+            try:
+                global_vector, control = self._download(instr, None, round_number)
+            except (ApiRefused, ServerUnreachable) as exc:
+                raise CKKSSessionEnded(f"model download failed ({exc})") from None
+            update = self._train(what, round_number, instr, global_vector, control)
+            return update.delta.detach().cpu().numpy(), update.num_samples, update.metrics
+
+        result = session.run(make_update)
+        if result.input_sent:
+            self.rounds_done += 1
+            self._save_state()
+        log.info("%s: CKKS attempt %d %s%s", what, attempt, result.state,
+                 " with this client's input in the sum" if result.in_sum else f" ({result.reason})" if result.reason else "")
         return True
 
     def _join_training(self, worker: list[threading.Thread]) -> None:

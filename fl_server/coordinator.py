@@ -26,6 +26,7 @@ from fl_common.protocol import ClientUpdate, TrainInstructions, derive_seed
 from fl_common.secagg import Verifier
 from fl_common.tensors import ParamSpec
 from fl_common.training import EvalResult, learning_rate_at
+from fl_server.he import CKKSAggregator, open_ckks_round
 from fl_server.privacy import BudgetExhausted, DPRound, ServerDP, make_server_dp
 from fl_server.secagg import SecureAggregator, open_secure_round
 from fl_server.selection import ClientInfo, ParticipationLog, build_selection, client_infos_for, poisson_sample
@@ -191,12 +192,17 @@ class Coordinator:
             instructions = {cid: self.privacy.configure(instr, cid, dp) for cid, instr in instructions.items()}
             aggregator = self.privacy.new_aggregator(dp, self.global_vector.numel(), aggregator)
         secagg: dict[str, Any] | None = None
-        if self.cfg.secure_aggregation:  # the strategy's (or DP's) aggregator is fed the unmasked sum only
+        if self.cfg.secure_aggregation:  # the strategy's (or DP's) aggregator is fed the unmasked (or decrypted) sum only
             sizes = {cid: ((infos or {}).get(cid) or ClientInfo(cid)).num_samples or self._client_sizes.get(cid)
                      for cid in selected}
-            aggregator = open_secure_round(self.cfg, round_number, selected, instructions, aggregator,
-                                           self.global_vector.numel(), verifiers=self._secagg_verifiers, sizes=sizes, now=now)
-            secagg = aggregator.params.to_json()
+            if self.cfg.secure_aggregation_method == "ckks":
+                ckks = open_ckks_round(self.cfg, round_number, selected, instructions, aggregator, self.global_vector.numel(),
+                                       sizes=sizes, now=now)
+                aggregator, secagg = ckks, {"method": "ckks", **ckks.params.to_json()}
+            else:
+                aggregator = open_secure_round(self.cfg, round_number, selected, instructions, aggregator,
+                                               self.global_vector.numel(), verifiers=self._secagg_verifiers, sizes=sizes, now=now)
+                secagg = aggregator.params.to_json()
         plan = RoundPlan(round_number, selected, instructions, privacy=dp.to_json() if dp is not None else None,
                          probabilities={cid: drawn.probabilities[cid] for cid in selected}, secagg=secagg)
         self._open = _OpenRound(plan, aggregator, time.perf_counter(), dp=dp)
@@ -237,6 +243,12 @@ class Coordinator:
         """The open round's secure aggregation (its ``server`` state machine and ``params``), or None."""
         agg = self._open.aggregator if self._open is not None else None
         return agg if isinstance(agg, SecureAggregator) else None
+
+    @property
+    def ckks(self) -> CKKSAggregator | None:
+        """The open round's CKKS aggregation (public key, ciphertext sum, decrypted sum), or None."""
+        agg = self._open.aggregator if self._open is not None else None
+        return agg if isinstance(agg, CKKSAggregator) else None
 
     @property
     def arrived(self) -> set[int | str]:

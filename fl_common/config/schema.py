@@ -54,6 +54,8 @@ STALENESS_FUNCTIONS = ("constant", "polynomial", "hinge")
 DP_MODES = ("sample", "client")
 DP_ACCOUNTANTS = ("prv", "rdp")
 DP_NOISE_CALIBRATIONS = ("per_client", "uniform")
+#: how secure aggregation hides the updates: pairwise masks (fl_common/secagg) or CKKS (fl_common/he)
+SECURE_AGGREGATION_METHODS = ("masking", "ckks")
 
 
 @dataclass(frozen=True)
@@ -75,6 +77,7 @@ class FLConfig:
     dp_epsilon: float = _opt(1.0, lo=0.1, hi=10.0, help="privacy budget epsilon for the whole run")
     dp_delta: float = _opt(1e-5, lo=1e-6, hi=1e-4, help="privacy budget delta for the whole run")
     secure_aggregation: bool = _opt(True, help="secure aggregation (the server sees only the sum)")
+    secure_aggregation_method: str = _opt("masking", choices=SECURE_AGGREGATION_METHODS, help="how updates are hidden: 'masking' (SecAgg+, pairwise masks) or 'ckks' (homomorphic encryption, TenSEAL: pip install '.[he]'); see README 'Homomorphic encryption'")
     clip_grad_norm: float = _opt(1.0, lo=0.1, hi=5.0, help="L2 clipping norm for DP sensitivity")
     # Differential privacy (see fl_server/privacy/). Sample-level DP-SGD is the default: it
     # protects each training record, the guarantee the seed's "epsilon = 1 costs 3.1 points" refers to;
@@ -359,7 +362,10 @@ def _check_secure_aggregation(cfg: FLConfig) -> None:
     builds its coordinator (fl_server/coordinator.py, driver feature "secure_aggregation"), so the REST
     server still refuses it with a message until it carries the protocol."""
     if not cfg.secure_aggregation:
-        _refuse_stray(cfg, _SECAGG_KEYS, "secure_aggregation is false")
+        _refuse_stray(cfg, (*_SECAGG_KEYS, "secure_aggregation_method"), "secure_aggregation is false")
+        return
+    if cfg.secure_aggregation_method == "ckks":
+        _check_ckks(cfg)
         return
     if cfg.training_mode == "async":
         raise ConfigError("training_mode 'async' with secure_aggregation: asynchronous aggregation of masked updates is not "
@@ -376,6 +382,38 @@ def _check_secure_aggregation(cfg: FLConfig) -> None:
                           f"clients per round - 1 = {cfg.clients_per_round - 1} must be even (a ring lattice)")
     if cfg.clients_per_round < 3:
         raise ConfigError(f"secure aggregation needs at least 3 clients per round, and client_selection_ratio x num_clients "
+                          f"selects {cfg.clients_per_round}: raise them, or set secure_aggregation: false")
+
+
+#: masking-only keys a CKKS run must leave at their defaults (secagg_clip_norm is CKKS's clip too)
+_MASKING_ONLY_KEYS = ("secagg_threshold", "secagg_scale_bits", "secagg_graph_degree")
+
+
+def _check_ckks(cfg: FLConfig) -> None:
+    """What CKKS aggregation (fl_common/he) cannot be combined with. The codec: ciphertexts are the wire format and
+    their size does not depend on the values, so int8/float16 are not applied (as under masking) and top-k cannot be
+    (a sparse update would reveal its support, and the sum of supports is not sparse)."""
+    _refuse_stray(cfg, _MASKING_ONLY_KEYS, "secure_aggregation_method is 'ckks' (they configure masking)")
+    if importlib.util.find_spec("tenseal") is None:  # found, not imported: fl_common.he imports it when a round runs
+        raise ConfigError("secure_aggregation_method 'ckks' needs the optional HE backend TenSEAL, which is not installed: "
+                          "pip install '.[he]'  (or: pip install 'tenseal>=0.3.15,<0.4'); or set secure_aggregation_method: "
+                          "masking")
+    if cfg.training_mode == "async":
+        raise ConfigError("training_mode 'async' with secure_aggregation_method 'ckks' is not built: set training_mode: sync")
+    if cfg.aggregation_method == "scaffold":
+        raise ConfigError("aggregation_method 'scaffold' with secure_aggregation_method 'ckks' is not built (the variate "
+                          "deltas would need a second encrypted vector): use secure_aggregation_method: masking")
+    if cfg.compression and "topk" in cfg.codec.lower():
+        raise ConfigError(f"config key 'codec' has value {cfg.codec!r}: sparsification cannot run under CKKS aggregation "
+                          f"(ciphertexts are dense and their size does not depend on the values): use codec int8 or none, "
+                          f"or compression: false")
+    if cfg.secagg_dropout_phase not in ("all", "masked_input", "unmask"):
+        raise ConfigError(f"config key 'secagg_dropout_phase' has value {cfg.secagg_dropout_phase!r}: CKKS rounds have no "
+                          f"key-sharing phases; allowed: all, masked_input (after encrypting), unmask (the decryptor)")
+    if cfg.secagg_dropout_rate == 0.0:
+        _refuse_stray(cfg, ("secagg_dropout_phase",), "secagg_dropout_rate is 0")
+    if cfg.clients_per_round < 2:
+        raise ConfigError(f"CKKS aggregation needs at least 2 clients per round, and client_selection_ratio x num_clients "
                           f"selects {cfg.clients_per_round}: raise them, or set secure_aggregation: false")
 
 

@@ -86,7 +86,9 @@ def create_app(service: FederationService, *, start_ticker: bool = True) -> Flas
     secagg_limit = (MAX_SECAGG_MESSAGE_BYTES, "secagg_body_too_large")
     body_limits = {"upload": (service.cfg.max_update_bytes, "body_too_large"),
                    "profile_report": (MAX_PROFILE_BYTES, "profile_body_too_large"), "secagg_advertise": secagg_limit,
-                   "secagg_share_keys": secagg_limit, "secagg_consistency": secagg_limit, "secagg_unmask": secagg_limit}
+                   "secagg_share_keys": secagg_limit, "secagg_consistency": secagg_limit, "secagg_unmask": secagg_limit,
+                   "ckks_key_post": (service.cfg.max_update_bytes, "body_too_large"),
+                   "ckks_decrypted": (service.cfg.max_update_bytes, "body_too_large")}
     app.extensions["fl_service"] = service
     install_metrics(app, service)
     app.register_blueprint(dashboard_blueprint(service))
@@ -340,6 +342,31 @@ def create_app(service: FederationService, *, start_ticker: bool = True) -> Flas
         answer, _ = service.long_poll(lambda: rounds.outcome(auth, round_number, attempt), wait=wait_seconds(),
                                       ready=lambda a: a.get("state") != "open")
         return jsonify(answer)
+
+    # ------------------------------------------------------------------ CKKS aggregation (fl_server/rest/ckks_driver.py)
+    @app.post("/api/v1/rounds/<int:round_number>/ckks/key")
+    def ckks_key_post(round_number: int) -> Response:
+        auth = signed()
+        return jsonify(service.ckks_protocol().post_key(auth, round_number, request.args.get(QUERY_SECAGG_ATTEMPT),
+                                                        request.get_data(cache=True)))
+
+    @app.get("/api/v1/rounds/<int:round_number>/ckks/key")
+    def ckks_key_get(round_number: int) -> Response:
+        return protocol_bytes(service.ckks_protocol().get_key(signed(), round_number, request.args.get(QUERY_SECAGG_ATTEMPT)))
+
+    @app.get("/api/v1/rounds/<int:round_number>/ckks/sum")
+    def ckks_sum(round_number: int) -> Response:
+        return protocol_bytes(service.ckks_protocol().get_sum(signed(), round_number, request.args.get(QUERY_SECAGG_ATTEMPT)))
+
+    @app.post("/api/v1/rounds/<int:round_number>/ckks/decrypted")
+    def ckks_decrypted(round_number: int) -> Response:
+        auth = signed()
+        return jsonify(service.ckks_protocol().post_decrypted(auth, round_number, request.args.get(QUERY_SECAGG_ATTEMPT),
+                                                              request.get_data(cache=True)))
+
+    @app.get("/api/v1/rounds/<int:round_number>/ckks/outcome")
+    def ckks_outcome(round_number: int) -> Response:
+        return jsonify(service.ckks_protocol().outcome(signed(), round_number, request.args.get(QUERY_SECAGG_ATTEMPT)))
 
     # ------------------------------------------------------------------ admin
     def require_admin() -> None:

@@ -62,6 +62,8 @@ log = logging.getLogger("fl_server.rest.gateway")
 #: the driver features of the three REST round drivers (plain and secure synchronous rounds, asynchronous jobs)
 PLAIN_FEATURES = ("control_variates", "client_infos")
 SECURE_FEATURES = (*PLAIN_FEATURES, "secure_aggregation")
+#: CKKS rounds (fl_server/rest/ckks_driver.py); SCAFFOLD is refused under CKKS by the config
+CKKS_FEATURES = ("client_infos", "ckks")
 ASYNC_FEATURES = ("client_infos",)
 MAX_NAME = 64
 #: the largest record count a client may claim when the server cannot derive its partition's size:
@@ -143,6 +145,8 @@ def rest_driver_features(cfg: FLConfig) -> tuple[str, ...]:
     (fl_server/strategies/features.py DRIVER_FEATURES): the one place both drivers' tuples are named."""
     if cfg.training_mode == "async":
         return ASYNC_FEATURES
+    if cfg.secure_aggregation and cfg.secure_aggregation_method == "ckks":
+        return CKKS_FEATURES
     return SECURE_FEATURES if cfg.secure_aggregation else PLAIN_FEATURES
 
 

@@ -34,6 +34,7 @@ from fl_common.models import model_from_config
 from fl_common.protocol.rest import RegisterResponse, RoundStatus
 from fl_common.training import LocalTrainer
 from fl_server.rest.async_driver import AsyncRoundDriver
+from fl_server.rest.ckks_driver import CKKSRounds
 from fl_server.rest.driver import CoordinatorView, DriverContext, ModelPayload, RoundDriver
 from fl_server.rest.erasure import erase_client
 from fl_server.rest.gateway import ApiError, Authenticated, ClientGateway, SignedRequest, check_rest_config
@@ -41,7 +42,7 @@ from fl_server.rest.observer import Observers, ServiceObserver
 from fl_server.rest.secrets import ServerSecrets
 from fl_server.rest.secure_driver import SecureRounds
 from fl_server.rest.state_changes import StateChanges
-from fl_server.rest.sync_driver import PlainRounds, SyncRoundDriver
+from fl_server.rest.sync_driver import PlainRounds, RoundProtocol, SyncRoundDriver
 from fl_server.store import RunDirectory
 from fl_server.store.sqlite import ServerStore
 
@@ -130,20 +131,25 @@ class FederationService:
             self.partition_sizes = known_sizes if known_sizes is not None else partition_sizes_for(cfg)
         self.gateway = ClientGateway(cfg, self.store, self.secrets, clock=clock, lock=self.lock, wake=self._wake,
                                      model_info=model_info, partition_sizes=self.partition_sizes, known_sizes=known_sizes,
-                                     secagg_required=cfg.secure_aggregation and not asynchronous)
+                                     secagg_required=cfg.secure_aggregation and cfg.secure_aggregation_method == "masking"
+                                     and not asynchronous)
         self.context = DriverContext(cfg=cfg, store=self.store, run_dir=self.run_dir, updates_dir=self.state_dir / "updates",
                                      gateway=self.gateway, lock=self.lock, wake=self._wake, clock=clock,
                                      observers=self.observers, trainer=LocalTrainer(model), test_x=test_set.x,
                                      test_y=test_set.y, started_at=self.started_at, evaluate_rounds=evaluate)
         #: secure aggregation's round protocol (its endpoints and /metrics collector), None when off
         self.secure_rounds: SecureRounds | None = None
+        #: CKKS aggregation's round protocol (fl_server/rest/ckks_driver.py), None unless secure_aggregation_method is ckks
+        self.ckks_rounds: CKKSRounds | None = None
         self.driver: RoundDriver
         if asynchronous:
             self.driver = AsyncRoundDriver(self.context)
         else:
-            if cfg.secure_aggregation:
-                self.secure_rounds = SecureRounds(self.context)
-            protocol = self.secure_rounds if self.secure_rounds is not None else PlainRounds()
+            protocol: RoundProtocol = PlainRounds()
+            if cfg.secure_aggregation and cfg.secure_aggregation_method == "ckks":
+                self.ckks_rounds = protocol = CKKSRounds(self.context)
+            elif cfg.secure_aggregation:
+                self.secure_rounds = protocol = SecureRounds(self.context)
             self.driver = SyncRoundDriver(self.context, protocol, partition_sizes=self.partition_sizes)
         self.driver.recover()
 
@@ -318,6 +324,12 @@ class FederationService:
         if self.secure_rounds is None:
             raise ApiError(404, "secagg_off", "this server does not run secure aggregation")
         return self.secure_rounds
+
+    def ckks_protocol(self) -> CKKSRounds:
+        """The CKKS endpoints' handler, or 404 when this server does not run CKKS rounds."""
+        if self.ckks_rounds is None:
+            raise ApiError(404, "ckks_off", "this server does not run CKKS aggregation")
+        return self.ckks_rounds
 
     # ------------------------------------------------------------------ monitoring
     def status(self) -> dict[str, Any]:

@@ -35,6 +35,8 @@ from fl_common.training import updated_client_control
 from fl_server.coordinator import Coordinator, RoundPlan
 from fl_server.privacy import BudgetExhausted
 from fl_server.simulation.base import SimulationBase
+from fl_server.simulation.ckks import SIMULATION_FEATURES as CKKS_FEATURES
+from fl_server.simulation.ckks import CKKSSimulation
 from fl_server.simulation.client_state import ClientVariates
 from fl_server.simulation.executor import WorkerFailed
 from fl_server.simulation.personalization import PERSONALIZATION_CSV, heldout_measure, write_personalization_csv
@@ -57,12 +59,16 @@ class Simulation(SimulationBase[Coordinator]):
         super().__init__(config, output_dir, resume=resume, progress=progress)
         cfg = self.cfg
         # secure aggregation: every simulated client runs the SecAgg client (simulation/secagg.py)
-        self.secagg = SecAggSimulation(cfg) if cfg.secure_aggregation else None
+        # (or, with secure_aggregation_method: ckks, encrypts under CKKS: simulation/ckks.py)
+        ckks = cfg.secure_aggregation and cfg.secure_aggregation_method == "ckks"
+        self.secagg: SecAggSimulation | CKKSSimulation | None = (
+            (CKKSSimulation(cfg) if ckks else SecAggSimulation(cfg)) if cfg.secure_aggregation else None)
         self.coordinator = Coordinator(cfg, self.evaluator_trainer.vector(), self.spec, evaluator=self.evaluate_vector,
                                        client_sizes={cid: len(p) for cid, p in enumerate(self.partitions)},
                                        privacy_seeded_noise=True,
-                                       driver_features=("control_variates", "attacks", "client_infos", *SIMULATION_FEATURES),
-                                       secagg_verifiers=self.secagg.verifier if self.secagg is not None else None)
+                                       driver_features=("control_variates", "attacks", "client_infos", *SIMULATION_FEATURES,
+                                                        *CKKS_FEATURES),
+                                       secagg_verifiers=self.secagg.verifier if isinstance(self.secagg, SecAggSimulation) else None)
         # SCAFFOLD: every simulated client's control variate c_i (see client_state.py for why in files)
         self._variates = ClientVariates(self.spec.numel, self.run_dir.path / "client_state" if self.run_dir else None)
         #: why training ended before num_rounds other than the privacy budget (a diverged round)
@@ -129,7 +135,7 @@ class Simulation(SimulationBase[Coordinator]):
             coord.add_bytes(model_bytes)
         return coord.close_round()
 
-    def _run_secure_round(self, secagg: SecAggSimulation) -> RoundRecord:
+    def _run_secure_round(self, secagg: SecAggSimulation | CKKSSimulation) -> RoundRecord:
         """One round under secure aggregation: ``secagg`` runs the protocol (and plans the round again
         while it aborts); this trains the clients it asks for, as run_round does, without the codec."""
         coord = self.coordinator

@@ -34,8 +34,10 @@ __all__ = ["DRIVER_FEATURES", "check_components", "check_strategy_features"]
 #: selection policy but ``uniform`` draws on;
 #: "secure_aggregation" - runs the clients' side of the SecAgg protocol (fl_server/secagg): it moves the
 #: messages of ``Coordinator.secagg`` and submits masked updates only (``secagg_verifiers`` required);
-#: "secagg_dropouts" - simulates the dropouts of ``cfg.secagg_dropout_rate`` (simulation only).
-DRIVER_FEATURES = ("control_variates", "attacks", "client_infos", "secure_aggregation", "secagg_dropouts")
+#: "secagg_dropouts" - simulates the dropouts of ``cfg.secagg_dropout_rate`` (simulation only);
+#: "ckks" - runs the CKKS rounds of ``secure_aggregation_method: ckks`` (fl_server/he: public key, ciphertexts,
+#: decryption of the sum by the round's decryptor; ``Coordinator.ckks``).
+DRIVER_FEATURES = ("control_variates", "attacks", "client_infos", "secure_aggregation", "secagg_dropouts", "ckks")
 
 #: the strategies that combine with secure aggregation, named when one that does not is refused
 _SUM_STRATEGIES = "fedavg/fedprox/fedavgm/fedadam/fedyogi/fedadagrad/scaffold"
@@ -79,7 +81,10 @@ def _check_driver_features(cfg: FLConfig, cls: type[Strategy], label: str, featu
     if cfg.attack != "none" and "attacks" not in features:
         raise ConfigError(f"config key 'attack' has value {cfg.attack!r}: simulated attacks exist only in the simulation "
                           f"(python -m fl_server simulate); set attack: none")
-    if cfg.secure_aggregation and "secure_aggregation" not in features:
+    if cfg.secure_aggregation and cfg.secure_aggregation_method == "ckks" and "ckks" not in features:
+        raise ConfigError("config key 'secure_aggregation_method' is 'ckks', but this driver does not run CKKS rounds yet "
+                          "(the simulation does: python -m fl_server simulate); set secure_aggregation_method: masking")
+    if cfg.secure_aggregation and cfg.secure_aggregation_method == "masking" and "secure_aggregation" not in features:
         raise ConfigError("config key 'secure_aggregation' is true, but this driver does not run the secure aggregation "
                           "protocol yet (the simulation does: python -m fl_server simulate); set secure_aggregation: false")
     if cfg.secagg_dropout_rate > 0 and "secagg_dropouts" not in features:

@@ -190,3 +190,14 @@ def test_every_way_a_person_writes_a_number_is_a_number(tmp_path, written: str) 
     path.write_text(f"differential_privacy: true\ndp_delta: {written}\n")
     assert load_config(path).dp_delta == pytest.approx(1e-5)
     assert load_config(None, [f"dp_delta={written}", "differential_privacy=true"]).dp_delta == pytest.approx(1e-5)
+
+
+def test_ckks_without_its_backend_is_refused_with_the_install_command(monkeypatch: pytest.MonkeyPatch) -> None:
+    """secure_aggregation_method: ckks needs the [he] extra: refused when the config is built, and by the backend."""
+    from fl_common.he.backend import HEUnavailable, tenseal
+
+    monkeypatch.setitem(sys.modules, "tenseal", None)  # what an environment without the extra looks like to import
+    with pytest.raises(ConfigError, match=r"pip install '\.\[he\]'"):
+        config_from_dict({"secure_aggregation": True, "secure_aggregation_method": "ckks", "differential_privacy": False})
+    with pytest.raises(HEUnavailable, match=r"pip install '\.\[he\]'"):
+        tenseal()

@@ -58,6 +58,11 @@ DEMO_DP_RECIPE: dict[str, Any] = {"model_type": "cnn", "batch_size": 128, "learn
                                   "lr_schedule": "constant", "clip_grad_norm": 1.0}
 DEMO_DP_RECIPE_SOURCE = "the demo's DP settings, measured for its five rounds (benchmarks/results/private_demo)"
 
+#: Under DP-SGD an update carries its noise (sigma C / B per step and coordinate, over 1.66M coordinates: an L2
+#: norm of tens), so secure aggregation's default clip of 10 would shrink every private update several-fold;
+#: the demo's masked rounds clip at this instead (a few more bits of ring width per value).
+DEMO_SECAGG_CLIP_NORM = 200.0
+
 #: ``demo --no-privacy``: the same federation without DP and masking, for comparison.
 NO_PRIVACY: dict[str, Any] = {"differential_privacy": False, "secure_aggregation": False}
 
@@ -73,6 +78,9 @@ def demo_config(clients: int, *, config: Path | None = None, rounds: int | None 
     if rounds is not None:
         given["num_rounds"] = rounds
     given.update(parse_overrides(overrides))
+    if given.get("secure_aggregation", defaults["secure_aggregation"]) is True and \
+            given.get("differential_privacy", defaults["differential_privacy"]) is True:
+        defaults["secagg_clip_norm"] = DEMO_SECAGG_CLIP_NORM
     return load_config(None, given, defaults=defaults, dp_recipe=(DEMO_DP_RECIPE, DEMO_DP_RECIPE_SOURCE))
 
 

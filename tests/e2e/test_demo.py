@@ -76,6 +76,7 @@ def test_the_demo_is_private_by_default_and_no_privacy_turns_it_off(tmp_path: Pa
     assert cfg.secure_aggregation and cfg.encryption and cfg.compression and cfg.codec == "int8"
     assert {k: getattr(cfg, k) for k in DEMO_DP_RECIPE} == DEMO_DP_RECIPE  # no model chosen: the demo's DP settings
     assert any("the demo's DP settings" in r.getMessage() for r in caplog.records)
+    assert cfg.secagg_clip_norm == 200.0  # a noisy DP update is not shrunk by the masking's clip
     plain = demo_config(10, private=False)
     assert not plain.differential_privacy and not plain.secure_aggregation and plain.encryption
     assert (plain.model_type, plain.batch_size, plain.lr_schedule) == ("cnn", 32, "constant")  # the demo's own settings

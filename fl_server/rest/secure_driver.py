@@ -71,7 +71,7 @@ from fl_common.secagg.encoding import IN_CLEAR
 from fl_server.privacy import DPRound
 from fl_server.rest.driver import DriverContext
 from fl_server.rest.gateway import SECURE_FEATURES, ApiError, Authenticated, Registration
-from fl_server.rest.sync_driver import RoundProtocol, SyncRoundDriver
+from fl_server.rest.sync_driver import RoundProtocol, SyncRoundDriver, attempt_outcome
 from fl_server.secagg import MaskedUpdate, SecAggRoundStats, SecureAggregator
 from fl_server.selection import ClientInfo
 from fl_server.store.sqlite import RoundRow, UpdateRow
@@ -480,16 +480,7 @@ class SecureRounds(RoundProtocol):
     def outcome(self, auth: Authenticated, round_number: int, attempt: str | None) -> dict[str, Any]:
         """GET .../secagg/outcome: how the attempt ended and whether this client's input is in the applied sum
         (a SCAFFOLD client moves its control variate only then, as in the simulation)."""
-        if attempt is None or not (attempt.isascii() and attempt.isdigit()) or len(attempt) > 12:
-            raise ApiError(400, "bad_attempt", "outcome needs ?attempt=ID")
-        row = self.ctx.store.round_attempt(int(attempt))
-        if row is None or row.round != round_number or row.secagg is None:
-            raise ApiError(404, "unknown_attempt", f"no secure attempt {attempt} of round {round_number}")
-        if auth.client_id not in row.selected:
-            raise ApiError(409, "not_selected", f"this client was not in attempt {attempt}")
-        status = self.ctx.store.participant_status(row.round_id, auth.client_id)
-        return {"round": row.round, "attempt": row.round_id, "state": row.state, "reason": row.reason,
-                "in_sum": row.state == "closed" and status == "submitted"}
+        return attempt_outcome(self.ctx, auth, round_number, attempt, "secure")
 
     def accept_update(self, auth: Authenticated, round_number: int, attempt: str | None, idempotency_key: str,
                       body: bytes) -> dict[str, Any]:

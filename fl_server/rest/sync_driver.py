@@ -133,6 +133,22 @@ class RoundProtocol(abc.ABC):
         return {"enabled": False}
 
 
+def attempt_outcome(ctx: DriverContext, auth: Authenticated, round_number: int, attempt: str | None,
+                    what: str) -> dict[str, Any]:
+    """GET .../outcome of a protected round (masking or CKKS): how attempt ``attempt`` ended and whether this
+    client's input is in the applied sum (a SCAFFOLD client moves its control variate only then)."""
+    if attempt is None or not (attempt.isascii() and attempt.isdigit()) or len(attempt) > 12:
+        raise ApiError(400, "bad_attempt", "outcome needs ?attempt=ID")
+    row = ctx.store.round_attempt(int(attempt))
+    if row is None or row.round != round_number or row.secagg is None:
+        raise ApiError(404, "unknown_attempt", f"no {what} attempt {attempt} of round {round_number}")
+    if auth.client_id not in row.selected:
+        raise ApiError(409, "not_selected", f"this client was not in attempt {attempt}")
+    status = ctx.store.participant_status(row.round_id, auth.client_id)
+    return {"round": row.round, "attempt": row.round_id, "state": row.state, "reason": row.reason,
+            "in_sum": row.state == "closed" and status == "submitted"}
+
+
 class PlainRounds(RoundProtocol):
     """Clear (encrypted in transit) updates: stored durably, replayed after a crash, summed in the clear."""
 
@@ -619,4 +635,4 @@ class SyncRoundDriver(RoundDriver):
         }
 
 
-__all__ = ["PlainRounds", "RoundProtocol", "SyncRoundDriver"]
+__all__ = ["attempt_outcome", "PlainRounds", "RoundProtocol", "SyncRoundDriver"]

@@ -61,7 +61,7 @@ class StateChanges:
 
     def __init__(self, *, max_waiters: int = 1000) -> None:
         self._cond = threading.Condition(threading.Lock())
-        self._version = 0
+        self._counter = 0
         self._last_key: Hashable = None
         self._waiters = 0
         self._parked_total = 0
@@ -74,7 +74,7 @@ class StateChanges:
     @property
     def version(self) -> int:
         with self._cond:
-            return self._version
+            return self._counter
 
     @property
     def waiting(self) -> int:
@@ -95,7 +95,7 @@ class StateChanges:
     def bump(self) -> None:
         """Something clients see changed: wake every parked request."""
         with self._cond:
-            self._version += 1
+            self._counter += 1
             self._cond.notify_all()
 
     def observe(self, key: Hashable) -> bool:
@@ -104,7 +104,7 @@ class StateChanges:
             if key == self._last_key:
                 return False
             self._last_key = key
-            self._version += 1
+            self._counter += 1
             self._cond.notify_all()
             return True
 
@@ -113,19 +113,19 @@ class StateChanges:
         passes, the server closes, or too many requests are parked already. True when it moved."""
         deadline = time.monotonic() + max(0.0, timeout)
         with self._cond:
-            if self._version != version:
+            if self._counter != version:
                 return True
             if self._closed or self._waiters >= self.max_waiters:
                 return False
             self._waiters += 1
             self._parked_total += 1
             try:
-                while self._version == version and not self._closed:
+                while self._counter == version and not self._closed:
                     left = deadline - time.monotonic()
                     if left <= 0:
                         break
                     self._cond.wait(left)
-                return self._version != version
+                return self._counter != version
             finally:
                 self._waiters -= 1
 

@@ -28,11 +28,11 @@ from fl_server.simulation import Simulation
 
 # Opt-in: in an xdist worker, ray's client threads outlive the test and the worker never reports back, so the
 # whole suite hangs at its end (seen 2026-12-05 with ray 2.60). Run it on its own:
-#   FL_RAY_TESTS=1 python3 -m pytest -p no:xdist tests/server/test_simulation_ray.py
+#   FL_RAY_TESTS=1 python3 -m pytest -n 0 tests/server/test_simulation_ray.py
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="ray is not installed: pip install '.[ray]'"),
               pytest.mark.skipif(os.environ.get("FL_RAY_TESTS") != "1",
-                                 reason="opt-in (FL_RAY_TESTS=1, run alone with -p no:xdist): ray's threads outlive it "
+                                 reason="opt-in (FL_RAY_TESTS=1, run alone with -n 0): ray's threads outlive it "
                                         "in an xdist worker and hang the suite's end")]
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -23,24 +23,19 @@ new one, as for masking. ``.../ckks/outcome`` tells a client how its attempt end
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-
 from fl_common.crypto import EnvelopeError
 from fl_common.he import DecryptedSum, EncryptedInput, HEMessageError, PublicKey
-from fl_common.protocol import ClientUpdate
 from fl_common.protocol.rest import ROUND_NOT_SELECTED, ROUND_SELECTED, ROUND_SUBMITTED, RoundStatus, unpack_masked_upload
 from fl_server.he import CKKSAggregator, EncryptedUpdate
-from fl_server.privacy import DPRound
 from fl_server.rest.driver import DriverContext
 from fl_server.rest.gateway import CKKS_FEATURES, ApiError, Authenticated
-from fl_server.rest.sync_driver import RoundProtocol, SyncRoundDriver, attempt_outcome
+from fl_server.rest.sync_driver import RoundProtocol, SyncRoundDriver, abort_protected_attempt_at_restart, attempt_outcome
 from fl_server.secagg import SecureAggregator
 from fl_server.selection import ClientInfo
 from fl_server.store.sqlite import RoundRow, UpdateRow
@@ -135,15 +130,7 @@ class CKKSRounds(RoundProtocol):
         if row.secagg is None or row.secagg.get("method") != "ckks":
             self.driver.abort_mismatched(row, secure_now=True)
             return True
-        coord = self.driver.coordinator
-        updates = self.ctx.store.updates_for_round(row.round_id)
-        if coord.privacy is not None and row.privacy is not None and updates:
-            ctx = DPRound.from_json(row.privacy)
-            for u in updates:
-                with contextlib.suppress(UpdateRejected, KeyError):
-                    coord.privacy.receive(ClientUpdate(u.client_id, u.round, torch.zeros(0), 1, dict(u.metrics)), ctx)
-            self.driver.checkpoint()
-        self.ctx.store.finish_round(row.round_id, "aborted", RESTART_REASON, self.ctx.clock(), [u.client_id for u in updates])
+        abort_protected_attempt_at_restart(self.driver, row, RESTART_REASON)
         self._aborted(RESTART_REASON)
         log.warning("round %d (attempt %d): %s", row.round, row.round_id, RESTART_REASON)
         return True

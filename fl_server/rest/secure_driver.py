@@ -34,7 +34,6 @@ restart like the rest of the run's record.
 from __future__ import annotations
 
 import base64
-import contextlib
 import hashlib
 import json
 import logging
@@ -42,10 +41,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
-import torch
-
 from fl_common.crypto import EnvelopeError
-from fl_common.protocol import ClientUpdate
 from fl_common.protocol.rest import (
     MAX_SECAGG_MESSAGE_BYTES,
     ROUND_NOT_SELECTED,
@@ -68,10 +64,9 @@ from fl_common.secagg import (
     Verifier,
 )
 from fl_common.secagg.encoding import IN_CLEAR
-from fl_server.privacy import DPRound
 from fl_server.rest.driver import DriverContext
 from fl_server.rest.gateway import SECURE_FEATURES, ApiError, Authenticated, Registration
-from fl_server.rest.sync_driver import RoundProtocol, SyncRoundDriver, attempt_outcome
+from fl_server.rest.sync_driver import RoundProtocol, SyncRoundDriver, abort_protected_attempt_at_restart, attempt_outcome
 from fl_server.secagg import MaskedUpdate, SecAggRoundStats, SecureAggregator
 from fl_server.selection import ClientInfo
 from fl_server.store.sqlite import RoundRow, UpdateRow
@@ -304,15 +299,7 @@ class SecureRounds(RoundProtocol):
         if row.secagg is None:
             self.driver.abort_mismatched(row, secure_now=True)
             return True
-        coord = self.driver.coordinator
-        updates = self.ctx.store.updates_for_round(row.round_id)
-        if coord.privacy is not None and row.privacy is not None and updates:
-            ctx = DPRound.from_json(row.privacy)
-            for u in updates:
-                with contextlib.suppress(UpdateRejected, KeyError):
-                    coord.privacy.receive(ClientUpdate(u.client_id, u.round, torch.zeros(0), 1, dict(u.metrics)), ctx)
-            self.driver.checkpoint()
-        self.ctx.store.finish_round(row.round_id, "aborted", RESTART_REASON, self.ctx.clock(), [u.client_id for u in updates])
+        abort_protected_attempt_at_restart(self.driver, row, RESTART_REASON)
         log.warning("round %d (attempt %d): %s", row.round, row.round_id, RESTART_REASON)
         self._history.setdefault("attempts", []).append({"round": row.round, "attempt": row.round_id, "aborted": RESTART_REASON,
                                                           "aborted_in_phase": "unknown (server restart)", "drops": {},

@@ -47,7 +47,7 @@ from fl_common.protocol.rest import (
 from fl_common.secagg import Verifier
 from fl_common.tensors import unflatten, wire
 from fl_server.coordinator import Coordinator, NoEligibleClients, RoundPlan
-from fl_server.privacy import BudgetExhausted
+from fl_server.privacy import BudgetExhausted, DPRound
 from fl_server.rest.driver import DriverContext, ModelPayload, RoundDriver, SelectionProblems
 from fl_server.rest.gateway import PLAIN_FEATURES, ApiError, Authenticated, Registration, UploadLayout
 from fl_server.secagg import SecureAggregator
@@ -147,6 +147,20 @@ def attempt_outcome(ctx: DriverContext, auth: Authenticated, round_number: int, 
     status = ctx.store.participant_status(row.round_id, auth.client_id)
     return {"round": row.round, "attempt": row.round_id, "state": row.state, "reason": row.reason,
             "in_sum": row.state == "closed" and status == "submitted"}
+
+
+def abort_protected_attempt_at_restart(driver: SyncRoundDriver, row: RoundRow, reason: str) -> None:
+    """A masked or CKKS attempt found open at start-up cannot go on (its sum was in memory): it is aborted.
+    Under sample-level DP the clients whose inputs had arrived are charged first, as an abort in the
+    running process charges them (conservative: their DP-SGD output reached the server)."""
+    coord = driver.coordinator
+    updates = driver.ctx.store.updates_for_round(row.round_id)
+    if coord.privacy is not None and row.privacy is not None and updates:
+        dp = DPRound.from_json(row.privacy)
+        for u in updates:
+            coord.privacy.charge_release(u.client_id, dp)
+        driver.checkpoint()
+    driver.ctx.store.finish_round(row.round_id, "aborted", reason, driver.ctx.clock(), [u.client_id for u in updates])
 
 
 class PlainRounds(RoundProtocol):
@@ -635,4 +649,4 @@ class SyncRoundDriver(RoundDriver):
         }
 
 
-__all__ = ["attempt_outcome", "PlainRounds", "RoundProtocol", "SyncRoundDriver"]
+__all__ = ["abort_protected_attempt_at_restart", "attempt_outcome", "PlainRounds", "RoundProtocol", "SyncRoundDriver"]

@@ -7,6 +7,10 @@ dataset counted once across processes) and, for reference, the sum of RSS (which
 once per process). Wall time is the child's whole life; start-up is wall time minus the rounds.
 
     python benchmarks/speed.py --rounds 20 --repeats 1
+    python benchmarks/speed.py --rounds 20 --backends process,ray   # the pool and Ray side by side
+
+With Ray the driver starts a private one-node Ray (``ray.init``): its GCS, raylet and workers are
+children of the simulation process, so the sampler counts Ray's daemons in the peak memory too.
 """
 
 from __future__ import annotations
@@ -77,10 +81,10 @@ def run_plain(config: Path, rounds: int, work: Path, tag: str) -> dict:
     return res
 
 
-def run_ours(config: Path, rounds: int, work: Path, tag: str) -> dict:
-    out = work / f"ours-{tag}"
+def run_ours(config: Path, rounds: int, work: Path, tag: str, backend: str = "process") -> dict:
+    out = work / f"ours-{backend}-{tag}"
     res = run_watched([sys.executable, "-m", "fl_server", "simulate", "--config", str(config), "--set", f"num_rounds={rounds}",
-                       "--output", str(out), "--no-progress"])
+                       "--set", f"backend={backend}", "--output", str(out), "--no-progress"])
     with open(out / "history.csv") as f:
         rows = list(csv.DictReader(f))
     summary = json.loads((out / "summary.json").read_text())
@@ -108,35 +112,49 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--config", type=Path, default=ROOT / "configs" / "reference_speed.yaml")
     ap.add_argument("--rounds", type=int, default=20)
-    ap.add_argument("--repeats", type=int, default=1, help="ABBA pairs; medians are reported")
+    ap.add_argument("--repeats", type=int, default=1, help="rotations of the run order; medians are reported")
+    ap.add_argument("--backends", default="process", help="comma-separated simulation backends: process, ray")
     args = ap.parse_args()
-    plain: list[dict[str, Any]] = []
-    ours: list[dict[str, Any]] = []
+    backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+    unknown = sorted(set(backends) - {"process", "ray"})
+    if unknown or not backends:
+        ap.error(f"--backends: {', '.join(unknown) or 'empty'} is not one of process, ray")
+    names = ["plain", *backends]
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         for i in range(args.repeats):
-            order = [("plain", run_plain), ("ours", run_ours)] if i % 2 == 0 else [("ours", run_ours), ("plain", run_plain)]
-            for name, fn in order:
-                res = fn(args.config, args.rounds, work, str(i))
-                (plain if name == "plain" else ours).append(res)
+            order = names[i % len(names):] + names[:i % len(names)]  # each arm first once per rotation
+            for name in order:
+                if name == "plain":
+                    res = run_plain(args.config, args.rounds, work, str(i))
+                else:
+                    res = run_ours(args.config, args.rounds, work, str(i), backend=name)
+                runs[name].append(res)
                 median_round = statistics.median(res["round_seconds"])
-                print(f"{name} #{i}: wall {res['wall_seconds']:.1f} s, median round {median_round:.2f} s, "
-                      f"peak PSS {res['peak_pss_mb']:.0f} MB", flush=True)
-    sp, so = summarise(plain), summarise(ours)
-    acc_diff = max(abs(a[1] - b[1]) for a, b in zip(plain[0]["accuracy"], ours[0]["accuracy"], strict=True))
-    result = {
+                print(f"{name} #{i}: wall {res['wall_seconds']:.1f} s, start-up {res['ready_seconds']:.1f} s, median round "
+                      f"{median_round:.2f} s, peak PSS {res['peak_pss_mb']:.0f} MB", flush=True)
+    summaries = {name: summarise(r) for name, r in runs.items()}
+    sp = summaries["plain"]
+    result: dict[str, Any] = {
         "config": str(args.config.relative_to(ROOT)), "rounds": args.rounds, "repeats": args.repeats,
-        "cpu_count": psutil.cpu_count(), "plain": sp, "ours": so,
-        "wall_ratio_ours_over_plain": so["wall_seconds_median"] / sp["wall_seconds_median"],
-        "round_ratio_ours_over_plain": so["round_seconds_median"] / sp["round_seconds_median"],
-        "max_accuracy_difference": acc_diff,
-        "accuracy_plain": plain[0]["accuracy"], "accuracy_ours": ours[0]["accuracy"],
-        "runs": {"plain": plain, "ours": ours},
-        "measured_at": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "cpu_count": psutil.cpu_count(), "plain": sp, "accuracy_plain": runs["plain"][0]["accuracy"],
     }
+    for backend in backends:
+        key = "ours" if backend == "process" else f"ours_{backend}"
+        so = summaries[backend]
+        result[key] = so
+        result[f"wall_ratio_{key}_over_plain"] = so["wall_seconds_median"] / sp["wall_seconds_median"]
+        result[f"round_ratio_{key}_over_plain"] = so["round_seconds_median"] / sp["round_seconds_median"]
+        result[f"max_accuracy_difference_{key}"] = max(
+            abs(a[1] - b[1]) for a, b in zip(runs["plain"][0]["accuracy"], runs[backend][0]["accuracy"], strict=True))
+        result[f"accuracy_{key}"] = runs[backend][0]["accuracy"]
+    result["runs"] = runs
+    result["measured_at"] = time.strftime("%Y-%m-%d %H:%M:%S")
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "speed_vs_plain.json").write_text(json.dumps(result, indent=1))
-    print(json.dumps({k: v for k, v in result.items() if k not in ("runs",)}, indent=1))
+    name = "speed_vs_plain.json" if backends == ["process"] else f"speed_vs_plain_{'_'.join(backends)}.json"
+    (RESULTS / name).write_text(json.dumps(result, indent=1))
+    print(json.dumps({k: v for k, v in result.items() if k != "runs"}, indent=1))
 
 
 if __name__ == "__main__":

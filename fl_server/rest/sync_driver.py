@@ -296,11 +296,13 @@ class SyncRoundDriver(RoundDriver):
                                   f"--state-dir")
             coord.load_state_dict(state["coordinator"])
             log.info("restored the global model after round %d", coord.completed_rounds)
-        self._resume_open_round()
-        if self.partition_sizes is not None and coord.privacy is not None:  # clients registered before a restart
+        # Clients registered before the restart, before the open round is resumed or aborted: both charge its
+        # arrived inputs under sample-level DP, which needs each client's record count.
+        if self.partition_sizes is not None and coord.privacy is not None:
             for client in ctx.store.clients():
                 if client.partition_index is not None:
                     coord.privacy.register_client(client.client_id, self.partition_sizes[client.partition_index])
+        self._resume_open_round()
 
     def _resume_open_round(self) -> None:
         ctx = self.ctx

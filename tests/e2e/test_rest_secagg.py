@@ -26,6 +26,7 @@ import torch
 
 from fl_client.api import ApiRefused, Credentials, ServerApi
 from fl_client.secagg_session import IDENTITY_FILE, SecureRoundSession, plain_input
+from fl_common.privacy import make_accountant
 from fl_common.protocol.rest import ENV_ADMIN_TOKEN, ENV_ENROLLMENT_TOKEN, pack_masked_upload
 from fl_common.secagg import (
     AdvertiseKeys,
@@ -57,14 +58,15 @@ SECURE: dict[str, Any] = {"secure_aggregation": True, "poll_interval": 0.05, "se
 class SecureClient:
     """A registered client with its own Ed25519 identity whose plain inputs the test chooses."""
 
-    def __init__(self, url: str, env: dict[str, str], name: str, seed: int, previous: Credentials | None = None) -> None:
+    def __init__(self, url: str, env: dict[str, str], name: str, seed: int, previous: Credentials | None = None,
+                 num_samples: int = 200) -> None:
         self.identity = SigningIdentity.generate_ed25519()
         self.api = ServerApi(url, timeout=30, max_retries=1)
         self.api.creds = previous  # registering a known name again is signed with its current keys
         self.reg = self.api.register(env[ENV_ENROLLMENT_TOKEN], client_name=name, partition=None, num_samples=None,
                                      capability={}, secagg_verify_key=self.identity.verify_key)
         self.id = self.reg["client_id"]
-        self.api.send_profile({"num_samples": 200})  # a secure round selects only clients that reported their records
+        self.api.send_profile({"num_samples": num_samples})  # a secure round selects only clients that reported their records
         self.seed = seed
         self.session: SecureRoundSession | None = None
 
@@ -90,8 +92,8 @@ class SecureClient:
         return plain_input(self.s.params, x, weight, {})
 
 
-def register(url: str, env: dict[str, str], n: int, prefix: str = "s") -> list[SecureClient]:
-    return [SecureClient(url, env, f"{prefix}{i}", seed=100 + i) for i in range(n)]
+def register(url: str, env: dict[str, str], n: int, prefix: str = "s", num_samples: int = 200) -> list[SecureClient]:
+    return [SecureClient(url, env, f"{prefix}{i}", seed=100 + i, num_samples=num_samples) for i in range(n)]
 
 
 def inputs(n: int, numel: int, seed: int) -> tuple[list[np.ndarray], list[int]]:
@@ -442,12 +444,17 @@ def test_registration_needs_a_valid_key_and_a_new_key_mid_round_drops_the_client
 
 @pytest.mark.slow
 def test_a_server_killed_mid_round_aborts_the_attempt_and_the_next_one_completes(tmp_path: Path) -> None:
+    """Under sample-level DP: the four clients whose masked inputs had arrived (their DP-SGD outputs reached the
+    server) are charged once for the aborted attempt, neither lost nor doubled by the kill and the restart's
+    abort, and once more for the next attempt."""
     env = token_env()
-    cfg = make_cfg(num_clients=4, num_rounds=1, **SECURE)
+    # 2 planned rounds: one charge for the aborted attempt and one for the next fit each client's budget
+    cfg = make_cfg(num_clients=4, num_rounds=2, differential_privacy=True, dp_mode="sample", dp_epsilon=8.0,
+                   dp_accountant="rdp", clip_grad_norm=1.0, **SECURE)
     server = GunicornServer(cfg, tmp_path / "srv", env)
     server.start()
     try:
-        clients = register(server.url, env, 4)
+        clients = register(server.url, env, 4, num_samples=cfg.max_train_samples // 4)  # the IID partitions' size
         payload, _ = clients[0].api.download_model(None, encrypted=True)
         start, _ = wire.decode_update(payload, NUMEL)
         sessions = [c.join(1) for c in clients]
@@ -456,8 +463,13 @@ def test_a_server_killed_mid_round_aborts_the_attempt_and_the_next_one_completes
         for s in sessions:
             s.share_keys()
         xs, ws = inputs(4, start.numel(), seed=8)
+        plan = clients[0].api.round_status()["instructions"]  # every client holds 200 records: one (q, steps)
+        q, steps, sigma = plan["dp_sample_rate"], plan["dp_steps"], plan["dp_noise_multiplier"]
+        ran = {"dp_sample_rate": q, "dp_steps": float(steps)}
         for c, x, w in zip(clients, xs, ws, strict=False):
-            c.s.masked_input(c.plain(x, w), {})
+            c.s.masked_input(c.plain(x, w), ran)
+        once = make_accountant("rdp", [(sigma, q, steps)]).epsilon(1e-5)
+        assert server.status()["privacy"]["epsilon_spent"] == pytest.approx(once, rel=1e-9)  # charged on arrival
         for s in sessions[:2]:  # killed in the consistency check, with two of the four signatures in
             s.consistency()
         current = server.status()["secagg"]["current"]
@@ -467,6 +479,10 @@ def test_a_server_killed_mid_round_aborts_the_attempt_and_the_next_one_completes
         status = wait_for(lambda: (s := server.status())["secagg"]["current"] is not None and s, timeout=60)
         assert status["completed_rounds"] == 0 and status["secagg"]["aborted_attempts"] == 1
         assert "restarted" in status["secagg"]["abort_reasons"][-1]
+        privacy = server.status()["privacy"]  # the charges survive the kill, and are not made twice
+        assert privacy["per_client_epsilon"]["clients_participated"] == 4
+        assert privacy["epsilon_spent"] == pytest.approx(once, rel=1e-9)
+        assert privacy["per_client_epsilon"]["min"] == pytest.approx(once, rel=1e-9)
         refused(lambda: clients[0].fetch("unmask"), 409, "attempt_closed")
         refused(lambda: clients[2].fetch("consistency"), 409, "attempt_closed")
         assert clients[0].api.secagg_outcome(1, sessions[0].attempt)["state"] == "aborted"
@@ -479,7 +495,7 @@ def test_a_server_killed_mid_round_aborts_the_attempt_and_the_next_one_completes
         for s in second:
             s.share_keys()
         for c, x, w in zip(clients, xs, ws, strict=False):
-            c.s.masked_input(c.plain(x, w), {})
+            c.s.masked_input(c.plain(x, w), ran)
         for s in second:
             s.consistency()
         for s in second:
@@ -488,6 +504,8 @@ def test_a_server_killed_mid_round_aborts_the_attempt_and_the_next_one_completes
         payload, _ = clients[0].api.download_model(None, encrypted=True)
         got = wire.decode_update(payload, start.numel())[0].double() - start.double()
         assert torch.allclose(got, weighted_mean(xs, ws), atol=quantization_bound(second[0].params, ws) + 1e-6, rtol=0)
+        twice = make_accountant("rdp", [(sigma, q, 2 * steps)]).epsilon(1e-5)
+        assert server.status()["privacy"]["epsilon_spent"] == pytest.approx(twice, rel=1e-9) and once < twice <= 8.0
     finally:
         server.stop()
 

@@ -183,3 +183,28 @@ def test_an_erased_client_leaves_no_sighting_in_memory(tmp_path: Path) -> None:
         assert client is not None and client.last_seen == 50.0
     finally:
         store.close()
+
+
+def test_the_open_attempt_is_parsed_once_and_every_write_to_the_rounds_table_is_seen(tmp_path: Path) -> None:
+    from fl_server.store.sqlite import RoundRow
+
+    store = ServerStore(tmp_path / "server.db")
+    try:
+        assert store.current_open_round() is None
+        _add(store, "a", 1.0)
+        selected = ["a", "b"]
+        rid = store.open_round(RoundRow(0, 1, "open", selected, {c: {"epochs": 1} for c in selected}, 2, 0.0, 100.0, None,
+                                        None, probabilities=dict.fromkeys(selected, 0.5)))
+        first, second = store.current_open_round(), store.current_open_round()
+        assert first is not None and second is not None and first is not second  # each caller its own row object
+        assert (first.round_id, first.selected, first.download_bytes) == (rid, ["a", "b"], 0)
+        store.add_download_bytes(rid, 1000)
+        row = store.current_open_round()
+        assert row is not None and row.download_bytes == 1000
+        store.erase_client("a", placeholder="erased-1")
+        row = store.current_open_round()
+        assert row is not None and row.selected == ["erased-1", "b"] and set(row.instructions) == {"erased-1", "b"}
+        store.finish_round(rid, "closed", "quorum", 5.0, ["b"])
+        assert store.current_open_round() is None
+    finally:
+        store.close()

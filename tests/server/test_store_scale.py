@@ -185,7 +185,7 @@ def test_an_erased_client_leaves_no_sighting_in_memory(tmp_path: Path) -> None:
         store.close()
 
 
-def test_the_open_attempt_is_parsed_once_and_every_write_to_the_rounds_table_is_seen(tmp_path: Path) -> None:
+def test_the_open_attempt_is_parsed_again_only_when_its_row_changed_and_every_change_is_seen(tmp_path: Path) -> None:
     from fl_server.store.sqlite import RoundRow
 
     store = ServerStore(tmp_path / "server.db")

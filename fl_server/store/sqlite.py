@@ -309,13 +309,15 @@ class ServerStore:
             db.execute("INSERT INTO meta(key, value) VALUES(?, ?) ON CONFLICT(key) DO UPDATE SET value=excluded.value", (key, value))
 
     # ------------------------------------------------------------------ clients
-    def add_client(self, row: ClientRow) -> None:
+    def add_client(self, row: ClientRow, enrolled_by: str | None = None) -> None:
+        """A new client, with the credential that enrolled it (see :meth:`set_enrolled_by`), in one transaction."""
         with self._tx() as db:
             db.execute(
                 "INSERT INTO clients(client_id, name, token_hash, token_expires, wrapped_keys, partition_index, num_samples,"
-                " capability, registered_at, last_seen, secagg_verify_key) VALUES(?,?,?,?,?,?,?,?,?,?,?)",
+                " capability, registered_at, last_seen, secagg_verify_key, enrolled_by) VALUES(?,?,?,?,?,?,?,?,?,?,?,?)",
                 (row.client_id, row.name, row.token_hash, row.token_expires, row.wrapped_keys, row.partition_index,
-                 row.num_samples, json.dumps(row.capability), row.registered_at, row.last_seen, row.secagg_verify_key),
+                 row.num_samples, json.dumps(row.capability), row.registered_at, row.last_seen, row.secagg_verify_key,
+                 enrolled_by),
             )
         self._seen.stored(row.client_id, row.last_seen)
 

@@ -47,13 +47,13 @@ BASE: dict[str, Any] = {
     "dataset": "fashion_mnist", "model_type": "cnn", "client_selection_ratio": 1.0, "local_epochs": 1, "batch_size": 32,
     "learning_rate": 0.05, "momentum": 0.9, "data_distribution": "iid", "max_train_samples": 2000, "max_test_samples": 1000,
     "evaluation_frequency": 1, "compression": False, "encryption": True, "differential_privacy": False,
-    "round_timeout": 900.0, "round_start_wait": 120.0, "secagg_phase_timeout": 300.0, "over_selection": 0.0,
+    "round_timeout": 900.0, "round_start_wait": 120.0, "over_selection": 0.0,
     "poll_interval": 0.5, "client_liveness": 600.0, "seed": 5,
 }
 METHODS: dict[str, dict[str, Any]] = {
     "plain": {"secure_aggregation": False},
-    "masking": {"secure_aggregation": True, "secure_aggregation_method": "masking"},
-    "ckks": {"secure_aggregation": True, "secure_aggregation_method": "ckks"},
+    "masking": {"secure_aggregation": True, "secure_aggregation_method": "masking", "secagg_phase_timeout": 300.0},
+    "ckks": {"secure_aggregation": True, "secure_aggregation_method": "ckks", "secagg_phase_timeout": 300.0},
 }
 
 

@@ -14,7 +14,9 @@ Each arm, in order:
    ``/status`` latency, the worker's RSS, the SQLite files' size.
 2. **Plain polls**: ``--pollers`` clients (a seeded random subset) each ``GET /api/v1/round`` every
    ``--interval`` s for ``--seconds`` s, while a round is open (its 100 selected clients are idle):
-   p50 / p99 / max latency and the polls answered per second.
+   p50 / p99 / max latency and the polls answered per second. Then the same pollers back to back (no
+   pause between a poll's answer and the next poll) for ``--burst-seconds`` s: the server's poll
+   throughput when 200 clients ask as fast as it answers.
 3. **A round of the cnn with long-polls**: the ``--round-clients`` selected clients download the model
    and upload an update, all at once, while ``--pollers`` unselected clients long-poll
    (``GET /api/v1/round?wait=S`` with the last ETag). The worker's RSS (every 50 ms), PSS (every
@@ -102,7 +104,8 @@ class ArmResult:
     arm: str
     growth: list[Growth] = field(default_factory=list)
     register_s: float = 0.0
-    poll: dict[str, float] = field(default_factory=dict)
+    poll: dict[str, float | None] = field(default_factory=dict)
+    burst: dict[str, float | None] = field(default_factory=dict)
     round: dict[str, float] = field(default_factory=dict)
 
 
@@ -221,8 +224,8 @@ def register_all(server: Server, n: int, result: ArmResult) -> list[ServerApi]:
     return clients
 
 
-def poll_phase(pollers: list[ServerApi], seconds: float, interval: float) -> dict[str, float]:
-    """Every poller polls every ``interval`` s (staggered start) for ``seconds`` s."""
+def poll_phase(pollers: list[ServerApi], seconds: float, interval: float) -> dict[str, float | None]:
+    """Every poller polls every ``interval`` s (staggered start; 0: back to back) for ``seconds`` s."""
     latencies: list[float] = []
     errors = [0]
     lock = threading.Lock()
@@ -253,7 +256,7 @@ def poll_phase(pollers: list[ServerApi], seconds: float, interval: float) -> dic
         t.join()
     wall = time.perf_counter() - t0
     return {"polls": len(latencies), "errors": errors[0], "polls_per_s": round(len(latencies) / wall, 1),
-            "offered_per_s": round(len(pollers) / interval, 1), "p50_ms": pct(latencies, 0.5),
+            "offered_per_s": round(len(pollers) / interval, 1) if interval > 0 else None, "p50_ms": pct(latencies, 0.5),
             "p99_ms": pct(latencies, 0.99), "max_ms": pct(latencies, 1.0)}
 
 
@@ -345,6 +348,9 @@ def run_arm(arm: str, tree: Path, args: argparse.Namespace) -> ArmResult:
             pollers = rng.sample(clients, args.pollers)
             result.poll = poll_phase(pollers, args.seconds, args.interval)
             print(f"  {arm}: plain polls {result.poll}", flush=True)
+            if args.burst_seconds > 0:
+                result.burst = poll_phase(pollers, args.burst_seconds, 0.0)
+                print(f"  {arm}: back-to-back polls {result.burst}", flush=True)
             long_pollers = rng.sample(others, args.pollers)
             result.round = round_phase(server, selected, long_pollers, round_number, args.wait)
             print(f"  {arm}: round {result.round}", flush=True)
@@ -370,6 +376,7 @@ def main() -> None:
     ap.add_argument("--round-clients", type=int, default=100)
     ap.add_argument("--seconds", type=float, default=20.0, help="plain-poll phase length")
     ap.add_argument("--interval", type=float, default=1.0, help="seconds between one poller's polls")
+    ap.add_argument("--burst-seconds", type=float, default=10.0, help="back-to-back poll phase length (0: skip)")
     ap.add_argument("--wait", type=float, default=20.0, help="long-poll wait (s)")
     ap.add_argument("--out", type=Path, default=OUT / "results.json")
     args = ap.parse_args()

@@ -367,6 +367,45 @@ def extract(rev: str, into: Path) -> Path:
     return into
 
 
+def markdown(arms: list[dict[str, Any]]) -> str:
+    """The README's tables from the results (arms side by side)."""
+    names = [a["arm"] for a in arms]
+    head = "| | " + " | ".join(names) + " |\n|---|" + "---|" * len(names) + "\n"
+
+    def row(label: str, get: Callable[[dict[str, Any]], Any]) -> str:
+        return f"| {label} | " + " | ".join(str(get(a)) for a in arms) + " |\n"
+
+    out = head
+    out += row("register 1,000 clients (8 at a time), s", lambda a: a["register_s"])
+    for key, label in (("poll", "plain polls, 1 per s each"), ("burst", "back-to-back polls")):
+        def rate(a: dict[str, Any], k: str = key) -> Any:
+            return a[k].get("polls_per_s")
+
+        def lat(a: dict[str, Any], k: str = key) -> str:
+            return f"{a[k].get('p50_ms')} / {a[k].get('p99_ms')} / {a[k].get('max_ms')}"
+
+        out += row(f"{label}: polls answered per s", rate)
+        out += row(f"{label}: p50 / p99 / max ms", lat)
+    r = "round"
+    out += row("round of 100: download + upload per client p50 / p99 ms",
+               lambda a: f"{a[r]['download_upload_ms_p50']} / {a[r]['download_upload_ms_p99']}")
+    out += row("round of 100: first upload to close, s", lambda a: a[r]["round_s"])
+    out += row("worker RSS before the round -> peak, MiB", lambda a: f"{a[r]['worker_rss_before_mib']} -> "
+                                                                      f"{a[r]['worker_rss_peak_mib']}")
+    out += row("worker PSS before the round -> peak, MiB", lambda a: f"{a[r]['worker_pss_before_mib']} -> "
+                                                                      f"{a[r]['worker_pss_peak_mib']}")
+    out += row("worker VmHWM (peak RSS since start), MiB", lambda a: a[r]["worker_vmhwm_after_mib"])
+    out += row("200 parked long-polls answered after the last upload, p50 / p99 ms",
+               lambda a: f"{a[r]['heard_after_last_upload_ms_p50']} / {a[r]['heard_after_last_upload_ms_p99']}")
+    out += "\n| registered | " + " | ".join(f"{n}: register p50 ms / poll p50 ms / status p50 ms / RSS MiB / db KiB"
+                                           for n in names) + " |\n|---|" + "---|" * len(names) + "\n"
+    for i, g in enumerate(arms[0]["growth"]):
+        out += f"| {g['registered']} | " + " | ".join(
+            "{register_ms_p50} / {poll_ms_p50} / {status_ms_p50} / {worker_rss_mib} / {db_kib}".format(**a["growth"][i])
+            for a in arms) + " |\n"
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--arms", nargs="+", default=["before", "after"], choices=["before", "after"])
@@ -389,11 +428,12 @@ def main() -> None:
             print(f"arm {arm}: {tree}", flush=True)
             results.append(run_arm(arm, tree, args))
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    doc = {"args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+    doc: dict[str, Any] = {"args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
            "machine": {"cpus": os.cpu_count(), "torch": torch.__version__},
            "arms": [asdict(r) for r in results]}
     args.out.write_text(json.dumps(doc, indent=2) + "\n")
     print(json.dumps(doc, indent=2))
+    print(markdown(doc["arms"]))
 
 
 if __name__ == "__main__":

@@ -358,12 +358,18 @@ class CKKSRounds(RoundProtocol):
 
     # ------------------------------------------------------------------ monitoring
     def status_fields(self) -> dict[str, Any]:
+        return {"ckks": self.status()}
+
+    def status(self) -> dict[str, Any]:
+        """The ``ckks`` block of ``/status`` (read by ``/metrics`` and the dashboard too): the open attempt, the
+        completed rounds, the aborted attempts and their last reasons."""
         att = self._current()
         current = None if att is None else {"round": att.round, "attempt": att.round_id, "phase": att.phase,
                                              "decryptor": att.agg.params.decryptor, "inputs": att.agg.num_updates,
-                                             "selected": len(att.agg.params.clients)}
-        return {"ckks": {"current": current, "rounds_completed": self.completed, "aborted_attempts": len(self.aborted),
-                         "abort_reasons": self.aborted[-5:]}}
+                                             "selected": len(att.agg.params.clients),
+                                             "deadline_in_s": round(max(0.0, att.deadline - self.ctx.clock()), 1)}
+        return {"current": current, "rounds_completed": self.completed, "aborted_attempts": len(self.aborted),
+                "abort_reasons": self.aborted[-5:]}
 
     def summary_block(self) -> dict[str, Any]:
         return {"enabled": True, "method": "ckks",

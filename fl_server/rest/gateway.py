@@ -357,8 +357,7 @@ class ClientGateway:
                                                       verify_key)
             else:
                 self.store.add_client(ClientRow(client_id, name, token_hash, expires, wrapped, index, num_samples, capability,
-                                                now, now, 0, {}, secagg_verify_key=verify_key))
-                self.store.set_enrolled_by(client_id, enrolled_by)
+                                                now, now, 0, {}, secagg_verify_key=verify_key), enrolled_by=enrolled_by)
             self.store.security_event("registered", client_id, f"name={name or '-'} partition={index} enrolled_by="
                                       f"{enrolled_by} again={'yes' if existing else 'no'} from {remote or '-'}")
         log.info("client %s registered (name %s, partition %s)", client_id, name or "-", index)

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from flask import Flask, Response, g, request
@@ -38,6 +38,8 @@ from prometheus_client import (
 )
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
+from fl_server.rest.ckks_driver import PHASES as CKKS_PHASES
+from fl_server.rest.ckks_driver import CKKSRounds
 from fl_server.rest.observer import ServiceObserver
 from fl_server.rest.secure_driver import PHASE_ORDER, SecureRounds
 
@@ -254,6 +256,8 @@ def install_metrics(app: Flask, service: FederationService) -> AppMetrics:
     metrics = AppMetrics(service)
     if service.secure_rounds is not None:
         metrics.registry.register(SecAggCollector(service.secure_rounds, service.lock))
+    if service.ckks_rounds is not None:
+        metrics.registry.register(CKKSCollector(service.ckks_rounds, service.lock))
     service.observers.add(metrics.observer)
     install_http_metrics(app, metrics.http)
     app.add_url_rule("/metrics", "metrics", metrics.exposition, methods=["GET"])
@@ -262,31 +266,66 @@ def install_metrics(app: Flask, service: FederationService) -> AppMetrics:
 
 
 
-class SecAggCollector:
-    """``/metrics`` for secure aggregation: the open round's phase and set sizes, dropouts and aborts."""
+class ProtectedRoundsCollector:
+    """``/metrics`` of a protected-round method (masking or CKKS), read from its ``/status`` block at scrape time:
+    the open attempt's phase (one gauge per phase, 1 for the current one), its client counts per set, the method's
+    own extras, and the completed rounds and aborted attempts. The subclasses name the method's metrics, phases
+    and sets; the shape is one, so a dashboard or alert written for one method reads the other the same way."""
 
-    def __init__(self, rounds: SecureRounds, lock: threading.RLock) -> None:
-        self.rounds = rounds
+    #: metric name prefix (``fl_<prefix>_phase``, ...), what the help texts call a round, phases and client sets
+    prefix = ""
+    what = ""
+    phases: tuple[str, ...] = ()
+    sets: tuple[str, ...] = ()
+    sets_doc = ""
+    completed_doc = ""
+    aborts_doc = ""
+
+    def __init__(self, read_status: Callable[[], dict[str, Any]], lock: threading.RLock) -> None:
+        self.read_status = read_status
         self.lock = lock
 
     def describe(self) -> list[Metric]:
         return []
 
+    def extra(self, st: dict[str, Any], cur: dict[str, Any]) -> Iterator[Metric]:
+        """The method's own metrics, between the client sets and the round counters."""
+        return iter(())
+
     def collect(self) -> Iterator[Metric]:
         with self.lock:
-            st = self.rounds.status()
+            st = self.read_status()
         cur = st.get("current") or {}
-        phase = GaugeMetricFamily("fl_secagg_phase", "1 for the open secure round's protocol phase (none: no round open)",
-                                  labels=["phase"])
-        for p in ("none", *(ph.value for ph in PHASE_ORDER)):
+        phase = GaugeMetricFamily(f"fl_{self.prefix}_phase", f"1 for the open {self.what} round's protocol phase (none: no "
+                                  f"round open)", labels=["phase"])
+        for p in ("none", *self.phases):
             phase.add_metric([p], 1.0 if cur.get("phase", "none") == p else 0.0)
         yield phase
-        sets = GaugeMetricFamily("fl_secagg_round_clients", "Clients of the open secure round: selected, and U1..U4 (advertised "
-                                 "keys, shared keys, sent a masked input, answered the unmask request; so far while the "
-                                 "phase is open)", labels=["set"])
-        for name in ("selected", "u1", "u2", "u3", "u4"):
+        sets = GaugeMetricFamily(f"fl_{self.prefix}_round_clients", self.sets_doc, labels=["set"])
+        for name in self.sets:
             sets.add_metric([name], float(cur.get(name, 0)))
         yield sets
+        yield from self.extra(st, cur)
+        yield CounterMetricFamily(f"fl_{self.prefix}_rounds_completed", self.completed_doc, value=st["rounds_completed"])
+        yield CounterMetricFamily(f"fl_{self.prefix}_aborts", self.aborts_doc, value=st["aborted_attempts"])
+
+
+class SecAggCollector(ProtectedRoundsCollector):
+    """``/metrics`` for secure aggregation (masking): the open round's phase and set sizes, threshold, dropouts and aborts."""
+
+    prefix, what = "secagg", "secure"
+    phases = tuple(ph.value for ph in PHASE_ORDER)
+    sets = ("selected", "u1", "u2", "u3", "u4")
+    sets_doc = ("Clients of the open secure round: selected, and U1..U4 (advertised keys, shared keys, sent a masked input, "
+                "answered the unmask request; so far while the phase is open)")
+    completed_doc = "Secure rounds unmasked and applied"
+    aborts_doc = ("Secure round attempts aborted (too few clients for the threshold, a server restart, ...): nothing of them "
+                  "was applied")
+
+    def __init__(self, rounds: SecureRounds, lock: threading.RLock) -> None:
+        super().__init__(rounds.status, lock)
+
+    def extra(self, st: dict[str, Any], cur: dict[str, Any]) -> Iterator[Metric]:
         yield GaugeMetricFamily("fl_secagg_threshold", "Shamir threshold t of the open secure round (0 when none)",
                                 value=float(cur.get("threshold", 0)))
         drops = CounterMetricFamily("fl_secagg_dropouts", "Clients dropped from secure rounds, by the phase they dropped in "
@@ -294,12 +333,26 @@ class SecAggCollector:
         total = dict(st.get("dropouts_by_phase") or {})
         for ph, n in (cur.get("dropouts_by_phase") or {}).items():
             total[ph] = total.get(ph, 0) + n
-        for p in (ph.value for ph in PHASE_ORDER):
+        for p in self.phases:
             drops.add_metric([p], float(total.get(p, 0)))
         yield drops
-        yield CounterMetricFamily("fl_secagg_rounds_completed", "Secure rounds unmasked and applied", value=st["rounds_completed"])
-        yield CounterMetricFamily("fl_secagg_aborts", "Secure round attempts aborted (too few clients for the threshold, "
-                                  "a server restart, ...): nothing of them was applied", value=st["aborted_attempts"])
 
 
-__all__ = ["STATES", "AppMetrics", "SecAggCollector", "FederationCollector", "HttpMetrics", "MetricsObserver", "install_metrics"]
+class CKKSCollector(ProtectedRoundsCollector):
+    """``/metrics`` for CKKS aggregation: the open round's phase, its selected clients and inputs summed so far, and
+    completed rounds and aborted attempts (``/status``'s ``ckks`` block)."""
+
+    prefix, what = "ckks", "CKKS"
+    phases = CKKS_PHASES
+    sets = ("selected", "inputs")
+    sets_doc = "Clients of the open CKKS round: selected, and those whose ciphertexts are in the sum so far"
+    completed_doc = "CKKS rounds decrypted and applied"
+    aborts_doc = ("CKKS round attempts aborted (too few inputs, a silent decryptor, a server restart, ...): nothing of them "
+                  "was applied")
+
+    def __init__(self, rounds: CKKSRounds, lock: threading.RLock) -> None:
+        super().__init__(rounds.status, lock)
+
+
+__all__ = ["STATES", "AppMetrics", "CKKSCollector", "FederationCollector", "HttpMetrics", "MetricsObserver",
+           "ProtectedRoundsCollector", "SecAggCollector", "install_metrics"]

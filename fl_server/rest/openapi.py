@@ -60,6 +60,10 @@ def _secagg_params() -> list[dict[str, Any]]:
                             "attempt_closed and changes nothing", "schema": {"type": "integer", "minimum": 1, "maximum": 10**12 - 1}}]
 
 
+#: CKKS aggregation, one path per protocol step (fl_server/rest/ckks_driver.py), ``?attempt=ID``; the client builds
+#: the same path from PATH_SECAGG (fl_client/api.py)
+PATH_CKKS = PATH_SECAGG.replace("/secagg/", "/ckks/")
+
 _PROTOCOL_BODY = {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}
 _PROTOCOL_BODY_DOC = "Fernet token of the message's bytes (with encryption: false, the bytes themselves)"
 
@@ -101,6 +105,40 @@ def _secagg_paths() -> dict[str, Any]:
         path("outcome"): {"get": {"summary": "How a secure attempt ended, and whether this client's input is in the applied "
                                              "sum", "security": _SIGNED,
                                   "parameters": [*_secagg_params(), _wait_param("the attempt is no longer open")],
+                                  "responses": {"200": {"description": "outcome", "content": _json("SecAggOutcome")},
+                                                **_errors(400, 401, 404, 409)}}},
+    }
+
+
+def _ckks_paths() -> dict[str, Any]:
+    """The CKKS steps (fl_server/rest/ckks_driver.py); bodies are fl_common.he messages' to_bytes(). A server that
+    does not run CKKS answers them 404 ckks_off. No ``wait``: a client polls the round for the next phase."""
+    def post(summary: str) -> dict[str, Any]:
+        return {"summary": summary, "security": _SIGNED, "parameters": _secagg_params(),
+                "requestBody": {"required": True, "description": _PROTOCOL_BODY_DOC, "content": _PROTOCOL_BODY},
+                "responses": {"200": {"description": "accepted (also an identical retry)", "content": _json("CKKSAccepted")},
+                              **_errors(400, 401, 403, 404, 409, 411, 413)}}
+
+    def get(summary: str) -> dict[str, Any]:
+        return {"summary": summary, "security": _SIGNED, "parameters": _secagg_params(),
+                "responses": {"200": {"description": f"the message: {_PROTOCOL_BODY_DOC}", "content": _PROTOCOL_BODY},
+                              **_errors(400, 401, 403, 404, 409)}}
+
+    def path(step: str) -> str:
+        return PATH_CKKS.format(round="{round}", step=step)
+
+    return {
+        path("key"): {"post": post("CKKS, phase public_key: the round's decryptor posts the fresh public key of the attempt "
+                                   "(403 not_decryptor for anyone else)"),
+                      "get": get("The attempt's CKKS public key, to encrypt the update under; 409 wrong_phase until the "
+                                 "decryptor posted it. The ciphertexts themselves go to /api/v1/rounds/{round}/update as an "
+                                 "FLMU1 upload (clear DP metrics, then EncryptedInput bytes)")},
+        path("sum"): {"get": get("The ciphertext sum of the attempt's inputs, for the decryptor only (403 not_decryptor); "
+                                 "409 wrong_phase until phase decrypt")},
+        path("decrypted"): {"post": post("CKKS, phase decrypt: the decryptor's decryption of the sum; the server applies it "
+                                         "as the round's aggregate")},
+        path("outcome"): {"get": {"summary": "How a CKKS attempt ended, and whether this client's input is in the applied sum",
+                                  "security": _SIGNED, "parameters": _secagg_params(),
                                   "responses": {"200": {"description": "outcome", "content": _json("SecAggOutcome")},
                                                 **_errors(400, 401, 404, 409)}}},
     }
@@ -166,6 +204,7 @@ def openapi_document() -> dict[str, Any]:
                 "responses": {"202": {"description": "accepted (also for a retry with the same Idempotency-Key)"},
                               **_errors(400, 401, 403, 404, 409, 411, 413, 422)}}},
             **_secagg_paths(),
+            **_ckks_paths(),
             "/status": {"get": {"summary": "Run summary (public, no secrets)", "responses": {"200": {"description": "status"}}}},
             "/health": {"get": {"summary": "Whether the federation can make progress",
                                 "responses": {"200": {"description": "ok"},
@@ -219,16 +258,24 @@ def openapi_document() -> dict[str, Any]:
                     "accepted": {"type": "boolean"}, "round": {"type": "integer"}, "attempt": {"type": "integer"},
                     "dropped": {"type": "boolean"}, "phase": {"type": "string"}, "deadline_in_s": {"type": "number"},
                     "duplicate": {"type": "boolean", "description": "masked upload only: a retry of an accepted one"}}},
+                "CKKSAccepted": {"type": "object", "properties": {
+                    "accepted": {"type": "boolean"}, "duplicate": {"type": "boolean"},
+                    "phase": {"type": "string", "enum": ["public_key", "inputs", "decrypt", "done", "aborted"]},
+                    "deadline_in_s": {"type": "number"}}},
                 "SecAggOutcome": {"type": "object", "properties": {
                     "round": {"type": "integer"}, "attempt": {"type": "integer"},
                     "state": {"type": "string", "enum": ["open", "closed", "aborted"]}, "reason": {"type": "string",
                                                                                                  "nullable": True},
                     "in_sum": {"type": "boolean"}}},
-                "SecAggStatus": {"type": "object", "description": "secure aggregation: present when this client is in the "
-                                 "open attempt", "properties": {
-                    "attempt": {"type": "integer"}, "params": {"type": "object", "description": "SecAggParams.to_json()"},
+                "SecAggStatus": {"type": "object", "description": "secure aggregation (masking, or CKKS when method is "
+                                 "ckks): present when this client is in the open attempt", "properties": {
+                    "method": {"type": "string", "enum": ["ckks"], "description": "ckks: a CKKS attempt (absent: masking)"},
+                    "attempt": {"type": "integer"}, "params": {"type": "object", "description": "SecAggParams.to_json(), or "
+                                                               "CKKSParams.to_json() in a CKKS attempt"},
                     "index": {"type": "integer", "minimum": 1}, "phase": {"type": "string", "enum": [
-                        "advertise_keys", "share_keys", "masked_input", "consistency_check", "unmask", "done", "aborted"]},
+                        "advertise_keys", "share_keys", "masked_input", "consistency_check", "unmask", "public_key", "inputs",
+                        "decrypt", "done", "aborted"]},
+                    "decryptor": {"type": "boolean", "description": "CKKS: whether this client decrypts the attempt's sum"},
                     "deadline": {"type": "number"}, "deadline_in_s": {"type": "number"}, "poll_after": {"type": "number"},
                     "dropped": {"type": "boolean"}, "done": {"type": "boolean"}}},
                 "EnrollmentRequest": {"type": "object", "additionalProperties": False, "properties": {

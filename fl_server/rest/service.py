@@ -52,6 +52,12 @@ log = logging.getLogger("fl_server.rest.service")
 TICK_SECONDS = 0.5
 #: consecutive ticker failures after which /health says the federation cannot progress
 TICKER_FAILURES_UNHEALTHY = 3
+#: uploads opened (decrypted, decoded, made durable and summed) at once; the others wait with their raw body only.
+#: Why: an upload costs several copies of the update while it is opened (the Fernet token, its plaintext, the
+#: decompressed and decoded float vector: ~13 MB for an int8 cnn update, 6x its body), and a round's clients upload
+#: together: 100 at once took the worker from 390 MB to 1.4-1.5 GB (benchmarks/results/rest_scale/). Opening is
+#: CPU work, so beyond a few at once nothing is gained by more.
+UPLOADS_AT_ONCE = 4
 
 T = TypeVar("T")
 
@@ -102,6 +108,7 @@ class FederationService:
         #: one lock for the gateway's client table and the driver's coordinator
         self.lock = threading.RLock()
         self._wake = threading.Event()
+        self._uploads = threading.BoundedSemaphore(UPLOADS_AT_ONCE)
         self._stop = threading.Event()
         #: the version long-polls wait on (fl_server/rest/state_changes.py); bumped by the ticker, never under the lock
         self.changes = StateChanges()
@@ -317,7 +324,9 @@ class FederationService:
 
     def accept_update(self, auth: Authenticated, round_number: int, idempotency_key: str, body: bytes,
                       attempt: str | None = None) -> dict[str, Any]:
-        return self.driver.accept_update(auth, round_number, idempotency_key, body, attempt)
+        """An upload, opened with at most :data:`UPLOADS_AT_ONCE` others (never under the service lock)."""
+        with self._uploads:
+            return self.driver.accept_update(auth, round_number, idempotency_key, body, attempt)
 
     def secure_protocol(self) -> SecureRounds:
         """The secure-aggregation endpoints' handler, or 404 when this server does not run SecAgg."""

@@ -245,3 +245,69 @@ def test_asynchronous_panel_shows_buffer_and_staleness_of_status(tmp_path: Path)
             _common_checks(ui, url)
         finally:
             ui.close()
+
+
+@pytest.mark.slow
+def test_ckks_panel_shows_the_status_ckks_block(tmp_path: Path) -> None:
+    """A CKKS run: the secure-aggregation panel shows the ``ckks`` block (never "off"), held with two of three inputs
+    in the sum, then after the round is decrypted and applied."""
+    from fl_common.he import available
+    from tests.e2e.test_rest_ckks import CKKS, Client
+
+    if not available():
+        pytest.skip("the [he] extra (tenseal) is not installed")
+    chromium, sync_playwright = _chromium(), _playwright()
+    env = token_env()
+    cfg = tiny_cfg(num_clients=3, num_rounds=1, **{**CKKS, "secagg_phase_timeout": 300.0, "round_timeout": 300.0})
+
+    def shown(ui: Browser) -> dict[str, Any]:
+        rows = ui.page.eval_on_selector_all("#ckks-phases tbody tr", """rows => rows.map(r => [r.dataset.phase,
+            r.querySelector("[data-field=state]").dataset.value ?? null, r.className])""")
+        return {"data": _dataset(ui, "#secagg-panel"), "rows": rows}
+
+    def expected(ck: dict[str, Any]) -> dict[str, Any]:
+        cur = ck["current"]
+        data = {"enabled": "true", "method": "ckks", "phase": cur["phase"] if cur else "none",
+                "roundsCompleted": str(ck["rounds_completed"]), "abortedAttempts": str(ck["aborted_attempts"])}
+        if cur:
+            data.update(attempt=str(cur["attempt"]), inputs=str(cur["inputs"]), selected=str(cur["selected"]))
+        order = ["public_key", "inputs", "decrypt"]
+        at = order.index(cur["phase"]) if cur and cur["phase"] in order else len(order)
+        rows = [[p, None if not cur else "done" if i < at else "open" if i == at else "pending",
+                 "current" if cur and cur["phase"] == p else ""] for i, p in enumerate(order)]
+        return {"data": data, "rows": rows}
+
+    with threaded_server(cfg, tmp_path / "srv", env) as (url, service), sync_playwright() as pw:
+        ui = Browser(pw, chromium)
+        try:
+            ui.page.goto(f"{url}/dashboard?poll=300")
+            ui.page.wait_for_selector("#secagg-panel[data-method='ckks']", timeout=PAGE_MS)
+            numel = service.coordinator.spec.numel
+            clients = [Client(url, env, f"k{i}", 100) for i in range(3)]
+            sessions = [c.join(1) for c in clients]
+            dec = next(s for s in sessions if s.decryptor)
+            dec.publish_key()
+            rng = np.random.default_rng(3)
+            waiting = next(s for s in sessions if s is not dec)
+            for s in sessions:
+                if s is not waiting:
+                    s.send_input(rng.normal(0.0, 0.01, numel), 50, {})
+            held = _status(url)["ckks"]
+            assert (held["current"]["phase"], held["current"]["inputs"], held["current"]["selected"]) == ("inputs", 2, 3)
+            wait_for(lambda: shown(ui) == expected(_status(url)["ckks"]), timeout=120)
+            assert shown(ui) == expected(held)  # nothing moved while the page caught up
+            text = ui.page.inner_text("#secagg-panel")
+            assert "phase encrypted inputs" in text and "2 of 3 selected clients' inputs" in text
+            assert "Secure aggregation is off" not in text
+
+            waiting.send_input(rng.normal(0.0, 0.01, numel), 50, {})
+            dec.decrypt_sum()
+            ui.page.wait_for_selector("body[data-state='finished']", timeout=PAGE_MS)
+            wait_for(lambda: shown(ui) == expected(_status(url)["ckks"]), timeout=120)
+            final = _status(url)["ckks"]
+            assert final["current"] is None and final["rounds_completed"] == 1 and final["aborted_attempts"] == 0
+            assert "No CKKS attempt is open" in ui.page.inner_text("#secagg-panel")
+            assert "1 CKKS round(s) completed; 0 attempt(s) aborted" in ui.page.inner_text("#secagg-panel")
+            _common_checks(ui, url)
+        finally:
+            ui.close()

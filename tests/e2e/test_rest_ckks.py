@@ -5,6 +5,7 @@ client killed mid-round and a server killed -9 mid-round (the attempt is aborted
 
 from __future__ import annotations
 
+import re
 import signal
 import subprocess
 from pathlib import Path
@@ -21,6 +22,7 @@ from fl_common.he import available
 from fl_common.protocol.rest import ENV_ENROLLMENT_TOKEN, pack_masked_upload
 from tests.e2e.harness import GunicornServer, make_cfg, threaded_server, token_env, wait_for
 from tests.e2e.test_rest_daemons import shutdown, start_client
+from tests.server.test_metrics import scrape
 
 pytestmark = [pytest.mark.usefixtures("small_config"),
               pytest.mark.skipif(not available(), reason="the [he] extra (tenseal) is not installed")]
@@ -63,6 +65,10 @@ def test_a_ckks_round_applies_the_weighted_mean_and_refuses_what_does_not_belong
             clients[other].api.ckks_send(1, sessions[other].attempt, "key", b"x", True)
         assert (err.value.status, err.value.code) == (403, "not_decryptor")
         sessions[dec].publish_key()
+        held = scrape(url)  # the ckks block of /metrics mirrors /status's, as masking's does
+        assert held.get("fl_ckks_phase", phase="inputs") == 1.0 and held.get("fl_ckks_phase", phase="public_key") == 0.0
+        assert (held.get("fl_ckks_round_clients", set="selected"), held.get("fl_ckks_round_clients", set="inputs")) == (3, 0)
+        assert requests.get(f"{url}/status", timeout=10).json()["ckks"]["current"]["phase"] == "inputs"
         rng = np.random.default_rng(5)
         xs, ws = [rng.normal(0, 0.01, numel) for _ in range(3)], [20, 75, 130]
         # a plain update where ciphertexts belong is refused
@@ -83,6 +89,16 @@ def test_a_ckks_round_applies_the_weighted_mean_and_refuses_what_does_not_belong
         assert float((got - want).abs().max()) <= bound
         status = requests.get(f"{url}/status", timeout=10).json()
         assert status["ckks"]["rounds_completed"] == 1 and status["completed_rounds"] == 1
+        done = scrape(url)
+        assert (done.get("fl_ckks_rounds_completed_total"), done.get("fl_ckks_aborts_total")) == (1, 0)
+        assert done.get("fl_ckks_phase", phase="none") == 1.0 and done.get("fl_secagg_phase", phase="none") is None
+        # every CKKS route is described in the OpenAPI document
+        from fl_server.rest.app import create_app
+
+        doc = requests.get(f"{url}/api/v1/openapi.json", timeout=10).json()
+        rules = {re.sub(r"<int:(\w+)>", "{round}", r.rule) for r in create_app(service, start_ticker=False).url_map.iter_rules()
+                 if "/ckks/" in r.rule}
+        assert len(rules) == 4 and rules <= set(doc["paths"])
         # nothing the server stored holds a client's update: no update file at all
         assert not any((tmp_path / "srv" / "updates").rglob("*.bin"))
 

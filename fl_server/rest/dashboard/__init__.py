@@ -8,7 +8,8 @@ page's Content-Security-Policy only allows this server as a source.
 What it reads, and who may read it:
 
 * ``GET /status`` (public) - the run summary and per-round history; the charts plot its numbers,
-  and its ``secagg`` block (secure aggregation: phase, threshold, dropouts per phase) and ``asynchronous``
+  and its ``secagg`` block (secure aggregation: phase, threshold, dropouts per phase) or, under CKKS, its
+  ``ckks`` block (phase, inputs summed, completed and aborted attempts) and ``asynchronous``
   block (buffer fill, staleness per model version and histogram) fill the two mode panels, which
   say plainly when the run uses neither.
 * ``GET /api/v1/dashboard/rounds`` (public) - per round attempt: how many clients were selected,

@@ -289,9 +289,79 @@
     }
   }
 
+  // CKKS rounds (secure_aggregation_method: ckks): /status's ckks block, in the same panel
+  const CKKS_PHASES = [["public_key", "public key"], ["inputs", "encrypted inputs"], ["decrypt", "decryption"]];
+
+  // A protected round's per-phase table: rows of [phase, label, [[field, value], ...]], the current one marked.
+  function phaseTable(id, titles, rows, current) {
+    const table = h("table", { id: id, class: "phases" });
+    const head = h("tr");
+    for (const title of titles) head.append(h("th", {}, title));
+    const thead = h("thead");
+    thead.append(head);
+    table.append(thead);
+    const body = h("tbody");
+    for (const [phase, label, cells] of rows) {
+      const tr = h("tr", { "data-phase": phase });
+      if (current === phase) { tr.className = "current"; tr.setAttribute("aria-current", "step"); }
+      tr.append(h("td", { "data-field": "phase" }, label));
+      for (const [field, value] of cells) {
+        const td = h("td", { "data-field": field, class: "num" }, value === null ? "\u2013" : value);
+        if (value !== null) td.dataset.value = value;
+        tr.append(td);
+      }
+      body.append(tr);
+    }
+    table.append(body);
+    return table;
+  }
+
+  // Completed rounds, aborted attempts and the last abort reasons of a protected-round block.
+  function appendTotals(box, block, what) {
+    box.append(h("p", { "data-field": "totals" }, `${block.rounds_completed} ${what} round(s) completed; ` +
+                                                  `${block.aborted_attempts} attempt(s) aborted (nothing of them applied).`));
+    if ((block.abort_reasons || []).length) {
+      const ul = h("ul", { class: "abort-reasons" });
+      for (const reason of block.abort_reasons) ul.append(h("li", {}, reason));
+      box.append(ul);
+    }
+  }
+
+  function renderCKKS(box, ck) {
+    const cur = ck.current;
+    setData(box, { enabled: "true", method: "ckks", phase: cur ? cur.phase : "none", threshold: null, auth: null,
+                   attempt: cur ? cur.attempt : null, roundsCompleted: ck.rounds_completed,
+                   abortedAttempts: ck.aborted_attempts, inputs: cur ? cur.inputs : null,
+                   selected: cur ? cur.selected : null });
+    box.append(h("p", { "data-field": "mode" }, "CKKS homomorphic encryption: each selected client encrypts its update " +
+                                               "under the attempt's public key; the server adds ciphertexts and never " +
+                                               "holds a key; one selected client, the decryptor, decrypts only the sum."));
+    if (cur) {
+      const label = (CKKS_PHASES.find((p) => p[0] === cur.phase) || [null, cur.phase.replace(/_/g, " ")])[1];
+      box.append(h("p", { "data-field": "current" }, `Round ${cur.round}, attempt ${cur.attempt}: phase ${label}, ` +
+                                                    `${Math.round(cur.deadline_in_s)} s left in it; ` +
+                                                    `${cur.inputs} of ${cur.selected} selected clients' inputs in the sum.`));
+    } else {
+      box.append(h("p", { "data-field": "current", class: "empty" }, "No CKKS attempt is open."));
+    }
+    const order = CKKS_PHASES.map((p) => p[0]);
+    const at = cur ? order.indexOf(cur.phase) : -1;
+    const rows = CKKS_PHASES.map(([phase, label], i) => [phase, label, [
+      ["state", !cur ? null : (i < at || cur.phase === "done" ? "done" : (i === at ? "open" : "pending"))],
+      ["clients", cur && phase === "inputs" ? cur.inputs : null]]]);
+    box.append(phaseTable("ckks-phases", ["phase", "state (this attempt)", "inputs summed (this attempt)"], rows,
+                          cur ? cur.phase : null));
+    appendTotals(box, ck, "CKKS");
+  }
+
   function renderSecAgg(st) {
     const box = document.getElementById("secagg-panel");
     box.replaceChildren();
+    if (st.ckks) {
+      renderCKKS(box, st.ckks);
+      return;
+    }
+    setData(box, { method: null, inputs: null, selected: null });
     const sa = st.secagg;
     if (!sa || sa.enabled !== true) {
       setData(box, { enabled: "false", phase: null, threshold: null, auth: null, attempt: null,
@@ -337,42 +407,14 @@
     } else {
       box.append(h("p", { "data-field": "current", class: "empty" }, "No secure attempt is open."));
     }
-    const table = h("table", { id: "secagg-phases", class: "phases" });
-    const head = h("tr");
-    for (const title of ["phase", "clients through it (this attempt)", "dropped (this attempt)", "dropped (finished attempts)"]) {
-      head.append(h("th", {}, title));
-    }
-    const thead = h("thead");
-    thead.append(head);
-    table.append(thead);
-    const body = h("tbody");
     const curDrops = (cur && cur.dropouts_by_phase) || {};
     const pastDrops = sa.dropouts_by_phase || {};
-    for (const [phase, set, label] of SECAGG_PHASES) {
-      const tr = h("tr", { "data-phase": phase });
-      if (cur && cur.phase === phase) { tr.className = "current"; tr.setAttribute("aria-current", "step"); }
-      const cell = (field, value) => {
-        const td = h("td", { "data-field": field }, value === null ? "\u2013" : value);
-        if (field !== "phase") td.className = "num";
-        if (value !== null && field !== "phase") td.dataset.value = value;
-        tr.append(td);
-      };
-      cell("phase", label);
-      cell("clients", cur ? cur[set] : null);
-      cell("dropped", cur ? (curDrops[phase] || 0) : null);
-      cell("dropped_total", pastDrops[phase] || 0);
-      body.append(tr);
-    }
-    table.append(body);
-    box.append(table);
-    const totals = h("p", { "data-field": "totals" }, `${sa.rounds_completed} secure round(s) completed; ` +
-                                                     `${sa.aborted_attempts} attempt(s) aborted (nothing of them applied).`);
-    box.append(totals);
-    if ((sa.abort_reasons || []).length) {
-      const ul = h("ul", { class: "abort-reasons" });
-      for (const reason of sa.abort_reasons) ul.append(h("li", {}, reason));
-      box.append(ul);
-    }
+    const rows = SECAGG_PHASES.map(([phase, set, label]) => [phase, label, [
+      ["clients", cur ? cur[set] : null], ["dropped", cur ? (curDrops[phase] || 0) : null],
+      ["dropped_total", pastDrops[phase] || 0]]]);
+    box.append(phaseTable("secagg-phases", ["phase", "clients through it (this attempt)", "dropped (this attempt)",
+                                            "dropped (finished attempts)"], rows, cur ? cur.phase : null));
+    appendTotals(box, sa, "secure");
   }
 
   // ------------------------------------------------------------------ asynchronous training

@@ -23,6 +23,7 @@ from fl_common.crypto.keys import SessionKeys
 from fl_common.protocol.rest import (
     HEADER_IDEMPOTENCY,
     HEADER_MODEL_KEY,
+    PATH_CKKS,
     PATH_MODEL,
     PATH_PROFILE,
     PATH_REGISTER,
@@ -256,8 +257,7 @@ class ServerApi:
 
     # ------------------------------------------------------------------ CKKS aggregation (fl_client/ckks_session.py)
     def _ckks_path(self, round_number: int, attempt: int, step: str) -> str:
-        return PATH_SECAGG.format(round=int(round_number), step=step).replace("/secagg/", "/ckks/") \
-            + f"?{QUERY_SECAGG_ATTEMPT}={int(attempt)}"
+        return PATH_CKKS.format(round=int(round_number), step=step) + f"?{QUERY_SECAGG_ATTEMPT}={int(attempt)}"
 
     def ckks_send(self, round_number: int, attempt: int, step: str, message: bytes, encrypted: bool) -> dict[str, Any]:
         """POST one CKKS message (``step``: key or decrypted); identical retries are safe."""

@@ -78,6 +78,8 @@ PATH_OPENAPI = f"{API_PREFIX}/openapi.json"
 #: secure aggregation, one path per protocol step (``step`` in SECAGG_STEPS), ``?attempt=ID``
 PATH_SECAGG = API_PREFIX + "/rounds/{round}/secagg/{step}"
 SECAGG_STEPS = ("advertise", "roster", "shares", "unmask", "outcome")
+#: CKKS aggregation, one path per protocol step (fl_server/rest/ckks_driver.py), ``?attempt=ID``
+PATH_CKKS = API_PREFIX + "/rounds/{round}/ckks/{step}"
 QUERY_SECAGG_ATTEMPT = "attempt"
 #: the largest secure-aggregation protocol message (keys, shares, unmask responses) a server reads;
 #: the masked input goes through the update route and its own limit (max_update_bytes)

@@ -362,10 +362,12 @@ class CKKSRounds(RoundProtocol):
 
     def status(self) -> dict[str, Any]:
         """The ``ckks`` block of ``/status`` (read by ``/metrics`` and the dashboard too): the open attempt, the
-        completed rounds, the aborted attempts and their last reasons."""
+        completed rounds, the aborted attempts and their last reasons. ``/status`` is public: it does not say
+        which client decrypts (the one client whose silence aborts the attempt; the selected client learns it
+        from its own poll reply)."""
         att = self._current()
         current = None if att is None else {"round": att.round, "attempt": att.round_id, "phase": att.phase,
-                                             "decryptor": att.agg.params.decryptor, "inputs": att.agg.num_updates,
+                                             "inputs": att.agg.num_updates,
                                              "selected": len(att.agg.params.clients),
                                              "deadline_in_s": round(max(0.0, att.deadline - self.ctx.clock()), 1)}
         return {"current": current, "rounds_completed": self.completed, "aborted_attempts": len(self.aborted),

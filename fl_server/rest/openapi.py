@@ -8,6 +8,7 @@ from fl_common.protocol.rest import (
     CAPABILITY_NAMES,
     MAX_CAPABILITY_VALUE,
     MAX_PROFILE_SAMPLES,
+    PATH_CKKS,
     PATH_CLIENTS,
     PATH_ENROLLMENTS,
     PATH_MODEL,
@@ -60,9 +61,6 @@ def _secagg_params() -> list[dict[str, Any]]:
                             "attempt_closed and changes nothing", "schema": {"type": "integer", "minimum": 1, "maximum": 10**12 - 1}}]
 
 
-#: CKKS aggregation, one path per protocol step (fl_server/rest/ckks_driver.py), ``?attempt=ID``; the client builds
-#: the same path from PATH_SECAGG (fl_client/api.py)
-PATH_CKKS = PATH_SECAGG.replace("/secagg/", "/ckks/")
 
 _PROTOCOL_BODY = {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}
 _PROTOCOL_BODY_DOC = "Fernet token of the message's bytes (with encryption: false, the bytes themselves)"

@@ -121,9 +121,13 @@ def test_daemons_survive_a_client_killed_mid_round_and_a_server_killed_9(tmp_pat
         status = wait_for(lambda: (s := server.status())["ckks"]["current"] is not None and s, timeout=120)
         assert status["completed_rounds"] == 0
         # a client other than the decryptor killed mid-round: the round closes without it at the deadline
-        decryptor = wait_for(lambda: (server.status()["ckks"]["current"] or {}).get("decryptor"), timeout=60)
-        victim = next(i for i in range(4) if (tmp_path / f"d{i}" / "credentials.json").is_file()
-                      and decryptor not in (tmp_path / f"d{i}" / "credentials.json").read_text())
+        # /status does not name the decryptor: the daemon that is says so in its own log
+        attempt = status["ckks"]["current"]["attempt"]
+        line = f"CKKS aggregation, attempt {attempt} (this client decrypts the sum)"
+        (decryptor,) = wait_for(lambda: next(((i,) for i in range(4) if line in (tmp_path / f"d{i}.log").read_text()), None),
+                                timeout=120, interval=0.1)
+        assert all(k not in status["ckks"]["current"] for k in ("decryptor", "decryptor_id"))
+        victim = (decryptor + 1) % 4
         clients[victim].send_signal(signal.SIGKILL)
         clients[victim].wait(timeout=30)
         final = wait_for(lambda: (s := server.status())["state"] == "finished" and s, timeout=400)

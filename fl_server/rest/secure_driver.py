@@ -221,14 +221,14 @@ class SecureRounds(RoundProtocol):
             self._abort(row, agg, server.abort_reason or "aborted", now)
 
     def _drop_gone(self, agg: SecureAggregator, now: float) -> None:
-        """Clients a key-exchange, consistency or unmask phase waits for that the server has not heard
-        from for ``client_liveness`` s are dropped now: a killed daemon would otherwise hold the phase
-        until its deadline even where the others could finish the round without it. Dropping is what
-        the deadline would do later; the protocol recovers their masks as usual. Not in the masked-input
-        phase: there a client trains, and a daemon sends nothing while it trains (no heartbeat yet), so
-        an honest slow trainer would look gone; that phase keeps its round_timeout."""
+        """Clients the current phase waits for that the server has not heard from for ``client_liveness`` s
+        are dropped now: a killed daemon would otherwise hold the phase until its deadline (the masked-input
+        phase: round_timeout) even where the others could finish the round without it. Dropping is what the
+        deadline would do later; the protocol recovers their masks as usual. The masked-input phase too: a
+        daemon keeps a long-poll of the round open while it trains (fl_client/heartbeat.py), so an honest
+        slow trainer is heard from at least twice per liveness window."""
         waiting = agg.server.expected()
-        if not waiting or agg.server.finished or agg.server.phase == Phase.MASKED_INPUT:
+        if not waiting or agg.server.finished:
             return
         live = set(self.driver.ctx.gateway.live_clients())
         for index in sorted(waiting):

@@ -182,16 +182,34 @@ class PlainRounds(RoundProtocol):
         return True
 
     def tick(self, row: RoundRow, now: float) -> None:
+        """Close at quorum; at the deadline, or earlier once every selected client still out is gone (not heard
+        from for ``client_liveness`` s: a daemon keeps a long-poll open while it trains, fl_client/heartbeat.py),
+        close with whoever arrived, or abort below ``min_clients``: waiting longer could not bring an update."""
         driver = self.driver
         arrived = driver.coordinator.arrived
         if len(arrived) >= row.target:
             driver.close_round(row, "quorum")
-        elif now >= row.deadline:
-            if len(arrived) >= driver.cfg.min_clients:
-                driver.close_round(row, "deadline")
-            else:
-                driver.abort_round(row, f"deadline with {len(arrived)} update(s), fewer than "
-                                   f"min_clients={driver.cfg.min_clients}", now)
+            return
+        at_deadline = now >= row.deadline
+        if not at_deadline and not self._all_out_gone(row, {str(c) for c in arrived}):
+            return
+        when = "deadline" if at_deadline else "liveness"
+        if len(arrived) >= driver.cfg.min_clients:
+            driver.close_round(row, when)
+        else:
+            why = "deadline" if at_deadline else "every selected client still out is gone (client_liveness), left"
+            driver.abort_round(row, f"{why} with {len(arrived)} update(s), fewer than "
+                               f"min_clients={driver.cfg.min_clients}", now)
+
+    def _all_out_gone(self, row: RoundRow, arrived: set[str]) -> bool:
+        """Whether no selected client that has not uploaded yet was heard from within ``client_liveness``. Never in
+        the first ``client_liveness`` s of this process: after a restart the daemons have not reached it yet."""
+        out = [c for c in row.selected if c not in arrived]
+        ctx = self.driver.ctx
+        if not out or ctx.clock() - ctx.started_at < self.driver.cfg.client_liveness:
+            return False
+        live = set(ctx.gateway.live_clients())
+        return not any(c in live for c in out)
 
     def round_status(self, client_id: str, row: RoundRow, instructions: dict[str, Any], version: int) -> RoundStatus:
         cfg = self.driver.cfg

@@ -102,6 +102,11 @@ class RoundProtocol(abc.ABC):
     def opened(self, row: RoundRow) -> None:
         """A new attempt was stored."""
 
+    def work_outside_lock(self) -> bool:
+        """Work of the open attempt that must not hold the service lock (the secure attempt's unmasking); called by
+        the driver's tick after it released the lock. True when it did something (the driver then ticks again)."""
+        return False
+
     @abc.abstractmethod
     def tick(self, row: RoundRow, now: float) -> None:
         """Close or abort the open attempt when it is time."""
@@ -373,7 +378,13 @@ class SyncRoundDriver(RoundDriver):
 
     # ------------------------------------------------------------------ round lifecycle (lock held)
     def tick(self) -> None:
-        """Close a round at quorum or deadline; open the next one when enough clients are live."""
+        """Close a round at quorum or deadline; open the next one when enough clients are live. The protocol's
+        heavy work (a secure attempt's unmasking) runs between two locked ticks, without the lock."""
+        self._tick_locked()
+        if self.protocol.work_outside_lock():
+            self._tick_locked()
+
+    def _tick_locked(self) -> None:
         ctx = self.ctx
         coord = self._coordinator
         with ctx.lock:

@@ -38,7 +38,7 @@ from fl_server.simulation.base import SimulationBase
 from fl_server.simulation.ckks import SIMULATION_FEATURES as CKKS_FEATURES
 from fl_server.simulation.ckks import CKKSSimulation
 from fl_server.simulation.client_state import ClientVariates
-from fl_server.simulation.executor import WorkerFailed
+from fl_server.simulation.executor import MaskingJobs, WorkerFailed
 from fl_server.simulation.personalization import PERSONALIZATION_CSV, heldout_measure, write_personalization_csv
 from fl_server.simulation.secagg import SIMULATION_FEATURES, SecAggSimulation
 from fl_server.store import RoundRecord
@@ -142,13 +142,15 @@ class Simulation(SimulationBase[Coordinator]):
         model_bytes = 4 * self.spec.numel
         pending: dict[Any, torch.Tensor] = {}  # SCAFFOLD: the new c_i of the attempt that trained last
 
-        def train(plan: RoundPlan, cids: list[Any]) -> Iterator[ClientUpdate]:
+        def train(plan: RoundPlan, cids: list[Any], masking: MaskingJobs | None = None) -> Iterator[ClientUpdate]:
             pending.clear()  # an attempt that trained and then aborted moves no variate on
             server_control = coord.server_control
             controls = {cid: self._variates.get(cid) for cid in cids} if server_control is not None else None
             instructions = {cid: plan.instructions[cid] for cid in cids}
+            # the workers mask what they trained (simulation/secagg.py), unless an attack changes it here first
             for update in self.executor().run_round(coord.global_vector, instructions,
-                                                    server_control=server_control, client_controls=controls):
+                                                    server_control=server_control, client_controls=controls,
+                                                    masking=masking if self.attack is None else None):
                 if update.control_delta is not None:
                     assert controls is not None
                     pending[update.client_id] = updated_client_control(controls[update.client_id], update.control_delta)

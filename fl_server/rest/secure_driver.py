@@ -24,6 +24,16 @@ Why it holds these rules:
   so every path takes ``?attempt=ID``: a late message for an old attempt is refused (409) instead
   of landing in the new one, where it would fail its signature and drop an innocent client.
 
+What holds the service lock, and what does not: a message's checks and the state machine's bookkeeping (dictionary
+updates, a signature check) run under it; a masked input's digest and unpacking run before it, its addition to the
+running sum (``SecAggServer.fold_inputs``) and its row's write after it; the unmasking (removing the masks from the
+sum: one PRG expansion per survivor and dangling pair, then decoding) runs in the ticker between two locked ticks
+(:meth:`SecureRounds.work_outside_lock`). Applying the unmasked sum (the strategy step, the evaluation, the
+checkpoint) is the driver's ``close_round``, under the lock as for plain rounds.
+
+Liveness: a selected client the current phase waits for that the server has not heard from for ``client_liveness``
+is dropped at once, in every phase; a daemon keeps a long-poll open while it trains (fl_client/heartbeat.py).
+
 What it adds to monitoring: ``/status`` gets a ``secagg`` block (phase, U1..U4 counts, dropouts
 by phase, aborts), ``/metrics`` the same as gauges and counters (``fl_server.rest.metrics.SecAggCollector``), and
 ``summary.json`` the ``secure_aggregation`` block the simulation writes (bytes per client per

@@ -24,6 +24,7 @@ import abc
 import hashlib
 import logging
 import math
+import threading
 import time
 import uuid
 from collections.abc import Sequence
@@ -284,6 +285,8 @@ class SyncRoundDriver(RoundDriver):
         self.selection_problems = SelectionProblems(self.cfg.selection)
         self._waiting_since: float | None = None
         self._model_cache: tuple[int, bytes, bytes | None] | None = None
+        #: one packing of a model version at a time, outside the service lock (model_payload)
+        self._model_lock = threading.Lock()
         #: attempts whose aggregate was not finite (aborted, nothing applied); /status and /metrics show it
         self.unusable_aggregates = 0
         #: clients whose updates made an aggregate unusable: not selected again in this process's lifetime
@@ -619,24 +622,35 @@ class SyncRoundDriver(RoundDriver):
         Hybrid encryption: each version is packed and Fernet-encrypted once under a fresh random
         model key, and each client receives that key encrypted under its own session key. A round's
         downloads then cost the server one encryption instead of one per client (6.6 MB each for
-        the CNN), while only registered clients can read the model."""
-        with self.ctx.lock:
-            coord = self._coordinator
-            version = coord.completed_rounds
-            if self._model_cache is None or self._model_cache[0] != version:
-                vector = coord.global_vector
-                if self.carries_control:
-                    control = coord.server_control  # None until the first round is planned: c = 0
-                    vector = torch.cat([vector, control.to(torch.float32) if control is not None else torch.zeros_like(vector)])
-                packed = wire.encode_update(vector, "none", self.cfg.wire_compression,
-                                            meta={"version": version, "spec": coord.spec.to_json(),
-                                                  "server_control": self.carries_control})
+        the CNN), while only registered clients can read the model.
+
+        The packing and encryption (seconds for a large model) run outside the service lock, which is held only
+        to take the version and a copy of the vector; a lock of their own makes one request pack a version while
+        the others wait for it, not for the service."""
+        with self._model_lock:
+            with self.ctx.lock:
+                coord = self._coordinator
+                version = coord.completed_rounds
+                cached = self._model_cache
+                vector: torch.Tensor | None = None
+                meta: dict[str, Any] = {}
+                if cached is None or cached[0] != version:
+                    vector = coord.global_vector.clone()
+                    if self.carries_control:
+                        control = coord.server_control  # None until the first round is planned: c = 0
+                        vector = torch.cat([vector, control.to(torch.float32) if control is not None
+                                            else torch.zeros_like(vector)])
+                    meta = {"version": version, "spec": coord.spec.to_json(), "server_control": self.carries_control}
+            if vector is not None:
+                packed = wire.encode_update(vector, self.cfg.download_wire_codec, self.cfg.wire_compression, meta=meta)
                 if self.cfg.encryption:
                     model_key = Fernet.generate_key()
-                    self._model_cache = (version, Envelope(model_key).seal(packed), model_key)
+                    cached = (version, Envelope(model_key).seal(packed), model_key)
                 else:
-                    self._model_cache = (version, packed, None)
-            _, body, cached_key = self._model_cache
+                    cached = (version, packed, None)
+                self._model_cache = cached
+        assert cached is not None
+        _, body, cached_key = cached
         return version, body, (Envelope(auth.keys).seal(cached_key) if cached_key is not None else None)
 
     # ------------------------------------------------------------------ updates

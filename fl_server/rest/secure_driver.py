@@ -164,7 +164,7 @@ class SecureRounds(RoundProtocol):
         if agg is None or client_id not in agg.params.client_ids:
             return
         index = agg.index_of(client_id)
-        if index not in agg.server.drops and not agg.server.finished:
+        if index not in agg.server.drops and not agg.server.finished and agg.server.unmask_job is None:
             agg.server.drop(index, reason, now)
             log.warning("round %d: client %s dropped from this attempt (%s)", agg.params.round, client_id, reason)
 

@@ -53,6 +53,7 @@ def test_masking_in_the_workers_gives_the_drivers_result_bit_for_bit(over) -> No
     assert in_workers.rounds[-1].clipped == in_driver.rounds[-1].clipped
 
 
+@pytest.mark.slow
 def test_pool_workers_mask_and_the_run_matches_the_in_process_one(small_config: dict) -> None:
     """Through the real process pool: the masking job travels with the task (forked workers) and the model is the
     in-process run's, bit for bit."""

@@ -47,6 +47,8 @@ import requests
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "fast_rounds"
 TRAIN_LINE = re.compile(r"^(\d+\.\d+) .*round (\d+): training \d+ epoch")
+#: the daemon's own measure of its local training (secure rounds do not send it to the server)
+TRAINED_LINE = re.compile(r"^\d+\.\d+ .*round (\d+): local training took (\d+\.\d+) s")
 
 RUNS: dict[str, dict[str, Any]] = {
     "smoke": {"clients": 3, "push": True, "cfg": {"model_type": "mlp", "hidden_size": 32, "samples_per_client": 100,
@@ -240,8 +242,11 @@ class Stack:
 def _config(run: dict[str, Any], rounds: int) -> dict[str, Any]:
     from fl_server.rest.demo import DEMO_DEFAULTS
 
+    # the demo is private by default (DP-SGD and secure aggregation): these runs compare plain and secure rounds
+    # without DP, so both are switched off here and a run's own cfg switches secure aggregation on
     return {**DEMO_DEFAULTS, "num_clients": run["clients"], "num_rounds": rounds, "evaluation_frequency": rounds,
-            "poll_interval": 0.2, "client_liveness": 60.0, **run["cfg"]}
+            "poll_interval": 0.2, "client_liveness": 60.0, "differential_privacy": False, "secure_aggregation": False,
+            **run["cfg"]}
 
 
 def _names_by_id(stack: Stack) -> dict[str, str]:
@@ -302,6 +307,7 @@ def _measure(stack: Stack, rounds_planned: int, extra: dict[str, Any]) -> dict[s
     rows = db.execute("SELECT round_id, round, state, selected, started_at, closed_at, reason FROM rounds ORDER BY round_id"
                       ).fetchall()
     starts: dict[int, list[float]] = {}
+    trained: dict[int, list[float]] = {}  # round -> each daemon's training seconds, from its own log line
     for log in stack.out.glob("*.log"):
         if log.name == "server.log":
             continue
@@ -309,12 +315,18 @@ def _measure(stack: Stack, rounds_planned: int, extra: dict[str, Any]) -> dict[s
             m = TRAIN_LINE.match(line)
             if m:
                 starts.setdefault(int(m.group(2)), []).append(float(m.group(1)))
+            t = TRAINED_LINE.match(line)
+            if t:
+                trained.setdefault(int(t.group(1)), []).append(float(t.group(2)))
     per_round = []
     for round_id, number, state, selected, started, closed, reason in rows:
         if state != "closed" or closed is None:
             continue
         ups = db.execute("SELECT metrics FROM updates WHERE round_id=?", (round_id,)).fetchall()
-        train = [float(json.loads(m[0]).get("seconds", 0.0)) for m in ups]
+        # plain rounds: the seconds the updates report; masked ones report none, so the daemons' log lines (a
+        # retried attempt of the same round adds lines: the round's lines are an upper bound then)
+        train = [float(json.loads(m[0])["seconds"]) for m in ups if "seconds" in json.loads(m[0])] \
+            or trained.get(number, [])
         wall = closed - started
         lat = sorted(t - started for t in starts.get(number, []) if t >= started - 1.0)
         per_round.append({"round": number, "attempt": round_id, "selected": len(json.loads(selected)), "updates": len(ups),

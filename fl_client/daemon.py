@@ -471,6 +471,9 @@ class ClientDaemon:
         finally:
             if heartbeat is not None:
                 heartbeat.stop()
+        seconds = update.metrics.get("seconds")
+        if seconds is not None:  # (a masked round does not send it: the log is where an operator sees it)
+            log.info("%s: local training took %.2f s", what, float(seconds))
         return update
 
     def _heartbeat(self) -> TrainingHeartbeat:

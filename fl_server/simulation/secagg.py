@@ -79,7 +79,9 @@ class SecAggSimulation:
         self._identities: dict[Any, SigningIdentity] = {}
         self.rounds: list[SecAggRoundStats] = []
         self.aborted: list[SecAggRoundStats] = []
-        self.client_cpu_seconds = 0.0  # SecAgg client work only (keys, shares, encoding, masking), all clients
+        # SecAgg client work done in this process (keys, shares, bundles, signing; encoding and masking too when the
+        # training side masks nothing itself, e.g. under an attack): what the client workers spend masking is not in it
+        self.client_cpu_seconds = 0.0
         self.server_cpu_seconds = 0.0  # SecAgg server work only (checks, summing, reconstruction, unmasking)
         self.client_rounds = 0
 

@@ -12,8 +12,10 @@ file exists, so an interrupted invocation resumes; ``--force`` runs again):
 - ``secure10_poll`` / ``secure10_push``: the same with secure aggregation on;
 - ``daemons50_poll`` / ``daemons50_push``: 50 daemons, the lighter model (mlp, hidden 64, 200 samples each);
 - ``dropout10_push``: secure rounds, 10 clients, 20 % of each attempt's selected daemons killed by SIGKILL at a
-  random phase (restarted once the attempt ends), over_selection 0.25 over a quorum of 8; ``dropout10_none`` is
-  the same configuration without kills.
+  random phase (restarted once the attempt ends), over_selection 0.25 over a quorum of 8, client_liveness 10 s;
+  ``dropout10_none`` is the same configuration without kills;
+- ``demo10``: the private demo's configuration (DP-SGD + secure aggregation, cnn) with 10 daemons, 2 rounds: the
+  time from the server being up to round 1 opening and closing.
 
 Then ``README.md`` there is rebuilt from every JSON present.
 
@@ -45,6 +47,8 @@ import requests
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "fast_rounds"
 TRAIN_LINE = re.compile(r"^(\d+\.\d+) .*round (\d+): training \d+ epoch")
+#: the daemon's own measure of its local training (secure rounds do not send it to the server)
+TRAINED_LINE = re.compile(r"^\d+\.\d+ .*round (\d+): local training took (\d+\.\d+) s")
 
 RUNS: dict[str, dict[str, Any]] = {
     "smoke": {"clients": 3, "push": True, "cfg": {"model_type": "mlp", "hidden_size": 32, "samples_per_client": 100,
@@ -53,12 +57,17 @@ RUNS: dict[str, dict[str, Any]] = {
     "plain10_push": {"clients": 10, "push": True, "cfg": {}},
     "secure10_push": {"clients": 10, "push": True, "cfg": {"secure_aggregation": True}},
     "secure10_poll": {"clients": 10, "push": False, "cfg": {"secure_aggregation": True}},
+    # client_liveness 10 s: a daemon killed in any phase (training included: fl_client/heartbeat.py) is dropped
+    # about 10 s after its last request instead of at the phase's or the round's deadline
     "dropout10_none": {"clients": 10, "push": True,
                        "cfg": {"secure_aggregation": True, "client_selection_ratio": 0.8, "over_selection": 0.25,
-                               "secagg_phase_timeout": 20.0, "round_timeout": 120.0}},
+                               "secagg_phase_timeout": 20.0, "round_timeout": 120.0, "client_liveness": 10.0}},
     "dropout10_push": {"clients": 10, "push": True, "kill_fraction": 0.2,
                        "cfg": {"secure_aggregation": True, "client_selection_ratio": 0.8, "over_selection": 0.25,
-                               "secagg_phase_timeout": 20.0, "round_timeout": 120.0}},
+                               "secagg_phase_timeout": 20.0, "round_timeout": 120.0, "client_liveness": 10.0}},
+    # the private demo's own configuration (fl_server/rest/demo.py demo_config: DP-SGD, secure aggregation, cnn),
+    # 10 daemons, 2 rounds: what it measures is the time from the server being up to round 1
+    "demo10": {"clients": 10, "push": True, "demo": True, "rounds": 2, "cfg": {}},
     "daemons50_push": {"clients": 50, "push": True, "cfg": {"model_type": "mlp", "hidden_size": 64,
                                                             "samples_per_client": 200}},
     "daemons50_poll": {"clients": 50, "push": False, "cfg": {"model_type": "mlp", "hidden_size": 64,
@@ -233,8 +242,11 @@ class Stack:
 def _config(run: dict[str, Any], rounds: int) -> dict[str, Any]:
     from fl_server.rest.demo import DEMO_DEFAULTS
 
+    # the demo is private by default (DP-SGD and secure aggregation): these runs compare plain and secure rounds
+    # without DP, so both are switched off here and a run's own cfg switches secure aggregation on
     return {**DEMO_DEFAULTS, "num_clients": run["clients"], "num_rounds": rounds, "evaluation_frequency": rounds,
-            "poll_interval": 0.2, "client_liveness": 60.0, **run["cfg"]}
+            "poll_interval": 0.2, "client_liveness": 60.0, "differential_privacy": False, "secure_aggregation": False,
+            **run["cfg"]}
 
 
 def _names_by_id(stack: Stack) -> dict[str, str]:
@@ -295,6 +307,7 @@ def _measure(stack: Stack, rounds_planned: int, extra: dict[str, Any]) -> dict[s
     rows = db.execute("SELECT round_id, round, state, selected, started_at, closed_at, reason FROM rounds ORDER BY round_id"
                       ).fetchall()
     starts: dict[int, list[float]] = {}
+    trained: dict[int, list[float]] = {}  # round -> each daemon's training seconds, from its own log line
     for log in stack.out.glob("*.log"):
         if log.name == "server.log":
             continue
@@ -302,12 +315,18 @@ def _measure(stack: Stack, rounds_planned: int, extra: dict[str, Any]) -> dict[s
             m = TRAIN_LINE.match(line)
             if m:
                 starts.setdefault(int(m.group(2)), []).append(float(m.group(1)))
+            t = TRAINED_LINE.match(line)
+            if t:
+                trained.setdefault(int(t.group(1)), []).append(float(t.group(2)))
     per_round = []
     for round_id, number, state, selected, started, closed, reason in rows:
         if state != "closed" or closed is None:
             continue
         ups = db.execute("SELECT metrics FROM updates WHERE round_id=?", (round_id,)).fetchall()
-        train = [float(json.loads(m[0]).get("seconds", 0.0)) for m in ups]
+        # plain rounds: the seconds the updates report; masked ones report none, so the daemons' log lines (a
+        # retried attempt of the same round adds lines: the round's lines are an upper bound then)
+        train = [float(json.loads(m[0])["seconds"]) for m in ups if "seconds" in json.loads(m[0])] \
+            or trained.get(number, [])
         wall = closed - started
         lat = sorted(t - started for t in starts.get(number, []) if t >= started - 1.0)
         per_round.append({"round": number, "attempt": round_id, "selected": len(json.loads(selected)), "updates": len(ups),
@@ -348,7 +367,13 @@ def run_one(name: str, rounds: int, seed: int) -> dict[str, Any]:
     from fl_server.rest.secrets import ENV_SERVER_SECRET
 
     run = RUNS[name]
-    cfg = config_from_dict(_config(run, rounds))
+    rounds = int(run.get("rounds", rounds))
+    if run.get("demo"):
+        from fl_server.rest.demo import demo_config
+
+        cfg = demo_config(run["clients"], rounds=rounds)
+    else:
+        cfg = config_from_dict(_config(run, rounds))
     env = {**os.environ, "PYTHONPATH": str(ROOT), ENV_ENROLLMENT_TOKEN: secrets.token_urlsafe(24),
            ENV_ADMIN_TOKEN: secrets.token_urlsafe(24), ENV_SERVER_SECRET: secrets.token_urlsafe(32), "PYTHONUNBUFFERED": "1"}
     with tempfile.TemporaryDirectory(prefix=f"fast_rounds_{name}_") as tmp:

@@ -20,6 +20,9 @@ ETag, fl_server/rest/state_changes.py): the server answers the moment a round op
 so selected clients start at once instead of at their next poll; the secure-aggregation GETs wait for their
 phase the same way (``ServerApi.secagg_wait``). A server that sends no ETag (an older one, or asynchronous
 mode) is polled every ``poll_after`` as before, and a long-poll that fails is answered by a plain poll at once.
+While it trains for a synchronous round the daemon keeps a second long-poll of the round open (fl_client/heartbeat.py),
+so the server, which drops a selected client not heard from for ``client_liveness``, tells a daemon killed
+mid-training from a slow one without waiting for the round's deadline.
 
 Profile (client selection): once its data is loaded the daemon asks the server what its
 selection policy reads (``GET /api/v1/profile``) and reports it: ``num_samples``; capability
@@ -69,6 +72,7 @@ import torch
 from fl_client.api import ApiRefused, Credentials, ServerApi, ServerUnreachable
 from fl_client.backoff import ServerWait
 from fl_client.ckks_session import CKKSRoundSession, CKKSSessionEnded
+from fl_client.heartbeat import TrainingHeartbeat
 from fl_client.pending import PendingFileError, PendingUpload
 from fl_client.progress import training_progress
 from fl_client.secagg_session import SecureRoundSession, SessionEnded, plain_input
@@ -451,15 +455,34 @@ class ClientDaemon:
         return global_vector, control
 
     def _train(self, what: str, round_number: int, instr: TrainInstructions, global_vector: torch.Tensor,
-               control: ControlVariates | None) -> Any:
+               control: ControlVariates | None, job: int | None = None) -> Any:
         assert self.trainer is not None and self.data is not None and self.api.creds is not None
         log.info("%s: training %d epoch(s) on %d samples", what, instr.epochs, len(self.data))
-        with training_progress(self.trainer.model, instr, len(self.data), round_number=round_number, enabled=self.opts.progress):
-            update = self.trainer.train(global_vector, self.data.x, self.data.y, instr, client_id=self.api.creds.client_id,
-                                        control=control)
-        if self.opts.train_delay > 0:
-            self._sleep(self.opts.train_delay)  # --train-delay: a slower device (tests and demos)
+        # synchronous rounds: the server hears from this client while it trains (fl_client/heartbeat.py), so its
+        # liveness drop tells a killed daemon from a slow one; an asynchronous poll may hand out a job, so none there
+        heartbeat = self._heartbeat() if job is None else None
+        try:
+            with training_progress(self.trainer.model, instr, len(self.data), round_number=round_number,
+                                   enabled=self.opts.progress):
+                update = self.trainer.train(global_vector, self.data.x, self.data.y, instr,
+                                            client_id=self.api.creds.client_id, control=control)
+            if self.opts.train_delay > 0:
+                self._sleep(self.opts.train_delay)  # --train-delay: a slower device (tests and demos)
+        finally:
+            if heartbeat is not None:
+                heartbeat.stop()
+        seconds = update.metrics.get("seconds")
+        if seconds is not None:  # (a masked round does not send it: the log is where an operator sees it)
+            log.info("%s: local training took %.2f s", what, float(seconds))
         return update
+
+    def _heartbeat(self) -> TrainingHeartbeat:
+        """A started heartbeat with its own HTTP session and this daemon's current credentials."""
+        opts = self.opts
+        return TrainingHeartbeat(lambda: ServerApi(opts.server_url, timeout=opts.timeout, max_retries=0,
+                                                   verify=opts.verify_tls, sleep=self._sleep,
+                                                   stop=self.stop_event.is_set),
+                                 lambda: self.api.creds).start()
 
     def _save_control(self, control: ControlVariates | None, control_delta: torch.Tensor | None) -> None:
         """c_i moves only once the server holds (secure rounds: has applied) the update that used it."""
@@ -481,7 +504,7 @@ class ClientDaemon:
                 raise
             log.warning("%s: model download refused (%s); polling for another job", what, exc)
             return
-        update = self._train(what, round_number, instr, global_vector, control)
+        update = self._train(what, round_number, instr, global_vector, control, None if job is None else int(job))
         codec = make_codec(self.registration["codec"])
         rng = torch.Generator().manual_seed(instr.seed ^ 0x5EED)
         upload = update.delta if update.control_delta is None else torch.cat([update.delta, update.control_delta])

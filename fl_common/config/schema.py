@@ -157,6 +157,7 @@ class FLConfig:
     timeout: float = _opt(30.0, lo=10.0, hi=300.0, help="communication timeout in seconds")
     codec: str = _opt("int8", help="update codec used when compression is on: none, float16, int8, topk:R, topk:R+int8 ...")
     wire_compression: str = _opt("zstd", choices=("none", "zlib", "zstd"), help="byte-level compression of payloads")
+    download_codec: str = _opt("float32", choices=("float32", "float16"), help="how the global model goes down to clients: 'float32' (exact) or 'float16' (half the bytes and the client's decrypt + decode; clients train from the rounded model, the server keeps float32)")
 
     # --- REST deployment ---
     round_timeout: float = _opt(600.0, lo=1.0, hi=86400.0, help="seconds a round waits for updates before closing with those that arrived")
@@ -211,6 +212,11 @@ class FLConfig:
     local_only_test_samples: int | None = _opt(None, lo=1, hi=10_000_000, help="simulate --local-only: evaluate each client's model on its own seeded random subset of this many test samples (null: the whole test set); the mean over clients stays an unbiased estimate of the mean test-set accuracy at a fraction of the cost")
 
     # ------------------------------------------------------------------ helpers
+    @property
+    def download_wire_codec(self) -> str:
+        """The wire codec (fl_common/tensors/codecs.py) the global model is packed with for clients."""
+        return "none" if self.download_codec == "float32" else "float16"
+
     @property
     def clients_per_round(self) -> int:
         """Clients selected each round: ceil-free rounding as Flower does, at least one."""

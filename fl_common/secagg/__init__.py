@@ -57,7 +57,7 @@ from fl_common.secagg.messages import (
     UnmaskResponse,
 )
 from fl_common.secagg.prg import SEED_LEN, derive_prg_key, expand_seed
-from fl_common.secagg.server import DropRecord, Phase, SecAggResult, SecAggServer
+from fl_common.secagg.server import DropRecord, Phase, PreparedInput, SecAggResult, SecAggServer, prepare_masked_input
 from fl_common.secagg.shamir import PRIME, Share, ShareError, reconstruct, split_secret
 
 __all__ = [
@@ -69,6 +69,8 @@ __all__ = [
     "SecAggServer",
     "SecAggResult",
     "DropRecord",
+    "PreparedInput",
+    "prepare_masked_input",
     "Phase",
     "PlainInput",
     "DecodedSum",

@@ -73,7 +73,7 @@ from fl_common.secagg.messages import (
     UnmaskRequest,
     UnmaskResponse,
 )
-from fl_common.secagg.precompute import MaskMaterial, MaskPrecompute
+from fl_common.secagg.precompute import MaskingJob, MaskMaterial, MaskPrecompute
 from fl_common.secagg.prg import SEED_LEN
 from fl_common.secagg.shamir import Share, ShareError, split_secret
 
@@ -319,6 +319,27 @@ class SecAggClient:
 
     def masked_input(self, bundle: ShareBundle, plain: PlainInput) -> MaskedInput:
         """Check and open the shares addressed to us, then send y_u = x_u + PRG(b_u) + sum_v +-PRG(s_uv)."""
+        expected = self.open_bundle(bundle)
+        p = self.params
+        x, clipped = encode_input(p, plain, self._rng)
+        assert self._b is not None
+        pairwise = self._pairwise_secrets(expected)
+        y = self.precomputed.mask(x, expected) if self.precomputed is not None else None
+        if y is None:
+            y = mask_input(x, self.index, self._b, pairwise, p.modulus_bits, context=self._digest)
+        return self.sign_masked_payload(pack(y, p.modulus_bits), clipped)
+
+    def masking_job(self, bundle: ShareBundle, rounding_seed: int) -> MaskingJob:
+        """Open the bundle (as :meth:`masked_input` does) and hand out what masking the input takes, so another
+        process can mask it (the simulation's client workers: :func:`mask_payload`); the payload it returns is
+        signed with :meth:`sign_masked_payload`. ``rounding_seed`` seeds the stochastic rounding there, as the
+        ``rng`` of this client would (it must then not be used for an input of this client here)."""
+        expected = self.open_bundle(bundle)
+        assert self._b is not None
+        return MaskingJob(self.params, self.index, self._b, self._pairwise_secrets(expected), self._digest, rounding_seed)
+
+    def open_bundle(self, bundle: ShareBundle) -> frozenset[int]:
+        """Check the bundle and keep the shares it brings; returns the neighbours that shared keys (masked with)."""
         self._expect(ClientPhase.SHARED, "send its masked input")
         p = self.params
         if bundle.recipient != self.index:
@@ -343,18 +364,23 @@ class SecAggClient:
                 self._held[sender] = opened
         self._share_survivors = survivors
         self.rejected = tuple(rejected)
-        x, self.clipped = encode_input(p, plain, self._rng)
-        assert self._b is not None
+        return frozenset(expected)
+
+    def _pairwise_secrets(self, expected: Set[int]) -> dict[int, bytes]:
         pairwise = {}
         for v in sorted(expected):
             try:
                 pairwise[v] = x25519_shared_secret(self._s.private_key, self._peer_keys[v][1])
             except KeyAgreementError:
                 raise SecAggRefused(f"client {v}'s mask key is degenerate", "bad_roster") from None
-        y = self.precomputed.mask(x, expected) if self.precomputed is not None else None
-        if y is None:
-            y = mask_input(x, self.index, self._b, pairwise, p.modulus_bits, context=self._digest)
-        payload = pack(y, p.modulus_bits)
+        return pairwise
+
+    def sign_masked_payload(self, payload: bytes, clipped: bool) -> MaskedInput:
+        """Sign a masked payload made from this client's opened bundle (here or by :func:`mask_payload`)."""
+        self._expect(ClientPhase.SHARED, "send its masked input")
+        if self.index not in self._share_survivors:
+            raise SecAggRefused("the share bundle was not opened before the masked input", "bad_bundle")
+        self.clipped = clipped
         digest = hashlib.sha256(payload).digest()
         sig = self._identity.sign(MaskedInput.signing_bytes(self._digest, self.index, digest, self.rejected))
         self.phase = ClientPhase.MASKED

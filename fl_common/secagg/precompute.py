@@ -26,9 +26,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from fl_common.secagg.masks import pairwise_mask, self_mask
+from fl_common.secagg.encoding import PlainInput, encode_input, pack
+from fl_common.secagg.masks import mask_input, pairwise_mask, self_mask
+from fl_common.secagg.messages import SecAggParams
 
-__all__ = ["MaskMaterial", "MaskPrecompute"]
+__all__ = ["MaskMaterial", "MaskPrecompute", "MaskingJob", "mask_payload"]
 
 
 @dataclass(frozen=True, repr=False)
@@ -98,3 +100,32 @@ class MaskPrecompute:
             y -= m.pairwise(peer)
         y &= np.uint64((1 << m.modulus_bits) - 1)
         return y
+
+
+@dataclass(frozen=True, repr=False)
+class MaskingJob:
+    """Everything masking one client's input takes once its bundle is opened (secret: never logged): the
+    simulation hands it to the client worker that trains the client, so the masking runs there, in parallel,
+    instead of serially in the driver (``SecAggClient.masking_job``; the payload goes back to be signed)."""
+
+    params: SecAggParams
+    index: int
+    self_seed: bytes
+    #: neighbour index -> raw X25519 shared secret, for the neighbours that shared keys (those masked with)
+    pairwise_secrets: Mapping[int, bytes]
+    context: bytes
+    #: seeds the stochastic rounding as the client's own rng would
+    rounding_seed: int
+
+    def __repr__(self) -> str:
+        return f"MaskingJob(index={self.index}, neighbours={sorted(self.pairwise_secrets)}, <secrets redacted>)"
+
+
+def mask_payload(job: MaskingJob, plain: PlainInput) -> tuple[bytes, bool]:
+    """The packed masked input ``y = x + PRG(b_u) + sum_v +-PRG(s_uv)`` and whether clipping bound: the very
+    computation of ``SecAggClient.masked_input`` (same encoding, same rounding stream, same masks), run wherever
+    the job was sent."""
+    p = job.params
+    x, clipped = encode_input(p, plain, np.random.default_rng(job.rounding_seed))
+    y = mask_input(x, job.index, job.self_seed, dict(job.pairwise_secrets), p.modulus_bits, context=job.context)
+    return pack(y, p.modulus_bits), clipped

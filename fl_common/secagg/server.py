@@ -21,12 +21,24 @@ phase. A sender dropped before its masked input simply leaves the sum; one dropp
 stays in the sum and is unmasked through its neighbours. If at any point some client's secret
 could no longer be rebuilt from t shares, the round **aborts** (:class:`SecAggAborted`):
 the running sum is discarded and nothing is released.
+
+Deferred mode (``deferred=True``, the REST driver's): the two pieces of vector work leave the caller's lock.
+A masked input is checked and recorded as before, but its values are only queued (a list append); the
+caller folds the queue into the running sum with :meth:`SecAggServer.fold_inputs` after releasing its own
+lock (the sum has a lock of its own, and the unmasking folds whatever is still queued first, so no accepted
+input is ever missed). And once the unmask phase closes, the shares are checked and the secrets rebuilt as
+before (cheap), but removing the masks (one PRG expansion per survivor and per dangling pair) and decoding
+the sum wait in :attr:`SecAggServer.unmask_job` for :meth:`SecAggServer.run_unmask` (no lock needed), whose
+answer :meth:`SecAggServer.finish_unmask` applies (caller's lock held). Meanwhile the phase stays ``unmask``
+and nothing is expected: a late message is refused as in a closed phase. Results are the same bytes as in
+the immediate mode; only the time the caller's lock is held changes.
 """
 
 from __future__ import annotations
 
 import hashlib
 import itertools
+import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from enum import Enum
@@ -57,7 +69,8 @@ from fl_common.secagg.messages import (
 )
 from fl_common.secagg.shamir import Share, ShareError, reconstruct
 
-__all__ = ["Phase", "PHASES", "DEFAULT_TIMEOUTS", "DropRecord", "SecAggResult", "SecAggServer"]
+__all__ = ["Phase", "PHASES", "DEFAULT_TIMEOUTS", "DropRecord", "PreparedInput", "SecAggResult", "SecAggServer",
+           "UnmaskJob", "prepare_masked_input"]
 
 
 class Phase(str, Enum):
@@ -98,13 +111,61 @@ class SecAggResult:
     dropped: dict[int, DropRecord] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class PreparedInput:
+    """A masked input's payload checked against its digest and unpacked, away from any lock
+    (:func:`prepare_masked_input`); ``problem`` is the (code, message) a check failed with, reported by
+    :meth:`SecAggServer.receive_masked_input` at the point it would have found it itself."""
+
+    digest_ok: bool
+    values: np.ndarray | None
+    problem: tuple[str, str] | None = None
+
+
+def prepare_masked_input(params: SecAggParams, msg: MaskedInput) -> PreparedInput:
+    """The pure part of receiving a masked input: its digest and its unpacked ring elements (no server state)."""
+    if hashlib.sha256(msg.payload).digest() != msg.payload_sha256:
+        return PreparedInput(False, None)
+    try:
+        return PreparedInput(True, unpack(msg.payload, params.vector_length, params.modulus_bits))
+    except ValueError as exc:
+        return PreparedInput(True, None, ("malformed", f"masked input of client {msg.sender}: {exc}"))
+
+
+@dataclass(frozen=True)
+class UnmaskJob:
+    """What removing the masks needs once the unmask phase closed (deferred mode): the secrets rebuilt from the
+    shares; the running sum itself stays with the server (folded and read under its own lock)."""
+
+    seeds: dict[int, bytes]
+    dangling: tuple[tuple[int, int, bytes], ...]
+    survivors: int
+    u4: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class UnmaskOutcome:
+    """:meth:`SecAggServer.run_unmask`'s answer: the decoded sums, or why they did not decode."""
+
+    job: UnmaskJob
+    sums: DecodedSum | None
+    error: str | None = None
+
+
 class SecAggServer:
     def __init__(self, params: SecAggParams, verifiers: Mapping[int, Verifier], *, now: float,
-                 timeouts: Mapping[Phase | str, float] | None = None) -> None:
+                 timeouts: Mapping[Phase | str, float] | None = None, deferred: bool = False) -> None:
         """``verifiers``: index -> the key each client registered (a client without one can never
-        pass the signature check, so it is dropped at advertisement)."""
+        pass the signature check, so it is dropped at advertisement). ``deferred``: queue masked inputs and
+        leave the unmasking to :meth:`run_unmask` (see the module docstring)."""
         params.validate()
         self.params = params
+        self.deferred = deferred
+        #: guards the running sum and the queue of inputs not folded into it yet (deferred mode)
+        self._sum_lock = threading.Lock()
+        self._queued: list[np.ndarray] = []
+        #: deferred mode: the unmasking that waits for run_unmask (None before the unmask phase closed)
+        self.unmask_job: UnmaskJob | None = None
         self._digest = params.digest()
         self._verifiers: dict[int, Verifier] = dict(verifiers)
         for i, v in self._verifiers.items():
@@ -219,7 +280,10 @@ class SecAggServer:
         self.phase_closed_at[self.phase.value] = float(now)
         self.phase = Phase.ABORTED
         self.abort_reason = reason
-        self._sum = None  # nothing of the round is released
+        with self._sum_lock:
+            self._sum = None  # nothing of the round is released
+            self._queued.clear()
+        self.unmask_job = None
         self._inbox.clear()
 
     def _enter(self, phase: Phase, now: float) -> None:
@@ -252,21 +316,21 @@ class SecAggServer:
     def drop(self, index: int, reason: str, now: float) -> None:
         """Treat ``index`` as dropped from now on (a driver learned it is gone, e.g. it registered a new
         signing key mid-round): the phase stops waiting for it, and its secrets are handled exactly as
-        for a client that went silent."""
-        if index in self.params.indices and not self.finished:
+        for a client that went silent. Once the unmasking has started, nobody is waited for: nothing changes."""
+        if index in self.params.indices and not self.finished and self.unmask_job is None:
             self._drop(index, reason, now)
             self.advance(now)
 
     # ------------------------------------------------------------------ deadlines
     def advance(self, now: float) -> Phase:
         """Close the current phase if every expected client answered or its deadline has passed."""
-        if not self.finished and (now >= self.deadline or not self.expected()):
+        if not self.finished and self.unmask_job is None and (now >= self.deadline or not self.expected()):
             self.close_phase(now)
         return self.phase
 
     def close_phase(self, now: float) -> Phase:
         """Close the current phase now: clients that did not answer are dropped ("no_response")."""
-        if self.finished:
+        if self.finished or self.unmask_job is not None:
             return self.phase
         for i in sorted(self.expected()):
             self._drop(i, "no_response", now)
@@ -378,24 +442,32 @@ class SecAggServer:
         return bundle
 
     # ------------------------------------------------------------------ phase 2
-    def receive_masked_input(self, msg: MaskedInput, now: float) -> None:
+    def receive_masked_input(self, msg: MaskedInput, now: float, prepared: PreparedInput | None = None) -> None:
+        """``prepared``: the payload already checked and unpacked (:func:`prepare_masked_input`, done by the caller
+        outside its lock); without it that happens here. In deferred mode the values are queued, not summed."""
         if self._gate(Phase.MASKED_INPUT, msg.sender, now, lambda: self._masked.get(msg.sender) == msg.payload_sha256):
             return
         u = msg.sender
         if u in self._masked:
             raise SecAggRejected(f"client {u} already sent a different masked input (the first one counts)",
                                  "conflicting_duplicate", dropped=False)
-        if hashlib.sha256(msg.payload).digest() != msg.payload_sha256:
+        if prepared is None:
+            prepared = PreparedInput(hashlib.sha256(msg.payload).digest() == msg.payload_sha256, None)
+        if not prepared.digest_ok:
             raise self._reject(u, "malformed", f"masked input of client {u}: payload digest mismatch", now)
         self._verify(u, MaskedInput.signing_bytes(self._digest, u, msg.payload_sha256, msg.rejected), msg.signature, now)
         if not set(msg.rejected) <= self._graph[u] & set(self._u2):
             raise self._reject(u, "unknown_neighbour", f"client {u} reports rejecting shares of clients that sent it none", now)
-        try:
-            y = unpack(msg.payload, self.params.vector_length, self.params.modulus_bits)
-        except ValueError as exc:
-            raise self._reject(u, "malformed", f"masked input of client {u}: {exc}", now) from None
-        assert self._sum is not None
-        self._sum += y  # uint64 wraps mod 2^64; 2^b divides it, reduced once at the end
+        if prepared.values is None and prepared.problem is None:
+            prepared = prepare_masked_input(self.params, msg)
+        if prepared.problem is not None:
+            raise self._reject(u, prepared.problem[0], prepared.problem[1], now)
+        y = prepared.values
+        assert y is not None and self._sum is not None
+        if self.deferred:
+            self._queued.append(y)  # folded by fold_inputs outside the caller's lock
+        else:
+            self._sum += y  # uint64 wraps mod 2^64; 2^b divides it, reduced once at the end
         self._masked[u] = msg.payload_sha256
         for v in msg.rejected:
             self.events.append({"event": "share_rejected_by_recipient", "sender": v, "recipient": u, "at": float(now)})
@@ -586,15 +658,48 @@ class SecAggServer:
                 except KeyAgreementError:
                     self._abort(f"client {w}'s mask key is degenerate", now)
                     return
-        assert self._sum is not None
-        total = unmask_sum(self._sum, self.params.modulus_bits, survivor_self_seeds=seeds, dangling_pairs=dangling,
-                           context=self._digest)
-        try:
-            sums = decode_input_sum(self.params, total, len(self._u3))
-        except FieldOverflowError as exc:
-            self._abort(f"the unmasked sum does not decode ({exc})", now)
+        job = UnmaskJob(seeds, tuple(dangling), len(self._u3), tuple(sorted(u4)))
+        if self.deferred:
+            self.unmask_job = job  # run_unmask, outside the caller's lock; finish_unmask applies its outcome
             return
-        self._sum = None
+        self.finish_unmask(self.run_unmask(job), now)
+
+    # ------------------------------------------------------------------ the vector work (deferred mode: no caller's lock)
+    def fold_inputs(self) -> None:
+        """Add the queued masked inputs to the running sum (thread safe; a no-op when nothing is queued)."""
+        with self._sum_lock:
+            while self._queued:
+                y = self._queued.pop()
+                if self._sum is not None:
+                    self._sum += y  # uint64 wraps mod 2^64; 2^b divides it, reduced once at the end
+
+    def run_unmask(self, job: UnmaskJob) -> UnmaskOutcome:
+        """Remove the masks from the sum and decode it: the expensive part of the unmasking, which reads only the
+        running sum (under its own lock: the masked-input phase is long over, nothing can be queued any more)."""
+        self.fold_inputs()
+        with self._sum_lock:
+            masked_sum = self._sum
+            if masked_sum is None:
+                return UnmaskOutcome(job, None, "the running sum was discarded")
+            total = unmask_sum(masked_sum, self.params.modulus_bits, survivor_self_seeds=job.seeds,
+                               dangling_pairs=job.dangling, context=self._digest)
+        try:
+            return UnmaskOutcome(job, decode_input_sum(self.params, total, job.survivors))
+        except FieldOverflowError as exc:
+            return UnmaskOutcome(job, None, f"the unmasked sum does not decode ({exc})")
+
+    def finish_unmask(self, outcome: UnmaskOutcome, now: float) -> Phase:
+        """Apply :meth:`run_unmask`'s outcome: the round is done with its sums, or aborted. An outcome for a job
+        that is no longer the pending one (the round aborted meanwhile) changes nothing."""
+        if self.finished or (self.deferred and self.unmask_job is not outcome.job):
+            return self.phase
+        self.unmask_job = None
+        if outcome.sums is None:
+            self._abort(outcome.error or "the unmasking failed", now)
+            return self.phase
+        with self._sum_lock:
+            self._sum = None
         self.phase_closed_at[self.phase.value] = float(now)
         self.phase = Phase.DONE
-        self._result = SecAggResult(sums, self._u3, tuple(sorted(u4)), dict(self.drops))
+        self._result = SecAggResult(outcome.sums, self._u3, outcome.job.u4, dict(self.drops))
+        return self.phase

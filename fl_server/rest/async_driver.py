@@ -252,7 +252,7 @@ class AsyncRoundDriver(RoundDriver):
         with self.ctx.lock:
             version = self.model_version(requested)
             if version not in self._models:
-                packed = wire.encode_update(coord.model(version), "none", cfg.wire_compression,
+                packed = wire.encode_update(coord.model(version), cfg.download_wire_codec, cfg.wire_compression,
                                             meta={"version": version, "spec": coord.spec.to_json(), "server_control": False})
                 if cfg.encryption:
                     key = Fernet.generate_key()

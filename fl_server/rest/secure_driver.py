@@ -24,6 +24,16 @@ Why it holds these rules:
   so every path takes ``?attempt=ID``: a late message for an old attempt is refused (409) instead
   of landing in the new one, where it would fail its signature and drop an innocent client.
 
+What holds the service lock, and what does not: a message's checks and the state machine's bookkeeping (dictionary
+updates, a signature check) run under it; a masked input's digest and unpacking run before it, its addition to the
+running sum (``SecAggServer.fold_inputs``) and its row's write after it; the unmasking (removing the masks from the
+sum: one PRG expansion per survivor and dangling pair, then decoding) runs in the ticker between two locked ticks
+(:meth:`SecureRounds.work_outside_lock`). Applying the unmasked sum (the strategy step, the evaluation, the
+checkpoint) is the driver's ``close_round``, under the lock as for plain rounds.
+
+Liveness: a selected client the current phase waits for that the server has not heard from for ``client_liveness``
+is dropped at once, in every phase; a daemon keeps a long-poll open while it trains (fl_client/heartbeat.py).
+
 What it adds to monitoring: ``/status`` gets a ``secagg`` block (phase, U1..U4 counts, dropouts
 by phase, aborts), ``/metrics`` the same as gauges and counters (``fl_server.rest.metrics.SecAggCollector``), and
 ``summary.json`` the ``secure_aggregation`` block the simulation writes (bytes per client per
@@ -38,7 +48,7 @@ import hashlib
 import json
 import logging
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from fl_common.crypto import EnvelopeError
@@ -57,11 +67,13 @@ from fl_common.secagg import (
     MalformedMessage,
     MaskedInput,
     Phase,
+    PreparedInput,
     SecAggAborted,
     SecAggRejected,
     ShareKeys,
     UnmaskResponse,
     Verifier,
+    prepare_masked_input,
 )
 from fl_common.secagg.encoding import IN_CLEAR
 from fl_server.rest.driver import DriverContext
@@ -104,6 +116,9 @@ class _Attempt:
     round: int
     agg: SecureAggregator
     finished: bool = False
+    #: client id -> sha256 (hex) of its accepted masked input: a retry is answered from memory, under the lock,
+    #: even before the input's row reached the store (that write happens after the lock is released)
+    digests: dict[str, str] = field(default_factory=dict)
 
 
 class SecureRounds(RoundProtocol):
@@ -149,7 +164,7 @@ class SecureRounds(RoundProtocol):
         if agg is None or client_id not in agg.params.client_ids:
             return
         index = agg.index_of(client_id)
-        if index not in agg.server.drops and not agg.server.finished:
+        if index not in agg.server.drops and not agg.server.finished and agg.server.unmask_job is None:
             agg.server.drop(index, reason, now)
             log.warning("round %d: client %s dropped from this attempt (%s)", agg.params.round, client_id, reason)
 
@@ -192,6 +207,9 @@ class SecureRounds(RoundProtocol):
         """The driver stored a new secure attempt: remember it so its messages can be routed to it."""
         agg = self.driver.coordinator.secagg
         assert agg is not None
+        # masked inputs are queued under the lock and summed outside it; the unmasking runs outside it too
+        # (work_outside_lock): the state machine's deferred mode, set before any input can arrive
+        agg.server.deferred = True
         for attempt_id in [a for a, att in self._attempts.items() if att.finished]:
             del self._attempts[attempt_id]  # only the last finished attempt answers retries
         self._attempts[row.round_id] = _Attempt(row.round_id, row.round, agg)
@@ -220,15 +238,31 @@ class SecureRounds(RoundProtocol):
         elif server.phase == Phase.ABORTED:
             self._abort(row, agg, server.abort_reason or "aborted", now)
 
+    def work_outside_lock(self) -> bool:
+        """The attempt's unmasking, once its phase closed: the secrets were rebuilt under the lock (cheap), the
+        masks are removed from the sum and the sum decoded here, without it (one PRG expansion per survivor and
+        dangling pair: seconds for a large model), then the outcome is applied under it again. Called by the
+        driver's tick after it released the lock; True when it did something (the driver then ticks again,
+        which closes or aborts the attempt). Only the ticker calls it, so two unmaskings never run at once."""
+        with self.ctx.lock:
+            agg = self.driver.coordinator.secagg
+            job = None if agg is None else agg.server.unmask_job
+        if agg is None or job is None:
+            return False
+        outcome = agg.server.run_unmask(job)
+        with self.ctx.lock:
+            agg.server.finish_unmask(outcome, self.ctx.clock())  # a no-op if the attempt ended meanwhile
+        return True
+
     def _drop_gone(self, agg: SecureAggregator, now: float) -> None:
-        """Clients a key-exchange, consistency or unmask phase waits for that the server has not heard
-        from for ``client_liveness`` s are dropped now: a killed daemon would otherwise hold the phase
-        until its deadline even where the others could finish the round without it. Dropping is what
-        the deadline would do later; the protocol recovers their masks as usual. Not in the masked-input
-        phase: there a client trains, and a daemon sends nothing while it trains (no heartbeat yet), so
-        an honest slow trainer would look gone; that phase keeps its round_timeout."""
+        """Clients the current phase waits for that the server has not heard from for ``client_liveness`` s
+        are dropped now: a killed daemon would otherwise hold the phase until its deadline (the masked-input
+        phase: round_timeout) even where the others could finish the round without it. Dropping is what the
+        deadline would do later; the protocol recovers their masks as usual. The masked-input phase too: a
+        daemon keeps a long-poll of the round open while it trains (fl_client/heartbeat.py), so an honest
+        slow trainer is heard from at least twice per liveness window."""
         waiting = agg.server.expected()
-        if not waiting or agg.server.finished or agg.server.phase == Phase.MASKED_INPUT:
+        if not waiting or agg.server.finished:
             return
         live = set(self.driver.ctx.gateway.live_clients())
         for index in sorted(waiting):
@@ -487,33 +521,56 @@ class SecureRounds(RoundProtocol):
             problem = MalformedMessage(f"not a masked upload: {exc}", "malformed")
         except MalformedMessage as exc:
             problem = exc
+        # The vector work stays off the service lock: the payload's digest and unpacking here, the sum after it
+        # (the state machine queues the values; fold_inputs adds them), and the row's write (an fsync) after it too.
+        digest = None if msg is None else hashlib.sha256(msg.payload).hexdigest()
+        prepared: PreparedInput | None = None
+        params = self._attempt_params(auth, round_number, attempt) if msg is not None else None
+        if params is not None and msg is not None:
+            prepared = prepare_masked_input(params, msg)
         with self.ctx.lock:
             entry, index = self._resolve(auth, round_number, attempt)
-            previous = self.ctx.store.update(entry.round_id, auth.client_id)
-            if previous is not None:  # a retry: the same masked input gets the same answer, a different one a 409
-                if msg is not None and previous.sha256 == hashlib.sha256(msg.payload).hexdigest():
+            # every input this process accepted for the attempt is here (a restart ends the attempt): no store read
+            earlier = entry.digests.get(auth.client_id)
+            if earlier is not None:  # a retry: the same masked input gets the same answer, a different one a 409
+                if digest is not None and earlier == digest:
                     return {"accepted": True, "round": entry.round, "attempt": entry.round_id, "duplicate": True,
                             **self._extra(entry, index)}
                 raise self._refused(auth, entry, index, "masked input", "conflicting_duplicate", "a different masked input "
                                     "of this client was already accepted (the first one counts)", drop=False)
             if problem is not None:
                 raise self._refused(auth, entry, index, "masked input", problem.code, str(problem), drop=True)
-            assert msg is not None
+            assert msg is not None and digest is not None
             if entry.finished:
                 raise self._refused(auth, entry, index, "masked input", "round_closed", f"attempt {entry.round_id} has "
                                     f"ended", drop=False)
             now = self.ctx.clock()
-            update = MaskedUpdate.wrap(auth.client_id, round_number, msg, metrics=metrics, now=now)
+            update = MaskedUpdate.wrap(auth.client_id, round_number, msg, metrics=metrics, now=now,
+                                       prepared=prepared if entry.agg.params is params else None)
             try:
                 self.driver.coordinator.submit(update)
             except UpdateRejected as exc:
                 raise self._refused(auth, entry, index, "masked input", exc.reason, str(exc), drop=True) from None
-            self.ctx.store.add_update(UpdateRow(entry.round_id, round_number, auth.client_id, idempotency_key, "",
-                                           hashlib.sha256(msg.payload).hexdigest(), 1, dict(update.metrics), len(body), now))
+            entry.digests[auth.client_id] = digest
             answer = {"accepted": True, "round": entry.round, "attempt": entry.round_id, "duplicate": False,
                       **self._extra(entry, index)}
+        entry.agg.server.fold_inputs()
+        # the row (hash, idempotency key, clear DP metrics) is written before the 202, as before; a kill -9 before
+        # it aborts the attempt at restart like any other moment of a secure attempt
+        self.ctx.store.add_update(UpdateRow(entry.round_id, round_number, auth.client_id, idempotency_key, "", digest, 1,
+                                            dict(update.metrics), len(body), now))
         self.ctx.wake.set()
         return answer
+
+    def _attempt_params(self, auth: Authenticated, round_number: int, attempt: str | None) -> Any:
+        """The parameters of the attempt an upload names (None when it names none this client is in); read under
+        the lock, used outside it to unpack the payload."""
+        with self.ctx.lock:
+            try:
+                entry, _ = self._resolve(auth, round_number, attempt)
+            except ApiError:
+                return None  # the locked section answers it with its reason
+            return entry.agg.params
 
     # ------------------------------------------------------------------ monitoring
     def _load_history(self) -> dict[str, Any]:

@@ -2,8 +2,8 @@
 a gthread pool, so slow uploads do not block polls. TLS via gunicorn's certfile/keyfile.
 
 Long-polls (fl_server/rest/state_changes.py) park one request thread each while they wait, so the pool
-is sized for the federation: at least one thread per configured client plus :data:`SPARE_THREADS` for
-uploads, downloads and monitoring, and at most that many minus the spare are ever parked (beyond it a
+is sized for the federation: two threads per configured client (a round long-poll and a training heartbeat)
+plus :data:`SPARE_THREADS` for uploads, downloads and monitoring, and at most that many minus the spare are ever parked (beyond it a
 long-poll is answered at once and the client simply polls). Why gthread and not gevent: the worker
 must also run the round ticker and the aggregation (torch, CPU bound, GIL released): under gevent's
 monkey-patching they would block the event loop and every parked request with it, while a parked
@@ -27,11 +27,14 @@ log = logging.getLogger("fl_server.rest.serve")
 SPARE_THREADS = 8
 #: the most request threads the pool is sized to, however many clients are configured
 MAX_THREADS = 512
+#: long-polls one client may have parked at once: its round (or secure-phase) long-poll and, while it trains,
+#: its heartbeat (fl_client/heartbeat.py)
+PARKED_PER_CLIENT = 2
 
 
 def request_threads(requested: int, num_clients: int) -> int:
-    """The gthread pool: what was asked for, raised to one thread per client plus the spare (bounded)."""
-    return max(requested, min(MAX_THREADS, num_clients + SPARE_THREADS))
+    """The gthread pool: what was asked for, raised to two threads per client plus the spare (bounded)."""
+    return max(requested, min(MAX_THREADS, PARKED_PER_CLIENT * num_clients + SPARE_THREADS))
 
 
 class _GunicornApp(BaseApplication):

@@ -24,6 +24,7 @@ import abc
 import hashlib
 import logging
 import math
+import threading
 import time
 import uuid
 from collections.abc import Sequence
@@ -101,6 +102,11 @@ class RoundProtocol(abc.ABC):
 
     def opened(self, row: RoundRow) -> None:
         """A new attempt was stored."""
+
+    def work_outside_lock(self) -> bool:
+        """Work of the open attempt that must not hold the service lock (the secure attempt's unmasking); called by
+        the driver's tick after it released the lock. True when it did something (the driver then ticks again)."""
+        return False
 
     @abc.abstractmethod
     def tick(self, row: RoundRow, now: float) -> None:
@@ -182,16 +188,34 @@ class PlainRounds(RoundProtocol):
         return True
 
     def tick(self, row: RoundRow, now: float) -> None:
+        """Close at quorum; at the deadline, or earlier once every selected client still out is gone (not heard
+        from for ``client_liveness`` s: a daemon keeps a long-poll open while it trains, fl_client/heartbeat.py),
+        close with whoever arrived, or abort below ``min_clients``: waiting longer could not bring an update."""
         driver = self.driver
         arrived = driver.coordinator.arrived
         if len(arrived) >= row.target:
             driver.close_round(row, "quorum")
-        elif now >= row.deadline:
-            if len(arrived) >= driver.cfg.min_clients:
-                driver.close_round(row, "deadline")
-            else:
-                driver.abort_round(row, f"deadline with {len(arrived)} update(s), fewer than "
-                                   f"min_clients={driver.cfg.min_clients}", now)
+            return
+        at_deadline = now >= row.deadline
+        if not at_deadline and not self._all_out_gone(row, {str(c) for c in arrived}):
+            return
+        when = "deadline" if at_deadline else "liveness"
+        if len(arrived) >= driver.cfg.min_clients:
+            driver.close_round(row, when)
+        else:
+            why = "deadline" if at_deadline else "every selected client still out is gone (client_liveness), left"
+            driver.abort_round(row, f"{why} with {len(arrived)} update(s), fewer than "
+                               f"min_clients={driver.cfg.min_clients}", now)
+
+    def _all_out_gone(self, row: RoundRow, arrived: set[str]) -> bool:
+        """Whether no selected client that has not uploaded yet was heard from within ``client_liveness``. Never in
+        the first ``client_liveness`` s of this process: after a restart the daemons have not reached it yet."""
+        out = [c for c in row.selected if c not in arrived]
+        ctx = self.driver.ctx
+        if not out or ctx.clock() - ctx.started_at < self.driver.cfg.client_liveness:
+            return False
+        live = set(ctx.gateway.live_clients())
+        return not any(c in live for c in out)
 
     def round_status(self, client_id: str, row: RoundRow, instructions: dict[str, Any], version: int) -> RoundStatus:
         cfg = self.driver.cfg
@@ -261,6 +285,8 @@ class SyncRoundDriver(RoundDriver):
         self.selection_problems = SelectionProblems(self.cfg.selection)
         self._waiting_since: float | None = None
         self._model_cache: tuple[int, bytes, bytes | None] | None = None
+        #: one packing of a model version at a time, outside the service lock (model_payload)
+        self._model_lock = threading.Lock()
         #: attempts whose aggregate was not finite (aborted, nothing applied); /status and /metrics show it
         self.unusable_aggregates = 0
         #: clients whose updates made an aggregate unusable: not selected again in this process's lifetime
@@ -357,7 +383,13 @@ class SyncRoundDriver(RoundDriver):
 
     # ------------------------------------------------------------------ round lifecycle (lock held)
     def tick(self) -> None:
-        """Close a round at quorum or deadline; open the next one when enough clients are live."""
+        """Close a round at quorum or deadline; open the next one when enough clients are live. The protocol's
+        heavy work (a secure attempt's unmasking) runs between two locked ticks, without the lock."""
+        self._tick_locked()
+        if self.protocol.work_outside_lock():
+            self._tick_locked()
+
+    def _tick_locked(self) -> None:
         ctx = self.ctx
         coord = self._coordinator
         with ctx.lock:
@@ -592,24 +624,35 @@ class SyncRoundDriver(RoundDriver):
         Hybrid encryption: each version is packed and Fernet-encrypted once under a fresh random
         model key, and each client receives that key encrypted under its own session key. A round's
         downloads then cost the server one encryption instead of one per client (6.6 MB each for
-        the CNN), while only registered clients can read the model."""
-        with self.ctx.lock:
-            coord = self._coordinator
-            version = coord.completed_rounds
-            if self._model_cache is None or self._model_cache[0] != version:
-                vector = coord.global_vector
-                if self.carries_control:
-                    control = coord.server_control  # None until the first round is planned: c = 0
-                    vector = torch.cat([vector, control.to(torch.float32) if control is not None else torch.zeros_like(vector)])
-                packed = wire.encode_update(vector, "none", self.cfg.wire_compression,
-                                            meta={"version": version, "spec": coord.spec.to_json(),
-                                                  "server_control": self.carries_control})
+        the CNN), while only registered clients can read the model.
+
+        The packing and encryption (seconds for a large model) run outside the service lock, which is held only
+        to take the version and a copy of the vector; a lock of their own makes one request pack a version while
+        the others wait for it, not for the service."""
+        with self._model_lock:
+            with self.ctx.lock:
+                coord = self._coordinator
+                version = coord.completed_rounds
+                cached = self._model_cache
+                vector: torch.Tensor | None = None
+                meta: dict[str, Any] = {}
+                if cached is None or cached[0] != version:
+                    vector = coord.global_vector.clone()
+                    if self.carries_control:
+                        control = coord.server_control  # None until the first round is planned: c = 0
+                        vector = torch.cat([vector, control.to(torch.float32) if control is not None
+                                            else torch.zeros_like(vector)])
+                    meta = {"version": version, "spec": coord.spec.to_json(), "server_control": self.carries_control}
+            if vector is not None:
+                packed = wire.encode_update(vector, self.cfg.download_wire_codec, self.cfg.wire_compression, meta=meta)
                 if self.cfg.encryption:
                     model_key = Fernet.generate_key()
-                    self._model_cache = (version, Envelope(model_key).seal(packed), model_key)
+                    cached = (version, Envelope(model_key).seal(packed), model_key)
                 else:
-                    self._model_cache = (version, packed, None)
-            _, body, cached_key = self._model_cache
+                    cached = (version, packed, None)
+                self._model_cache = cached
+        assert cached is not None
+        _, body, cached_key = cached
         return version, body, (Envelope(auth.keys).seal(cached_key) if cached_key is not None else None)
 
     # ------------------------------------------------------------------ updates

@@ -41,6 +41,7 @@ from fl_common.protocol import ClientUpdate, TrainInstructions
 from fl_common.secagg import (
     MaskedInput,
     Phase,
+    PreparedInput,
     SecAggParams,
     SecAggRejected,
     SecAggServer,
@@ -73,14 +74,16 @@ class MaskedUpdate(ClientUpdate):
 
     masked: MaskedInput | None = None
     now: float = 0.0
+    #: the payload checked and unpacked by the driver outside its lock (None: the state machine does it)
+    prepared: PreparedInput | None = None
 
     @classmethod
     def wrap(cls, client_id: ClientId, round_number: int, masked: MaskedInput, *, metrics: Mapping[str, float] | None = None,
-             now: float = 0.0) -> MaskedUpdate:
+             now: float = 0.0, prepared: PreparedInput | None = None) -> MaskedUpdate:
         clear = {k: float(v) for k, v in (metrics or {}).items() if k in CLEAR_METRICS}
         # num_samples is not needed in the clear (the weight is masked); 1 keeps ClientUpdate's contract
         return cls(client_id=client_id, round=round_number, delta=torch.zeros(0), num_samples=1, metrics=clear,
-                   wire_bytes=masked.wire_size(), masked=masked, now=now)
+                   wire_bytes=masked.wire_size(), masked=masked, now=now, prepared=prepared)
 
 
 def secagg_mode(inner: Aggregator) -> str:
@@ -188,7 +191,7 @@ class SecureAggregator(Aggregator):
             raise UpdateRejected("wrong_sender", f"client {update.client_id} sent a masked input signed as index "
                                  f"{update.masked.sender}")
         try:
-            self.server.receive_masked_input(update.masked, update.now)
+            self.server.receive_masked_input(update.masked, update.now, update.prepared)
         except SecAggRejected as exc:
             raise UpdateRejected(exc.code, str(exc)) from None
 

@@ -20,7 +20,8 @@ import os
 import queue
 import sys
 import traceback
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
@@ -30,6 +31,9 @@ import torch.multiprocessing as mp
 from fl_common.config import FLConfig
 from fl_common.models import model_from_config
 from fl_common.protocol import ClientUpdate, TrainInstructions, derive_seed
+from fl_common.secagg import PlainInput, SecAggError, SecAggParams
+from fl_common.secagg.field import FieldOverflowError
+from fl_common.secagg.precompute import MaskingJob, mask_payload
 from fl_common.tensors.codecs import Codec, make_codec
 from fl_common.tensors.error_feedback import ErrorFeedback
 from fl_common.tensors.pipeline import PackedUpdate, pack_update
@@ -40,12 +44,19 @@ from fl_server.strategies import STRATEGIES
 log = logging.getLogger("fl_server.simulation")
 
 
+#: secure aggregation: client id -> what masking its input takes, done where the client trains
+MaskingJobs = Mapping[Any, MaskingJob]
+
+
 class ClientExecutor(Protocol):
     def run_round(self, global_vector: torch.Tensor, instructions: dict[int, TrainInstructions], *,
                   server_control: torch.Tensor | None = None,
-                  client_controls: dict[int, torch.Tensor] | None = None) -> Iterator[ClientUpdate]:
+                  client_controls: dict[int, torch.Tensor] | None = None,
+                  masking: MaskingJobs | None = None) -> Iterator[ClientUpdate]:
         """Train the planned clients; for SCAFFOLD, ``server_control`` is c (the same for all) and
-        ``client_controls`` each client's c_i, which the driver keeps between rounds."""
+        ``client_controls`` each client's c_i, which the driver keeps between rounds. ``masking`` (secure
+        aggregation): the clients named there also mask their trained input where they trained, and their
+        update comes back as a :class:`WorkerMasked` carrying the masked payload."""
         ...
 
     def evaluate(self, global_vector: torch.Tensor, parts: dict[int, np.ndarray],
@@ -66,6 +77,48 @@ def client_tensors(x: torch.Tensor, y: torch.Tensor, indices: np.ndarray) -> tup
     return x.index_select(0, idx), y.index_select(0, idx)
 
 
+def plain_input_for(params: SecAggParams, update: ClientUpdate) -> PlainInput:
+    """What a trained update contributes to a secure round's layout (its delta, weight, SCAFFOLD variate delta,
+    loss and, when the layout has it, DP's clipping bit): one definition for the driver and the workers."""
+    wants_bit = params.segment("unclipped") is not None
+    return PlainInput(delta=update.delta, weight=int(update.num_samples), control=update.control_delta,
+                      loss=update.metrics.get("train_loss"),
+                      unclipped=bool(update.metrics.get("dp_unclipped")) if wants_bit else None)
+
+
+@dataclass
+class WorkerMasked(ClientUpdate):
+    """A trained update whose masked input its worker computed (:func:`mask_payload`): the driver only signs
+    ``masked_payload``. ``mask_error`` says why there is none (a value its segment cannot hold): the client
+    then drops out, as when the driver masks."""
+
+    masked_payload: bytes | None = None
+    clipped: bool = False
+    mask_error: str | None = None
+
+
+#: what a worker's masking gives back: (payload, clipped, error)
+MaskResult = tuple["bytes | None", bool, "str | None"]
+
+
+def mask_trained(job: MaskingJob, update: ClientUpdate) -> MaskResult:
+    """Mask a trained update where it was trained; a value the ring cannot hold is an error, not a crash."""
+    try:
+        payload, clipped = mask_payload(job, plain_input_for(job.params, update))
+    except (FieldOverflowError, SecAggError, ValueError) as exc:
+        return None, False, f"{type(exc).__name__}: {exc}"
+    return payload, clipped, None
+
+
+def with_mask(update: ClientUpdate, masked: MaskResult | None) -> ClientUpdate:
+    if masked is None:
+        return update
+    payload, clipped, error = masked
+    return WorkerMasked(client_id=update.client_id, round=update.round, delta=update.delta, num_samples=update.num_samples,
+                        metrics=update.metrics, wire_bytes=update.wire_bytes, control_delta=update.control_delta,
+                        masked_payload=payload, clipped=clipped, mask_error=error)
+
+
 class InProcessExecutor:
     """Trains clients one after another in this process (workers=0; also the reference behaviour)."""
 
@@ -76,11 +129,14 @@ class InProcessExecutor:
 
     def run_round(self, global_vector: torch.Tensor, instructions: dict[int, TrainInstructions], *,
                   server_control: torch.Tensor | None = None,
-                  client_controls: dict[int, torch.Tensor] | None = None) -> Iterator[ClientUpdate]:
+                  client_controls: dict[int, torch.Tensor] | None = None,
+                  masking: MaskingJobs | None = None) -> Iterator[ClientUpdate]:
         for cid, instr in instructions.items():
             cx, cy = client_tensors(self.x, self.y, self.partitions[cid])
-            yield self.trainer.train(global_vector, cx, cy, instr, client_id=cid,
-                                     control=_control_for(cid, server_control, client_controls))
+            update = self.trainer.train(global_vector, cx, cy, instr, client_id=cid,
+                                        control=_control_for(cid, server_control, client_controls))
+            job = None if masking is None else masking.get(cid)
+            yield with_mask(update, None if job is None else mask_trained(job, update))
 
     def evaluate(self, global_vector: torch.Tensor, parts: dict[int, np.ndarray],
                  batch_size: int) -> Iterator[tuple[int, EvalResult]]:
@@ -110,8 +166,9 @@ def encode_for_wire(delta: torch.Tensor, codec: Codec, cfg: FLConfig, round_numb
                        meta={"num_samples": num_samples})
 
 
-#: what a worker sends back for one trained client: delta, samples, metrics, wire bytes, variate delta
-TaskResult = tuple[torch.Tensor, int, dict[str, float], int, "torch.Tensor | None"]
+#: what a worker sends back for one trained client: delta, samples, metrics, wire bytes, variate delta, and
+#: under secure aggregation its masked input (None when the driver masks)
+TaskResult = tuple[torch.Tensor, int, dict[str, float], int, "torch.Tensor | None", "MaskResult | None"]
 
 
 class ClientWorker:
@@ -129,14 +186,16 @@ class ClientWorker:
         self.codec = codec if codec is not None and not codec.biased else None
 
     def train(self, global_vector: torch.Tensor, cid: int, x: torch.Tensor, y: torch.Tensor, instr: TrainInstructions,
-              server_control: torch.Tensor | None, client_control: torch.Tensor | None) -> TaskResult:
+              server_control: torch.Tensor | None, client_control: torch.Tensor | None,
+              masking: MaskingJob | None = None) -> TaskResult:
         control = None if client_control is None else ControlVariates(server=server_control, client=client_control)
         update = self.trainer.train(global_vector, x, y, instr, client_id=cid, control=control)
         wire_bytes = 0
         if self.codec is not None:
             packed = encode_for_wire(update.delta, self.codec, self.cfg, instr.round, cid, update.num_samples)
             update.delta, wire_bytes = packed.decoded, len(packed.data)
-        return update.delta, update.num_samples, update.metrics, wire_bytes, update.control_delta
+        masked = None if masking is None else mask_trained(masking, update)
+        return update.delta, update.num_samples, update.metrics, wire_bytes, update.control_delta, masked
 
     def evaluate(self, global_vector: torch.Tensor, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> EvalResult:
         return self.trainer.evaluate(global_vector, x, y, batch_size)
@@ -144,9 +203,10 @@ class ClientWorker:
 
 def update_from_result(cid: int, instr: TrainInstructions, result: TaskResult) -> ClientUpdate:
     """The driver's ClientUpdate from a worker's TaskResult (tensors copied out of shared or transport memory)."""
-    delta, n, metrics, wire_bytes, control_delta = result
-    return ClientUpdate(client_id=cid, round=instr.round, delta=delta.clone(), num_samples=n, metrics=metrics,
-                        wire_bytes=wire_bytes, control_delta=None if control_delta is None else control_delta.clone())
+    delta, n, metrics, wire_bytes, control_delta, masked = result
+    update = ClientUpdate(client_id=cid, round=instr.round, delta=delta.clone(), num_samples=n, metrics=metrics,
+                          wire_bytes=wire_bytes, control_delta=None if control_delta is None else control_delta.clone())
+    return with_mask(update, masked)
 
 
 def release_free_memory() -> None:
@@ -199,11 +259,11 @@ def _worker_main(worker_id: int, cfg_dict: dict[str, Any], input_shape: tuple[in
             except BaseException:
                 results.put(("error", cid, traceback.format_exc()))
             continue
-        _, cid, instr_json, client_control = task
+        _, cid, instr_json, client_control, masking = task
         try:
             instr = TrainInstructions.from_json(instr_json)
             cx, cy = client_tensors(x, y, partitions[cid])
-            results.put(("ok", cid, worker.train(global_buf, cid, cx, cy, instr, control_buf, client_control)))
+            results.put(("ok", cid, worker.train(global_buf, cid, cx, cy, instr, control_buf, client_control, masking)))
             del cx, cy
             release_free_memory()
         except BaseException:
@@ -277,7 +337,8 @@ class ProcessPoolExecutor:
 
     def run_round(self, global_vector: torch.Tensor, instructions: dict[int, TrainInstructions], *,
                   server_control: torch.Tensor | None = None,
-                  client_controls: dict[int, torch.Tensor] | None = None) -> Iterator[ClientUpdate]:
+                  client_controls: dict[int, torch.Tensor] | None = None,
+                  masking: MaskingJobs | None = None) -> Iterator[ClientUpdate]:
         self.global_buf.copy_(global_vector)
         if server_control is not None:
             if self.control_buf is None:
@@ -287,7 +348,8 @@ class ProcessPoolExecutor:
         order = sorted(instructions, key=lambda c: -len(self.partitions[c]))
         for cid in order:
             control = _control_for(cid, server_control, client_controls)
-            self.tasks.put(("train", cid, instructions[cid].to_json(), None if control is None else control.client))
+            self.tasks.put(("train", cid, instructions[cid].to_json(), None if control is None else control.client,
+                            None if masking is None else masking.get(cid)))
         pending: dict[int, ClientUpdate] = {}
         for cid in instructions:  # yield in plan order, buffering early finishers
             while cid not in pending:

@@ -31,8 +31,9 @@ import torch
 
 from fl_common.config import ConfigError, FLConfig, config_from_dict
 from fl_common.protocol import ClientUpdate, TrainInstructions
+from fl_common.secagg.precompute import MaskingJob
 from fl_common.training import EvalResult
-from fl_server.simulation.executor import ClientWorker, TaskResult, update_from_result
+from fl_server.simulation.executor import ClientWorker, MaskingJobs, TaskResult, update_from_result
 
 log = logging.getLogger("fl_server.simulation")
 
@@ -63,13 +64,14 @@ def _client_data(x: np.ndarray, y: np.ndarray, indices: np.ndarray) -> tuple[tor
 
 def train_task(cfg_json: str, input_shape: tuple[int, int, int], num_classes: int, x: np.ndarray, y: np.ndarray,
                global_vector: np.ndarray, server_control: np.ndarray | None, cid: int, indices: np.ndarray,
-               instr_json: str, client_control: torch.Tensor | None) -> TaskResult:
-    """One client's local training in a Ray worker (Ray resolves the object-store arguments)."""
+               instr_json: str, client_control: torch.Tensor | None, masking: MaskingJob | None = None) -> TaskResult:
+    """One client's local training in a Ray worker (Ray resolves the object-store arguments); with ``masking``
+    (secure aggregation) it masks the trained input there too."""
     worker = _worker(cfg_json, input_shape, num_classes)
     cx, cy = _client_data(x, y, indices)
     control = None if server_control is None else torch.from_numpy(server_control.copy())
     return worker.train(torch.from_numpy(global_vector.copy()), cid, cx, cy, TrainInstructions.from_json(instr_json),
-                        control, client_control)
+                        control, client_control, masking)
 
 
 def evaluate_task(cfg_json: str, input_shape: tuple[int, int, int], num_classes: int, x: np.ndarray, y: np.ndarray,
@@ -111,7 +113,8 @@ class RayExecutor:
 
     def run_round(self, global_vector: torch.Tensor, instructions: dict[int, TrainInstructions], *,
                   server_control: torch.Tensor | None = None,
-                  client_controls: dict[int, torch.Tensor] | None = None) -> Iterator[ClientUpdate]:
+                  client_controls: dict[int, torch.Tensor] | None = None,
+                  masking: MaskingJobs | None = None) -> Iterator[ClientUpdate]:
         ray = self._ray
         g = ray.put(global_vector.detach().to(torch.float32).numpy())  # once per round, not per task
         c = None if server_control is None else ray.put(server_control.detach().to(torch.float32).numpy())
@@ -121,7 +124,8 @@ class RayExecutor:
         for cid in sorted(instructions, key=lambda k: -len(self.partitions[k])):  # longest first, as the pool
             own = None if client_controls is None else client_controls[cid]
             refs[cid] = self._train.remote(self._cfg_json, self._shape, self._classes, self._x, self._y, g, c, cid,
-                                           self.partitions[cid], instructions[cid].to_json(), own)
+                                           self.partitions[cid], instructions[cid].to_json(), own,
+                                           None if masking is None else masking.get(cid))
         for cid in instructions:  # plan order, whatever order the tasks finish in
             yield update_from_result(cid, instructions[cid], ray.get(refs[cid]))
 

@@ -22,7 +22,7 @@ import sys
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, overload
 
 import psutil
 import torch
@@ -31,6 +31,7 @@ from tqdm import tqdm
 from fl_common.config import FLConfig
 from fl_common.protocol import ClientUpdate
 from fl_common.tensors import unflatten
+from fl_common.tensors.codecs import make_codec
 from fl_common.training import updated_client_control
 from fl_server.coordinator import Coordinator, RoundPlan
 from fl_server.privacy import BudgetExhausted
@@ -38,7 +39,7 @@ from fl_server.simulation.base import SimulationBase
 from fl_server.simulation.ckks import SIMULATION_FEATURES as CKKS_FEATURES
 from fl_server.simulation.ckks import CKKSSimulation
 from fl_server.simulation.client_state import ClientVariates
-from fl_server.simulation.executor import WorkerFailed
+from fl_server.simulation.executor import MaskingJobs, WorkerFailed
 from fl_server.simulation.personalization import PERSONALIZATION_CSV, heldout_measure, write_personalization_csv
 from fl_server.simulation.secagg import SIMULATION_FEATURES, SecAggSimulation
 from fl_server.store import RoundRecord
@@ -119,7 +120,8 @@ class Simulation(SimulationBase[Coordinator]):
         client_controls = None
         if server_control is not None:  # SCAFFOLD: c goes with the model, each client brings its c_i
             client_controls = {cid: self._variates.get(cid) for cid in plan.instructions}
-        for update in executor.run_round(coord.global_vector, plan.instructions, server_control=server_control,
+        for update in executor.run_round(self.downloaded(coord.global_vector), plan.instructions,
+                                         server_control=self.downloaded(server_control),
                                          client_controls=client_controls):
             if update.control_delta is not None:
                 assert client_controls is not None
@@ -135,6 +137,20 @@ class Simulation(SimulationBase[Coordinator]):
             coord.add_bytes(model_bytes)
         return coord.close_round()
 
+    @overload
+    def downloaded(self, vector: torch.Tensor) -> torch.Tensor: ...
+
+    @overload
+    def downloaded(self, vector: None) -> None: ...
+
+    def downloaded(self, vector: torch.Tensor | None) -> torch.Tensor | None:
+        """What a client receives of a server vector under ``download_codec`` (float16: rounded as the REST server's
+        download is; the client trains from it and its delta is taken against it, the server keeps float32)."""
+        if vector is None or self.cfg.download_codec == "float32":
+            return vector
+        codec = make_codec(self.cfg.download_wire_codec)
+        return codec.decode(codec.encode(vector))
+
     def _run_secure_round(self, secagg: SecAggSimulation | CKKSSimulation) -> RoundRecord:
         """One round under secure aggregation: ``secagg`` runs the protocol (and plans the round again
         while it aborts); this trains the clients it asks for, as run_round does, without the codec."""
@@ -142,13 +158,15 @@ class Simulation(SimulationBase[Coordinator]):
         model_bytes = 4 * self.spec.numel
         pending: dict[Any, torch.Tensor] = {}  # SCAFFOLD: the new c_i of the attempt that trained last
 
-        def train(plan: RoundPlan, cids: list[Any]) -> Iterator[ClientUpdate]:
+        def train(plan: RoundPlan, cids: list[Any], masking: MaskingJobs | None = None) -> Iterator[ClientUpdate]:
             pending.clear()  # an attempt that trained and then aborted moves no variate on
             server_control = coord.server_control
             controls = {cid: self._variates.get(cid) for cid in cids} if server_control is not None else None
             instructions = {cid: plan.instructions[cid] for cid in cids}
-            for update in self.executor().run_round(coord.global_vector, instructions,
-                                                    server_control=server_control, client_controls=controls):
+            # the workers mask what they trained (simulation/secagg.py), unless an attack changes it here first
+            for update in self.executor().run_round(self.downloaded(coord.global_vector), instructions,
+                                                    server_control=self.downloaded(server_control), client_controls=controls,
+                                                    masking=masking if self.attack is None else None):
                 if update.control_delta is not None:
                     assert controls is not None
                     pending[update.client_id] = updated_client_control(controls[update.client_id], update.control_delta)

@@ -18,11 +18,12 @@ over-counts an aborted attempt: conservative).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import time
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -34,7 +35,6 @@ from fl_common.secagg import (
     ConsistencySignature,
     MaskedInput,
     Phase,
-    PlainInput,
     RosterMessage,
     SecAggClient,
     SecAggError,
@@ -51,11 +51,16 @@ from fl_common.secagg.server import PHASES
 from fl_server.coordinator import Coordinator, RoundPlan
 from fl_server.secagg.aggregator import MaskedUpdate, SecAggRoundStats
 from fl_server.selection import ClientInfo
+from fl_server.simulation.executor import MaskingJobs, WorkerMasked, plain_input_for
 from fl_server.store import RoundRecord
 from fl_server.strategies import UpdateRejected
 
-#: ``train(plan, cids)``: the updates of the clients ``cids`` of ``plan``, trained on the round's global model
-TrainClients = Callable[[RoundPlan, list[Any]], Iterable[ClientUpdate]]
+
+class TrainClients(Protocol):
+    """``train(plan, cids, masking)``: the updates of the clients ``cids`` of ``plan``, trained on the round's
+    global model; the clients in ``masking`` may come back masked by the worker that trained them (WorkerMasked)."""
+
+    def __call__(self, plan: RoundPlan, cids: list[Any], masking: MaskingJobs | None = None) -> Iterable[ClientUpdate]: ...
 
 log = logging.getLogger("fl_server.secagg")
 
@@ -74,7 +79,9 @@ class SecAggSimulation:
         self._identities: dict[Any, SigningIdentity] = {}
         self.rounds: list[SecAggRoundStats] = []
         self.aborted: list[SecAggRoundStats] = []
-        self.client_cpu_seconds = 0.0  # SecAgg client work only (keys, shares, encoding, masking), all clients
+        # SecAgg client work done in this process (keys, shares, bundles, signing; encoding and masking too when the
+        # training side masks nothing itself, e.g. under an attack): what the client workers spend masking is not in it
+        self.client_cpu_seconds = 0.0
         self.server_cpu_seconds = 0.0  # SecAgg server work only (checks, summing, reconstruction, unmasking)
         self.client_rounds = 0
 
@@ -113,7 +120,8 @@ class SecAggSimulation:
         SCAFFOLD variates may move on)."""
         for attempt in range(MAX_ATTEMPTS):
             plan = coord.plan_round(list(range(self.cfg.num_clients)), infos=infos, now=0.0)
-            record, summed = self.secure_round(coord, plan, functools.partial(train, plan), attempt=attempt)
+            record, summed = self.secure_round(coord, plan, functools.partial(train, plan), attempt=attempt,
+                                               workers_mask=True)
             if record is not None:
                 return record, plan, summed
         reasons = "; ".join(str(r.aborted) for r in self.aborted[-3:])
@@ -134,14 +142,18 @@ class SecAggSimulation:
         finally:
             self.server_cpu_seconds += time.process_time() - t0
 
-    def secure_round(self, coord: Coordinator, plan: RoundPlan, train: Callable[[list[Any]], Iterable[ClientUpdate]], *,
-                     attempt: int = 0) -> tuple[RoundRecord | None, set[Any]]:
+    def secure_round(self, coord: Coordinator, plan: RoundPlan, train: Callable[..., Iterable[ClientUpdate]], *,
+                     attempt: int = 0, workers_mask: bool = False) -> tuple[RoundRecord | None, set[Any]]:
         """Run the four phases of ``plan`` (planned with secure aggregation on) for in-process clients.
 
-        ``train(cids)`` yields the ClientUpdate of each client still in the round once keys are shared
-        (they are masked here, the coordinator only receives masked inputs). Returns the closed round's
-        record and the clients whose inputs are in the sum, or (None, set()) when the protocol aborted
-        (the coordinator's round is then aborted too)."""
+        ``train(cids)`` yields the ClientUpdate of each client still in the round once keys are shared; the
+        coordinator only receives masked inputs. With ``workers_mask`` it is called ``train(cids, masking)``:
+        each client opens its share bundle before it trains and hands out a masking job, so the worker that
+        trains it also masks its input (in parallel, not serially here) and this only signs the payload; an
+        update that comes back unmasked (the training side did not take the job, e.g. an attack changes deltas
+        after training) is masked here, with the same result bit for bit. Returns the closed round's record and
+        the clients whose inputs are in the sum, or (None, set()) when the protocol aborted (the coordinator's
+        round is then aborted too)."""
         cfg = self.cfg
         agg = coord.secagg
         if agg is None:
@@ -171,16 +183,27 @@ class SecAggSimulation:
             self._deliver(server.receive_share_keys, ShareKeys.from_bytes(msg.to_bytes()), 2.0)
         self._close(server, Phase.SHARE_KEYS, 2.0)
         if server.phase == Phase.MASKED_INPUT:
-            # phase 2: train, then send the masked input (a client that drops here never trains)
-            wants_bit = params.segment("unclipped") is not None
-            for update in train(live(Phase.MASKED_INPUT, server.u2)):
+            # phase 2: open the bundle, train, then send the masked input (a client that drops here never trains)
+            cids = live(Phase.MASKED_INPUT, server.u2)
+            bundles: dict[Any, ShareBundle] = {}
+            jobs: dict[Any, Any] = {}
+            for cid in cids:
+                bundles[cid] = ShareBundle.from_bytes(self._server_call(server.bundle_for, index[cid]).to_bytes())
+                # the client's own rounding stream, as its rng in this attempt would draw it; a bundle it refuses is
+                # refused again by masked_input below, with its reason, after training
+                with contextlib.suppress(SecAggError):
+                    jobs[cid] = self._client_call(clients[cid].masking_job, bundles[cid],
+                                                  derive_seed(cfg.seed, plan.round, cid, "secagg-rounding"))
+            for update in (train(cids, jobs) if workers_mask else train(cids)):
                 cid = update.client_id
-                bundle = ShareBundle.from_bytes(self._server_call(server.bundle_for, index[cid]).to_bytes())
-                plain = PlainInput(delta=update.delta, weight=int(update.num_samples), control=update.control_delta,
-                                   loss=update.metrics.get("train_loss"),
-                                   unclipped=bool(update.metrics.get("dp_unclipped")) if wants_bit else None)
                 try:
-                    masked = self._client_call(clients[cid].masked_input, bundle, plain)
+                    if isinstance(update, WorkerMasked) and cid in jobs:
+                        if update.masked_payload is None:
+                            raise FieldOverflowError(update.mask_error or "masking failed in the worker")
+                        masked = self._client_call(clients[cid].sign_masked_payload, update.masked_payload, update.clipped)
+                    else:
+                        masked = self._client_call(clients[cid].masked_input, bundles[cid],
+                                                   plain_input_for(params, update))
                 except (FieldOverflowError, SecAggError) as exc:
                     log.warning("round %d: client %s cannot send its masked input (%s): it drops out", plan.round, cid, exc)
                     continue

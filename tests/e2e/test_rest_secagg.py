@@ -25,6 +25,7 @@ import requests
 import torch
 
 from fl_client.api import ApiRefused, Credentials, ServerApi
+from fl_client.heartbeat import TrainingHeartbeat
 from fl_client.secagg_session import IDENTITY_FILE, SecureRoundSession, plain_input
 from fl_common.privacy import make_accountant
 from fl_common.protocol.rest import ENV_ADMIN_TOKEN, ENV_ENROLLMENT_TOKEN, pack_masked_upload
@@ -221,9 +222,15 @@ def test_a_client_gone_silent_is_dropped_at_its_liveness_not_at_the_phase_deadli
         # clients 6 and 7 say nothing more; the six go on (share_keys waits for the roster's phase to close)
         for s in sessions[:6]:
             s.share_keys()
+        # while one of them waits for the bundle the others "train" and keep their heartbeat, as daemons do
+        # (fl_client/heartbeat.py): the masked-input phase drops who the server has not heard from too
+        beats = [TrainingHeartbeat(lambda c=c: ServerApi(url, timeout=30, max_retries=0), lambda c=c: c.api.creds,
+                                   min_gap=0.2).start() for c in clients[:6]]
         xs, ws = inputs(8, numel, seed=3)
         for c, x, w in list(zip(clients, xs, ws, strict=False))[:6]:
             c.s.masked_input(c.plain(x, w), {})
+        for b in beats:
+            b.stop()
         for s in sessions[:6]:
             s.consistency()
         for s in sessions[:6]:

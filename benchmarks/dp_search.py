@@ -251,7 +251,7 @@ def collect(search: str, runs: list[tuple[str, dict[str, Any]]], common: dict[st
         pct = lambda v: "" if v is None else f"{100 * v:.2f} %"
         eps = "non-private" if not r["dp"] else f"{r['epsilon_target']:g} / {r['epsilon_spent']:.3f}"
         sig = "" if r["sigma_max"] is None else f"{r['sigma_min']:.2f}-{r['sigma_max']:.2f}"
-        hidden = r["hidden_size"] if r["model_type"] not in ("cnn", "resnet") else ""
+        hidden = r["hidden_size"] if r["model_type"] not in ("cnn", "resnet", "scatter_linear") else ""
         loss = "" if r["final_test_loss"] is None else f"{r['final_test_loss']:.3f}"
         server = r["aggregation_method"] + (f" (momentum {r['server_momentum']:g})" if r["aggregation_method"] == "fedavgm" else "")
         lines.append(f"| {r['run']} | {r['model_type']} | {hidden} | {r['parameters']:,} | {r['learning_rate']:g} | "

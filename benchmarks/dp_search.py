@@ -227,7 +227,8 @@ def collect(search: str, runs: list[tuple[str, dict[str, Any]]], common: dict[st
             "parameters": summary.get("model_parameters"),
             "dp": dp, "epsilon_target": cfg.get("dp_epsilon") if dp else None,
             "epsilon_spent": round(privacy["epsilon_spent"], 4) if dp else None,
-            "sigma_min": min(s for _, s in privacy["noise_multiplier_by_size"]) if dp and privacy.get("noise_multiplier_by_size") else None,
+            "sigma_min": (min(s for _, s in privacy["noise_multiplier_by_size"]) if privacy.get("noise_multiplier_by_size")
+                          else privacy.get("noise_multiplier")) if dp else None,  # client level: one sigma
             "sigma_max": privacy.get("noise_multiplier") if dp else None,
             "rounds": int(summary.get("rounds_completed") or 0),
             "final_accuracy": round(evaluated[-1], 4) if evaluated else None,

@@ -41,7 +41,7 @@ AGGREGATION_METHODS = ("fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "fe
 ATTACKS = ("none", "gaussian_noise")
 DATA_DISTRIBUTIONS = ("iid", "non-iid", "dirichlet", "shards")
 DATASET_NAMES = ("fashion_mnist", "mnist", "cifar10", "synthetic")
-MODEL_TYPES = ("cnn", "mlp", "tanh_cnn", "tanh_cnn_gn", "relu_cnn", "resnet", "custom")
+MODEL_TYPES = ("cnn", "mlp", "tanh_cnn", "tanh_cnn_gn", "relu_cnn", "scatter_linear", "scatter_cnn", "resnet", "custom")
 OPTIMIZERS = ("sgd", "adam", "adagrad")
 LR_SCHEDULES = ("constant", "step", "exponential", "cosine")
 #: "custom" is a plug-in: the class named by ``custom_selection`` (fl_server/selection/factory.py).
@@ -115,7 +115,7 @@ class FLConfig:
     # --- model (seed names) ---
     model_type: str = _opt("cnn", choices=MODEL_TYPES, help="model architecture")
     num_classes: int = _opt(10, lo=2, hi=100000, help="output classes (must match the dataset)")
-    hidden_size: int = _opt(256, lo=8, hi=1024, help="hidden layer width of the mlp and of the tanh_cnn / tanh_cnn_gn / relu_cnn family (Papernot et al. use 32)")
+    hidden_size: int = _opt(256, lo=8, hi=1024, help="hidden layer width of the mlp and of the tanh_cnn / tanh_cnn_gn / relu_cnn family (Papernot et al. use 32); channels of scatter_cnn's convolutions")
     resnet_norm: str = _opt("group", choices=("group", "batch"), help="normalisation layers in the resnet")
     custom_model: str | None = _opt(None, help="'package.module:factory' for model_type=custom")
 

@@ -11,6 +11,7 @@ from torch import nn
 from fl_common.models.cnn import McMahanCNN
 from fl_common.models.dp_cnn import TemperedSigmoidCNN
 from fl_common.models.mlp import MLP
+from fl_common.models.scattering import ScatterCNN, ScatterLinear
 from fl_common.plugins import load_object
 
 if TYPE_CHECKING:
@@ -24,8 +25,12 @@ DP_CNN_VARIANTS: dict[str, tuple[Literal["tanh", "relu"], bool]] = {
     "tanh_cnn_gn": ("tanh", True),
     "relu_cnn": ("relu", False),
 }
+#: Handcrafted-feature models (fl_common/models/scattering.py, Tramer and Boneh 2021): a fixed wavelet
+#: scattering transform, then a linear layer (``scatter_linear``) or a small tanh CNN (``scatter_cnn``,
+#: ``hidden_size`` channels) is the only part trained.
+SCATTER_MODELS = ("scatter_linear", "scatter_cnn")
 #: Every model_type create_model builds (fl_common/config/schema.py keeps the same list; a test checks).
-MODEL_TYPES = ("cnn", "mlp", *DP_CNN_VARIANTS, "resnet", "custom")
+MODEL_TYPES = ("cnn", "mlp", *DP_CNN_VARIANTS, *SCATTER_MODELS, "resnet", "custom")
 
 
 def _load_factory(spec: str) -> Callable[..., nn.Module]:
@@ -52,6 +57,10 @@ def create_model(model_type: str, input_shape: tuple[int, int, int], num_classes
         activation, group_norm = DP_CNN_VARIANTS[model_type]
         model = TemperedSigmoidCNN(input_shape, num_classes, hidden_size=hidden_size, activation=activation,
                                    group_norm=group_norm)
+    elif model_type == "scatter_linear":
+        model = ScatterLinear(input_shape, num_classes)
+    elif model_type == "scatter_cnn":
+        model = ScatterCNN(input_shape, num_classes, hidden_size=hidden_size)
     elif model_type == "resnet":
         from fl_common.models.resnet import (
             small_image_resnet18,  # torchvision is only needed here

@@ -18,9 +18,9 @@ from fl_common.config.recipes import (
 
 def test_the_recipe_follows_epsilon() -> None:
     assert dp_recipe(1.0) == SMALL_EPSILON_RECIPE and dp_recipe(LARGE_EPSILON_FROM) == LARGE_EPSILON_RECIPE
-    assert dp_recipe(3.99)["model_type"] == "cnn" and dp_recipe(8.0)["model_type"] == "tanh_cnn"
+    assert dp_recipe(3.99)["model_type"] == "scatter_linear" and dp_recipe(8.0)["model_type"] == "tanh_cnn"
     dp_recipe(1.0)["batch_size"] = 1  # a copy: the module's recipe is not changed
-    assert SMALL_EPSILON_RECIPE["batch_size"] == 64
+    assert SMALL_EPSILON_RECIPE["batch_size"] == 256
 
 
 @pytest.mark.parametrize(("values", "given", "applies"), [

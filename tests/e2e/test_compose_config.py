@@ -254,8 +254,8 @@ def test_mounted_server_config_is_valid() -> None:
     # private by default, explicitly: the card's pipeline, with the DP recipe's training settings (no model chosen)
     assert raw["differential_privacy"] is True and raw["secure_aggregation"] is True and "model_type" not in raw
     assert (cfg.dp_mode, cfg.dp_epsilon, cfg.dp_delta, cfg.codec, cfg.encryption) == ("sample", 1.0, 1e-5, "int8", True)
-    assert (cfg.dataset, cfg.model_type, cfg.num_clients, cfg.client_selection_ratio) == ("fashion_mnist", "cnn", 10, 1.0)
-    assert (cfg.batch_size, cfg.learning_rate, cfg.lr_schedule) == (64, 0.05, "cosine")
+    assert (cfg.dataset, cfg.model_type, cfg.num_clients, cfg.client_selection_ratio) == ("fashion_mnist", "scatter_linear", 10, 1.0)
+    assert (cfg.batch_size, cfg.learning_rate, cfg.lr_schedule) == (256, 0.4, "cosine")
     assert cfg.poll_interval == 1 and cfg.round_timeout >= 600 and cfg.num_rounds <= 20
     assert cfg.round_start_wait >= 120  # containers start at different times: wait for all of them
     # The smoke test's overrides, read from the script, are valid server flags and a valid config.

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -208,19 +209,20 @@ def test_below_threshold_the_round_aborts_and_releases_nothing(phase: Phase) -> 
 def test_secagg_plus_sparse_graph_with_dropouts() -> None:
     p = _params(30, degree=6)
     assert p.degree == 6 and p.threshold == 5  # 7 holders: 2t > 7 + 1 withstands one colluding holder
+    plan: list[int] = []
     chosen: set[int] = set()
 
     def spread(count: int) -> Callable[[SecAggServer], set[int]]:
-        """``count`` more dropouts such that no client loses more than 2 of its 6 neighbours (the graph
-        depends on the fresh keys, so the choice is made once it is known)."""
+        """``count`` more dropouts such that no client loses more than 2 of the 7 holders of its shares (its 6
+        neighbours and itself: a dropped client with 2 dropped neighbours leaves 4 < t). The graph depends on
+        the fresh keys, so the five dropouts are planned once it is known, by a search, and handed out
+        1 + 2 + 2 over the phases."""
         def pick(server: SecAggServer) -> set[int]:
-            g, new = server.graph, set[int]()
-            for c in sorted(g):
-                trial = chosen | new | {c}
-                if c not in chosen | new and all(len(g[u] & trial) <= 2 for u in g):
-                    new.add(c)
-                if len(new) == count:
-                    break
+            if not plan:
+                g = server.graph
+                plan.extend(next(c for c in itertools.combinations(sorted(g), 5)
+                                 if all(len(g[u] & set(c)) + (u in c) <= 2 for u in g)))
+            new = set(plan[len(chosen):len(chosen) + count])
             chosen.update(new)
             return new
         return pick

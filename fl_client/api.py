@@ -109,7 +109,9 @@ class ServerApi:
                     prepared.headers["Authorization"] = f"Bearer {self.creds.session_token}"
             try:
                 resp = self.session.send(prepared, timeout=self.timeout if timeout is None else timeout)
-            except (requests.ConnectionError, requests.Timeout) as exc:
+            # ChunkedEncodingError: the answer was cut short (a server killed while it wrote the body): as
+            # unreachable as a refused connection, not a reason for the daemon to crash
+            except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as exc:
                 error: str = type(exc).__name__
             else:
                 if resp.status_code < 500 and resp.status_code != 429:

@@ -16,7 +16,7 @@ import pytest
 from fl_client.api import ServerApi, ServerUnreachable
 
 
-@pytest.fixture()
+@pytest.fixture
 def half_answering_server() -> Iterator[tuple[str, list[int]]]:
     """Answers every request with headers promising 478 bytes, sends 10, and closes the connection."""
     listener = socket.create_server(("127.0.0.1", 0))

@@ -96,16 +96,17 @@ def test_dp_family_refuses_what_it_cannot_build() -> None:
         TemperedSigmoidCNN((1, 28, 28), 10, activation="gelu")  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize("kind", ["tanh_cnn", "tanh_cnn_gn"])
-def test_dp_sgd_per_sample_gradients_of_the_dp_family(kind: str) -> None:
-    """DP-SGD runs on the family through the fast hook path, and its per-sample norms and clipped sum
-    equal those of per-example backward passes (computed here one example at a time)."""
+@pytest.mark.parametrize(("kind", "hidden"), [("tanh_cnn", 32), ("tanh_cnn_gn", 32), ("scatter_linear", 8), ("scatter_cnn", 8)])
+def test_dp_sgd_per_sample_gradients_of_the_dp_family(kind: str, hidden: int) -> None:
+    """DP-SGD runs on the family (the tempered-sigmoid CNNs, and the scattering models, whose fixed front end
+    has no parameters) through the fast hook path, and its per-sample norms and clipped sum equal those of
+    per-example backward passes (computed here one example at a time)."""
     from torch.nn import functional as F
 
     from fl_common.privacy import check_dp_compatible, dp_sgd_gradients
     from fl_common.privacy.client_dp import per_example_cross_entropy
 
-    model = create_model(kind, (1, 28, 28), 10, hidden_size=32, seed=0)
+    model = create_model(kind, (1, 28, 28), 10, hidden_size=hidden, seed=0)
     check_dp_compatible(model)
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(6, 1, 28, 28, generator=gen)

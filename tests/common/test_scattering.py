@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.nn import functional as F
 
 from fl_common.models import count_parameters, create_model
 from fl_common.models.scattering import ScatterCNN, Scattering2D, ScatterLinear, scattering_channels
@@ -55,34 +54,7 @@ def test_scattering_refuses_what_it_cannot_build() -> None:
         ScatterCNN((1, 28, 28), hidden_size=0)
 
 
-@pytest.mark.parametrize("kind", ["scatter_linear", "scatter_cnn"])
-def test_dp_sgd_per_sample_gradients_of_scatter_models(kind: str) -> None:
-    """DP-SGD runs on them through the fast hook path; its per-sample norms and clipped sum equal those of
-    one-example-at-a-time backward passes."""
-    from fl_common.privacy import check_dp_compatible, dp_sgd_gradients, per_example_cross_entropy
-
-    model = create_model(kind, (1, 28, 28), 10, hidden_size=8, seed=0)
-    check_dp_compatible(model)
-    gen = torch.Generator().manual_seed(1)
-    x = torch.rand(6, 1, 28, 28, generator=gen)
-    y = torch.randint(0, 10, (6,), generator=gen)
-    clip = 0.5
-    expected_norms, expected_sum = [], None
-    for i in range(6):
-        model.zero_grad(set_to_none=True)
-        F.cross_entropy(model(x[i : i + 1]), y[i : i + 1]).backward()
-        g = torch.cat([p.grad.reshape(-1) for p in model.parameters() if p.grad is not None]).double()
-        expected_norms.append(float(g.norm()))
-        clipped = g * min(1.0, clip / expected_norms[-1])
-        expected_sum = clipped if expected_sum is None else expected_sum + clipped
-    model.zero_grad(set_to_none=True)
-    stats = dp_sgd_gradients(model, per_example_cross_entropy, x, y, clip, 0.0, None, 6.0)
-    assert stats.method == "ghost"
-    torch.testing.assert_close(stats.per_sample_norms.double(), torch.tensor(expected_norms, dtype=torch.float64),
-                               rtol=1e-4, atol=1e-6)
-    got = torch.cat([p.grad.reshape(-1) for p in model.parameters() if p.grad is not None]).double()
-    assert expected_sum is not None
-    torch.testing.assert_close(got, expected_sum / 6.0, rtol=1e-3, atol=1e-6)
+# DP-SGD's per-sample gradients on both models: tests/common/test_models.py (the DP family's test)
 
 
 def test_scatter_models_from_config() -> None:

@@ -56,6 +56,12 @@ def statement_lines(privacy: Mapping[str, Any], label_histogram_epsilon: float |
     if sigmas is not None:
         lines.append(f"Noise multiplier per client (calibrated for each client's sampling rate and steps): "
                      f"{sigmas[0]:.4g} to {sigmas[1]:.4g}.")
+    shares = privacy.get("noise_shares")
+    if privacy.get("noise") == "distributed" and isinstance(shares, int):
+        lines.append(f"Noise: distributed. Each selected client added a 1/{shares} share of it and the server unmasked only "
+                     f"sums of at least {shares} masked updates, so the epsilon holds while the masking does (a server "
+                     f"that follows the protocol) and the clients in each sum added their shares; a client colluding with "
+                     f"the server removes its own share from that protection.")
     note = label_histogram_note(label_histogram_epsilon)
     if note is not None:
         lines.append(note[0].upper() + note[1:] + ".")

@@ -486,6 +486,11 @@ def _check_distributed_noise(cfg: FLConfig) -> None:
                           "the epsilon (which covers the sum) would not hold for one update; set secure_aggregation: true "
                           "with secure_aggregation_method: masking, or dp_noise: central")
     if cfg.dp_mode == "sample":
+        if cfg.optimizer != "sgd":
+            raise ConfigError(f"config key 'optimizer' has value {cfg.optimizer!r}: with dp_noise 'distributed' at sample level "
+                              f"a client's step must be linear in its noisy gradient for the shares to add up to one "
+                              f"Gaussian (an adaptive optimizer rescales each client's noise on its own); set optimizer: sgd "
+                              f"(a server optimizer such as fedadam still works on the sum)")
         if cfg.weight_decay > 0:
             raise ConfigError(f"config key 'weight_decay' has value {cfg.weight_decay:g}: with dp_noise 'distributed' at sample "
                               f"level a client's step must be its noisy clipped gradient alone (the masked range is sized "

@@ -106,6 +106,7 @@ def test_impossible_privacy_settings_are_refused(overrides: dict, fragment: str)
     [
         ({"secure_aggregation_method": "ckks"}, "'dp_noise' has value 'distributed' but secure_aggregation_method is 'ckks'"),
         ({"weight_decay": 0.001}, "'weight_decay' has value 0.001: with dp_noise 'distributed'"),
+        ({"optimizer": "adam"}, "'optimizer' has value 'adam': with dp_noise 'distributed' at sample level"),
         ({"aggregation_method": "median"}, "'aggregation_method' has value 'median': with dp_noise 'distributed'"),
         ({"dp_mode": "client", "dp_sample_rate": 0.5}, "'dp_sample_rate' has value 0.5: it applies to dp_mode 'sample' only"),
     ],

@@ -479,13 +479,17 @@ def _check_distributed_noise(cfg: FLConfig) -> None:
             raise ConfigError(f"config key 'dp_sample_rate' has value {cfg.dp_sample_rate!r}: it applies to dp_mode 'sample' "
                               f"with dp_noise 'distributed' only (otherwise each client's rate is batch_size / its records)")
         return
-    if not cfg.secure_aggregation or cfg.secure_aggregation_method != "masking":
-        why = "secure_aggregation is false" if not cfg.secure_aggregation else "secure_aggregation_method is 'ckks'"
-        raise ConfigError(f"config key 'dp_noise' has value 'distributed' but {why}: each client adds only its share of "
-                          "the noise, so the server (or the CKKS decryptor) would see every update nearly in the clear and "
-                          "the epsilon (which covers the sum) would not hold for one update; set secure_aggregation: true "
-                          "with secure_aggregation_method: masking, or dp_noise: central")
+    if not cfg.secure_aggregation:
+        raise ConfigError("config key 'dp_noise' has value 'distributed' but secure_aggregation is false: each client "
+                          "adds only its share of the noise, so the server would see every update nearly in the clear "
+                          "and the epsilon (which covers the sum) would not hold for one update; set secure_aggregation: "
+                          "true, or dp_noise: central")
     if cfg.dp_mode == "sample":
+        if cfg.secure_aggregation_method != "masking":
+            raise ConfigError(f"config key 'dp_noise' has value 'distributed' at dp_mode 'sample' but "
+                              f"secure_aggregation_method is {cfg.secure_aggregation_method!r}: sample-level distributed "
+                              f"noise is built for masking (its sum's range is sized for the noisy steps); set "
+                              f"secure_aggregation_method: masking, or dp_noise: central")
         if cfg.optimizer != "sgd":
             raise ConfigError(f"config key 'optimizer' has value {cfg.optimizer!r}: with dp_noise 'distributed' at sample level "
                               f"a client's step must be linear in its noisy gradient for the shares to add up to one "

@@ -14,6 +14,7 @@ import pytest
 
 from fl_common.privacy import make_accountant
 from fl_server.privacy.statement import statement_lines
+from fl_server.rest.demo import privacy_line
 from fl_server.simulation import Simulation
 
 DELTA = 1e-5
@@ -60,3 +61,6 @@ def test_the_statement_says_what_distributed_noise_assumes() -> None:
     lines = statement_lines({"mode": "sample", "noise": "distributed", "noise_shares": 8}, None)
     assert any("1/8 share" in line and "while the masking does" in line for line in lines)
     assert not any("share" in line for line in statement_lines({"mode": "sample", "noise": "local", "noise_shares": 1}, None))
+    status = {"privacy": {"differential_privacy": True, "mode": "sample", "noise": "distributed", "noise_shares": 8}}
+    assert "1/8 share" in privacy_line(status)["noise"]
+    assert "noise" not in privacy_line({"privacy": {"differential_privacy": True, "mode": "sample", "noise": "local"}})

@@ -88,7 +88,8 @@ class FLConfig:
     dp_noise_multiplier: float | None = _opt(None, lo=0.0, hi=1000.0, lo_open=True, help="noise multiplier override (default: calibrated from dp_epsilon, dp_delta, num_rounds)")
     dp_client_rounds: int | None = _opt(None, lo=1, hi=1000, help="sample level: rounds per client the noise is calibrated for (default: expected, ceil(num_rounds x selection ratio))")
     dp_noise_calibration: str = _opt("per_client", choices=DP_NOISE_CALIBRATIONS, help="sample level: 'per_client' calibrates each client's sigma for its own (q, steps) so every client spends the budget; 'uniform' gives every client the sigma of the worst-off one (ignored when dp_noise_multiplier is given)")
-    dp_noise: str = _opt("central", choices=("central", "distributed"), help="client level: the server adds the noise, or each client adds its share")
+    dp_noise: str = _opt("central", choices=("central", "distributed"), help="'central': client level, the server adds the noise; sample level, each client's DP-SGD carries all of it. 'distributed' (needs secure_aggregation masking): each selected client adds its share, only the masked sum carries the whole noise; at sample level every round is then one DP-SGD step per client (README 'Differential privacy')")
+    dp_sample_rate: float | None = _opt(None, lo=0.0, hi=1.0, lo_open=True, help="sample level with dp_noise distributed: the Poisson rate each client samples its records at for its one DP-SGD step per round (null: 0.5)")
     dp_adaptive_clipping: bool = _opt(False, help="client level: clip norm follows a quantile of update norms (Andrew et al. 2021)")
     dp_target_quantile: float = _opt(0.5, lo=0.0, hi=1.0, help="client level: target fraction of unclipped updates for adaptive clipping")
     # Secure aggregation (fl_common/secagg, fl_server/secagg): SecAgg with the SecAgg+ neighbour graph.
@@ -434,6 +435,7 @@ def _check_privacy(cfg: FLConfig) -> None:
         stray = [(k, v) for k, v in (("dp_noise_multiplier", cfg.dp_noise_multiplier), ("dp_client_rounds", cfg.dp_client_rounds),
                                      ("dp_adaptive_clipping", cfg.dp_adaptive_clipping or None),
                                      ("dp_noise", "distributed" if cfg.dp_noise == "distributed" else None),
+                                     ("dp_sample_rate", cfg.dp_sample_rate),
                                      ("dp_noise_calibration",
                                       None if cfg.dp_noise_calibration == "per_client" else cfg.dp_noise_calibration))
                  if v is not None]
@@ -442,11 +444,11 @@ def _check_privacy(cfg: FLConfig) -> None:
             raise ConfigError(f"config key '{key}' has value {value!r} but differential_privacy is false: no noise would be "
                               f"added; set differential_privacy: true, or remove '{key}'")
         return
+    _check_distributed_noise(cfg)
     if cfg.dp_mode == "sample":
-        for key, bad in (("dp_adaptive_clipping", cfg.dp_adaptive_clipping), ("dp_noise", cfg.dp_noise == "distributed")):
-            if bad:
-                raise ConfigError(f"config key '{key}' has value {getattr(cfg, key)!r}: it applies to dp_mode 'client' only "
-                                  f"(sample-level DP-SGD clips and noises every step on the client)")
+        if cfg.dp_adaptive_clipping:
+            raise ConfigError(f"config key 'dp_adaptive_clipping' has value {cfg.dp_adaptive_clipping!r}: it applies to dp_mode "
+                              f"'client' only (sample-level DP-SGD clips every record's gradient at clip_grad_norm)")
         if cfg.model_type == "resnet" and cfg.resnet_norm == "batch":
             raise ConfigError("config key 'resnet_norm' has value 'batch': BatchNorm mixes the examples of a batch, so "
                               "sample-level DP-SGD cannot bound one record's influence; set resnet_norm: group")
@@ -459,16 +461,51 @@ def _check_privacy(cfg: FLConfig) -> None:
         if cfg.dp_noise_calibration != "per_client":
             raise ConfigError(f"config key 'dp_noise_calibration' has value {cfg.dp_noise_calibration!r}: it applies to dp_mode "
                               f"'sample' only (client-level DP has one noise multiplier for the aggregate)")
-        if cfg.dp_noise == "distributed" and not cfg.secure_aggregation:
-            # each client adds only its share of the noise (std z C / sqrt(m)): without masking the server sees every
-            # update with that little noise, and the accountant's epsilon, which covers the aggregate, would be a lie
-            raise ConfigError("config key 'dp_noise' has value 'distributed' but secure_aggregation is false: each client "
-                              "adds only its share of the noise, so the server would see every update nearly in the clear "
-                              "and the epsilon (which covers the sum) would not hold for one update; set secure_aggregation: "
-                              "true, or dp_noise: central")
         if cfg.dp_delta >= 1.0 / cfg.num_clients:
             raise ConfigError(f"config key 'dp_delta' has value {cfg.dp_delta:g}: client-level DP protects clients, so it must be "
                               f"below 1/num_clients = {1.0 / cfg.num_clients:.3g}")
+
+
+def _check_distributed_noise(cfg: FLConfig) -> None:
+    """Distributed noise is only as strong as the masking that hides each share: refused without it.
+
+    Each selected client adds only its share of the noise, so without masking the server would see every update
+    nearly in the clear and the accountant's epsilon, which covers the sum, would not hold for one update. At
+    sample level the sum must hold a whole number of DP-SGD steps (one per client per round, every client at one
+    Poisson rate) for the noise shares to add up to one Gaussian mechanism: local epochs and batch sizes do not
+    apply, and the rate is dp_sample_rate."""
+    if cfg.dp_noise != "distributed":
+        if cfg.dp_sample_rate is not None:
+            raise ConfigError(f"config key 'dp_sample_rate' has value {cfg.dp_sample_rate!r}: it applies to dp_mode 'sample' "
+                              f"with dp_noise 'distributed' only (otherwise each client's rate is batch_size / its records)")
+        return
+    if not cfg.secure_aggregation:
+        raise ConfigError("config key 'dp_noise' has value 'distributed' but secure_aggregation is false: each client "
+                          "adds only its share of the noise, so the server would see every update nearly in the clear "
+                          "and the epsilon (which covers the sum) would not hold for one update; set secure_aggregation: "
+                          "true, or dp_noise: central")
+    if cfg.dp_mode == "sample":
+        if cfg.secure_aggregation_method != "masking":
+            raise ConfigError(f"config key 'dp_noise' has value 'distributed' at dp_mode 'sample' but "
+                              f"secure_aggregation_method is {cfg.secure_aggregation_method!r}: sample-level distributed "
+                              f"noise is built for masking (its sum's range is sized for the noisy steps); set "
+                              f"secure_aggregation_method: masking, or dp_noise: central")
+        if cfg.optimizer != "sgd":
+            raise ConfigError(f"config key 'optimizer' has value {cfg.optimizer!r}: with dp_noise 'distributed' at sample level "
+                              f"a client's step must be linear in its noisy gradient for the shares to add up to one "
+                              f"Gaussian (an adaptive optimizer rescales each client's noise on its own); set optimizer: sgd "
+                              f"(a server optimizer such as fedadam still works on the sum)")
+        if cfg.weight_decay > 0:
+            raise ConfigError(f"config key 'weight_decay' has value {cfg.weight_decay:g}: with dp_noise 'distributed' at sample "
+                              f"level a client's step must be its noisy clipped gradient alone (the masked range is sized "
+                              f"for it); set weight_decay: 0, or dp_noise: central")
+        if cfg.aggregation_method not in ("fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad"):
+            raise ConfigError(f"config key 'aggregation_method' has value {cfg.aggregation_method!r}: with dp_noise "
+                              f"'distributed' the server must apply the plain weighted sum of the clients' noisy steps "
+                              f"(fedavg, or a server optimizer over it: fedavgm, fedadam, fedyogi, fedadagrad)")
+    elif cfg.dp_sample_rate is not None:
+        raise ConfigError(f"config key 'dp_sample_rate' has value {cfg.dp_sample_rate!r}: it applies to dp_mode 'sample' "
+                          f"only (client-level DP samples clients, not records)")
 
 
 def _check_aggregation(cfg: FLConfig) -> None:

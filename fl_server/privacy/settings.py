@@ -46,8 +46,11 @@ class DPSettings:
     client_rounds: int | None
     #: sample level: "per_client" or "uniform" [dp_noise_calibration]
     noise_calibration: str
-    #: client level: "central" (the server adds the noise) or "distributed" (each client its share) [dp_noise]
+    #: "central" (client level: the server adds the noise; sample level: each client's DP-SGD holds on its own) or
+    #: "distributed" (each selected client adds a share; only the masked sum carries the whole noise) [dp_noise]
     noise: str
+    #: sample level with distributed noise: the Poisson rate every client samples its records at [dp_sample_rate]
+    sample_rate: float | None
     #: client level: clip norm follows a quantile of the update norms, and its target [dp_adaptive_clipping,
     #: dp_target_quantile]
     adaptive_clipping: bool
@@ -62,5 +65,6 @@ class DPSettings:
             num_rounds=cfg.num_rounds, num_clients=cfg.num_clients, clients_per_round=cfg.clients_per_round,
             min_clients=cfg.min_clients, seed=cfg.seed, batch_size=cfg.batch_size, local_epochs=cfg.local_epochs,
             client_rounds=cfg.dp_client_rounds, noise_calibration=cfg.dp_noise_calibration, noise=cfg.dp_noise,
+            sample_rate=None if cfg.dp_sample_rate is None else float(cfg.dp_sample_rate),
             adaptive_clipping=cfg.dp_adaptive_clipping, target_quantile=float(cfg.dp_target_quantile),
         )

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-__all__ = ["GUARANTEES", "guarantee", "label_histogram_note", "noise_multiplier_range", "statement_lines"]
+__all__ = ["GUARANTEES", "distributed_noise_note", "guarantee", "label_histogram_note", "noise_multiplier_range", "statement_lines"]
 
 GUARANTEES = {
     "sample": ("record-level: adding or removing any one training record of any one client changes the probability of "
@@ -40,6 +40,17 @@ def noise_multiplier_range(privacy: Mapping[str, Any]) -> tuple[float, float] | 
     return min(sigmas), max(sigmas)
 
 
+def distributed_noise_note(privacy: Mapping[str, Any]) -> str | None:
+    """What sample-level distributed noise assumes (the privacy block says ``noise: distributed``), or None."""
+    shares = privacy.get("noise_shares")
+    if privacy.get("noise") != "distributed" or not isinstance(shares, int):
+        return None
+    return (f"distributed: each selected client added a 1/{shares} share of it and the server unmasked only sums of at "
+            f"least {shares} masked updates, so the epsilon holds while the masking does (a server that follows the "
+            f"protocol) and the clients in each sum added their shares; a client colluding with the server removes its "
+            f"own share from that protection")
+
+
 def label_histogram_note(label_histogram_epsilon: float | None) -> str | None:
     """The second release some selection policies read (stratified by label), or None when there is none."""
     if label_histogram_epsilon is None:
@@ -56,6 +67,9 @@ def statement_lines(privacy: Mapping[str, Any], label_histogram_epsilon: float |
     if sigmas is not None:
         lines.append(f"Noise multiplier per client (calibrated for each client's sampling rate and steps): "
                      f"{sigmas[0]:.4g} to {sigmas[1]:.4g}.")
+    distributed = distributed_noise_note(privacy)
+    if distributed is not None:
+        lines.append(f"Noise: {distributed}.")
     note = label_histogram_note(label_histogram_epsilon)
     if note is not None:
         lines.append(note[0].upper() + note[1:] + ".")

@@ -30,7 +30,7 @@ from fl_common.config import FLConfig, dump_config, load_config
 from fl_common.config.loading import parse_overrides, read_yaml
 from fl_common.crypto.tls import ensure_tls
 from fl_common.protocol.rest import ENV_ADMIN_TOKEN, ENV_ENROLLMENT_TOKEN
-from fl_server.privacy.statement import guarantee, label_histogram_note, noise_multiplier_range
+from fl_server.privacy.statement import distributed_noise_note, guarantee, label_histogram_note, noise_multiplier_range
 from fl_server.rest.secrets import ENV_SERVER_SECRET
 
 log = logging.getLogger("fl_server.rest.demo")
@@ -204,6 +204,9 @@ def privacy_line(status: dict[str, Any], label_histogram_epsilon: float | None =
         line["noise_multiplier_range"] = [round(sigmas[0], 4), round(sigmas[1], 4)]
     else:
         line["noise_multiplier"] = dp.get("noise_multiplier")
+    distributed = distributed_noise_note(dp)
+    if distributed is not None:
+        line["noise"] = distributed
     hist = label_histogram_note(label_histogram_epsilon)
     if hist is not None:
         line["label_histograms"] = hist

@@ -115,6 +115,22 @@ def weight_bound_for(selected: Sequence[ClientId], sizes: Mapping[ClientId, int 
     return int(max(known))  # type: ignore[type-var]
 
 
+def distributed_sample_bounds(instr: TrainInstructions, weight_bound: int) -> dict[str, float]:
+    """The field's range for one DP-SGD step whose noise is split among the clients (sample level, distributed).
+
+    A client masks (n_k / W) x delta_k with delta_k = -lr (S_k + N_k) / (q n_k): S_k the sum of the Poisson batch's
+    clipped gradients (each of norm <= C, at most n_k of them), N_k its noise share N(0, (sigma_share C)^2). So the
+    masked vector is -lr (S_k + N_k) / (q W): every coordinate of the signal is within lr C / q, and the noise has
+    the same std lr sigma_share C / (q W) on every client. Why the range is not an L2 clip: clipping one client's
+    noisy step would make the sum something other than the clipped sum plus one Gaussian, which is what the
+    accountant charges; a value beyond the range (10 standard deviations) makes the client refuse to encode."""
+    if instr.dp_sample_rate <= 0:
+        raise ConfigError("distributed sample-level DP: the round's instructions carry no sampling rate")
+    scale = float(instr.learning_rate) / float(instr.dp_sample_rate)
+    return {"clip": scale * float(instr.dp_clip),
+            "noise_std": scale * float(instr.dp_noise_multiplier) * float(instr.dp_clip) / float(weight_bound)}
+
+
 def plan_round_params(cfg: FLConfig, round_number: int, selected: Sequence[ClientId],
                       instructions: Mapping[ClientId, TrainInstructions], inner: Aggregator, numel: int, *,
                       weight_bound: int | None, session: bytes | None = None) -> SecAggParams:
@@ -141,6 +157,9 @@ def plan_round_params(cfg: FLConfig, round_number: int, selected: Sequence[Clien
                           "(the public bound W of the masked weights); the driver must report them (client_sizes / "
                           "ClientInfo.num_samples)")
     with_loss = not cfg.differential_privacy  # under DP the clients do not report a training loss at all
+    if cfg.differential_privacy and cfg.dp_mode == "sample" and cfg.dp_noise == "distributed":
+        return plan_params(**common, **distributed_sample_bounds(next(iter(instructions.values())), weight_bound),
+                           l2_clip=False, weighted=True, weight_bound=weight_bound, with_loss=False)
     if mode == "scaffold":
         return plan_params(**common, clip=cfg.secagg_clip_norm, control_length=numel, weighted=False,
                            weight_bound=weight_bound, with_loss=with_loss)

@@ -84,7 +84,10 @@ def test_features_not_built_are_refused_not_skipped() -> None:
         ({"dp_mode": "record"}, "'dp_mode' has value 'record': allowed one of 'sample', 'client'"),
         ({"dp_accountant": "moments"}, "'dp_accountant' has value 'moments'"),
         ({"dp_adaptive_clipping": True}, "'dp_adaptive_clipping' has value True: it applies to dp_mode 'client' only"),
-        ({"dp_noise": "distributed"}, "'dp_noise' has value 'distributed': it applies to dp_mode 'client' only"),
+        ({"dp_noise": "distributed"}, "'dp_noise' has value 'distributed' but secure_aggregation is false"),
+        ({"differential_privacy": False, "dp_sample_rate": 0.5}, "'dp_sample_rate' has value 0.5 but differential_privacy"),
+        ({"dp_sample_rate": 0.5}, "'dp_sample_rate' has value 0.5: it applies to dp_mode 'sample' with dp_noise 'distributed'"),
+        ({"dp_sample_rate": 0}, "'dp_sample_rate' has value 0"),
         ({"model_type": "resnet", "resnet_norm": "batch"}, "set resnet_norm: group"),
         ({"dp_mode": "client", "num_clients": 10000, "dp_delta": 1e-4}, "below 1/num_clients"),
         ({"dp_mode": "client", "dp_client_rounds": 3}, "'dp_client_rounds' has value 3: it applies to dp_mode 'sample' only"),
@@ -96,6 +99,27 @@ def test_impossible_privacy_settings_are_refused(overrides: dict, fragment: str)
         config_from_dict({"secure_aggregation": False, **overrides})
     assert fragment in str(err.value)
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "fragment"),
+    [
+        ({"secure_aggregation_method": "ckks"}, "'dp_noise' has value 'distributed' at dp_mode 'sample' but secure_aggregation_method is 'ckks'"),
+        ({"weight_decay": 0.001}, "'weight_decay' has value 0.001: with dp_noise 'distributed'"),
+        ({"optimizer": "adam"}, "'optimizer' has value 'adam': with dp_noise 'distributed' at sample level"),
+        ({"aggregation_method": "median"}, "'aggregation_method' has value 'median': with dp_noise 'distributed'"),
+        ({"dp_mode": "client", "dp_sample_rate": 0.5}, "'dp_sample_rate' has value 0.5: it applies to dp_mode 'sample' only"),
+    ],
+)
+def test_distributed_sample_level_noise_refuses_what_would_break_its_sum(overrides: dict, fragment: str) -> None:
+    """Sample-level distributed noise adds up to one Gaussian only over one plain step per client under masking."""
+    base = {"dp_noise": "distributed", "secure_aggregation": True, "num_clients": 20, "client_selection_ratio": 0.5,
+            "min_clients": 4}
+    accepted = config_from_dict({**base, "dp_sample_rate": 0.25})
+    assert (accepted.dp_noise, accepted.dp_sample_rate, accepted.dp_mode) == ("distributed", 0.25, "sample")
+    with pytest.raises(ConfigError) as err:
+        config_from_dict({**base, **overrides})
+    assert fragment in str(err.value) and "\n" not in str(err.value)
 
 
 def test_bad_yaml_files(tmp_path: Path) -> None:
@@ -114,7 +138,7 @@ def test_replace_config_coerces_and_validates_the_whole_result() -> None:
     changed = replace_config(base, num_rounds=7, learning_rate=1)  # an int for a float key, coerced as the loader does
     assert (changed.num_rounds, changed.learning_rate, changed.num_clients) == (7, 1.0, 20)
     assert isinstance(changed.learning_rate, float) and base.num_rounds == 100, "the original is left as it was"
-    with pytest.raises(ConfigError, match="'dp_noise' has value 'distributed': it applies to dp_mode 'client' only"):
+    with pytest.raises(ConfigError, match="'dp_noise' has value 'distributed' but secure_aggregation is false"):
         replace_config(base, differential_privacy=True, dp_noise="distributed")
     with pytest.raises(ConfigError, match=r"unknown config key 'num_clent' \(did you mean 'num_clients'\?\)"):
         replace_config(base, num_clent=5)

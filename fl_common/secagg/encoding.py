@@ -179,10 +179,39 @@ def _layout(modulus_bits: int) -> list[tuple[int, int, int]]:
     return [(j, (j * modulus_bits) // 64, (j * modulus_bits) % 64) for j in range(64)]
 
 
-def _low_bytes(modulus_bits: int) -> np.dtype:
-    """A view of a little-endian uint64 whose one field is its low b/8 bytes: copying that field moves b/8 bytes
-    per value with one memcpy each (a strided uint8 slice would copy byte by byte, 4x slower)."""
-    return np.dtype({"names": ["low"], "formats": [f"V{modulus_bits // 8}"], "offsets": [0], "itemsize": 8})
+def _low_bytes(bits: int) -> np.dtype:
+    """A view of a little-endian uint64 whose one field is its low bits/8 bytes: copying that field moves bits/8
+    bytes per word with one memcpy each (a strided uint8 slice would copy byte by byte, 4x slower)."""
+    return np.dtype({"names": ["low"], "formats": [f"V{bits // 8}"], "offsets": [0], "itemsize": 8})
+
+
+def _pairs_fit_bytes(b: int) -> bool:
+    """Two b-bit values make whole bytes in one word (b = 4, 12, 20, 28: 28 is the private demo's width)."""
+    return b % 8 != 0 and (2 * b) % 8 == 0 and 2 * b <= 64
+
+
+def _pack_pairs(v: np.ndarray, b: int) -> bytes:
+    """Values 2i and 2i+1 as one 2b-bit word (the stream's bit order), whose 2b/8 low bytes are copied out."""
+    n = v.size
+    even = np.zeros(n + (n & 1), dtype=np.uint64)
+    even[:n] = v
+    words = even[0::2] | (even[1::2] << np.uint64(b))
+    return words.astype("<u8", copy=False).view(_low_bytes(2 * b))["low"].tobytes()[:(n * b + 7) // 8]
+
+
+def _unpack_pairs(data: bytes, length: int, b: int) -> np.ndarray:
+    pairs = (length + 1) // 2
+    k = 2 * b // 8
+    words = np.zeros(pairs, dtype="<u8")
+    words.view(_low_bytes(2 * b))["low"] = np.frombuffer(data + bytes(pairs * k - len(data)), dtype=f"V{k}")
+    words = words.astype(np.uint64, copy=False)
+    out = np.empty(2 * pairs, dtype=np.uint64)
+    np.bitwise_and(words, np.uint64((1 << b) - 1), out=out[0::2])
+    np.right_shift(words, np.uint64(b), out=out[1::2])
+    if out[length:].any():
+        raise ValueError("stray bits after the last value")
+    values: np.ndarray = out[:length]
+    return values
 
 
 def pack(values: np.ndarray, modulus_bits: int) -> bytes:
@@ -198,6 +227,8 @@ def pack(values: np.ndarray, modulus_bits: int) -> bytes:
         return v.astype(f"<u{b // 8}").tobytes()
     if b % 8 == 0:  # whole bytes (24 bits: the default clip and precision at 10 clients): the low b/8 bytes of each
         return v.astype("<u8", copy=False).view(_low_bytes(b))["low"].tobytes()
+    if _pairs_fit_bytes(b):
+        return _pack_pairs(v, b)
     groups = -(-n // 64)
     padded = np.zeros(groups * 64, dtype=np.uint64)
     padded[:n] = v
@@ -222,6 +253,8 @@ def unpack(data: bytes, length: int, modulus_bits: int) -> np.ndarray:
         wide = np.zeros(length, dtype="<u8")
         wide.view(_low_bytes(b))["low"] = np.frombuffer(data, dtype=f"V{b // 8}")
         return wide.astype(np.uint64, copy=False)
+    if _pairs_fit_bytes(b):
+        return _unpack_pairs(data, length, b)
     groups = -(-length // 64)
     buf = np.zeros(groups * b * 8, dtype=np.uint8)
     buf[:nbytes] = np.frombuffer(data, dtype=np.uint8)

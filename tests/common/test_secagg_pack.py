@@ -17,7 +17,7 @@ def _reference(values: np.ndarray, bits: int) -> bytes:
     return stream.to_bytes((values.size * bits + 7) // 8, "little")
 
 
-@pytest.mark.parametrize("bits", [1, 7, 8, 16, 23, 24, 28, 29, 32, 40, 48, 56, 61, 62])
+@pytest.mark.parametrize("bits", [1, 4, 7, 8, 12, 16, 20, 23, 24, 28, 29, 32, 40, 48, 56, 61, 62])
 def test_pack_is_the_documented_bit_stream_and_unpack_inverts_it(bits: int) -> None:
     rng = np.random.default_rng(bits)
     for n in (0, 1, 63, 64, 65, 257):
@@ -34,7 +34,8 @@ def test_unpack_refuses_a_wrong_size_and_stray_bits() -> None:
     data = pack(np.arange(10, dtype=np.uint64), 24)
     with pytest.raises(ValueError, match="expected 10 values"):
         unpack(data[:-1], 10, 24)
-    odd = bytearray(pack(np.arange(10, dtype=np.uint64), 29))
-    odd[-1] |= 0x80  # a bit past the tenth value
-    with pytest.raises(ValueError, match="stray bits"):
-        unpack(bytes(odd), 10, 29)
+    for bits, n in ((29, 10), (28, 9), (28, 1)):  # the shift layout and the pair layout (odd count: half a pair)
+        odd = bytearray(pack(np.arange(n, dtype=np.uint64), bits))
+        odd[-1] |= 0x80  # a bit past the last value
+        with pytest.raises(ValueError, match="stray bits"):
+            unpack(bytes(odd), n, bits)

@@ -196,7 +196,8 @@ def _pack_pairs(v: np.ndarray, b: int) -> bytes:
     even = np.zeros(n + (n & 1), dtype=np.uint64)
     even[:n] = v
     words = even[0::2] | (even[1::2] << np.uint64(b))
-    return words.astype("<u8", copy=False).view(_low_bytes(2 * b))["low"].tobytes()[:(n * b + 7) // 8]
+    stream: bytes = words.astype("<u8", copy=False).view(_low_bytes(2 * b))["low"].tobytes()
+    return stream[:(n * b + 7) // 8]
 
 
 def _unpack_pairs(data: bytes, length: int, b: int) -> np.ndarray:

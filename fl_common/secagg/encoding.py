@@ -18,12 +18,13 @@ every value; the bound is enforced (``FieldOverflowError``), never wrapped silen
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
 import numpy as np
 
-from fl_common.secagg.field import FieldOverflowError, decode_sum, encode
+from fl_common.secagg.field import FieldOverflowError, PreEncode, decode_sum, encode
 from fl_common.secagg.messages import SecAggParams, Segment
 
 __all__ = ["PlainInput", "DecodedSum", "LOSS_BOUND", "CLEAR_METRICS", "IN_CLEAR", "encode_input", "decode_input_sum", "pack",
@@ -73,13 +74,32 @@ class DecodedSum:
 
 
 def _as_vector(x: object) -> np.ndarray:
+    """A flat float32 or float64 view (or copy) of ``x``: float32 updates are not widened here (a cnn's would cost
+    a 13 MB float64 copy); the encoding widens them chunk by chunk, exactly."""
     if hasattr(x, "detach"):  # a torch tensor, without importing torch here
         x = x.detach().cpu().numpy()
-    return np.asarray(x, dtype=np.float64).ravel()
+    vec = np.asarray(x).ravel()
+    return vec if vec.dtype in (np.float32, np.float64) else vec.astype(np.float64)
 
 
-def _clip(vec: np.ndarray, seg: Segment) -> tuple[np.ndarray, bool]:
-    norm = float(np.linalg.norm(vec)) if seg.l2_clip is not None else math.nan
+def _l2_norm(vec: np.ndarray) -> float:
+    """||vec|| accumulated in float64, chunk by chunk (no float64 copy of a float32 vector). numpy's own
+    pairwise sum, not BLAS: a BLAS dot wakes its thread pool per call, which on a busy machine spins for longer
+    than the sum takes."""
+    step = max(1, min(vec.size, 1 << 15))
+    squares = np.empty(step)
+    total = 0.0
+    for at in range(0, vec.size, step):
+        part = squares[:min(step, vec.size - at)]
+        part[...] = vec[at:at + step]
+        np.multiply(part, part, out=part)
+        total += float(np.sum(part))
+    return math.sqrt(total)
+
+
+def _clip(vec: np.ndarray, seg: Segment) -> tuple[PreEncode, bool]:
+    """The steps that clip ``vec`` for ``seg`` (applied during the encoding) and whether the L2 clip shrinks it."""
+    norm = _l2_norm(vec) if seg.l2_clip is not None else math.nan
     # a finite norm proves every value finite (NaN and infinity propagate into it): the check's own pass is
     # needed only without an L2 clip or when the norm is not finite (non-finite values, or a sum that overflowed)
     if not math.isfinite(norm):
@@ -87,15 +107,12 @@ def _clip(vec: np.ndarray, seg: Segment) -> tuple[np.ndarray, bool]:
             raise FieldOverflowError(f"segment {seg.name!r} contains NaN or infinity")
         if seg.l2_clip is not None:  # finite values whose squares overflow: the norm of the rescaled vector
             peak = float(np.max(np.abs(vec)))
-            norm = peak * float(np.linalg.norm(vec / peak))
-    clipped = False
-    if seg.l2_clip is not None:
-        if norm > seg.l2_clip:
-            vec = vec * (seg.l2_clip / norm)
-            clipped = True
-        # |v_i| <= ||v|| <= clip <= bound; the clamp only absorbs the last ulp of the rescaling
-        vec = np.clip(vec, -seg.bound, seg.bound)
-    return vec, clipped
+            norm = peak * _l2_norm(vec / peak)
+    if seg.l2_clip is None:
+        return PreEncode(), False
+    rescale = seg.l2_clip / norm if norm > seg.l2_clip else None
+    # |v_i| <= ||v|| <= clip <= bound; the clamp only absorbs the last ulp of the rescaling
+    return PreEncode(rescale=rescale, clamp=seg.bound), rescale is not None
 
 
 def encode_input(params: SecAggParams, plain: PlainInput, rng: np.random.Generator) -> tuple[np.ndarray, bool]:
@@ -108,7 +125,7 @@ def encode_input(params: SecAggParams, plain: PlainInput, rng: np.random.Generat
         raise ValueError(f"weight must be an integer >= 1, got {plain.weight!r}")
     weight = min(int(plain.weight), params.weight_bound)
     factor = weight / params.weight_bound if params.weighted else 1.0
-    parts: list[np.ndarray] = []
+    parts: list[tuple[np.ndarray, PreEncode | None]] = []
     any_clipped = False
     for seg in params.segments:
         if seg.name in ("delta", "control"):
@@ -118,10 +135,11 @@ def encode_input(params: SecAggParams, plain: PlainInput, rng: np.random.Generat
             vec = _as_vector(source)
             if vec.size != seg.length:
                 raise ValueError(f"{seg.name} has {vec.size} values, the round expects {seg.length}")
-            vec, clipped = _clip(vec, seg)
+            steps, clipped = _clip(vec, seg)
             any_clipped |= clipped
-            values = vec * factor if factor != 1.0 else vec
-        elif seg.name == "weight":
+            parts.append((vec, dataclasses.replace(steps, factor=factor)))
+            continue
+        if seg.name == "weight":
             values = np.array([float(weight)])
         elif seg.name == "count":
             values = np.array([1.0])
@@ -134,14 +152,14 @@ def encode_input(params: SecAggParams, plain: PlainInput, rng: np.random.Generat
             values = np.array([1.0 if plain.unclipped else 0.0])
         else:  # "clipped" is filled in below, once every vector has been clipped
             values = np.zeros(1)
-        parts.append(values)
+        parts.append((values, None))
     for i, seg in enumerate(params.segments):
         if seg.name == "clipped":
-            parts[i] = np.array([1.0 if any_clipped else 0.0])
+            parts[i] = (np.array([1.0 if any_clipped else 0.0]), None)
     out = np.empty(params.vector_length, dtype=np.uint64)
     at = 0
-    for seg, values in zip(params.segments, parts, strict=True):
-        out[at:at + seg.length] = encode(values, seg.bound, seg.scale_bits, params.modulus_bits, rng)
+    for seg, (values, pre) in zip(params.segments, parts, strict=True):
+        encode(values, seg.bound, seg.scale_bits, params.modulus_bits, rng, out=out[at:at + seg.length], pre=pre)
         at += seg.length
     return out, any_clipped
 

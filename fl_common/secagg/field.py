@@ -194,14 +194,19 @@ def decode_sum(
     mask = _mask(modulus_bits)
     if required_modulus_bits(clip, scale_bits, num_clients) > modulus_bits:
         raise FieldOverflowError("modulus too small for this many clients: the sum may have wrapped")
-    v = np.asarray(sum_vec, dtype=np.uint64) & mask
-    signed = v.astype(np.int64)
-    half = np.uint64(1 << (modulus_bits - 1))
-    signed[v >= half] -= np.int64(1 << modulus_bits)
+    # centring without a comparison mask or fancy indexing: ((v + 2^(b-1)) mod 2^b) - 2^(b-1) is v for v below
+    # half the ring and v - 2^b above it, i.e. the two's-complement reading of the b-bit value
+    half = 1 << (modulus_bits - 1)
+    centred = np.add(np.asarray(sum_vec, dtype=np.uint64), np.uint64(half))
+    np.bitwise_and(centred, mask, out=centred)
+    signed = centred.view(np.int64)
+    np.subtract(signed, np.int64(half), out=signed)
     bound = num_clients * max_level(clip, scale_bits)
-    if signed.size and int(np.max(np.abs(signed))) > bound:
+    if signed.size and max(-int(np.min(signed)), int(np.max(signed))) > bound:
         raise FieldOverflowError("decoded sum outside the possible range; were all masks removed?")
-    return signed.astype(np.float64) / float(2**scale_bits)
+    out = signed.astype(np.float64)
+    np.divide(out, float(2**scale_bits), out=out)
+    return out
 
 
 def add_mod(a: np.ndarray, b: np.ndarray, modulus_bits: int) -> np.ndarray:

@@ -85,6 +85,24 @@ def steps(clip: float, reps: int) -> dict[str, Any]:
     return out
 
 
+def prg_choices(reps: int) -> dict[str, float]:
+    """Raw keystream of one cnn-sized mask, in place into a preallocated buffer: ChaCha20 (PRG v1) against AES-CTR
+    (AES-NI), 8-byte words (v1) and 4-byte words (v2, b <= 32). What chose PRG v2."""
+    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+    key = bytes(range(32))
+    out: dict[str, float] = {}
+    for width in (8, 4):
+        buf = bytearray(width * CNN_PARAMETERS + 16)
+        data = bytes(width * CNN_PARAMETERS)
+        ciphers = {"chacha20": lambda: Cipher(algorithms.ChaCha20(key, bytes(16)), mode=None),
+                   "aes128_ctr": lambda: Cipher(algorithms.AES(key[:16]), modes.CTR(bytes(16))),
+                   "aes256_ctr": lambda: Cipher(algorithms.AES(key), modes.CTR(bytes(16)))}
+        for name, make in ciphers.items():
+            out[f"{name}_{width}byte_words_ms"] = _ms(lambda make=make, data=data, buf=buf: make().encryptor().update_into(data, buf), reps)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--reps", type=int, default=5)
@@ -92,6 +110,7 @@ def main() -> None:
     args = ap.parse_args()
     result = {"measured_at": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": platform.platform(),
               "load_average": list(os.getloadavg()), "clients": CLIENTS,
+              "prg_keystream": prg_choices(args.reps),
               "cases": {f"clip{clip:g}": steps(clip, args.reps) for clip in (10.0, 200.0)}}
     Path(args.out).write_text(json.dumps(result, indent=1))
     print(json.dumps(result, indent=1))

@@ -197,14 +197,14 @@ def decode_sum(
     # centring without a comparison mask or fancy indexing: ((v + 2^(b-1)) mod 2^b) - 2^(b-1) is v for v below
     # half the ring and v - 2^b above it, i.e. the two's-complement reading of the b-bit value
     half = 1 << (modulus_bits - 1)
-    centred = np.add(np.asarray(sum_vec, dtype=np.uint64), np.uint64(half))
+    centred: np.ndarray = np.add(np.asarray(sum_vec, dtype=np.uint64), np.uint64(half))
     np.bitwise_and(centred, mask, out=centred)
     signed = centred.view(np.int64)
     np.subtract(signed, np.int64(half), out=signed)
     bound = num_clients * max_level(clip, scale_bits)
     if signed.size and max(-int(np.min(signed)), int(np.max(signed))) > bound:
         raise FieldOverflowError("decoded sum outside the possible range; were all masks removed?")
-    out = signed.astype(np.float64)
+    out: np.ndarray = signed.astype(np.float64)
     np.divide(out, float(2**scale_bits), out=out)
     return out
 

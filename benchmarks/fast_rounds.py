@@ -344,8 +344,10 @@ def _measure(stack: Stack, rounds_planned: int, extra: dict[str, Any]) -> dict[s
         vals = [r[key] for r in steady if r[key] is not None]
         return round(statistics.median(vals), 4) if vals else None
 
+    timeline = _phase_timeline(db, {r["attempt"] for r in steady})
     return {
         "rounds_planned": rounds_planned, "rounds_completed": len(per_round), "aborted_attempts": aborted,
+        "secure_phase_median_s": timeline,
         "median_round_s": med("wall_s"), "median_slowest_training_s": med("slowest_training_s"),
         "median_overhead_fraction": med("overhead_fraction"),
         "open_to_last_training_median_s": round(statistics.median(last_starts), 3) if last_starts else None,
@@ -354,6 +356,36 @@ def _measure(stack: Stack, rounds_planned: int, extra: dict[str, Any]) -> dict[s
         "server_up_to_first_round_closed_s": round(first_closed[5] - stack.server_up_at, 3) if first_closed else None,
         "rows": per_round, **extra,
     }
+
+
+#: the secure round's phases in order, as the server's timeline names them (fl_server/rest/secure_driver.py)
+SECURE_PHASES = ("advertise_keys", "share_keys", "masked_input", "consistency_check", "unmask")
+
+
+def _phase_timeline(db: sqlite3.Connection, attempts: set[int]) -> dict[str, float] | None:
+    """Median seconds per secure phase over the closed attempts ``attempts`` (round 1, the warm-up, left out by
+    the caller), from the server's own timeline of each attempt (when it opened and when each phase closed, on the
+    server clock): ``open`` is from the round row's opening to the protocol's start, ``apply`` from the unmasking's
+    end to the round row's close (strategy step, model version, store). The masked-input phase holds the local
+    training. None for plain runs."""
+    row = db.execute("SELECT value FROM meta WHERE key='secagg_history'").fetchone()
+    if row is None:
+        return None
+    opened = dict(db.execute("SELECT round_id, started_at FROM rounds").fetchall())
+    closed = dict(db.execute("SELECT round_id, closed_at FROM rounds").fetchall())
+    per: dict[str, list[float]] = {}
+    for entry in json.loads(row[0]).get("attempts", []):
+        t = entry.get("timeline")
+        rid = entry.get("attempt")
+        if not t or rid not in attempts or entry.get("aborted") is not None or any(ph not in t for ph in SECURE_PHASES):
+            continue
+        marks = [0.0] + [float(t[ph]) for ph in SECURE_PHASES]
+        spans = {"open": float(t["opened_at"]) - float(opened[rid]),
+                 **{ph: marks[i + 1] - marks[i] for i, ph in enumerate(SECURE_PHASES)},
+                 "apply": float(closed[rid]) - (float(t["opened_at"]) + marks[-1])}
+        for k, v in spans.items():
+            per.setdefault(k, []).append(v)
+    return {k: round(statistics.median(v), 3) for k, v in per.items()} or None
 
 
 NOTIFY_RUNS = {"notify50_push": True, "notify50_poll": False}
@@ -428,6 +460,15 @@ def write_readme() -> None:
             lines.append(f"| {name} | {r['rounds_completed']}/{r['rounds_planned']} | {r['open_to_selected_median_s']} | "
                          f"{r['open_to_last_selected_median_s']} / {r['open_to_last_selected_max_s']} | "
                          f"{r['median_round_s']} | {', '.join(f'{x:.1f}' for x in r['load_average_after'])} |")
+    timed = {k: v for k, v in results.items() if v.get("secure_phase_median_s")}
+    if timed:
+        spans = ["open", *SECURE_PHASES, "apply"]
+        lines += ["", "## Secure round timeline (server clock, median s per phase over rounds 2+)", "",
+                  "| run | " + " | ".join(spans) + " | sum |", "|---|" + "---|" * (len(spans) + 1)]
+        for name, r in timed.items():
+            t = r["secure_phase_median_s"]
+            lines.append(f"| {name} | " + " | ".join(str(t.get(k, "")) for k in spans)
+                         + f" | {round(sum(float(t.get(k, 0.0)) for k in spans), 3)} |")
     pairs = [("secure10_push", "plain10_push"), ("secure10_poll", "plain10_poll"), ("plain10_push", "plain10_poll"),
              ("daemons50_push", "daemons50_poll"), ("dropout10_push", "dropout10_none")]
     lines += ["", "## Ratios (median round time, same invocation)", ""]

@@ -1,6 +1,6 @@
 """Secure-aggregation primitives (SecAgg, Bonawitz et al. 2017; SecAgg+, Bell et al. 2020).
 
-One job per module: ``field`` (fixed-point encoding into Z_{2^b}), ``prg`` (ChaCha20 seed
+One job per module: ``field`` (fixed-point encoding into Z_{2^b}), ``prg`` (AES-256-CTR seed
 expansion), ``masks`` (pairwise/self masks and their removal), ``shamir`` (t-of-n sharing of
 seeds and keys), ``graph`` (the SecAgg+ neighbour graph and its parameters).
 

@@ -18,12 +18,13 @@ every value; the bound is enforced (``FieldOverflowError``), never wrapped silen
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
 import numpy as np
 
-from fl_common.secagg.field import FieldOverflowError, decode_sum, encode
+from fl_common.secagg.field import FieldOverflowError, PreEncode, decode_sum, encode
 from fl_common.secagg.messages import SecAggParams, Segment
 
 __all__ = ["PlainInput", "DecodedSum", "LOSS_BOUND", "CLEAR_METRICS", "IN_CLEAR", "encode_input", "decode_input_sum", "pack",
@@ -73,23 +74,45 @@ class DecodedSum:
 
 
 def _as_vector(x: object) -> np.ndarray:
+    """A flat float32 or float64 view (or copy) of ``x``: float32 updates are not widened here (a cnn's would cost
+    a 13 MB float64 copy); the encoding widens them chunk by chunk, exactly."""
     if hasattr(x, "detach"):  # a torch tensor, without importing torch here
         x = x.detach().cpu().numpy()
-    return np.asarray(x, dtype=np.float64).ravel()
+    vec = np.asarray(x).ravel()
+    return vec if vec.dtype in (np.float32, np.float64) else vec.astype(np.float64)
 
 
-def _clip(vec: np.ndarray, seg: Segment) -> tuple[np.ndarray, bool]:
-    if not np.all(np.isfinite(vec)):
-        raise FieldOverflowError(f"segment {seg.name!r} contains NaN or infinity")
-    clipped = False
-    if seg.l2_clip is not None:
-        norm = float(np.linalg.norm(vec))
-        if norm > seg.l2_clip:
-            vec = vec * (seg.l2_clip / norm)
-            clipped = True
-        # |v_i| <= ||v|| <= clip <= bound; the clamp only absorbs the last ulp of the rescaling
-        vec = np.clip(vec, -seg.bound, seg.bound)
-    return vec, clipped
+def _l2_norm(vec: np.ndarray) -> float:
+    """||vec|| accumulated in float64, chunk by chunk (no float64 copy of a float32 vector). numpy's own
+    pairwise sum, not BLAS: a BLAS dot wakes its thread pool per call, which on a busy machine spins for longer
+    than the sum takes."""
+    step = max(1, min(vec.size, 1 << 15))
+    squares = np.empty(step)
+    total = 0.0
+    for at in range(0, vec.size, step):
+        part = squares[:min(step, vec.size - at)]
+        part[...] = vec[at:at + step]
+        np.multiply(part, part, out=part)
+        total += float(np.sum(part))
+    return math.sqrt(total)
+
+
+def _clip(vec: np.ndarray, seg: Segment) -> tuple[PreEncode, bool]:
+    """The steps that clip ``vec`` for ``seg`` (applied during the encoding) and whether the L2 clip shrinks it."""
+    norm = _l2_norm(vec) if seg.l2_clip is not None else math.nan
+    # a finite norm proves every value finite (NaN and infinity propagate into it): the check's own pass is
+    # needed only without an L2 clip or when the norm is not finite (non-finite values, or a sum that overflowed)
+    if not math.isfinite(norm):
+        if not np.all(np.isfinite(vec)):
+            raise FieldOverflowError(f"segment {seg.name!r} contains NaN or infinity")
+        if seg.l2_clip is not None:  # finite values whose squares overflow: the norm of the rescaled vector
+            peak = float(np.max(np.abs(vec)))
+            norm = peak * _l2_norm(vec / peak)
+    if seg.l2_clip is None:
+        return PreEncode(), False
+    rescale = seg.l2_clip / norm if norm > seg.l2_clip else None
+    # |v_i| <= ||v|| <= clip <= bound; the clamp only absorbs the last ulp of the rescaling
+    return PreEncode(rescale=rescale, clamp=seg.bound), rescale is not None
 
 
 def encode_input(params: SecAggParams, plain: PlainInput, rng: np.random.Generator) -> tuple[np.ndarray, bool]:
@@ -102,7 +125,7 @@ def encode_input(params: SecAggParams, plain: PlainInput, rng: np.random.Generat
         raise ValueError(f"weight must be an integer >= 1, got {plain.weight!r}")
     weight = min(int(plain.weight), params.weight_bound)
     factor = weight / params.weight_bound if params.weighted else 1.0
-    parts: list[np.ndarray] = []
+    parts: list[tuple[np.ndarray, PreEncode | None]] = []
     any_clipped = False
     for seg in params.segments:
         if seg.name in ("delta", "control"):
@@ -112,10 +135,11 @@ def encode_input(params: SecAggParams, plain: PlainInput, rng: np.random.Generat
             vec = _as_vector(source)
             if vec.size != seg.length:
                 raise ValueError(f"{seg.name} has {vec.size} values, the round expects {seg.length}")
-            vec, clipped = _clip(vec, seg)
+            steps, clipped = _clip(vec, seg)
             any_clipped |= clipped
-            values = vec * factor if factor != 1.0 else vec
-        elif seg.name == "weight":
+            parts.append((vec, dataclasses.replace(steps, factor=factor)))
+            continue
+        if seg.name == "weight":
             values = np.array([float(weight)])
         elif seg.name == "count":
             values = np.array([1.0])
@@ -128,14 +152,14 @@ def encode_input(params: SecAggParams, plain: PlainInput, rng: np.random.Generat
             values = np.array([1.0 if plain.unclipped else 0.0])
         else:  # "clipped" is filled in below, once every vector has been clipped
             values = np.zeros(1)
-        parts.append(values)
+        parts.append((values, None))
     for i, seg in enumerate(params.segments):
         if seg.name == "clipped":
-            parts[i] = np.array([1.0 if any_clipped else 0.0])
+            parts[i] = (np.array([1.0 if any_clipped else 0.0]), None)
     out = np.empty(params.vector_length, dtype=np.uint64)
     at = 0
-    for seg, values in zip(params.segments, parts, strict=True):
-        out[at:at + seg.length] = encode(values, seg.bound, seg.scale_bits, params.modulus_bits, rng)
+    for seg, (values, pre) in zip(params.segments, parts, strict=True):
+        encode(values, seg.bound, seg.scale_bits, params.modulus_bits, rng, out=out[at:at + seg.length], pre=pre)
         at += seg.length
     return out, any_clipped
 
@@ -173,6 +197,42 @@ def _layout(modulus_bits: int) -> list[tuple[int, int, int]]:
     return [(j, (j * modulus_bits) // 64, (j * modulus_bits) % 64) for j in range(64)]
 
 
+def _low_bytes(bits: int) -> np.dtype:
+    """A view of a little-endian uint64 whose one field is its low bits/8 bytes: copying that field moves bits/8
+    bytes per word with one memcpy each (a strided uint8 slice would copy byte by byte, 4x slower)."""
+    return np.dtype({"names": ["low"], "formats": [f"V{bits // 8}"], "offsets": [0], "itemsize": 8})
+
+
+def _pairs_fit_bytes(b: int) -> bool:
+    """Two b-bit values make whole bytes in one word (b = 4, 12, 20, 28: 28 is the private demo's width)."""
+    return b % 8 != 0 and (2 * b) % 8 == 0 and 2 * b <= 64
+
+
+def _pack_pairs(v: np.ndarray, b: int) -> bytes:
+    """Values 2i and 2i+1 as one 2b-bit word (the stream's bit order), whose 2b/8 low bytes are copied out."""
+    n = v.size
+    even = np.zeros(n + (n & 1), dtype=np.uint64)
+    even[:n] = v
+    words = even[0::2] | (even[1::2] << np.uint64(b))
+    stream: bytes = words.astype("<u8", copy=False).view(_low_bytes(2 * b))["low"].tobytes()
+    return stream[:(n * b + 7) // 8]
+
+
+def _unpack_pairs(data: bytes, length: int, b: int) -> np.ndarray:
+    pairs = (length + 1) // 2
+    k = 2 * b // 8
+    words = np.zeros(pairs, dtype="<u8")
+    words.view(_low_bytes(2 * b))["low"] = np.frombuffer(data + bytes(pairs * k - len(data)), dtype=f"V{k}")
+    words = words.astype(np.uint64, copy=False)
+    out = np.empty(2 * pairs, dtype=np.uint64)
+    np.bitwise_and(words, np.uint64((1 << b) - 1), out=out[0::2])
+    np.right_shift(words, np.uint64(b), out=out[1::2])
+    if out[length:].any():
+        raise ValueError("stray bits after the last value")
+    values: np.ndarray = out[:length]
+    return values
+
+
 def pack(values: np.ndarray, modulus_bits: int) -> bytes:
     """uint64 field elements -> a little-endian bit stream of exactly ceil(n*b/8) bytes.
 
@@ -184,6 +244,10 @@ def pack(values: np.ndarray, modulus_bits: int) -> bytes:
     nbytes = (n * b + 7) // 8
     if b in (8, 16, 32):
         return v.astype(f"<u{b // 8}").tobytes()
+    if b % 8 == 0:  # whole bytes (24 bits: the default clip and precision at 10 clients): the low b/8 bytes of each
+        return v.astype("<u8", copy=False).view(_low_bytes(b))["low"].tobytes()
+    if _pairs_fit_bytes(b):
+        return _pack_pairs(v, b)
     groups = -(-n // 64)
     padded = np.zeros(groups * 64, dtype=np.uint64)
     padded[:n] = v
@@ -204,6 +268,12 @@ def unpack(data: bytes, length: int, modulus_bits: int) -> np.ndarray:
         raise ValueError(f"expected {length} values of {b} bits ({nbytes} bytes), got {len(data)}")
     if b in (8, 16, 32):
         return np.frombuffer(data, dtype=f"<u{b // 8}").astype(np.uint64)
+    if b % 8 == 0:
+        wide = np.zeros(length, dtype="<u8")
+        wide.view(_low_bytes(b))["low"] = np.frombuffer(data, dtype=f"V{b // 8}")
+        return wide.astype(np.uint64, copy=False)
+    if _pairs_fit_bytes(b):
+        return _unpack_pairs(data, length, b)
     groups = -(-length // 64)
     buf = np.zeros(groups * b * 8, dtype=np.uint8)
     buf[:nbytes] = np.frombuffer(data, dtype=np.uint8)

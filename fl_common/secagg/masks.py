@@ -24,7 +24,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from fl_common.secagg.field import neg_mod
-from fl_common.secagg.prg import SEED_LEN, expand_seed
+from fl_common.secagg.prg import SEED_LEN, add_expansion, expand_seed, word_dtype
 
 __all__ = [
     "pairwise_seed",
@@ -32,6 +32,10 @@ __all__ = [
     "self_mask",
     "mask_input",
     "unmask_sum",
+    "add_pairwise_mask",
+    "add_self_mask",
+    "word_vector",
+    "reduce_words",
 ]
 
 _PAIR_INFO = b"fl-hub/v1/secagg/pairwise-seed|"
@@ -66,6 +70,32 @@ def pairwise_mask(
     return stream if own_id < peer_id else neg_mod(stream, modulus_bits)
 
 
+def add_pairwise_mask(acc: np.ndarray, shared_secret: bytes, own_id: int, peer_id: int, modulus_bits: int, *,
+                      context: bytes = b"", sign: int = 1) -> None:
+    """``acc += sign x pairwise_mask(...)`` in place and unreduced (``acc``: a word vector, see
+    :func:`~fl_common.secagg.prg.add_expansion`): the same term without a vector of its own."""
+    positive = (own_id < peer_id) == (sign > 0)
+    add_expansion(acc, pairwise_seed(shared_secret, own_id, peer_id, context=context), modulus_bits,
+                  label=_PAIR_LABEL + context, subtract=not positive)
+
+
+def add_self_mask(acc: np.ndarray, self_seed: bytes, modulus_bits: int, *, context: bytes = b"", sign: int = 1) -> None:
+    """``acc += sign x self_mask(...)`` in place and unreduced."""
+    add_expansion(acc, self_seed, modulus_bits, label=_SELF_LABEL + context, subtract=sign < 0)
+
+
+def word_vector(x: np.ndarray, modulus_bits: int) -> np.ndarray:
+    """A fresh contiguous copy of ring elements ``x`` in the word dtype of ``modulus_bits`` (uint32 up to 32
+    bits): the accumulator the masking adds its streams into."""
+    return np.array(np.asarray(x).ravel(), dtype=word_dtype(modulus_bits))
+
+
+def reduce_words(acc: np.ndarray, modulus_bits: int) -> np.ndarray:
+    """``acc mod 2^b`` as the uint64 vector every caller of the masking gets (one pass; ``acc`` is consumed)."""
+    np.bitwise_and(acc, acc.dtype.type((1 << modulus_bits) - 1), out=acc)
+    return acc if acc.dtype == np.uint64 else acc.astype(np.uint64)
+
+
 def self_mask(self_seed: bytes, n: int, modulus_bits: int, *, context: bytes = b"") -> np.ndarray:
     """PRG(b_u). Without it, the server could learn x_u of a client it wrongly believed dropped
     (its pairwise masks would be removed); with it, each x_u stays hidden until b_u is revealed."""
@@ -86,14 +116,12 @@ def mask_input(
     ``pairwise_secrets`` maps neighbour id -> raw X25519 shared secret (from the round's
     *mask* key pair). ``context`` should carry the round id unless keys are fresh per round.
     """
-    y = np.array(x_encoded, dtype=np.uint64)  # a copy: the caller's array is never modified
-    n = y.size
-    # Accumulate in place: uint64 wraps mod 2^64 and 2^b divides 2^64, so one final mask suffices.
-    y += self_mask(self_seed, n, modulus_bits, context=context)
+    y = word_vector(x_encoded, modulus_bits)  # a copy: the caller's array is never modified
+    # Accumulate in place: the word wraps mod 2^32 or 2^64, which 2^b divides, so one final reduction suffices.
+    add_self_mask(y, self_seed, modulus_bits, context=context)
     for peer_id, secret in sorted(pairwise_secrets.items()):
-        y += pairwise_mask(secret, own_id, peer_id, n, modulus_bits, context=context)
-    y &= _modmask(modulus_bits)
-    return y
+        add_pairwise_mask(y, secret, own_id, peer_id, modulus_bits, context=context)
+    return reduce_words(y, modulus_bits)
 
 
 def unmask_sum(
@@ -110,16 +138,9 @@ def unmask_sum(
     ``(survivor_id, dropped_id, shared_secret)`` for every survivor-dropped neighbour pair, the
     secret recomputed from the dropped client's reconstructed mask private key.
     """
-    s = np.array(masked_sum, dtype=np.uint64)
-    n = s.size
+    s = word_vector(masked_sum, modulus_bits)  # the low b bits of the uint64 sum are all that matter
     for seed in survivor_self_seeds.values():
-        s -= self_mask(seed, n, modulus_bits, context=context)
+        add_self_mask(s, seed, modulus_bits, context=context, sign=-1)
     for survivor_id, dropped_id, secret in dangling_pairs:
-        s -= pairwise_mask(secret, survivor_id, dropped_id, n, modulus_bits, context=context)
-    s &= _modmask(modulus_bits)
-    return s
-
-
-def _modmask(modulus_bits: int) -> np.uint64:
-    mask: np.uint64 = np.uint64((1 << modulus_bits) - 1)
-    return mask
+        add_pairwise_mask(s, secret, survivor_id, dropped_id, modulus_bits, context=context, sign=-1)
+    return reduce_words(s, modulus_bits)

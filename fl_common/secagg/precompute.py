@@ -1,7 +1,7 @@
 """Masks ready before the update is: expand a client's self and pairwise masks while it still trains.
 
 Why: a client's masked input is ``y = x + PRG(b_u) + sum_v +-PRG(s_uv)`` (fl_common/secagg/masks.py).
-Expanding the ChaCha20 streams costs one pass over the model per neighbour plus one, and it depends only
+Expanding the PRG streams costs one pass over the model per neighbour plus one, and it depends only
 on secrets the client holds once keys are shared (phase 1), never on the update. Done at upload time it
 sits between the end of training and the masked input, on the round's critical path; done here, in a
 background thread from the moment keys are shared, it overlaps local training and the upload is one
@@ -10,7 +10,7 @@ vector add.
 Exactness: the masks are summed over *every* neighbour in the roster's graph. At upload only the
 neighbours that shared keys (``neighbours & U2``, from the share bundle) may be masked with; the mask of
 any other is subtracted again (expanded then, a rare case: a neighbour that dropped in phase 1). All of it is
-uint64 arithmetic that wraps mod 2^64, and 2^b divides 2^64, so the result equals
+word arithmetic that wraps mod 2^32 or 2^64 (prg.word_dtype), which 2^b divides, so the result equals
 :func:`~fl_common.secagg.masks.mask_input` bit for bit (tests/common/test_secagg_precompute.py).
 
 The secrets never leave the object; a failure in the background (a degenerate peer key) makes
@@ -27,8 +27,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from fl_common.secagg.encoding import PlainInput, encode_input, pack
-from fl_common.secagg.masks import mask_input, pairwise_mask, self_mask
+from fl_common.secagg.masks import add_pairwise_mask, add_self_mask, mask_input, reduce_words, word_vector
 from fl_common.secagg.messages import SecAggParams
+from fl_common.secagg.prg import word_dtype
 
 __all__ = ["MaskMaterial", "MaskPrecompute", "MaskingJob", "mask_payload"]
 
@@ -48,9 +49,10 @@ class MaskMaterial:
     def __repr__(self) -> str:
         return f"MaskMaterial(index={self.index}, neighbours={sorted(self.pairwise_secrets)}, <secrets redacted>)"
 
-    def pairwise(self, peer: int) -> np.ndarray:
-        return pairwise_mask(self.pairwise_secrets[peer], self.index, peer, self.length, self.modulus_bits,
-                             context=self.context)
+    def add_pairwise(self, acc: np.ndarray, peer: int, *, sign: int = 1) -> None:
+        """``acc += sign x`` this client's pairwise term for ``peer`` (in place, unreduced)."""
+        add_pairwise_mask(acc, self.pairwise_secrets[peer], self.index, peer, self.modulus_bits, context=self.context,
+                          sign=sign)
 
 
 @dataclass
@@ -73,9 +75,10 @@ class MaskPrecompute:
     def _expand(self) -> None:
         m = self.material
         try:
-            total = self_mask(m.self_seed, m.length, m.modulus_bits, context=m.context)
+            total = np.zeros(m.length, dtype=word_dtype(m.modulus_bits))
+            add_self_mask(total, m.self_seed, m.modulus_bits, context=m.context)
             for peer in sorted(m.pairwise_secrets):
-                total += m.pairwise(peer)  # uint64 wraps mod 2^64; 2^b divides it
+                m.add_pairwise(total, peer)  # the word wraps mod 2^32 or 2^64; 2^b divides it
             self._total = total
         except (ValueError, ArithmeticError) as exc:
             self._failed = exc
@@ -94,12 +97,11 @@ class MaskPrecompute:
         m = self.material
         if self._total is None or x_encoded.size != m.length or not set(neighbours_in_sum) <= set(m.pairwise_secrets):
             return None
-        y = np.array(x_encoded, dtype=np.uint64)
+        y = word_vector(x_encoded, m.modulus_bits)
         y += self._total
         for peer in sorted(set(m.pairwise_secrets) - set(neighbours_in_sum)):  # shared no keys: not masked with
-            y -= m.pairwise(peer)
-        y &= np.uint64((1 << m.modulus_bits) - 1)
-        return y
+            m.add_pairwise(y, peer, sign=-1)
+        return reduce_words(y, m.modulus_bits)
 
 
 @dataclass(frozen=True, repr=False)

@@ -70,6 +70,7 @@ from fl_common.secagg import (
     PreparedInput,
     SecAggAborted,
     SecAggRejected,
+    SecAggServer,
     ShareKeys,
     UnmaskResponse,
     Verifier,
@@ -106,6 +107,14 @@ SECAGG_POLL_MAX = 1.0
 MIN_SECURE_CLIENTS = 3
 RESTART_REASON = ("the server restarted during the secure round: its protocol state (keys, shares, the masked sum) "
                   "lives in memory only, so the attempt is aborted and nothing of it is applied")
+
+
+def phase_timeline(server: SecAggServer) -> dict[str, float]:
+    """When the attempt opened (server clock) and when each phase closed, in seconds after that, in phase order:
+    what a round's time went to (kept with the attempt's history; benchmarks/fast_rounds.py reads it). Times only,
+    no client named."""
+    started = float(server.started)
+    return {"opened_at": started, **{ph: round(float(t) - started, 4) for ph, t in server.phase_closed_at.items()}}
 
 
 @dataclass
@@ -286,12 +295,12 @@ class SecureRounds(RoundProtocol):
         if closed is None:  # the unmasked aggregate was not finite: the driver aborted the attempt
             stats = agg.stats()
             stats.aborted = "the unmasked aggregate is not finite"
-            self._finish(row, stats, phase=Phase.UNMASK.value, auth=agg.params.auth)
+            self._finish(row, stats, phase=Phase.UNMASK.value, auth=agg.params.auth, server=agg.server)
 
     def round_closed(self, row: RoundRow, secagg: SecureAggregator | None) -> None:
         """The driver applied the attempt's unmasked sum: add it to the history (summary, /status, /metrics)."""
         if secagg is not None:
-            self._finish(row, secagg.stats(), auth=secagg.params.auth)
+            self._finish(row, secagg.stats(), auth=secagg.params.auth, server=secagg.server)
 
     def _abort(self, row: RoundRow, agg: SecureAggregator, reason: str, now: float) -> None:
         closed = list(agg.server.phase_closed_at)  # in order; an abort closes the phase it happened in last
@@ -302,10 +311,10 @@ class SecureRounds(RoundProtocol):
         self.driver.abort_round(row, f"secure aggregation aborted in phase {phase}: {reason}", now, warn=False)
         log.warning("round %d (attempt %d): secure aggregation aborted in phase %s: %s; nothing is applied, a new attempt "
                     "follows", row.round, row.round_id, phase, reason)
-        self._finish(row, stats, phase=phase, auth=agg.params.auth)
+        self._finish(row, stats, phase=phase, auth=agg.params.auth, server=agg.server)
 
     def _finish(self, row: RoundRow, stats: SecAggRoundStats, *, phase: str | None = None,
-                auth: str | None = None) -> None:
+                auth: str | None = None, server: SecAggServer | None = None) -> None:
         attempt = self._attempts.get(row.round_id)
         if attempt is not None:
             attempt.finished = True
@@ -313,6 +322,8 @@ class SecureRounds(RoundProtocol):
         # last round was authenticated once no attempt is open (the stats' params do not carry it)
         entry = {**asdict(stats), "attempt": row.round_id, "auth": auth}
         entry["events"] = len(stats.events)  # counts only: the events name clients
+        if server is not None:
+            entry["timeline"] = phase_timeline(server)
         if stats.aborted is not None:
             entry["aborted_in_phase"] = phase
         self._history.setdefault("attempts", []).append(entry)

@@ -230,11 +230,12 @@ def test_pair_ids_are_checked_before_any_mask_is_derived() -> None:
 
 def test_pairwise_seed_and_masks_match_the_documented_derivation() -> None:
     """Known answers, re-derived here from the documented construction (HKDF-SHA256, info = domain || lo (8 bytes) ||
-    hi (8 bytes) || len(context) (4 bytes) || context; ChaCha20 keystream as little-endian words, low b bits).
+    hi (8 bytes) || len(context) (4 bytes) || context; PRG v2: AES-256-CTR keystream from counter block 0 as
+    little-endian 32-bit words for b <= 32, low b bits).
     Both ends of a pair run the same code, so a change to the encoding would still cancel in every round-trip
     test - but two implementations (or versions) of the protocol would no longer agree."""
     from cryptography.hazmat.primitives import hashes
-    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
+    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
     from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
     secret = bytes(range(32))
@@ -248,11 +249,11 @@ def test_pairwise_seed_and_masks_match_the_documented_derivation() -> None:
     from fl_common.secagg import self_mask
 
     key = HKDF(algorithm=hashes.SHA256(), length=32, salt=None,
-               info=b"fl-hub/v1/secagg/prg|" + b"self|" + b"round-1").derive(bytes(32))
-    stream = Cipher(algorithms.ChaCha20(key, bytes(16)), mode=None).encryptor().update(bytes(24))
-    words = [int.from_bytes(stream[8 * i:8 * i + 8], "little") & 0xFFFFFFFF for i in range(3)]
-    assert [int(w) for w in self_mask(bytes(32), 3, 32, context=b"round-1")] == words == [3826432369, 1023207075, 2850401503]
+               info=b"fl-hub/v2/secagg/prg|" + b"self|" + b"round-1").derive(bytes(32))
+    stream = Cipher(algorithms.AES(key), modes.CTR(bytes(16))).encryptor().update(bytes(12))
+    words = [int.from_bytes(stream[4 * i:4 * i + 4], "little") for i in range(3)]
+    assert [int(w) for w in self_mask(bytes(32), 3, 32, context=b"round-1")] == words == [3777788157, 840286997, 2591274763]
     # the pair's sign: the lower id adds PRG(s_uv), the higher subtracts it
     up, down = pairwise_mask(secret, 1, 2, 3, 32, context=b"round-1"), pairwise_mask(secret, 2, 1, 3, 32, context=b"round-1")
-    assert [int(w) for w in up] == [4055211878, 116584369, 1239155355]
+    assert [int(w) for w in up] == [1931192128, 2405136864, 1388789526]
     assert [int(w) for w in add_mod(up, down, 32)] == [0, 0, 0]

@@ -1,4 +1,5 @@
-"""ChaCha20 seed expansion: determinism, domain separation, uniformity, speed."""
+"""AES-256-CTR seed expansion (PRG v2): determinism, domain separation, the documented keystream, in-place accumulation,
+uniformity, speed."""
 
 from __future__ import annotations
 
@@ -6,9 +7,10 @@ import time
 
 import numpy as np
 import pytest
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from fl_common.secagg import derive_prg_key, expand_seed
+from fl_common.secagg.prg import add_expansion, word_dtype
 
 SEED = bytes(range(32))
 
@@ -23,12 +25,38 @@ def test_deterministic_and_domain_separated() -> None:
     assert expand_seed(SEED, 0, 40, label=b"r1").size == 0
 
 
-def test_matches_reference_keystream() -> None:
-    """The in-place fast path equals the plain ChaCha20 keystream, little-endian, masked."""
+@pytest.mark.parametrize(("bits", "word"), [(62, "<u8"), (33, "<u8"), (32, "<u4"), (24, "<u4"), (1, "<u4")])
+def test_matches_reference_keystream(bits: int, word: str) -> None:
+    """The chunked in-place expansion equals the plain AES-256-CTR keystream (counter block 0), read as little-endian
+    words of 4 bytes up to 32 bits and 8 above, low b bits; long enough to cross the expansion's chunks."""
+    n = 70_001
     key = derive_prg_key(SEED, b"ref")
-    ks = Cipher(algorithms.ChaCha20(key, bytes(16)), mode=None).encryptor().update(bytes(8 * 777))
-    ref = np.frombuffer(ks, dtype="<u8") & np.uint64(2**62 - 1)
-    assert np.array_equal(expand_seed(SEED, 777, 62, label=b"ref"), ref)
+    width = np.dtype(word).itemsize
+    ks = Cipher(algorithms.AES(key), modes.CTR(bytes(16))).encryptor().update(bytes(width * n))
+    ref = np.frombuffer(ks, dtype=word).astype(np.uint64) & np.uint64(2**bits - 1)
+    assert np.array_equal(expand_seed(SEED, n, bits, label=b"ref"), ref)
+    assert word_dtype(bits).itemsize == width
+
+
+@pytest.mark.parametrize("bits", [24, 32, 40])
+def test_add_expansion_accumulates_mod_2_to_the_b(bits: int) -> None:
+    """acc +/- PRG in place, in a uint32 or uint64 accumulator, reduced once at the end, equals the modular sum."""
+    n = 40_000
+    start = np.random.default_rng(1).integers(0, 2**bits, n, dtype=np.uint64)
+    a, b = expand_seed(SEED, n, bits, label=b"a"), expand_seed(bytes(32), n, bits, label=b"b")
+    want = (start + a - b) & np.uint64(2**bits - 1)
+    for dtype in {word_dtype(bits), np.dtype(np.uint64)}:
+        acc = start.astype(dtype)
+        add_expansion(acc, SEED, bits, label=b"a")
+        add_expansion(acc, bytes(32), bits, label=b"b", subtract=True)
+        assert np.array_equal(acc.astype(np.uint64) & np.uint64(2**bits - 1), want)
+
+
+def test_add_expansion_refuses_an_accumulator_too_narrow() -> None:
+    with pytest.raises(ValueError, match="cannot hold"):
+        add_expansion(np.zeros(10, dtype=np.uint32), SEED, 40, label=b"x")
+    with pytest.raises(ValueError, match="contiguous"):
+        add_expansion(np.zeros(10, dtype=np.int64), SEED, 20, label=b"x")
 
 
 def test_rejects_bad_seed_and_bits() -> None:

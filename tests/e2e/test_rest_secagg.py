@@ -183,6 +183,13 @@ def test_a_secure_round_applies_the_exact_mean_whoever_drops_after_or_before_the
         assert summary["rounds_completed"] == 2 and summary["bytes_per_client_per_phase"]["masked_input"]["up"] > 0
         assert summary["mean_dropouts_per_round"] == {"advertise_keys": 0.0, "share_keys": 0.0, "masked_input": 1.0,
                                                       "consistency_check": 0.0, "unmask": 1.0}
+        # each finished attempt keeps its timeline (server clock): when it opened, when each phase closed, in order
+        attempts = json.loads(service.store.get_meta("secagg_history") or "{}")["attempts"]
+        assert len(attempts) == 2
+        for a in attempts:
+            t = a["timeline"]
+            marks = [t[ph] for ph in ("advertise_keys", "share_keys", "masked_input", "consistency_check", "unmask")]
+            assert t["opened_at"] > 0 and marks[0] >= 0 and marks == sorted(marks)
         written = json.loads((tmp_path / "srv" / "run" / "summary.json").read_text())["secure_aggregation"]
         assert written["rounds_completed"] == 2 and written["last_round_parameters"]["clients"] == 8
         # the run report says what the parameters withstand and what the server still saw per client

@@ -79,7 +79,7 @@ def decoded_idx(path: str | os.PathLike[str], *, expect_ndim: int | None = None,
     entry = _entry(source, folder)
     if entry.is_file():
         try:
-            cached = np.load(entry, mmap_mode="r", allow_pickle=False)
+            cached: np.ndarray = np.load(entry, mmap_mode="r", allow_pickle=False)
         except (OSError, ValueError) as exc:
             log.warning("decoded-data cache entry %s is unreadable (%s): decoding %s again", entry, exc, source)
         else:
@@ -93,4 +93,5 @@ def decoded_idx(path: str | os.PathLike[str], *, expect_ndim: int | None = None,
     except OSError as exc:
         log.info("decoded-data cache %s not writable (%s): using %s parsed in memory", folder, exc, source)
         return array
-    return np.load(entry, mmap_mode="r", allow_pickle=False)
+    mapped: np.ndarray = np.load(entry, mmap_mode="r", allow_pickle=False)
+    return mapped

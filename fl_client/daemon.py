@@ -71,7 +71,6 @@ import torch
 
 from fl_client.api import ApiRefused, Credentials, ServerApi, ServerUnreachable
 from fl_client.backoff import ServerWait
-from fl_client.ckks_session import CKKSRoundSession, CKKSSessionEnded
 from fl_client.heartbeat import TrainingHeartbeat
 from fl_client.pending import PendingFileError, PendingUpload
 from fl_client.progress import training_progress
@@ -694,6 +693,10 @@ class ClientDaemon:
             return False
         what = f"round {round_number}"
         instr = TrainInstructions.from_json(status["instructions"])
+        # imported at the first CKKS round, not at start-up: most daemons never take part in one (the HE stack costs
+        # ~0.1 s of every daemon's start otherwise; benchmarks/results/fast_rounds/startup.md)
+        from fl_client.ckks_session import CKKSRoundSession, CKKSSessionEnded
+
         try:
             session = CKKSRoundSession(self.api, status, encrypted=bool(self.registration.get("encryption", True)),
                                        sleep=self._sleep, stop=self.stop_event.is_set, call=self._call)

@@ -93,17 +93,17 @@ class MemorySampler(threading.Thread):
     def __init__(self, every: float = 2.0) -> None:
         super().__init__(daemon=True)
         self.every, self.peak_mib, self.peak_processes = every, 0.0, 0
-        self._stop = threading.Event()
+        self._halt = threading.Event()
 
     def run(self) -> None:
-        while not self._stop.wait(self.every):
+        while not self._halt.wait(self.every):
             pids = _tree(os.getpid())
             total = sum(_pss_kib(p) for p in pids) / 1024
             if total > self.peak_mib:
                 self.peak_mib, self.peak_processes = total, len(pids)
 
     def stop(self) -> None:
-        self._stop.set()
+        self._halt.set()
         self.join()
 
 

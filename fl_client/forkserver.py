@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import json
 import os
 import signal
@@ -95,6 +96,10 @@ def thread_count() -> int:
 def preload(warm_dataset: str | None = None, data_dir: str | None = None) -> None:
     """Import what every daemon imports (no code of it runs), and decode ``warm_dataset``'s training split into
     the decoded-data cache, so the children map it instead of decoding it each."""
+    # torch.optim imports torch._dynamo (and sympy) when a process builds its first optimizer: 1.6 s of CPU in each
+    # daemon's first round, paid once here instead (an import: no tensor operation, no thread)
+    import torch._dynamo  # noqa: F401
+
     import fl_client.__main__
     import fl_client.daemon  # noqa: F401
 
@@ -103,6 +108,9 @@ def preload(warm_dataset: str | None = None, data_dir: str | None = None) -> Non
 
         with contextlib.suppress(DatasetUnavailable):  # each daemon reports it with its own exit status
             warm_decoded_cache(warm_dataset, "train", data_dir)
+    # the imported objects move to the collector's permanent generation: a child's collections then never write to
+    # (and so never copy) the pages the parent's objects live in
+    gc.freeze()
 
 
 def _child(request: DaemonRequest) -> NoReturn:

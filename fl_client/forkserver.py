@@ -8,7 +8,8 @@ fl_client`` stays the ordinary standalone daemon; this is for launchers that sta
 fl_server/rest/demo.py; benchmarks/many_daemons.py).
 
 Protocol: one JSON object per line on stdin, ``{"argv": [...fl_client arguments...], "log": "PATH"}``; each
-line forks a daemon that runs ``fl_client.__main__.main(argv)`` with its stdout and stderr appended to PATH.
+line forks a daemon that runs ``fl_client.__main__.main(argv)`` with its stdout and stderr appended to PATH,
+and this process writes ``{"pid": N, "log": "PATH"}`` on its stdout (a launcher may signal one daemon by its pid).
 End of input means no more daemons; this process then waits for its children and exits 0 when every one
 exited 0, else with the first other status (a signal N counts as 128 + N). SIGTERM or SIGINT is passed on to
 every child; children still running ``--stop-timeout`` seconds later are killed. The children are started
@@ -238,7 +239,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 break
             if not line.strip():
                 continue
-            server.fork(DaemonRequest.from_line(line))
+            request = DaemonRequest.from_line(line)
+            pid = server.fork(request)
+            print(json.dumps({"pid": pid, "log": str(request.log)}), flush=True)  # for a launcher that signals one
     except ForkRefused as exc:
         print(f"error: {exc}", file=sys.stderr)
         server.stop()

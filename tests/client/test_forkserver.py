@@ -6,6 +6,7 @@ bad input, one waits for a server that is not there until the fork server passes
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -35,6 +36,7 @@ class Served:
     folder: Path
     returncode: int
     stderr: str
+    started: list[dict[str, object]]  # the fork server's stdout: one {"pid", "log"} per daemon
 
     def log(self, name: str) -> str:
         return (self.folder / f"{name}.log").read_text()
@@ -59,7 +61,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Served:
                                str(folder / "waiting"), "--timeout", "10", "--max-retries", "1"), folder / "waiting.log")]
     env = {**os.environ, "PYTHONPATH": str(ROOT), ENV_ENROLLMENT_TOKEN: "t" * 32}
     proc = subprocess.Popen([sys.executable, "-m", "fl_client.forkserver", "--stop-timeout", "30"], stdin=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     assert proc.stdin is not None and proc.stderr is not None
     proc.stdin.write("".join(r.to_line() for r in requests))
     proc.stdin.close()
@@ -71,7 +73,8 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Served:
     finally:
         proc.send_signal(signal.SIGTERM)  # passed on to the daemons
         returncode = proc.wait(timeout=60)
-    return Served(folder, returncode, proc.stderr.read())
+    assert proc.stdout is not None
+    return Served(folder, returncode, proc.stderr.read(), [json.loads(line) for line in proc.stdout.read().splitlines()])
 
 
 def unused_port() -> int:
@@ -90,6 +93,8 @@ def test_two_forked_daemons_make_different_keys_each_in_its_own_state_dir(served
         keys[name] = match.group(1)
         assert (served.folder / name).is_dir()
     assert keys["a"] != keys["b"]
+    assert [s["log"] for s in served.started] == [str(served.folder / f"{n}.log") for n in ("a", "b", "bad", "waiting")]
+    assert len({s["pid"] for s in served.started}) == 4
 
 
 def test_a_stop_reaches_the_daemons_and_the_first_failure_is_the_exit_status(served: Served) -> None:

@@ -71,16 +71,14 @@ import torch
 
 from fl_client.api import ApiRefused, Credentials, ServerApi, ServerUnreachable
 from fl_client.backoff import ServerWait
-from fl_client.ckks_session import CKKSRoundSession, CKKSSessionEnded
 from fl_client.heartbeat import TrainingHeartbeat
 from fl_client.pending import PendingFileError, PendingUpload
 from fl_client.progress import training_progress
 from fl_client.secagg_session import SecureRoundSession, SessionEnded, plain_input
 from fl_client.trusted_keys import format_verify_key, load_or_create_identity
 from fl_client.trusted_keys import write_private as _write_private
-from fl_common.data import ArrayDataset, load_dataset
-from fl_common.data.assignment import training_subset
-from fl_common.data.partition import client_partition
+from fl_common.data import ArrayDataset
+from fl_common.data.assignment import client_shard
 from fl_common.models import create_model
 from fl_common.privacy import private_label_histogram
 from fl_common.protocol import TrainInstructions
@@ -90,6 +88,7 @@ from fl_common.protocol.rest import (
     PROFILE_LABEL_HISTOGRAM,
     ROUND_FINISHED,
     ROUND_SELECTED,
+    DataAssignment,
 )
 from fl_common.secagg import SecAggError, SigningIdentity
 from fl_common.tensors import wire
@@ -248,13 +247,13 @@ class ClientDaemon:
         if not assignment:
             raise SystemExit("error: the server assigned no data partition to this client")
         torch.set_num_threads(self.opts.threads)
-        train = load_dataset(assignment["dataset"], "train", data_dir=self.opts.data_dir, seed=assignment["seed"])
-        train = training_subset(train, assignment["seed"], assignment.get("max_train_samples"))
-        idx = client_partition(train.y.numpy(), assignment["num_clients"], assignment["partition_index"], assignment["method"],
-                               seed=assignment["seed"], alpha=assignment["alpha"],
-                               samples_per_client=assignment["samples_per_client"],
-                               shards_per_client=assignment["shards_per_client"])
-        self.data = train.subset(idx)
+        # only this client's rows are decoded and normalised (fl_common/data/assignment.py client_shard)
+        self.data = client_shard(DataAssignment(
+            dataset=assignment["dataset"], partition_index=assignment["partition_index"],
+            num_clients=assignment["num_clients"], method=assignment["method"], alpha=assignment["alpha"],
+            seed=assignment["seed"], samples_per_client=assignment["samples_per_client"],
+            shards_per_client=assignment["shards_per_client"], max_train_samples=assignment.get("max_train_samples")),
+            self.opts.data_dir)
         m = reg["model"]
         model = create_model(m["model_type"], tuple(m["input_shape"]), m["num_classes"], hidden_size=m["hidden_size"],
                              resnet_norm=m["resnet_norm"], custom_model=m["custom_model"], seed=m["seed"])
@@ -694,6 +693,10 @@ class ClientDaemon:
             return False
         what = f"round {round_number}"
         instr = TrainInstructions.from_json(status["instructions"])
+        # imported at the first CKKS round, not at start-up: most daemons never take part in one (the HE stack costs
+        # ~0.1 s of every daemon's start otherwise; benchmarks/results/fast_rounds/startup.md)
+        from fl_client.ckks_session import CKKSRoundSession, CKKSSessionEnded
+
         try:
             session = CKKSRoundSession(self.api, status, encrypted=bool(self.registration.get("encryption", True)),
                                        sleep=self._sleep, stop=self.stop_event.is_set, call=self._call)

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fl_common.data.decoded_cache import decoded_idx
 from fl_common.data.idx import IdxFormatError, find_idx_file, read_idx
 from fl_common.data.synthetic import SYNTHETIC_NUM_CLASSES, make_synthetic
 
@@ -26,7 +27,10 @@ __all__ = [
     "NORMALISATION",
     "DatasetUnavailable",
     "ArrayDataset",
+    "RawImages",
     "load_dataset",
+    "load_raw_images",
+    "warm_decoded_cache",
     "images_to_tensor",
     "clear_cache",
     "default_download_root",
@@ -203,10 +207,15 @@ def _find_idx_pair(name: str, split: str, data_dir: Path | None) -> tuple[Path, 
     return None
 
 
-def _from_idx(name: str, images_path: Path, labels_path: Path) -> ArrayDataset:
+def _checked_idx_pair(images_path: Path, labels_path: Path, *, cached: bool) -> tuple[np.ndarray, np.ndarray]:
+    """The images and labels of an idx pair (``cached``: memory-mapped from the decoded-data cache), checked."""
     try:
-        images = read_idx(images_path, expect_ndim=3)
-        labels = read_idx(labels_path, expect_ndim=1)
+        if cached:
+            images = decoded_idx(images_path, expect_ndim=3)
+            labels = decoded_idx(labels_path, expect_ndim=1)
+        else:
+            images = read_idx(images_path, expect_ndim=3)
+            labels = read_idx(labels_path, expect_ndim=1)
     except IdxFormatError as exc:
         raise DatasetUnavailable(f"{exc}; re-fetch the file") from exc
     if images.dtype != np.uint8 or labels.dtype != np.uint8:
@@ -216,9 +225,56 @@ def _from_idx(name: str, images_path: Path, labels_path: Path) -> ArrayDataset:
             f"{images_path} holds {images.shape[0]} images but {labels_path} holds {labels.shape[0]} labels; "
             "the files do not belong together"
         )
+    return images, labels
+
+
+def _from_idx(name: str, images_path: Path, labels_path: Path) -> ArrayDataset:
+    images, labels = _checked_idx_pair(images_path, labels_path, cached=False)
     mean, std = NORMALISATION[name]
     y = _labels_to_tensor(labels, _NUM_CLASSES[name], str(labels_path))
     return ArrayDataset(images_to_tensor(images, mean, std), y, _NUM_CLASSES[name], name)
+
+
+@dataclass(frozen=True, eq=False)
+class RawImages:
+    """An idx dataset's pixels as stored (uint8 [N, H, W], read-only, memory-mapped from the decoded-data cache)
+    and its labels: a client daemon picks its few hundred rows and normalises only those (:meth:`rows`), instead
+    of holding the whole split as float32 (188 MB for Fashion-MNIST's training split, per process)."""
+
+    images: np.ndarray = field(repr=False)
+    labels: torch.Tensor = field(repr=False)  # int64 [N]
+    num_classes: int
+    name: str
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def rows(self, indices: np.ndarray) -> ArrayDataset:
+        """These rows, normalised: bit-identical to ``load_dataset(...).subset(indices)`` (the same elementwise
+        arithmetic on the same pixels)."""
+        idx = np.asarray(indices, dtype=np.int64)
+        if idx.ndim != 1:
+            raise ValueError(f"row indices must be 1-D, got shape {idx.shape}")
+        if idx.size and (int(idx.min()) < 0 or int(idx.max()) >= len(self)):
+            raise IndexError(f"row indices must lie in [0, {len(self)}), got range [{int(idx.min())}, {int(idx.max())}]")
+        mean, std = NORMALISATION[self.name]
+        x = images_to_tensor(np.ascontiguousarray(self.images[idx]), mean, std)
+        y = self.labels.index_select(0, torch.from_numpy(idx))
+        return ArrayDataset(x, y, self.num_classes, self.name)
+
+
+def load_raw_images(name: str, split: str, data_dir: str | os.PathLike[str] | None = None) -> RawImages | None:
+    """The split's stored pixels and labels (fl_common/data/decoded_cache.py keeps them decoded), or None when
+    ``name`` is not an idx dataset found on disk (cifar10, synthetic, a download): use :func:`load_dataset` then."""
+    if name not in _IDX_SPECS:
+        return None
+    if split not in SPLITS:
+        raise ValueError(f"split {split!r} is unknown; choose one of {', '.join(SPLITS)}")
+    found = _find_idx_pair(name, split, Path(data_dir).expanduser() if data_dir is not None else None)
+    if found is None:
+        return None
+    images, labels = _checked_idx_pair(*found, cached=True)
+    return RawImages(images, _labels_to_tensor(labels, _NUM_CLASSES[name], str(found[1])), _NUM_CLASSES[name], name)
 
 
 def _idx_fixes(name: str, split: str, data_dir: Path | None, *, offer_download: bool) -> str:
@@ -316,3 +372,15 @@ def load_dataset(
     if name == "cifar10":
         return _load_cifar10(split, root, download)
     return _load_idx_dataset(name, split, root, download)
+
+
+def warm_decoded_cache(name: str, split: str, data_dir: str | os.PathLike[str] | None = None) -> bool:
+    """Decode an idx dataset's split into the decoded-data cache now (numpy only: no torch operation runs, so a
+    process may still fork safely afterwards); False when ``name`` is not an idx dataset found on disk."""
+    if name not in _IDX_SPECS:
+        return False
+    found = _find_idx_pair(name, split, Path(data_dir).expanduser() if data_dir is not None else None)
+    if found is None:
+        return False
+    _checked_idx_pair(*found, cached=True)
+    return True

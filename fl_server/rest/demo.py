@@ -114,7 +114,55 @@ def stop_process(proc: subprocess.Popen, timeout: float = 20.0) -> None:
             proc.wait()
 
 
-def run_demo(cfg: FLConfig, output: Path, clients: int, *, progress: bool | None = None, threads: int = 1) -> dict[str, Any]:
+#: how the demo starts its daemons: forked from one pre-imported process (``python -m fl_client.forkserver``,
+#: the default: ten daemons register in about a second instead of each importing torch on a shared core), or
+#: one ``python -m fl_client`` process each (``spawn``: what an operator runs on every device)
+DAEMON_LAUNCHES = ("fork", "spawn")
+#: seconds the fork server gives its daemons after SIGTERM before it kills them (the demo waits a bit longer)
+FORKSERVER_STOP_TIMEOUT = 15.0
+
+
+def client_environment(env: dict[str, str]) -> dict[str, str]:
+    """The daemons' environment: the demo's, without the server's secret and the admin token (a client needs only
+    its enrollment token)."""
+    return {k: v for k, v in env.items() if k not in (ENV_ADMIN_TOKEN, ENV_SERVER_SECRET)}
+
+
+def daemon_args(url: str, name: str, state_dir: Path, threads: int, ca: str) -> list[str]:
+    """``python -m fl_client`` arguments of one demo daemon."""
+    return ["--server-url", url, "--client-id", name, "--state-dir", str(state_dir), "--threads", str(threads),
+            "--ca-file", ca]
+
+
+def start_forkserver(output: Path, env: dict[str, str], dataset: str) -> subprocess.Popen:
+    """``python -m fl_client.forkserver``, started at once so that its imports (torch) and the dataset's decoding
+    overlap the server's start-up; daemons are asked of it with :func:`fork_daemons`."""
+    log = open(output / "logs" / "forkserver.log", "ab")
+    try:
+        return subprocess.Popen([sys.executable, "-m", "fl_client.forkserver", "--warm", dataset, "--stop-timeout",
+                                 str(FORKSERVER_STOP_TIMEOUT)], stdin=subprocess.PIPE, env=env, stdout=log,
+                                stderr=subprocess.STDOUT)
+    finally:
+        log.close()  # the child holds its own copy
+
+
+def fork_daemons(forkserver: subprocess.Popen, requests_: Sequence[tuple[list[str], Path]]) -> None:
+    """Hand the fork server every daemon to start (argv, log file) and close its input: it exits once they all have."""
+    assert forkserver.stdin is not None
+    lines = "".join(json.dumps({"argv": argv, "log": str(log)}) + "\n" for argv, log in requests_)
+    try:
+        forkserver.stdin.write(lines.encode())
+        forkserver.stdin.close()
+    except BrokenPipeError:
+        raise RuntimeError(f"the client fork server exited with status {forkserver.wait()} before starting the daemons; "
+                           "see logs/forkserver.log") from None
+
+
+def run_demo(cfg: FLConfig, output: Path, clients: int, *, progress: bool | None = None, threads: int = 1,
+             launch: str = "fork") -> dict[str, Any]:
+    """Run the federation; ``launch`` says how the daemons start (:data:`DAEMON_LAUNCHES`)."""
+    if launch not in DAEMON_LAUNCHES:
+        raise ValueError(f"launch must be one of {', '.join(DAEMON_LAUNCHES)}, not {launch!r}")
     output.mkdir(parents=True, exist_ok=True)
     (output / "logs").mkdir(exist_ok=True)
     config_path = output / "config.yaml"
@@ -125,43 +173,59 @@ def run_demo(cfg: FLConfig, output: Path, clients: int, *, progress: bool | None
     ca = str(tls.ca_cert)
     env = {**os.environ, ENV_ENROLLMENT_TOKEN: secrets.token_urlsafe(24), ENV_ADMIN_TOKEN: secrets.token_urlsafe(24),
            ENV_SERVER_SECRET: secrets.token_urlsafe(32), "PYTHONUNBUFFERED": "1"}
+    client_env = client_environment(env)
     procs: list[subprocess.Popen] = []
+    forkserver = start_forkserver(output, client_env, cfg.dataset) if launch == "fork" else None
     server_log = open(output / "logs" / "server.log", "ab")
-    server = subprocess.Popen([sys.executable, "-m", "fl_server", "serve", "--config", str(config_path), "--state-dir",
-                               str(output / "server"), "--host", "127.0.0.1", "--port", str(port),
-                               "--certfile", str(tls.server_cert), "--keyfile", str(tls.server_key)],
-                              env=env, stdout=server_log, stderr=subprocess.STDOUT)
+    try:
+        server = subprocess.Popen([sys.executable, "-m", "fl_server", "serve", "--config", str(config_path), "--state-dir",
+                                   str(output / "server"), "--host", "127.0.0.1", "--port", str(port),
+                                   "--certfile", str(tls.server_cert), "--keyfile", str(tls.server_key)],
+                                  env=env, stdout=server_log, stderr=subprocess.STDOUT)
+    except BaseException:
+        if forkserver is not None:
+            stop_process(forkserver)
+        server_log.close()
+        raise
     try:
         wait_healthy(url, server, verify=ca)
         log.info("server up at %s; starting %d clients (logs in %s)", url, clients, output / "logs")
-        for i in range(clients):
-            name = f"demo-client-{i:02d}"
-            out = open(output / "logs" / f"{name}.log", "ab")
-            procs.append(subprocess.Popen([sys.executable, "-m", "fl_client", "--server-url", url, "--client-id", name,
-                                           "--state-dir", str(output / "clients" / name), "--threads", str(threads),
-                                           "--ca-file", ca],
-                                          env=env, stdout=out, stderr=subprocess.STDOUT))
-        status = _follow(url, cfg.num_rounds, server, progress, ca)
+        names = [f"demo-client-{i:02d}" for i in range(clients)]
+        if forkserver is not None:
+            fork_daemons(forkserver, [(daemon_args(url, name, output / "clients" / name, threads, ca),
+                                       output / "logs" / f"{name}.log") for name in names])
+            procs.append(forkserver)
+        else:
+            for name in names:
+                with open(output / "logs" / f"{name}.log", "ab") as out:
+                    procs.append(subprocess.Popen([sys.executable, "-m", "fl_client",
+                                                   *daemon_args(url, name, output / "clients" / name, threads, ca)],
+                                                  env=client_env, stdout=out, stderr=subprocess.STDOUT))
+        status = _follow(url, cfg.num_rounds, server, progress, ca, forkserver)
         for p in procs:
             try:
                 p.wait(timeout=60)
             except subprocess.TimeoutExpired:
-                stop_process(p)
+                stop_process(p, timeout=FORKSERVER_STOP_TIMEOUT + 5.0)
         return status
     finally:
         for p in procs:
-            stop_process(p)
+            stop_process(p, timeout=FORKSERVER_STOP_TIMEOUT + 5.0)
+        if forkserver is not None:
+            stop_process(forkserver, timeout=FORKSERVER_STOP_TIMEOUT + 5.0)
         stop_process(server)
         server_log.close()
 
 
-def _follow(url: str, rounds: int, server: subprocess.Popen, progress: bool | None, ca: str) -> dict[str, Any]:
+def _follow(url: str, rounds: int, server: subprocess.Popen, progress: bool | None, ca: str,
+            forkserver: subprocess.Popen | None = None) -> dict[str, Any]:
     bar = tqdm(total=rounds, desc="rounds", unit="round", file=sys.stderr, disable=None if progress is None else not progress)
     last = 0
     try:
         while True:
             if server.poll() is not None:
                 raise RuntimeError(f"the server exited with status {server.returncode}; see its log")
+            daemons_gone = forkserver.poll() if forkserver is not None else None  # it exits once every daemon has
             try:
                 status = requests.get(f"{url}/status", timeout=10, verify=ca).json()
             except requests.RequestException:
@@ -179,6 +243,9 @@ def _follow(url: str, rounds: int, server: subprocess.Popen, progress: bool | No
                 bar.set_description(f"round {cur['round']}: {cur['arrived']}/{cur['quorum']} updates")
             if status["state"] == "finished":
                 return status
+            if daemons_gone is not None:  # (looked at before /status: daemons that left because it finished are fine)
+                raise RuntimeError(f"every client daemon exited (the fork server's status {daemons_gone}) "
+                                   "before the federation finished; see logs/demo-client-*.log and logs/forkserver.log")
             time.sleep(1.0)
     finally:
         bar.close()

@@ -41,9 +41,27 @@ def test_the_demo_trains_a_federation_and_leaves_its_results(tmp_path: Path) -> 
     for name in ("summary.json", "model.pt", "report.html", "accuracy_loss.png"):
         assert (run / name).is_file(), name
     assert len(list((out / "logs").glob("demo-client-*.log"))) == 3
+    assert (out / "logs" / "forkserver.log").is_file()  # the daemons were forked from python -m fl_client.forkserver
     # https on loopback: the clients verified the server against the CA the demo made in its state folder
     assert (out / "server" / "tls" / "ca.pem").is_file() and (out / "server" / "tls" / "server-key.pem").stat().st_mode & 0o077 == 0
     assert "https to 127.0.0.1, verified against" in (out / "logs" / "demo-client-00.log").read_text()
+
+
+def test_the_daemons_get_their_enrollment_token_and_none_of_the_servers_secrets() -> None:
+    from fl_common.protocol.rest import ENV_ADMIN_TOKEN, ENV_ENROLLMENT_TOKEN
+    from fl_server.rest.demo import client_environment
+    from fl_server.rest.secrets import ENV_SERVER_SECRET
+
+    env = {ENV_ENROLLMENT_TOKEN: "e", ENV_ADMIN_TOKEN: "a", ENV_SERVER_SECRET: "s", "PATH": "/bin"}
+    assert client_environment(env) == {ENV_ENROLLMENT_TOKEN: "e", "PATH": "/bin"}
+
+
+def test_an_unknown_daemon_launch_is_refused(tmp_path: Path) -> None:
+    from fl_server.rest.demo import demo_config, run_demo
+
+    with pytest.raises(ValueError, match="launch must be one of fork, spawn"):
+        run_demo(demo_config(3, private=False), tmp_path, 3, launch="thread")
+    assert not any(tmp_path.iterdir())  # refused before anything started
 
 
 def test_the_demo_line_states_a_dp_guarantee_exactly() -> None:

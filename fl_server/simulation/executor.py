@@ -365,8 +365,8 @@ class ProcessPoolExecutor:
             if self.control_buf is None:
                 raise ValueError("this worker pool was started without a control-variate buffer")
             self.control_buf.copy_(server_control)
-        # Longest clients first (LPT scheduling) shortens the round when client sizes differ.
-        order = sorted(instructions, key=lambda c: -len(self.partitions[c]))
+        # Longest clients first (LPT scheduling: records x epochs) shortens the round when client sizes differ.
+        order = sorted(instructions, key=lambda c: -len(self.partitions[c]) * max(1, instructions[c].epochs))
         for cid in order:
             control = _control_for(cid, server_control, client_controls)
             self.tasks.put(("train", cid, instructions[cid].to_json(), None if control is None else control.client,

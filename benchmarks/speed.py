@@ -119,7 +119,11 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=20)
     ap.add_argument("--repeats", type=int, default=1, help="rotations of the run order; medians are reported")
     ap.add_argument("--backends", default="process", help="comma-separated simulation backends: process, ray")
+    ap.add_argument("--name", default=None,
+                    help="result file name under benchmarks/results/ (default: speed_vs_plain[_<backends>].json)")
     args = ap.parse_args()
+    if args.name is not None and (Path(args.name).name != args.name or not args.name.endswith(".json")):
+        ap.error(f"--name: {args.name!r} is not a plain file name ending in .json")
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]
     unknown = sorted(set(backends) - {"process", "ray"})
     if unknown or not backends:
@@ -162,7 +166,7 @@ def main() -> None:
     result["runs"] = runs
     result["measured_at"] = time.strftime("%Y-%m-%d %H:%M:%S")
     RESULTS.mkdir(parents=True, exist_ok=True)
-    name = "speed_vs_plain.json" if backends == ["process"] else f"speed_vs_plain_{'_'.join(backends)}.json"
+    name = args.name or ("speed_vs_plain.json" if backends == ["process"] else f"speed_vs_plain_{'_'.join(backends)}.json")
     (RESULTS / name).write_text(json.dumps(result, indent=1))
     print(json.dumps({k: v for k, v in result.items() if k != "runs"}, indent=1))
 

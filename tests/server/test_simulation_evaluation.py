@@ -22,7 +22,7 @@ def test_batch_ranges_cover_the_rows_in_batches() -> None:
 
 @pytest.mark.parametrize("batch_size", [1000, 64])
 def test_sliced_evaluation_equals_the_trainers_whole_batches(batch_size: int) -> None:
-    """The reference CNN on 160 images: one batch of two slices (128 + 32), and batches smaller than a slice."""
+    """The reference CNN on 160 images: one batch of three slices (64 + 64 + 32), and batches of one slice."""
     cfg = config_from_dict({"dataset": "fashion_mnist", "model_type": "cnn", "seed": 1})
     trainer = LocalTrainer(model_from_config(cfg, (1, 28, 28), 10))
     gen = torch.Generator().manual_seed(0)

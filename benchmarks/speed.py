@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -46,6 +47,7 @@ def _tree_memory(proc: psutil.Process) -> tuple[int, int]:
 
 
 def run_watched(cmd: list[str]) -> dict:
+    load_before = os.getloadavg()[0]
     start = time.perf_counter()
     child = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     peak = {"pss": 0, "rss": 0}
@@ -67,7 +69,9 @@ def run_watched(cmd: list[str]) -> dict:
     t.join()
     if child.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{err[-3000:]}")
-    return {"wall_seconds": wall, "peak_pss_mb": peak["pss"] / 2**20, "peak_rss_sum_mb": peak["rss"] / 2**20}
+    # the 1-minute load average before and after (this machine is shared: a run next to other work is slower)
+    return {"wall_seconds": wall, "peak_pss_mb": peak["pss"] / 2**20, "peak_rss_sum_mb": peak["rss"] / 2**20,
+            "load_average_before": load_before, "load_average_after": os.getloadavg()[0]}
 
 
 def run_plain(config: Path, rounds: int, work: Path, tag: str) -> dict:
@@ -101,6 +105,7 @@ def summarise(runs: list[dict]) -> dict:
     return {
         "wall_seconds_median": statistics.median(walls),
         "round_seconds_median": statistics.median(per_round),
+        "rounds_total_seconds_median": statistics.median(sum(r["round_seconds"]) for r in runs),  # all rounds, evaluation included
         "startup_seconds_median": statistics.median(startup),  # process start -> first round
         "outside_rounds_seconds_median": statistics.median(other),  # checkpoints, final save, shutdown
         "peak_pss_mb_max": max(r["peak_pss_mb"] for r in runs),
@@ -114,7 +119,11 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=20)
     ap.add_argument("--repeats", type=int, default=1, help="rotations of the run order; medians are reported")
     ap.add_argument("--backends", default="process", help="comma-separated simulation backends: process, ray")
+    ap.add_argument("--name", default=None,
+                    help="result file name under benchmarks/results/ (default: speed_vs_plain[_<backends>].json)")
     args = ap.parse_args()
+    if args.name is not None and (Path(args.name).name != args.name or not args.name.endswith(".json")):
+        ap.error(f"--name: {args.name!r} is not a plain file name ending in .json")
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]
     unknown = sorted(set(backends) - {"process", "ray"})
     if unknown or not backends:
@@ -133,7 +142,8 @@ def main() -> None:
                 runs[name].append(res)
                 median_round = statistics.median(res["round_seconds"])
                 print(f"{name} #{i}: wall {res['wall_seconds']:.1f} s, start-up {res['ready_seconds']:.1f} s, median round "
-                      f"{median_round:.2f} s, peak PSS {res['peak_pss_mb']:.0f} MB", flush=True)
+                      f"{median_round:.2f} s, peak PSS {res['peak_pss_mb']:.0f} MB, load average "
+                      f"{res['load_average_before']:.1f} -> {res['load_average_after']:.1f}", flush=True)
     summaries = {name: summarise(r) for name, r in runs.items()}
     sp = summaries["plain"]
     result: dict[str, Any] = {
@@ -145,6 +155,10 @@ def main() -> None:
         so = summaries[backend]
         result[key] = so
         result[f"wall_ratio_{key}_over_plain"] = so["wall_seconds_median"] / sp["wall_seconds_median"]
+        # each rotation's own ratio (the two ran minutes apart): robust to load that changes between rotations
+        pairs = [o["wall_seconds"] / p["wall_seconds"] for o, p in zip(runs[backend], runs["plain"], strict=True)]
+        result[f"wall_ratio_{key}_over_plain_per_rotation"] = pairs
+        result[f"wall_ratio_{key}_over_plain_median_of_rotations"] = statistics.median(pairs)
         result[f"round_ratio_{key}_over_plain"] = so["round_seconds_median"] / sp["round_seconds_median"]
         result[f"max_accuracy_difference_{key}"] = max(
             abs(a[1] - b[1]) for a, b in zip(runs["plain"][0]["accuracy"], runs[backend][0]["accuracy"], strict=True))
@@ -152,7 +166,7 @@ def main() -> None:
     result["runs"] = runs
     result["measured_at"] = time.strftime("%Y-%m-%d %H:%M:%S")
     RESULTS.mkdir(parents=True, exist_ok=True)
-    name = "speed_vs_plain.json" if backends == ["process"] else f"speed_vs_plain_{'_'.join(backends)}.json"
+    name = args.name or ("speed_vs_plain.json" if backends == ["process"] else f"speed_vs_plain_{'_'.join(backends)}.json")
     (RESULTS / name).write_text(json.dumps(result, indent=1))
     print(json.dumps({k: v for k, v in result.items() if k != "runs"}, indent=1))
 

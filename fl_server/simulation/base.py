@@ -46,6 +46,7 @@ from fl_common.training import EvalResult, LocalTrainer
 from fl_server.asynchronous import AsyncCoordinator, AsyncRecord
 from fl_server.coordinator import Coordinator
 from fl_server.selection import selection_summary
+from fl_server.simulation import evaluation
 from fl_server.simulation.attacks import attack_summary, make_attack
 from fl_server.simulation.client_speeds import client_speeds, simulated_client_infos
 from fl_server.simulation.client_state import ClientVariates
@@ -204,8 +205,16 @@ class SimulationBase(ABC, Generic[CoordinatorT]):
             self.run_dir.write_label_histograms(self.histograms)
 
     def evaluate_vector(self, vector: torch.Tensor) -> EvalResult:
-        """A model vector's loss and accuracy on the test set (the coordinators' evaluator)."""
-        result = self.evaluator_trainer.evaluate(vector, self.test_set.x, self.test_set.y, self.cfg.eval_batch_size)
+        """A model vector's loss and accuracy on the test set (the coordinators' evaluator).
+
+        With a worker pool running, its workers score the test set between them (the coordinators
+        evaluate between rounds, when the workers would idle); otherwise this process does. Both give
+        the serial evaluation's numbers (simulation/evaluation.py)."""
+        if isinstance(self._executor, ProcessPoolExecutor) and self._executor.test is not None:
+            return self._executor.evaluate_test(vector, self.cfg.eval_batch_size)
+        trainer = self.evaluator_trainer
+        trainer.load_vector(vector.to(trainer.device, torch.float32))
+        result = evaluation.evaluate(trainer.model, self.test_set.x, self.test_set.y, self.cfg.eval_batch_size, trainer.device)
         release_free_memory()  # evaluation's large activations are not needed until the next evaluation
         return result
 
@@ -224,7 +233,8 @@ class SimulationBase(ABC, Generic[CoordinatorT]):
             else:
                 self._executor = ProcessPoolExecutor(self.cfg, self.train_set.input_shape, self.train_set.num_classes,
                                                      self.train_set.x, self.train_set.y, self.partitions, self.spec.numel,
-                                                     workers=n, threads_per_worker=self.cfg.threads_per_worker)
+                                                     workers=n, threads_per_worker=self.cfg.threads_per_worker,
+                                                     test=(self.test_set.x, self.test_set.y))
         return self._executor
 
     def through_codec(self, update: ClientUpdate, round_number: int) -> None:

@@ -39,6 +39,7 @@ from fl_common.tensors.error_feedback import ErrorFeedback
 from fl_common.tensors.pipeline import PackedUpdate, pack_update
 from fl_common.training import ControlVariates, EvalResult, LocalTrainer
 from fl_common.training import resolve_device as resolve_torch_device
+from fl_server.simulation import evaluation
 from fl_server.strategies import STRATEGIES
 
 log = logging.getLogger("fl_server.simulation")
@@ -143,7 +144,7 @@ class InProcessExecutor:
         self.trainer.load_vector(global_vector.to(self.trainer.device, torch.float32))
         for cid, idx in parts.items():
             cx, cy = client_tensors(self.x, self.y, idx)
-            yield cid, self.trainer.evaluate(None, cx, cy, batch_size)
+            yield cid, evaluation.evaluate(self.trainer.model, cx, cy, batch_size, self.trainer.device)
 
     def close(self) -> None:
         return None
@@ -198,7 +199,14 @@ class ClientWorker:
         return update.delta, update.num_samples, update.metrics, wire_bytes, update.control_delta, masked
 
     def evaluate(self, global_vector: torch.Tensor, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> EvalResult:
-        return self.trainer.evaluate(global_vector, x, y, batch_size)
+        self.trainer.load_vector(global_vector.to(self.trainer.device, torch.float32))
+        return evaluation.evaluate(self.trainer.model, x, y, batch_size, self.trainer.device)
+
+    def score_batches(self, global_vector: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
+                      batch_size: int) -> list[evaluation.BatchScore]:
+        """``global_vector``'s per-batch scores on ``x``, ``y`` (a slice of a set the driver splits between workers)."""
+        self.trainer.load_vector(global_vector.to(self.trainer.device, torch.float32))
+        return evaluation.score_batches(self.trainer.model, x, y, batch_size, self.trainer.device)
 
 
 def update_from_result(cid: int, instr: TrainInstructions, result: TaskResult) -> ClientUpdate:
@@ -230,7 +238,8 @@ def resolve_device(cfg: FLConfig) -> str:
 
 def _worker_main(worker_id: int, cfg_dict: dict[str, Any], input_shape: tuple[int, int, int], num_classes: int,
                  x: torch.Tensor, y: torch.Tensor, partitions: list[np.ndarray], global_buf: torch.Tensor,
-                 tasks: Any, results: Any, threads: int, control_buf: torch.Tensor | None = None) -> None:
+                 tasks: Any, results: Any, threads: int, control_buf: torch.Tensor | None = None,
+                 test: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
     torch.set_num_threads(threads)
     try:
         from fl_common.config import config_from_dict
@@ -250,6 +259,15 @@ def _worker_main(worker_id: int, cfg_dict: dict[str, Any], input_shape: tuple[in
             continue
         if task is None:
             return
+        if task[0] == "test":  # batches [begin, end) of the test set, scored with the model in the shared buffer
+            _, index, begin, end, batch_size = task
+            try:
+                if test is None:
+                    raise RuntimeError("this worker was started without the test set")
+                results.put(("ok", index, worker.score_batches(global_buf, test[0][begin:end], test[1][begin:end], batch_size)))
+            except BaseException:
+                results.put(("error", index, traceback.format_exc()))
+            continue
         if task[0] == "eval":  # per-client evaluation of the model in the shared buffer
             _, cid, indices, batch_size = task
             try:
@@ -275,7 +293,8 @@ class ProcessPoolExecutor:
 
     def __init__(self, cfg: FLConfig, input_shape: tuple[int, int, int], num_classes: int,
                  x: torch.Tensor, y: torch.Tensor, partitions: Sequence[np.ndarray], numel: int,
-                 workers: int, threads_per_worker: int = 1, start_timeout: float = 120.0) -> None:
+                 workers: int, threads_per_worker: int = 1, start_timeout: float = 120.0,
+                 test: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
         # fork: workers share the parent's pages (torch's libraries, the dataset) copy-on-write and
         # start in milliseconds. It is safe here because a worker runs torch single-threaded (no
         # OpenMP pool to inherit in a broken state) and never touches CUDA; otherwise spawn.
@@ -284,8 +303,10 @@ class ProcessPoolExecutor:
         ctx = mp.get_context("fork" if use_fork else "spawn")
         self.start_method = ctx.get_start_method()
         if not use_fork:
-            x.share_memory_()
-            y.share_memory_()
+            for t in (x, y, *(test or ())):
+                t.share_memory_()
+        #: the test set the workers hold (evaluate_test), or None
+        self.test = test
         self.global_buf = torch.zeros(numel, dtype=torch.float32).share_memory_()
         # SCAFFOLD's server variate c is the same for every client of a round: one more shared buffer
         # (each client's own c_i travels with its task, and its variate delta comes back with the update).
@@ -297,7 +318,7 @@ class ProcessPoolExecutor:
         self.procs = [
             ctx.Process(target=_worker_main, name=f"fl-client-worker-{i}", daemon=True,
                         args=(i, cfg.to_dict(), input_shape, num_classes, x, y, list(partitions),
-                              self.global_buf, self.tasks, self.results, threads_per_worker, self.control_buf))
+                              self.global_buf, self.tasks, self.results, threads_per_worker, self.control_buf, test))
             for i in range(workers)
         ]
         if use_fork:
@@ -344,8 +365,8 @@ class ProcessPoolExecutor:
             if self.control_buf is None:
                 raise ValueError("this worker pool was started without a control-variate buffer")
             self.control_buf.copy_(server_control)
-        # Longest clients first (LPT scheduling) shortens the round when client sizes differ.
-        order = sorted(instructions, key=lambda c: -len(self.partitions[c]))
+        # Longest clients first (LPT scheduling: records x epochs) shortens the round when client sizes differ.
+        order = sorted(instructions, key=lambda c: -len(self.partitions[c]) * max(1, instructions[c].epochs))
         for cid in order:
             control = _control_for(cid, server_control, client_controls)
             self.tasks.put(("train", cid, instructions[cid].to_json(), None if control is None else control.client,
@@ -374,6 +395,28 @@ class ProcessPoolExecutor:
                     raise WorkerFailed(f"evaluating client {who} failed:\n{payload}")
                 done[who] = payload
             yield cid, done.pop(cid)
+
+    def evaluate_test(self, global_vector: torch.Tensor, batch_size: int) -> EvalResult:
+        """``global_vector``'s loss and accuracy on the test set the pool was started with, its batches split
+        between the workers (single-threaded each, as when they train; the driver and the workers would
+        otherwise take turns idling). Equal to the serial evaluation: per-batch scores, summed in batch order.
+        Call it between rounds (the workers must be idle: it shares the result queue with training)."""
+        if self.test is None:
+            raise ValueError("this worker pool was started without the test set")
+        n = int(self.test[1].shape[0])
+        # one task per batch: a worker that is slower (a busy core) takes fewer
+        ranges = evaluation.batch_ranges(n, batch_size)
+        self.global_buf.copy_(global_vector)
+        for index, (begin, end) in enumerate(ranges):
+            self.tasks.put(("test", index, begin, end, batch_size))
+        scores: dict[int, list[evaluation.BatchScore]] = {}
+        while len(scores) < len(ranges):
+            kind, who, payload = self._get(timeout=3600.0)
+            if kind == "error":
+                self.close()
+                raise WorkerFailed(f"evaluating test batch {who} failed:\n{payload}")
+            scores[who] = payload
+        return evaluation.combine((s for index in range(len(ranges)) for s in scores[index]), n)
 
     def close(self) -> None:
         for _ in self.procs:

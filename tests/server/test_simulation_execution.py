@@ -1,4 +1,4 @@
-"""Where and how the simulation executes: per-client evaluation in the workers, when it runs at all
+"""Where and how the simulation executes: per-client and test-set evaluation in the workers, when it runs at all
 (client_evaluation), the device setting, and the backend key's refusals."""
 
 from __future__ import annotations
@@ -22,13 +22,18 @@ SYNTH = {"dataset": "synthetic", "model_type": "mlp", "hidden_size": 32, "num_cl
          "differential_privacy": False, "secure_aggregation": False}
 
 
-def test_per_client_evaluation_in_the_workers_equals_the_drivers() -> None:
-    """The pool evaluates every client where it trains them; the numbers are the driver's own pass."""
-    with Simulation({**SYNTH, "workers": 2}, progress=False) as pool:
-        pool.train()
+def test_per_client_and_test_set_evaluation_in_the_workers_equal_the_drivers() -> None:
+    """The pool evaluates every client where it trains them, and between rounds splits the test set's batches
+    between its workers (simulation/evaluation.py); the numbers are the driver's own serial pass."""
+    with Simulation({**SYNTH, "workers": 2, "eval_batch_size": 64}, progress=False) as pool:  # 200 test rows: 4 batches
+        history = pool.train()
         vector = pool.coordinator.global_vector.clone()
         in_workers = pool.evaluate_clients()
         assert isinstance(pool.executor(), ProcessPoolExecutor)  # a real pool, not the in-process executor
+        test_in_workers = pool.evaluate_vector(vector)
+    serial = pool.evaluator_trainer.evaluate(vector, pool.test_set.x, pool.test_set.y, 64)
+    assert history[-1].test_accuracy == test_in_workers.accuracy == serial.accuracy
+    assert (test_in_workers.num_samples, test_in_workers.loss) == (200, pytest.approx(serial.loss, rel=1e-6))
     assert [r["client"] for r in in_workers] == list(range(8))
     x, y = pool.train_set.x, pool.train_set.y
     for row, part in zip(in_workers, pool.partitions, strict=True):

@@ -48,7 +48,8 @@ RESULTS = ROOT / "benchmarks" / "results" / "privacy_search"
 #: Short names for the keys a run name is built from (grid expansion).
 ABBREVIATIONS = {"model_type": "", "hidden_size": "h", "learning_rate": "lr", "clip_grad_norm": "C", "batch_size": "B",
                  "momentum": "m", "dp_epsilon": "eps", "lr_schedule": "", "local_epochs": "E", "differential_privacy": "dp",
-                 "aggregation_method": "", "server_momentum": "sm", "server_learning_rate": "slr"}
+                 "aggregation_method": "", "server_momentum": "sm", "server_learning_rate": "slr",
+                 "server_model_ema": "ema", "dp_client_rounds": "R"}
 TABLE_KEYS = ("model_type", "hidden_size", "learning_rate", "clip_grad_norm", "batch_size", "momentum", "lr_schedule",
               "local_epochs", "num_rounds", "aggregation_method", "server_momentum")
 

@@ -8,9 +8,13 @@ the average is computed from global models only, never from a client's update, s
 accountant has nothing to add.
 
 Clients keep training from the raw global model; the average is what is evaluated and what the run
-releases as its final model (``Coordinator.released_vector``). It starts at the first round's
-global model (no zero start, so no bias correction), and it is part of the checkpoint, so a
+releases as its final model (``Coordinator.released_vector``). It is part of the checkpoint, so a
 resumed run continues the same average.
+
+Warm-up: the t-th update uses ``min(decay, (t - 1) / t)``, so the average is the plain mean of the
+rounds so far until t reaches the horizon 1 / (1 - decay), and an exponential average from then
+on. A plain EMA started at round 1 would keep 0.9^9 = 39 % of the first, worst model after 10 rounds
+at decay 0.9; no zero start, so no bias correction either.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ MAX_DECAY = 0.999
 
 
 class ServerModelEMA:
-    """``ema <- decay * ema + (1 - decay) * w_t`` after every round, in float64 (rounding does not pile up)."""
+    """``ema <- d_t * ema + (1 - d_t) * w_t`` after round t, d_t = min(decay, (t - 1) / t), in float64."""
 
     def __init__(self, decay: float) -> None:
         if not 0.0 < decay <= MAX_DECAY:
@@ -43,7 +47,9 @@ class ServerModelEMA:
         else:
             if new.numel() != self._average.numel():
                 raise ValueError(f"model vector has {new.numel()} values, the average {self._average.numel()}")
-            self._average.mul_(self.decay).add_(new, alpha=1.0 - self.decay)
+            t = self.updates + 1
+            decay = min(self.decay, (t - 1) / t)
+            self._average.mul_(decay).add_(new, alpha=1.0 - decay)
         self.updates += 1
 
     @property

@@ -20,9 +20,10 @@ DELTAS = [torch.tensor([4.0, 0.0, -2.0, 1.0]), torch.tensor([0.0, 8.0, 2.0, 1.0]
 
 
 def expected_average(decay: float, models: list[torch.Tensor]) -> torch.Tensor:
-    """The average written out: starts at the first model, then decay * average + (1 - decay) * model."""
-    average = models[0].double()
-    for m in models[1:]:
+    """The average written out: the mean of the first 1 / (1 - decay) models, then decay * average + (1 - decay) * model."""
+    horizon = round(1 / (1 - decay))
+    average = torch.stack([m.double() for m in models[:horizon]]).mean(0)
+    for m in models[horizon:]:
         average = decay * average + (1 - decay) * m.double()
     return average.float()
 
@@ -44,12 +45,17 @@ def test_average_of_a_known_sequence() -> None:
     ema = ServerModelEMA(0.5)
     with pytest.raises(RuntimeError, match="no round yet"):
         ema.value()
-    models = [torch.tensor([1.0, 2.0]), torch.tensor([3.0, 2.0]), torch.tensor([5.0, -2.0])]
+    models = [torch.tensor([1.0, 2.0]), torch.tensor([3.0, 2.0]), torch.tensor([5.0, -2.0]), torch.tensor([0.5, 4.0])]
     for m in models:
         ema.update(m)
-    # 1 -> 0.5*1 + 0.5*3 = 2 -> 0.5*2 + 0.5*5 = 3.5; 2 -> 2 -> 0
-    assert torch.equal(ema.value(), torch.tensor([3.5, 0.0]))
-    assert ema.updates == 3
+    # the mean of the first two (horizon 1 / (1 - 0.5) = 2): (2, 2); then 0.5 * average + 0.5 * model:
+    # (3.5, 0), then (2, 2)
+    assert torch.equal(ema.value(), torch.tensor([2.0, 2.0]))
+    assert ema.updates == 4
+    slow = ServerModelEMA(0.9)  # horizon 10: the plain mean of the first rounds
+    for m in models:
+        slow.update(m)
+    assert torch.allclose(slow.value(), torch.stack(models).mean(0))
     with pytest.raises(ValueError, match="decay"):
         ServerModelEMA(1.0)
     with pytest.raises(ValueError, match="values"):
@@ -106,7 +112,7 @@ def test_a_checkpoint_without_an_average_starts_it_at_its_global_model() -> None
     resumed = coordinator([], server_model_ema=0.5)
     resumed.load_state_dict(plain.state_dict())
     assert torch.equal(resumed.released_vector, DELTAS[0])
-    run_round(resumed, DELTAS[1])
+    run_round(resumed, DELTAS[1])  # the mean of the two global models
     assert torch.equal(resumed.released_vector, DELTAS[0] + 0.5 * DELTAS[1])
 
 

@@ -48,7 +48,8 @@ RESULTS = ROOT / "benchmarks" / "results" / "privacy_search"
 #: Short names for the keys a run name is built from (grid expansion).
 ABBREVIATIONS = {"model_type": "", "hidden_size": "h", "learning_rate": "lr", "clip_grad_norm": "C", "batch_size": "B",
                  "momentum": "m", "dp_epsilon": "eps", "lr_schedule": "", "local_epochs": "E", "differential_privacy": "dp",
-                 "aggregation_method": "", "server_momentum": "sm", "server_learning_rate": "slr"}
+                 "aggregation_method": "", "server_momentum": "sm", "server_learning_rate": "slr",
+                 "server_model_ema": "ema", "dp_client_rounds": "R"}
 TABLE_KEYS = ("model_type", "hidden_size", "learning_rate", "clip_grad_norm", "batch_size", "momentum", "lr_schedule",
               "local_epochs", "num_rounds", "aggregation_method", "server_momentum")
 
@@ -186,24 +187,72 @@ class ScatteringCache:
         self.saved = len(keys)
 
 
+class SideEvaluation:
+    """Benchmark-only: on every evaluation round, also the raw global model's accuracy and that of extra
+    moving averages of it (``--side-ema``), written to ``side_eval.csv`` beside the run's history.
+
+    Why: whether the server's model average (``server_model_ema``) helps, and at which decay, would take
+    one 100-round run per decay (40 minutes each on this shared machine); the averages are post-processing
+    of the global models the run produces anyway, so one run measures them all, with the run's own
+    evaluator on the same test set. The extra averages are not checkpointed: a resumed run restarts them
+    (its rows say so in ``since_round``)."""
+
+    def __init__(self, sim: Any, decays: list[float], path: Path) -> None:
+        from fl_server.strategies.model_ema import ServerModelEMA
+
+        self.coord = sim.coordinator
+        self.path = path
+        self.averages = {d: ServerModelEMA(d) for d in decays}
+        self.since = self.coord.completed_rounds + 1
+
+    def install(self) -> None:
+        coord, original = self.coord, self.coord.close_round
+
+        def close_round() -> Any:
+            record = original()
+            for average in self.averages.values():
+                average.update(coord.global_vector)
+            if record.test_accuracy is not None and coord.evaluator is not None:
+                self.write(record.round, record.test_accuracy)
+            return record
+
+        setattr(coord, "close_round", close_round)  # noqa: B010 (an instance's method, this process only)
+
+    def write(self, round_number: int, released: float) -> None:
+        evaluate = self.coord.evaluator
+        row: dict[str, Any] = {"round": round_number, "since_round": self.since, "released": released,
+                               "raw": evaluate(self.coord.global_vector).accuracy}
+        for decay, average in self.averages.items():
+            row[f"ema{decay:g}"] = evaluate(average.value()).accuracy
+        new = not self.path.is_file()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(row))
+            if new:
+                w.writeheader()
+            w.writerow(row)
+
+
 def is_finished(result_dir: Path) -> bool:
     return (result_dir / "summary.json").is_file() and (result_dir / "history.csv").is_file()
 
 
-def run_one(base_config: Path, settings: dict[str, Any], work: Path, result_dir: Path) -> None:
+def run_one(base_config: Path, settings: dict[str, Any], work: Path, result_dir: Path, side_ema: list[float] | None = None) -> None:
     from fl_common.config import load_config
     from fl_server.simulation import Simulation
 
     cfg = load_config(base_config, settings)
     resume = (work / "checkpoint.pt").is_file()
     sim = Simulation(cfg, output_dir=work, resume=resume, progress=False)
+    if side_ema is not None:
+        SideEvaluation(sim, side_ema, work / "side_eval.csv").install()
     try:
         sim.train()
         sim.save_results()
     finally:
         sim.close()
     result_dir.mkdir(parents=True, exist_ok=True)
-    for f in ("history.csv", "summary.json", "config.yaml"):
+    for f in ("history.csv", "summary.json", "config.yaml", "side_eval.csv"):
         if (work / f).is_file():
             shutil.copy2(work / f, result_dir / f)
 
@@ -272,6 +321,8 @@ def main() -> None:
     ap.add_argument("--only", nargs="*", help="run only these runs, in this order")
     ap.add_argument("--list", action="store_true", help="show each run's status and exit")
     ap.add_argument("--collect", action="store_true", help="only rewrite the table from the finished runs")
+    ap.add_argument("--side-ema", nargs="*", type=float, metavar="DECAY",
+                    help="also evaluate the raw global model and these moving averages of it (side_eval.csv)")
     args = ap.parse_args()
     search, base, common, runs = load_search(args.search)
     base_config = ROOT / base
@@ -300,7 +351,7 @@ def main() -> None:
             t0 = time.time()
             print(f"[{time.strftime('%H:%M:%S')}] {name}: {settings}", flush=True)
             try:
-                run_one(base_config, settings, WORK / search / name, results / name)
+                run_one(base_config, settings, WORK / search / name, results / name, args.side_ema)
             finally:
                 scattering.save()
             rows = collect(search, runs, common, results)

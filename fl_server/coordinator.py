@@ -32,6 +32,7 @@ from fl_server.secagg import SecureAggregator, open_secure_round
 from fl_server.selection import ClientInfo, ParticipationLog, build_selection, client_infos_for, poisson_sample
 from fl_server.store import RoundRecord
 from fl_server.strategies import Aggregator, Strategy, UpdateRejected, build_strategy, check_strategy_features
+from fl_server.strategies.model_ema import ServerModelEMA
 
 log = logging.getLogger("fl_server.coordinator")
 
@@ -94,6 +95,8 @@ class Coordinator:
         self.global_vector = global_vector.detach().to(torch.float32).clone()
         self.strategy = strategy or build_strategy(cfg)
         check_strategy_features(cfg, self.strategy, driver_features)
+        #: the server's moving average of the global model (server_model_ema > 0), else None
+        self.model_ema = ServerModelEMA(cfg.server_model_ema) if cfg.server_model_ema > 0 else None
         self._secagg_verifiers = secagg_verifiers
         if cfg.training_mode != "sync":
             raise ConfigError(f"config key 'training_mode' is {cfg.training_mode!r}: this coordinator runs synchronous rounds; "
@@ -129,6 +132,15 @@ class Coordinator:
     def stop_reason(self) -> str | None:
         """Why the run ended before num_rounds (the privacy budget), or None."""
         return self.privacy.stop_reason if self.privacy is not None else None
+
+    @property
+    def released_vector(self) -> torch.Tensor:
+        """The model the run evaluates and releases: the moving average of the global models when
+        ``server_model_ema`` is on (post-processing, no privacy cost), else the global model itself.
+        Clients always train from :attr:`global_vector`."""
+        if self.model_ema is not None and self.model_ema.started:
+            return self.model_ema.value()
+        return self.global_vector
 
     @property
     def current_round(self) -> int | None:
@@ -294,10 +306,12 @@ class Coordinator:
         if not bool(torch.isfinite(updated).all()):  # keep the last finite model: the round is not applied
             raise FloatingPointError(f"round {op.plan.round}: the global model is no longer finite; lower the learning rate")
         self.global_vector = updated
+        if self.model_ema is not None:
+            self.model_ema.update(updated)
         epsilon = self.privacy.end_round(op.dp) if self.privacy is not None and op.dp is not None else None
         test: EvalResult | None = None
         if self.evaluator is not None and self.evaluation_due(op.plan.round):
-            test = self.evaluator(self.global_vector)
+            test = self.evaluator(self.released_vector)
         record = RoundRecord(
             round=op.plan.round,
             test_accuracy=None if test is None else test.accuracy,
@@ -319,7 +333,7 @@ class Coordinator:
         ``evaluation_frequency`` skipped, so the run's last record carries its final model's accuracy."""
         if not self.history or self.evaluator is None or self.history[-1].test_accuracy is not None:
             return None
-        test = self.evaluator(self.global_vector)
+        test = self.evaluator(self.released_vector)
         self.history[-1] = replace(self.history[-1], test_accuracy=test.accuracy, test_loss=test.loss)
         return self.history[-1]
 
@@ -364,6 +378,7 @@ class Coordinator:
             "history": [r.to_row() for r in self.history],
             "privacy": self.privacy.state_dict() if self.privacy is not None else None,
             "participation": self.participation.state_dict(),
+            "model_ema": self.model_ema.state_dict() if self.model_ema is not None else None,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -375,6 +390,7 @@ class Coordinator:
         self.strategy.load_state_dict(state["strategy"])
         self.history = [RoundRecord.from_row(r) for r in state["history"]]
         self.participation.load_state_dict(state.get("participation"))
+        self._load_model_ema(state.get("model_ema"))
         stored = state.get("privacy")
         if self.privacy is not None:
             if stored is None:
@@ -384,6 +400,24 @@ class Coordinator:
         elif stored is not None:
             raise ValueError("the checkpoint holds a privacy ledger but differential_privacy is off")
         self._open = None
+
+    def _load_model_ema(self, stored: dict[str, Any] | None) -> None:
+        """A checkpoint without an average (written with server_model_ema 0, or before the key existed)
+        starts the average at its global model, said in the log; one with an average and the key now 0
+        drops it (the run goes on releasing the raw global model)."""
+        if self.model_ema is None:
+            if stored is not None:
+                log.warning("the checkpoint holds a model average but server_model_ema is 0: it is dropped and the "
+                            "raw global model is evaluated and released from now on")
+            return
+        if stored is None:
+            self.model_ema = ServerModelEMA(self.model_ema.decay)
+            if self.completed_rounds > 0:
+                log.warning("the checkpoint has no model average: server_model_ema starts at its round-%d global model",
+                            self.completed_rounds)
+                self.model_ema.update(self.global_vector)
+            return
+        self.model_ema.load_state_dict(stored)
 
     def privacy_status(self) -> dict[str, Any]:
         """The privacy block of summary.json and of the REST server's /status."""

@@ -133,6 +133,10 @@ class FLConfig:
     # the aggregation_method named in its help). fedadam/fedyogi/fedadagrad step about
     # server_learning_rate per coordinate whatever the update's scale: use 1e-2..1e-1, not FedAvg's 1.0.
     server_momentum: float = _opt(0.9, lo=0.0, hi=0.999, help="FedAvgM server momentum beta (aggregation_method=fedavgm; 0 = FedAvg)")
+    # Post-processing of the global models the server already produced (fl_server/strategies/model_ema.py): no
+    # privacy cost under DP; clients still train from the raw global model, the average is evaluated and released.
+    server_model_ema: float = _opt(0.0, lo=0.0, hi=0.999, help="decay of an exponential moving average of the global model, "
+                                   "evaluated and saved as the final model (0 = off; 0.9 averages over ~10 rounds); sync rounds only")
     server_beta1: float = _opt(0.9, lo=0.0, hi=0.999, help="first-moment decay of fedadam/fedyogi/fedadagrad (Reddi et al. 2021)")
     server_beta2: float = _opt(0.99, lo=0.0, hi=0.9999, help="second-moment decay of fedadam/fedyogi (fedadagrad ignores it)")
     server_tau: float = _opt(1e-3, lo=1e-9, hi=1.0, help="adaptivity tau of fedadam/fedyogi/fedadagrad: step = eta m / (sqrt(v) + tau), v starts at tau^2")
@@ -638,6 +642,7 @@ def _check_async(cfg: FLConfig) -> None:
         raise ConfigError(f"config key 'aggregation_method' has value {cfg.aggregation_method!r}: in training_mode 'async' "
                           f"the server step is async_algorithm's ({cfg.async_algorithm}); allowed "
                           f"{', '.join(ASYNC_AGGREGATION_METHODS)} (their client side)")
+    _refuse_stray(cfg, ("server_model_ema",), "training_mode is 'async' (the model average is kept per synchronous round)")
     if cfg.async_algorithm == "fedasync":
         _refuse_stray(cfg, ("fedbuff_k",), "async_algorithm is 'fedasync' (it applies every update)")
         _refuse_stray(cfg, ("server_learning_rate",), "async_algorithm 'fedasync' steps with async_alpha")

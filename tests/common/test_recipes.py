@@ -44,7 +44,7 @@ def test_load_config_applies_it_logs_it_and_keeps_what_the_user_set(tmp_path, ca
     path.write_text("num_clients: 40\nbatch_size: 16\n")
     with caplog.at_level(logging.INFO, logger="fl_common.config"):
         cfg = load_config(path, ["dp_epsilon=8"])
-    assert cfg.model_type == "scatter_linear" and cfg.learning_rate == 0.4 and cfg.lr_schedule == "cosine"
+    assert cfg.model_type == "scatter_linear" and cfg.learning_rate == 1.0 and cfg.lr_schedule == "cosine"  # lr: README 9.1
     assert cfg.batch_size == 16  # the file's value wins
     message = next(r.getMessage() for r in caplog.records if "DP recipe" in r.getMessage())
     assert "kept your batch_size" in message and "epsilon >= 4" in message

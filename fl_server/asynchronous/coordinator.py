@@ -139,6 +139,12 @@ class AsyncCoordinator:
 
     # ------------------------------------------------------------------ state
     @property
+    def released_vector(self) -> torch.Tensor:
+        """The model the run evaluates and saves: the global model itself (server_model_ema is refused in async
+        mode); the synchronous Coordinator's twin, so the drivers read one name."""
+        return self.global_vector
+
+    @property
     def finished(self) -> bool:
         """num_rounds counts server updates in async mode."""
         return self.version >= self.cfg.num_rounds

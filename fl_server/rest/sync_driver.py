@@ -558,7 +558,7 @@ class SyncRoundDriver(RoundDriver):
         coord = self._coordinator
         self.write_participation()
         ctx.run_dir.write_json("summary.json", self.summary())
-        ctx.run_dir.save_model(unflatten(coord.global_vector, coord.spec))
+        ctx.run_dir.save_model(unflatten(coord.released_vector, coord.spec))
         reason = coord.stop_reason or f"all {self.cfg.num_rounds} rounds done"
         log.info("run finished after %d rounds (%s); results in %s", coord.completed_rounds, reason, ctx.run_dir.path)
         ctx.observers.run_finished(ctx)

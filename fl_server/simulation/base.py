@@ -284,7 +284,7 @@ class SimulationBase(ABC, Generic[CoordinatorT]):
         """Write the run folder's results (history, summary.json, model, report) and return the summary."""
 
     def evaluate(self) -> EvalResult:
-        return self.evaluate_vector(self.coordinator.global_vector)
+        return self.evaluate_vector(self.coordinator.released_vector)
 
     def evaluate_clients(self) -> list[dict[str, float]]:
         """The global model's loss and accuracy on each client's held-out part when client_test_fraction > 0,
@@ -293,7 +293,7 @@ class SimulationBase(ABC, Generic[CoordinatorT]):
         Runs in the client workers (in parallel, results in client order), not serially in the driver:
         on the reference run it is a pass over all 60,000 training records."""
         parts = self.heldout if self.cfg.client_test_fraction > 0 else self.partitions
-        results = self.executor().evaluate(self.coordinator.global_vector, dict(enumerate(parts)), self.cfg.eval_batch_size)
+        results = self.executor().evaluate(self.coordinator.released_vector, dict(enumerate(parts)), self.cfg.eval_batch_size)
         return [{"client": cid, "num_samples": r.num_samples, "accuracy": r.accuracy, "loss": r.loss} for cid, r in results]
 
     def wants_client_evaluation(self) -> bool:
@@ -334,7 +334,7 @@ class SimulationBase(ABC, Generic[CoordinatorT]):
             train = self.train_set
             initial = LocalTrainer(model_from_config(self.cfg, train.input_shape, train.num_classes)).vector()
             result = personalize(
-                self.cfg, global_vector=self.coordinator.global_vector, initial_vector=initial, completed_rounds=done,
+                self.cfg, global_vector=self.coordinator.released_vector, initial_vector=initial, completed_rounds=done,
                 evaluator=self.evaluator_trainer, x=train.x, y=train.y, train_parts=self.partitions, heldout_parts=self.heldout,
                 make_executor=lambda: client_executor(self.cfg, train.input_shape, train.num_classes, train.x, train.y,
                                                       self.partitions, self.spec.numel))

@@ -280,7 +280,7 @@ class Simulation(SimulationBase[Coordinator]):
                 write_personalization_csv(self.run_dir.path / PERSONALIZATION_CSV, personal.rows, personal.columns,
                                           personal.summary["measure"])
             self.run_dir.write_json("summary.json", summary)
-            self.run_dir.save_model(unflatten(self.coordinator.global_vector, self.spec))
+            self.run_dir.save_model(unflatten(self.coordinator.released_vector, self.spec))
             from fl_server.reports import (
                 write_report_logged,  # lazily: keeps matplotlib out of startup
             )

@@ -3,14 +3,17 @@ what the coordinator evaluates and releases, what clients train from, and checkp
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
 from fl_common.config import ConfigError, config_from_dict
 from fl_common.protocol import ClientUpdate
-from fl_common.tensors import spec_of
+from fl_common.tensors import flatten, spec_of
 from fl_common.training import EvalResult
 from fl_server.coordinator import Coordinator
+from fl_server.simulation import Simulation
 from fl_server.strategies.model_ema import ServerModelEMA
 
 OFF = {"differential_privacy": False, "secure_aggregation": False}
@@ -124,3 +127,16 @@ def test_a_checkpoint_without_an_average_starts_it_at_its_global_model() -> None
 def test_config_refuses_what_cannot_run(settings: dict[str, object], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         config_from_dict({**OFF, **settings})
+
+
+def test_the_simulation_saves_the_released_average_as_its_model(small_config: dict, tmp_path: Path) -> None:
+    """model.pt is what the run released (the average), not the raw model the clients train from."""
+    cfg = {**small_config, **OFF, "model_type": "mlp", "hidden_size": 16, "num_rounds": 3, "workers": 0,
+           "server_model_ema": 0.5}
+    with Simulation(cfg, tmp_path / "run", progress=False) as sim:
+        sim.train()
+        sim.save_results()
+        released, raw = sim.coordinator.released_vector.clone(), sim.coordinator.global_vector.clone()
+    saved = flatten(torch.load(tmp_path / "run" / "model.pt", weights_only=True))
+    assert not torch.equal(released, raw), "three rounds of a 0.5 average must differ from the last model"
+    assert torch.equal(saved, released)

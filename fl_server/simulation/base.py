@@ -210,8 +210,9 @@ class SimulationBase(ABC, Generic[CoordinatorT]):
         With a worker pool running, its workers score the test set between them (the coordinators
         evaluate between rounds, when the workers would idle); otherwise this process does. Both give
         the serial evaluation's numbers (simulation/evaluation.py)."""
-        if isinstance(self._executor, ProcessPoolExecutor) and self._executor.test is not None:
-            return self._executor.evaluate_test(vector, self.cfg.eval_batch_size)
+        pool = self._executor
+        if isinstance(pool, ProcessPoolExecutor) and pool.test is not None and pool.running:
+            return pool.evaluate_test(vector, self.cfg.eval_batch_size)
         trainer = self.evaluator_trainer
         trainer.load_vector(vector.to(trainer.device, torch.float32))
         result = evaluation.evaluate(trainer.model, self.test_set.x, self.test_set.y, self.cfg.eval_batch_size, trainer.device)

@@ -341,7 +341,15 @@ class ProcessPoolExecutor:
             ready += 1
         log.info("started %d client workers (%s, %d thread(s) each)", workers, self.start_method, threads_per_worker)
 
+    @property
+    def running(self) -> bool:
+        """False once closed (after a worker's failure too): its queues may still hold a finished task's stale
+        result, so nothing more may be asked of it."""
+        return bool(self.procs)
+
     def _get(self, timeout: float) -> tuple[str, Any, Any]:
+        if not self.running:
+            raise WorkerFailed("the worker pool is closed (a worker failed, or the run ended)")
         waited = 0.0
         while True:
             try:

@@ -104,7 +104,8 @@ def test_impossible_privacy_settings_are_refused(overrides: dict, fragment: str)
 @pytest.mark.parametrize(
     ("overrides", "fragment"),
     [
-        ({"secure_aggregation_method": "ckks"}, "'dp_noise' has value 'distributed' at dp_mode 'sample' but secure_aggregation_method is 'ckks'"),
+        ({"secure_aggregation_method": "ckks"},
+         "'dp_noise' has value 'distributed' at dp_mode 'sample' but secure_aggregation_method is 'ckks'"),
         ({"weight_decay": 0.001}, "'weight_decay' has value 0.001: with dp_noise 'distributed'"),
         ({"optimizer": "adam"}, "'optimizer' has value 'adam': with dp_noise 'distributed' at sample level"),
         ({"aggregation_method": "median"}, "'aggregation_method' has value 'median': with dp_noise 'distributed'"),

@@ -11,7 +11,8 @@ Protocol: one JSON object per line on stdin, ``{"argv": [...fl_client arguments.
 line forks a daemon that runs ``fl_client.__main__.main(argv)`` with its stdout and stderr appended to PATH,
 and this process writes ``{"pid": N, "log": "PATH"}`` on its stdout (a launcher may signal one daemon by its pid).
 End of input means no more daemons; this process then waits for its children and exits 0 when every one
-exited 0, else with the first other status (a signal N counts as 128 + N). SIGTERM or SIGINT is passed on to
+exited 0, else with the first other status (a signal N counts as 128 + N), or 2 when a request line was refused
+(malformed: said on stderr with its line number and skipped; the daemons already started keep running). SIGTERM or SIGINT is passed on to
 every child; children still running ``--stop-timeout`` seconds later are killed. The children are started
 with this process's environment (give it the enrollment token, nothing of the server's).
 
@@ -233,16 +234,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     preload(args.warm, args.data_dir)
+    refused_lines = 0
     try:
-        for line in sys.stdin:
+        for number, line in enumerate(sys.stdin, start=1):
             if stop_requested:
                 break
             if not line.strip():
                 continue
-            request = DaemonRequest.from_line(line)
+            try:
+                request = DaemonRequest.from_line(line)
+            except ForkRefused as exc:  # one bad line costs its own daemon, not the ones already running
+                refused_lines += 1
+                print(f"error: request line {number} refused: {exc}", file=sys.stderr, flush=True)
+                continue
             pid = server.fork(request)
             print(json.dumps({"pid": pid, "log": str(request.log)}), flush=True)  # for a launcher that signals one
-    except ForkRefused as exc:
+    except ForkRefused as exc:  # forking is no longer safe: nothing more is started, the running daemons are stopped
         print(f"error: {exc}", file=sys.stderr)
         server.stop()
         server.wait_all()
@@ -251,7 +258,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for pid, (request, status) in server.finished.items():
         if status != 0:
             print(f"daemon {pid} exited with status {status} (its log: {request.log})", file=sys.stderr)
-    return code
+    return code or (2 if refused_lines else 0)
 
 
 if __name__ == "__main__":

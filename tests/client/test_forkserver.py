@@ -63,7 +63,9 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Served:
     proc = subprocess.Popen([sys.executable, "-m", "fl_client.forkserver", "--stop-timeout", "30"], stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     assert proc.stdin is not None and proc.stderr is not None
-    proc.stdin.write("".join(r.to_line() for r in requests))
+    lines = [r.to_line() for r in requests]
+    lines.insert(2, "not json\n")  # a malformed request between good ones: refused, the others still start
+    proc.stdin.write("".join(lines))
     proc.stdin.close()
     waiting = folder / "waiting.log"
     try:
@@ -102,6 +104,7 @@ def test_a_stop_reaches_the_daemons_and_the_first_failure_is_the_exit_status(ser
     assert "--timeout must be between 10 and 300" in served.log("bad")
     assert served.returncode == 2  # the refused daemon's status (the stopped one exited 0)
     assert re.search(r"daemon \d+ exited with status 2 \(its log: .*bad\.log\)", served.stderr)
+    assert "error: request line 3 refused: a request line is not JSON" in served.stderr
 
 
 def test_a_process_with_threads_is_not_forked(tmp_path: Path) -> None:

@@ -73,7 +73,7 @@ def decoded_idx(path: str | os.PathLike[str], *, expect_ndim: int | None = None,
     :func:`default_cache_dir`; ``use_cache=False`` or a disabled cache parses the file as ``read_idx`` does.
     """
     source = Path(path)
-    folder = cache_dir if cache_dir is not None else default_cache_dir() if use_cache else None
+    folder = None if not use_cache else cache_dir if cache_dir is not None else default_cache_dir()
     if folder is None:
         return read_idx(source, expect_ndim=expect_ndim)
     entry = _entry(source, folder)

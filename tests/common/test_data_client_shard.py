@@ -97,6 +97,9 @@ def test_the_cache_off_or_unwritable_parses_the_file(tmp_path: Path, monkeypatch
     blocked.write_text("not a folder")
     monkeypatch.setenv(ENV_DATA_CACHE_DIR, str(blocked / "decoded"))
     assert np.array_equal(decoded_idx(source), read_idx(source))
+    elsewhere = tmp_path / "elsewhere"
+    assert not isinstance(decoded_idx(source, cache_dir=elsewhere, use_cache=False), np.memmap)
+    assert not elsewhere.exists(), "use_cache=False writes no entry, whatever cache_dir says"
 
 
 def test_raw_images_are_only_for_idx_datasets_found_on_disk(tmp_path: Path, cache_dir: Path) -> None:

@@ -97,6 +97,16 @@ def register(url: str, env: dict[str, str], n: int, prefix: str = "s", num_sampl
     return [SecureClient(url, env, f"{prefix}{i}", seed=100 + i, num_samples=num_samples) for i in range(n)]
 
 
+def keys_shared(clients: list[SecureClient], round_number: int) -> list[SecureRoundSession]:
+    """Every client joins the round, then all advertise their keys, then all share them (phases 0 and 1)."""
+    sessions = [c.join(round_number) for c in clients]
+    for s in sessions:
+        s.advertise()
+    for s in sessions:
+        s.share_keys()
+    return sessions
+
+
 def inputs(n: int, numel: int, seed: int) -> tuple[list[np.ndarray], list[int]]:
     """n update vectors and their weights; a weight stays <= W, the largest record count reported (200)."""
     rng = np.random.default_rng(seed)
@@ -160,11 +170,7 @@ def test_a_secure_round_applies_the_exact_mean_whoever_drops_after_or_before_the
         assert status["rounds_completed"] == 1 and status["dropouts_by_phase"] == {"unmask": 2}
         # round 2: two are gone after sharing their keys (before their masked input): their masks are removed
         after1 = service.coordinator.global_vector.clone()
-        sessions2 = [c.join(2) for c in clients]
-        for s in sessions2:
-            s.advertise()
-        for s in sessions2:
-            s.share_keys()
+        sessions2 = keys_shared(clients, 2)
         xs2, ws2 = inputs(8, numel, seed=2)
         for c, x, w in list(zip(clients, xs2, ws2, strict=False))[:6]:
             c.s.masked_input(c.plain(x, w), {})
@@ -471,11 +477,7 @@ def test_a_server_killed_mid_round_aborts_the_attempt_and_the_next_one_completes
         clients = register(server.url, env, 4, num_samples=cfg.max_train_samples // 4)  # the IID partitions' size
         payload, _ = clients[0].api.download_model(None, encrypted=True)
         start, _ = wire.decode_update(payload, NUMEL)
-        sessions = [c.join(1) for c in clients]
-        for s in sessions:
-            s.advertise()
-        for s in sessions:
-            s.share_keys()
+        sessions = keys_shared(clients, 1)
         xs, ws = inputs(4, start.numel(), seed=8)
         plan = clients[0].api.round_status()["instructions"]  # every client holds 200 records: one (q, steps)
         q, steps, sigma = plan["dp_sample_rate"], plan["dp_steps"], plan["dp_noise_multiplier"]

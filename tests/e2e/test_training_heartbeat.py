@@ -14,7 +14,7 @@ from fl_client.api import ServerApi
 from fl_client.heartbeat import TrainingHeartbeat
 from fl_common.protocol.rest import ENV_ENROLLMENT_TOKEN
 from tests.e2e.harness import ScriptedClient, make_cfg, threaded_server, token_env, wait_for
-from tests.e2e.test_rest_secagg import SECURE, inputs, register, weighted_mean
+from tests.e2e.test_rest_secagg import SECURE, inputs, keys_shared, register, weighted_mean
 
 pytestmark = pytest.mark.usefixtures("small_config")  # skips cleanly when Fashion-MNIST is absent
 
@@ -35,11 +35,7 @@ def test_secure_round_drops_a_client_killed_mid_training_at_its_liveness(tmp_pat
     with threaded_server(cfg, tmp_path / "srv", env) as (url, service):
         clients = register(url, env, 4)
         start = service.coordinator.global_vector.clone()
-        sessions = [c.join(1) for c in clients]
-        for s in sessions:
-            s.advertise()
-        for s in sessions:
-            s.share_keys()
+        sessions = keys_shared(clients, 1)
         # all four "train" with a heartbeat; then client 0 is killed (its heartbeat stops, it sends nothing more)
         beats = [heartbeat(c.api) for c in clients]
         wait_for(lambda: all(b.beats >= 2 for b in beats), timeout=30, interval=0.05)

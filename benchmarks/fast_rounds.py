@@ -48,7 +48,11 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "fast_rounds"
 TRAIN_LINE = re.compile(r"^(\d+\.\d+) .*round (\d+): training \d+ epoch")
 #: the daemon's own measure of its local training (secure rounds do not send it to the server)
-TRAINED_LINE = re.compile(r"^\d+\.\d+ .*round (\d+): local training took (\d+\.\d+) s")
+TRAINED_LINE = re.compile(r"^(\d+\.\d+) .*round (\d+): local training took (\d+\.\d+) s")
+#: the daemon heard it is selected
+SELECTED_LINE = re.compile(r"^(\d+\.\d+) .*round (\d+): selected; fetching the model")
+#: the server answered 202 to the daemon's upload
+ACCEPTED_LINE = re.compile(r"^(\d+\.\d+) .*round (\d+): update accepted")
 
 RUNS: dict[str, dict[str, Any]] = {
     "smoke": {"clients": 3, "push": True, "cfg": {"model_type": "mlp", "hidden_size": 32, "samples_per_client": 100,
@@ -308,6 +312,8 @@ def _measure(stack: Stack, rounds_planned: int, extra: dict[str, Any]) -> dict[s
                       ).fetchall()
     starts: dict[int, list[float]] = {}
     trained: dict[int, list[float]] = {}  # round -> each daemon's training seconds, from its own log line
+    #: round -> daemon -> event ("selected", "start", "end", "accepted") -> when (the daemons' clock, the server's)
+    events: dict[int, dict[str, dict[str, float]]] = {}
     for log in stack.out.glob("*.log"):
         if log.name == "server.log":
             continue
@@ -315,9 +321,15 @@ def _measure(stack: Stack, rounds_planned: int, extra: dict[str, Any]) -> dict[s
             m = TRAIN_LINE.match(line)
             if m:
                 starts.setdefault(int(m.group(2)), []).append(float(m.group(1)))
+                events.setdefault(int(m.group(2)), {}).setdefault(log.stem, {})["start"] = float(m.group(1))
             t = TRAINED_LINE.match(line)
             if t:
-                trained.setdefault(int(t.group(1)), []).append(float(t.group(2)))
+                trained.setdefault(int(t.group(2)), []).append(float(t.group(3)))
+                events.setdefault(int(t.group(2)), {}).setdefault(log.stem, {})["end"] = float(t.group(1))
+            for kind, pattern in (("selected", SELECTED_LINE), ("accepted", ACCEPTED_LINE)):
+                e = pattern.match(line)
+                if e:
+                    events.setdefault(int(e.group(2)), {}).setdefault(log.stem, {})[kind] = float(e.group(1))
     per_round = []
     for round_id, number, state, selected, started, closed, reason in rows:
         if state != "closed" or closed is None:
@@ -348,6 +360,7 @@ def _measure(stack: Stack, rounds_planned: int, extra: dict[str, Any]) -> dict[s
     return {
         "rounds_planned": rounds_planned, "rounds_completed": len(per_round), "aborted_attempts": aborted,
         "secure_phase_median_s": timeline,
+        "plain_timeline_median_s": None if timeline is not None else _plain_timeline(db, steady, events),
         "median_round_s": med("wall_s"), "median_slowest_training_s": med("slowest_training_s"),
         "median_overhead_fraction": med("overhead_fraction"),
         "open_to_last_training_median_s": round(statistics.median(last_starts), 3) if last_starts else None,
@@ -386,6 +399,60 @@ def _phase_timeline(db: sqlite3.Connection, attempts: set[int]) -> dict[str, flo
         for k, v in spans.items():
             per.setdefault(k, []).append(v)
     return {k: round(statistics.median(v), 3) for k, v in per.items()} or None
+
+
+#: the plain round's timeline, in order: each span ends at the named moment and starts at the one before it
+PLAIN_SPANS = (
+    ("push", "the last daemon heard it is selected"),
+    ("download", "the last model download was served (server)"),
+    ("to_training", "the last daemon started training"),
+    ("training_tail", "the last daemon ended training"),
+    ("upload", "the last upload was accepted: opened, durable, summed (server)"),
+    ("apply", "the aggregate was applied (server)"),
+    ("evaluate", "the model was evaluated, when due (server)"),
+    ("checkpoint", "the checkpoint was written and fsynced (server)"),
+    ("close", "history and participation written, the row closed (server)"),
+    ("reopen", "the next round opened (server)"),
+)
+
+
+def _plain_timeline(db: sqlite3.Connection, steady: list[dict[str, Any]],
+                    events: dict[int, dict[str, dict[str, float]]]) -> dict[str, float] | None:
+    """Median seconds per span of a plain round (PLAIN_SPANS) over the closed attempts ``steady``: the server's
+    timeline stored with each attempt (fl_server/rest/round_timeline.py) and the daemons' log lines (same machine,
+    same clock). Each span runs from the moment before it to its own (the last client's, where clients differ), so
+    the spans add up to the time from one round's opening to the next's. Also: the slowest training, and the
+    critical client's wait (open -> the training start of the daemon whose training ended last)."""
+    rows = {rid: (started, tl) for rid, started, tl in db.execute("SELECT round_id, started_at, timeline FROM rounds").fetchall()}
+    opens = sorted(started for started, _ in rows.values())
+    per: dict[str, list[float]] = {}
+    for r in steady:
+        started, raw = rows[r["attempt"]]
+        daemons = events.get(r["round"], {})  # a retried attempt's lines: the last one per daemon is kept
+        ev = {k: [d[k] for d in daemons.values() if k in d and d[k] >= started - 1.0] for k in ("selected", "start", "end")}
+        if raw is None or not all(ev.values()):
+            continue
+        tl = json.loads(raw)
+        later = [t for t in opens if t > started]
+        marks = {"push": max(ev["selected"]) - started, "download": tl["downloads"]["last"],
+                 "to_training": max(ev["start"]) - started, "training_tail": max(ev["end"]) - started,
+                 "upload": tl["uploads"]["last"], "apply": tl.get("aggregated"), "evaluate": tl.get("evaluated"),
+                 "checkpoint": tl.get("checkpointed"), "close": tl.get("closed"),
+                 "reopen": (later[0] - started) if later else None}
+        prev = 0.0
+        for name, _ in PLAIN_SPANS:
+            mark = marks[name]
+            if mark is None:
+                continue
+            per.setdefault(name, []).append(mark - prev)
+            prev = mark
+        # the critical daemon: the one whose training ended last; its wait from the opening to its training start
+        critical = max((d for d in daemons.values() if "start" in d and "end" in d), key=lambda d: d["end"])
+        per.setdefault("critical_wait", []).append(critical["start"] - started)
+        per.setdefault("critical_training", []).append(critical["end"] - critical["start"])
+        per.setdefault("cycle", []).append(marks["reopen"] if marks["reopen"] is not None else float("nan"))
+    out = {k: round(statistics.median(v), 3) for k, v in per.items() if v and all(x == x for x in v)}
+    return out or None
 
 
 NOTIFY_RUNS = {"notify50_push": True, "notify50_poll": False}
@@ -469,6 +536,19 @@ def write_readme() -> None:
             t = r["secure_phase_median_s"]
             lines.append(f"| {name} | " + " | ".join(str(t.get(k, "")) for k in spans)
                          + f" | {round(sum(float(t.get(k, 0.0)) for k in spans), 3)} |")
+    planned = {k: v for k, v in results.items() if v.get("plain_timeline_median_s")}
+    if planned:
+        spans = [name for name, _ in PLAIN_SPANS]
+        lines += ["", "## Plain round timeline (median s per span over rounds 2+; server clock and daemons' logs)", "",
+                  "Each span ends at: " + "; ".join(f"**{n}**: {what}" for n, what in PLAIN_SPANS) + ". The spans add up "
+                  "to `cycle` (one round's opening to the next's). `critical_wait`: opening -> training start of the "
+                  "daemon whose training ended last; `critical_training`: that daemon's training.", "",
+                  "| run | " + " | ".join(spans) + " | cycle | critical_wait | critical_training |",
+                  "|---|" + "---|" * (len(spans) + 3)]
+        for name, r in planned.items():
+            t = r["plain_timeline_median_s"]
+            lines.append(f"| {name} | " + " | ".join(str(t.get(k, "")) for k in
+                                                   [*spans, "cycle", "critical_wait", "critical_training"]) + " |")
     pairs = [("secure10_push", "plain10_push"), ("secure10_poll", "plain10_poll"), ("plain10_push", "plain10_poll"),
              ("daemons50_push", "daemons50_poll"), ("dropout10_push", "dropout10_none")]
     lines += ["", "## Ratios (median round time, same invocation)", ""]

@@ -53,7 +53,34 @@ RUNS: dict[str, dict[str, Any]] = {
                          "set": ["model_type=mlp", "hidden_size=64", "samples_per_client=200", "evaluation_frequency=4"]},
     "plain50_mlp_spawn": {"clients": 50, "launch": "spawn", "private": False, "rounds": 4,
                           "set": ["model_type=mlp", "hidden_size=64", "samples_per_client=200", "evaluation_frequency=4"]},
+    # local training that is real work: the demo's cnn on the 60,000 training images split 50 ways (1,200 each),
+    # one epoch, so the overhead is measured against a round of realistic length, not 0.05 s of mlp training
+    "plain50_cnn_fork": {"clients": 50, "launch": "fork", "private": False, "rounds": 3,
+                         "set": ["model_type=cnn", "samples_per_client=1200", "local_epochs=1", "evaluation_frequency=3"]},
 }
+
+#: the server's marks of a plain round (fl_server/rest/round_timeline.py), in order, and the next round's opening
+SERVER_MARKS = ("downloads_last", "uploads_last", "aggregated", "evaluated", "checkpointed", "closed", "reopen")
+
+
+def _server_timeline(db: sqlite3.Connection, attempts: set[int]) -> dict[str, float] | None:
+    """Median seconds after each steady attempt's opening of the server's marks (SERVER_MARKS): when the last
+    download was served and the last upload accepted, each step of the close, and the next attempt's opening."""
+    rows = db.execute("SELECT round_id, started_at, timeline FROM rounds ORDER BY round_id").fetchall()
+    opens = sorted(r[1] for r in rows)
+    per: dict[str, list[float]] = {}
+    for rid, started, raw in rows:
+        if rid not in attempts or raw is None:
+            continue
+        tl = json.loads(raw)
+        later = [t for t in opens if t > started]
+        marks = {"downloads_last": tl["downloads"]["last"], "uploads_last": tl["uploads"]["last"],
+                 **{k: tl.get(k) for k in ("aggregated", "evaluated", "checkpointed", "closed")},
+                 "reopen": (later[0] - started) if later else None}
+        for k, v in marks.items():
+            if v is not None:
+                per.setdefault(k, []).append(float(v))
+    return {k: round(statistics.median(per[k]), 3) for k in SERVER_MARKS if k in per} or None
 
 
 # ------------------------------------------------------------------ memory of the run's process tree
@@ -164,10 +191,11 @@ def federation_run(name: str) -> dict[str, Any]:
                        db.execute("SELECT metrics FROM updates WHERE round_id=?", (round_id,)).fetchall()
                        if "seconds" in json.loads(m[0])]
             wall_s = closed - started
-            per_round.append({"round": number, "wall_s": round(wall_s, 3),
+            per_round.append({"round": number, "attempt": round_id, "wall_s": round(wall_s, 3),
                               "slowest_training_s": round(max(seconds), 3) if seconds else None,
                               "overhead_fraction": round((wall_s - max(seconds)) / wall_s, 4) if seconds else None,
                               "updates": len(seconds)})
+        timeline = _server_timeline(db, {r["attempt"] for r in per_round if r["round"] > 1})
         db.close()
         registered = sorted(_client_starts(out / "logs").values())
     assert up.at is not None, "run_demo never said the server was up"
@@ -187,7 +215,8 @@ def federation_run(name: str) -> dict[str, Any]:
             "server_up_to_first_round_open_s": round(first[3] - up.at, 3) if first else None,
             "server_up_to_first_round_closed_s": round(first_closed[4] - up.at, 3) if first_closed else None,
             "median_round_s": med("wall_s"), "median_slowest_training_s": med("slowest_training_s"),
-            "median_overhead_fraction": med("overhead_fraction"), "rows": per_round,
+            "median_overhead_fraction": med("overhead_fraction"), "server_timeline_median_s": timeline,
+            "rows": per_round,
             "peak_pss_mib": round(memory.peak_mib, 1), "peak_pss_processes": memory.peak_processes,
             "accuracy": status.get("accuracy"), "total_wall_s": round(wall, 1), "cores": os.cpu_count(),
             "load_average_after": os.getloadavg(), "measured_at": time.strftime("%Y-%m-%d %H:%M:%S")}

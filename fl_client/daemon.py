@@ -496,6 +496,7 @@ class ClientDaemon:
         job = status.get("job")
         what = f"round {round_number}" if job is None else f"job {job} (model version {round_number})"
         instr = TrainInstructions.from_json(status["instructions"])
+        log.info("%s: selected; fetching the model", what)
         try:
             global_vector, control = self._download(instr, job, round_number)
         except ApiRefused as exc:

@@ -88,12 +88,16 @@ class DriverContext:
     test_y: torch.Tensor
     started_at: float
     evaluate_rounds: bool = True
+    #: seconds spent in :meth:`evaluate` so far (a round's timeline takes the difference across its close)
+    evaluation_seconds: float = 0.0
 
     def evaluate(self, vector: torch.Tensor) -> EvalResult:
         """The global model on the server's test set; its duration goes to the observers (metrics)."""
         t0 = time.perf_counter()
         result = self.trainer.evaluate(vector, self.test_x, self.test_y, self.cfg.eval_batch_size)
-        self.observers.evaluated(time.perf_counter() - t0)
+        seconds = time.perf_counter() - t0
+        self.evaluation_seconds += seconds
+        self.observers.evaluated(seconds)
         return result
 
     @property
@@ -188,6 +192,9 @@ class RoundDriver(abc.ABC):
     def stalled(self, now: float) -> str | None:
         """Why rounds cannot progress (e.g. far past a deadline), or None."""
         return None
+
+    def prepare_download(self) -> None:
+        """Get the model download of an open round ready before clients ask (called by the ticker, no lock held)."""
 
     def count_download(self, nbytes: int) -> None:
         """A model body went out: it counts towards the round's traffic."""

@@ -215,7 +215,8 @@ class FederationService:
 
     def tick(self) -> None:
         self.driver.tick()
-        self.observe_state()
+        self.observe_state()  # the push first: clients wake while the model download is packed
+        self.driver.prepare_download()
         self.gateway.refusals.flush()
 
     # ------------------------------------------------------------------ push: long-polls (fl_server/rest/state_changes.py)

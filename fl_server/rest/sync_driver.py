@@ -51,6 +51,7 @@ from fl_server.coordinator import Coordinator, NoEligibleClients, RoundPlan
 from fl_server.privacy import BudgetExhausted, DPRound
 from fl_server.rest.driver import DriverContext, ModelPayload, RoundDriver, SelectionProblems
 from fl_server.rest.gateway import PLAIN_FEATURES, ApiError, Authenticated, Registration, UploadLayout
+from fl_server.rest.round_timeline import RoundTimeline
 from fl_server.secagg import SecureAggregator
 from fl_server.selection import ClientInfo
 from fl_server.store import RoundRecord, accuracy_summary
@@ -265,6 +266,7 @@ class PlainRounds(RoundProtocol):
                                                len(body), ctx.clock()))
                 recorded = True
                 driver.coordinator.submit(update)
+                driver.upload_accepted()
         finally:
             if not recorded:
                 path.unlink(missing_ok=True)
@@ -285,6 +287,8 @@ class SyncRoundDriver(RoundDriver):
         self.selection_problems = SelectionProblems(self.cfg.selection)
         self._waiting_since: float | None = None
         self._model_cache: tuple[int, bytes, bytes | None] | None = None
+        #: the open attempt's timeline (round_timeline.py), stored with its row when it ends
+        self._timeline: RoundTimeline | None = None
         #: one packing of a model version at a time, outside the service lock (model_payload)
         self._model_lock = threading.Lock()
         #: attempts whose aggregate was not finite (aborted, nothing applied); /status and /metrics show it
@@ -351,6 +355,7 @@ class SyncRoundDriver(RoundDriver):
         # the round's history row counts the whole round: its time and downloads before the restart too
         self._coordinator.restore_round(plan, elapsed_s=ctx.clock() - open_row.started_at,
                                         bytes_so_far=open_row.download_bytes)
+        self._timeline = RoundTimeline(open_row.started_at)  # this process's part of it
         replayed = 0
         for row in ctx.store.updates_for_round(open_row.round_id):
             data = Path(row.path).read_bytes()
@@ -457,6 +462,7 @@ class SyncRoundDriver(RoundDriver):
                        min(self.cfg.clients_per_round, len(plan.selected)), now, deadline, None, None, plan.privacy,
                        {str(c): float(p) for c, p in (plan.probabilities or {}).items()}, plan.secagg)
         ctx.store.open_round(row)
+        self._timeline = RoundTimeline(now)
         self.protocol.opened(row)
         log.info("round %d opened: %d of %d live clients selected, quorum %d, deadline in %.0f s", plan.round,
                  len(plan.selected), len(live), row.target, self.cfg.round_timeout)
@@ -471,18 +477,32 @@ class SyncRoundDriver(RoundDriver):
         coord = self._coordinator
         arrived = sorted(str(c) for c in coord.arrived)
         secagg = coord.secagg
+        timeline = self._timeline
         t0 = time.perf_counter()
+        evaluated_before = ctx.evaluation_seconds
         try:
             record = coord.close_round()
         except FloatingPointError as exc:
             self._reject_unusable_aggregate(row, exc)
             return None
         close_seconds = time.perf_counter() - t0
+        if timeline is not None:  # the coordinator applies, then evaluates: the split comes from the evaluation's time
+            now = ctx.clock()
+            timeline.evaluation_s = ctx.evaluation_seconds - evaluated_before
+            timeline.step("aggregated", now - timeline.evaluation_s)
+            timeline.step("evaluated", now)
         self.protocol.round_closed(row, secagg)  # before the summary of a finished run is written
         self.checkpoint()
+        if timeline is not None:
+            timeline.step("checkpointed", ctx.clock())
         ctx.run_dir.write_history(coord.history)
         self.write_participation()
-        ctx.store.finish_round(row.round_id, "closed", reason, ctx.clock(), arrived)
+        closed_at = ctx.clock()
+        if timeline is not None:
+            timeline.step("closed", closed_at)
+        ctx.store.finish_round(row.round_id, "closed", reason, closed_at, arrived,
+                               None if timeline is None else timeline.to_json())
+        self._timeline = None
         self._model_cache = None
         dropped = len(row.selected) - len(arrived)
         acc = f", test accuracy {record.test_accuracy:.4f}" if record.test_accuracy is not None else ""
@@ -542,7 +562,8 @@ class SyncRoundDriver(RoundDriver):
             # sample-level DP charged the clients whose updates arrived: make that durable now, since
             # this attempt's updates will never be replayed
             self.checkpoint()
-        ctx.store.finish_round(row.round_id, "aborted", reason, now, arrived)
+        timeline, self._timeline = self._timeline, None
+        ctx.store.finish_round(row.round_id, "aborted", reason, now, arrived, None if timeline is None else timeline.to_json())
         if warn:
             log.warning("round %d aborted: %s", row.round, reason)
         ctx.observers.round_aborted(row.round, len(arrived))
@@ -605,14 +626,22 @@ class SyncRoundDriver(RoundDriver):
                 return RoundStatus(ROUND_NOT_SELECTED, current, version, self.cfg.poll_interval, row.deadline)
             return self.protocol.round_status(auth.client_id, row, instr, version)
 
+    def upload_accepted(self) -> None:
+        """An upload of the open attempt is durable and summed (lock held): its round's timeline notes when."""
+        if self._timeline is not None:
+            self._timeline.upload_accepted(self.ctx.clock())
+
     def count_download(self, nbytes: int) -> None:
         """A model download counts towards the open round's bytes, durably (a restart keeps the count)."""
+        row: RoundRow | None = None
         with self.ctx.lock:
+            if self._timeline is not None:
+                self._timeline.download_served(self.ctx.clock())
             self._coordinator.add_bytes(nbytes)
             if self._coordinator.current_round is not None:
                 row = self.ctx.store.current_open_round()
-                if row is not None:
-                    self.ctx.store.add_download_bytes(row.round_id, nbytes)
+        if row is not None:  # the commit (an fsync, shared with the downloads beside it) without the service lock
+            self.ctx.store.add_download_bytes(row.round_id, nbytes)
 
     def model_version(self, requested: int | None) -> int:
         """Synchronous rounds serve the current model only (``?version=`` is an asynchronous job's)."""
@@ -629,6 +658,23 @@ class SyncRoundDriver(RoundDriver):
         The packing and encryption (seconds for a large model) run outside the service lock, which is held only
         to take the version and a copy of the vector; a lock of their own makes one request pack a version while
         the others wait for it, not for the service."""
+        packed_version, body, cached_key = self._packed_model()
+        return packed_version, body, (Envelope(auth.keys).seal(cached_key) if cached_key is not None else None)
+
+    def prepare_download(self) -> None:
+        """Pack (and encrypt) the current model version now if a round is open and it is not packed yet: the
+        service's ticker calls this right after the push of a round's opening, so the packing overlaps the
+        clients' wake-up and requests instead of starting with the first request (outside the service lock)."""
+        with self.ctx.lock:
+            if self._coordinator.current_round is None:
+                return
+            cached = self._model_cache
+            if cached is not None and cached[0] == self._coordinator.completed_rounds:
+                return
+        self._packed_model()
+
+    def _packed_model(self) -> tuple[int, bytes, bytes | None]:
+        """(version, body, model key or None) of the current model version, packed once per version."""
         with self._model_lock:
             with self.ctx.lock:
                 coord = self._coordinator
@@ -652,8 +698,7 @@ class SyncRoundDriver(RoundDriver):
                     cached = (version, packed, None)
                 self._model_cache = cached
         assert cached is not None
-        _, body, cached_key = cached
-        return version, body, (Envelope(auth.keys).seal(cached_key) if cached_key is not None else None)
+        return cached
 
     # ------------------------------------------------------------------ updates
     def accept_update(self, auth: Authenticated, round_number: int, idempotency_key: str, body: bytes,

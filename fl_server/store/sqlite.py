@@ -79,7 +79,8 @@ CREATE TABLE IF NOT EXISTS rounds (
     privacy TEXT,
     probabilities TEXT,
     secagg TEXT,
-    download_bytes INTEGER NOT NULL DEFAULT 0
+    download_bytes INTEGER NOT NULL DEFAULT 0,
+    timeline TEXT
 );
 CREATE TABLE IF NOT EXISTS participants (
     round_id INTEGER NOT NULL,
@@ -252,6 +253,8 @@ class ServerStore:
         self._seen = LastSeenCache(last_seen_resolution)
         self._nonces: GroupCommit[tuple[str, str, float], bool] = GroupCommit(self._record_nonces)
         self._nonces_pruned_at = float("-inf")
+        #: a round's downloads come together: their byte counts share commits (group_commit.py)
+        self._download_bytes: GroupCommit[tuple[int, int], None] = GroupCommit(self._record_download_bytes)
         #: the open attempt's raw row and its parse (current_open_round)
         self._open_raw: tuple | None = None
         self._open_row: RoundRow | None = None
@@ -267,6 +270,8 @@ class ServerStore:
             self._db.execute("ALTER TABLE rounds ADD COLUMN secagg TEXT")
         if "download_bytes" not in columns:
             self._db.execute("ALTER TABLE rounds ADD COLUMN download_bytes INTEGER NOT NULL DEFAULT 0")
+        if "timeline" not in columns:
+            self._db.execute("ALTER TABLE rounds ADD COLUMN timeline TEXT")
         columns = {r[1] for r in self._db.execute("PRAGMA table_info(clients)").fetchall()}
         if "profile" not in columns:
             self._db.execute("ALTER TABLE clients ADD COLUMN profile TEXT")
@@ -525,8 +530,15 @@ class ServerStore:
                    " probabilities, secagg, download_bytes")
 
     def add_download_bytes(self, round_id: int, nbytes: int) -> None:
+        """Durably add a download's bytes to an attempt's count; returns once committed. Downloads that arrive
+        together share one commit (one fsync), so ten clients fetching a round's model do not queue behind ten."""
+        self._download_bytes.submit((round_id, nbytes))
+
+    def _record_download_bytes(self, batch: Sequence[tuple[int, int]]) -> list[None]:
         with self._tx() as db:
-            db.execute("UPDATE rounds SET download_bytes = COALESCE(download_bytes, 0) + ? WHERE round_id=?", (nbytes, round_id))
+            db.executemany("UPDATE rounds SET download_bytes = COALESCE(download_bytes, 0) + ? WHERE round_id=?",
+                           [(n, rid) for rid, n in batch])
+        return [None] * len(batch)
 
     def current_open_round(self) -> RoundRow | None:
         """The open attempt, or None. Every poll, tick and upload reads it, and its JSON columns grow with the clients
@@ -545,14 +557,22 @@ class ServerStore:
         """One attempt by its id (open, closed or aborted)."""
         return self._round(self._one(f"SELECT {self._ROUND_COLS} FROM rounds WHERE round_id=?", (round_id,)))
 
-    def finish_round(self, round_id: int, state: str, reason: str, now: float, arrived: list[str]) -> None:
-        """Close (or abort) a round attempt: participants who did not arrive are recorded as dropped."""
+    def finish_round(self, round_id: int, state: str, reason: str, now: float, arrived: list[str],
+                     timeline: dict[str, Any] | None = None) -> None:
+        """Close (or abort) a round attempt: participants who did not arrive are recorded as dropped. ``timeline``
+        (fl_server/rest/round_timeline.py) is stored with the row in the same transaction."""
         with self._tx() as db:
-            db.execute("UPDATE rounds SET state=?, closed_at=?, reason=? WHERE round_id=?", (state, now, reason, round_id))
+            db.execute("UPDATE rounds SET state=?, closed_at=?, reason=?, timeline=? WHERE round_id=?",
+                       (state, now, reason, None if timeline is None else json.dumps(timeline), round_id))
             db.execute("UPDATE participants SET status='dropped' WHERE round_id=? AND status='selected'", (round_id,))
             if state == "closed":
                 db.executemany("UPDATE clients SET rounds_participated = rounds_participated + 1 WHERE client_id=?",
                                [(c,) for c in arrived])
+
+    def round_timeline(self, round_id: int) -> dict[str, Any] | None:
+        """The timeline stored when the attempt ended (None: still open, or ended without one)."""
+        row = self._one("SELECT timeline FROM rounds WHERE round_id=?", (round_id,))
+        return None if row is None or row[0] is None else dict(json.loads(row[0]))
 
     def round_rows(self, limit: int = 1000) -> list[RoundRow]:
         rows = self._all(f"SELECT {self._ROUND_COLS} FROM rounds ORDER BY round_id DESC LIMIT ?", (limit,))

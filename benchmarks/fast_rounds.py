@@ -407,7 +407,10 @@ PLAIN_SPANS = (
     ("download", "the last model download was served (server)"),
     ("to_training", "the last daemon started training"),
     ("training_tail", "the last daemon ended training"),
-    ("upload", "the last upload was accepted: opened, durable, summed (server)"),
+    ("upload_send", "the last accepted upload's request reached the driver (daemon: encode, keep, seal, send)"),
+    ("upload_open", "it was decrypted, decoded and checked (server)"),
+    ("upload_write", "its payload file was written and fsynced (server)"),
+    ("upload_sum", "its row was committed and it was summed (server)"),
     ("apply", "the aggregate was applied (server)"),
     ("evaluate", "the model was evaluated, when due (server)"),
     ("checkpoint", "the checkpoint was written and fsynced (server)"),
@@ -433,10 +436,12 @@ def _plain_timeline(db: sqlite3.Connection, steady: list[dict[str, Any]],
         if raw is None or not all(ev.values()):
             continue
         tl = json.loads(raw)
+        lu = tl.get("last_upload") or {}
         later = [t for t in opens if t > started]
         marks = {"push": max(ev["selected"]) - started, "download": tl["downloads"]["last"],
                  "to_training": max(ev["start"]) - started, "training_tail": max(ev["end"]) - started,
-                 "upload": tl["uploads"]["last"], "apply": tl.get("aggregated"), "evaluate": tl.get("evaluated"),
+                 "upload_send": lu.get("received"), "upload_open": lu.get("opened"), "upload_write": lu.get("written"),
+                 "upload_sum": tl["uploads"]["last"], "apply": tl.get("aggregated"), "evaluate": tl.get("evaluated"),
                  "checkpoint": tl.get("checkpointed"), "close": tl.get("closed"),
                  "reopen": (later[0] - started) if later else None}
         prev = 0.0
@@ -450,6 +455,8 @@ def _plain_timeline(db: sqlite3.Connection, steady: list[dict[str, Any]],
         critical = max((d for d in daemons.values() if "start" in d and "end" in d), key=lambda d: d["end"])
         per.setdefault("critical_wait", []).append(critical["start"] - started)
         per.setdefault("critical_training", []).append(critical["end"] - critical["start"])
+        if "accepted" in critical:  # its end of training -> the 202 for its upload, on its own clock
+            per.setdefault("critical_upload", []).append(critical["accepted"] - critical["end"])
         per.setdefault("cycle", []).append(marks["reopen"] if marks["reopen"] is not None else float("nan"))
     out = {k: round(statistics.median(v), 3) for k, v in per.items() if v and all(x == x for x in v)}
     return out or None
@@ -542,13 +549,15 @@ def write_readme() -> None:
         lines += ["", "## Plain round timeline (median s per span over rounds 2+; server clock and daemons' logs)", "",
                   "Each span ends at: " + "; ".join(f"**{n}**: {what}" for n, what in PLAIN_SPANS) + ". The spans add up "
                   "to `cycle` (one round's opening to the next's). `critical_wait`: opening -> training start of the "
-                  "daemon whose training ended last; `critical_training`: that daemon's training.", "",
-                  "| run | " + " | ".join(spans) + " | cycle | critical_wait | critical_training |",
-                  "|---|" + "---|" * (len(spans) + 3)]
+                  "daemon whose training ended last; `critical_training`: that daemon's training; `critical_upload`: "
+                  "its end of training -> its upload's 202.", "",
+                  "| run | " + " | ".join(spans) + " | cycle | critical_wait | critical_training | critical_upload |",
+                  "|---|" + "---|" * (len(spans) + 4)]
         for name, r in planned.items():
             t = r["plain_timeline_median_s"]
             lines.append(f"| {name} | " + " | ".join(str(t.get(k, "")) for k in
-                                                   [*spans, "cycle", "critical_wait", "critical_training"]) + " |")
+                                                   [*spans, "cycle", "critical_wait", "critical_training",
+                                                    "critical_upload"]) + " |")
     pairs = [("secure10_push", "plain10_push"), ("secure10_poll", "plain10_poll"), ("plain10_push", "plain10_poll"),
              ("daemons50_push", "daemons50_poll"), ("dropout10_push", "dropout10_none")]
     lines += ["", "## Ratios (median round time, same invocation)", ""]

@@ -15,6 +15,8 @@ from typing import Any
 
 #: the close's steps in the order the driver takes them
 CLOSE_STEPS = ("aggregated", "evaluated", "checkpointed", "closed")
+#: an upload's steps on the server before it is accepted (summed under the lock): request read, opened, written
+UPLOAD_STEPS = ("received", "opened", "written")
 
 
 @dataclass
@@ -45,12 +47,19 @@ class RoundTimeline:
     steps: dict[str, float] = field(default_factory=dict)
     #: seconds the close spent evaluating the model (0 when no evaluation was due)
     evaluation_s: float = 0.0
+    #: the last accepted upload's steps on the server (UPLOAD_STEPS -> seconds after opening)
+    last_upload: dict[str, float] = field(default_factory=dict)
 
     def download_served(self, now: float) -> None:
         self.downloads.add(now - self.opened_at)
 
-    def upload_accepted(self, now: float) -> None:
-        self.uploads.add(now - self.opened_at)
+    def upload_accepted(self, now: float, steps: dict[str, float] | None = None) -> None:
+        """An upload was accepted at ``now``; ``steps``: when its request reached the driver, was opened
+        (decrypted, decoded, checked) and written (fsynced) on the server clock (UPLOAD_STEPS)."""
+        offset = now - self.opened_at
+        if self.uploads.last is None or offset >= self.uploads.last:
+            self.last_upload = {k: round(v - self.opened_at, 4) for k, v in (steps or {}).items() if k in UPLOAD_STEPS}
+        self.uploads.add(offset)
 
     def step(self, name: str, now: float) -> None:
         if name not in CLOSE_STEPS:
@@ -59,11 +68,12 @@ class RoundTimeline:
 
     def to_json(self) -> dict[str, Any]:
         return {"opened_at": self.opened_at, "downloads": self.downloads.to_json(), "uploads": self.uploads.to_json(),
-                "evaluation_s": _r(self.evaluation_s), **{k: _r(v) for k, v in self.steps.items()}}
+                "last_upload": self.last_upload, "evaluation_s": _r(self.evaluation_s),
+                **{k: _r(v) for k, v in self.steps.items()}}
 
 
 def _r(value: float | None) -> float | None:
     return None if value is None else round(value, 4)
 
 
-__all__ = ["CLOSE_STEPS", "EventSpan", "RoundTimeline"]
+__all__ = ["CLOSE_STEPS", "UPLOAD_STEPS", "EventSpan", "RoundTimeline"]

@@ -228,6 +228,7 @@ class PlainRounds(RoundProtocol):
                       body: bytes) -> dict[str, Any]:
         driver = self.driver
         ctx = driver.ctx
+        steps = {"received": ctx.clock()}
         gateway = ctx.gateway
         gateway.check_idempotency_key(auth.client_id, idempotency_key)
         # 1. a retry of an update we already hold: same key -> the same answer, counted once
@@ -242,12 +243,14 @@ class PlainRounds(RoundProtocol):
             expected = driver.check_expected(auth.client_id, round_number)
         # 3. decrypt and decode outside the lock (the expensive part)
         packed, update = gateway.open_update(auth, round_number, body, driver.layout)
+        steps["opened"] = ctx.clock()
         # 4. durable, then aggregated, then acknowledged. The payload's write and fsync happen outside the lock,
         # under a name of its own (two uploads of one client never share a file); under the lock only the checks,
         # the row and the aggregate's sum. A payload that is not kept is deleted.
         path = (ctx.updates_dir / f"attempt{expected.round_id:06d}-r{round_number:05d}"
                 / f"{auth.client_id}-{uuid.uuid4().hex[:12]}.bin")
         fsync_write(path, packed)
+        steps["written"] = ctx.clock()
         recorded = False
         try:
             with ctx.lock:
@@ -266,7 +269,7 @@ class PlainRounds(RoundProtocol):
                                                len(body), ctx.clock()))
                 recorded = True
                 driver.coordinator.submit(update)
-                driver.upload_accepted()
+                driver.upload_accepted(steps)
         finally:
             if not recorded:
                 path.unlink(missing_ok=True)
@@ -626,10 +629,11 @@ class SyncRoundDriver(RoundDriver):
                 return RoundStatus(ROUND_NOT_SELECTED, current, version, self.cfg.poll_interval, row.deadline)
             return self.protocol.round_status(auth.client_id, row, instr, version)
 
-    def upload_accepted(self) -> None:
-        """An upload of the open attempt is durable and summed (lock held): its round's timeline notes when."""
+    def upload_accepted(self, steps: dict[str, float]) -> None:
+        """An upload of the open attempt is durable and summed (lock held): its round's timeline notes when, and
+        when its earlier steps were (``steps``: round_timeline.UPLOAD_STEPS, server clock)."""
         if self._timeline is not None:
-            self._timeline.upload_accepted(self.ctx.clock())
+            self._timeline.upload_accepted(self.ctx.clock(), steps)
 
     def count_download(self, nbytes: int) -> None:
         """A model download counts towards the open round's bytes, durably (a restart keeps the count)."""

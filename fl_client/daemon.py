@@ -502,7 +502,7 @@ class ClientDaemon:
         return TrainingHeartbeat(lambda: ServerApi(opts.server_url, timeout=opts.timeout, max_retries=0,
                                                    verify=opts.verify_tls, sleep=self._sleep,
                                                    stop=self.stop_event.is_set),
-                                 lambda: self.api.creds).start()
+                                 lambda: self.api.creds, etag=self.round_etag).start()
 
     def _save_control(self, control: ControlVariates | None, control_delta: torch.Tensor | None) -> None:
         """c_i moves only once the server holds (secure rounds: has applied) the update that used it."""

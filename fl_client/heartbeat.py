@@ -42,14 +42,18 @@ class TrainingHeartbeat:
     """A background thread that keeps one long-poll of the round open until :meth:`stop` (a context manager).
 
     ``api_factory`` makes the heartbeat's own :class:`ServerApi` (its own HTTP session); ``credentials``
-    returns the daemon's current credentials (None: nothing is sent)."""
+    returns the daemon's current credentials (None: nothing is sent). ``etag``: the round state the daemon last
+    saw (its poll's ETag), so that the first beat parks at once instead of being answered at once and followed by
+    a second request a ``min_gap`` later: one request less per client at every round's busiest moment."""
 
     def __init__(self, api_factory: Callable[[], ServerApi], credentials: Callable[[], Credentials | None], *,
-                 wait: float = HEARTBEAT_WAIT, min_gap: float = HEARTBEAT_MIN_GAP, name: str = "fl-heartbeat") -> None:
+                 wait: float = HEARTBEAT_WAIT, min_gap: float = HEARTBEAT_MIN_GAP, name: str = "fl-heartbeat",
+                 etag: str | None = None) -> None:
         if not wait > 0 or not min_gap > 0:
             raise ValueError(f"heartbeat wait and min_gap must be positive (got {wait}, {min_gap})")
         self._api_factory = api_factory
         self._credentials = credentials
+        self._first_etag = etag
         self.wait = wait
         self.min_gap = min_gap
         self._stop = threading.Event()
@@ -81,7 +85,7 @@ class TrainingHeartbeat:
 
     def _run(self) -> None:
         api = self._api_factory()
-        etag: str | None = None
+        etag = self._first_etag
         while not self._stop.is_set():
             creds = self._credentials()
             started = time.monotonic()

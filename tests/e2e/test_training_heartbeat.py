@@ -86,3 +86,31 @@ def test_plain_round_closes_once_every_client_still_out_is_gone(tmp_path) -> Non
         assert status["history"][0]["clients"] == 2
         assert [r.reason for r in service.store.round_rows()] == ["liveness"]
         assert all(s["round"] == 1 for s in statuses)
+
+
+def test_a_heartbeat_given_the_daemons_etag_parks_with_its_first_request(tmp_path) -> None:
+    """The daemon hands its heartbeat the ETag of its last poll: the first beat is parked on the server at once
+    (without it, the first is answered at once and only the second, a min_gap later, parks)."""
+    env = token_env()
+    cfg = make_cfg(num_clients=1, num_rounds=1, min_clients=1, client_liveness=LIVENESS)
+    with threaded_server(cfg, tmp_path / "srv", env) as (url, service):
+        client = ScriptedClient(url, env[ENV_ENROLLMENT_TOKEN], "h0")
+        wait_for(lambda: client.status()["state"] == "selected", timeout=60, interval=0.05)
+        # the state version is bumped just after the round opens: a poll in between reads an older ETag
+        seen: list[str | None] = [None]
+
+        def settled() -> bool:
+            _, etag = client.api.poll_round(seen[0], 0.0)
+            same, seen[0] = etag == seen[0], etag
+            return same
+
+        wait_for(settled, timeout=30, interval=0.05)
+        etag = seen[0]
+        assert etag is not None
+        beat = TrainingHeartbeat(lambda: ServerApi(client.api.base_url, timeout=30, max_retries=0),
+                                 lambda: client.api.creds, min_gap=0.2, etag=etag).start()
+        try:
+            wait_for(lambda: service.changes.waiting == 1, timeout=30, interval=0.02)
+            assert beat.beats == 1
+        finally:
+            beat.stop()

@@ -489,6 +489,8 @@ class SyncRoundDriver(RoundDriver):
             self._reject_unusable_aggregate(row, exc)
             return None
         close_seconds = time.perf_counter() - t0
+        if not coord.finished:
+            self._pack_in_background()
         if timeline is not None:  # the coordinator applies, then evaluates: the split comes from the evaluation's time
             now = ctx.clock()
             timeline.evaluation_s = ctx.evaluation_seconds - evaluated_before
@@ -506,7 +508,6 @@ class SyncRoundDriver(RoundDriver):
         ctx.store.finish_round(row.round_id, "closed", reason, closed_at, arrived,
                                None if timeline is None else timeline.to_json())
         self._timeline = None
-        self._model_cache = None
         dropped = len(row.selected) - len(arrived)
         acc = f", test accuracy {record.test_accuracy:.4f}" if record.test_accuracy is not None else ""
         eps = f", epsilon spent {record.epsilon:.4g}" if record.epsilon is not None else ""
@@ -666,9 +667,9 @@ class SyncRoundDriver(RoundDriver):
         return packed_version, body, (Envelope(auth.keys).seal(cached_key) if cached_key is not None else None)
 
     def prepare_download(self) -> None:
-        """Pack (and encrypt) the current model version now if a round is open and it is not packed yet: the
-        service's ticker calls this right after the push of a round's opening, so the packing overlaps the
-        clients' wake-up and requests instead of starting with the first request (outside the service lock)."""
+        """Pack (and encrypt) the current model version now if a round is open and it is not packed yet (the
+        service's ticker calls this right after the push of a round's opening; usually the close already started
+        the packing, :meth:`close_round`), outside the service lock."""
         with self.ctx.lock:
             if self._coordinator.current_round is None:
                 return
@@ -677,32 +678,58 @@ class SyncRoundDriver(RoundDriver):
                 return
         self._packed_model()
 
+    def _model_snapshot(self) -> tuple[int, torch.Tensor, dict[str, Any]]:
+        """(version, vector, meta) of the model a download gets now (lock held): a copy, packed without the lock."""
+        coord = self._coordinator
+        version = coord.completed_rounds
+        vector = coord.global_vector.clone()
+        if self.carries_control:
+            control = coord.server_control  # None until the first round is planned: c = 0
+            vector = torch.cat([vector, control.to(torch.float32) if control is not None else torch.zeros_like(vector)])
+        return version, vector, {"version": version, "spec": coord.spec.to_json(), "server_control": self.carries_control}
+
+    def _pack(self, snapshot: tuple[int, torch.Tensor, dict[str, Any]]) -> tuple[int, bytes, bytes | None]:
+        """Pack and encrypt a snapshot once and cache it (callers hold ``_model_lock``, never the service lock)."""
+        version, vector, meta = snapshot
+        cached = self._model_cache
+        if cached is not None and cached[0] == version:
+            return cached
+        packed = wire.encode_update(vector, self.cfg.download_wire_codec, self.cfg.wire_compression, meta=meta)
+        if self.cfg.encryption:
+            model_key = Fernet.generate_key()
+            cached = (version, Envelope(model_key).seal(packed), model_key)
+        else:
+            cached = (version, packed, None)
+        self._model_cache = cached
+        return cached
+
     def _packed_model(self) -> tuple[int, bytes, bytes | None]:
         """(version, body, model key or None) of the current model version, packed once per version."""
         with self._model_lock:
             with self.ctx.lock:
-                coord = self._coordinator
-                version = coord.completed_rounds
                 cached = self._model_cache
-                vector: torch.Tensor | None = None
-                meta: dict[str, Any] = {}
-                if cached is None or cached[0] != version:
-                    vector = coord.global_vector.clone()
-                    if self.carries_control:
-                        control = coord.server_control  # None until the first round is planned: c = 0
-                        vector = torch.cat([vector, control.to(torch.float32) if control is not None
-                                            else torch.zeros_like(vector)])
-                    meta = {"version": version, "spec": coord.spec.to_json(), "server_control": self.carries_control}
-            if vector is not None:
-                packed = wire.encode_update(vector, self.cfg.download_wire_codec, self.cfg.wire_compression, meta=meta)
-                if self.cfg.encryption:
-                    model_key = Fernet.generate_key()
-                    cached = (version, Envelope(model_key).seal(packed), model_key)
-                else:
-                    cached = (version, packed, None)
-                self._model_cache = cached
-        assert cached is not None
-        return cached
+                if cached is not None and cached[0] == self._coordinator.completed_rounds:
+                    return cached
+                snapshot = self._model_snapshot()
+            return self._pack(snapshot)
+
+    def _pack_in_background(self) -> None:
+        """Start packing the model version that now exists (lock held, called by the close): it runs while the
+        close writes the checkpoint (fsync: the GIL is free) and opens the next round, so the download is usually
+        ready by the time the round's push reaches the clients. Never waited for here: a request that holds
+        ``_model_lock`` may be waiting for the service lock this caller holds. A request that gets ``_model_lock``
+        first packs the version itself and the thread then finds it packed."""
+        snapshot = self._model_snapshot()
+        self._model_cache = None  # the old version's body is not kept
+
+        def pack() -> None:
+            with self._model_lock:
+                try:
+                    self._pack(snapshot)
+                except Exception:  # a request packs it again (and reports its own error)
+                    log.exception("packing model version %d for download failed", snapshot[0])
+
+        threading.Thread(target=pack, name="fl-model-pack", daemon=True).start()
 
     # ------------------------------------------------------------------ updates
     def accept_update(self, auth: Authenticated, round_number: int, idempotency_key: str, body: bytes,

@@ -282,8 +282,9 @@ def _left_clients(summary: dict[str, Any], history: list[dict[str, str]], config
         out["update_bytes_uploaded_per_round"] = {str(k): v for k, v in sorted(deployment.update_bytes_per_round.items())}
         out["update_bytes_uploaded_total"] = sum(deployment.update_bytes_per_round.values())
         out["client_metrics_sent"] = summary.get("client_metrics_sent")
-        out["encryption"] = ("Fernet (AES-128-CBC + HMAC-SHA256) under keys agreed per client (X25519 + HKDF), on top of "
-                             "the transport" if summary.get("encryption") is True else "off (payloads not encrypted by the "
+        out["encryption"] = ("Fernet (AES-128-CBC + HMAC-SHA256) for messages under 64 KiB, AES-256-GCM for larger "
+                             "bodies (models, updates), under keys agreed per client (X25519 + HKDF), on top of the transport"
+                             if summary.get("encryption") is True else "off (payloads not encrypted by the "
                              "application)")
         out["request_signing"] = "HMAC-SHA256 over method, path, body, timestamp and nonce; replays refused"
     else:

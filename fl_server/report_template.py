@@ -16,7 +16,8 @@ REST_DATA_SENTENCE = ("Raw training data never left the clients: the server rece
                       "count and the per-update metrics the client attached{metrics}.")
 DP_UNRECORDED_SENTENCE = ("Differential privacy was configured (differential_privacy: true), but summary.json records no "
                           "privacy accounting: no (epsilon, delta) guarantee is stated.")
-REST_ENCRYPTION_ON = "on (model and update payloads Fernet-encrypted under keys agreed per client)"
+REST_ENCRYPTION_ON = ("on (messages Fernet-encrypted, models and updates over 64 KiB AES-256-GCM, under keys agreed per "
+                      "client)")
 ENCRYPTION_OFF = "off (payloads were not encrypted by the application; whether TLS was used is not recorded)"
 NOT_RECORDED = "not recorded"
 EMPTY_CELL = "\u2014"  # an em dash: the cell is empty in history.csv (not evaluated / not private)

@@ -49,7 +49,10 @@ Refusals are ``{"error", "message", "dropped", "phase"}``: 400 malformed (or a c
 identical retry of an accepted message is answered like the first one in every phase.
 
 Errors are JSON ``{"error": code, "message": text}`` with a 4xx status.
-Binary bodies are ``application/octet-stream``; with ``encryption: false`` they are the
+Binary bodies are ``application/octet-stream``: "Fernet" above means fl_common.crypto.Envelope, a
+Fernet token for bodies under 64 KiB and an AES-256-GCM bulk token (``FLB1``, key derived from the
+same Fernet key) from 64 KiB on - models and updates - because Fernet's base64 + CBC + HMAC passes
+cost ~30x GCM's on multi-megabyte bodies. With ``encryption: false`` they are the
 wire-packed bytes themselves (for debugging only; the server logs a warning at start-up).
 """
 

@@ -256,7 +256,7 @@ def privacy_line(status: dict[str, Any], label_histogram_epsilon: float | None =
     """What the run protected and how, from /status: the demo's last line says it, not only the accuracy."""
     dp = status.get("privacy") or {}
     out: dict[str, Any] = {"secure_aggregation": bool(status.get("secure_aggregation")),
-                           "encryption": "Fernet + HMAC-SHA256" if status.get("encryption") else "off",
+                           "encryption": "Fernet / AES-256-GCM + HMAC-SHA256" if status.get("encryption") else "off",
                            "codec": status.get("codec")}
     if not dp.get("differential_privacy"):
         return {"differential_privacy": False,

@@ -63,7 +63,8 @@ def _secagg_params() -> list[dict[str, Any]]:
 
 
 _PROTOCOL_BODY = {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}
-_PROTOCOL_BODY_DOC = "Fernet token of the message's bytes (with encryption: false, the bytes themselves)"
+_PROTOCOL_BODY_DOC = ("Envelope of the message's bytes: a Fernet token under 64 KiB, an AES-256-GCM bulk token (FLB1) from "
+                      "64 KiB on (with encryption: false, the bytes themselves)")
 
 
 def _secagg_paths() -> dict[str, Any]:
@@ -150,7 +151,8 @@ def openapi_document() -> dict[str, Any]:
                                 "registration carries a bearer session token and an HMAC-SHA256 signature "
                                 "(X-FL-Client, X-FL-Timestamp, X-FL-Nonce, X-FL-Content-SHA256, X-FL-Signature) "
                                 "over method, path, timestamp, nonce, body hash and client id; a nonce is accepted "
-                                "once within a 5-minute window. Binary bodies are Fernet tokens of the wire format."},
+                                "once within a 5-minute window. "
+                                "Binary bodies are envelopes of the wire format (Fernet under 64 KiB, AES-256-GCM above)."},
         "paths": {
             PATH_REGISTER: {"post": {
                 "summary": "Register with the enrollment token and an X25519 public key",

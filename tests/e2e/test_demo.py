@@ -30,7 +30,7 @@ def test_the_demo_trains_a_federation_and_leaves_its_results(tmp_path: Path) -> 
     privacy = printed["privacy"]
     assert privacy["differential_privacy"] is True and privacy["guarantee"].startswith("record-level")
     assert 0 < privacy["epsilon_spent"] <= privacy["epsilon_budget"] == 1.0 and privacy["delta"] == 1e-5
-    assert privacy["secure_aggregation"] is True and privacy["encryption"] == "Fernet + HMAC-SHA256"
+    assert privacy["secure_aggregation"] is True and privacy["encryption"] == "Fernet / AES-256-GCM + HMAC-SHA256"
     assert privacy["stop_reason"] == "all 2 rounds done"
     summary = json.loads((out / "server" / "run" / "summary.json").read_text())
     assert summary["privacy"]["epsilon_spent"] == privacy["epsilon_spent"]  # the line is the accountant's number
@@ -82,7 +82,7 @@ def test_the_demo_line_without_privacy_says_so() -> None:
     line = privacy_line({"privacy": {"differential_privacy": False}, "secure_aggregation": False, "encryption": True,
                          "codec": "int8"})
     assert line["differential_privacy"] is False and "not differentially private" in line["guarantee"]
-    assert line["secure_aggregation"] is False and line["encryption"] == "Fernet + HMAC-SHA256"
+    assert line["secure_aggregation"] is False and line["encryption"] == "Fernet / AES-256-GCM + HMAC-SHA256"
 
 
 def test_the_demo_is_private_by_default_and_no_privacy_turns_it_off(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:

@@ -457,8 +457,9 @@ def _plain_timeline(db: sqlite3.Connection, steady: list[dict[str, Any]],
         per.setdefault("critical_training", []).append(critical["end"] - critical["start"])
         if "accepted" in critical:  # its end of training -> the 202 for its upload, on its own clock
             per.setdefault("critical_upload", []).append(critical["accepted"] - critical["end"])
-        per.setdefault("cycle", []).append(marks["reopen"] if marks["reopen"] is not None else float("nan"))
-    out = {k: round(statistics.median(v), 3) for k, v in per.items() if v and all(x == x for x in v)}
+        if marks["reopen"] is not None:  # (the run's last round has no next one)
+            per.setdefault("cycle", []).append(marks["reopen"])
+    out = {k: round(statistics.median(v), 3) for k, v in per.items() if v}
     return out or None
 
 

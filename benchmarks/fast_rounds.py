@@ -17,7 +17,9 @@ file exists, so an interrupted invocation resumes; ``--force`` runs again):
 - ``demo10``: the private demo's configuration (DP-SGD + secure aggregation, cnn) with 10 daemons, 2 rounds: the
   time from the server being up to round 1 opening and closing.
 
-Then ``README.md`` there is rebuilt from every JSON present.
+Plain runs also report the round's timeline (median seconds per span, ``plain_timeline_median_s``): the server's
+marks stored with each attempt (fl_server/rest/round_timeline.py) joined with the daemons' log lines (selected,
+training start and end, update accepted). Then ``README.md`` there is rebuilt from every JSON present.
 
     python benchmarks/fast_rounds.py                    # all runs (about an hour on 2 shared cores)
     python benchmarks/fast_rounds.py --only plain10_push plain10_poll --rounds 4

@@ -16,6 +16,9 @@ interrupted invocation resumes; ``--force`` runs again):
   (hidden 64, 200 samples per client), 4 rounds: round wall time, slowest client's training (the seconds each
   update reports), overhead = (wall - slowest training) / wall, medians over rounds 2-4; ``plain50_mlp_spawn``
   is the same with one process per daemon;
+- ``plain50_cnn_fork``: 50 forked daemons, plain rounds, the cnn on the 60,000 training images split 50 ways (1,200
+  records each, one epoch), 3 rounds: the overhead of a round whose training is real work; also the server's
+  timeline marks (fl_server/rest/round_timeline.py: last download served, last upload accepted, close steps);
 - ``startup``: no server; fresh-process CPU seconds of what a daemon does before it can register: importing the
   client, and its shard built the old way (whole split in float32) and the new way (mapped from the cache).
 

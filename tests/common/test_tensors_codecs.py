@@ -382,3 +382,31 @@ def test_error_feedback_rejects_corrupt_state():
     for bad in (blob[:-3], b"garbage", b""):
         with pytest.raises(WireFormatError):
             ErrorFeedback.from_bytes(bad, spec)
+
+
+def _int8_one_shot(v: torch.Tensor, chunk: int, rng: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """The textbook form of the int8 codec on the whole padded vector (what the block-wise encode must equal)."""
+    n = v.numel()
+    nch = -(-n // chunk)
+    padded = torch.zeros(nch * chunk, dtype=torch.float32)
+    padded[:n] = v
+    blocks = padded.view(nch, chunk)
+    scales = blocks.abs().amax(dim=1) / 127.0 if nch else torch.zeros(0)
+    scales = torch.where(torch.isfinite(scales * 127), scales, torch.nextafter(scales, torch.zeros_like(scales)))
+    safe = torch.where(scales > 0, scales, torch.ones_like(scales))
+    noise = torch.rand(blocks.shape, generator=rng, dtype=torch.float32)
+    q = torch.floor(blocks / safe[:, None] + noise).clamp(-127, 127).to(torch.int8).reshape(-1)[:n]
+    return q, scales
+
+
+@pytest.mark.parametrize(("n", "chunk"), [(0, 4096), (1, 4096), (4095, 4096), (4096 * 40 + 3, 4096), (200_001, 4096),
+                                          (70_000, 1 << 17), (1000, 7), (5, 1)])
+def test_int8_block_wise_encode_is_bitwise_the_one_shot_form(n: int, chunk: int) -> None:
+    v = torch.randn(n, generator=torch.Generator().manual_seed(n)) * 0.01
+    if n > 10:
+        v[3], v[n // 2] = torch.finfo(torch.float32).max, 0.0  # the one-ulp step-down and a zero chunk path
+        v[n - 5:] = 0.0
+    got = Int8Codec(chunk).encode(v, torch.Generator().manual_seed(7))
+    q, scales = _int8_one_shot(v, chunk, torch.Generator().manual_seed(7))
+    assert torch.equal(got.arrays["q"], q) and torch.equal(got.arrays["scales"], scales)
+    Int8Codec(chunk).check(got)

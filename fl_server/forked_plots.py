@@ -11,8 +11,11 @@ the report that names the plots, so the report never names a plot that is not co
 What a plot costs or fails with does not change: each plot is the same function, writing its PNG
 with the same atomic write; a plot that raises is reported back as ``"Type: message"`` and left out,
 as the serial loop leaves it out. Children end with ``os._exit`` (no atexit handlers, no flushing of
-the parent's buffers) and close every inherited descriptor but the result pipe and stdio, so they
-hold none of the parent's pipes (a worker pool waiting for its pipes to close is not kept waiting).
+the parent's buffers), close every inherited descriptor but the result pipe and stdio, so they
+hold none of the parent's pipes (a worker pool waiting for its pipes to close is not kept waiting),
+and write warnings through new stdio streams, not the parent's (whose locks another thread may have
+held when it forked). If a child still hangs or dies, :meth:`ForkedPlots.wait` stops it after
+``timeout`` seconds and reports its plots as not drawn: the report is written without them.
 
 Only where ``os.fork`` exists; elsewhere (and for fewer than two plots) the caller draws in process.
 """
@@ -71,6 +74,16 @@ def _close_inherited(keep: int) -> None:
         limit = 4096
     os.closerange(3, keep)
     os.closerange(keep + 1, max(limit, keep + 2))
+
+
+def _fresh_stdio() -> None:
+    """New text streams on fds 1 and 2 for the child: a warning a plot prints must not wait for a stream lock
+    that another thread of the parent held at the moment of the fork (only the forking thread is copied)."""
+    for name, fd in (("stdout", 1), ("stderr", 2)):
+        try:
+            setattr(sys, name, open(fd, "w", encoding="utf-8", errors="backslashreplace", closefd=False))  # noqa: SIM115
+        except OSError:
+            setattr(sys, name, None)
 
 
 def _send(fd: int, message: dict[str, object]) -> None:
@@ -198,6 +211,7 @@ def start_forked_plots(jobs: Sequence[PlotJob], run_dir: Path, *, processes: int
         try:
             os.close(read_fd)
             _close_inherited(write_fd)
+            _fresh_stdio()
             _renderer(jobs, Path(run_dir), write_fd, processes, preload)
             code = 0
         finally:  # whatever happened, the child never returns into the parent's code

@@ -23,6 +23,10 @@
 The HTML page is self-contained (inline CSS, images by relative file name, no scripts) and every
 value in it is HTML-escaped; the markdown escapes the same way, since markdown viewers render HTML.
 A plot that fails is logged and left out; the report is still written.
+
+``start_report(run_dir, parallel=True)`` reads the inputs and starts drawing the plots in forked processes
+(:mod:`fl_server.forked_plots`) so the caller can go on; ``PendingReport.finish()`` waits for them and writes
+the rest. The files are the same as ``write_report``'s, which draws in process.
 """
 
 from __future__ import annotations

@@ -245,6 +245,9 @@ class Simulation(SimulationBase[Coordinator]):
         return summary
 
     def save_results(self) -> dict[str, Any]:
+        """Write the run folder's results (history, tables, summary.json, model.pt, the report) and return the
+        summary. Also stops the client workers (the report's plots are drawn meanwhile); a later train() or
+        evaluate() starts them again."""
         summary = self.summary()
         per_client = self.evaluate_clients() if self.wants_client_evaluation() else None
         if per_client is not None:

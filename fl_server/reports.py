@@ -23,6 +23,10 @@
 The HTML page is self-contained (inline CSS, images by relative file name, no scripts) and every
 value in it is HTML-escaped; the markdown escapes the same way, since markdown viewers render HTML.
 A plot that fails is logged and left out; the report is still written.
+
+``start_report(run_dir, parallel=True)`` reads the inputs and starts drawing the plots in forked processes
+(:mod:`fl_server.forked_plots`) so the caller can go on; ``PendingReport.finish()`` waits for them and writes
+the rest. The files are the same as ``write_report``'s, which draws in process.
 """
 
 from __future__ import annotations
@@ -33,12 +37,14 @@ import io
 import json
 import logging
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from fl_server import report_template as T
 from fl_server.compliance import COMPLIANCE_JSON, DeploymentFacts, section_rows, write_compliance
+from fl_server.forked_plots import ForkedPlots, PlotJob, PlotOutcome, start_forked_plots
 from fl_server.privacy.statement import statement_lines
 from fl_server.store.run_dir import atomic_write_bytes
 
@@ -551,19 +557,25 @@ def _compliance_section(doc: _Doc, record: dict[str, Any]) -> None:
         doc.table(["item", "record"], [[k, v] for k, v in rows])
 
 
-def write_report(run_dir: Path, deployment: DeploymentFacts | None = None) -> dict[str, Path]:
-    """Write the plots, ``compliance.json`` and ``report.md``/``report.html`` into ``run_dir``; return name -> path
-    of each file written. ``deployment``: what a REST server adds to the compliance record (None: a simulation)."""
-    run_dir = Path(run_dir)
-    written: dict[str, Path] = {}
-    sources: list[str] = []
-    compliance: dict[str, Any] | None = None
-    try:
-        compliance = write_compliance(run_dir, deployment)
-        written[COMPLIANCE_JSON] = run_dir / COMPLIANCE_JSON
-    except Exception as exc:  # the report must still be written; the log says why the record is missing
-        log.warning("could not write %s in %s: %s: %s", COMPLIANCE_JSON, run_dir, type(exc).__name__, exc)
+@dataclass
+class _Inputs:
+    """What a report is built from: the run folder's files, read once."""
 
+    run_dir: Path
+    sources: list[str]
+    summary: dict[str, Any]
+    config: dict[str, Any]
+    hist_header: list[str]
+    hist_rows: list[dict[str, str]]
+    labels_rows: list[dict[str, str]]
+    part_rows: list[dict[str, str]]
+    acc_rows: list[dict[str, str]]
+    personal_rows: list[dict[str, str]]
+    plots: list[tuple[str, str, PlotJob]]  # (file name, alt text, how to draw it) in the report's order
+
+
+def _read_inputs(run_dir: Path) -> _Inputs:
+    sources: list[str] = []
     summary: dict[str, Any] = {}
     if (run_dir / "summary.json").is_file():
         summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
@@ -602,7 +614,7 @@ def write_report(run_dir: Path, deployment: DeploymentFacts | None = None) -> di
     if budget is None and isinstance(summary.get("privacy"), dict):
         budget = _num(str(summary["privacy"].get("epsilon_budget")))
 
-    plots: list[tuple[str, str, Any]] = [
+    plots: list[tuple[str, str, Callable[[Path], None]]] = [
         (ACCURACY_LOSS_PNG, "Test accuracy and loss per round", lambda p: _plot_accuracy_loss(hist_rows, p)),
     ]
     if has_epsilon:
@@ -617,16 +629,96 @@ def write_report(run_dir: Path, deployment: DeploymentFacts | None = None) -> di
     if acc_values:
         plots.append((CLIENT_ACCURACY_PNG, "Distribution of per-client accuracy",
                       lambda p: _plot_client_accuracy(acc_values, acc_measure, p)))
-    made: list[tuple[str, str]] = []
-    for name, alt, draw in plots:
-        try:
-            draw(run_dir / name)
-        except Exception as exc:
-            log.warning("could not draw %s in %s: %s: %s", name, run_dir, type(exc).__name__, exc)
-            continue
-        written[name] = run_dir / name
-        made.append((name, alt))
+    return _Inputs(run_dir=run_dir, sources=sources, summary=summary, config=config, hist_header=hist_header,
+                   hist_rows=hist_rows, labels_rows=labels_rows, part_rows=part_rows, acc_rows=acc_rows,
+                   personal_rows=personal_rows, plots=[(name, alt, PlotJob(name, draw)) for name, alt, draw in plots])
 
+
+def _draw_in_process(jobs: Sequence[PlotJob], run_dir: Path) -> list[PlotOutcome]:
+    outcomes = []
+    for job in jobs:
+        try:
+            job.draw(run_dir / job.name)
+        except Exception as exc:
+            outcomes.append(PlotOutcome(job.name, f"{type(exc).__name__}: {exc}"))
+        else:
+            outcomes.append(PlotOutcome(job.name, None))
+    return outcomes
+
+
+class PendingReport:
+    """A report whose plots may still be drawing in child processes (:func:`start_report`).
+
+    :meth:`finish` waits for the plots and writes ``compliance.json``, ``report.md`` and ``report.html``;
+    only then is the report complete. Files the caller writes into the run folder between
+    :func:`start_report` and :meth:`finish` (the model, say) are seen by the report's text."""
+
+    def __init__(self, run_dir: Path, deployment: DeploymentFacts | None, parallel: bool) -> None:
+        self.run_dir = Path(run_dir)
+        self._deployment = deployment
+        self._error: Exception | None = None
+        self._inputs: _Inputs | None = None
+        self._forked: ForkedPlots | None = None
+        self._written: dict[str, Path] | None = None
+        try:
+            self._inputs = _read_inputs(self.run_dir)
+            if parallel:
+                self._forked = start_forked_plots([job for _, _, job in self._inputs.plots], self.run_dir)
+        except Exception as exc:  # raised by finish(), where write_report raised it before
+            self._error = exc
+
+    def finish(self) -> dict[str, Path]:
+        """Wait for the plots, write the report; return name -> path of each file written (as write_report)."""
+        if self._written is not None:
+            return self._written
+        run_dir = self.run_dir
+        written: dict[str, Path] = {}
+        compliance: dict[str, Any] | None = None
+        try:
+            compliance = write_compliance(run_dir, self._deployment)
+            written[COMPLIANCE_JSON] = run_dir / COMPLIANCE_JSON
+        except Exception as exc:  # the report must still be written; the log says why the record is missing
+            log.warning("could not write %s in %s: %s: %s", COMPLIANCE_JSON, run_dir, type(exc).__name__, exc)
+        if self._error is not None:
+            raise self._error
+        assert self._inputs is not None
+        inputs = self._inputs
+        jobs = [job for _, _, job in inputs.plots]
+        outcomes = self._forked.wait() if self._forked is not None else _draw_in_process(jobs, run_dir)
+        failed = {o.name: o.error for o in outcomes if o.error is not None}
+        made: list[tuple[str, str]] = []
+        for name, alt, _ in inputs.plots:
+            if name in failed:
+                log.warning("could not draw %s in %s: %s", name, run_dir, failed[name])
+                continue
+            written[name] = run_dir / name
+            made.append((name, alt))
+        written.update(_write_documents(inputs, compliance, made))
+        self._written = written
+        return written
+
+
+def start_report(run_dir: Path, deployment: DeploymentFacts | None = None, *, parallel: bool = False) -> PendingReport:
+    """Read the run folder and start the report; :meth:`PendingReport.finish` completes it.
+
+    ``parallel``: draw the plots in forked child processes (fl_server/forked_plots.py) while the caller
+    goes on (a simulation writes its model and stops its workers meanwhile); where this platform cannot
+    fork, or for a single plot, they are drawn in process by finish(). The files are the same either way."""
+    return PendingReport(run_dir, deployment, parallel)
+
+
+def write_report(run_dir: Path, deployment: DeploymentFacts | None = None) -> dict[str, Path]:
+    """Write the plots, ``compliance.json`` and ``report.md``/``report.html`` into ``run_dir``; return name -> path
+    of each file written. ``deployment``: what a REST server adds to the compliance record (None: a simulation)."""
+    return start_report(run_dir, deployment).finish()
+
+
+def _write_documents(inputs: _Inputs, compliance: dict[str, Any] | None, made: list[tuple[str, str]]) -> dict[str, Path]:
+    """``report.md`` and ``report.html`` from the inputs and the plots that were drawn."""
+    run_dir, summary, config = inputs.run_dir, inputs.summary, inputs.config
+    hist_header, hist_rows, labels_rows = inputs.hist_header, inputs.hist_rows, inputs.labels_rows
+    part_rows, acc_rows, personal_rows, sources = inputs.part_rows, inputs.acc_rows, inputs.personal_rows, inputs.sources
+    written: dict[str, Path] = {}
     doc = _Doc()
     doc.heading("Results")
     doc.table(["quantity", "value"], _results_rows(summary, len(hist_rows)))
@@ -685,8 +777,15 @@ def write_report(run_dir: Path, deployment: DeploymentFacts | None = None) -> di
 def write_report_logged(run_dir: Path, deployment: DeploymentFacts | None = None) -> dict[str, Path]:
     """``write_report`` for the end of a run: logs where the report is; on any failure logs a warning
     and returns ``{}`` so the run's saved results are never lost to reporting."""
+    return finish_report_logged(start_report(run_dir, deployment))
+
+
+def finish_report_logged(report: PendingReport) -> dict[str, Path]:
+    """``report.finish()`` for the end of a run: logs where the report is; on any failure logs a warning
+    and returns ``{}`` so the run's saved results are never lost to reporting."""
+    run_dir = report.run_dir
     try:
-        files = write_report(run_dir, deployment)
+        files = report.finish()
     except Exception as exc:
         log.warning("could not write the report in %s: %s: %s", run_dir, type(exc).__name__, exc)
         return {}
@@ -704,8 +803,11 @@ __all__ = [
     "PARTICIPATION_PNG",
     "PERSONALIZATION_CSV",
     "PRIVACY_BUDGET_PNG",
+    "PendingReport",
     "REPORT_HTML",
     "REPORT_MD",
+    "finish_report_logged",
+    "start_report",
     "write_client_tables",
     "write_report",
     "write_report_logged",

@@ -1,0 +1,220 @@
+"""Draw a run report's plots in forked child processes while the caller goes on with its own work.
+
+Why: at the end of a simulation the plots were the critical path of the end of the run (the
+reference speed run: ~1.2 s of the ~1.9 s after its last round, 90 % of it matplotlib's import and
+three figures drawn one after the other on one core while the other core idled). Here one child
+process imports matplotlib once, then forks a helper per further core, and the plots are drawn
+side by side (copy-on-write: the helpers share the imported modules) while the parent writes the
+model and stops its worker pool. The parent then waits (:meth:`ForkedPlots.wait`) before it writes
+the report that names the plots, so the report never names a plot that is not complete.
+
+What a plot costs or fails with does not change: each plot is the same function, writing its PNG
+with the same atomic write; a plot that raises is reported back as ``"Type: message"`` and left out,
+as the serial loop leaves it out. Children end with ``os._exit`` (no atexit handlers, no flushing of
+the parent's buffers), close every inherited descriptor but the result pipe and stdio, so they
+hold none of the parent's pipes (a worker pool waiting for its pipes to close is not kept waiting),
+and write warnings through new stdio streams, not the parent's (whose locks another thread may have
+held when it forked). If a child still hangs or dies, :meth:`ForkedPlots.wait` stops it after
+``timeout`` seconds and reports its plots as not drawn: the report is written without them.
+
+Only where ``os.fork`` exists; elsewhere (and for fewer than two plots) the caller draws in process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import json
+import os
+import select
+import signal
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+__all__ = ["FORK_AVAILABLE", "PLOT_MODULES", "PLOT_TIMEOUT_SECONDS", "ForkedPlots", "PlotJob", "PlotOutcome", "start_forked_plots"]
+
+#: whether this platform can fork (POSIX); without it plots are drawn in process
+FORK_AVAILABLE = hasattr(os, "fork")
+#: how long the parent waits for all plots before it stops the children and leaves the missing ones out
+PLOT_TIMEOUT_SECONDS = 300.0
+#: at most this many processes draw at once (the renderer and its helpers)
+MAX_PROCESSES = 4
+#: an error message sent back is cut to this many characters (one pipe write stays below PIPE_BUF)
+MAX_ERROR_CHARS = 1000
+
+
+@dataclass(frozen=True)
+class PlotJob:
+    """One plot: the file name it writes in the run folder and the function that draws it to a path."""
+
+    name: str
+    draw: Callable[[Path], None]
+
+
+@dataclass(frozen=True)
+class PlotOutcome:
+    """What became of one plot: ``error`` is None when its file was written, else ``"Type: message"``."""
+
+    name: str
+    error: str | None
+
+
+#: what every plot needs, imported once by the renderer before it forks its helpers (they share it)
+PLOT_MODULES = ("numpy", "matplotlib.figure", "matplotlib.backends.backend_agg", "matplotlib.collections")
+
+
+def _close_inherited(keep: int) -> None:
+    """Close the descriptors the child inherited (all but stdio and ``keep``)."""
+    try:
+        limit = os.sysconf("SC_OPEN_MAX")
+    except (ValueError, OSError):
+        limit = 4096
+    os.closerange(3, keep)
+    os.closerange(keep + 1, max(limit, keep + 2))
+
+
+def _fresh_stdio() -> None:
+    """New text streams on fds 1 and 2 for the child: a warning a plot prints must not wait for a stream lock
+    that another thread of the parent held at the moment of the fork (only the forking thread is copied)."""
+    for name, fd in (("stdout", 1), ("stderr", 2)):
+        try:
+            setattr(sys, name, open(fd, "w", encoding="utf-8", errors="backslashreplace", closefd=False))  # noqa: SIM115
+        except OSError:
+            setattr(sys, name, None)
+
+
+def _send(fd: int, message: dict[str, object]) -> None:
+    os.write(fd, (json.dumps(message) + "\n").encode("utf-8"))
+
+
+def _draw_share(jobs: Sequence[PlotJob], run_dir: Path, fd: int) -> None:
+    for job in jobs:
+        try:
+            job.draw(run_dir / job.name)
+        except Exception as exc:  # reported back and left out, as in the serial loop
+            _send(fd, {"name": job.name, "error": f"{type(exc).__name__}: {exc}"[:MAX_ERROR_CHARS]})
+        else:
+            _send(fd, {"name": job.name, "error": None})
+
+
+def _renderer(jobs: Sequence[PlotJob], run_dir: Path, fd: int, processes: int, preload: Sequence[str]) -> None:
+    """The child: import ``preload``, fork helpers, each draws every ``processes``-th plot; reap the helpers."""
+    for module in preload:
+        importlib.import_module(module)
+    helpers: list[int] = []
+    for k in range(1, processes):
+        try:
+            pid = os.fork()
+        except OSError:
+            break  # no more processes: the renderer draws what would have been theirs
+        if pid == 0:
+            code = 1
+            try:
+                _send(fd, {"pid": os.getpid()})
+                _draw_share(jobs[k::processes], run_dir, fd)
+                code = 0
+            finally:
+                os._exit(code)
+        helpers.append(pid)
+    mine = list(jobs[0::processes])
+    for k in range(len(helpers) + 1, processes):  # the shares of helpers that could not be forked
+        mine += jobs[k::processes]
+    _draw_share(mine, run_dir, fd)
+    for pid in helpers:
+        os.waitpid(pid, 0)
+
+
+@dataclass
+class ForkedPlots:
+    """Plots being drawn by child processes; :meth:`wait` collects what became of each."""
+
+    jobs: Sequence[PlotJob]
+    pid: int
+    fd: int
+    started: float
+    timeout: float
+    _outcomes: list[PlotOutcome] | None = field(default=None, repr=False)
+
+    def wait(self) -> list[PlotOutcome]:
+        """Wait for every plot (at most ``timeout`` seconds from the start); one outcome per job, in job order.
+
+        A plot not reported by then (a child that hung or died) is stopped and reported as not drawn."""
+        if self._outcomes is not None:
+            return self._outcomes
+        results: dict[str, str | None] = {}
+        pids = {self.pid}
+        buf = b""
+        deadline = self.started + self.timeout
+        try:
+            while True:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                ready, _, _ = select.select([self.fd], [], [], remaining)
+                if not ready:
+                    continue
+                chunk = os.read(self.fd, 65536)
+                if not chunk:  # every child has closed its end: all are done
+                    break
+                buf += chunk
+                *lines, buf = buf.split(b"\n")
+                for line in lines:
+                    try:
+                        message = json.loads(line)
+                    except ValueError:
+                        continue  # (cannot happen: each line is one write of one JSON object)
+                    if "pid" in message:
+                        pids.add(int(message["pid"]))
+                    else:
+                        results[str(message["name"])] = message["error"]
+        finally:
+            os.close(self.fd)
+        try:
+            if len(results) < len(self.jobs) and os.waitpid(self.pid, os.WNOHANG) == (0, 0):
+                # out of time with the renderer still running: stop it and its helpers (it reaps them, so
+                # while it runs their process ids are still theirs)
+                for pid in [*sorted(pids - {self.pid}), self.pid]:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
+            os.waitpid(self.pid, 0)
+        except ChildProcessError:
+            pass  # already reaped
+        missing = f"not drawn: its process ended or took longer than {self.timeout:g} s"
+        self._outcomes = [PlotOutcome(job.name, results.get(job.name, missing)) for job in self.jobs]
+        return self._outcomes
+
+
+def start_forked_plots(jobs: Sequence[PlotJob], run_dir: Path, *, processes: int | None = None,
+                       timeout: float = PLOT_TIMEOUT_SECONDS, preload: Sequence[str] = PLOT_MODULES) -> ForkedPlots | None:
+    """Start drawing ``jobs`` into ``run_dir`` in child processes and return at once; None where this platform
+    cannot fork or there are fewer than two plots (the caller then draws them itself).
+
+    ``processes``: how many draw at once (default: one per plot, at most MAX_PROCESSES); ``preload``: modules
+    the renderer imports before it forks its helpers."""
+    if timeout <= 0:
+        raise ValueError(f"timeout must be positive, got {timeout}")
+    if not FORK_AVAILABLE or len(jobs) < 2:
+        return None
+    # one process per plot (the scheduler shares the cores; a core never idles while a plot waits), at most MAX_PROCESSES
+    processes = max(1, min(MAX_PROCESSES if processes is None else processes, len(jobs)))
+    for stream in (sys.stdout, sys.stderr):  # the child must not carry (and never writes) the parent's buffered text
+        if stream is not None:
+            stream.flush()
+    read_fd, write_fd = os.pipe()
+    started = time.monotonic()
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            os.close(read_fd)
+            _close_inherited(write_fd)
+            _fresh_stdio()
+            _renderer(jobs, Path(run_dir), write_fd, processes, preload)
+            code = 0
+        finally:  # whatever happened, the child never returns into the parent's code
+            os._exit(code)
+    os.close(write_fd)
+    return ForkedPlots(jobs=list(jobs), pid=pid, fd=read_fd, started=started, timeout=timeout)

@@ -24,8 +24,6 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlparse
 
-import requests
-
 from fl_common.crypto.tls import ENV_CA_FILE, is_loopback_host
 from fl_common.protocol.rest import ENV_ADMIN_TOKEN, PATH_CLIENTS, PATH_ENROLLMENTS
 
@@ -84,6 +82,8 @@ def _verify(args: argparse.Namespace) -> bool | str:
 
 
 def _call(args: argparse.Namespace, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+    import requests  # here, not at the top: every fl_server command builds this parser; only `admin` sends (~70 ms)
+
     url = args.server_url.rstrip("/") + path
     verify = _verify(args)
     try:

@@ -47,7 +47,7 @@ from fl_common.secagg import (
 )
 from fl_common.secagg.encoding import IN_CLEAR
 from fl_common.secagg.field import FieldOverflowError
-from fl_common.secagg.server import PHASES
+from fl_common.secagg.server import PHASES, unpack_decoded_input
 from fl_server.coordinator import Coordinator, RoundPlan
 from fl_server.secagg.aggregator import MaskedUpdate, SecAggRoundStats
 from fl_server.selection import ClientInfo
@@ -200,16 +200,20 @@ class SecAggSimulation:
                     if isinstance(update, WorkerMasked) and cid in jobs:
                         if update.masked_payload is None:
                             raise FieldOverflowError(update.mask_error or "masking failed in the worker")
-                        masked = self._client_call(clients[cid].sign_masked_payload, update.masked_payload, update.clipped)
+                        masked = self._client_call(clients[cid].sign_masked_payload, update.masked_payload, update.clipped,
+                                                   update.payload_sha256)
                     else:
                         masked = self._client_call(clients[cid].masked_input, bundles[cid],
                                                    plain_input_for(params, update))
                 except (FieldOverflowError, SecAggError) as exc:
                     log.warning("round %d: client %s cannot send its masked input (%s): it drops out", plan.round, cid, exc)
                     continue
+                # the server's side: decoding the bytes digests the payload they carry, so it is not digested again
                 wire = MaskedInput.from_bytes(masked.to_bytes())
                 try:
-                    self._server_call(coord.submit, MaskedUpdate.wrap(cid, plan.round, wire, metrics=update.metrics, now=3.0))
+                    prepared = self._server_call(unpack_decoded_input, params, wire)
+                    self._server_call(coord.submit, MaskedUpdate.wrap(cid, plan.round, wire, metrics=update.metrics, now=3.0,
+                                                                      prepared=prepared))
                 except UpdateRejected as exc:
                     log.warning("round %d: masked input of client %s refused (%s)", plan.round, cid, exc)
             self._close(server, Phase.MASKED_INPUT, 3.0)

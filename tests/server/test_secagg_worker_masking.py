@@ -5,6 +5,8 @@ two runs' models are compared with torch.equal although their keys and masks dif
 
 from __future__ import annotations
 
+import hashlib
+
 import pytest
 import torch
 
@@ -42,6 +44,8 @@ def test_masking_in_the_workers_gives_the_drivers_result_bit_for_bit(over) -> No
         def counted(cids, jobs, p=plan_b, seen=seen):
             for u in _worker_train(b, p)(cids, jobs):
                 assert isinstance(u, WorkerMasked) and u.masked_payload is not None
+                # the worker keeps the plain delta (the driver never reads it) and digests the payload for the client
+                assert u.delta.numel() == 0 and u.payload_sha256 == hashlib.sha256(u.masked_payload).digest()
                 seen.append(u)
                 yield u
 

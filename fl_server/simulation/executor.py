@@ -7,9 +7,8 @@ a round sooner than one process using both cores for one client at a time. Worke
 training tensors once through shared memory, and read each round's global model from a shared
 buffer, so per-task messages carry only a client id and its instructions.
 
-Results of a plain round are handed back in the plan's order whatever order workers finish in, so the
-aggregate and therefore the whole run are identical for any number of workers. A masked round's come
-back as they finish: masked inputs add mod 2^b, exactly, in any order.
+Results are handed back in the plan's order whatever order workers finish in, so the aggregate
+and therefore the whole run are identical for any number of workers.
 """
 
 from __future__ import annotations
@@ -474,13 +473,9 @@ class ProcessPoolExecutor:
             self.tasks.put(("train", cid, instructions[cid].to_json(), None if control is None else control.client, job))
         if isinstance(masking, LateMaskingJobs):
             masking.resolve()  # the driver's key phases, while the workers train
-        # Plain rounds yield in plan order, buffering early finishers (a float sum depends on its order). Masked
-        # rounds yield as the results come: the masked inputs add mod 2^b in any order, and the driver's share of each
-        # (signing, the server's digest, unpacking and summing) then overlaps the training of the clients still out.
-        in_order = masking is None
         pending: dict[int, ClientUpdate] = {}
-        for cid in instructions:  # one update each time: client ``cid``'s (plan order) or the earliest waiting one
-            while not (cid in pending if in_order else pending):
+        for cid in instructions:  # yield in plan order, buffering early finishers
+            while cid not in pending:
                 kind, who, payload = self._get(timeout=3600.0)
                 if kind == "took":  # worker ``payload`` trains client ``who``: its masking job goes to that worker
                     assert masking is not None
@@ -490,7 +485,7 @@ class ProcessPoolExecutor:
                     self.close()
                     raise WorkerFailed(f"training client {who} failed:\n{payload}")
                 pending[who] = update_from_result(who, instructions[who], payload)
-            yield pending.pop(cid if in_order else next(iter(pending)))
+            yield pending.pop(cid)
 
     def evaluate(self, global_vector: torch.Tensor, parts: dict[int, np.ndarray],
                  batch_size: int) -> Iterator[tuple[int, EvalResult]]:

@@ -375,13 +375,17 @@ class SecAggClient:
                 raise SecAggRefused(f"client {v}'s mask key is degenerate", "bad_roster") from None
         return pairwise
 
-    def sign_masked_payload(self, payload: bytes, clipped: bool) -> MaskedInput:
-        """Sign a masked payload made from this client's opened bundle (here or by :func:`mask_payload`)."""
+    def sign_masked_payload(self, payload: bytes, clipped: bool, payload_sha256: bytes | None = None) -> MaskedInput:
+        """Sign a masked payload made from this client's opened bundle (here or by :func:`mask_payload`).
+
+        ``payload_sha256``: the payload's SHA-256 when whoever masked it for this client already computed it (the
+        simulation's worker, in parallel with the other clients' training); computed here otherwise. A wrong one
+        only makes the server refuse this client's input (it checks the digest against the bytes it received)."""
         self._expect(ClientPhase.SHARED, "send its masked input")
         if self.index not in self._share_survivors:
             raise SecAggRefused("the share bundle was not opened before the masked input", "bad_bundle")
         self.clipped = clipped
-        digest = hashlib.sha256(payload).digest()
+        digest = payload_sha256 if payload_sha256 else hashlib.sha256(payload).digest()
         sig = self._identity.sign(MaskedInput.signing_bytes(self._digest, self.index, digest, self.rejected))
         self.phase = ClientPhase.MASKED
         return MaskedInput(self.index, payload, self.rejected, sig, digest)

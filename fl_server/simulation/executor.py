@@ -14,13 +14,15 @@ and therefore the whole run are identical for any number of workers.
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
+import hashlib
 import logging
 import os
 import queue
 import sys
 import traceback
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -47,6 +49,51 @@ log = logging.getLogger("fl_server.simulation")
 
 #: secure aggregation: client id -> what masking its input takes, done where the client trains
 MaskingJobs = Mapping[Any, MaskingJob]
+
+
+class LateMaskingJobs(Mapping[Any, MaskingJob]):
+    """Masking jobs that exist only once the round's keys are shared, handed to the executor before they do.
+
+    Why: the key phases (key agreement, Shamir shares, signatures for every client) run in the driver, and the
+    workers used to idle through them. With this mapping a pool dispatches the training first, then calls
+    :meth:`resolve` (``produce`` runs the key phases while the workers train) and sends each job to the worker
+    that took the client; the worker needs it only once its training is done. Any other reader (the in-process
+    executor, Ray) resolves it on first access, which is the old order. A failure of ``produce`` is kept in
+    :attr:`failure` (the mapping is then empty: the workers send their updates unmasked) so that the executor
+    still collects every result; the caller re-raises it."""
+
+    def __init__(self, produce: Callable[[], Mapping[Any, MaskingJob]]) -> None:
+        self._produce: Callable[[], Mapping[Any, MaskingJob]] | None = produce
+        self._jobs: dict[Any, MaskingJob] = {}
+        self.failure: BaseException | None = None
+
+    def resolve(self) -> None:
+        """Run ``produce`` once (the first call; later calls return at once)."""
+        produce, self._produce = self._produce, None
+        if produce is None:
+            return
+        try:
+            self._jobs = dict(produce())
+        except Exception as exc:  # re-raised by the caller once the executor has collected its results
+            self.failure = exc
+
+    def __getitem__(self, cid: Any) -> MaskingJob:
+        self.resolve()
+        return self._jobs[cid]
+
+    def __iter__(self) -> Iterator[Any]:
+        self.resolve()
+        return iter(self._jobs)
+
+    def __len__(self) -> int:
+        self.resolve()
+        return len(self._jobs)
+
+
+@dataclass(frozen=True)
+class JobToFollow:
+    """In a pool task instead of a masking job: the job comes on the worker's own job queue once the driver has
+    it; the worker announces which client it took (so the driver knows where to send it) and trains meanwhile."""
 
 
 class ClientExecutor(Protocol):
@@ -90,34 +137,52 @@ def plain_input_for(params: SecAggParams, update: ClientUpdate) -> PlainInput:
 @dataclass
 class WorkerMasked(ClientUpdate):
     """A trained update whose masked input its worker computed (:func:`mask_payload`): the driver only signs
-    ``masked_payload``. ``mask_error`` says why there is none (a value its segment cannot hold): the client
-    then drops out, as when the driver masks."""
+    ``masked_payload`` (``payload_sha256`` is its digest, which the client signs, computed where it was masked).
+    ``mask_error`` says why there is none (a value its segment cannot hold): the client then drops out, as when
+    the driver masks. ``delta`` is empty, as in a :class:`~fl_server.secagg.aggregator.MaskedUpdate`: the driver
+    never reads a masked client's plain delta, and shipping it from a pool worker cost 6.6 MB of pickling and
+    pipe traffic per cnn client (the SCAFFOLD variate delta, which the driver keeps, still comes back)."""
 
     masked_payload: bytes | None = None
+    payload_sha256: bytes = b""
     clipped: bool = False
     mask_error: str | None = None
 
 
-#: what a worker's masking gives back: (payload, clipped, error)
-MaskResult = tuple["bytes | None", bool, "str | None"]
+@dataclass(frozen=True, repr=False)
+class MaskResult:
+    """What a worker's masking gives back: the packed masked input and its SHA-256 (the client's, to be signed),
+    whether clipping bound, or the error that made the client drop out (then ``payload`` is None)."""
+
+    payload: bytes | None
+    payload_sha256: bytes
+    clipped: bool
+    error: str | None
+
+    def __repr__(self) -> str:
+        size = None if self.payload is None else len(self.payload)
+        return f"MaskResult(payload_bytes={size}, clipped={self.clipped}, error={self.error!r})"
 
 
 def mask_trained(job: MaskingJob, update: ClientUpdate) -> MaskResult:
-    """Mask a trained update where it was trained; a value the ring cannot hold is an error, not a crash."""
+    """Mask a trained update where it was trained; a value the ring cannot hold is an error, not a crash. The
+    payload's digest is computed here too: it is the client's work (it signs it), done in parallel in the workers."""
     try:
         payload, clipped = mask_payload(job, plain_input_for(job.params, update))
     except (FieldOverflowError, SecAggError, ValueError) as exc:
-        return None, False, f"{type(exc).__name__}: {exc}"
-    return payload, clipped, None
+        return MaskResult(None, b"", False, f"{type(exc).__name__}: {exc}")
+    return MaskResult(payload, hashlib.sha256(payload).digest(), clipped, None)
 
 
 def with_mask(update: ClientUpdate, masked: MaskResult | None) -> ClientUpdate:
+    """``update`` as the driver sees it: unchanged when its client was not masked where it trained, else a
+    :class:`WorkerMasked` carrying the masked input (or the masking's error) and no plain delta."""
     if masked is None:
         return update
-    payload, clipped, error = masked
-    return WorkerMasked(client_id=update.client_id, round=update.round, delta=update.delta, num_samples=update.num_samples,
+    return WorkerMasked(client_id=update.client_id, round=update.round, delta=torch.zeros(0), num_samples=update.num_samples,
                         metrics=update.metrics, wire_bytes=update.wire_bytes, control_delta=update.control_delta,
-                        masked_payload=payload, clipped=clipped, mask_error=error)
+                        masked_payload=masked.payload, payload_sha256=masked.payload_sha256, clipped=masked.clipped,
+                        mask_error=masked.error)
 
 
 class InProcessExecutor:
@@ -168,7 +233,7 @@ def encode_for_wire(delta: torch.Tensor, codec: Codec, cfg: FLConfig, round_numb
 
 
 #: what a worker sends back for one trained client: delta, samples, metrics, wire bytes, variate delta, and
-#: under secure aggregation its masked input (None when the driver masks)
+#: under secure aggregation its masked input (None when the driver masks; when it is there, the delta is empty)
 TaskResult = tuple[torch.Tensor, int, dict[str, float], int, "torch.Tensor | None", "MaskResult | None"]
 
 
@@ -188,15 +253,21 @@ class ClientWorker:
 
     def train(self, global_vector: torch.Tensor, cid: int, x: torch.Tensor, y: torch.Tensor, instr: TrainInstructions,
               server_control: torch.Tensor | None, client_control: torch.Tensor | None,
-              masking: MaskingJob | None = None) -> TaskResult:
+              masking: MaskingJob | Callable[[], MaskingJob | None] | None = None) -> TaskResult:
+        """Train one client; ``masking``: its masking job, or what gives it (or None) once the training is done."""
         control = None if client_control is None else ControlVariates(server=server_control, client=client_control)
         update = self.trainer.train(global_vector, x, y, instr, client_id=cid, control=control)
         wire_bytes = 0
         if self.codec is not None:
             packed = encode_for_wire(update.delta, self.codec, self.cfg, instr.round, cid, update.num_samples)
             update.delta, wire_bytes = packed.decoded, len(packed.data)
-        masked = None if masking is None else mask_trained(masking, update)
-        return update.delta, update.num_samples, update.metrics, wire_bytes, update.control_delta, masked
+        if masking is not None and not isinstance(masking, MaskingJob):
+            masking = masking()
+        if masking is None:
+            return update.delta, update.num_samples, update.metrics, wire_bytes, update.control_delta, None
+        # masked here: the plain delta stays here too (with_mask drops it; pickling it cost 6.6 MB per cnn client)
+        masked = mask_trained(masking, update)
+        return torch.zeros(0), update.num_samples, update.metrics, wire_bytes, update.control_delta, masked
 
     def evaluate(self, global_vector: torch.Tensor, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> EvalResult:
         self.trainer.load_vector(global_vector.to(self.trainer.device, torch.float32))
@@ -239,7 +310,7 @@ def resolve_device(cfg: FLConfig) -> str:
 def _worker_main(worker_id: int, cfg_dict: dict[str, Any], input_shape: tuple[int, int, int], num_classes: int,
                  x: torch.Tensor, y: torch.Tensor, partitions: list[np.ndarray], global_buf: torch.Tensor,
                  tasks: Any, results: Any, threads: int, control_buf: torch.Tensor | None = None,
-                 test: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+                 test: tuple[torch.Tensor, torch.Tensor] | None = None, jobs: Any = None) -> None:
     torch.set_num_threads(threads)
     try:
         from fl_common.config import config_from_dict
@@ -281,11 +352,28 @@ def _worker_main(worker_id: int, cfg_dict: dict[str, Any], input_shape: tuple[in
         try:
             instr = TrainInstructions.from_json(instr_json)
             cx, cy = client_tensors(x, y, partitions[cid])
+            if isinstance(masking, JobToFollow):
+                results.put(("took", cid, worker_id))
+                masking = functools.partial(_job_for, jobs, cid, parent)
             results.put(("ok", cid, worker.train(global_buf, cid, cx, cy, instr, control_buf, client_control, masking)))
             del cx, cy
             release_free_memory()
         except BaseException:
             results.put(("error", cid, traceback.format_exc()))
+
+
+def _job_for(jobs: Any, cid: int, parent: int) -> MaskingJob | None:
+    """The masking job the driver sends this worker for ``cid`` (None: the client is not masked here)."""
+    while True:
+        try:
+            who, job = jobs.get(timeout=1.0)
+        except queue.Empty:
+            if os.getppid() != parent:
+                raise WorkerFailed("the driver is gone") from None
+            continue
+        if who != cid:
+            raise WorkerFailed(f"worker waiting for client {cid}'s masking job got client {who}'s")
+        return job  # type: ignore[no-any-return]
 
 
 class ProcessPoolExecutor:
@@ -315,10 +403,13 @@ class ProcessPoolExecutor:
         self.partitions = partitions
         self.tasks = ctx.Queue()
         self.results = ctx.Queue()
+        # one per worker: the masking jobs that follow their tasks (LateMaskingJobs)
+        self.job_queues = [ctx.Queue() for _ in range(workers)]
         self.procs = [
             ctx.Process(target=_worker_main, name=f"fl-client-worker-{i}", daemon=True,
                         args=(i, cfg.to_dict(), input_shape, num_classes, x, y, list(partitions),
-                              self.global_buf, self.tasks, self.results, threads_per_worker, self.control_buf, test))
+                              self.global_buf, self.tasks, self.results, threads_per_worker, self.control_buf, test,
+                              self.job_queues[i]))
             for i in range(workers)
         ]
         if use_fork:
@@ -375,14 +466,21 @@ class ProcessPoolExecutor:
             self.control_buf.copy_(server_control)
         # Longest clients first (LPT scheduling: records x epochs) shortens the round when client sizes differ.
         order = sorted(instructions, key=lambda c: -len(self.partitions[c]) * max(1, instructions[c].epochs))
+        late = isinstance(masking, LateMaskingJobs)
         for cid in order:
             control = _control_for(cid, server_control, client_controls)
-            self.tasks.put(("train", cid, instructions[cid].to_json(), None if control is None else control.client,
-                            None if masking is None else masking.get(cid)))
+            job = JobToFollow() if late else None if masking is None else masking.get(cid)
+            self.tasks.put(("train", cid, instructions[cid].to_json(), None if control is None else control.client, job))
+        if isinstance(masking, LateMaskingJobs):
+            masking.resolve()  # the driver's key phases, while the workers train
         pending: dict[int, ClientUpdate] = {}
         for cid in instructions:  # yield in plan order, buffering early finishers
             while cid not in pending:
                 kind, who, payload = self._get(timeout=3600.0)
+                if kind == "took":  # worker ``payload`` trains client ``who``: its masking job goes to that worker
+                    assert masking is not None
+                    self.job_queues[payload].put((who, masking.get(who)))
+                    continue
                 if kind == "error":
                     self.close()
                     raise WorkerFailed(f"training client {who} failed:\n{payload}")

@@ -47,11 +47,12 @@ from fl_common.secagg import (
 )
 from fl_common.secagg.encoding import IN_CLEAR
 from fl_common.secagg.field import FieldOverflowError
-from fl_common.secagg.server import PHASES
+from fl_common.secagg.precompute import MaskingJob
+from fl_common.secagg.server import PHASES, unpack_decoded_input
 from fl_server.coordinator import Coordinator, RoundPlan
 from fl_server.secagg.aggregator import MaskedUpdate, SecAggRoundStats
 from fl_server.selection import ClientInfo
-from fl_server.simulation.executor import MaskingJobs, WorkerMasked, plain_input_for
+from fl_server.simulation.executor import LateMaskingJobs, MaskingJobs, WorkerMasked, plain_input_for
 from fl_server.store import RoundRecord
 from fl_server.strategies import UpdateRejected
 
@@ -97,6 +98,10 @@ class SecAggSimulation:
         return self.identity(cid).verifier()
 
     # ------------------------------------------------------------------ dropouts
+    def _drops_before_training(self) -> bool:
+        """Whether simulated dropouts can fall in a phase before the masked input (then a client may not train)."""
+        return self.cfg.secagg_dropout_rate > 0 and self.cfg.secagg_dropout_phase != Phase.UNMASK.value
+
     def _silent(self, round_number: int, attempt: int, phase: Phase, cids: list[Any]) -> set[Any]:
         cfg = self.cfg
         if cfg.secagg_dropout_rate <= 0 or cfg.secagg_dropout_phase not in ("all", phase.value):
@@ -170,49 +175,80 @@ class SecAggSimulation:
             gone.update(self._silent(plan.round, attempt, phase, cids))
             return [cid for cid in cids if cid not in gone]
 
-        # phase 0: advertise keys (the clients fetch the round's parameters first)
-        for cid in live(Phase.ADVERTISE_KEYS, tuple(params.indices)):
-            self._server_call(server.params_for, index[cid])
-            msg = self._client_call(clients[cid].advertise)
-            self._deliver(server.receive_advertise, AdvertiseKeys.from_bytes(msg.to_bytes()), 1.0)
-        self._close(server, Phase.ADVERTISE_KEYS, 1.0)
-        # phase 1: share keys
-        for cid in live(Phase.SHARE_KEYS, server.u1):
-            roster = RosterMessage.from_bytes(self._server_call(server.roster_for, index[cid]).to_bytes())
-            msg = self._client_call(clients[cid].share_keys, roster)
-            self._deliver(server.receive_share_keys, ShareKeys.from_bytes(msg.to_bytes()), 2.0)
-        self._close(server, Phase.SHARE_KEYS, 2.0)
-        if server.phase == Phase.MASKED_INPUT:
+        bundles: dict[Any, ShareBundle] = {}
+        trained: list[Any] = []  # the clients still in once keys are shared: those that train and send a masked input
+
+        def share_keys() -> dict[Any, MaskingJob]:
+            """Phases 0 and 1; then each client still in opens its share bundle and hands out its masking job."""
+            # phase 0: advertise keys (the clients fetch the round's parameters first)
+            for cid in live(Phase.ADVERTISE_KEYS, tuple(params.indices)):
+                self._server_call(server.params_for, index[cid])
+                msg = self._client_call(clients[cid].advertise)
+                self._deliver(server.receive_advertise, AdvertiseKeys.from_bytes(msg.to_bytes()), 1.0)
+            self._close(server, Phase.ADVERTISE_KEYS, 1.0)
+            # phase 1: share keys
+            for cid in live(Phase.SHARE_KEYS, server.u1):
+                roster = RosterMessage.from_bytes(self._server_call(server.roster_for, index[cid]).to_bytes())
+                msg = self._client_call(clients[cid].share_keys, roster)
+                self._deliver(server.receive_share_keys, ShareKeys.from_bytes(msg.to_bytes()), 2.0)
+            self._close(server, Phase.SHARE_KEYS, 2.0)
+            jobs: dict[Any, MaskingJob] = {}
+            if server.phase != Phase.MASKED_INPUT:
+                return jobs
             # phase 2: open the bundle, train, then send the masked input (a client that drops here never trains)
-            cids = live(Phase.MASKED_INPUT, server.u2)
-            bundles: dict[Any, ShareBundle] = {}
-            jobs: dict[Any, Any] = {}
-            for cid in cids:
+            trained.extend(live(Phase.MASKED_INPUT, server.u2))
+            for cid in trained:
                 bundles[cid] = ShareBundle.from_bytes(self._server_call(server.bundle_for, index[cid]).to_bytes())
                 # the client's own rounding stream, as its rng in this attempt would draw it; a bundle it refuses is
                 # refused again by masked_input below, with its reason, after training
                 with contextlib.suppress(SecAggError):
                     jobs[cid] = self._client_call(clients[cid].masking_job, bundles[cid],
                                                   derive_seed(cfg.seed, plan.round, cid, "secagg-rounding"))
-            for update in (train(cids, jobs) if workers_mask else train(cids)):
-                cid = update.client_id
-                try:
-                    if isinstance(update, WorkerMasked) and cid in jobs:
-                        if update.masked_payload is None:
-                            raise FieldOverflowError(update.mask_error or "masking failed in the worker")
-                        masked = self._client_call(clients[cid].sign_masked_payload, update.masked_payload, update.clipped)
-                    else:
-                        masked = self._client_call(clients[cid].masked_input, bundles[cid],
-                                                   plain_input_for(params, update))
-                except (FieldOverflowError, SecAggError) as exc:
-                    log.warning("round %d: client %s cannot send its masked input (%s): it drops out", plan.round, cid, exc)
+            return jobs
+
+        # Without simulated dropouts before the masked input, every selected client trains: the training is handed
+        # out first and the key phases run while the workers train (LateMaskingJobs); otherwise who trains depends
+        # on the phases' dropout draws, so they run first.
+        late = workers_mask and not self._drops_before_training()
+        jobs: Mapping[Any, MaskingJob]
+        if late:
+            jobs = LateMaskingJobs(share_keys)
+            updates = train(list(plan.selected), jobs)
+        else:
+            jobs = share_keys()
+            updates = (() if server.phase != Phase.MASKED_INPUT
+                       else train(trained, jobs) if workers_mask else train(trained))
+        for update in updates:
+            cid = update.client_id
+            if isinstance(jobs, LateMaskingJobs):
+                jobs.resolve()  # (done already when the executor took the jobs late; e.g. not under an attack)
+                if jobs.failure is not None or cid not in trained:  # dropped before training: nothing is sent
                     continue
-                wire = MaskedInput.from_bytes(masked.to_bytes())
-                try:
-                    self._server_call(coord.submit, MaskedUpdate.wrap(cid, plan.round, wire, metrics=update.metrics, now=3.0))
-                except UpdateRejected as exc:
-                    log.warning("round %d: masked input of client %s refused (%s)", plan.round, cid, exc)
-            self._close(server, Phase.MASKED_INPUT, 3.0)
+            try:
+                if isinstance(update, WorkerMasked) and cid in jobs:
+                    if update.masked_payload is None:
+                        raise FieldOverflowError(update.mask_error or "masking failed in the worker")
+                    masked = self._client_call(clients[cid].sign_masked_payload, update.masked_payload, update.clipped,
+                                               update.payload_sha256)
+                else:
+                    masked = self._client_call(clients[cid].masked_input, bundles[cid],
+                                               plain_input_for(params, update))
+            except (FieldOverflowError, SecAggError) as exc:
+                log.warning("round %d: client %s cannot send its masked input (%s): it drops out", plan.round, cid, exc)
+                continue
+            # the server's side: decoding the bytes digests the payload they carry, so it is not digested again
+            wire = MaskedInput.from_bytes(masked.to_bytes())
+            try:
+                prepared = self._server_call(unpack_decoded_input, params, wire)
+                self._server_call(coord.submit, MaskedUpdate.wrap(cid, plan.round, wire, metrics=update.metrics, now=3.0,
+                                                                  prepared=prepared))
+            except UpdateRejected as exc:
+                log.warning("round %d: masked input of client %s refused (%s)", plan.round, cid, exc)
+        if isinstance(jobs, LateMaskingJobs):
+            jobs.resolve()  # (a round that trained nobody)
+            if jobs.failure is not None:
+                raise jobs.failure
+        self._close(server, Phase.MASKED_INPUT, 3.0)
         if server.phase == Phase.CONSISTENCY_CHECK:
             # phase 3: every survivor signs the set of clients whose masked inputs the server holds (no simulated
             # dropouts here: a client that drops after its masked input is drawn at unmasking, as before this phase)

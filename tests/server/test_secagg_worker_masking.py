@@ -5,11 +5,13 @@ two runs' models are compared with torch.equal although their keys and masks dif
 
 from __future__ import annotations
 
+import hashlib
+
 import pytest
 import torch
 
-from fl_server.simulation.executor import WorkerMasked, mask_trained, with_mask
-from fl_server.simulation.secagg import SecAggSimulation
+from fl_server.simulation.executor import LateMaskingJobs, WorkerMasked, mask_trained, with_mask
+from fl_server.simulation.secagg import MAX_ATTEMPTS, SecAggSimulation
 from tests.server.test_secagg_simulation import _cfg, _coordinator, _updates
 
 
@@ -42,6 +44,8 @@ def test_masking_in_the_workers_gives_the_drivers_result_bit_for_bit(over) -> No
         def counted(cids, jobs, p=plan_b, seen=seen):
             for u in _worker_train(b, p)(cids, jobs):
                 assert isinstance(u, WorkerMasked) and u.masked_payload is not None
+                # the worker keeps the plain delta (the driver never reads it) and digests the payload for the client
+                assert u.delta.numel() == 0 and u.payload_sha256 == hashlib.sha256(u.masked_payload).digest()
                 seen.append(u)
                 yield u
 
@@ -68,3 +72,76 @@ def test_pool_workers_mask_and_the_run_matches_the_in_process_one(small_config: 
             assert sim.secagg is not None and sim.secagg.summary()["rounds_completed"] == 1
             models.append(sim.coordinator.global_vector.clone())
     assert torch.equal(models[0], models[1])
+
+
+def _pool_like_train(coord, plan, order: list[str]):
+    """What the process pool does with LateMaskingJobs: hand out every client's training, run the driver's key phases
+    (resolve) while the workers train, then mask each trained update with the job that followed its task."""
+
+    def train(cids, jobs):
+        assert isinstance(jobs, LateMaskingJobs)
+        order.append(f"train handed out at {coord.secagg.server.phase.value}")
+        updates = list(_updates(coord, plan, cids))  # "the workers train"
+        jobs.resolve()
+        order.append(f"jobs resolved at {coord.secagg.server.phase.value}")
+        for update in updates:
+            yield with_mask(update, mask_trained(jobs[update.client_id], update))
+
+    return train
+
+
+def test_training_is_handed_out_before_the_key_phases_and_the_sum_is_the_same() -> None:
+    """Without dropouts before the masked input, the workers train while the driver runs phases 0 and 1; the released
+    model equals the one of a round whose keys were shared before the training started, bit for bit."""
+    cfg = _cfg()
+    early, first = SecAggSimulation(cfg), SecAggSimulation(cfg)
+    a, b = _coordinator(cfg, early), _coordinator(cfg, first)
+    plan_a = a.plan_round(list(range(cfg.num_clients)))
+    plan_b = b.plan_round(list(range(cfg.num_clients)))
+    order: list[str] = []
+    ra, sa = early.secure_round(a, plan_a, _pool_like_train(a, plan_a, order), workers_mask=True)
+    rb, sb = first.secure_round(b, plan_b, lambda cids, p=plan_b: _updates(b, p, cids))
+    assert order == ["train handed out at advertise_keys", "jobs resolved at masked_input"]
+    assert ra is not None and rb is not None and sa == sb == set(plan_a.selected)
+    assert torch.equal(a.global_vector, b.global_vector)
+
+
+def test_with_dropouts_before_training_the_keys_are_shared_first() -> None:
+    """A client that drops before its masked input never trains: with such dropouts the phases run before the
+    training is handed out, which gets plain jobs for the survivors only."""
+    cfg = _cfg(secagg_dropout_rate=0.2, secagg_dropout_phase="share_keys")
+    sim = SecAggSimulation(cfg)
+    coord = _coordinator(cfg, sim)
+    for _ in range(MAX_ATTEMPTS):
+        plan = coord.plan_round(list(range(cfg.num_clients)))
+        asked: list[tuple[list, str]] = []
+
+        def train(cids, jobs, p=plan, asked=asked):
+            asked.append((list(cids), type(jobs).__name__))
+            return _worker_train(coord, p)(cids, jobs)
+
+        record, summed = sim.secure_round(coord, plan, train, workers_mask=True)
+        if record is not None:
+            break
+    assert record is not None and asked and asked[0][1] == "dict"
+    assert set(asked[0][0]) == summed  # only the clients still in after phase 1 trained, and all are in the sum
+
+
+def test_late_jobs_resolve_once_and_keep_a_failure() -> None:
+    calls: list[int] = []
+
+    def produce():
+        calls.append(1)
+        return {"a": "job-a"}
+
+    jobs = LateMaskingJobs(produce)
+    assert calls == []  # nothing runs until asked
+    assert jobs.get("a") == "job-a" and jobs.get("b") is None and len(jobs) == 1
+    jobs.resolve()
+    assert calls == [1]
+
+    def broken():
+        raise RuntimeError("phase 1 failed")
+
+    failed = LateMaskingJobs(broken)
+    assert failed.get("a") is None and isinstance(failed.failure, RuntimeError)  # the workers send unmasked

@@ -52,7 +52,8 @@ def test_a_closed_round_stores_its_timeline_in_order(tmp_path: Path) -> None:
         assert service.store.round_timeline(open_row.round_id) is None  # stored when the attempt ends
         for i, c in enumerate(clients):
             c.upload(r, torch.full((NUMEL,), float(i)), num_samples=10)
-        wait_for(lambda: service.coordinator.completed_rounds == 1, timeout=30)
+        # the row is closed after the coordinator counts the round (history, checkpoint first): wait for the row
+        wait_for(lambda: getattr(service.store.round_attempt(open_row.round_id), "state", None) == "closed", timeout=30)
         row = service.store.round_attempt(open_row.round_id)
         timeline = service.store.round_timeline(open_row.round_id)
     assert row is not None and row.state == "closed" and row.closed_at is not None and timeline is not None

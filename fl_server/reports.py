@@ -44,7 +44,7 @@ from typing import Any
 
 from fl_server import report_template as T
 from fl_server.compliance import COMPLIANCE_JSON, DeploymentFacts, section_rows, write_compliance
-from fl_server.forked_plots import ForkedPlots, PlotJob, PlotOutcome, start_forked_plots
+from fl_server.forked_plots import ForkedPlots, PlotJob, PlotOutcome, WarmRenderer, start_forked_plots
 from fl_server.privacy.statement import statement_lines
 from fl_server.store.run_dir import atomic_write_bytes
 
@@ -653,7 +653,8 @@ class PendingReport:
     only then is the report complete. Files the caller writes into the run folder between
     :func:`start_report` and :meth:`finish` (the model, say) are seen by the report's text."""
 
-    def __init__(self, run_dir: Path, deployment: DeploymentFacts | None, parallel: bool) -> None:
+    def __init__(self, run_dir: Path, deployment: DeploymentFacts | None, parallel: bool,
+                 warm: WarmRenderer | None = None) -> None:
         self.run_dir = Path(run_dir)
         self._deployment = deployment
         self._error: Exception | None = None
@@ -662,10 +663,16 @@ class PendingReport:
         self._written: dict[str, Path] | None = None
         try:
             self._inputs = _read_inputs(self.run_dir)
-            if parallel:
-                self._forked = start_forked_plots([job for _, _, job in self._inputs.plots], self.run_dir)
+            jobs = [job for _, _, job in self._inputs.plots]
+            if warm is not None and len(jobs) >= 2:
+                self._forked = warm.draw(jobs)
+            elif parallel:
+                self._forked = start_forked_plots(jobs, self.run_dir)
         except Exception as exc:  # raised by finish(), where write_report raised it before
             self._error = exc
+        finally:
+            if warm is not None:
+                warm.cancel()  # (nothing when it was told to draw)
 
     def finish(self) -> dict[str, Path]:
         """Wait for the plots, write the report; return name -> path of each file written (as write_report)."""
@@ -698,13 +705,21 @@ class PendingReport:
         return written
 
 
-def start_report(run_dir: Path, deployment: DeploymentFacts | None = None, *, parallel: bool = False) -> PendingReport:
+def start_report(run_dir: Path, deployment: DeploymentFacts | None = None, *, parallel: bool = False,
+                 warm: WarmRenderer | None = None) -> PendingReport:
     """Read the run folder and start the report; :meth:`PendingReport.finish` completes it.
 
     ``parallel``: draw the plots in forked child processes (fl_server/forked_plots.py) while the caller
     goes on (a simulation writes its model and stops its workers meanwhile); where this platform cannot
-    fork, or for a single plot, they are drawn in process by finish(). The files are the same either way."""
-    return PendingReport(run_dir, deployment, parallel)
+    fork, or for a single plot, they are drawn in process by finish(). ``warm``: a renderer started earlier
+    (:func:`plot_jobs` of the same run folder), used instead of a fresh fork (and let go if not needed). The
+    files are the same either way."""
+    return PendingReport(run_dir, deployment, parallel, warm)
+
+
+def plot_jobs(run_dir: Path) -> list[PlotJob]:
+    """The report's plots for the run folder as it is now (what a warm renderer draws from)."""
+    return [job for _, _, job in _read_inputs(Path(run_dir)).plots]
 
 
 def write_report(run_dir: Path, deployment: DeploymentFacts | None = None) -> dict[str, Path]:

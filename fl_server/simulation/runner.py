@@ -34,6 +34,7 @@ from fl_common.tensors import unflatten
 from fl_common.tensors.codecs import make_codec
 from fl_common.training import updated_client_control
 from fl_server.coordinator import Coordinator, RoundPlan
+from fl_server.forked_plots import WarmRenderer
 from fl_server.privacy import BudgetExhausted
 from fl_server.simulation.base import SimulationBase
 from fl_server.simulation.ckks import SIMULATION_FEATURES as CKKS_FEATURES
@@ -46,7 +47,11 @@ from fl_server.store import RoundRecord
 
 log = logging.getLogger("fl_server.simulation")
 
-__all__ = ["Simulation"]
+__all__ = ["WARM_REPORT_ROUNDS", "Simulation"]
+
+#: this many rounds before the last one, the report's renderer is forked to import matplotlib on idle cycles
+#: (fl_server/forked_plots.py, WarmRenderer): the import then is off the end of the run's critical path
+WARM_REPORT_ROUNDS = 3
 
 
 class Simulation(SimulationBase[Coordinator]):
@@ -74,6 +79,8 @@ class Simulation(SimulationBase[Coordinator]):
         self._variates = ClientVariates(self.spec.numel, self.run_dir.path / "client_state" if self.run_dir else None)
         #: why training ended before num_rounds other than the privacy budget (a diverged round)
         self.diverged: str | None = None
+        #: the report's renderer, forked near the end of the run (WARM_REPORT_ROUNDS); save_results uses it
+        self._warm_report: WarmRenderer | None = None
         state = self.checkpoint_to_resume()
         if state is not None:
             self._restore(state)
@@ -195,6 +202,8 @@ class Simulation(SimulationBase[Coordinator]):
                    disable=(None if self.progress is None else not self.progress), file=sys.stderr, dynamic_ncols=True)
         try:
             while coord.completed_rounds < target and not coord.finished:
+                if coord.completed_rounds == self.cfg.num_rounds - WARM_REPORT_ROUNDS:
+                    self._warm_up_report()
                 try:
                     record = self.run_round()
                 except BudgetExhausted as exc:  # the coordinator has logged it; the run ends here
@@ -227,6 +236,22 @@ class Simulation(SimulationBase[Coordinator]):
             bar.close()
         self.wall_seconds_before += time.perf_counter() - start
         return coord.history
+
+    def _warm_up_report(self) -> None:
+        """Fork the report's renderer now (it imports matplotlib at nice 19 while the last rounds train)."""
+        if self.run_dir is None or self._warm_report is not None:
+            return
+        from fl_server.forked_plots import start_warm_renderer
+        from fl_server.reports import plot_jobs
+
+        path = self.run_dir.path
+        self._warm_report = start_warm_renderer(lambda: plot_jobs(path), path)
+
+    def close(self) -> None:
+        if self._warm_report is not None:  # a run that ends without its report lets the renderer go
+            self._warm_report.cancel()
+            self._warm_report = None
+        super().close()
 
     def _evaluate_final_model(self, start: float) -> None:
         """A run that ends early keeps its last model: its accuracy is the run's final one (checkpointed)."""
@@ -290,7 +315,8 @@ class Simulation(SimulationBase[Coordinator]):
             # while this process writes the model and stops the client workers, which are not needed any more (a
             # later train() or evaluate() starts them again). The end of the reference speed run was ~1.9 s, most
             # of it the plots drawn one after the other. finish waits for every plot before it writes the report.
-            report = start_report(self.run_dir.path, parallel=True)
+            report = start_report(self.run_dir.path, parallel=True, warm=self._warm_report)
+            self._warm_report = None
             self.run_dir.save_model(unflatten(self.coordinator.released_vector, self.spec))
             self.close()
             finish_report_logged(report)  # logs the report path; a failure only warns

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from fl_server import reports
-from fl_server.forked_plots import FORK_AVAILABLE, PlotJob, start_forked_plots
+from fl_server.forked_plots import FORK_AVAILABLE, PlotJob, start_forked_plots, start_warm_renderer
 
 pytestmark = pytest.mark.skipif(not FORK_AVAILABLE, reason="needs os.fork")
 
@@ -113,3 +113,41 @@ def test_fewer_than_two_plots_are_left_to_the_caller(tmp_path: Path) -> None:
     assert start_forked_plots([PlotJob("a.txt", _writes("a"))], tmp_path) is None
     with pytest.raises(ValueError, match="timeout"):
         start_forked_plots([PlotJob("a.txt", _writes("a")), PlotJob("b.txt", _writes("b"))], tmp_path, timeout=0)
+
+
+LAST_ROUND = "4,0.72,0.91,1.02,5,0.8,2048,0.83\n"
+
+
+def test_a_warm_renderer_forked_before_the_end_draws_the_run_folder_as_it_is_at_the_end(tmp_path: Path) -> None:
+    serial_dir, warm_dir = _run_folder(tmp_path / "a"), _run_folder(tmp_path / "b")
+    warm = start_warm_renderer(lambda: reports.plot_jobs(warm_dir), warm_dir)
+    assert warm is not None
+    for run in (serial_dir, warm_dir):  # the run goes on after the fork: one more round in the history
+        with (run / "history.csv").open("a") as f:
+            f.write(LAST_ROUND)
+    serial = reports.write_report(serial_dir)
+    warmed = reports.start_report(warm_dir, parallel=True, warm=warm).finish()
+    assert sorted(warmed) == sorted(serial)
+    assert _contents(warm_dir, warmed) == _contents(serial_dir, serial)  # the fourth round is in the plots too
+    with pytest.raises(ChildProcessError):  # the renderer was reaped
+        os.waitpid(warm.pid, os.WNOHANG)
+
+
+def test_a_warm_renderer_let_go_is_reaped_and_one_that_cannot_build_its_plots_says_so(tmp_path: Path) -> None:
+    unused = start_warm_renderer(lambda: [PlotJob("a.txt", _writes("a"))], tmp_path, preload=())
+    assert unused is not None
+    unused.cancel()
+    with pytest.raises(ChildProcessError):
+        os.waitpid(unused.pid, os.WNOHANG)
+    assert not (tmp_path / "a.txt").exists()
+
+    def no_run_folder() -> list[PlotJob]:
+        raise FileNotFoundError("history.csv is gone")
+
+    broken = start_warm_renderer(no_run_folder, tmp_path, preload=(), timeout=60)
+    assert broken is not None
+    outcomes = broken.draw([PlotJob("a.txt", _writes("a")), PlotJob("b.txt", _writes("b"))]).wait()
+    assert [(o.name, o.error) for o in outcomes] == [("a.txt", "FileNotFoundError: history.csv is gone"),
+                                                     ("b.txt", "FileNotFoundError: history.csv is gone")]
+    with pytest.raises(RuntimeError, match="already used"):
+        broken.draw([])

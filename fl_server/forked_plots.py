@@ -240,10 +240,18 @@ class WarmRenderer:
     timeout: float
     _used: bool = field(default=False, repr=False)
 
-    def draw(self, jobs: Sequence[PlotJob]) -> ForkedPlots:
-        """Draw ``jobs`` (by name: the renderer builds its own from the run folder) and return them being drawn."""
+    def draw(self, jobs: Sequence[PlotJob]) -> ForkedPlots | None:
+        """Draw ``jobs`` (by name: the renderer builds its own from the run folder) and return them being drawn;
+        None when the renderer is no longer there (killed meanwhile, say): the caller draws them another way."""
         if self._used:
             raise RuntimeError("this renderer was already used")
+        try:
+            gone = os.waitpid(self.pid, os.WNOHANG) != (0, 0)
+        except ChildProcessError:
+            gone = True
+        if gone:
+            self.cancel()
+            return None
         self._used = True
         names = json.dumps([job.name for job in jobs]).encode("utf-8") + b"\n"
         try:

@@ -666,7 +666,7 @@ class PendingReport:
             jobs = [job for _, _, job in self._inputs.plots]
             if warm is not None and len(jobs) >= 2:
                 self._forked = warm.draw(jobs)
-            elif parallel:
+            if self._forked is None and parallel:
                 self._forked = start_forked_plots(jobs, self.run_dir)
         except Exception as exc:  # raised by finish(), where write_report raised it before
             self._error = exc

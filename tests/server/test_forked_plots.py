@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import time
 from pathlib import Path
 
@@ -131,6 +132,17 @@ def test_a_warm_renderer_forked_before_the_end_draws_the_run_folder_as_it_is_at_
     assert _contents(warm_dir, warmed) == _contents(serial_dir, serial)  # the fourth round is in the plots too
     with pytest.raises(ChildProcessError):  # the renderer was reaped
         os.waitpid(warm.pid, os.WNOHANG)
+
+
+def test_a_warm_renderer_that_is_gone_before_the_end_leaves_the_plots_to_a_fresh_fork(tmp_path: Path) -> None:
+    serial_dir, warm_dir = _run_folder(tmp_path / "a"), _run_folder(tmp_path / "b")
+    warm = start_warm_renderer(lambda: reports.plot_jobs(warm_dir), warm_dir, preload=())
+    assert warm is not None
+    os.kill(warm.pid, signal.SIGKILL)  # e.g. the kernel's OOM killer, while the run still trained
+    os.waitpid(warm.pid, 0)
+    serial = reports.write_report(serial_dir)
+    files = reports.start_report(warm_dir, parallel=True, warm=warm).finish()
+    assert _contents(warm_dir, files) == _contents(serial_dir, serial)  # every plot drawn all the same
 
 
 def test_a_warm_renderer_let_go_is_reaped_and_one_that_cannot_build_its_plots_says_so(tmp_path: Path) -> None:

@@ -202,26 +202,40 @@ def start_forked_plots(jobs: Sequence[PlotJob], run_dir: Path, *, processes: int
         raise ValueError(f"timeout must be positive, got {timeout}")
     if not FORK_AVAILABLE or len(jobs) < 2:
         return None
-    # one process per plot (the scheduler shares the cores; a core never idles while a plot waits), at most MAX_PROCESSES
-    processes = max(1, min(MAX_PROCESSES if processes is None else processes, len(jobs)))
+    count = _process_count(processes, len(jobs))
+    read_fd, write_fd = os.pipe()
+    started = time.monotonic()
+    pid = _fork_child(lambda: _renderer(jobs, Path(run_dir), write_fd, count, preload), keep=(write_fd,), close=(read_fd,))
+    os.close(write_fd)
+    return ForkedPlots(jobs=list(jobs), pid=pid, fd=read_fd, started=started, timeout=timeout)
+
+
+def _process_count(processes: int | None, plots: int) -> int:
+    """One process per plot (the scheduler shares the cores; a core never idles while a plot waits), at most
+    ``processes`` (default MAX_PROCESSES), at least one."""
+    return max(1, min(MAX_PROCESSES if processes is None else processes, plots))
+
+
+def _fork_child(body: Callable[[], None], *, keep: tuple[int, ...], close: tuple[int, ...]) -> int:
+    """Fork; the child closes ``close`` and every other inherited descriptor but stdio and ``keep``, gets fresh stdio
+    streams, runs ``body`` and ends with ``os._exit`` whatever happened (it never returns into the parent's code).
+    Returns the child's pid to the parent."""
     for stream in (sys.stdout, sys.stderr):  # the child must not carry (and never writes) the parent's buffered text
         if stream is not None:
             stream.flush()
-    read_fd, write_fd = os.pipe()
-    started = time.monotonic()
     pid = os.fork()
     if pid == 0:
         code = 1
         try:
-            os.close(read_fd)
-            _close_inherited(write_fd)
+            for fd in close:
+                os.close(fd)
+            _close_inherited(*keep)
             _fresh_stdio()
-            _renderer(jobs, Path(run_dir), write_fd, processes, preload)
+            body()
             code = 0
-        finally:  # whatever happened, the child never returns into the parent's code
+        finally:
             os._exit(code)
-    os.close(write_fd)
-    return ForkedPlots(jobs=list(jobs), pid=pid, fd=read_fd, started=started, timeout=timeout)
+    return pid
 
 
 @dataclass
@@ -307,8 +321,7 @@ def _warm_renderer(make_jobs: Callable[[], Sequence[PlotJob]], run_dir: Path, go
             jobs.append(built[name])
         else:
             _send(fd, {"name": name, "error": failure or "the renderer found no such plot in the run folder"})
-    count = max(1, min(MAX_PROCESSES if processes is None else processes, len(jobs)))
-    _renderer(jobs, run_dir, fd, count, ())
+    _renderer(jobs, run_dir, fd, _process_count(processes, len(jobs)), ())
 
 
 def start_warm_renderer(make_jobs: Callable[[], Sequence[PlotJob]], run_dir: Path, *, processes: int | None = None,
@@ -320,23 +333,10 @@ def start_warm_renderer(make_jobs: Callable[[], Sequence[PlotJob]], run_dir: Pat
         raise ValueError(f"timeout must be positive, got {timeout}")
     if not FORK_AVAILABLE:
         return None
-    for stream in (sys.stdout, sys.stderr):
-        if stream is not None:
-            stream.flush()
     go_read, go_write = os.pipe()
     result_read, result_write = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        code = 1
-        try:
-            os.close(go_write)
-            os.close(result_read)
-            _close_inherited(go_read, result_write)
-            _fresh_stdio()
-            _warm_renderer(make_jobs, Path(run_dir), go_read, result_write, processes, preload)
-            code = 0
-        finally:
-            os._exit(code)
+    pid = _fork_child(lambda: _warm_renderer(make_jobs, Path(run_dir), go_read, result_write, processes, preload),
+                      keep=(go_read, result_write), close=(go_write, result_read))
     os.close(go_read)
     os.close(result_write)
     return WarmRenderer(pid=pid, go_fd=go_write, result_fd=result_read, timeout=timeout)

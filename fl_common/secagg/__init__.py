@@ -33,6 +33,7 @@ from fl_common.secagg.graph import (
 )
 from fl_common.secagg.masks import (
     mask_input,
+    mask_words,
     pairwise_mask,
     pairwise_seed,
     self_mask,
@@ -104,6 +105,7 @@ __all__ = [
     "choose_graph_params",
     "failure_bound",
     "mask_input",
+    "mask_words",
     "pairwise_mask",
     "pairwise_seed",
     "self_mask",

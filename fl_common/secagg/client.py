@@ -58,7 +58,7 @@ from fl_common.crypto.keys import KeyAgreementError, KeyPair, x25519_shared_secr
 from fl_common.secagg.auth import ED25519, HMAC_SHA256, SigningIdentity, Verifier, check_server_tag
 from fl_common.secagg.encoding import PlainInput, encode_input, pack
 from fl_common.secagg.graph import build_graph
-from fl_common.secagg.masks import mask_input
+from fl_common.secagg.masks import mask_words
 from fl_common.secagg.messages import (
     AdvertiseKeys,
     ConsistencyCheck,
@@ -321,12 +321,12 @@ class SecAggClient:
         """Check and open the shares addressed to us, then send y_u = x_u + PRG(b_u) + sum_v +-PRG(s_uv)."""
         expected = self.open_bundle(bundle)
         p = self.params
-        x, clipped = encode_input(p, plain, self._rng)
+        x, clipped = encode_input(p, plain, self._rng, words=True)  # ours to mask in place
         assert self._b is not None
         pairwise = self._pairwise_secrets(expected)
-        y = self.precomputed.mask(x, expected) if self.precomputed is not None else None
-        if y is None:
-            y = mask_input(x, self.index, self._b, pairwise, p.modulus_bits, context=self._digest)
+        y = self.precomputed.mask(x, expected, in_place=True) if self.precomputed is not None else None
+        if y is None:  # (the precomputed masks failed before touching x: it is still the plain encoding)
+            y = mask_words(x, self.index, self._b, pairwise, p.modulus_bits, context=self._digest)
         return self.sign_masked_payload(pack(y, p.modulus_bits), clipped)
 
     def masking_job(self, bundle: ShareBundle, rounding_seed: int) -> MaskingJob:

@@ -26,6 +26,7 @@ import numpy as np
 
 from fl_common.secagg.field import FieldOverflowError, PreEncode, decode_sum, encode
 from fl_common.secagg.messages import SecAggParams, Segment
+from fl_common.secagg.prg import word_dtype
 
 __all__ = ["PlainInput", "DecodedSum", "LOSS_BOUND", "CLEAR_METRICS", "IN_CLEAR", "encode_input", "decode_input_sum", "pack",
            "unpack"]
@@ -115,8 +116,11 @@ def _clip(vec: np.ndarray, seg: Segment) -> tuple[PreEncode, bool]:
     return PreEncode(rescale=rescale, clamp=seg.bound), rescale is not None
 
 
-def encode_input(params: SecAggParams, plain: PlainInput, rng: np.random.Generator) -> tuple[np.ndarray, bool]:
+def encode_input(params: SecAggParams, plain: PlainInput, rng: np.random.Generator, *,
+                 words: bool = False) -> tuple[np.ndarray, bool]:
     """The client's uint64 field vector (length ``params.vector_length``) and whether the clip bound.
+    ``words``: in the masking's word dtype instead (``prg.word_dtype``: uint32 up to 32 bits), the same values,
+    for ``masks.mask_words`` to mask in place.
 
     Raises ``FieldOverflowError`` for a value beyond its segment's bound (e.g. distributed DP noise
     more than 10 sigma out: the client then cannot take part rather than wrap the sum).
@@ -156,7 +160,7 @@ def encode_input(params: SecAggParams, plain: PlainInput, rng: np.random.Generat
     for i, seg in enumerate(params.segments):
         if seg.name == "clipped":
             parts[i] = (np.array([1.0 if any_clipped else 0.0]), None)
-    out = np.empty(params.vector_length, dtype=np.uint64)
+    out = np.empty(params.vector_length, dtype=word_dtype(params.modulus_bits) if words else np.uint64)
     at = 0
     for seg, (values, pre) in zip(params.segments, parts, strict=True):
         encode(values, seg.bound, seg.scale_bits, params.modulus_bits, rng, out=out[at:at + seg.length], pre=pre)
@@ -197,10 +201,57 @@ def _layout(modulus_bits: int) -> list[tuple[int, int, int]]:
     return [(j, (j * modulus_bits) // 64, (j * modulus_bits) % 64) for j in range(64)]
 
 
-def _low_bytes(bits: int) -> np.dtype:
-    """A view of a little-endian uint64 whose one field is its low bits/8 bytes: copying that field moves bits/8
-    bytes per word with one memcpy each (a strided uint8 slice would copy byte by byte, 4x slower)."""
-    return np.dtype({"names": ["low"], "formats": [f"V{bits // 8}"], "offsets": [0], "itemsize": 8})
+def _byte_fields(nbytes: int) -> tuple[np.dtype, tuple[tuple[str, int], ...]]:
+    """A packed little-endian record of ``nbytes`` bytes (1-8) made of 4-, 2- and 1-byte unsigned fields, and each
+    field's (name, bit shift) in the integer the record holds."""
+    names, formats, offsets, shifts = [], [], [], []
+    at = 0
+    for size in (4, 2, 1):
+        while nbytes - at >= size:
+            names.append(f"f{at}")
+            formats.append(f"<u{size}")
+            offsets.append(at)
+            shifts.append(8 * at)
+            at += size
+    record = np.dtype({"names": names, "formats": formats, "offsets": offsets, "itemsize": nbytes})
+    return record, tuple(zip(names, shifts, strict=True))
+
+
+def _pack_words(words: np.ndarray, nbytes: int, *, consume: bool = False) -> bytes:
+    """The low ``nbytes`` bytes of each unsigned word (uint32 or uint64), little-endian, back to back.
+
+    Why unsigned fields and not one ``V{nbytes}`` void field: copying a void field runs numpy's generic
+    per-element copy (a strided uint8 slice copies byte by byte); a field is a plain casting loop that keeps the
+    low bytes of what it is given, the word shifted right in place between fields: ~2x faster at a cnn's 1.6 M
+    values (every masked input is packed once). ``consume``: ``words`` may be overwritten (a temporary)."""
+    record, fields = _byte_fields(nbytes)
+    out = np.empty(words.size, dtype=record)
+    rest, done = words, 0
+    for name, shift in fields:
+        if shift > done:
+            step = words.dtype.type(shift - done)
+            if rest is words and not consume:
+                rest = np.right_shift(words, step)
+            else:
+                np.right_shift(rest, step, out=rest)
+            done = shift
+        out[name] = rest
+    return out.tobytes()
+
+
+def _unpack_words(data: bytes, count: int, nbytes: int) -> np.ndarray:
+    """Inverse of :func:`_pack_words`: ``count`` uint64 words from ``count * nbytes`` bytes.
+
+    Each word is read whole, unaligned, from where its bytes start (a view with stride ``nbytes`` over a copy
+    with a few zero bytes after the end), and masked to its bytes: one pass, ~3x faster than a void field copy."""
+    wide = 4 if nbytes <= 4 else 8
+    buf = np.zeros(count * nbytes + wide - nbytes, dtype=np.uint8)
+    buf[:count * nbytes] = np.frombuffer(data, dtype=np.uint8, count=count * nbytes)
+    view = np.ndarray((count,), dtype=f"<u{wide}", buffer=buf, strides=(nbytes,))
+    words = view.astype(np.uint64)
+    if nbytes < wide:
+        np.bitwise_and(words, np.uint64((1 << (8 * nbytes)) - 1), out=words)
+    return words
 
 
 def _pairs_fit_bytes(b: int) -> bool:
@@ -213,17 +264,16 @@ def _pack_pairs(v: np.ndarray, b: int) -> bytes:
     n = v.size
     even = np.zeros(n + (n & 1), dtype=np.uint64)
     even[:n] = v
-    words = even[0::2] | (even[1::2] << np.uint64(b))
-    stream: bytes = words.astype("<u8", copy=False).view(_low_bytes(2 * b))["low"].tobytes()
+    words = even[1::2] << np.uint64(b)
+    words |= even[0::2]
+    stream = _pack_words(words, 2 * b // 8, consume=True)
     return stream[:(n * b + 7) // 8]
 
 
 def _unpack_pairs(data: bytes, length: int, b: int) -> np.ndarray:
     pairs = (length + 1) // 2
     k = 2 * b // 8
-    words = np.zeros(pairs, dtype="<u8")
-    words.view(_low_bytes(2 * b))["low"] = np.frombuffer(data + bytes(pairs * k - len(data)), dtype=f"V{k}")
-    words = words.astype(np.uint64, copy=False)
+    words = _unpack_words(data + bytes(pairs * k - len(data)), pairs, k)
     out = np.empty(2 * pairs, dtype=np.uint64)
     np.bitwise_and(words, np.uint64((1 << b) - 1), out=out[0::2])
     np.right_shift(words, np.uint64(b), out=out[1::2])
@@ -239,13 +289,15 @@ def pack(values: np.ndarray, modulus_bits: int) -> bytes:
     The masked values are uniform in [0, 2^b), so b bits per value is the floor no codec can beat;
     packing to whole bytes instead would waste up to 7 bits a value (27 -> 32 bits, +19 %)."""
     b = modulus_bits
-    v = np.ascontiguousarray(values, dtype=np.uint64).ravel()
+    v = np.asarray(values).ravel()
+    if v.dtype != np.uint32 or b > 32:  # a uint32 word vector (the masking's accumulator) packs as it is
+        v = np.ascontiguousarray(v, dtype=np.uint64)
     n = v.size
     nbytes = (n * b + 7) // 8
     if b in (8, 16, 32):
         return v.astype(f"<u{b // 8}").tobytes()
     if b % 8 == 0:  # whole bytes (24 bits: the default clip and precision at 10 clients): the low b/8 bytes of each
-        return v.astype("<u8", copy=False).view(_low_bytes(b))["low"].tobytes()
+        return _pack_words(v, b // 8)
     if _pairs_fit_bytes(b):
         return _pack_pairs(v, b)
     groups = -(-n // 64)
@@ -269,9 +321,7 @@ def unpack(data: bytes, length: int, modulus_bits: int) -> np.ndarray:
     if b in (8, 16, 32):
         return np.frombuffer(data, dtype=f"<u{b // 8}").astype(np.uint64)
     if b % 8 == 0:
-        wide = np.zeros(length, dtype="<u8")
-        wide.view(_low_bytes(b))["low"] = np.frombuffer(data, dtype=f"V{b // 8}")
-        return wide.astype(np.uint64, copy=False)
+        return _unpack_words(data, length, b // 8)
     if _pairs_fit_bytes(b):
         return _unpack_pairs(data, length, b)
     groups = -(-length // 64)

@@ -36,6 +36,7 @@ __all__ = [
     "add_self_mask",
     "word_vector",
     "reduce_words",
+    "mask_words",
 ]
 
 _PAIR_INFO = b"fl-hub/v1/secagg/pairwise-seed|"
@@ -116,12 +117,32 @@ def mask_input(
     ``pairwise_secrets`` maps neighbour id -> raw X25519 shared secret (from the round's
     *mask* key pair). ``context`` should carry the round id unless keys are fresh per round.
     """
-    y = word_vector(x_encoded, modulus_bits)  # a copy: the caller's array is never modified
+    y = mask_words(word_vector(x_encoded, modulus_bits), own_id, self_seed, pairwise_secrets, modulus_bits,
+                   context=context)  # on a copy: the caller's array is never modified
+    return y if y.dtype == np.uint64 else y.astype(np.uint64)
+
+
+def mask_words(
+    words: np.ndarray,
+    own_id: int,
+    self_seed: bytes,
+    pairwise_secrets: Mapping[int, bytes],
+    modulus_bits: int,
+    *,
+    context: bytes = b"",
+) -> np.ndarray:
+    """:func:`mask_input` in place on a word vector the caller gives up (``word_vector``'s dtype, e.g. from
+    ``encode_input(..., words=True)``), returned reduced mod 2^b in that dtype: :func:`~fl_common.secagg.encoding.pack`
+    takes it as it is. Why: a client's masking then makes no copy of its input and no uint64 widening of the
+    result (two 6.7 / 13 MB passes at a cnn's size, a quarter of what masking costs besides the PRG)."""
+    if words.dtype != word_dtype(modulus_bits) or words.ndim != 1 or not words.flags.c_contiguous:
+        raise ValueError(f"words must be a contiguous 1-D {word_dtype(modulus_bits)} vector")
     # Accumulate in place: the word wraps mod 2^32 or 2^64, which 2^b divides, so one final reduction suffices.
-    add_self_mask(y, self_seed, modulus_bits, context=context)
+    add_self_mask(words, self_seed, modulus_bits, context=context)
     for peer_id, secret in sorted(pairwise_secrets.items()):
-        add_pairwise_mask(y, secret, own_id, peer_id, modulus_bits, context=context)
-    return reduce_words(y, modulus_bits)
+        add_pairwise_mask(words, secret, own_id, peer_id, modulus_bits, context=context)
+    np.bitwise_and(words, words.dtype.type((1 << modulus_bits) - 1), out=words)
+    return words
 
 
 def unmask_sum(

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from fl_common.secagg.encoding import PlainInput, encode_input, pack
-from fl_common.secagg.masks import add_pairwise_mask, add_self_mask, mask_input, reduce_words, word_vector
+from fl_common.secagg.masks import add_pairwise_mask, add_self_mask, mask_words, reduce_words, word_vector
 from fl_common.secagg.messages import SecAggParams
 from fl_common.secagg.prg import word_dtype
 
@@ -87,9 +87,11 @@ class MaskPrecompute:
         """Whether the expansion has finished (successfully or not)."""
         return self._thread is not None and not self._thread.is_alive()
 
-    def mask(self, x_encoded: np.ndarray, neighbours_in_sum: Set[int]) -> np.ndarray | None:
+    def mask(self, x_encoded: np.ndarray, neighbours_in_sum: Set[int], *, in_place: bool = False) -> np.ndarray | None:
         """``x + PRG(b_u) + sum over neighbours_in_sum of +-PRG(s_uv) mod 2^b``, or None when the masks could
-        not be expanded (or ``neighbours_in_sum`` names a peer outside the graph): mask the ordinary way then."""
+        not be expanded (or ``neighbours_in_sum`` names a peer outside the graph): mask the ordinary way then.
+        ``in_place``: ``x_encoded`` is a word vector the caller gives up (``encode_input(..., words=True)``): it is
+        masked where it is and returned in its word dtype (no copy, no uint64 widening)."""
         if self._thread is None:
             self._expand()
         else:
@@ -97,10 +99,14 @@ class MaskPrecompute:
         m = self.material
         if self._total is None or x_encoded.size != m.length or not set(neighbours_in_sum) <= set(m.pairwise_secrets):
             return None
-        y = word_vector(x_encoded, m.modulus_bits)
+        owned = in_place and x_encoded.dtype == self._total.dtype and x_encoded.flags.c_contiguous
+        y = x_encoded if owned else word_vector(x_encoded, m.modulus_bits)
         y += self._total
         for peer in sorted(set(m.pairwise_secrets) - set(neighbours_in_sum)):  # shared no keys: not masked with
             m.add_pairwise(y, peer, sign=-1)
+        if owned:
+            np.bitwise_and(y, y.dtype.type((1 << m.modulus_bits) - 1), out=y)
+            return y
         return reduce_words(y, m.modulus_bits)
 
 
@@ -128,6 +134,6 @@ def mask_payload(job: MaskingJob, plain: PlainInput) -> tuple[bytes, bool]:
     computation of ``SecAggClient.masked_input`` (same encoding, same rounding stream, same masks), run wherever
     the job was sent."""
     p = job.params
-    x, clipped = encode_input(p, plain, np.random.default_rng(job.rounding_seed))
-    y = mask_input(x, job.index, job.self_seed, dict(job.pairwise_secrets), p.modulus_bits, context=job.context)
+    x, clipped = encode_input(p, plain, np.random.default_rng(job.rounding_seed), words=True)
+    y = mask_words(x, job.index, job.self_seed, dict(job.pairwise_secrets), p.modulus_bits, context=job.context)
     return pack(y, p.modulus_bits), clipped

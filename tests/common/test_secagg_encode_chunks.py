@@ -58,3 +58,19 @@ def test_encode_input_clips_and_weights_like_the_whole_vector_code() -> None:
         bad = delta.copy()
         bad[7] = np.nan
         encode_input(p, PlainInput(bad, weight=300), np.random.default_rng(2))
+
+
+@pytest.mark.parametrize("bits", [24, 32, 40])
+def test_encode_input_in_the_masking_word_gives_the_same_values(bits: int) -> None:
+    """``words=True`` (the client's masking path) encodes into uint32 up to 32 bits, uint64 above: same values,
+    same rounding draws, as the uint64 encoding."""
+    p = plan_params(round_number=1, client_ids=["a", "b", "c"], vector_length=N, clip=10.0, scale_bits=bits - 8,
+                    weighted=True, weight_bound=600)
+    delta = np.random.default_rng(6).normal(0.0, 0.5, N).astype(np.float32)
+    plain = PlainInput(delta, weight=450, loss=0.7)
+    wide, clipped = encode_input(p, plain, np.random.default_rng(8))
+    words, clipped_too = encode_input(p, plain, np.random.default_rng(8), words=True)
+    assert words.dtype == (np.uint32 if p.modulus_bits <= 32 else np.uint64)
+    assert np.array_equal(words, wide) and clipped == clipped_too
+    with pytest.raises(ValueError, match="uint32, for a modulus of 32 bits or less"):
+        encode(delta, 10.0, 16, 40, np.random.default_rng(1), out=np.empty(N, dtype=np.uint32))

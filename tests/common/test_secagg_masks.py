@@ -17,6 +17,7 @@ from fl_common.secagg import (
     add_mod,
     build_graph,
     mask_input,
+    mask_words,
     pairwise_mask,
     pairwise_seed,
     reconstruct,
@@ -257,3 +258,19 @@ def test_pairwise_seed_and_masks_match_the_documented_derivation() -> None:
     up, down = pairwise_mask(secret, 1, 2, 3, 32, context=b"round-1"), pairwise_mask(secret, 2, 1, 3, 32, context=b"round-1")
     assert [int(w) for w in up] == [1931192128, 2405136864, 1388789526]
     assert [int(w) for w in add_mod(up, down, 32)] == [0, 0, 0]
+
+
+@pytest.mark.parametrize("bits", [24, 29, 48])
+def test_masking_in_place_in_the_word_dtype_equals_mask_input(bits: int) -> None:
+    """``mask_words`` (the client's path: no copy, no widening) gives mask_input's values in the word dtype, on the
+    vector it was given; a vector of another dtype is refused before any mask is added."""
+    rng = np.random.default_rng(bits)
+    x = rng.integers(0, 2**bits, 5_000, dtype=np.uint64)
+    secrets = {j: x25519_shared_secret(_keypair(1).private_key, _keypair(j).public_key) for j in (2, 3, 5)}
+    want = mask_input(x, 1, _det("b1"), secrets, bits, context=CTX)
+    words = x.astype(np.uint32 if bits <= 32 else np.uint64)
+    got = mask_words(words, 1, _det("b1"), secrets, bits, context=CTX)
+    assert got is words and np.array_equal(got, want) and want.dtype == np.uint64
+    if bits <= 32:
+        with pytest.raises(ValueError, match="contiguous 1-D uint32"):
+            mask_words(x.copy(), 1, _det("b1"), secrets, bits, context=CTX)

@@ -53,6 +53,9 @@ def test_precomputed_masks_are_bit_identical_and_the_round_unmasks_exactly() -> 
         pre = clients[i].precomputed
         assert pre is not None and pre.ready()
         np.testing.assert_array_equal(pre.mask(x, set(in_sum)), expected)
+        words, _ = encode_input(params, inputs[i], np.random.default_rng(100 + i), words=True)
+        in_place = pre.mask(words, set(in_sum), in_place=True)  # the client's path: masked where it is
+        assert in_place is words and np.array_equal(in_place, expected)
         server.receive_masked_input(_wire(sent), 3.0)
     if server.phase == Phase.MASKED_INPUT:
         server.close_phase(3.0)

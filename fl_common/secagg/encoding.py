@@ -248,7 +248,7 @@ def _unpack_words(data: bytes, count: int, nbytes: int) -> np.ndarray:
     buf = np.zeros(count * nbytes + wide - nbytes, dtype=np.uint8)
     buf[:count * nbytes] = np.frombuffer(data, dtype=np.uint8, count=count * nbytes)
     view = np.ndarray((count,), dtype=f"<u{wide}", buffer=buf, strides=(nbytes,))
-    words = view.astype(np.uint64)
+    words: np.ndarray = view.astype(np.uint64)
     if nbytes < wide:
         np.bitwise_and(words, np.uint64((1 << (8 * nbytes)) - 1), out=words)
     return words

@@ -122,15 +122,8 @@ def mask_input(
     return y if y.dtype == np.uint64 else y.astype(np.uint64)
 
 
-def mask_words(
-    words: np.ndarray,
-    own_id: int,
-    self_seed: bytes,
-    pairwise_secrets: Mapping[int, bytes],
-    modulus_bits: int,
-    *,
-    context: bytes = b"",
-) -> np.ndarray:
+def mask_words(words: np.ndarray, own_id: int, self_seed: bytes, pairwise_secrets: Mapping[int, bytes],
+               modulus_bits: int, *, context: bytes = b"") -> np.ndarray:
     """:func:`mask_input` in place on a word vector the caller gives up (``word_vector``'s dtype, e.g. from
     ``encode_input(..., words=True)``), returned reduced mod 2^b in that dtype: :func:`~fl_common.secagg.encoding.pack`
     takes it as it is. Why: a client's masking then makes no copy of its input and no uint64 widening of the

@@ -33,6 +33,7 @@ import os
 import random
 import re
 import secrets
+import shutil
 import signal
 import sqlite3
 import statistics
@@ -468,7 +469,7 @@ def _plain_timeline(db: sqlite3.Connection, steady: list[dict[str, Any]],
 NOTIFY_RUNS = {"notify50_push": True, "notify50_poll": False}
 
 
-def run_one(name: str, rounds: int, seed: int) -> dict[str, Any]:
+def run_one(name: str, rounds: int, seed: int, keep_logs: Path | None = None) -> dict[str, Any]:
     if name in NOTIFY_RUNS:
         return notify_run(name, 50, max(rounds, 6), NOTIFY_RUNS[name])
     from fl_common.config import config_from_dict, dump_config
@@ -503,6 +504,12 @@ def run_one(name: str, rounds: int, seed: int) -> dict[str, Any]:
         finally:
             stack.stop()
         result = _measure(stack, rounds, extra)
+        if keep_logs is not None:  # the daemons' and the server's logs and the store, for a closer look
+            dest = keep_logs / name
+            dest.mkdir(parents=True, exist_ok=True)
+            for item in [*out.glob("*.log"), out / "server" / "server.db"]:
+                if item.is_file():
+                    shutil.copy2(item, dest / item.name)
         result.update({"status_timeouts": stack.slow_status, "run": name,
                        "clients": run["clients"], "push": run["push"], "config": run["cfg"],
                        "model": cfg.model_type, "samples_per_client": cfg.samples_per_client,
@@ -587,6 +594,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=4, help="rounds per run (the first is a warm-up, left out of medians)")
     ap.add_argument("--force", action="store_true", help="run again even when the run's JSON exists")
     ap.add_argument("--seed", type=int, default=12)
+    ap.add_argument("--keep-logs", type=Path, default=None,
+                    help="copy each run's daemon and server logs and its server.db into DIR/<run>/")
     args = ap.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
     for name in args.only or [*NOTIFY_RUNS, *(r for r in RUNS if r != "smoke")]:
@@ -595,7 +604,7 @@ def main() -> None:
             print(f"{name}: kept ({dest})", flush=True)
             continue
         print(f"{name}: running", flush=True)
-        result = run_one(name, args.rounds, args.seed)
+        result = run_one(name, args.rounds, args.seed, args.keep_logs)
         dest.write_text(json.dumps(result, indent=1))
         print(json.dumps({k: v for k, v in result.items() if k != "rows"}), flush=True)
         write_readme()

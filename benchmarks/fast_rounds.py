@@ -9,6 +9,7 @@ Runs (``--only`` picks some; each writes ``benchmarks/results/fast_rounds/<run>.
 file exists, so an interrupted invocation resumes; ``--force`` runs again):
 
 - ``plain10_poll`` / ``plain10_push``: 10 clients, cnn, plain rounds, polling every 0.2 s vs long-polls;
+  ``plain10_push_f16``: ``plain10_push`` with float16 model downloads (``download_codec``; the default is float32);
 - ``secure10_poll`` / ``secure10_push``: the same with secure aggregation on;
 - ``daemons50_poll`` / ``daemons50_push``: 50 daemons, the lighter model (mlp, hidden 64, 200 samples each);
 - ``dropout10_push``: secure rounds, 10 clients, 20 % of each attempt's selected daemons killed by SIGKILL at a
@@ -62,6 +63,8 @@ RUNS: dict[str, dict[str, Any]] = {
                                                   "secure_aggregation": True}},
     "plain10_poll": {"clients": 10, "push": False, "cfg": {}},
     "plain10_push": {"clients": 10, "push": True, "cfg": {}},
+    # the same with the model going down as float16 (config download_codec; the default is float32)
+    "plain10_push_f16": {"clients": 10, "push": True, "cfg": {"download_codec": "float16"}},
     "secure10_push": {"clients": 10, "push": True, "cfg": {"secure_aggregation": True}},
     "secure10_poll": {"clients": 10, "push": False, "cfg": {"secure_aggregation": True}},
     # client_liveness 10 s: a daemon killed in any phase (training included: fl_client/heartbeat.py) is dropped
@@ -569,7 +572,7 @@ def write_readme() -> None:
                                                    [*spans, "cycle", "critical_wait", "critical_training",
                                                     "critical_upload"]) + " |")
     pairs = [("secure10_push", "plain10_push"), ("secure10_poll", "plain10_poll"), ("plain10_push", "plain10_poll"),
-             ("daemons50_push", "daemons50_poll"), ("dropout10_push", "dropout10_none")]
+             ("plain10_push_f16", "plain10_push"), ("daemons50_push", "daemons50_poll"), ("dropout10_push", "dropout10_none")]
     lines += ["", "## Ratios (median round time, same invocation)", ""]
     for a, b in pairs:
         if a in results and b in results and results[a]["median_round_s"] and results[b]["median_round_s"]:

@@ -71,7 +71,7 @@ import torch
 
 from fl_client.api import ApiRefused, Credentials, ServerApi, ServerUnreachable
 from fl_client.backoff import ServerWait
-from fl_client.heartbeat import TrainingHeartbeat
+from fl_client.heartbeat import HEARTBEAT_FIRST_AFTER, TrainingHeartbeat
 from fl_client.pending import PendingFileError, PendingUpload
 from fl_client.progress import training_progress
 from fl_client.secagg_session import SecureRoundSession, SessionEnded, plain_input
@@ -507,7 +507,7 @@ class ClientDaemon:
         return TrainingHeartbeat(lambda: ServerApi(opts.server_url, timeout=opts.timeout, max_retries=0,
                                                    verify=opts.verify_tls, sleep=self._sleep,
                                                    stop=self.stop_event.is_set),
-                                 lambda: self.api.creds, etag=self.round_etag).start()
+                                 lambda: self.api.creds, etag=self.round_etag, first_after=HEARTBEAT_FIRST_AFTER).start()
 
     def _save_control(self, control: ControlVariates | None, control_delta: torch.Tensor | None) -> None:
         """c_i moves only once the server holds (secure rounds: has applied) the update that used it."""

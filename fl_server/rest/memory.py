@@ -12,12 +12,9 @@ spends most of its time idle between rounds:
 
 * ``M_ARENA_MAX`` 2: request threads share two arenas instead of one each (they are I/O-bound;
   contention on the allocator lock is not measurable next to decryption and decoding);
-* ``malloc_trim(0)`` once per round (closed or aborted) and at the end of the run: free pages
-  of every arena go back to the kernel, whatever the trim threshold says. It costs 15-30 ms of CPU
-  and takes each arena's lock in turn, so a round's trim runs on a thread of its own ``TRIM_DELAY``
-  after the close, while the next round's clients train and the server idles: run on the ticker at
-  the close, it sat between one round's close and the next one's opening, on every round's critical
-  path (issue 12). The end of the run trims at once.
+* ``malloc_trim(0)`` after every round (closed or aborted) and at the end of the run: free pages
+  of every arena go back to the kernel, whatever the trim threshold says. A few ms, on the round
+  ticker thread, once per round.
 
 ``FL_SERVER_MALLOC=0`` keeps the C library's behaviour (the benchmark's "before"). Not glibc: no-op.
 """
@@ -28,8 +25,6 @@ import ctypes
 import logging
 import os
 import sys
-import threading
-from collections.abc import Callable
 from typing import Any
 
 from fl_server.rest.observer import FinishedRun, ServiceObserver
@@ -42,9 +37,6 @@ ENV_SERVER_MALLOC = "FL_SERVER_MALLOC"
 _M_ARENA_MAX = -8
 #: arenas for the request threads and the round ticker
 SERVER_ARENAS = 2
-#: seconds from a round's end to its trim: past the next round's opening, push and model downloads (0.1-0.3 s
-#: for ten cnn clients on two cores), inside its training
-TRIM_DELAY = 1.0
 
 
 def _libc() -> Any | None:
@@ -74,46 +66,17 @@ def release_freed_memory() -> bool:
 
 
 class ReleaseAfterRound(ServiceObserver):
-    """Trims the heap once a round's buffers (uploads, aggregation, evaluation batches) are freed: ``delay``
-    seconds after the round ends, on a thread of its own (one trim pending at a time), and at once at the end
-    of the run. ``release``: what trims (tests pass their own)."""
-
-    def __init__(self, delay: float = TRIM_DELAY, release: Callable[[], bool] = release_freed_memory) -> None:
-        if not delay >= 0:
-            raise ValueError(f"the trim delay must be a number of seconds >= 0, got {delay!r}")
-        self.delay = delay
-        self._release = release
-        self._lock = threading.Lock()
-        self._pending: threading.Timer | None = None
-
-    def _run_pending(self) -> None:
-        with self._lock:
-            self._pending = None
-        self._release()
-
-    def _schedule(self) -> None:
-        with self._lock:
-            if self._pending is not None:  # the one already due trims this round's buffers too
-                return
-            timer = threading.Timer(self.delay, self._run_pending)
-            timer.daemon = True  # a stopping server does not wait for it
-            timer.name = "fl-malloc-trim"
-            self._pending = timer
-            timer.start()
+    """Trims the heap once a round's buffers (uploads, aggregation, evaluation batches) are freed."""
 
     def round_closed(self, record: HistoryRecord, *, reason: str, selected: int, arrived: int,
                      close_seconds: float) -> None:
-        self._schedule()
+        release_freed_memory()
 
     def round_aborted(self, round_number: int, arrived: int) -> None:
-        self._schedule()
+        release_freed_memory()
 
     def run_finished(self, run: FinishedRun) -> None:
-        with self._lock:
-            pending, self._pending = self._pending, None
-        if pending is not None:
-            pending.cancel()
-        self._release()
+        release_freed_memory()
 
 
-__all__ = ["ENV_SERVER_MALLOC", "ReleaseAfterRound", "SERVER_ARENAS", "TRIM_DELAY", "limit_arenas", "release_freed_memory"]
+__all__ = ["ENV_SERVER_MALLOC", "ReleaseAfterRound", "SERVER_ARENAS", "limit_arenas", "release_freed_memory"]

@@ -9,6 +9,7 @@ Runs (``--only`` picks some; each writes ``benchmarks/results/fast_rounds/<run>.
 file exists, so an interrupted invocation resumes; ``--force`` runs again):
 
 - ``plain10_poll`` / ``plain10_push``: 10 clients, cnn, plain rounds, polling every 0.2 s vs long-polls;
+  ``plain10_push_f16``: ``plain10_push`` with float16 model downloads (``download_codec``; the default is float32);
 - ``secure10_poll`` / ``secure10_push``: the same with secure aggregation on;
 - ``daemons50_poll`` / ``daemons50_push``: 50 daemons, the lighter model (mlp, hidden 64, 200 samples each);
 - ``dropout10_push``: secure rounds, 10 clients, 20 % of each attempt's selected daemons killed by SIGKILL at a
@@ -33,6 +34,7 @@ import os
 import random
 import re
 import secrets
+import shutil
 import signal
 import sqlite3
 import statistics
@@ -61,6 +63,8 @@ RUNS: dict[str, dict[str, Any]] = {
                                                   "secure_aggregation": True}},
     "plain10_poll": {"clients": 10, "push": False, "cfg": {}},
     "plain10_push": {"clients": 10, "push": True, "cfg": {}},
+    # the same with the model going down as float16 (config download_codec; the default is float32)
+    "plain10_push_f16": {"clients": 10, "push": True, "cfg": {"download_codec": "float16"}},
     "secure10_push": {"clients": 10, "push": True, "cfg": {"secure_aggregation": True}},
     "secure10_poll": {"clients": 10, "push": False, "cfg": {"secure_aggregation": True}},
     # client_liveness 10 s: a daemon killed in any phase (training included: fl_client/heartbeat.py) is dropped
@@ -468,7 +472,7 @@ def _plain_timeline(db: sqlite3.Connection, steady: list[dict[str, Any]],
 NOTIFY_RUNS = {"notify50_push": True, "notify50_poll": False}
 
 
-def run_one(name: str, rounds: int, seed: int) -> dict[str, Any]:
+def run_one(name: str, rounds: int, seed: int, keep_logs: Path | None = None) -> dict[str, Any]:
     if name in NOTIFY_RUNS:
         return notify_run(name, 50, max(rounds, 6), NOTIFY_RUNS[name])
     from fl_common.config import config_from_dict, dump_config
@@ -503,6 +507,12 @@ def run_one(name: str, rounds: int, seed: int) -> dict[str, Any]:
         finally:
             stack.stop()
         result = _measure(stack, rounds, extra)
+        if keep_logs is not None:  # the daemons' and the server's logs and the store, for a closer look
+            dest = keep_logs / name
+            dest.mkdir(parents=True, exist_ok=True)
+            for item in [*out.glob("*.log"), out / "server" / "server.db"]:
+                if item.is_file():
+                    shutil.copy2(item, dest / item.name)
         result.update({"status_timeouts": stack.slow_status, "run": name,
                        "clients": run["clients"], "push": run["push"], "config": run["cfg"],
                        "model": cfg.model_type, "samples_per_client": cfg.samples_per_client,
@@ -562,7 +572,7 @@ def write_readme() -> None:
                                                    [*spans, "cycle", "critical_wait", "critical_training",
                                                     "critical_upload"]) + " |")
     pairs = [("secure10_push", "plain10_push"), ("secure10_poll", "plain10_poll"), ("plain10_push", "plain10_poll"),
-             ("daemons50_push", "daemons50_poll"), ("dropout10_push", "dropout10_none")]
+             ("plain10_push_f16", "plain10_push"), ("daemons50_push", "daemons50_poll"), ("dropout10_push", "dropout10_none")]
     lines += ["", "## Ratios (median round time, same invocation)", ""]
     for a, b in pairs:
         if a in results and b in results and results[a]["median_round_s"] and results[b]["median_round_s"]:
@@ -587,6 +597,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=4, help="rounds per run (the first is a warm-up, left out of medians)")
     ap.add_argument("--force", action="store_true", help="run again even when the run's JSON exists")
     ap.add_argument("--seed", type=int, default=12)
+    ap.add_argument("--keep-logs", type=Path, default=None,
+                    help="copy each run's daemon and server logs and its server.db into DIR/<run>/")
     args = ap.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
     for name in args.only or [*NOTIFY_RUNS, *(r for r in RUNS if r != "smoke")]:
@@ -595,7 +607,7 @@ def main() -> None:
             print(f"{name}: kept ({dest})", flush=True)
             continue
         print(f"{name}: running", flush=True)
-        result = run_one(name, args.rounds, args.seed)
+        result = run_one(name, args.rounds, args.seed, args.keep_logs)
         dest.write_text(json.dumps(result, indent=1))
         print(json.dumps({k: v for k, v in result.items() if k != "rows"}), flush=True)
         write_readme()

@@ -71,7 +71,7 @@ import torch
 
 from fl_client.api import ApiRefused, Credentials, ServerApi, ServerUnreachable
 from fl_client.backoff import ServerWait
-from fl_client.heartbeat import TrainingHeartbeat
+from fl_client.heartbeat import HEARTBEAT_FIRST_AFTER, TrainingHeartbeat
 from fl_client.pending import PendingFileError, PendingUpload
 from fl_client.progress import training_progress
 from fl_client.secagg_session import SecureRoundSession, SessionEnded, plain_input
@@ -141,6 +141,11 @@ SPEED_SAMPLES = 256
 #: not to miss a round's selection or deadline once it is back
 POLL_RETRY_CAP = 10.0
 UPLOAD_RETRY_CAP = 10.0
+#: zstd level of a plain round's upload. The last daemons to finish training pack their updates while the others'
+#: uploads are being opened, on the round's critical path: level 1 packs the cnn's int8 update in 6.9 ms against the
+#: wire default's (3) 14 ms on an idle core, for 0.5 % more bytes (1.282 against 1.276 MB); the server decompresses
+#: either in the same time (issue 12, benchmarks/results/fast_rounds/README.md). The simulation keeps the default.
+UPLOAD_ZSTD_LEVEL = 1
 #: seconds a round long-poll may wait on the server (it caps it at half its client liveness); a poll every
 #: this many seconds also keeps the client live for selection
 LONG_POLL_WAIT = 20.0
@@ -502,7 +507,7 @@ class ClientDaemon:
         return TrainingHeartbeat(lambda: ServerApi(opts.server_url, timeout=opts.timeout, max_retries=0,
                                                    verify=opts.verify_tls, sleep=self._sleep,
                                                    stop=self.stop_event.is_set),
-                                 lambda: self.api.creds, etag=self.round_etag).start()
+                                 lambda: self.api.creds, etag=self.round_etag, first_after=HEARTBEAT_FIRST_AFTER).start()
 
     def _save_control(self, control: ControlVariates | None, control_delta: torch.Tensor | None) -> None:
         """c_i moves only once the server holds (secure rounds: has applied) the update that used it."""
@@ -529,9 +534,10 @@ class ClientDaemon:
         codec = make_codec(self.registration["codec"])
         rng = torch.Generator().manual_seed(instr.seed ^ 0x5EED)
         upload = update.delta if update.control_delta is None else torch.cat([update.delta, update.control_delta])
-        packed = pack_update(upload, codec, self.registration["wire_compression"], rng=rng,
-                             error_feedback=self.error_feedback,
-                             meta={"num_samples": update.num_samples, "metrics": update.metrics})
+        compression = self.registration["wire_compression"]
+        packed = pack_update(upload, codec, compression, rng=rng, error_feedback=self.error_feedback,
+                             meta={"num_samples": update.num_samples, "metrics": update.metrics},
+                             level=UPLOAD_ZSTD_LEVEL if compression == "zstd" else None)
         # one key per round (synchronous) or per job (asynchronous: several jobs may train on one version)
         key = f"{round_number}-{uuid.uuid4().hex}" if job is None else f"v{round_number}-j{int(job)}-{uuid.uuid4().hex}"
         next_control = None

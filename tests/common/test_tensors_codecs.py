@@ -400,7 +400,7 @@ def _int8_one_shot(v: torch.Tensor, chunk: int, rng: torch.Generator) -> tuple[t
 
 
 @pytest.mark.parametrize(("n", "chunk"), [(0, 4096), (1, 4096), (4095, 4096), (4096 * 40 + 3, 4096), (200_001, 4096),
-                                          (70_000, 1 << 17), (1000, 7), (5, 1)])
+                                          (600_001, 4096), (300_000, 7), (70_000, 1 << 17), (1000, 7), (5, 1)])
 def test_int8_block_wise_encode_is_bitwise_the_one_shot_form(n: int, chunk: int) -> None:
     v = torch.randn(n, generator=torch.Generator().manual_seed(n)) * 0.01
     if n > 10:

@@ -44,7 +44,6 @@ restart like the rest of the run's record.
 from __future__ import annotations
 
 import base64
-import hashlib
 import json
 import logging
 from collections.abc import Callable
@@ -74,9 +73,9 @@ from fl_common.secagg import (
     ShareKeys,
     UnmaskResponse,
     Verifier,
-    prepare_masked_input,
 )
 from fl_common.secagg.encoding import IN_CLEAR
+from fl_common.secagg.server import unpack_decoded_input
 from fl_server.rest.driver import DriverContext
 from fl_server.rest.gateway import SECURE_FEATURES, ApiError, Authenticated, Registration
 from fl_server.rest.sync_driver import RoundProtocol, SyncRoundDriver, abort_protected_attempt_at_restart, attempt_outcome
@@ -534,11 +533,13 @@ class SecureRounds(RoundProtocol):
             problem = exc
         # The vector work stays off the service lock: the payload's digest and unpacking here, the sum after it
         # (the state machine queues the values; fold_inputs adds them), and the row's write (an fsync) after it too.
-        digest = None if msg is None else hashlib.sha256(msg.payload).hexdigest()
+        # The digest is the one decoding the message took of the payload it carries (one SHA-256 pass of 5 MB, not
+        # three): the signature is checked against it and the store keeps it.
+        digest = None if msg is None else msg.payload_sha256.hex()
         prepared: PreparedInput | None = None
         params = self._attempt_params(auth, round_number, attempt) if msg is not None else None
         if params is not None and msg is not None:
-            prepared = prepare_masked_input(params, msg)
+            prepared = unpack_decoded_input(params, msg)
         with self.ctx.lock:
             entry, index = self._resolve(auth, round_number, attempt)
             # every input this process accepted for the attempt is here (a restart ends the attempt): no store read

@@ -7,10 +7,11 @@ must treat it as the server being unreachable (retry, back off), not crash on it
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 from cryptography.fernet import Fernet
@@ -20,11 +21,11 @@ from fl_common.crypto.keys import SessionKeys
 from fl_common.protocol.rest import PATH_MODEL
 
 
-@pytest.fixture
-def half_answering_server() -> Iterator[tuple[str, list[int]]]:
-    """Answers every request with headers promising 478 bytes, sends 10, and closes the connection."""
+@contextlib.contextmanager
+def _accepting(handle: Callable[[socket.socket, threading.Event], None]) -> Iterator[str]:
+    """A loopback listener whose accepted connections go to ``handle(conn, stop)`` on the accepting thread; yields
+    its URL, and stops (``stop`` set, listener closed) when the block ends."""
     listener = socket.create_server(("127.0.0.1", 0))
-    served: list[int] = []
     stop = threading.Event()
 
     def serve() -> None:
@@ -34,32 +35,42 @@ def half_answering_server() -> Iterator[tuple[str, list[int]]]:
                 conn, _ = listener.accept()
             except TimeoutError:
                 continue
-            with conn:
-                conn.recv(65536)
-                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 478\r\n\r\n{\"state\":")
-                served.append(1)
+            handle(conn, stop)
 
     thread = threading.Thread(target=serve, daemon=True)
     thread.start()
     try:
-        yield f"http://127.0.0.1:{listener.getsockname()[1]}", served
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}"
     finally:
         stop.set()
         thread.join(timeout=5)
         listener.close()
 
 
+@pytest.fixture
+def half_answering_server() -> Iterator[tuple[str, list[int]]]:
+    """Answers every request with headers promising 478 bytes, sends 10, and closes the connection."""
+    served: list[int] = []
+
+    def answer(conn: socket.socket, _stop: threading.Event) -> None:
+        with conn:
+            conn.recv(65536)
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 478\r\n\r\n{\"state\":")
+            served.append(1)
+
+    with _accepting(answer) as url:
+        yield url, served
+
+
 @pytest.fixture(scope="module")
 def model_server() -> Iterator[tuple[str, bytes, list[bytes], list[int]]]:
     """Serves ``GET /api/v1/model`` on keep-alive connections (each accepted one noted in ``accepted``): the whole
     body, or, while ``cut`` holds a marker, 10 of the promised bytes and a closed connection."""
-    listener = socket.create_server(("127.0.0.1", 0))
     body = os.urandom(3 << 20)
     cut: list[bytes] = []
     accepted: list[int] = []
-    stop = threading.Event()
 
-    def one(conn: socket.socket) -> None:
+    def one(conn: socket.socket, stop: threading.Event) -> None:
         with conn:
             while not stop.is_set():
                 request = b""
@@ -75,24 +86,12 @@ def model_server() -> Iterator[tuple[str, bytes, list[bytes], list[int]]]:
                     return
                 conn.sendall(head.encode() + body)
 
-    def serve() -> None:
-        listener.settimeout(0.2)
-        while not stop.is_set():
-            try:
-                conn, _ = listener.accept()
-            except TimeoutError:
-                continue
-            accepted.append(1)
-            threading.Thread(target=one, args=(conn,), daemon=True).start()
+    def accept(conn: socket.socket, stop: threading.Event) -> None:
+        accepted.append(1)
+        threading.Thread(target=one, args=(conn, stop), daemon=True).start()
 
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{listener.getsockname()[1]}", body, cut, accepted
-    finally:
-        stop.set()
-        thread.join(timeout=5)
-        listener.close()
+    with _accepting(accept) as url:
+        yield url, body, cut, accepted
 
 
 def _signed_api(url: str, sleep: list[float]) -> ServerApi:

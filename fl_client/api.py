@@ -74,6 +74,12 @@ class Credentials:
         return f"Credentials(client_id={self.client_id!r}, <secrets redacted>)"
 
 
+def retry_delay(attempt: int) -> float:
+    """Seconds before retry ``attempt`` (1, 2, ...) of a request: exponential from 0.5 s, capped at 30 s, with
+    +-50 % jitter so that clients cut off together do not come back in lockstep."""
+    return min(30.0, 0.5 * 2 ** (attempt - 1)) * (0.5 + random.random())
+
+
 class ServerApi:
     def __init__(self, base_url: str, *, timeout: float = 30.0, max_retries: int = 3, verify: bool | str = True,
                  sleep: Callable[[float], None] = time.sleep, stop: Callable[[], bool] = lambda: False) -> None:
@@ -131,7 +137,7 @@ class ServerApi:
             attempt += 1
             if attempt > max_retries or self._stop():
                 raise ServerUnreachable(f"{method} {path} failed after {attempt} attempt(s): {error}")
-            delay = min(30.0, 0.5 * 2 ** (attempt - 1)) * (0.5 + random.random())
+            delay = retry_delay(attempt)
             # DEBUG: the caller says once that the server is unreachable (fl_client/backoff.py), not once per try
             log.debug("%s %s failed (%s); retry %d/%d in %.1f s", method, path, error, attempt, self.max_retries, delay)
             self._sleep(delay)
@@ -153,7 +159,7 @@ class ServerApi:
             attempt += 1
             if attempt > self.max_retries or self._stop():
                 raise ServerUnreachable(f"GET {path} failed after {attempt} attempt(s): {error} while reading the body")
-            delay = min(30.0, 0.5 * 2 ** (attempt - 1)) * (0.5 + random.random())
+            delay = retry_delay(attempt)
             log.debug("GET %s: the body was cut short (%s); retry %d/%d in %.1f s", path, error, attempt,
                       self.max_retries, delay)
             self._sleep(delay)

@@ -97,7 +97,7 @@ def check_update(update: ClientUpdate, numel: int) -> None:
     if not isinstance(delta, torch.Tensor) or delta.dim() != 1 or delta.numel() != numel:
         raise UpdateRejected("bad_shape", f"update from client {update.client_id} has shape "
                              f"{tuple(getattr(delta, 'shape', ()))}, expected ({numel},)")
-    if not all_finite(delta):  # one min/max pass, no 1.6 M-value bool temporary (3.9 -> 0.2 ms per cnn update)
+    if not all_finite(delta):  # one min/max pass, no 1.6 M-value bool temporary (4.2 -> 0.3 ms CPU per cnn update)
         raise UpdateRejected("not_finite", f"update from client {update.client_id} contains NaN or Inf")
     if not (isinstance(update.num_samples, int) and update.num_samples > 0):
         raise UpdateRejected("bad_weight", f"update from client {update.client_id} reports {update.num_samples!r} samples")

@@ -642,8 +642,8 @@ class ClientDaemon:
     def _take_part_secure(self, status: dict[str, Any]) -> bool:
         """Take part in the secure attempt of this poll (fl_client/secagg_session.py); False when there is
         nothing to do in it (already done, or selected too late to have keys for it), so the caller sleeps
-        before polling again. Training runs in a background thread from the advertisement on, so the key
-        exchange overlaps it; the masked input is sent once both are done."""
+        before polling again. Training runs in a background thread from the model's download on, so the key
+        exchange (and the opening of the share bundle) overlaps it; the masked input is sent once both are done."""
         assert self.trainer is not None and self.data is not None and self.identity is not None
         block = status["secagg"]
         attempt, round_number = int(block["attempt"]), int(status["round"])
@@ -670,7 +670,9 @@ class ClientDaemon:
         worker: list[threading.Thread] = []
 
         def start_training() -> None:
-            """Right after the advertisement: download in this thread, train in another while keys are exchanged."""
+            """Before the advertisement: download in this thread, train in another while keys are exchanged. The
+            download first: the key exchange's phases end long before training does, so the advertisement's round
+            trip is taken off the time from the round's opening to the start of training."""
             try:
                 global_vector, control = self._download(instr, None, round_number)
             except (ApiRefused, ServerUnreachable) as exc:
@@ -699,8 +701,8 @@ class ClientDaemon:
                 update.metrics
 
         delay = self.opts.secagg_unmask_delay
-        result = session.run(make_input, after_advertise=start_training,
-                             before_unmask=(lambda: self._sleep(delay)) if delay > 0 else None)
+        start_training()
+        result = session.run(make_input, before_unmask=(lambda: self._sleep(delay)) if delay > 0 else None)
         self._join_training(worker)
         update = trained.get("update")
         if result.masked_sent:

@@ -8,7 +8,7 @@ same state machine the simulation runs) through the five phases by polling the s
    deadline passed), check it (every neighbour's signature; with pinned keys, that each neighbour's
    key is pinned), send the encrypted shares of its secrets - or, refusing the roster, leave the
    attempt (the server then counts this client as dropped at the phase's deadline);
-3. wait for the share bundle, mask the plain input (the trained update, its weight, SCAFFOLD's
+3. wait for the share bundle and open it (while training runs), mask the plain input (the trained update, its weight, SCAFFOLD's
    variate delta, the DP clipping bit: whatever the round's layout has) and upload it through the
    update route, with only the clear metrics the server may see;
 4. wait for the consistency check (the set of clients whose masked inputs the server holds) and sign
@@ -18,9 +18,10 @@ same state machine the simulation runs) through the five phases by polling the s
    machine also refuses a request that would reveal both secrets of one peer), then wait for the outcome.
 
 Why the steps are separate methods: the daemon overlaps local training with phases 1 and 2 (it
-starts training once it has advertised, so the key exchange costs almost no round time), and
-tests drive the steps one by one. Everything here is in memory: a daemon that restarts in the
-middle of an attempt has lost its keys and simply waits for the next attempt. Nothing secret is
+downloads the model and starts training before it advertises, and opens the share bundle while it
+trains, so the key exchange costs almost no round time), and tests drive the steps one by one.
+Everything here is in memory: a daemon that restarts in the middle of an attempt has lost its keys
+and simply waits for the next attempt. Nothing secret is
 logged (keys, shares and inputs never reach a log line or an exception message).
 
 Retries: transport errors and 5xx are retried by the API client, and again here until the phase's
@@ -133,6 +134,7 @@ class SecureRoundSession:
                                 if isinstance(round_deadline, (int, float)) else self._deadline)
         self.client = SecAggClient(self.params, self.index, identity, rng=rng, trusted_verify_keys=trusted_verify_keys)
         self.masked_sent = False
+        self._bundle_opened = False
 
     def __repr__(self) -> str:
         return f"SecureRoundSession(round={self.round}, attempt={self.attempt}, index={self.index}, phase={self.phase})"
@@ -210,12 +212,25 @@ class SecureRoundSession:
             self.client.precomputed = MaskPrecompute(self.client.mask_material()).start()
         self._send("shares", msg.to_bytes())
 
-    def masked_input(self, plain: PlainInput, metrics: dict[str, float]) -> dict[str, Any]:
-        """Phase 2: open the shares addressed to this client, mask the input and upload it."""
+    def open_bundle(self) -> None:
+        """Phase 2, first half: fetch and open the shares addressed to this client (the server has them once every
+        neighbour shared keys, normally long before training ends). The daemon does it while it trains, so the end
+        of training is followed by the masking and the upload alone, not by one more round trip and ten decryptions."""
+        if self._bundle_opened:
+            return
         bundle = ShareBundle.from_bytes(self._fetch("shares", "masked_input"))
         try:
-            masked: MaskedInput = self.client.masked_input(bundle, plain)
-        except (SecAggError, ValueError) as exc:  # a bad bundle, or a value the field cannot hold (never wrapped)
+            self.client.open_bundle(bundle)
+        except SecAggError as exc:  # a bundle that fails the checks: this client cannot mask with it
+            raise SessionEnded(f"cannot send a masked input ({exc.code})") from None
+        self._bundle_opened = True
+
+    def masked_input(self, plain: PlainInput, metrics: dict[str, float]) -> dict[str, Any]:
+        """Phase 2: (open the shares addressed to this client unless done already,) mask the input and upload it."""
+        self.open_bundle()
+        try:
+            masked: MaskedInput = self.client.mask_opened(plain)
+        except (SecAggError, ValueError) as exc:  # a value the field cannot hold (never wrapped), a degenerate key
             raise SessionEnded(f"cannot send a masked input ({getattr(exc, 'code', type(exc).__name__)})") from None
         body = pack_masked_upload(masked.to_bytes(), clear_metrics(metrics))
         key = f"sa{self.attempt}-{uuid.uuid4().hex}"
@@ -288,17 +303,15 @@ class SecureRoundSession:
             self._wait()
 
     def run(self, make_input: Callable[[], tuple[PlainInput, dict[str, float]]], *,
-            after_advertise: Callable[[], None] | None = None,
             before_unmask: Callable[[], None] | None = None) -> SessionResult:
         """All five phases. ``make_input()`` returns the plain input and its metrics; it is called once the
-        keys are shared (``after_advertise`` runs right after the advertisement: the daemon starts training
-        there; ``before_unmask`` right after the masked input was accepted). A step the attempt cannot
-        survive ends the session with its reason, never with a secret."""
+        keys are shared and the share bundle is opened (the daemon has been training since before the
+        advertisement and waits for it there; ``before_unmask`` runs right after the masked input was accepted).
+        A step the attempt cannot survive ends the session with its reason, never with a secret."""
         try:
             self.advertise()
-            if after_advertise is not None:
-                after_advertise()
             self.share_keys()
+            self.open_bundle()  # while training runs
             plain, metrics = make_input()
             self.masked_input(plain, metrics)
             if self._stop():

@@ -247,8 +247,10 @@ def pack_masked_upload(masked_input: bytes, metrics: dict[str, float]) -> bytes:
     return MASKED_UPLOAD_MAGIC + struct.pack(">I", len(header)) + header + masked_input
 
 
-def unpack_masked_upload(body: bytes) -> tuple[dict[str, float], bytes]:
-    """(clear metrics, MaskedInput bytes) of a masked upload; ValueError when it is not one."""
+def unpack_masked_upload(body: bytes) -> tuple[dict[str, float], memoryview]:
+    """(clear metrics, MaskedInput bytes) of a masked upload; ValueError when it is not one. The bytes are a
+    read-only view into ``body``, not a copy: a masked input is megabytes, and the server's route hands them on
+    to ``MaskedInput.from_bytes``, which keeps viewing them."""
     start = len(MASKED_UPLOAD_MAGIC) + 4
     if not body.startswith(MASKED_UPLOAD_MAGIC) or len(body) < start:
         raise ValueError("not a masked upload (bad magic)")
@@ -264,4 +266,5 @@ def unpack_masked_upload(body: bytes) -> tuple[dict[str, float], bytes]:
             isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
             for k, v in metrics.items()):
         raise ValueError("masked-upload metrics must map names to finite numbers")
-    return {k: float(v) for k, v in metrics.items()}, body[start + hlen:]
+    return {k: float(v) for k, v in metrics.items()}, memoryview(bytes(body) if not isinstance(body, bytes) else body)[
+        start + hlen:]

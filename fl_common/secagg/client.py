@@ -172,6 +172,7 @@ class SecAggClient:
         self._signed_set: tuple[tuple[int, ...], tuple[int, ...]] | None = None  # the one set this client signed
         self._held: dict[int, tuple[Share, Share]] = {}  # v -> (share of b_v, share of s_sk_v), held for v
         self._share_survivors: frozenset[int] = frozenset()
+        self._masked_with: frozenset[int] | None = None  # the neighbours an opened bundle says to mask with
         #: senders whose ciphertext failed authentication (their shares were never used)
         self.rejected: tuple[int, ...] = ()
         #: did the secagg clip change this client's vectors (set in masked_input)
@@ -319,13 +320,22 @@ class SecAggClient:
 
     def masked_input(self, bundle: ShareBundle, plain: PlainInput) -> MaskedInput:
         """Check and open the shares addressed to us, then send y_u = x_u + PRG(b_u) + sum_v +-PRG(s_uv)."""
-        expected = self.open_bundle(bundle)
+        self.open_bundle(bundle)
+        return self.mask_opened(plain)
+
+    def mask_opened(self, plain: PlainInput) -> MaskedInput:
+        """The masked input of ``plain`` once the bundle is opened (:meth:`open_bundle`): a daemon opens it while it
+        still trains, so that the end of training is followed by the masking alone (no fetch, no decryption)."""
+        self._expect(ClientPhase.SHARED, "send its masked input")
+        if self._masked_with is None:
+            raise SecAggRefused("the share bundle was not opened before the masked input", "bad_bundle")
+        expected = self._masked_with
         p = self.params
         x, clipped = encode_input(p, plain, self._rng, words=True)  # ours to mask in place
         assert self._b is not None
-        pairwise = self._pairwise_secrets(expected)
         y = self.precomputed.mask(x, expected, in_place=True) if self.precomputed is not None else None
         if y is None:  # (the precomputed masks failed before touching x: it is still the plain encoding)
+            pairwise = self._pairwise_secrets(expected)  # refuses a degenerate peer key (which failed the precompute)
             y = mask_words(x, self.index, self._b, pairwise, p.modulus_bits, context=self._digest)
         return self.sign_masked_payload(pack(y, p.modulus_bits), clipped)
 
@@ -364,7 +374,8 @@ class SecAggClient:
                 self._held[sender] = opened
         self._share_survivors = survivors
         self.rejected = tuple(rejected)
-        return frozenset(expected)
+        self._masked_with = frozenset(expected)
+        return self._masked_with
 
     def _pairwise_secrets(self, expected: Set[int]) -> dict[int, bytes]:
         pairwise = {}

@@ -528,7 +528,9 @@ class MaskedInput:
     failed authentication (u never used those shares; the server records it)."""
 
     sender: int
-    payload: bytes
+    #: bytes, or a read-only view into the bytes the message was decoded from (:meth:`from_bytes`: a cnn's masked
+    #: input is 5 MB, and the server's upload route would otherwise copy it twice more before unpacking it)
+    payload: bytes | memoryview
     rejected: tuple[int, ...]
     signature: bytes
     payload_sha256: bytes = field(default=b"", compare=False)
@@ -554,16 +556,20 @@ class MaskedInput:
         return _MAGIC + struct.pack(">I", len(header)) + header + self.payload
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> MaskedInput:
-        data = bytes(data)
-        if not data.startswith(_MAGIC) or len(data) < len(_MAGIC) + 4:
-            raise MalformedMessage("masked_input: bad magic")
-        (hlen,) = struct.unpack(">I", data[len(_MAGIC):len(_MAGIC) + 4])
+    def from_bytes(cls, data: bytes | memoryview) -> MaskedInput:
+        """The message in ``data``; its payload is a view into ``data`` (immutable: bytes or a read-only view;
+        anything writable is copied first, so the payload cannot change under the digest taken of it)."""
+        if not isinstance(data, bytes) and not (isinstance(data, memoryview) and data.readonly and data.contiguous):
+            data = bytes(data)
+        view = memoryview(data).cast("B")
         start = len(_MAGIC) + 4
-        if hlen > _MAX_HEADER or start + hlen > len(data):
+        if len(view) < start or bytes(view[:len(_MAGIC)]) != _MAGIC:
+            raise MalformedMessage("masked_input: bad magic")
+        (hlen,) = struct.unpack(">I", view[len(_MAGIC):start])
+        if hlen > _MAX_HEADER or start + hlen > len(view):
             raise MalformedMessage("masked_input: bad header length")
-        o = _json_load(data[start:start + hlen], "masked_input")
-        payload = data[start + hlen:]
+        o = _json_load(bytes(view[start:start + hlen]), "masked_input")
+        payload = view[start + hlen:]
         try:
             if _int(o["length"], "length", 0, 2**40) != len(payload):
                 raise MalformedMessage("masked_input: payload length does not match the header")

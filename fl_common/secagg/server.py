@@ -48,7 +48,7 @@ import numpy as np
 from fl_common.crypto.keys import KeyAgreementError, KeyPair, x25519_shared_secret
 from fl_common.secagg.auth import ED25519, HMAC_SHA256, Verifier
 from fl_common.secagg.client import self_seed_commitment
-from fl_common.secagg.encoding import DecodedSum, decode_input_sum, unpack
+from fl_common.secagg.encoding import DecodedSum, add_packed, decode_input_sum, unpack
 from fl_common.secagg.field import FieldOverflowError
 from fl_common.secagg.graph import build_graph
 from fl_common.secagg.masks import unmask_sum
@@ -67,6 +67,7 @@ from fl_common.secagg.messages import (
     UnmaskRequest,
     UnmaskResponse,
 )
+from fl_common.secagg.prg import word_dtype
 from fl_common.secagg.shamir import Share, ShareError, reconstruct
 
 __all__ = ["Phase", "PHASES", "DEFAULT_TIMEOUTS", "DropRecord", "PreparedInput", "SecAggResult", "SecAggServer",
@@ -120,6 +121,22 @@ class PreparedInput:
     digest_ok: bool
     values: np.ndarray | None
     problem: tuple[str, str] | None = None
+    #: instead of ``values``: the size-checked payload of a whole-byte width, added into the sum where it lies
+    #: (``encoding.add_packed``: no unpacked copy of it is ever made)
+    packed: bytes | memoryview | None = None
+
+    @property
+    def ready(self) -> bool:
+        """Whether it carries something to add (or the problem that refuses it)."""
+        return self.values is not None or self.packed is not None or self.problem is not None
+
+    def add_to(self, acc: np.ndarray, modulus_bits: int) -> None:
+        """``acc += y`` in the accumulator's word (wrapping mod 2^32 or 2^64; reduced mod 2^b at the end)."""
+        if self.packed is not None:
+            add_packed(acc, self.packed, modulus_bits)
+        else:
+            assert self.values is not None
+            np.add(acc, self.values, out=acc, casting="unsafe")
 
 
 def prepare_masked_input(params: SecAggParams, msg: MaskedInput) -> PreparedInput:
@@ -133,8 +150,13 @@ def unpack_decoded_input(params: SecAggParams, msg: MaskedInput) -> PreparedInpu
     """:func:`prepare_masked_input` for a message decoded from its bytes (:meth:`MaskedInput.from_bytes`), whose
     ``payload_sha256`` was computed from that very payload: the digest comparison cannot fail, so only the unpacking
     is done (hashing 5 MB again cost ~8 ms per cnn input). Never for a message whose digest came from elsewhere."""
+    b, n = params.modulus_bits, params.vector_length
     try:
-        return PreparedInput(True, unpack(msg.payload, params.vector_length, params.modulus_bits))
+        if b % 8 == 0:  # no bit of a whole-byte width can stray past the last value: the size is the whole check
+            if len(msg.payload) != n * b // 8:
+                raise ValueError(f"expected {n} values of {b} bits ({n * b // 8} bytes), got {len(msg.payload)}")
+            return PreparedInput(True, None, packed=msg.payload)
+        return PreparedInput(True, unpack(msg.payload, n, b, words=True))
     except ValueError as exc:
         return PreparedInput(True, None, ("malformed", f"masked input of client {msg.sender}: {exc}"))
 
@@ -170,7 +192,7 @@ class SecAggServer:
         self.deferred = deferred
         #: guards the running sum and the queue of inputs not folded into it yet (deferred mode)
         self._sum_lock = threading.Lock()
-        self._queued: list[np.ndarray] = []
+        self._queued: list[PreparedInput] = []
         #: deferred mode: the unmasking that waits for run_unmask (None before the unmask phase closed)
         self.unmask_job: UnmaskJob | None = None
         self._digest = params.digest()
@@ -437,7 +459,8 @@ class SecAggServer:
             for recipient, ct in self._share_msgs[v].ciphertexts:
                 if recipient in u2:
                     self._inbox[recipient].append((v, ct))
-        self._sum = np.zeros(self.params.vector_length, dtype=np.uint64)
+        # the running sum in the masking's word (uint32 up to 32 bits): it wraps mod 2^32 or 2^64, which 2^b divides
+        self._sum = np.zeros(self.params.vector_length, dtype=word_dtype(self.params.modulus_bits))
         self._enter(Phase.MASKED_INPUT, now)
 
     def bundle_for(self, index: int) -> ShareBundle:
@@ -465,16 +488,15 @@ class SecAggServer:
         self._verify(u, MaskedInput.signing_bytes(self._digest, u, msg.payload_sha256, msg.rejected), msg.signature, now)
         if not set(msg.rejected) <= self._graph[u] & set(self._u2):
             raise self._reject(u, "unknown_neighbour", f"client {u} reports rejecting shares of clients that sent it none", now)
-        if prepared.values is None and prepared.problem is None:
+        if not prepared.ready:
             prepared = prepare_masked_input(self.params, msg)
         if prepared.problem is not None:
             raise self._reject(u, prepared.problem[0], prepared.problem[1], now)
-        y = prepared.values
-        assert y is not None and self._sum is not None
+        assert self._sum is not None
         if self.deferred:
-            self._queued.append(y)  # folded by fold_inputs outside the caller's lock
+            self._queued.append(prepared)  # folded by fold_inputs outside the caller's lock
         else:
-            self._sum += y  # uint64 wraps mod 2^64; 2^b divides it, reduced once at the end
+            prepared.add_to(self._sum, self.params.modulus_bits)  # the word wraps mod 2^32 or 2^64; 2^b divides it
         self._masked[u] = msg.payload_sha256
         for v in msg.rejected:
             self.events.append({"event": "share_rejected_by_recipient", "sender": v, "recipient": u, "at": float(now)})
@@ -677,8 +699,8 @@ class SecAggServer:
         with self._sum_lock:
             while self._queued:
                 y = self._queued.pop()
-                if self._sum is not None:
-                    self._sum += y  # uint64 wraps mod 2^64; 2^b divides it, reduced once at the end
+                if self._sum is not None:  # the word wraps mod 2^32 or 2^64; 2^b divides it, reduced once at the end
+                    y.add_to(self._sum, self.params.modulus_bits)
 
     def run_unmask(self, job: UnmaskJob) -> UnmaskOutcome:
         """Remove the masks from the sum and decode it: the expensive part of the unmasking, which reads only the

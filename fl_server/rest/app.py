@@ -54,6 +54,7 @@ from fl_server.rest.gateway import ApiError, Authenticated, SignedRequest
 from fl_server.rest.json_provider import FiniteJSONProvider
 from fl_server.rest.metrics import install_metrics
 from fl_server.rest.openapi import MAX_ROUND_IN_PATH, openapi_document
+from fl_server.rest.request_body import WholeBodyRequest
 from fl_server.rest.run_report import RunReportWriter
 from fl_server.rest.service import FederationService
 from fl_server.rest.state_changes import QUERY_WAIT, WaitValueError, parse_wait
@@ -80,6 +81,7 @@ NO_BODY_BYTES = 0
 
 def create_app(service: FederationService, *, start_ticker: bool = True) -> Flask:
     app = Flask("fl_server")
+    app.request_class = WholeBodyRequest  # multi-megabyte uploads read in one piece (request_body.py)
     app.json = FiniteJSONProvider(app)
     app.config["MAX_CONTENT_LENGTH"] = service.cfg.max_update_bytes
     #: per-endpoint body limits, checked from the headers before anything reads a body

@@ -323,7 +323,8 @@ class CKKSRounds(RoundProtocol):
         self.ctx.gateway.check_idempotency_key(auth.client_id, idempotency_key)
         data = self._open(auth, body)
         try:
-            metrics, raw = unpack_masked_upload(data)
+            metrics, view = unpack_masked_upload(data)
+            raw = bytes(view)
             enc: EncryptedInput | None = EncryptedInput.from_bytes(raw)
             problem = None
         except (ValueError, HEMessageError) as exc:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fl_common.secagg.encoding import pack, unpack
+from fl_common.secagg.encoding import add_packed, pack, unpack
 
 
 def _reference(values: np.ndarray, bits: int) -> bytes:
@@ -28,6 +28,9 @@ def test_pack_is_the_documented_bit_stream_and_unpack_inverts_it(bits: int) -> N
         assert back.dtype == np.uint64 and np.array_equal(back, values)
         if bits <= 32:  # a uint32 word vector (the masking's accumulator) packs to the same bytes
             assert pack(values.astype(np.uint32), bits) == data
+        # the server's path: a read-only view of the bytes, unpacked into the masking's word (uint32 up to 32 bits)
+        words = unpack(memoryview(data), n, bits, words=True)
+        assert words.dtype == (np.uint32 if bits <= 32 else np.uint64) and np.array_equal(words, values)
 
 
 def test_unpack_refuses_a_wrong_size_and_stray_bits() -> None:
@@ -39,3 +42,22 @@ def test_unpack_refuses_a_wrong_size_and_stray_bits() -> None:
         odd[-1] |= 0x80  # a bit past the last value
         with pytest.raises(ValueError, match="stray bits"):
             unpack(bytes(odd), n, bits)
+        with pytest.raises(ValueError, match="stray bits"):
+            unpack(memoryview(bytes(odd)), n, bits, words=True)
+
+
+@pytest.mark.parametrize("bits", [1, 7, 8, 12, 16, 20, 24, 28, 29, 32, 40, 48, 56, 62])
+def test_add_packed_adds_the_values_where_they_lie_modulo_the_ring(bits: int) -> None:
+    """The server folds a masked input straight from its bytes (whole-byte widths read each value as the word
+    where it starts, the next values' bytes above it): modulo 2^b the sum is the unpacked one's, for every length
+    (the last values, whose word would run past the end, are read on their own)."""
+    rng = np.random.default_rng(100 + bits)
+    word = np.uint32 if bits <= 32 else np.uint64
+    for n in (1, 2, 3, 63, 64, 65, 257):
+        values = rng.integers(0, 2**bits, n, dtype=np.uint64)
+        acc = rng.integers(0, 2**32 if bits <= 32 else 2**63, n, dtype=np.uint64).astype(word)
+        expected = (acc.astype(object) + values.astype(object)) % 2**bits
+        add_packed(acc, memoryview(pack(values, bits)), bits)
+        assert acc.dtype == word and np.array_equal(acc.astype(object) % 2**bits, expected)
+    with pytest.raises(ValueError, match="do not hold"):
+        add_packed(np.zeros(64, dtype=word), pack(np.zeros(32, dtype=np.uint64), bits), bits)

@@ -9,6 +9,7 @@ on them. Stochastic rounding is seeded, so the "plain" quantised inputs can be r
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import itertools
 from collections.abc import Callable, Iterable
@@ -439,6 +440,28 @@ def _masked_clients(n: int = 5) -> tuple[SecAggParams, dict[int, SecAggClient], 
     return p, clients, server
 
 
+def test_masking_an_input_needs_the_opened_bundle_and_opening_it_early_changes_nothing() -> None:
+    """A daemon opens its share bundle while it trains (``open_bundle``) and masks once training ends
+    (``mask_opened``): refused before the bundle is opened; once opened, the input it sends is the one
+    ``masked_input`` sends in one step (same rounding stream, same masks: the same bytes)."""
+    p = _params(5)
+    ids = {i: _identity(p.auth, i) for i in p.indices}
+    server = SecAggServer(p, {i: ids[i].verifier() for i in p.indices}, now=0.0)
+    clients = {i: SecAggClient(p, i, ids[i], rng=np.random.default_rng(7)) for i in p.indices}
+    for c in clients.values():
+        server.receive_advertise(c.advertise(), 1.0)
+    for i, c in clients.items():
+        server.receive_share_keys(c.share_keys(server.roster_for(i)), 2.0)
+    x = PlainInput(np.linspace(-0.5, 0.5, DIM), weight=1)
+    with pytest.raises(SecAggRefused) as err:
+        clients[1].mask_opened(x)
+    assert err.value.code == "bad_bundle"
+    twin = copy.deepcopy(clients[1])  # the same keys, secrets and rounding stream
+    assert clients[1].open_bundle(server.bundle_for(1)) == frozenset(p.indices) - {1}
+    early = clients[1].mask_opened(x)
+    assert early.payload == twin.masked_input(server.bundle_for(1), x).payload
+
+
 def signed_request(clients: dict[int, SecAggClient], survivors: tuple[int, ...], dropped: tuple[int, ...],
                    signers: Iterable[int] | None = None) -> UnmaskRequest:
     """What an (honest or lying) server builds: the set shown to ``signers`` (default: every survivor), each of
@@ -677,6 +700,18 @@ def test_messages_survive_the_wire_and_garbage_is_malformed() -> None:
                 cls.from_bytes(garbage)
     with pytest.raises(MalformedMessage):
         AdvertiseKeys.from_bytes(b'{"type":"advertise_keys","v":1,"sender":1,"c_pk":"AAAA","s_pk":"AAAA","sig":""}')
+    # the server's route: a read-only view of the decrypted body is viewed, not copied; a writable buffer is copied,
+    # so changing it afterwards cannot change the payload under the digest taken of it
+    wire = msg.to_bytes()
+    viewed = MaskedInput.from_bytes(memoryview(wire))
+    assert viewed == msg and isinstance(viewed.payload, memoryview) and viewed.payload.obj is wire
+    scratch = bytearray(wire)
+    copied = MaskedInput.from_bytes(memoryview(scratch))
+    scratch[-1] ^= 0xFF
+    assert copied == msg and copied.payload_sha256 == msg.payload_sha256
+    for garbage in (b"FLSA1\n\xff\xff\xff\xff", b"FLSA", wire[:-1]):
+        with pytest.raises(MalformedMessage):
+            MaskedInput.from_bytes(memoryview(garbage))
 
 
 def test_distributed_noise_beyond_its_bound_is_refused_not_wrapped() -> None:

@@ -16,6 +16,7 @@ import os
 import re
 import signal
 import subprocess
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -132,6 +133,37 @@ def history(url: str) -> list[dict[str, Any]]:
 
 def files_under(root: Path) -> dict[Path, bytes]:
     return {p: p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+
+def test_a_session_opens_its_share_bundle_before_its_input_is_ready(tmp_path: Path) -> None:
+    """The daemon's order (fl_client/daemon.py): training runs while the session advertises, shares keys and opens
+    the share bundle, so when the input is asked for the bundle is already open and the end of training is followed
+    by the masking alone. Four sessions run whole in threads; the applied mean is still the exact one."""
+    env = token_env()
+    cfg = make_cfg(num_clients=4, num_rounds=1, **SECURE)
+    with threaded_server(cfg, tmp_path / "srv", env) as (url, service):
+        numel = service.coordinator.spec.numel
+        clients = register(url, env, 4)
+        start = service.coordinator.global_vector.clone()
+        sessions = [c.join(1) for c in clients]
+        xs, ws = inputs(4, numel, seed=3)
+        seen: dict[int, tuple[bool, str]] = {}
+        results: dict[int, Any] = {}
+
+        def make_input(k: int) -> Any:
+            seen[k] = (sessions[k]._bundle_opened, service.status()["secagg"]["current"]["phase"])
+            return clients[k].plain(xs[k], ws[k]), {}
+
+        threads = [threading.Thread(target=lambda k=k: results.__setitem__(k, sessions[k].run(lambda: make_input(k))))
+                   for k in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+        assert seen == dict.fromkeys(range(4), (True, "masked_input"))
+        assert all(results[k].state == "closed" and results[k].in_sum for k in range(4)), results
+        got = service.coordinator.global_vector.double() - start.double()
+        assert torch.allclose(got, weighted_mean(xs, ws), atol=quantization_bound(sessions[0].params, ws) + 1e-6, rtol=0)
 
 
 def test_a_secure_round_applies_the_exact_mean_whoever_drops_after_or_before_the_masked_input(tmp_path: Path) -> None:

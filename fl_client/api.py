@@ -32,6 +32,7 @@ from fl_common.protocol.rest import (
     PATH_SECAGG,
     PATH_TOKEN,
     PATH_UPDATE,
+    QUERY_LIVENESS,
     QUERY_MODEL_VERSION,
     QUERY_SECAGG_ATTEMPT,
     QUERY_WAIT,
@@ -194,17 +195,19 @@ class ServerApi:
         return self._send("GET", PATH_ROUND).json()
 
     # ------------------------------------------------------------------ push: long-polls (fl_server/rest/state_changes.py)
-    def poll_round(self, etag: str | None, wait: float) -> tuple[dict[str, Any], str | None]:
+    def poll_round(self, etag: str | None, wait: float, *, liveness: bool = False) -> tuple[dict[str, Any], str | None]:
         """The round status and its state ETag (None: the server does not long-poll, e.g. an older one).
 
         With ``etag`` (the last answer's) and ``wait`` > 0 the server holds the request until the state moves
-        or ``wait`` s pass. A long-poll that fails (a proxy that cuts idle requests, a refused ``wait``) falls
+        or ``wait`` s pass; with ``liveness`` (a training client's heartbeat) until ``wait`` s pass, whatever
+        moves. A long-poll that fails (a proxy that cuts idle requests, a refused ``wait``) falls
         back to a plain poll at once, so a long-poll never costs more than one missed push."""
         if etag is None or wait <= 0 or not self.long_poll:
             resp = self._send("GET", PATH_ROUND)
             return resp.json(), resp.headers.get("ETag")
+        query = f"{QUERY_WAIT}={wait:g}" + (f"&{QUERY_LIVENESS}=1" if liveness else "")
         try:
-            resp = self._send("GET", f"{PATH_ROUND}?{QUERY_WAIT}={wait:g}", headers={"If-None-Match": etag},
+            resp = self._send("GET", f"{PATH_ROUND}?{query}", headers={"If-None-Match": etag},
                               timeout=wait + self.timeout, retries=0)
         except (ServerUnreachable, ApiRefused) as exc:
             if isinstance(exc, ApiRefused) and exc.status != 400:

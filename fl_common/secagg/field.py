@@ -198,10 +198,18 @@ def decode_sum(
     # centring without a comparison mask or fancy indexing: ((v + 2^(b-1)) mod 2^b) - 2^(b-1) is v for v below
     # half the ring and v - 2^b above it, i.e. the two's-complement reading of the b-bit value
     half = 1 << (modulus_bits - 1)
-    centred: np.ndarray = np.add(np.asarray(sum_vec, dtype=np.uint64), np.uint64(half))
-    np.bitwise_and(centred, mask, out=centred)
-    signed = centred.view(np.int64)
-    np.subtract(signed, np.int64(half), out=signed)
+    vec = np.asarray(sum_vec)
+    signed: np.ndarray
+    if vec.dtype == np.uint32 and modulus_bits < 32:  # the server's word-sized sum: the same arithmetic in 32 bits
+        centred32: np.ndarray = np.add(vec, np.uint32(half))
+        np.bitwise_and(centred32, np.uint32(mask), out=centred32)
+        signed = centred32.view(np.int32)  # < 2^b <= 2^31: non-negative as int32
+        np.subtract(signed, np.int32(half), out=signed)
+    else:
+        centred: np.ndarray = np.add(np.asarray(vec, dtype=np.uint64), np.uint64(half))
+        np.bitwise_and(centred, mask, out=centred)
+        signed = centred.view(np.int64)
+        np.subtract(signed, np.int64(half), out=signed)
     bound = num_clients * max_level(clip, scale_bits)
     if signed.size and max(-int(np.min(signed)), int(np.max(signed))) > bound:
         raise FieldOverflowError("decoded sum outside the possible range; were all masks removed?")

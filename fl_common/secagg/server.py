@@ -710,8 +710,9 @@ class SecAggServer:
             masked_sum = self._sum
             if masked_sum is None:
                 return UnmaskOutcome(job, None, "the running sum was discarded")
+            self._sum = None  # consumed: the masks come off where it lies (no copy on the round's critical path)
             total = unmask_sum(masked_sum, self.params.modulus_bits, survivor_self_seeds=job.seeds,
-                               dangling_pairs=job.dangling, context=self._digest)
+                               dangling_pairs=job.dangling, context=self._digest, consume=True)
         try:
             return UnmaskOutcome(job, decode_input_sum(self.params, total, job.survivors))
         except FieldOverflowError as exc:

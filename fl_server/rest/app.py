@@ -45,6 +45,7 @@ from fl_common.protocol.rest import (
     PATH_REGISTER,
     PATH_ROUND,
     PATH_TOKEN,
+    QUERY_LIVENESS,
     QUERY_MODEL_VERSION,
     QUERY_SECAGG_ATTEMPT,
 )
@@ -220,11 +221,16 @@ def create_app(service: FederationService, *, start_ticker: bool = True) -> Flas
     @app.get(PATH_ROUND)
     def round_status() -> Response:
         """A poll; with ``?wait=S`` and ``If-None-Match: <the ETag of the last answer>`` a long-poll, answered
-        as soon as the round's state moves (a round opens or closes, a secure phase changes) or after S s."""
+        as soon as the round's state moves (a round opens or closes, a secure phase changes) or after S s; with
+        ``&liveness=1`` too (a heartbeat) answered only after S s, whatever moves."""
         auth = signed()
         wait = wait_seconds()
+        liveness = request.args.get(QUERY_LIVENESS)
+        if liveness not in (None, "1"):
+            raise ApiError(400, "bad_liveness", f"{QUERY_LIVENESS} takes only the value 1 (a heartbeat's long-poll)")
         status, etag = service.long_poll(lambda: service.round_status(auth), wait=wait,
-                                         known=request.headers.get("If-None-Match"))
+                                         known=request.headers.get("If-None-Match"),
+                                         ready=(lambda _status: False) if liveness else None)
         resp = jsonify(status.to_json())
         if etag is not None:
             resp.headers["ETag"] = etag

@@ -19,6 +19,7 @@ from fl_common.protocol.rest import (
     PATH_SECAGG,
     PATH_TOKEN,
     PROTOCOL_VERSION,
+    QUERY_LIVENESS,
     QUERY_MODEL_VERSION,
     QUERY_SECAGG_ATTEMPT,
 )
@@ -168,7 +169,14 @@ def openapi_document() -> dict[str, Any]:
                                                             "without If-None-Match the poll is answered at once"),
                                                 {"name": "If-None-Match", "in": "header", "required": False,
                                                  "description": "the ETag of the last round status this client read",
-                                                 "schema": {"type": "string"}}],
+                                                 "schema": {"type": "string"}},
+                                                {"name": QUERY_LIVENESS, "in": "query", "required": False,
+                                                 "description": "1: a training client's heartbeat; with wait and "
+                                                                "If-None-Match the request is held for the whole wait, "
+                                                                "whatever changes (the client only needs to be heard "
+                                                                "from); any other value is refused with 400 "
+                                                                "bad_liveness",
+                                                 "schema": {"type": "string", "enum": ["1"]}}],
                                  "responses": {"200": {"description": "round status; its ETag header is the state version "
                                                                       "(synchronous rounds only)",
                                                        "headers": {"ETag": {"schema": {"type": "string"}}},

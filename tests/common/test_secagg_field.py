@@ -72,6 +72,25 @@ def test_mixed_signs_sum_matches() -> None:
     assert np.max(np.abs(spec.decode_sum(acc, 10) - np.sum(xs, axis=0))) <= 10 * 2.0**-20
 
 
+def test_a_word_sized_sum_decodes_as_the_uint64_one() -> None:
+    """The server keeps its running sum in uint32 words up to 32 bits and decodes it as it is: the same floats as
+    the uint64 path, extremes of both signs included, and the same refusal of a sum out of range."""
+    rng = np.random.default_rng(4)
+    for clip, s, n in ((10.0, 16, 10), (1.0, 10, 37), (200.0, 16, 10)):
+        bits = required_modulus_bits(clip, s, n)
+        assert bits < 32
+        acc = np.zeros(1000, dtype=np.uint64)
+        x = np.concatenate([np.full(10, clip), np.full(10, -clip), rng.uniform(-clip, clip, 980)])
+        for _ in range(n):
+            acc = add_mod(acc, encode(x, clip, s, bits, rng), bits)
+        wide = decode_sum(acc, n, clip, s, bits)
+        assert np.array_equal(decode_sum(acc.astype(np.uint32), n, clip, s, bits), wide)
+        assert np.allclose(wide, n * x, atol=n * 2.0**-s)
+        with pytest.raises(FieldOverflowError):  # a mask left in: far outside what n inputs can add up to
+            decode_sum((acc + np.uint64(1 << (bits - 2))).astype(np.uint32) & np.uint32((1 << bits) - 1), n // 2, clip, s,
+                       bits)
+
+
 def test_range_checks() -> None:
     rng = np.random.default_rng(4)
     with pytest.raises(FieldOverflowError):

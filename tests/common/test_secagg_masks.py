@@ -69,6 +69,15 @@ def test_all_masks_removed_gives_exact_sum() -> None:
     assert np.array_equal(unmask_sum(masked, bits, survivor_self_seeds=seeds, context=CTX), plain)
     # the wrong round context leaves garbage behind
     assert not np.array_equal(unmask_sum(masked, bits, survivor_self_seeds=seeds, context=b"round-41"), plain)
+    # the server's way at 24 bits: its uint32 running sum is consumed (unmasked where it lies, no copy)
+    small = {i: (x % 2**24) for i, x in xs.items()}
+    ys24 = [mask_input(small[u], u, seeds[u], {v: x25519_shared_secret(keys[u].private_key, keys[v].public_key)
+                                               for v in ids if v != u}, 24, context=CTX) for u in ids]
+    words = _sum(ys24, 24).astype(np.uint32)
+    copied = unmask_sum(words.copy(), 24, survivor_self_seeds=seeds, context=CTX)
+    consumed = unmask_sum(words, 24, survivor_self_seeds=seeds, context=CTX, consume=True)
+    assert consumed is words and consumed.dtype == np.uint32
+    assert np.array_equal(consumed, copied) and np.array_equal(copied, _sum(list(small.values()), 24))
 
 
 def test_full_walkthrough_n6_t4_two_dropouts() -> None:

@@ -121,9 +121,12 @@ def encode(
     modulus of at most 32 bits it may be uint32 (the masking's word: the same values, half the memory traffic).
     ``pre``: steps applied to ``vec`` first (the range check is on their result).
 
-    The rounding draws are ``rng.random(n)`` in order, taken chunk by chunk (a Generator's stream does not
-    depend on how the draws are split), so the result is that of the one-shot textbook expression
-    ``floor(y) + (u < y - floor(y))``, y = x * 2^s, bit for bit.
+    The rounding draws are ``rng.random(n, dtype=np.float32)`` in order, taken chunk by chunk (a Generator's
+    stream does not depend on how the draws are split), so the result is that of the one-shot textbook expression
+    ``floor(y) + (u < y - floor(y))``, y = x * 2^s, bit for bit. Why float32 draws: they cost half of float64
+    ones (3.8 against 8.4 ms for a cnn's 1.66 M values, half of all the encoding took), and ``u`` on a grid of
+    2^-24 moves the probability of rounding up by less than 2^-24: a bias below 2^-24 of one step 2^-s, i.e.
+    2^-40 of a unit at s = 16, where the rounding itself adds noise of up to half a step.
     """
     mask = _mask(modulus_bits)
     level = max_level(clip, scale_bits)
@@ -143,7 +146,7 @@ def encode(
         _check_range(x, clip)  # before any rounding draw
     scale = float(2**scale_bits)
     step = min(n, _ENCODE_CHUNK)
-    y, lo, draws = np.empty(step), np.empty(step), np.empty(step)
+    y, lo, draws = np.empty(step), np.empty(step), np.empty(step, dtype=np.float32)
     up = np.empty(step, dtype=bool)
     q = np.empty(step, dtype=np.int64)
     for at in range(0, n, step):
@@ -161,7 +164,7 @@ def encode(
         np.multiply(ym, scale, out=ym)  # exact: a power of two
         np.floor(ym, out=lom)
         np.subtract(ym, lom, out=ym)
-        rng.random(out=dm)
+        rng.random(out=dm, dtype=np.float32)
         np.less(dm, ym, out=upm)
         np.add(lom, upm, out=lom)
         qm[...] = lom  # |q| <= 2^52: exact

@@ -16,7 +16,7 @@ N = 100_003  # a few encoding chunks and a ragged tail
 def _textbook(x: np.ndarray, scale_bits: int, bits: int, rng: np.random.Generator) -> np.ndarray:
     y = np.asarray(x, dtype=np.float64) * float(2**scale_bits)
     lo = np.floor(y)
-    q = lo + (rng.random(y.size) < (y - lo))
+    q = lo + (rng.random(y.size, dtype=np.float32) < (y - lo))
     return q.astype(np.int64).view(np.uint64) & np.uint64(2**bits - 1)
 
 

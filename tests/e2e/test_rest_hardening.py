@@ -5,6 +5,7 @@ Each test is one defect of the outside probe (issue 16): it failed before the fi
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import socket
@@ -101,10 +102,20 @@ def test_a_known_name_cannot_be_taken_over_with_the_shared_token(tmp_path: Path)
         assert (err.value.status, err.value.code) == (409, "client_exists")
         assert alice.status()["state"] in ("waiting", "selected", "not_selected")  # the real alice is not locked out
         # alice herself registers again: the request is signed with her current keys
+        old = alice.api.creds
+        assert old is not None and alice.status()["state"] in ("waiting", "selected", "not_selected")  # keys in use
         again = alice.api.register(env[ENV_ENROLLMENT_TOKEN], client_name="alice", partition=None, num_samples=None,
                                    capability={})
         assert again["client_id"] == alice.id
         assert alice.status()["state"] in ("waiting", "selected", "not_selected")
+        # her replaced signing key no longer verifies (the gateway keeps unwrapped keys per wrapped blob: no stale hit)
+        new = alice.api.creds
+        assert new is not None and new.keys.hmac_key != old.keys.hmac_key
+        stale = ServerApi(url, timeout=10, max_retries=0)
+        stale.creds = dataclasses.replace(new, keys=old.keys)
+        with pytest.raises(ApiRefused) as err:
+            stale.round_status()
+        assert (err.value.status, err.value.code) == (401, "signature_bad_signature")
         # revoked: her token stops working and her name cannot register again
         assert admin(url, env, "POST", f"/api/v1/clients/{alice.id}/revoke", {}).json()["revoked"] is True
         with pytest.raises(ApiRefused) as err:

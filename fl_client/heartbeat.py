@@ -111,7 +111,7 @@ class TrainingHeartbeat:
                 api.creds = creds
                 try:
                     self.beats += 1
-                    _, etag = api.poll_round(etag, self.wait, liveness=True)  # parked whatever the round does
+                    _, etag = api.poll_round(etag, self.wait, liveness=True)  # not woken by secure phase changes
                 except (ApiRefused, ServerUnreachable, ValueError) as exc:  # ValueError: a body that is not JSON
                     log.debug("heartbeat failed (%s); trying again", exc)
                     etag = None

@@ -72,9 +72,9 @@ PATH_TOKEN = f"{API_PREFIX}/token"
 PATH_ROUND = f"{API_PREFIX}/round"
 #: ``?wait=S`` on GET round and the secure-phase GETs: a long-poll answered as soon as the state changes
 QUERY_WAIT = "wait"
-#: ``?liveness=1`` with ``wait`` on GET round: a training client's heartbeat (fl_client/heartbeat.py), parked for the
-#: whole wait whatever changes: it only needs to be heard from, and waking ten of them at every secure phase change
-#: (two while they train) cost a request and its answer each
+#: ``?liveness=1`` with ``wait`` on GET round: a training client's heartbeat (fl_client/heartbeat.py), answered when
+#: the client's round or state moves (or at the wait), not at every secure phase change: it only needs to be heard
+#: from, and waking ten of them at each of the two phase changes while they train cost a request and an answer each
 QUERY_LIVENESS = "liveness"
 PATH_MODEL = f"{API_PREFIX}/model"
 PATH_UPDATE = API_PREFIX + "/rounds/{round}/update"

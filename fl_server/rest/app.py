@@ -48,6 +48,7 @@ from fl_common.protocol.rest import (
     QUERY_LIVENESS,
     QUERY_MODEL_VERSION,
     QUERY_SECAGG_ATTEMPT,
+    RoundStatus,
 )
 from fl_server.rest.dashboard import OPENAPI_PATHS as MONITORING_PATHS
 from fl_server.rest.dashboard import dashboard_blueprint
@@ -222,15 +223,25 @@ def create_app(service: FederationService, *, start_ticker: bool = True) -> Flas
     def round_status() -> Response:
         """A poll; with ``?wait=S`` and ``If-None-Match: <the ETag of the last answer>`` a long-poll, answered
         as soon as the round's state moves (a round opens or closes, a secure phase changes) or after S s; with
-        ``&liveness=1`` too (a heartbeat) answered only after S s, whatever moves."""
+        ``&liveness=1`` too (a heartbeat) answered only when this client's round or state moves (the round closes:
+        its parked thread is free for the next round), never at a secure phase change, or after S s."""
         auth = signed()
         wait = wait_seconds()
         liveness = request.args.get(QUERY_LIVENESS)
         if liveness not in (None, "1"):
             raise ApiError(400, "bad_liveness", f"{QUERY_LIVENESS} takes only the value 1 (a heartbeat's long-poll)")
+        first: list[tuple[int | None, str]] = []
+
+        def round_moved(status: RoundStatus) -> bool:
+            """A heartbeat's news: its round or its state differs from what the first read saw."""
+            key = (status.round, status.state)
+            if not first:
+                first.append(key)
+            return key != first[0]
+
         status, etag = service.long_poll(lambda: service.round_status(auth), wait=wait,
                                          known=request.headers.get("If-None-Match"),
-                                         ready=(lambda _status: False) if liveness else None)
+                                         ready=round_moved if liveness else None)
         resp = jsonify(status.to_json())
         if etag is not None:
             resp.headers["ETag"] = etag

@@ -171,11 +171,11 @@ def openapi_document() -> dict[str, Any]:
                                                  "description": "the ETag of the last round status this client read",
                                                  "schema": {"type": "string"}},
                                                 {"name": QUERY_LIVENESS, "in": "query", "required": False,
-                                                 "description": "1: a training client's heartbeat; with wait and "
-                                                                "If-None-Match the request is held for the whole wait, "
-                                                                "whatever changes (the client only needs to be heard "
-                                                                "from); any other value is refused with 400 "
-                                                                "bad_liveness",
+                                                 "description": "1: a training client's heartbeat; with wait the "
+                                                                "request is held until this client's round or state "
+                                                                "moves (a round opens or closes), not when a secure "
+                                                                "phase changes, or until the wait is over; any other "
+                                                                "value is refused with 400 bad_liveness",
                                                  "schema": {"type": "string", "enum": ["1"]}}],
                                  "responses": {"200": {"description": "round status; its ETag header is the state version "
                                                                       "(synchronous rounds only)",

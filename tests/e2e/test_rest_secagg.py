@@ -166,6 +166,40 @@ def test_a_session_opens_its_share_bundle_before_its_input_is_ready(tmp_path: Pa
         assert torch.allclose(got, weighted_mean(xs, ws), atol=quantization_bound(sessions[0].params, ws) + 1e-6, rtol=0)
 
 
+def test_a_heartbeat_is_not_woken_by_a_secure_phase_change(tmp_path: Path) -> None:
+    """A training client's heartbeat (``liveness=1``, fl_client/heartbeat.py) parked beside an ordinary long-poll
+    with the same ETag: the advertisement phase closing answers the ordinary one at once, while the heartbeat
+    stays parked (it only needs to be heard from; ten of them answered and asking again at each phase change was
+    a request and an answer each), and is answered at its wait."""
+    env = token_env()
+    cfg = make_cfg(num_clients=4, num_rounds=1, **SECURE)
+    with threaded_server(cfg, tmp_path / "srv", env) as (url, service):
+        clients = register(url, env, 4)
+        sessions = [c.join(1) for c in clients]
+        _, etag = clients[0].api.poll_round(None, 0)
+        _, etag1 = clients[1].api.poll_round(None, 0)
+        assert etag is not None and etag1 == etag
+        answers: dict[str, Any] = {}
+
+        def park(name: str, client: SecureClient, liveness: bool) -> None:
+            answers[name] = client.api.poll_round(etag, 4.0, liveness=liveness)
+
+        waiters = [threading.Thread(target=park, args=("push", clients[1], False)),
+                   threading.Thread(target=park, args=("heartbeat", clients[0], True))]
+        for w in waiters:
+            w.start()
+        wait_for(lambda: service.changes.waiting == 2, timeout=30, interval=0.02)
+        for s in sessions:
+            s.advertise()  # the last one closes the phase: share_keys
+        waiters[0].join(timeout=30)
+        assert answers["push"][0]["secagg"]["phase"] == "share_keys"
+        wait_for(lambda: service.changes.waiting == 1, timeout=5, interval=0.02)  # the heartbeat, parked again
+        assert "heartbeat" not in answers
+        waiters[1].join(timeout=30)
+        status, _ = answers["heartbeat"]
+        assert status["state"] == "selected" and status["round"] == 1  # at its wait (the phases moved on meanwhile)
+
+
 def test_a_secure_round_applies_the_exact_mean_whoever_drops_after_or_before_the_masked_input(tmp_path: Path) -> None:
     env = token_env()
     cfg = make_cfg(num_clients=8, num_rounds=2, round_timeout=4.0, **{k: v for k, v in SECURE.items() if k != "round_timeout"})

@@ -8,9 +8,9 @@ same state machine the simulation runs) through the five phases by polling the s
    deadline passed), check it (every neighbour's signature; with pinned keys, that each neighbour's
    key is pinned), send the encrypted shares of its secrets - or, refusing the roster, leave the
    attempt (the server then counts this client as dropped at the phase's deadline);
-3. wait for the share bundle and open it (while training runs), mask the plain input (the trained update, its weight, SCAFFOLD's
-   variate delta, the DP clipping bit: whatever the round's layout has) and upload it through the
-   update route, with only the clear metrics the server may see;
+3. wait for the share bundle and open it (while training runs), mask the plain input (the trained
+   update, its weight, SCAFFOLD's variate delta, the DP clipping bit: whatever the round's layout has)
+   and upload it through the update route, with only the clear metrics the server may see;
 4. wait for the consistency check (the set of clients whose masked inputs the server holds) and sign
    it: once per attempt, so a server that shows two sets gets each signed by disjoint honest clients;
 5. wait for the unmask request, reveal the shares it asks for only if it is the set this client
@@ -21,8 +21,8 @@ Why the steps are separate methods: the daemon overlaps local training with phas
 downloads the model and starts training before it advertises, and opens the share bundle while it
 trains, so the key exchange costs almost no round time), and tests drive the steps one by one.
 Everything here is in memory: a daemon that restarts in the middle of an attempt has lost its keys
-and simply waits for the next attempt. Nothing secret is
-logged (keys, shares and inputs never reach a log line or an exception message).
+and simply waits for the next attempt. Nothing secret is logged (keys, shares and inputs never reach
+a log line or an exception message).
 
 Retries: transport errors and 5xx are retried by the API client, and again here until the phase's
 deadline; a retried message is byte-identical, which the server answers like the first one. The masked

@@ -48,7 +48,6 @@ from fl_common.protocol.rest import (
     QUERY_LIVENESS,
     QUERY_MODEL_VERSION,
     QUERY_SECAGG_ATTEMPT,
-    RoundStatus,
 )
 from fl_server.rest.dashboard import OPENAPI_PATHS as MONITORING_PATHS
 from fl_server.rest.dashboard import dashboard_blueprint
@@ -230,18 +229,8 @@ def create_app(service: FederationService, *, start_ticker: bool = True) -> Flas
         liveness = request.args.get(QUERY_LIVENESS)
         if liveness not in (None, "1"):
             raise ApiError(400, "bad_liveness", f"{QUERY_LIVENESS} takes only the value 1 (a heartbeat's long-poll)")
-        first: list[tuple[int | None, str]] = []
-
-        def round_moved(status: RoundStatus) -> bool:
-            """A heartbeat's news: its round or its state differs from what the first read saw."""
-            key = (status.round, status.state)
-            if not first:
-                first.append(key)
-            return key != first[0]
-
-        status, etag = service.long_poll(lambda: service.round_status(auth), wait=wait,
-                                         known=request.headers.get("If-None-Match"),
-                                         ready=round_moved if liveness else None)
+        status, etag = service.poll_round(auth, wait=wait, known=request.headers.get("If-None-Match"),
+                                          liveness=liveness is not None)
         resp = jsonify(status.to_json())
         if etag is not None:
             resp.headers["ETag"] = etag

@@ -315,6 +315,25 @@ class FederationService:
     def round_status(self, auth: Authenticated) -> RoundStatus:
         return self.driver.round_status(auth)
 
+    def poll_round(self, auth: Authenticated, *, wait: float, known: str | None,
+                   liveness: bool = False) -> tuple[RoundStatus, str | None]:
+        """GET round as a long-poll (:meth:`long_poll`). ``liveness``: a training client's heartbeat
+        (fl_client/heartbeat.py), answered when this client's round or state moves - the round closing frees its
+        parked thread for the next round's push - but not at a secure phase change: it only needs to be heard from,
+        and ten heartbeats answered and asking again at each of the two phase changes while they train cost a
+        request and an answer each."""
+        if not liveness:
+            return self.long_poll(lambda: self.round_status(auth), wait=wait, known=known)
+        first: list[tuple[int | None, str]] = []
+
+        def round_moved(status: RoundStatus) -> bool:
+            key = (status.round, status.state)
+            if not first:
+                first.append(key)
+            return key != first[0]
+
+        return self.long_poll(lambda: self.round_status(auth), wait=wait, known=known, ready=round_moved)
+
     def model_version(self, requested: int | None) -> int:
         return self.driver.model_version(requested)
 

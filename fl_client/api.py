@@ -199,9 +199,10 @@ class ServerApi:
         """The round status and its state ETag (None: the server does not long-poll, e.g. an older one).
 
         With ``etag`` (the last answer's) and ``wait`` > 0 the server holds the request until the state moves
-        or ``wait`` s pass; with ``liveness`` (a training client's heartbeat) until ``wait`` s pass, whatever
-        moves. A long-poll that fails (a proxy that cuts idle requests, a refused ``wait``) falls
-        back to a plain poll at once, so a long-poll never costs more than one missed push."""
+        or ``wait`` s pass; with ``liveness`` (a training client's heartbeat) until this client's round or state
+        moves (not at a secure phase change) or ``wait`` s pass. A long-poll that fails (a proxy that cuts idle
+        requests, a refused ``wait``) falls back to a plain poll at once, so a long-poll never costs more than one
+        missed push."""
         if etag is None or wait <= 0 or not self.long_poll:
             resp = self._send("GET", PATH_ROUND)
             return resp.json(), resp.headers.get("ETag")

@@ -249,14 +249,34 @@ def _unpack_words(data: bytes | memoryview, count: int, nbytes: int, dtype: np.d
     (5 MB for a cnn) is one more pass, over pages the server's heap may have to fault in again."""
     wide = 4 if nbytes <= 4 else 8
     words = np.empty(count, dtype=dtype)
-    whole = 0 if len(data) < wide else min(count, (len(data) - wide) // nbytes + 1)
-    if whole:
-        words[:whole] = np.ndarray((whole,), dtype=f"<u{wide}", buffer=data, strides=(nbytes,))
-    for i in range(whole, count):
-        words[i] = int.from_bytes(data[i * nbytes:(i + 1) * nbytes], "little")
+    head, tail = _word_reads(data, count, nbytes, wide, words.dtype)
+    words[:head.size] = head
+    words[head.size:] = tail
     if nbytes < wide:
         np.bitwise_and(words, words.dtype.type((1 << (8 * nbytes)) - 1), out=words)
     return words
+
+
+def _word_reads(data: bytes | memoryview, count: int, nbytes: int, wide: int, dtype: np.dtype
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """The ``count`` values of ``nbytes`` bytes each in ``data``, each read as the ``wide``-byte little-endian word
+    where its bytes start: a strided view straight over ``data`` for every value whose word fits before the end, and
+    the last few (whose word would run past it) read on their own, zero-extended, as a ``dtype`` array. The words
+    of the view carry the next values' bytes above their own: callers mask them or let a reduction mod 2^b drop
+    them."""
+    whole = 0 if len(data) < wide else min(count, (len(data) - wide) // nbytes + 1)
+    head = np.ndarray((whole,), dtype=f"<u{wide}", buffer=data, strides=(nbytes,))
+    tail = np.array([int.from_bytes(data[i * nbytes:(i + 1) * nbytes], "little") for i in range(whole, count)],
+                    dtype=dtype)
+    return head, tail
+
+
+def check_packed_size(data: bytes | memoryview, length: int, modulus_bits: int) -> int:
+    """The byte size of ``length`` packed values of ``modulus_bits`` bits, or ValueError when ``data`` has another."""
+    nbytes = (length * modulus_bits + 7) // 8
+    if len(data) != nbytes:
+        raise ValueError(f"expected {length} values of {modulus_bits} bits ({nbytes} bytes), got {len(data)}")
+    return nbytes
 
 
 def add_packed(acc: np.ndarray, data: bytes | memoryview, modulus_bits: int) -> None:
@@ -270,19 +290,17 @@ def add_packed(acc: np.ndarray, data: bytes | memoryview, modulus_bits: int) -> 
     where fresh pages are dear an unpacked 6.6 MB vector per input cost more than the addition itself."""
     b = modulus_bits
     n = acc.size
-    if len(data) != (n * b + 7) // 8 or acc.itemsize * 8 < b:
-        raise ValueError(f"{len(data)} bytes do not hold {n} values of {b} bits for this accumulator")
+    if acc.itemsize * 8 < b:
+        raise ValueError(f"a {acc.dtype} accumulator cannot hold {b}-bit values")
+    check_packed_size(data, n, b)
     if b % 8:
         np.add(acc, unpack(data, n, b, words=True), out=acc, casting="unsafe")
         return
     nbytes = b // 8
-    wide = acc.itemsize if nbytes > 1 else 1
-    whole = 0 if len(data) < wide else min(n, (len(data) - wide) // nbytes + 1)
-    if whole:
-        view = np.ndarray((whole,), dtype=f"<u{wide}", buffer=data, strides=(nbytes,))
-        np.add(acc[:whole], view, out=acc[:whole], casting="unsafe")
-    for i in range(whole, n):  # the last values, whose whole word would run past the end
-        acc[i] += acc.dtype.type(int.from_bytes(data[i * nbytes:(i + 1) * nbytes], "little"))
+    head, tail = _word_reads(data, n, nbytes, acc.itemsize if nbytes > 1 else 1, acc.dtype)
+    # array additions, which wrap modulo the word silently (a scalar one would warn of the overflow it relies on)
+    np.add(acc[:head.size], head, out=acc[:head.size], casting="unsafe")
+    np.add(acc[head.size:], tail, out=acc[head.size:])
 
 
 def _pairs_fit_bytes(b: int) -> bool:
@@ -350,9 +368,7 @@ def unpack(data: bytes | memoryview, length: int, modulus_bits: int, *, words: b
     what the server adds into its running sum, at half the memory (a cnn's input unpacks to 6.6 MB, not 13 MB,
     fresh pages the server faults in for each of ten uploads arriving together)."""
     b = modulus_bits
-    nbytes = (length * b + 7) // 8
-    if len(data) != nbytes:
-        raise ValueError(f"expected {length} values of {b} bits ({nbytes} bytes), got {len(data)}")
+    nbytes = check_packed_size(data, length, b)
     dtype = word_dtype(b) if words else np.dtype(np.uint64)
     if b in (8, 16, 32):
         return np.frombuffer(data, dtype=f"<u{b // 8}").astype(dtype)

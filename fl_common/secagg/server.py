@@ -48,7 +48,7 @@ import numpy as np
 from fl_common.crypto.keys import KeyAgreementError, KeyPair, x25519_shared_secret
 from fl_common.secagg.auth import ED25519, HMAC_SHA256, Verifier
 from fl_common.secagg.client import self_seed_commitment
-from fl_common.secagg.encoding import DecodedSum, add_packed, decode_input_sum, unpack
+from fl_common.secagg.encoding import DecodedSum, add_packed, check_packed_size, decode_input_sum, unpack
 from fl_common.secagg.field import FieldOverflowError
 from fl_common.secagg.graph import build_graph
 from fl_common.secagg.masks import unmask_sum
@@ -153,8 +153,7 @@ def unpack_decoded_input(params: SecAggParams, msg: MaskedInput) -> PreparedInpu
     b, n = params.modulus_bits, params.vector_length
     try:
         if b % 8 == 0:  # no bit of a whole-byte width can stray past the last value: the size is the whole check
-            if len(msg.payload) != n * b // 8:
-                raise ValueError(f"expected {n} values of {b} bits ({n * b // 8} bytes), got {len(msg.payload)}")
+            check_packed_size(msg.payload, n, b)
             return PreparedInput(True, None, packed=msg.payload)
         return PreparedInput(True, unpack(msg.payload, n, b, words=True))
     except ValueError as exc:
